@@ -1,0 +1,54 @@
+"""The one async interface every engine implements.
+
+The services above only see `Backend`; wire details (HTTP and NDJSON for Ollama,
+threads for llama.cpp) stay inside the implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine that generates text.
+
+    `stream` yields text deltas (`str`) as the engine produces them and ends with exactly
+    one `GenerationEnd`. It raises `agentloop.errors.AgentLoopError` subclasses for every
+    failure it can name. Closing the iterator early (a cancelled client) must stop the
+    engine's work on the request at once.
+    """
+
+    #: Which engine this is: "ollama" or "embedded" (ListModels, logs, telemetry).
+    name: str
+    #: Generations the engine runs at once; the default for admission control.
+    parallelism: int
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]: ...
+
+    async def check_health(self, model: str) -> BackendHealth:
+        """Is the engine answering and is `model` available? Never raises."""
+        ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def start(self) -> None:
+        """Open pools, load models: called once before serving."""
+        ...
+
+    async def close(self) -> None:
+        """Release every connection, thread and model: called once at shutdown."""
+        ...
+
+    @property
+    def default_model(self) -> str:
+        """The model used when a request leaves `model` empty."""
+        ...
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where the engine listens (server.address / server.port), None in-process."""
+        ...

@@ -1,0 +1,310 @@
+"""The Ollama backend: httpx to Ollama's HTTP API (the production sidecar).
+
+One shared `httpx.AsyncClient` pools connections. `/api/chat` serves chats and
+`/api/generate` raw prompts; the NDJSON stream is parsed line by line, the final chunk's
+counts and nanosecond durations become `Usage` and `Timings`. Leaving the stream early
+(a cancelled or timed-out client) closes the HTTP response at once, which cancels the
+request inside Ollama.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from agentloop.config import Settings
+from agentloop.domain import (
+    BackendHealth,
+    FinishReason,
+    GenerationEnd,
+    GenerationRequest,
+    ModelInfo,
+    OutputFormat,
+    Timings,
+    Usage,
+)
+from agentloop.errors import (
+    AgentLoopError,
+    BackendProtocolError,
+    BackendRejected,
+    BackendStreamFailed,
+    BackendUnavailable,
+    Cancelled,
+    ModelNotFound,
+    ResourceExhausted,
+)
+
+log = logging.getLogger(__name__)
+
+_DONE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+_NS = 1e-9
+
+
+class OllamaBackend:
+    """Generates through an Ollama server."""
+
+    name = "ollama"
+    # Ollama's OLLAMA_NUM_PARALLEL picks 4 (or 1 on small memory); see --max-in-flight.
+    parallelism = 4
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
+        self._settings = settings
+        self._model = settings.model
+        self._keep_alive = _keep_alive_value(settings.keep_alive)
+        self._client = client or new_http_client(settings)
+        url = urlsplit(settings.ollama_url)
+        self._address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+
+    @property
+    def default_model(self) -> str:
+        return self._model
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._address
+
+    @property
+    def http_client(self) -> httpx.AsyncClient:
+        return self._client
+
+    async def start(self) -> None:
+        """Nothing to open: the pool connects lazily."""
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+        path, body = build_request_body(request, self._keep_alive)
+        try:
+            async with self._client.stream("POST", path, json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise http_error(response.status_code, response.content, request.model)
+                async for item in parse_stream(response.aiter_lines(), request):
+                    yield item
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from None
+
+    async def is_reachable(self) -> bool:
+        """Does an Ollama server answer at the configured URL? (backend auto-selection)"""
+        try:
+            response = await self._client.get("/api/version", timeout=self._settings.health_timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def check_health(self, model: str) -> BackendHealth:
+        timeout = self._settings.health_timeout
+        try:
+            response = await self._client.get("/api/tags", timeout=timeout)
+        except httpx.HTTPError as exc:
+            return BackendHealth(False, f"Ollama unreachable ({type(exc).__name__})")
+        if response.status_code != 200:
+            return BackendHealth(False, f"Ollama answered /api/tags with {response.status_code}")
+        try:
+            names = {m["name"] for m in response.json().get("models", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return BackendHealth(False, "Ollama sent a malformed model list")
+        if not _model_listed(model, names):
+            return BackendHealth(False, f"model {model!r} is not pulled")
+        return BackendHealth(True)
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            tags = await self._client.get("/api/tags")
+            running = await self._client.get("/api/ps")
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from None
+        for response in (tags, running):
+            if response.status_code != 200:
+                raise http_error(response.status_code, response.content, "")
+        loaded = {m["name"]: m for m in running.json().get("models", [])}
+        return [_model_info(m, loaded.get(m["name"])) for m in tags.json().get("models", [])]
+
+
+def new_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The shared pool: separate connect / read / pool timeouts, keep-alive connections."""
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=settings.read_timeout,
+        write=settings.connect_timeout,
+        pool=settings.pool_timeout,
+    )
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=60.0,
+    )
+    return httpx.AsyncClient(base_url=settings.ollama_url, timeout=timeout, limits=limits)
+
+
+def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tuple[str, dict]:
+    """The Ollama path and JSON body for a generation."""
+    opts = request.options
+    options: dict[str, Any] = {
+        "temperature": opts.temperature,
+        "top_p": opts.top_p,
+        "top_k": opts.top_k,
+        "num_predict": opts.max_tokens,
+        "repeat_penalty": opts.repeat_penalty,
+        "num_ctx": opts.num_ctx,
+    }
+    if opts.seed is not None:
+        options["seed"] = opts.seed
+    if opts.stop:
+        options["stop"] = list(opts.stop)
+    body: dict[str, Any] = {
+        "model": request.model,
+        "stream": True,
+        "options": options,
+        "keep_alive": keep_alive,
+    }
+    if request.format.kind is OutputFormat.JSON:
+        body["format"] = "json"
+    elif request.format.kind is OutputFormat.JSON_SCHEMA:
+        body["format"] = request.format.json_schema
+    if request.is_chat:
+        messages = [] if not request.system else [{"role": "system", "content": request.system}]
+        for message in request.messages:
+            item: dict[str, Any] = {"role": str(message.role), "content": message.content}
+            if message.images:
+                item["images"] = [base64.b64encode(image).decode() for image in message.images]
+            messages.append(item)
+        body["messages"] = messages
+        return "/api/chat", body
+    body["prompt"] = request.prompt
+    if request.system:
+        body["system"] = request.system
+    return "/api/generate", body
+
+
+async def parse_stream(
+    lines: AsyncIterator[str], request: GenerationRequest
+) -> AsyncIterator[str | GenerationEnd]:
+    """Turn Ollama's NDJSON lines into deltas and one final `GenerationEnd`."""
+    delta_key = "message" if request.is_chat else "response"
+    async for line in lines:
+        if not line:
+            continue
+        try:
+            chunk = json.loads(line)
+        except ValueError:
+            raise BackendProtocolError("the backend sent a malformed stream") from None
+        if not isinstance(chunk, dict):
+            raise BackendProtocolError("the backend sent a malformed stream")
+        if "error" in chunk:
+            raise BackendStreamFailed(
+                f"the backend failed mid-stream: {_clean(chunk['error'])}",
+                metadata={"model": request.model},
+            )
+        piece = chunk.get(delta_key)
+        text = piece.get("content", "") if isinstance(piece, dict) else piece
+        if text:
+            yield text
+        if chunk.get("done"):
+            yield _end_of(chunk, request.model)
+            return
+    raise BackendStreamFailed(
+        "the backend closed the stream before its final chunk", metadata={"model": request.model}
+    )
+
+
+def _end_of(chunk: Mapping[str, Any], model: str) -> GenerationEnd:
+    def seconds(key: str) -> float | None:
+        value = chunk.get(key)
+        return value * _NS if isinstance(value, int | float) else None
+
+    return GenerationEnd(
+        finish_reason=_DONE_REASONS.get(chunk.get("done_reason", "stop"), FinishReason.STOP),
+        usage=Usage(
+            input_tokens=int(chunk.get("prompt_eval_count") or 0),
+            output_tokens=int(chunk.get("eval_count") or 0),
+        ),
+        timings=Timings(
+            total=seconds("total_duration"),
+            load=seconds("load_duration"),
+            prompt_eval=seconds("prompt_eval_duration"),
+            eval=seconds("eval_duration"),
+        ),
+        model=str(chunk.get("model") or model),
+    )
+
+
+def http_error(status: int, body: bytes, model: str) -> AgentLoopError:
+    """Map an Ollama error status to the design's error table."""
+    message = _error_message(body)
+    meta = {"model": model, "backend_status": str(status)} if model else {
+        "backend_status": str(status)}
+    if status == 404:
+        return ModelNotFound(f"model {model!r} not found on the backend", metadata=meta)
+    if status == 400:
+        return BackendRejected(f"the backend rejected the request: {message}", metadata=meta)
+    if status == 503:
+        return ResourceExhausted("the backend is busy; try again", retry_after=1.0, metadata=meta)
+    if status == 499:
+        return Cancelled("the backend cancelled the request", metadata=meta)
+    return BackendUnavailable(f"the backend failed ({status}): {message}", metadata=meta)
+
+
+def transport_error(exc: httpx.HTTPError) -> AgentLoopError:
+    """Map httpx failures; messages name the failure, never the URL."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return BackendUnavailable("the backend is unreachable", retry_after=1.0)
+    if isinstance(exc, httpx.PoolTimeout):
+        return ResourceExhausted("no free connection to the backend", retry_after=1.0)
+    if isinstance(exc, httpx.ReadTimeout):
+        return BackendStreamFailed("the backend stopped answering (read timeout)")
+    return BackendStreamFailed(f"the connection to the backend failed ({type(exc).__name__})")
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return _clean(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        return "no details"
+
+
+def _clean(message: object) -> str:
+    """Keep backend messages short and single-line."""
+    return " ".join(str(message).split())[:300]
+
+
+def _keep_alive_value(text: str) -> str | int:
+    """Ollama takes a duration string or a number of seconds."""
+    stripped = text.strip()
+    return int(stripped) if stripped.lstrip("-").isdigit() else stripped
+
+
+def _model_listed(model: str, names: set[str]) -> bool:
+    return model in names or (":" not in model and f"{model}:latest" in names)
+
+
+def _timestamp(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _model_info(tag: Mapping[str, Any], running: Mapping[str, Any] | None) -> ModelInfo:
+    details = tag.get("details") or {}
+    return ModelInfo(
+        name=tag["name"],
+        size_bytes=int(tag.get("size") or 0),
+        loaded=running is not None,
+        family=str(details.get("family", "")),
+        parameter_size=str(details.get("parameter_size", "")),
+        quantization_level=str(details.get("quantization_level", "")),
+        modified_at=_timestamp(tag.get("modified_at")),
+        expires_at=_timestamp(running.get("expires_at")) if running else None,
+        size_vram_bytes=int(running.get("size_vram") or 0) if running else 0,
+    )

@@ -1,0 +1,155 @@
+"""Engine-neutral types that flow between the rpc layer, the services and the backends.
+
+Nothing here knows about protobuf, HTTP or llama.cpp: the rpc layer converts protos to
+these types, the backends turn them into engine calls.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Role(enum.StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class FinishReason(enum.Enum):
+    UNSPECIFIED = 0
+    STOP = 1
+    LENGTH = 2
+
+
+class OutputFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+    images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOptions:
+    """Sampling options as the client sent them: None means "use the server default"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repeat_penalty: float | None = None
+    num_ctx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """Sampling options with every default applied: what the backend receives."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    repeat_penalty: float
+    num_ctx: int
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    kind: OutputFormat = OutputFormat.TEXT
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation, validated and with defaults applied. Exactly one of prompt/messages."""
+
+    model: str
+    options: SamplingOptions
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    system: str = ""
+    format: ResponseFormat = field(default_factory=ResponseFormat)
+    # time.monotonic() value after which the caller no longer wants an answer.
+    deadline: float | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.prompt is None
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (None when the caller set none)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds; None where the engine did not say."""
+
+    total: float | None = None
+    load: float | None = None
+    prompt_eval: float | None = None
+    eval: float | None = None
+    time_to_first_token: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationEnd:
+    """What the engine reports when a generation is done."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """A whole generation: the text plus its end report."""
+
+    text: str
+    end: GenerationEnd
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    size_bytes: int = 0
+    loaded: bool = False
+    family: str = ""
+    parameter_size: str = ""
+    quantization_level: str = ""
+    modified_at: float | None = None  # unix seconds
+    expires_at: float | None = None  # unix seconds
+    size_vram_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    """The result of one readiness check."""
+
+    ready: bool
+    reason: str = ""

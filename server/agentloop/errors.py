@@ -1,0 +1,162 @@
+"""Domain errors and their gRPC statuses with rich details (the design's error table).
+
+Services and backends raise `AgentLoopError` subclasses; one server interceptor
+(`agentloop.rpc.interceptors.ErrorInterceptor`) turns them into statuses. Messages are
+written for clients: no stack traces, no internal URLs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "agentloop.v1"
+
+
+class AgentLoopError(Exception):
+    """Base of every error a client may see; `code` is the gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[any_pb2.Any]:
+        """The google.rpc detail messages sent with the status."""
+        return [_pack(error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))]
+
+    def to_status(self) -> grpc.Status:
+        proto = status_pb2.Status(
+            code=_CODE_NUMBERS[self.code], message=self.message, details=self.details()
+        )
+        return rpc_status.to_status(proto)
+
+
+class RetryableError(AgentLoopError):
+    """An error worth retrying later (or on another replica): carries RetryInfo."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float = 1.0,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after
+
+    def details(self) -> list[any_pb2.Any]:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(self.retry_after * 1e9))
+        return [*super().details(), _pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+
+
+class InvalidArgument(AgentLoopError):
+    """Bad input: INVALID_ARGUMENT with a BadRequest naming every bad field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Iterable[tuple[str, str]]) -> None:
+        self.violations = list(violations)
+        summary = "; ".join(f"{name}: {why}" for name, why in self.violations)
+        super().__init__(f"invalid request: {summary}")
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
+            for name, why in self.violations
+        ])
+        return [_pack(bad_request)]
+
+
+class BackendRejected(AgentLoopError):
+    """The backend refused the request as malformed (Ollama 400)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "BACKEND_REJECTED_REQUEST"
+
+
+class ModelNotFound(AgentLoopError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelNotAllowed(AgentLoopError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "MODEL_NOT_ALLOWED"
+
+
+class BackendUnavailable(RetryableError):
+    """Backend unreachable, loading, failed, or its circuit is open."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_UNAVAILABLE"
+
+
+class BackendStreamFailed(RetryableError):
+    """The backend failed after the stream started (error line, reset, timeout)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_STREAM_FAILED"
+
+
+class BackendProtocolError(AgentLoopError):
+    """The backend sent something that breaks its contract (bad JSON, truncated end)."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "BACKEND_PROTOCOL_ERROR"
+
+
+class ResourceExhausted(RetryableError):
+    """Too much in flight here or at the backend: go elsewhere or come back later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+
+
+class ShuttingDown(RetryableError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+
+
+class DeadlineExceeded(AgentLoopError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(AgentLoopError):
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+
+
+class Unauthenticated(AgentLoopError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class FailedPrecondition(AgentLoopError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+def internal_error() -> AgentLoopError:
+    """What a client sees for a bug: a fixed message, the details stay in the server log."""
+    return AgentLoopError("internal error")
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+_CODE_NUMBERS = {code: getattr(code_pb2, code.name) for code in grpc.StatusCode}

@@ -1,0 +1,83 @@
+"""gRPC health: readiness follows the backend, liveness follows the event loop.
+
+A background task checks the backend every `health_interval` seconds and sets
+`""`, `agentloop.v1.AgentLoopService` and `readiness`; probes read the cached status
+and never wait on the backend. `liveness` is SERVING as long as the loop answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpc_health.v1 import health, health_pb2
+
+from agentloop.backends.base import Backend
+from agentloop.domain import BackendHealth
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "agentloop.v1.AgentLoopService"
+READINESS = "readiness"
+LIVENESS = "liveness"
+READY_NAMES = ("", SERVICE_NAME, READINESS)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthReporter:
+    """Owns the health servicer's statuses and the task that refreshes readiness."""
+
+    def __init__(self, backend: Backend, model: str, interval: float) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._backend = backend
+        self._model = model
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.last: BackendHealth = BackendHealth(False, "not checked yet")
+
+    @property
+    def ready(self) -> bool:
+        return self.last.ready
+
+    async def start(self) -> None:
+        """Set the initial statuses, run the first check, then refresh in the background."""
+        await self.servicer.set(LIVENESS, SERVING)
+        await self._set_ready(await self._backend.check_health(self._model))
+        self._task = asyncio.create_task(self._refresh_forever(), name="health-refresh")
+
+    def check_soon(self) -> None:
+        """Ask for a check now (e.g. after the backend failed a request)."""
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Everything NOT_SERVING for good: the server is shutting down."""
+        await self.stop()
+        await self.servicer.enter_graceful_shutdown()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self._set_ready(await self._backend.check_health(self._model))
+
+    async def _set_ready(self, result: BackendHealth) -> None:
+        if result.ready != self.last.ready or result.reason != self.last.reason:
+            log.info("readiness %s%s", "SERVING" if result.ready else "NOT_SERVING",
+                     f" ({result.reason})" if result.reason else "")
+        self.last = result
+        status = SERVING if result.ready else NOT_SERVING
+        for name in READY_NAMES:
+            await self.servicer.set(name, status)

@@ -1,0 +1,132 @@
+"""Server interceptors for the AgentLoopService methods (health and reflection pass through).
+
+`ErrorInterceptor` is the one place where exceptions become gRPC statuses: domain errors
+keep their code and rich details, anything else becomes a bare INTERNAL (the traceback
+goes to the server log, never to the client). `DrainInterceptor` refuses new calls once
+the server is draining, so a balancer moves them to another replica at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from agentloop.errors import AgentLoopError, ShuttingDown, internal_error
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/agentloop.v1.AgentLoopService/"
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def is_service_method(method: str) -> bool:
+    """True for AgentLoopService RPCs; False for health, reflection and the like."""
+    return method.startswith(SERVICE_PREFIX)
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    wrap_unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    wrap_stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> grpc.RpcMethodHandler:
+    """Rebuild a method handler with its behaviour wrapped (unary or streaming response)."""
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **codecs)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **codecs)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: AgentLoopError) -> None:
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _as_domain_error(exc: Exception, method: str) -> AgentLoopError:
+    if isinstance(exc, AgentLoopError):
+        return exc
+    log.exception("unexpected error in %s", method)
+    return internal_error()
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turn exceptions raised by the servicer into statuses with rich details."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not is_service_method(method):
+            return handler
+
+        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await abort_with(context, _as_domain_error(exc, method))
+
+            return unary
+
+        def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await abort_with(context, _as_domain_error(exc, method))
+
+            return streaming
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse new AgentLoopService calls with UNAVAILABLE + RetryInfo while draining."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self.draining or not is_service_method(
+            handler_call_details.method
+        ):
+            return handler
+
+        def refuse_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await abort_with(context, _shutting_down())
+
+            return unary
+
+        def refuse_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await abort_with(context, _shutting_down())
+                yield  # pragma: no cover (abort raises): makes this an async generator
+
+            return streaming
+
+        return wrap_handler(handler, refuse_unary, refuse_stream)
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down; retry on another replica", retry_after=0.1)

@@ -1,0 +1,190 @@
+"""Protobuf requests -> validated domain requests.
+
+Every rule collects a (field path, reason) pair, so a client learns about all its bad
+fields in one INVALID_ARGUMENT with a google.rpc.BadRequest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from typing import Protocol
+
+from agentloop.config import Settings
+from agentloop.domain import (
+    ChatMessage,
+    GenerationRequest,
+    OutputFormat,
+    RequestedOptions,
+    ResponseFormat,
+    Role,
+)
+from agentloop.errors import InvalidArgument
+from agentloop.services.generation import resolve_options
+from agentloop.v1 import agentloop_pb2 as pb
+
+MAX_STOP_SEQUENCES = 16
+MAX_NUM_CTX = 1 << 20
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
+_FORMATS = {
+    pb.ResponseFormat.TYPE_UNSPECIFIED: OutputFormat.TEXT,
+    pb.ResponseFormat.TYPE_TEXT: OutputFormat.TEXT,
+    pb.ResponseFormat.TYPE_JSON: OutputFormat.JSON,
+    pb.ResponseFormat.TYPE_JSON_SCHEMA: OutputFormat.JSON_SCHEMA,
+}
+
+Violations = list[tuple[str, str]]
+
+
+class GenerationFields(Protocol):
+    """What GenerateRequest and StreamGenerateRequest have in common."""
+
+    model: str
+    prompt: str
+    messages: list[pb.Message]
+    system: str
+    options: pb.GenerationOptions
+    format: pb.ResponseFormat
+
+    def HasField(self, name: str) -> bool: ...  # noqa: N802 (protobuf API)
+
+
+def deadline_from(time_remaining: float | None) -> float | None:
+    """Turn grpc's time_remaining() into a time.monotonic() deadline."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+def generation_request(
+    message: GenerationFields,
+    settings: Settings,
+    default_model: str,
+    deadline: float | None = None,
+) -> GenerationRequest:
+    """Validate a Generate/StreamGenerate request and apply the server's defaults."""
+    violations: Violations = []
+    prompt = message.prompt
+    messages = chat_messages(message.messages, "messages", settings, violations)
+    if prompt and message.messages:
+        violations.append(("prompt", "set either prompt or messages, not both"))
+    elif not message.messages and not prompt.strip():
+        violations.append(("prompt", "must not be empty (or set messages instead)"))
+    text_bytes = len(prompt.encode()) + len(message.system.encode()) + sum(
+        len(m.content.encode()) for m in message.messages
+    )
+    if text_bytes > settings.max_prompt_bytes:
+        violations.append((
+            "messages" if message.messages else "prompt",
+            f"prompt text is {text_bytes} bytes; the limit is {settings.max_prompt_bytes}",
+        ))
+    check_model(message.model, violations)
+    options = requested_options(message.options, settings, violations, "options")
+    response_format = response_format_of(message.format, violations)
+    if violations:
+        raise InvalidArgument(violations)
+    return GenerationRequest(
+        model=message.model or default_model,
+        options=resolve_options(options, settings),
+        prompt=None if message.messages else prompt,
+        messages=messages,
+        system=message.system,
+        format=response_format,
+        deadline=deadline,
+    )
+
+
+def chat_messages(
+    messages: list[pb.Message], path: str, settings: Settings, violations: Violations
+) -> tuple[ChatMessage, ...]:
+    """Validate chat messages: known roles, content present, size limits."""
+    if len(messages) > settings.max_messages:
+        violations.append((path, f"{len(messages)} messages; the limit is {settings.max_messages}"))
+    image_bytes = 0
+    converted = []
+    for index, message in enumerate(messages):
+        role = _ROLES.get(message.role)
+        if role is None:
+            violations.append((f"{path}[{index}].role", "must be set to a known role"))
+            continue
+        if not message.content and not message.images:
+            violations.append((f"{path}[{index}].content", "must not be empty"))
+        image_bytes += sum(len(image) for image in message.images)
+        converted.append(ChatMessage(role, message.content, tuple(message.images)))
+    if image_bytes > settings.max_image_bytes:
+        violations.append((
+            f"{path}.images",
+            f"images total {image_bytes} bytes; the limit is {settings.max_image_bytes}",
+        ))
+    return tuple(converted)
+
+
+def check_model(model: str, violations: Violations) -> None:
+    if model and not _MODEL_NAME.match(model):
+        violations.append(("model", "must be a model name like gemma3n:e2b"))
+
+
+def requested_options(
+    options: pb.GenerationOptions, settings: Settings, violations: Violations, path: str
+) -> RequestedOptions:
+    """Range-check the options the client set; unset ones stay None."""
+
+    def present(name: str) -> bool:
+        return options.HasField(name)
+
+    def bad(name: str, why: str) -> None:
+        violations.append((f"{path}.{name}", why))
+
+    if present("temperature") and not (math.isfinite(options.temperature) and
+                                       options.temperature >= 0):
+        bad("temperature", "must be a finite number >= 0")
+    if present("top_p") and not 0 <= options.top_p <= 1:
+        bad("top_p", "must be in [0, 1]")
+    if present("top_k") and options.top_k < 0:
+        bad("top_k", "must be >= 0")
+    if present("max_tokens") and not 1 <= options.max_tokens <= settings.max_tokens_cap:
+        bad("max_tokens", f"must be in [1, {settings.max_tokens_cap}]")
+    if present("repeat_penalty") and not (math.isfinite(options.repeat_penalty) and
+                                          options.repeat_penalty > 0):
+        bad("repeat_penalty", "must be a finite number > 0")
+    if present("num_ctx") and not 1 <= options.num_ctx <= MAX_NUM_CTX:
+        bad("num_ctx", f"must be in [1, {MAX_NUM_CTX}]")
+    if len(options.stop) > MAX_STOP_SEQUENCES:
+        bad("stop", f"at most {MAX_STOP_SEQUENCES} stop strings")
+    if any(not stop for stop in options.stop):
+        bad("stop", "stop strings must not be empty")
+    return RequestedOptions(
+        temperature=options.temperature if present("temperature") else None,
+        top_p=options.top_p if present("top_p") else None,
+        top_k=options.top_k if present("top_k") else None,
+        max_tokens=options.max_tokens if present("max_tokens") else None,
+        seed=options.seed if present("seed") else None,
+        stop=tuple(options.stop),
+        repeat_penalty=options.repeat_penalty if present("repeat_penalty") else None,
+        num_ctx=options.num_ctx if present("num_ctx") else None,
+    )
+
+
+def response_format_of(fmt: pb.ResponseFormat, violations: Violations) -> ResponseFormat:
+    kind = _FORMATS.get(fmt.type)
+    if kind is None:
+        violations.append(("format.type", "unknown format type"))
+        return ResponseFormat()
+    if kind is not OutputFormat.JSON_SCHEMA:
+        if fmt.json_schema:
+            violations.append(("format.json_schema", "only allowed with TYPE_JSON_SCHEMA"))
+        return ResponseFormat(kind)
+    try:
+        schema = json.loads(fmt.json_schema)
+    except ValueError:
+        schema = None
+    if not isinstance(schema, dict):
+        violations.append(("format.json_schema", "must be a JSON object (a JSON Schema)"))
+        return ResponseFormat()
+    return ResponseFormat(kind, schema)

@@ -1,0 +1,82 @@
+"""Domain results -> protobuf responses."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from agentloop.domain import FinishReason, GenerationEnd, GenerationResult, ModelInfo, Timings, Usage
+from agentloop.v1 import agentloop_pb2 as pb
+
+_FINISH_REASONS = {
+    FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+}
+
+
+def duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def timestamp(unix_seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if unix_seconds is None:
+        return None
+    value = timestamp_pb2.Timestamp()
+    value.FromNanoseconds(int(unix_seconds * 1e9))
+    return value
+
+
+def usage_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+
+
+def timings_pb(timings: Timings) -> pb.Timings:
+    return pb.Timings(
+        total_duration=duration(timings.total),
+        load_duration=duration(timings.load),
+        prompt_eval_duration=duration(timings.prompt_eval),
+        eval_duration=duration(timings.eval),
+        time_to_first_token=duration(timings.time_to_first_token),
+    )
+
+
+def generate_response(result: GenerationResult) -> pb.GenerateResponse:
+    end = result.end
+    return pb.GenerateResponse(
+        text=result.text,
+        model=end.model,
+        finish_reason=_FINISH_REASONS[end.finish_reason],
+        usage=usage_pb(end.usage),
+        timings=timings_pb(end.timings),
+    )
+
+
+def stream_delta(text: str) -> pb.StreamGenerateResponse:
+    return pb.StreamGenerateResponse(text=text)
+
+
+def stream_end(end: GenerationEnd) -> pb.StreamGenerateResponse:
+    return pb.StreamGenerateResponse(
+        model=end.model,
+        finish_reason=_FINISH_REASONS[end.finish_reason],
+        usage=usage_pb(end.usage),
+        timings=timings_pb(end.timings),
+    )
+
+
+def model_pb(model: ModelInfo) -> pb.Model:
+    return pb.Model(
+        name=model.name,
+        size_bytes=model.size_bytes,
+        loaded=model.loaded,
+        family=model.family,
+        parameter_size=model.parameter_size,
+        quantization_level=model.quantization_level,
+        modify_time=timestamp(model.modified_at),
+        expire_time=timestamp(model.expires_at),
+        size_vram_bytes=model.size_vram_bytes,
+    )

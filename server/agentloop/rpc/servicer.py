@@ -1,0 +1,58 @@
+"""The AgentLoopService servicer: each method checks, calls a service, translates.
+
+Errors are raised, not handled, here: `rpc.interceptors.ErrorInterceptor` turns them
+into statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from agentloop.config import Settings
+from agentloop.rpc.requests import deadline_from, generation_request
+from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
+from agentloop.services.generation import GenerationService
+from agentloop.v1 import agentloop_pb2 as pb
+from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+
+
+class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
+    """Thin adapter from gRPC to the services."""
+
+    def __init__(self, settings: Settings, generation: GenerationService) -> None:
+        self._settings = settings
+        self._generation = generation
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        generation = generation_request(
+            request, self._settings, self._generation.default_model,
+            deadline_from(context.time_remaining()),
+        )
+        return generate_response(await self._generation.generate(generation))
+
+    async def StreamGenerate(  # noqa: N802
+        self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        generation = generation_request(
+            request, self._settings, self._generation.default_model,
+            deadline_from(context.time_remaining()),
+        )
+        async with aclosing(self._generation.stream(generation)) as items:
+            async for item in items:
+                yield stream_delta(item) if isinstance(item, str) else stream_end(item)
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        backend = self._generation.backend
+        models = await backend.list_models()
+        return pb.ListModelsResponse(
+            models=[model_pb(m) for m in models],
+            default_model=backend.default_model,
+            backend=backend.name,
+        )

@@ -1,0 +1,94 @@
+"""The generation service: one request in, a stream of deltas and a final report out.
+
+It applies the business rules that hold whatever the engine: admission control, the
+time to first token as the gateway sees it, the gateway's own total duration, and a
+deterministic close of the backend stream when the caller goes away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TypeVar
+
+from agentloop.admission import Admission
+from agentloop.backends.base import Backend
+from agentloop.config import Settings
+from agentloop.domain import (
+    GenerationEnd,
+    GenerationRequest,
+    GenerationResult,
+    RequestedOptions,
+    SamplingOptions,
+)
+from agentloop.errors import BackendProtocolError
+
+T = TypeVar("T")
+
+
+class GenerationService:
+    """Runs generations on a backend within the replica's admission limits."""
+
+    def __init__(self, backend: Backend, admission: Admission) -> None:
+        self.backend = backend
+        self.admission = admission
+
+    @property
+    def default_model(self) -> str:
+        return self.backend.default_model
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+        """Yield text deltas, then one `GenerationEnd` with gateway-measured timings."""
+        started = time.monotonic()
+        first_token_at: float | None = None
+        async with self.admission.slot(request.deadline):
+            async with aclosing(self.backend.stream(request)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        if first_token_at is None:
+                            first_token_at = time.monotonic()
+                        yield item
+                        continue
+                    now = time.monotonic()
+                    yield dataclasses.replace(
+                        item,
+                        timings=dataclasses.replace(
+                            item.timings,
+                            total=now - started,
+                            time_to_first_token=(first_token_at or now) - started,
+                        ),
+                    )
+                    return
+        raise BackendProtocolError("the backend ended without a final report")
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """The whole generation at once."""
+        pieces: list[str] = []
+        async with aclosing(self.stream(request)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    pieces.append(item)
+                else:
+                    return GenerationResult(text="".join(pieces), end=item)
+        raise BackendProtocolError("the backend ended without a final report")
+
+
+def resolve_options(requested: RequestedOptions, settings: Settings) -> SamplingOptions:
+    """Fill every option the request left unset with the server's default."""
+
+    return SamplingOptions(
+        temperature=pick(requested.temperature, settings.temperature),
+        top_p=pick(requested.top_p, settings.top_p),
+        top_k=pick(requested.top_k, settings.top_k),
+        max_tokens=pick(requested.max_tokens, settings.max_tokens),
+        repeat_penalty=pick(requested.repeat_penalty, settings.repeat_penalty),
+        num_ctx=pick(requested.num_ctx, settings.num_ctx),
+        seed=requested.seed,
+        stop=requested.stop,
+    )
+
+
+def pick(value: T | None, default: T) -> T:
+    return default if value is None else value

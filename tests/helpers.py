@@ -1,0 +1,74 @@
+"""Test helpers: start the real gateway on port 0, read rich error details."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from agentloop.config import Settings, load_settings
+from agentloop.server import RunningServer, start_server
+from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+def gateway_settings(**overrides: Any) -> Settings:
+    """Settings for a gateway under test: port 0, fast health checks, no drain delay."""
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "backend": "ollama",
+        "health_interval": 0.05,
+        "health_timeout": 0.5,
+        "drain_delay": 0.0,
+        "shutdown_grace": 1.0,
+        "connect_timeout": 0.5,
+        "read_timeout": 10.0,
+    }
+    values.update(overrides)
+    return load_settings(environ={}, **values)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings, **kwargs: Any) -> AsyncIterator[RunningServer]:
+    """Start the real server and always shut it down."""
+    running = await start_server(settings, **kwargs)
+    try:
+        yield running
+    finally:
+        await running.shutdown(grace=0.5, drain_delay=0.0)
+
+
+@contextlib.asynccontextmanager
+async def client_stub(address: str) -> AsyncIterator[pb_grpc.AgentLoopServiceStub]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield pb_grpc.AgentLoopServiceStub(channel)
+
+
+def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """Unpack google.rpc details by type name: {"BadRequest": msg, "RetryInfo": msg, ...}."""
+    trailers = dict(error.trailing_metadata() or ())
+    raw = trailers.get(DETAILS_KEY)
+    if raw is None:
+        return {}
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == error.code().value[0], "rich status code differs from the call's"
+    unpacked: dict[str, Any] = {}
+    for detail in status.details:
+        for kind in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo,
+                     error_details_pb2.RetryInfo):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                unpacked[kind.DESCRIPTOR.name] = message
+    return unpacked
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    """The field names a BadRequest detail names."""
+    bad_request = rich_details(error).get("BadRequest")
+    assert bad_request is not None, f"no BadRequest in {error.code()}: {error.details()}"
+    return {violation.field for violation in bad_request.field_violations}

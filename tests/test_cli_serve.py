@@ -1,0 +1,115 @@
+"""`agentloop serve` as a real process: grpcurl through reflection, SIGTERM drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentloop.testing.fake_ollama import FakeOllama, Script
+
+BIN = Path(sys.executable).parent
+SERVICE = "agentloop.v1.AgentLoopService"
+
+
+async def start_serve(*args: str, env: dict[str, str] | None = None
+                      ) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `agentloop serve` on port 0 and read its address from the ready banner."""
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "agentloop"), "serve", "--listen", "127.0.0.1:0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    assert line.startswith("agentloop serving on "), line
+    return proc, line.split()[3]
+
+
+async def grpcurl(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "grpcurl"), "-plaintext", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_grpcurl_lists_through_reflection_and_calls_generate(fake_ollama: FakeOllama):
+    fake_ollama.default_script = Script(tokens=["Hi", " there"])
+    proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
+                                      "--drain-delay", "0")
+    try:
+        services = (await grpcurl(address, "list")).split()
+        assert SERVICE in services and "grpc.health.v1.Health" in services
+        reply = json.loads(await grpcurl("-d", '{"prompt":"hi"}', address, f"{SERVICE}/Generate"))
+        assert reply["text"] == "Hi there"
+        assert reply["usage"]["outputTokens"] == "2"
+        stream = await grpcurl("-d", '{"prompt":"hi"}', address, f"{SERVICE}/StreamGenerate")
+        assert '"text": "Hi"' in stream and '"text": " there"' in stream
+        health = json.loads(await grpcurl("-d", '{"service":"readiness"}', address,
+                                          "grpc.health.v1.Health/Check"))
+        assert health["status"] == "SERVING"
+        health_cli = subprocess.run([str(BIN / "agentloop"), "health", "--address", address],
+                                    capture_output=True, text=True, timeout=30)
+        assert health_cli.returncode == 0 and health_cli.stdout.strip() == "SERVING"
+    finally:
+        code = await stop(proc)
+    assert code == 0
+
+
+async def test_health_cli_exits_nonzero_when_not_serving(fake_ollama: FakeOllama):
+    proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
+                                      "--model", "absent:1b", "--drain-delay", "0")
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run, [str(BIN / "agentloop"), "health", "--address", address],
+            capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and result.stdout.strip() == "NOT_SERVING"
+        live = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "agentloop"), "health", "--address", address, "--service", "liveness"],
+            capture_output=True, text=True, timeout=30)
+        assert live.returncode == 0
+    finally:
+        await stop(proc)
+    nobody = subprocess.run([str(BIN / "agentloop"), "health", "--address", address,
+                             "--timeout", "0.5"], capture_output=True, text=True, timeout=30)
+    assert nobody.returncode == 1 and "UNAVAILABLE" in nobody.stderr
+    assert "Traceback" not in nobody.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_drains_a_stream_in_flight(fake_ollama: FakeOllama, sig):
+    tokens = [f"t{i} " for i in range(15)]
+    fake_ollama.enqueue(Script(tokens=tokens, token_delay=0.05))
+    proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
+                                      "--drain-delay", "0.2", "--shutdown-grace", "10")
+    try:
+        import grpc
+
+        from agentloop.v1 import agentloop_pb2 as pb
+        from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.AgentLoopServiceStub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(prompt="hi"), timeout=20)
+            first = await call.read()
+            proc.send_signal(sig)
+            rest = [r async for r in call]
+        assert first.text + "".join(r.text for r in rest) == "".join(tokens)
+    finally:
+        code = await stop(proc)
+    assert code == 0
