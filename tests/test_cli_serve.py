@@ -41,6 +41,13 @@ async def grpcurl(*args: str) -> str:
     return out.decode()
 
 
+async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run an `agentloop` client command without blocking the event loop."""
+    return await asyncio.to_thread(
+        subprocess.run, [str(BIN / "agentloop"), *args], capture_output=True, text=True,
+        timeout=30)
+
+
 async def stop(proc: asyncio.subprocess.Process) -> int:
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
@@ -62,8 +69,7 @@ async def test_grpcurl_lists_through_reflection_and_calls_generate(fake_ollama: 
         health = json.loads(await grpcurl("-d", '{"service":"readiness"}', address,
                                           "grpc.health.v1.Health/Check"))
         assert health["status"] == "SERVING"
-        health_cli = subprocess.run([str(BIN / "agentloop"), "health", "--address", address],
-                                    capture_output=True, text=True, timeout=30)
+        health_cli = await run_cli("health", "--address", address)
         assert health_cli.returncode == 0 and health_cli.stdout.strip() == "SERVING"
     finally:
         code = await stop(proc)
@@ -74,19 +80,13 @@ async def test_health_cli_exits_nonzero_when_not_serving(fake_ollama: FakeOllama
     proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
                                       "--model", "absent:1b", "--drain-delay", "0")
     try:
-        result = await asyncio.to_thread(
-            subprocess.run, [str(BIN / "agentloop"), "health", "--address", address],
-            capture_output=True, text=True, timeout=30)
+        result = await run_cli("health", "--address", address)
         assert result.returncode == 1 and result.stdout.strip() == "NOT_SERVING"
-        live = await asyncio.to_thread(
-            subprocess.run,
-            [str(BIN / "agentloop"), "health", "--address", address, "--service", "liveness"],
-            capture_output=True, text=True, timeout=30)
+        live = await run_cli("health", "--address", address, "--service", "liveness")
         assert live.returncode == 0
     finally:
         await stop(proc)
-    nobody = subprocess.run([str(BIN / "agentloop"), "health", "--address", address,
-                             "--timeout", "0.5"], capture_output=True, text=True, timeout=30)
+    nobody = await run_cli("health", "--address", address, "--timeout", "0.5")
     assert nobody.returncode == 1 and "UNAVAILABLE" in nobody.stderr
     assert "Traceback" not in nobody.stderr
 

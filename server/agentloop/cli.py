@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentloop.config import SettingsError, add_settings_arguments, load_settings
+from agentloop.config import Settings, SettingsError, add_settings_arguments, load_settings
 
 EXIT_USAGE = 2
 EXIT_UNHEALTHY = 1
@@ -52,15 +52,24 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    if settings.workers == 1:
+        _serve_one(settings, 0)
+        return 0
+    from agentloop.workers import run_workers
+
+    return run_workers(settings, _serve_one)
+
+
+def _serve_one(settings: Settings, worker: int) -> None:
+    """One server process: its own logging, event loop, backend and gRPC server."""
     from agentloop.server import serve
 
-    settings = load_settings(args)
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s worker-{worker} %(name)s: %(message)s",
     )
     asyncio.run(serve(settings))
-    return 0
 
 
 # --- health ------------------------------------------------------------------------------

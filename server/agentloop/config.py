@@ -52,20 +52,37 @@ class Settings:
     """Everything the server can be told. Build it with `load_settings`."""
 
     # --- server ---
-    listen: str = _setting("127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 = any free port)")
+    listen: str = _setting(
+        "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 = any free port)"
+    )
     backend: str = _setting(
         "auto",
         "engine: ollama, embedded, or auto (Ollama if it answers at start, else embedded)",
         choices=BACKEND_CHOICES,
     )
-    model: str = _setting("gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)")
+    model: str = _setting(
+        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)"
+    )
+    workers: int = _setting(
+        1,
+        "server processes sharing the listen port (SO_REUSEPORT), one event loop each; "
+        "needs a fixed port",
+    )
+    max_connection_age: float = _setting(
+        300.0,
+        "seconds before the server asks a client connection to go away (GOAWAY), so "
+        "long-lived channels re-resolve and spread over new replicas; 0 = never",
+    )
+    max_connection_age_grace: float = _setting(
+        30.0, "seconds calls on a connection told to go away may still take to finish"
+    )
     reflection: bool = _setting(True, "serve gRPC server reflection (grpcurl list/describe)")
     log_level: str = _setting("info", "log level: debug, info, warning, error", choices=LOG_LEVELS)
     health_interval: float = _setting(
         2.0, "seconds between background readiness checks of the backend", group="health"
     )
     health_timeout: float = _setting(
-        1.0, "seconds one readiness check may take before the backend counts as down", group="health"
+        1.0, "seconds one readiness check may take before the backend is down", group="health"
     )
     drain_delay: float = _setting(
         2.0,
@@ -77,7 +94,9 @@ class Settings:
     )
 
     # --- ollama backend ---
-    ollama_url: str = _setting("http://127.0.0.1:11434", "base URL of the Ollama server", group="ollama")
+    ollama_url: str = _setting(
+        "http://127.0.0.1:11434", "base URL of the Ollama server", group="ollama"
+    )
     connect_timeout: float = _setting(2.0, "seconds to open a connection to Ollama", group="ollama")
     read_timeout: float = _setting(
         300.0,
@@ -122,7 +141,7 @@ class Settings:
         64, "generations that may wait for a slot; beyond it RESOURCE_EXHAUSTED", group="admission"
     )
     queue_timeout: float = _setting(
-        30.0, "seconds a generation may wait for a slot before RESOURCE_EXHAUSTED", group="admission"
+        30.0, "seconds a request may wait for a slot (then RESOURCE_EXHAUSTED)", group="admission"
     )
 
     # --- request limits ---
@@ -165,17 +184,22 @@ def _validate(s: Settings) -> Sequence[str]:
     url = urlsplit(s.ollama_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         bad("ollama_url", f"expected an http(s) URL, got {s.ollama_url!r}")
-    for name in ("connect_timeout", "read_timeout", "pool_timeout", "health_interval", "health_timeout",
-                 "queue_timeout"):
+    for name in ("connect_timeout", "read_timeout", "pool_timeout", "health_interval",
+                 "health_timeout", "queue_timeout"):
         if getattr(s, name) <= 0:
             bad(name, "must be > 0")
-    for name in ("drain_delay", "shutdown_grace", "max_in_flight", "max_queue"):
+    for name in ("drain_delay", "shutdown_grace", "max_in_flight", "max_queue",
+                 "max_connection_age", "max_connection_age_grace"):
         if getattr(s, name) < 0:
             bad(name, "must be >= 0")
     for name in ("max_connections", "max_tokens", "num_ctx", "max_tokens_cap", "max_prompt_bytes",
                  "max_messages", "max_image_bytes"):
         if getattr(s, name) < 1:
             bad(name, "must be >= 1")
+    if s.workers < 1:
+        bad("workers", "must be >= 1")
+    elif s.workers > 1 and s.listen.endswith(":0"):
+        bad("workers", "several workers need a fixed port in --listen, not port 0")
     if s.max_tokens > s.max_tokens_cap:
         bad("max_tokens", f"must not exceed max_tokens_cap ({s.max_tokens_cap})")
     if s.temperature < 0:
@@ -200,9 +224,8 @@ def flag_name(field_name: str) -> str:
 
 
 def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
-    kind = f.type if isinstance(f.type, type) else {"bool": bool, "int": int, "float": float}.get(
-        str(f.type), str
-    )
+    types: dict[str, type] = {"bool": bool, "int": int, "float": float}
+    kind = f.type if isinstance(f.type, type) else types.get(str(f.type), str)
     return parse_bool if kind is bool else kind
 
 

@@ -14,18 +14,18 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.config import Settings, SettingsError
-from agentloop.health import HealthReporter, SERVICE_NAME
+from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.interceptors import DrainInterceptor, ErrorInterceptor
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2, agentloop_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,18 @@ def embedded_backend(settings: Settings) -> Backend:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
+    options = []
+    if settings.max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
+        ]
     return [
+        *options,
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
+        # Several workers share the port on purpose; one worker must not share it by accident.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
 
 

@@ -54,7 +54,7 @@ class GenerationFields(Protocol):
     options: pb.GenerationOptions
     format: pb.ResponseFormat
 
-    def HasField(self, name: str) -> bool: ...  # noqa: N802 (protobuf API)
+    def HasField(self, name: str) -> bool: ...
 
 
 def deadline_from(time_remaining: float | None) -> float | None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from agentloop.domain import FinishReason, GenerationEnd, GenerationResult, ModelInfo, Timings, Usage
+from agentloop.domain import (
+    FinishReason,
+    GenerationEnd,
+    GenerationResult,
+    ModelInfo,
+    Timings,
+    Usage,
+)
 from agentloop.v1 import agentloop_pb2 as pb
 
 _FINISH_REASONS = {

@@ -26,7 +26,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self._settings = settings
         self._generation = generation
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         generation = generation_request(
@@ -35,7 +35,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         )
         return generate_response(await self._generation.generate(generation))
 
-    async def StreamGenerate(  # noqa: N802
+    async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         generation = generation_request(
@@ -46,7 +46,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             async for item in items:
                 yield stream_delta(item) if isinstance(item, str) else stream_end(item)
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         backend = self._generation.backend
