@@ -72,3 +72,11 @@ def bad_fields(error: grpc.aio.AioRpcError) -> set[str]:
     bad_request = rich_details(error).get("BadRequest")
     assert bad_request is not None, f"no BadRequest in {error.code()}: {error.details()}"
     return {violation.field for violation in bad_request.field_violations}
+
+
+async def read_to_end(call: grpc.aio.UnaryStreamCall) -> list[Any]:
+    """The rest of a stream already read with call.read() (iteration may not be mixed in)."""
+    replies = []
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        replies.append(reply)
+    return replies

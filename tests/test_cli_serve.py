@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agentloop.testing.fake_ollama import FakeOllama, Script
+from helpers import read_to_end
 
 BIN = Path(sys.executable).parent
 SERVICE = "agentloop.v1.AgentLoopService"
@@ -62,8 +63,8 @@ async def test_grpcurl_lists_through_reflection_and_calls_generate(fake_ollama: 
         services = (await grpcurl(address, "list")).split()
         assert SERVICE in services and "grpc.health.v1.Health" in services
         reply = json.loads(await grpcurl("-d", '{"prompt":"hi"}', address, f"{SERVICE}/Generate"))
-        assert reply["text"] == "Hi there"
-        assert reply["usage"]["outputTokens"] == "2"
+        assert reply["text"] == "Hi there", reply
+        assert reply["usage"]["output_tokens"] == "2", reply
         stream = await grpcurl("-d", '{"prompt":"hi"}', address, f"{SERVICE}/StreamGenerate")
         assert '"text": "Hi"' in stream and '"text": " there"' in stream
         health = json.loads(await grpcurl("-d", '{"service":"readiness"}', address,
@@ -108,7 +109,7 @@ async def test_signal_drains_a_stream_in_flight(fake_ollama: FakeOllama, sig):
                 pb.StreamGenerateRequest(prompt="hi"), timeout=20)
             first = await call.read()
             proc.send_signal(sig)
-            rest = [r async for r in call]
+            rest = await read_to_end(call)
         assert first.text + "".join(r.text for r in rest) == "".join(tokens)
     finally:
         code = await stop(proc)

@@ -13,7 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentloop.server import start_server
 from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
-from helpers import bad_fields, client_stub, gateway_settings, rich_details, running_gateway
+from helpers import (
+    bad_fields,
+    client_stub,
+    gateway_settings,
+    read_to_end,
+    rich_details,
+    running_gateway,
+)
 
 TOKENS = ["Hello", ",", " world", "!"]
 
@@ -295,7 +302,7 @@ async def test_graceful_shutdown_lets_a_stream_finish_and_refuses_new_calls(fake
         error = await expect_status(stub.Generate(pb.GenerateRequest(prompt="new"), timeout=5),
                                     grpc.StatusCode.UNAVAILABLE)
         assert rich_details(error)["ErrorInfo"].reason == "SHUTTING_DOWN"
-        rest = [r async for r in call]
+        rest = await read_to_end(call)
         await shutdown
     assert first.text + "".join(r.text for r in rest) == "".join(tokens)
     assert rest[-1].finish_reason == pb.FINISH_REASON_STOP

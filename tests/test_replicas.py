@@ -140,7 +140,7 @@ async def test_a_replica_started_later_receives_calls_from_an_existing_channel()
     hosts = ["127.0.0.2", "127.0.0.3"]
     port = free_port(hosts[0])
     async with AsyncExitStack() as stack:
-        early, late = await start_replicas(stack, hosts, port, "--max-connection-age", "1")
+        early, late = await start_replicas(stack, hosts, port, started=False)
         await early.start()
         target = "ipv4:" + ",".join(f"{h}:{port}" for h in hosts)
         async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
@@ -194,9 +194,11 @@ async def test_workers_share_one_port_and_all_serve():
 
         channels = []
         try:
-            # Separate channels are separate connections; the kernel spreads them.
+            # Channels with their own subchannel pools are separate connections; the kernel
+            # spreads connections over the workers.
             while workers_with_clients() < 2 and len(channels) < 64:
-                channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+                channel = grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
                 channels.append(channel)
                 reply = await pb_grpc.AgentLoopServiceStub(channel).Generate(
                     pb.GenerateRequest(prompt="hi"), timeout=10)

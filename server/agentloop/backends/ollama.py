@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -82,15 +83,49 @@ class OllamaBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
         path, body = build_request_body(request, self._keep_alive)
+        answered = False
         try:
             async with self._client.stream("POST", path, json=body) as response:
+                answered = True
                 if response.status_code != 200:
                     await response.aread()
                     raise http_error(response.status_code, response.content, request.model)
                 async for item in parse_stream(response.aiter_lines(), request):
                     yield item
         except httpx.HTTPError as exc:
+            raise transport_error(exc, before_headers=not answered) from None
+
+    async def warm_up(self) -> None:
+        """Load the default model with keep_alive (an empty generate), pulling it first when
+        `pull_model` allows and Ollama lacks it."""
+        try:
+            if self._settings.pull_model and not (await self.check_health(self._model)).ready:
+                await self._pull(self._model)
+            response = await self._client.post(
+                "/api/generate", json={"model": self._model, "keep_alive": self._keep_alive})
+        except httpx.HTTPError as exc:
             raise transport_error(exc) from None
+        if response.status_code != 200:
+            raise http_error(response.status_code, response.content, self._model)
+
+    async def _pull(self, model: str) -> None:
+        """Pull `model`, reading Ollama's progress lines until "success"."""
+        log.info("pulling %s", model)
+        async with self._client.stream("POST", "/api/pull", json={"model": model}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise http_error(response.status_code, response.content, model)
+            async for line in response.aiter_lines():
+                try:
+                    progress = json.loads(line) if line else {}
+                except ValueError:
+                    raise BackendProtocolError("the backend sent malformed pull progress") from None
+                if "error" in progress:
+                    why = _clean(progress["error"])
+                    raise BackendUnavailable(f"pulling {model!r} failed: {why}")
+                if progress.get("status") == "success":
+                    return
+        raise BackendUnavailable(f"pulling {model!r} ended before it succeeded")
 
     async def is_reachable(self) -> bool:
         """Does an Ollama server answer at the configured URL? (backend auto-selection)"""
@@ -247,21 +282,32 @@ def http_error(status: int, body: bytes, model: str) -> AgentLoopError:
     if status == 400:
         return BackendRejected(f"the backend rejected the request: {message}", metadata=meta)
     if status == 503:
-        return ResourceExhausted("the backend is busy; try again", retry_after=1.0, metadata=meta)
+        return _retryable(
+            ResourceExhausted("the backend is busy; try again", retry_after=1.0, metadata=meta))
     if status == 499:
         return Cancelled("the backend cancelled the request", metadata=meta)
     return BackendUnavailable(f"the backend failed ({status}): {message}", metadata=meta)
 
 
-def transport_error(exc: httpx.HTTPError) -> AgentLoopError:
+def transport_error(exc: httpx.HTTPError, before_headers: bool = False) -> AgentLoopError:
     """Map httpx failures; messages name the failure, never the URL."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return BackendUnavailable("the backend is unreachable", retry_after=1.0)
+        return _retryable(BackendUnavailable("the backend is unreachable", retry_after=1.0))
     if isinstance(exc, httpx.PoolTimeout):
         return ResourceExhausted("no free connection to the backend", retry_after=1.0)
     if isinstance(exc, httpx.ReadTimeout):
         return BackendStreamFailed("the backend stopped answering (read timeout)")
+    if before_headers and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError |
+                                     httpx.WriteError):
+        return _retryable(BackendUnavailable(
+            "the backend dropped the connection before answering", retry_after=1.0))
     return BackendStreamFailed(f"the connection to the backend failed ({type(exc).__name__})")
+
+
+def _retryable(error: AgentLoopError) -> AgentLoopError:
+    """Mark a failure that happened before Ollama started on the request."""
+    error.retryable_before_first_token = True
+    return error
 
 
 def _error_message(body: bytes) -> str:
@@ -271,9 +317,13 @@ def _error_message(body: bytes) -> str:
         return "no details"
 
 
+_URL_OR_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b",
+                             re.IGNORECASE)
+
+
 def _clean(message: object) -> str:
-    """Keep backend messages short and single-line."""
-    return " ".join(str(message).split())[:300]
+    """Keep backend messages short, single-line and free of internal addresses."""
+    return _URL_OR_ADDRESS.sub("<address>", " ".join(str(message).split()))[:300]
 
 
 def _keep_alive_value(text: str) -> str | int:

@@ -1,0 +1,1 @@
+"""Test and benchmark support: a scriptable fake Ollama server on loopback."""
