@@ -27,6 +27,12 @@ def gateway_settings(**overrides: Any) -> Settings:
         "shutdown_grace": 1.0,
         "connect_timeout": 0.5,
         "read_timeout": 10.0,
+        # One backend call per request and no load request in fake.generation_requests;
+        # test_faults.py covers retries and warm-up.
+        "retry_attempts": 0,
+        "warm_up": False,
+        # No fixed Prometheus port: test_telemetry.py asks for port 0 where it scrapes.
+        "metrics_listen": "",
     }
     values.update(overrides)
     return load_settings(environ={}, **values)

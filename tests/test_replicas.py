@@ -77,7 +77,9 @@ class Replica:
 
     @property
     def served(self) -> int:
-        return len(self.fake.generation_requests)
+        # Generations only: the warm-up's load request has neither prompt nor messages.
+        return sum(1 for body in self.fake.generation_requests
+                   if body.get("prompt") or body.get("messages"))
 
 
 async def start_replicas(stack: AsyncExitStack, hosts: list[str], port: int, *extra: str,

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from agentloop.errors import ResourceExhausted
+from agentloop.errors import DeadlineExceeded, ResourceExhausted
 
 
 class Admission:
@@ -55,9 +55,10 @@ class Admission:
                 f"too many requests: {self._in_flight} in flight and {len(self._waiters)} queued",
                 retry_after=1.0,
             )
-        wait = self.queue_timeout
-        if deadline is not None:
-            wait = min(wait, deadline - time.monotonic())
+        time_left = None if deadline is None else deadline - time.monotonic()
+        # The caller's deadline, when it comes first, makes the wait DEADLINE_EXCEEDED.
+        deadline_first = time_left is not None and time_left < self.queue_timeout
+        wait = time_left if deadline_first else self.queue_timeout
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -67,6 +68,8 @@ class Admission:
             # Timed out or cancelled: if the slot was handed over meanwhile, pass it on.
             if waiter.done() and not waiter.cancelled():
                 self._release()
+            if isinstance(exc, TimeoutError) and deadline_first:
+                raise DeadlineExceeded("the deadline passed while waiting for a slot") from None
             if isinstance(exc, TimeoutError):
                 raise ResourceExhausted(
                     f"no free slot within {wait:.1f}s ({self._in_flight} in flight)",

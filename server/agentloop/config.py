@@ -121,6 +121,12 @@ class Settings:
         "GGUF file for the embedded engine; empty = the Gemma 3 270M from its PyPI package",
         group="embedded",
     )
+    model_cache_dir: str = _setting(
+        "",
+        "directory the packaged Gemma 3 270M GGUF is assembled into on first use; "
+        "empty = $XDG_CACHE_HOME/agentloop or ~/.cache/agentloop",
+        group="embedded",
+    )
 
     # --- generation defaults (used when a request leaves an option unset) ---
     temperature: float = _setting(0.7, "default sampling temperature", group="generation")
@@ -154,6 +160,111 @@ class Settings:
     max_messages: int = _setting(256, "most chat messages in one request", group="limits")
     max_image_bytes: int = _setting(
         8388608, "largest total size of the images in one request, in bytes", group="limits"
+    )
+    max_message_bytes: int = _setting(
+        33554432,
+        "largest gRPC message the server accepts, in bytes (beyond: RESOURCE_EXHAUSTED)",
+        group="limits",
+    )
+
+    # --- agent loop ---
+    agent_max_steps: int = _setting(
+        8, "most steps an agent run may take (caps a request's max_steps)", group="agent"
+    )
+    agent_default_steps: int = _setting(
+        4, "steps an agent run takes when the request leaves max_steps 0", group="agent"
+    )
+    tool_timeout: float = _setting(
+        10.0, "seconds one tool call (server or client tool) may take", group="agent"
+    )
+    max_observation_bytes: int = _setting(
+        4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent"
+    )
+
+    # --- telemetry (OpenTelemetry itself follows the standard OTEL_* variables) ---
+    metrics_listen: str = _setting(
+        "127.0.0.1:9464",
+        "Prometheus /metrics listen address HOST:PORT (port 0 = any free port, empty = off); "
+        "worker N of --workers serves on PORT+N",
+        group="telemetry",
+    )
+    trace_content: bool = _setting(
+        False,
+        "put prompts, answers and tool arguments and results into spans (off: counts only)",
+        group="telemetry",
+    )
+
+    # --- resilience: retries, circuit breaker, warm-up, response cache ---
+    retry_attempts: int = _setting(
+        2,
+        "extra attempts for a generation that failed before its first token (connect error, "
+        "reset before headers, HTTP 503); 0 = no retries",
+        group="resilience",
+    )
+    retry_backoff: float = _setting(
+        0.1, "seconds of the first retry's backoff (doubles per attempt, full jitter)",
+        group="resilience",
+    )
+    retry_backoff_max: float = _setting(
+        2.0, "most seconds of one retry's backoff", group="resilience"
+    )
+    circuit_failure_threshold: int = _setting(
+        5, "consecutive backend failures that open the circuit (calls then fail fast)",
+        group="resilience",
+    )
+    circuit_reset_timeout: float = _setting(
+        10.0, "seconds the circuit stays open before a half-open probe", group="resilience"
+    )
+    warm_up: bool = _setting(
+        True,
+        "load the model (an empty request with keep_alive) at start and whenever the backend "
+        "comes back; readiness waits for it",
+        group="resilience",
+    )
+    pull_model: bool = _setting(
+        False, "pull the model first during warm-up when Ollama lacks it", group="resilience"
+    )
+    cache_entries: int = _setting(
+        0,
+        "responses kept for identical deterministic requests (temperature 0 or a seed), "
+        "LRU; 0 = no cache",
+        group="resilience",
+    )
+    cache_ttl: float = _setting(
+        300.0, "seconds a cached response stays valid", group="resilience"
+    )
+
+    # --- security: API keys, rate limits, TLS ---
+    # repr=False: raw keys stay out of logs and tracebacks.
+    api_keys: str = field(default="", repr=False, metadata={
+        "help": "accepted API keys, comma-separated (prefer api_keys_file); empty and no file "
+                "= no authentication",
+        "group": "security",
+    })
+    api_keys_file: str = _setting(
+        "", "file of accepted API keys, one per line, # starts a comment", group="security"
+    )
+    auth_exempt: str = _setting(
+        "grpc.health.v1.Health,grpc.reflection.v1.ServerReflection,"
+        "grpc.reflection.v1alpha.ServerReflection",
+        "gRPC services callable without an API key, comma-separated",
+        group="security",
+    )
+    rate_limit: float = _setting(
+        0.0,
+        "calls per second per client (API key, else peer address), token bucket; 0 = no limit",
+        group="security",
+    )
+    rate_burst: int = _setting(
+        10, "calls a client may make at once before rate_limit applies", group="security"
+    )
+    tls_cert: str = _setting(
+        "", "PEM certificate chain for TLS on the gRPC port; empty = plaintext", group="security"
+    )
+    tls_key: str = _setting("", "PEM private key of tls_cert", group="security")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+        group="security",
     )
 
     def __post_init__(self) -> None:
@@ -212,7 +323,52 @@ def _validate(s: Settings) -> Sequence[str]:
         bad("repeat_penalty", "must be > 0")
     if not s.model:
         bad("model", "must not be empty")
+    if s.tool_timeout <= 0:
+        bad("tool_timeout", "must be > 0")
+    if s.agent_max_steps < 1:
+        bad("agent_max_steps", "must be >= 1")
+    if not 1 <= s.agent_default_steps <= s.agent_max_steps:
+        bad("agent_default_steps", f"must be in [1, agent_max_steps ({s.agent_max_steps})]")
+    if s.max_observation_bytes < 256:
+        bad("max_observation_bytes", "must be >= 256")
+    if s.metrics_listen:
+        try:
+            parse_host_port(s.metrics_listen)
+        except ValueError as exc:
+            bad("metrics_listen", str(exc))
+    _validate_resilience_and_security(s, bad)
     return errors
+
+
+def _validate_resilience_and_security(s: Settings, bad: Callable[[str, str], None]) -> None:
+    for name in ("retry_backoff", "retry_backoff_max", "circuit_reset_timeout", "cache_ttl"):
+        if getattr(s, name) <= 0:
+            bad(name, "must be > 0")
+    for name in ("retry_attempts", "cache_entries", "rate_limit"):
+        if getattr(s, name) < 0:
+            bad(name, "must be >= 0")
+    for name in ("circuit_failure_threshold", "rate_burst"):
+        if getattr(s, name) < 1:
+            bad(name, "must be >= 1")
+    if s.retry_backoff_max < s.retry_backoff:
+        bad("retry_backoff_max", f"must be >= retry_backoff ({s.retry_backoff})")
+    if s.max_message_bytes < 1024:
+        bad("max_message_bytes", "must be >= 1024")
+    for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(s, name)
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            bad(name, f"no readable file at {path!r}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        bad("tls_key" if s.tls_cert else "tls_cert", "tls_cert and tls_key go together")
+    if s.tls_client_ca and not s.tls_cert:
+        bad("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+    if any(any(c.isspace() or c == "#" for c in key) for key in parse_list(s.api_keys)):
+        bad("api_keys", "an API key must not contain spaces or #")
+
+
+def parse_list(text: str) -> list[str]:
+    """A comma-separated setting as a list, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def env_name(field_name: str) -> str:

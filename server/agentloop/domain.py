@@ -153,3 +153,5 @@ class BackendHealth:
 
     ready: bool
     reason: str = ""
+    #: Models the engine holds in memory, where it says (Ollama's /api/ps): for metrics.
+    loaded: tuple[ModelInfo, ...] = ()

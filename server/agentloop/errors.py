@@ -22,6 +22,9 @@ class AgentLoopError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
+    #: A backend sets this when the engine never started on the request (connect error,
+    #: reset before the response headers, HTTP 503): sending it again is safe.
+    retryable_before_first_token: bool = False
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -100,6 +103,12 @@ class BackendUnavailable(RetryableError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "BACKEND_UNAVAILABLE"
+
+
+class CircuitOpen(BackendUnavailable):
+    """The backend failed repeatedly: calls fail fast until a probe finds it back."""
+
+    reason = "CIRCUIT_OPEN"
 
 
 class BackendStreamFailed(RetryableError):

@@ -3,6 +3,8 @@
 A background task checks the backend every `health_interval` seconds and sets
 `""`, `agentloop.v1.AgentLoopService` and `readiness`; probes read the cached status
 and never wait on the backend. `liveness` is SERVING as long as the loop answers.
+Before the first SERVING, and again whenever the backend was not ready, the task warms
+the backend up (loads the model), so readiness means "answers without a cold start".
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from grpc_health.v1 import health, health_pb2
 
 from agentloop.backends.base import Backend
 from agentloop.domain import BackendHealth
+from agentloop.errors import AgentLoopError
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthReporter:
     """Owns the health servicer's statuses and the task that refreshes readiness."""
 
-    def __init__(self, backend: Backend, model: str, interval: float) -> None:
+    def __init__(self, backend: Backend, model: str, interval: float,
+                 warm_up: bool = False) -> None:
         self.servicer = health.aio.HealthServicer()
         self._backend = backend
         self._model = model
         self._interval = interval
+        self._warm = not warm_up  # True once warmed up, or when warm-up is off
+        self._warm_up = warm_up
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.last: BackendHealth = BackendHealth(False, "not checked yet")
@@ -45,7 +51,9 @@ class HealthReporter:
     async def start(self) -> None:
         """Set the initial statuses, run the first check, then refresh in the background."""
         await self.servicer.set(LIVENESS, SERVING)
-        await self._set_ready(await self._backend.check_health(self._model))
+        # The health servicer starts "" SERVING: not before the first check says so.
+        await self._set_ready(self.last)
+        await self._set_ready(await self._check())
         self._task = asyncio.create_task(self._refresh_forever(), name="health-refresh")
 
     def check_soon(self) -> None:
@@ -71,7 +79,18 @@ class HealthReporter:
             except TimeoutError:
                 pass
             self._wake.clear()
-            await self._set_ready(await self._backend.check_health(self._model))
+            await self._set_ready(await self._check())
+
+    async def _check(self) -> BackendHealth:
+        """Warm the backend up if it is cold (at start, after an outage), then check it."""
+        if not self._warm:
+            try:
+                await self._backend.warm_up()
+            except AgentLoopError as exc:
+                return BackendHealth(False, f"warm-up failed: {exc.message}")
+        result = await self._backend.check_health(self._model)
+        self._warm = result.ready or not self._warm_up
+        return result
 
     async def _set_ready(self, result: BackendHealth) -> None:
         if result.ready != self.last.ready or result.reason != self.last.reason:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,11 +20,17 @@ from grpc_reflection.v1alpha import reflection
 from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.backends.ollama import OllamaBackend
+from agentloop.backends.resilient import ResilientBackend
 from agentloop.config import Settings, SettingsError
 from agentloop.health import SERVICE_NAME, HealthReporter
+from agentloop.rpc.auth import security_interceptors
 from agentloop.rpc.interceptors import DrainInterceptor, ErrorInterceptor
 from agentloop.rpc.servicer import AgentLoopServicer
+from agentloop.services.agent import AgentService
+from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
+from agentloop.services.tools import default_tools
+from agentloop.telemetry import Telemetry, start_telemetry
 from agentloop.v1 import agentloop_pb2, agentloop_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,11 +49,18 @@ class RunningServer:
     health: HealthReporter
     drain_gate: DrainInterceptor
     admission: Admission
+    cache: ResponseCache | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry.disabled)
 
     @property
     def address(self) -> str:
         host, _ = self.settings.listen_address
         return f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The Prometheus /metrics port (bound, so port 0 resolves); None when off."""
+        return self.telemetry.metrics_port
 
     async def shutdown(self, grace: float | None = None, drain_delay: float | None = None) -> None:
         """Drain: refuse new calls, report NOT_SERVING, wait, then stop with a grace period."""
@@ -61,6 +74,7 @@ class RunningServer:
             await asyncio.sleep(drain_delay)
         await self.server.stop(grace)
         await self.backend.close()
+        await self.telemetry.shutdown()  # flush the last spans and metrics
         log.info("stopped")
 
 
@@ -98,7 +112,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ]
     return [
         *options,
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Several workers share the port on purpose; one worker must not share it by accident.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -120,24 +134,51 @@ def add_services(server: grpc.aio.Server, servicer: AgentLoopServicer,
         )
 
 
+def add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    """Listen in plaintext, or with TLS (mutual TLS when tls_client_ca is set)."""
+    if not settings.tls_cert:
+        return server.add_insecure_port(settings.listen)
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    credentials = grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=read(settings.tls_client_ca) if settings.tls_client_ca else None,
+        require_client_auth=bool(settings.tls_client_ca),
+    )
+    return server.add_secure_port(settings.listen, credentials)
+
+
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
-    backend = backend or await select_backend(settings)
+    guards = security_interceptors(settings)
+    backend = ResilientBackend(backend or await select_backend(settings), settings)
     await backend.start()
     admission = Admission(
         settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout
     )
-    generation = GenerationService(backend, admission)
-    health = HealthReporter(backend, backend.default_model, settings.health_interval)
+    cache = ResponseCache(settings.cache_entries, settings.cache_ttl) \
+        if settings.cache_entries else None
+    health = HealthReporter(backend, backend.default_model, settings.health_interval,
+                            warm_up=settings.warm_up)
+    backend.circuit.on_change = health.check_soon
+    telemetry = start_telemetry(settings, backend, admission, health)
+    generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
-        interceptors=[drain_gate, ErrorInterceptor()], options=server_options(settings)
+        # Telemetry first: its span and status cover what the others refuse or raise.
+        interceptors=[telemetry.interceptor, drain_gate, *guards, ErrorInterceptor()],
+        options=server_options(settings),
     )
-    add_services(server, AgentLoopServicer(settings, generation), health, settings)
-    port = server.add_insecure_port(settings.listen)
+    agent = AgentService(generation, default_tools(), settings)
+    add_services(server, AgentLoopServicer(settings, generation, agent), health, settings)
+    port = add_port(server, settings)
     await server.start()
     await health.start()
-    running = RunningServer(settings, server, port, backend, health, drain_gate, admission)
+    running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
+                            telemetry)
     log.info("serving %s on %s with the %s backend, model %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model)
     return running
@@ -145,11 +186,12 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
-    running = await start_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a signal during the start (a slow warm-up) drains instead of killing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start_server(settings)
     print(ready_banner(running), flush=True)
     await stop.wait()
     log.info("signal received, shutting down")

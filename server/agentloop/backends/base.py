@@ -39,6 +39,12 @@ class Backend(Protocol):
         """Open pools, load models: called once before serving."""
         ...
 
+    async def warm_up(self) -> None:
+        """Make the default model ready to answer (Ollama: load it, pulling it first if
+        allowed; a no-op for engines that load in `start`). The health task runs it before
+        the first SERVING and again after the backend comes back; raises AgentLoopError."""
+        ...
+
     async def close(self) -> None:
         """Release every connection, thread and model: called once at shutdown."""
         ...

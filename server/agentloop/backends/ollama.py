@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from opentelemetry import propagate
 
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -83,14 +84,16 @@ class OllamaBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
         path, body = build_request_body(request, self._keep_alive)
+        headers: dict[str, str] = {}
+        propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
         answered = False
         try:
-            async with self._client.stream("POST", path, json=body) as response:
+            async with self._client.stream("POST", path, json=body, headers=headers) as response:
                 answered = True
                 if response.status_code != 200:
                     await response.aread()
                     raise http_error(response.status_code, response.content, request.model)
-                async for item in parse_stream(response.aiter_lines(), request):
+                async for item in parse_stream(ndjson_lines(response.aiter_bytes()), request):
                     yield item
         except httpx.HTTPError as exc:
             raise transport_error(exc, before_headers=not answered) from None
@@ -149,7 +152,16 @@ class OllamaBackend:
             return BackendHealth(False, "Ollama sent a malformed model list")
         if not _model_listed(model, names):
             return BackendHealth(False, f"model {model!r} is not pulled")
-        return BackendHealth(True)
+        return BackendHealth(True, loaded=await self._loaded_models(timeout))
+
+    async def _loaded_models(self, timeout: float) -> tuple[ModelInfo, ...]:
+        """What /api/ps shows (the memory gauges read it); empty when it does not answer."""
+        try:
+            response = await self._client.get("/api/ps", timeout=timeout)
+            running = response.json().get("models", []) if response.status_code == 200 else []
+            return tuple(_model_info(m, m) for m in running)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return ()
 
     async def list_models(self) -> list[ModelInfo]:
         try:
@@ -220,13 +232,25 @@ def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tup
     return "/api/generate", body
 
 
+async def ndjson_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split a streamed body into lines: per token much cheaper than httpx's aiter_lines
+    (no text decoding layers; json.loads reads UTF-8 bytes itself)."""
+    pending = b""
+    async for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
 async def parse_stream(
-    lines: AsyncIterator[str], request: GenerationRequest
+    lines: AsyncIterator[bytes], request: GenerationRequest
 ) -> AsyncIterator[str | GenerationEnd]:
     """Turn Ollama's NDJSON lines into deltas and one final `GenerationEnd`."""
     delta_key = "message" if request.is_chat else "response"
     async for line in lines:
-        if not line:
+        if not line.strip():
             continue
         try:
             chunk = json.loads(line)
@@ -244,6 +268,10 @@ async def parse_stream(
         if text:
             yield text
         if chunk.get("done"):
+            # Read the body's end first: a response read to its end returns its connection
+            # to the pool, one closed early costs a new connection on the next request.
+            async for _ in lines:
+                pass
             yield _end_of(chunk, request.model)
             return
     raise BackendStreamFailed(

@@ -12,8 +12,12 @@ from contextlib import aclosing
 import grpc
 
 from agentloop.config import Settings
+from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
+from agentloop.rpc.agent_responses import agent_event_pb, run_agent_response
+from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.requests import deadline_from, generation_request
 from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
+from agentloop.services.agent import AgentService
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
@@ -22,9 +26,12 @@ from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     """Thin adapter from gRPC to the services."""
 
-    def __init__(self, settings: Settings, generation: GenerationService) -> None:
+    def __init__(
+        self, settings: Settings, generation: GenerationService, agent: AgentService
+    ) -> None:
         self._settings = settings
         self._generation = generation
+        self._agent = agent
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -42,9 +49,34 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
-        async with aclosing(self._generation.stream(generation)) as items:
+        async with aclosing(coalesced(self._generation.stream(generation))) as items:
             async for item in items:
                 yield stream_delta(item) if isinstance(item, str) else stream_end(item)
+
+    async def RunAgent(
+        self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunAgentResponse:
+        run = run_agent_request(
+            request, self._settings, self._agent.tools, self._generation.default_model,
+            deadline_from(context.time_remaining()),
+        )
+        return run_agent_response(await self._agent.complete(run))
+
+    async def StreamRunAgent(
+        self,
+        request_iterator: AsyncIterator[pb.StreamRunAgentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamRunAgentResponse]:
+        requests = aiter(request_iterator)
+        run = start_agent_run(
+            await anext(requests, None), self._settings, self._agent.tools,
+            self._generation.default_model, deadline_from(context.time_remaining()),
+        )
+        async with ToolResultReader(requests) as reader:
+            events = reader.watch(self._agent.run(run, reader.calls))
+            async with aclosing(events):
+                async for event in events:
+                    yield agent_event_pb(event)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

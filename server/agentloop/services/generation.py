@@ -24,6 +24,8 @@ from agentloop.domain import (
     SamplingOptions,
 )
 from agentloop.errors import BackendProtocolError
+from agentloop.services.cache import ResponseCache, is_deterministic
+from agentloop.telemetry import Telemetry
 
 T = TypeVar("T")
 
@@ -31,37 +33,61 @@ T = TypeVar("T")
 class GenerationService:
     """Runs generations on a backend within the replica's admission limits."""
 
-    def __init__(self, backend: Backend, admission: Admission) -> None:
+    def __init__(
+        self, backend: Backend, admission: Admission, cache: ResponseCache | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.backend = backend
         self.admission = admission
+        self.cache = cache
+        self.telemetry = telemetry or Telemetry.disabled()
 
     @property
     def default_model(self) -> str:
         return self.backend.default_model
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
-        """Yield text deltas, then one `GenerationEnd` with gateway-measured timings."""
+        """Yield text deltas, then one `GenerationEnd` with gateway-measured timings.
+
+        Deterministic requests go through the response cache when there is one."""
         started = time.monotonic()
         first_token_at: float | None = None
-        async with self.admission.slot(request.deadline):
-            async with aclosing(self.backend.stream(request)) as items:
-                async for item in items:
-                    if isinstance(item, str):
-                        if first_token_at is None:
-                            first_token_at = time.monotonic()
-                        yield item
-                        continue
-                    now = time.monotonic()
-                    yield dataclasses.replace(
-                        item,
-                        timings=dataclasses.replace(
-                            item.timings,
-                            total=now - started,
-                            time_to_first_token=(first_token_at or now) - started,
-                        ),
-                    )
-                    return
+        if self.cache is not None and is_deterministic(request):
+            source = self.cache.stream(request, self._from_backend)
+        else:
+            source = self._from_backend(request)
+        async with aclosing(source) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+                    yield item
+                    continue
+                now = time.monotonic()
+                end = dataclasses.replace(
+                    item,
+                    timings=dataclasses.replace(
+                        item.timings,
+                        total=now - started,
+                        time_to_first_token=(first_token_at or now) - started,
+                    ),
+                )
+                self.telemetry.generation_done(request, end)
+                yield end
+                return
         raise BackendProtocolError("the backend ended without a final report")
+
+    async def _from_backend(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+        """The backend's items, generated within an admission slot; one observed call."""
+        async with self.admission.slot(request.deadline):
+            with self.telemetry.backend_call(request) as call:
+                async with aclosing(self.backend.stream(request)) as items:
+                    async for item in items:
+                        if not isinstance(item, str):
+                            call.finish(item)
+                        elif call.output is not None:  # trace_content: the answer into the span
+                            call.output.append(item)
+                        yield item
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """The whole generation at once."""

@@ -1,0 +1,148 @@
+"""Calls per second of one gateway with 1 and with 2 worker processes, in one run.
+
+The fake Ollama answers at full speed with a few tokens, so the gateway's own CPU is the
+bottleneck. Load comes from separate client processes (each with its own connections) so
+that the load generator is not the limit. Runs alternate (1, 2, 1, 2, ...) and the best of
+each is kept, which cancels most of the noise of a shared machine.
+
+    .venv/bin/python -m bench.bench_workers [--seconds 5] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_fake(tokens: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentloop.testing.fake_ollama", "--port", "0",
+         "--tokens", str(tokens), "--token-delay", "0"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().split()[-1]
+
+
+def start_gateway(workers: int, port: int, ollama_url: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [AGENTLOOP, "serve", "--listen", f"127.0.0.1:{port}", "--backend", "ollama",
+         "--ollama-url", ollama_url, "--workers", str(workers), "--max-in-flight", "256",
+         "--max-queue", "1024", "--drain-delay", "0", "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for _ in range(workers):  # every worker prints its banner when it serves
+        line = proc.stdout.readline()
+        assert line.startswith("agentloop serving on"), line
+    return proc
+
+
+def client_process(address: str, seconds: float, concurrency: int, queue: multiprocessing.Queue
+                   ) -> None:
+    """One load-generating process: `concurrency` callers on their own connection."""
+    import grpc
+
+    from agentloop.v1 import agentloop_pb2 as pb
+    from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+
+    async def run() -> int:
+        channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)])
+        stub = pb_grpc.AgentLoopServiceStub(channel)
+        await stub.Generate(pb.GenerateRequest(prompt="warm"), timeout=10)
+        stop_at = time.monotonic() + seconds
+        request = pb.GenerateRequest(prompt="hi")
+
+        async def caller() -> int:
+            calls = 0
+            while time.monotonic() < stop_at:
+                await stub.Generate(request, timeout=10)
+                calls += 1
+            return calls
+
+        counts = await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await channel.close()
+        return sum(counts)
+
+    queue.put(asyncio.run(run()))
+
+
+def measure(address: str, seconds: float, clients: int, concurrency: int) -> float:
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = context.Queue()
+    procs = [context.Process(target=client_process, args=(address, seconds, concurrency, queue))
+             for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    total = sum(queue.get(timeout=seconds + 60) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    return total / seconds
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=2, help="load-generating processes")
+    parser.add_argument("--concurrency", type=int, default=16, help="callers per process")
+    parser.add_argument("--tokens", type=int, default=5, help="tokens per answer")
+    args = parser.parse_args(argv)
+
+    fake, url = start_fake(args.tokens)
+    best: dict[int, float] = {1: 0.0, 2: 0.0}
+    try:
+        for _ in range(args.rounds):
+            for workers in (1, 2):
+                port = free_port()
+                gateway = start_gateway(workers, port, url)
+                try:
+                    rate = measure(f"127.0.0.1:{port}", args.seconds, args.clients,
+                                   args.concurrency)
+                finally:
+                    stop(gateway)
+                best[workers] = max(best[workers], rate)
+                print(f"workers={workers}: {rate:,.0f} calls/s", flush=True)
+    finally:
+        stop(fake)
+    result = {
+        "cpu_count": os.cpu_count(),
+        "calls_per_second": {str(k): round(v, 1) for k, v in best.items()},
+        "ratio_2_over_1": round(best[2] / best[1], 3) if best[1] else None,
+        "settings": vars(args),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "workers.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| workers | calls/s |\n| --- | --- |\n| 1 | {best[1]:,.0f} |\n| 2 | {best[2]:,.0f} |")
+    print(f"ratio 2 workers / 1 worker: {result['ratio_2_over_1']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

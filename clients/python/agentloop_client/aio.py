@@ -1,0 +1,181 @@
+"""The asyncio client (grpc.aio): the same calls as `AgentLoopClient`, awaited.
+
+    async with AsyncAgentLoopClient("127.0.0.1:50051") as client:
+        async for text in client.stream_text("Once upon a time"):
+            print(text, end="", flush=True)
+
+Create it inside the event loop that uses it. Leaving an `async for` early cancels the call
+(`aclosing` makes that immediate rather than at garbage collection).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentloop.v1 import agentloop_pb2 as pb
+from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from agentloop_client.channel import DEFAULT_ADDRESS, ChannelConfig, aio_channel
+from agentloop_client.errors import error_from_rpc
+from agentloop_client.requests import (
+    ClientTool,
+    FormatLike,
+    MessageLike,
+    OptionsLike,
+    agent_fields,
+    generation_fields,
+    start_agent_run,
+    tool_call_target,
+    tool_result,
+)
+
+
+class AsyncAgentLoopClient:
+    """A grpc.aio channel to the gateway and typed calls over it."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **config: Any) -> None:
+        """`config` takes the fields of `ChannelConfig`: timeout, api_key, tls, ..."""
+        self.config = ChannelConfig(address=address, **config)
+        self.channel = aio_channel(self.config)
+        self.stub = pb_grpc.AgentLoopServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncAgentLoopClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageLike] = (),
+        system: str = "",
+        model: str = "",
+        options: OptionsLike | None = None,
+        format: FormatLike = None,
+        timeout: float | None = None,
+    ) -> pb.GenerateResponse:
+        request = pb.GenerateRequest(
+            **generation_fields(prompt, messages, system, model, options, format))
+        try:
+            return await self.stub.Generate(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def stream_generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageLike] = (),
+        system: str = "",
+        model: str = "",
+        options: OptionsLike | None = None,
+        format: FormatLike = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[pb.StreamGenerateResponse, None]:
+        request = pb.StreamGenerateRequest(
+            **generation_fields(prompt, messages, system, model, options, format))
+        call = self.stub.StreamGenerate(request, timeout=timeout)
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def stream_text(
+        self, prompt: str | None = None, **kwargs: Any
+    ) -> AsyncGenerator[str, None]:
+        """Only the text deltas of `stream_generate`, as they arrive."""
+        async with aclosing(self.stream_generate(prompt, **kwargs)) as responses:
+            async for response in responses:
+                if response.text:
+                    yield response.text
+
+    async def run_agent(
+        self,
+        goal: str,
+        *,
+        system: str = "",
+        messages: Sequence[MessageLike] = (),
+        tools: Sequence[str] = (),
+        max_steps: int = 0,
+        options: OptionsLike | None = None,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> pb.RunAgentResponse:
+        request = pb.RunAgentRequest(
+            **agent_fields(goal, system, messages, tools, max_steps, options, model))
+        try:
+            return await self.stub.RunAgent(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def stream_run_agent(
+        self,
+        goal: str,
+        *,
+        client_tools: Sequence[ClientTool] = (),
+        system: str = "",
+        messages: Sequence[MessageLike] = (),
+        tools: Sequence[str] = (),
+        max_steps: int = 0,
+        options: OptionsLike | None = None,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> AsyncGenerator[pb.StreamRunAgentResponse, None]:
+        """The run's events. Calls to `client_tools` are run here and answered for you."""
+        by_name = {tool.name: tool for tool in client_tools}
+        call = self.stub.StreamRunAgent(timeout=timeout)
+        try:
+            await call.write(start_agent_run(
+                agent_fields(goal, system, messages, tools, max_steps, options, model),
+                client_tools))
+            async for event in call:
+                yield event
+                if event.HasField("tool_call") and event.tool_call.client_tool:
+                    await call.write(await _run_tool(by_name, event.tool_call))
+                elif event.HasField("finished"):
+                    await call.done_writing()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        try:
+            return await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The serving status name ("SERVING", "NOT_SERVING", ...) of a health service name."""
+        try:
+            reply = await self.health_stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def _run_tool(tools: dict[str, ClientTool], call: pb.AgentToolCall
+                    ) -> pb.StreamRunAgentRequest:
+    try:
+        tool, arguments = tool_call_target(tools, call)
+        output = tool.run(arguments)
+        if inspect.isawaitable(output):
+            output = await output
+        return tool_result(call.call_id, output)
+    except Exception as exc:  # the model sees the tool's failure and may try otherwise
+        return tool_result(call.call_id, error=exc)

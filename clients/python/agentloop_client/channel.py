@@ -1,0 +1,201 @@
+"""Channel set-up every caller of agentloop needs: balancing, retries, keepalive, TLS, API key.
+
+`ChannelConfig` holds the choices; `sync_channel` and `aio_channel` build a channel from
+it whose interceptors add the default deadline and the `authorization` metadata to every
+call, including calls made through the raw generated stub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import grpc
+
+SERVICE = "agentloop.v1.AgentLoopService"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: Generous enough for a long generation on a CPU; pass `timeout=` per call to tighten.
+DEFAULT_TIMEOUT = 300.0
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    """How to reach the gateway.
+
+    `address` may be `dns:///agentloop.ns.svc:50051` (a headless Service): round_robin then
+    spreads calls over every replica. `retries` is gRPC's transparent retry of calls that
+    failed with UNAVAILABLE before the server sent anything (a draining or restarting
+    replica), with exponential backoff.
+    """
+
+    address: str = DEFAULT_ADDRESS
+    timeout: float | None = DEFAULT_TIMEOUT
+    api_key: str | None = None
+    tls: bool = False
+    root_certificates: bytes | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    retries: int = 4
+    keepalive: float = 60.0
+    options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
+
+    @property
+    def metadata(self) -> Metadata:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """None for plaintext; TLS when `tls`, `root_certificates` or `credentials` is set."""
+        if self.credentials is not None:
+            return self.credentials
+        if self.tls or self.root_certificates is not None:
+            return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return None
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.service_config", service_config(self.retries)),
+            ("grpc.enable_retries", 1 if self.retries > 1 else 0),
+            ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *self.options,
+        ]
+
+
+def service_config(max_attempts: int) -> str:
+    """round_robin over every resolved address; retry UNAVAILABLE with backoff."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": min(max_attempts, 5),  # gRPC caps attempts at 5
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
+
+
+# --- sync ----------------------------------------------------------------------------------
+
+
+class _SyncCallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str | bytes]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _SyncDefaults(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the default deadline and the API key to calls that do not set their own."""
+
+    def __init__(self, timeout: float | None, metadata: Metadata) -> None:
+        self._timeout = timeout
+        self._metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _SyncCallDetails(  # type: ignore[return-value]
+            details.method,
+            self._timeout if details.timeout is None else details.timeout,
+            _merged(details.metadata, self._metadata),
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def sync_channel(config: ChannelConfig) -> grpc.Channel:
+    credentials = config.channel_credentials()
+    options = config.channel_options()
+    channel = (
+        grpc.secure_channel(config.address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(config.address, options=options)
+    )
+    return grpc.intercept_channel(channel, _SyncDefaults(config.timeout, config.metadata))
+
+
+# --- asyncio -------------------------------------------------------------------------------
+
+
+class _AioDefaults:
+    def __init__(self, timeout: float | None, metadata: Metadata) -> None:
+        self._timeout = timeout
+        self._metadata = metadata
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details._replace(  # type: ignore[attr-defined, no-any-return]
+            timeout=self._timeout if details.timeout is None else details.timeout,
+            metadata=grpc.aio.Metadata(*_merged(details.metadata, self._metadata)),
+        )
+
+
+class _AioUnaryUnary(_AioDefaults, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioUnaryStream(_AioDefaults, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamUnary(_AioDefaults, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioStreamStream(_AioDefaults, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def aio_channel(config: ChannelConfig) -> grpc.aio.Channel:
+    """Must be called with an event loop running (grpc.aio binds the channel to it)."""
+    interceptors = [
+        kind(config.timeout, config.metadata)
+        for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    ]
+    credentials = config.channel_credentials()
+    options = config.channel_options()
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            config.address, credentials, options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(config.address, options=options, interceptors=interceptors)
+
+
+def _merged(
+    existing: Sequence[tuple[str, str | bytes]] | None, extra: Metadata
+) -> list[tuple[str, str | bytes]]:
+    """The call's own metadata wins: an explicit `authorization` is kept, not doubled."""
+    items = list(existing or ())
+    keys = {key for key, _ in items}
+    return items + [(key, value) for key, value in extra if key not in keys]

@@ -1,0 +1,146 @@
+"""Building agentloop requests from plain Python values (shared by the sync and async clients).
+
+Every builder also accepts the protobuf message itself, so callers can mix both styles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from agentloop.v1 import agentloop_pb2 as pb
+
+#: A chat message: the proto, or {"role": "user", "content": "...", "images": [bytes]}.
+MessageLike: TypeAlias = pb.Message | Mapping[str, Any]
+#: Sampling options: the proto, or {"temperature": 0.2, "max_tokens": 64, "stop": ["\n"]}.
+OptionsLike: TypeAlias = pb.GenerationOptions | Mapping[str, Any]
+#: Output format: None or "text", "json", a JSON Schema (dict or JSON string), or the proto.
+FormatLike: TypeAlias = pb.ResponseFormat | str | Mapping[str, Any] | None
+
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTool:
+    """A tool the caller runs itself during StreamRunAgent.
+
+    `run` gets the model's arguments as a dict and returns the observation (a str, or
+    anything JSON-serializable); an exception it raises is reported to the model as the
+    tool's error. With the async client `run` may be a coroutine function.
+    """
+
+    name: str
+    run: Callable[[dict[str, Any]], Any] | Callable[[dict[str, Any]], Awaitable[Any]]
+    description: str = ""
+    parameters: Mapping[str, Any] | None = None
+
+    def to_proto(self) -> pb.ClientTool:
+        return pb.ClientTool(
+            name=self.name,
+            description=self.description,
+            parameters_json_schema=json.dumps(self.parameters) if self.parameters else "",
+        )
+
+
+def message(value: MessageLike) -> pb.Message:
+    if isinstance(value, pb.Message):
+        return value
+    role = value.get("role", "user")
+    return pb.Message(
+        role=_ROLES[role] if isinstance(role, str) else role,
+        content=value.get("content", ""),
+        images=list(value.get("images", ())),
+    )
+
+
+def generation_options(value: OptionsLike | None) -> pb.GenerationOptions | None:
+    if value is None or isinstance(value, pb.GenerationOptions):
+        return value
+    return pb.GenerationOptions(**value)
+
+
+def response_format(value: FormatLike) -> pb.ResponseFormat | None:
+    if value is None or isinstance(value, pb.ResponseFormat):
+        return value
+    if value == "text":
+        return pb.ResponseFormat(type=pb.ResponseFormat.TYPE_TEXT)
+    if value == "json":
+        return pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON)
+    schema = value if isinstance(value, str) else json.dumps(value)
+    return pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=schema)
+
+
+def generation_fields(
+    prompt: str | None,
+    messages: Sequence[MessageLike],
+    system: str,
+    model: str,
+    options: OptionsLike | None,
+    format: FormatLike,
+) -> dict[str, Any]:
+    """The fields GenerateRequest and StreamGenerateRequest share."""
+    return {
+        "prompt": prompt or "",
+        "messages": [message(m) for m in messages],
+        "system": system,
+        "model": model,
+        "options": generation_options(options),
+        "format": response_format(format),
+    }
+
+
+def agent_fields(
+    goal: str,
+    system: str,
+    messages: Sequence[MessageLike],
+    tools: Sequence[str],
+    max_steps: int,
+    options: OptionsLike | None,
+    model: str,
+) -> dict[str, Any]:
+    """The fields RunAgentRequest and StartAgentRun share."""
+    return {
+        "goal": goal,
+        "system": system,
+        "messages": [message(m) for m in messages],
+        "tools": list(tools),
+        "max_steps": max_steps,
+        "options": generation_options(options),
+        "model": model,
+    }
+
+
+def start_agent_run(fields: dict[str, Any], client_tools: Sequence[ClientTool]
+                    ) -> pb.StreamRunAgentRequest:
+    return pb.StreamRunAgentRequest(start=pb.StartAgentRun(
+        **fields, client_tools=[tool.to_proto() for tool in client_tools]))
+
+
+def tool_result(call_id: str, output: Any = None, error: BaseException | None = None
+                ) -> pb.StreamRunAgentRequest:
+    """The answer to a client tool call: its output, or the error it raised."""
+    if error is not None:
+        result = pb.ClientToolResult(call_id=call_id, error=f"{type(error).__name__}: {error}")
+    else:
+        text = output if isinstance(output, str) else json.dumps(output)
+        result = pb.ClientToolResult(call_id=call_id, output=text)
+    return pb.StreamRunAgentRequest(tool_result=result)
+
+
+def tool_call_target(tools: Mapping[str, ClientTool], call: pb.AgentToolCall
+                     ) -> tuple[ClientTool, dict[str, Any]]:
+    """The client tool a call names and its arguments; raises if either is unusable."""
+    tool = tools.get(call.tool)
+    if tool is None:
+        raise LookupError(f"no client tool named {call.tool!r}")
+    arguments = json.loads(call.arguments_json or "{}")
+    if not isinstance(arguments, dict):
+        raise ValueError("the arguments are not a JSON object")
+    return tool, arguments

@@ -1,0 +1,242 @@
+"""Retries and a circuit breaker around any backend; nothing here knows the engine.
+
+Retries: a generation that failed before its first item reached the caller, with an error
+the backend marked `retryable_before_first_token` (a connect error, a reset before the
+response headers, Ollama's 503), is sent again after an exponential backoff with full
+jitter, while the caller's deadline leaves room. Once an item is out, never: the client
+would see it twice.
+
+Circuit breaker (closed / open / half-open): `circuit_failure_threshold` consecutive
+backend failures open it. While open, generations fail fast with UNAVAILABLE
+(`CIRCUIT_OPEN`, RetryInfo = the time until the probe) and readiness is NOT_SERVING. After
+`circuit_reset_timeout` it is half-open: the next call or the health task's check is the
+probe; success closes the circuit, failure opens it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+from agentloop.backends.base import Backend
+from agentloop.config import Settings
+from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo
+from agentloop.errors import (
+    AgentLoopError,
+    BackendProtocolError,
+    BackendStreamFailed,
+    BackendUnavailable,
+    CircuitOpen,
+)
+
+log = logging.getLogger(__name__)
+
+# The shortest RetryInfo a fail-fast answer carries: "now" would invite a busy loop.
+MIN_RETRY_AFTER = 0.1
+
+
+class CircuitState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class CircuitBreaker:
+    """Counts consecutive backend failures; `on_change` hears every state change."""
+
+    def __init__(
+        self,
+        failure_threshold: int,
+        reset_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+        self.on_change: Callable[[], None] | None = None
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+        self._half_open_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def state(self) -> CircuitState:
+        if self._opened_at is None:
+            return CircuitState.CLOSED
+        if self._clock() - self._opened_at < self.reset_timeout:
+            return CircuitState.OPEN
+        return CircuitState.HALF_OPEN
+
+    def open_error(self) -> CircuitOpen:
+        """What a call refused by the open circuit raises."""
+        remaining = 0.0 if self._opened_at is None else (
+            self._opened_at + self.reset_timeout - self._clock())
+        return CircuitOpen(
+            "circuit open: the backend failed repeatedly; failing fast until it is back",
+            retry_after=max(remaining, MIN_RETRY_AFTER),
+        )
+
+    def admit(self) -> bool:
+        """Let a call through or raise CircuitOpen; True when the call is the half-open probe."""
+        state = self.state
+        if state is CircuitState.CLOSED:
+            return False
+        if state is CircuitState.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        raise self.open_error()
+
+    def record_success(self) -> None:
+        if self.state is CircuitState.OPEN:
+            return  # a call admitted before the circuit opened says nothing about now
+        self._failures = 0
+        self._probing = False
+        if self._opened_at is not None:
+            self._opened_at = None
+            self._cancel_timer()
+            log.info("circuit closed: the backend answers again")
+            self._changed()
+
+    def record_failure(self) -> None:
+        state = self.state
+        if state is CircuitState.OPEN:
+            return
+        self._probing = False
+        self._failures += 1
+        if state is CircuitState.HALF_OPEN or self._failures >= self.failure_threshold:
+            self._open()
+
+    def release_probe(self, probe: bool) -> None:
+        """The probe ended without a verdict (cancelled, or a client error): another may probe."""
+        if probe:
+            self._probing = False
+
+    def close(self) -> None:
+        self._cancel_timer()
+
+    def _open(self) -> None:
+        log.warning("circuit open after %d consecutive backend failures; probing in %.1fs",
+                    self._failures, self.reset_timeout)
+        self._opened_at = self._clock()
+        self._failures = 0
+        self._cancel_timer()
+        # Tell the listener when half-open starts, so the health task probes at once.
+        self._half_open_timer = asyncio.get_running_loop().call_later(
+            self.reset_timeout, self._changed)
+        self._changed()
+
+    def _cancel_timer(self) -> None:
+        if self._half_open_timer is not None:
+            self._half_open_timer.cancel()
+            self._half_open_timer = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+
+class ResilientBackend:
+    """A Backend that retries early failures and fails fast while its inner backend is down."""
+
+    def __init__(self, inner: Backend, settings: Settings, rng: random.Random | None = None):
+        self.inner = inner
+        self.name = inner.name
+        self.parallelism = inner.parallelism
+        self.circuit = CircuitBreaker(
+            settings.circuit_failure_threshold, settings.circuit_reset_timeout)
+        self.retries = 0  # attempts made beyond the first, for metrics and tests
+        self._max_retries = settings.retry_attempts
+        self._backoff = settings.retry_backoff
+        self._backoff_max = settings.retry_backoff_max
+        self._random = rng or random.Random()
+
+    @property
+    def default_model(self) -> str:
+        return self.inner.default_model
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self.inner.address
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        self.circuit.close()
+        await self.inner.close()
+
+    async def list_models(self) -> list[ModelInfo]:
+        return await self.inner.list_models()
+
+    async def warm_up(self) -> None:
+        state = self.circuit.state
+        if state is CircuitState.OPEN:
+            raise self.circuit.open_error()
+        try:
+            await self.inner.warm_up()
+        except AgentLoopError as exc:
+            if state is CircuitState.HALF_OPEN and is_backend_failure(exc):
+                self.circuit.record_failure()  # the probe found the backend still down
+            raise
+
+    async def check_health(self, model: str) -> BackendHealth:
+        state = self.circuit.state
+        if state is CircuitState.OPEN:
+            return BackendHealth(False, "circuit open after repeated backend failures")
+        result = await self.inner.check_health(model)
+        if state is CircuitState.HALF_OPEN:  # the health check doubles as the probe
+            if result.ready:
+                self.circuit.record_success()
+            else:
+                self.circuit.record_failure()
+        return result
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+        for attempt in itertools.count():
+            probe = self.circuit.admit()
+            delivered = False
+            try:
+                async with aclosing(self.inner.stream(request)) as items:
+                    async for item in items:
+                        if isinstance(item, GenerationEnd):
+                            self.circuit.record_success()
+                        delivered = True
+                        yield item
+                return
+            except AgentLoopError as exc:
+                if is_backend_failure(exc):
+                    self.circuit.record_failure()
+                else:
+                    self.circuit.release_probe(probe)
+                delay = self._retry_delay(exc, attempt, delivered, request)
+                if delay is None:
+                    raise
+                log.info("retry %d in %.2fs after: %s", attempt + 1, delay, exc.message)
+            except BaseException:  # cancelled or closed by the caller: no verdict
+                self.circuit.release_probe(probe)
+                raise
+            self.retries += 1
+            await asyncio.sleep(delay)
+
+    def _retry_delay(self, exc: AgentLoopError, attempt: int, delivered: bool,
+                     request: GenerationRequest) -> float | None:
+        """Seconds to wait before the next attempt, or None when this failure is final."""
+        if delivered or not exc.retryable_before_first_token or attempt >= self._max_retries:
+            return None
+        delay = self._random.uniform(0.0, min(self._backoff_max, self._backoff * 2**attempt))
+        time_left = request.time_left()
+        if time_left is not None and delay >= time_left:
+            return None
+        return delay
+
+
+def is_backend_failure(exc: AgentLoopError) -> bool:
+    """Failures that say the backend is broken (not busy, not a bad request)."""
+    return isinstance(exc, BackendUnavailable | BackendStreamFailed | BackendProtocolError) \
+        and not isinstance(exc, CircuitOpen)

@@ -1,0 +1,237 @@
+"""Agent requests -> validated agent runs; the reading of a StreamRunAgent's later messages.
+
+Validation follows `rpc.requests`: every bad field is collected, so one INVALID_ARGUMENT
+with a google.rpc.BadRequest names them all (under `start.` for StreamRunAgent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any, Protocol, TypeVar
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+
+from agentloop.config import Settings
+from agentloop.errors import InvalidArgument
+from agentloop.rpc.requests import Violations, chat_messages, check_model, requested_options
+from agentloop.services.agent import AgentRun, ClientToolCalls, ClientToolResult, WrongCallId
+from agentloop.services.generation import resolve_options
+from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, ClientTool, ToolRegistry
+from agentloop.v1 import agentloop_pb2 as pb
+
+MAX_CLIENT_TOOLS = 64
+
+T = TypeVar("T")
+
+
+class AgentRunFields(Protocol):
+    """What RunAgentRequest and StartAgentRun have in common."""
+
+    goal: str
+    system: str
+    messages: Sequence[pb.Message]
+    tools: Sequence[str]
+    max_steps: int
+    options: pb.GenerationOptions
+    model: str
+
+
+def run_agent_request(
+    message: pb.RunAgentRequest,
+    settings: Settings,
+    registry: ToolRegistry,
+    default_model: str,
+    deadline: float | None = None,
+) -> AgentRun:
+    """Validate a RunAgent request and apply the server's defaults."""
+    violations: Violations = []
+    run = _agent_run(message, (), settings, registry, default_model, deadline, violations)
+    if violations:
+        raise InvalidArgument(violations)
+    return run
+
+
+def start_agent_run(
+    message: pb.StreamRunAgentRequest | None,
+    settings: Settings,
+    registry: ToolRegistry,
+    default_model: str,
+    deadline: float | None = None,
+) -> AgentRun:
+    """Validate the first message of a StreamRunAgent call, which must be `start`."""
+    if message is None or message.WhichOneof("kind") != "start":
+        raise InvalidArgument([("start", "the first message must start the run")])
+    start = message.start
+    violations: Violations = []
+    client_tools = _client_tools(start.client_tools, registry, violations)
+    run = _agent_run(start, client_tools, settings, registry, default_model, deadline, violations)
+    if violations:
+        raise InvalidArgument([(f"start.{name}", why) for name, why in violations])
+    return run
+
+
+def client_tool_result(message: pb.ClientToolResult) -> ClientToolResult:
+    violations: Violations = []
+    if not message.call_id:
+        violations.append(("tool_result.call_id", "must not be empty"))
+    outcome = message.WhichOneof("outcome")
+    if outcome is None:
+        violations.append(("tool_result.outcome", "set output or error"))
+    if violations:
+        raise InvalidArgument(violations)
+    if outcome == "error":
+        return ClientToolResult(message.call_id, error=message.error)
+    return ClientToolResult(message.call_id, output=message.output)
+
+
+def _agent_run(
+    message: AgentRunFields,
+    client_tools: tuple[ClientTool, ...],
+    settings: Settings,
+    registry: ToolRegistry,
+    default_model: str,
+    deadline: float | None,
+    violations: Violations,
+) -> AgentRun:
+    if not message.goal.strip():
+        violations.append(("goal", "must not be empty"))
+    messages = chat_messages(message.messages, "messages", settings, violations)
+    text_bytes = sum(len(text.encode()) for text in (
+        message.goal, message.system, *(m.content for m in message.messages),
+        *(t.description + json.dumps(t.parameters) for t in client_tools),
+    ))
+    if text_bytes > settings.max_prompt_bytes:
+        violations.append((
+            "goal", f"goal, system, messages and tools are {text_bytes} bytes; "
+                    f"the limit is {settings.max_prompt_bytes}",
+        ))
+    for index, name in enumerate(message.tools):
+        if name not in registry:
+            violations.append((f"tools[{index}]", f"unknown server tool {name!r}; the server has "
+                                                  f"{', '.join(registry.names) or 'none'}"))
+    if message.max_steps < 0:
+        violations.append(("max_steps", "must be >= 0 (0 means the server's default)"))
+    check_model(message.model, violations)
+    options = requested_options(message.options, settings, violations, "options")
+    return AgentRun(
+        goal=message.goal,
+        model=message.model or default_model,
+        options=resolve_options(options, settings),
+        max_steps=min(message.max_steps or settings.agent_default_steps, settings.agent_max_steps),
+        tools=tuple(dict.fromkeys(message.tools)) or registry.names,
+        system=message.system,
+        messages=messages,
+        client_tools=client_tools,
+        deadline=deadline,
+    )
+
+
+def _client_tools(
+    declared: Sequence[pb.ClientTool], registry: ToolRegistry, violations: Violations
+) -> tuple[ClientTool, ...]:
+    """Validate client tool declarations: good unique names, object schemas."""
+    if len(declared) > MAX_CLIENT_TOOLS:
+        violations.append(("client_tools", f"at most {MAX_CLIENT_TOOLS} client tools"))
+    tools: list[ClientTool] = []
+    seen: set[str] = set()
+    for index, tool in enumerate(declared):
+        path = f"client_tools[{index}]"
+        if not TOOL_NAME.match(tool.name):
+            violations.append((f"{path}.name", "must match [A-Za-z0-9_-]{1,64}"))
+        elif tool.name in registry:
+            violations.append((f"{path}.name", f"{tool.name!r} is the name of a server tool"))
+        elif tool.name in seen:
+            violations.append((f"{path}.name", f"{tool.name!r} is declared twice"))
+        seen.add(tool.name)
+        schema = _parameters_schema(tool.parameters_json_schema, f"{path}.parameters_json_schema",
+                                    violations)
+        tools.append(ClientTool(tool.name, tool.description, schema))
+    return tuple(tools)
+
+
+def _parameters_schema(text: str, path: str, violations: Violations) -> dict[str, Any]:
+    if not text:
+        return dict(ANY_OBJECT)
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        schema = None
+    if not isinstance(schema, dict):
+        violations.append((path, "must be a JSON object (a JSON Schema)"))
+        return dict(ANY_OBJECT)
+    if schema.get("type", "object") != "object":
+        violations.append((path, 'must describe an object ("type": "object")'))
+    try:
+        validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as exc:
+        violations.append((path, f"not a valid JSON Schema: {exc.message}"))
+    return schema
+
+
+class ToolResultReader:
+    """Reads a StreamRunAgent's messages after `start` in a task of its own.
+
+    Tool results go to the calls waiting for them (`calls`); a message that breaks the
+    protocol (a second `start`, a wrong call id, a result without an outcome) ends the
+    whole call with INVALID_ARGUMENT at once, through `watch`. The task never outlives
+    the `async with` block.
+    """
+
+    def __init__(self, requests: AsyncIterator[pb.StreamRunAgentRequest]) -> None:
+        self.calls = ClientToolCalls()
+        self._requests = requests
+        self._error: InvalidArgument | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ToolResultReader:
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.wait({self._task})
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._requests:
+                self._route(message)
+        except InvalidArgument as exc:
+            self._error = exc
+        self.calls.close()
+
+    def _route(self, message: pb.StreamRunAgentRequest) -> None:
+        kind = message.WhichOneof("kind")
+        if kind != "tool_result":
+            raise InvalidArgument([(kind or "tool_result",
+                                    "after start, only tool results may be sent")])
+        try:
+            self.calls.deliver(client_tool_result(message.tool_result))
+        except WrongCallId as exc:
+            raise InvalidArgument([("tool_result.call_id", str(exc))]) from None
+
+    async def watch(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Pass the events on until they end or a client message breaks the protocol."""
+        assert self._task is not None
+        async with aclosing(events):
+            while True:
+                # Each event is awaited next to the reader, so a protocol error stops a run
+                # even in the middle of a model call (which the cancel closes upstream).
+                next_event = asyncio.ensure_future(anext(events))
+                try:
+                    await asyncio.wait({next_event, self._task},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if self._error is not None:
+                        raise self._error
+                    event = await next_event
+                except StopAsyncIteration:
+                    return
+                finally:
+                    next_event.cancel()
+                    await asyncio.wait({next_event})
+                yield event

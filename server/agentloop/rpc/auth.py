@@ -1,0 +1,207 @@
+"""API keys and per-client rate limits, as server interceptors.
+
+`AuthInterceptor` wants `authorization: Bearer <key>` on every call except the exempt
+services (health and reflection by default): a missing or unknown key is UNAUTHENTICATED.
+Keys are held only as SHA-256 digests and compared in constant time; a key never reaches
+a log. `RateLimitInterceptor` gives each client (its API key when keys are on, else its
+peer address) a token bucket; an empty bucket is RESOURCE_EXHAUSTED with RetryInfo
+saying when the next token comes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from cachetools import TTLCache
+
+from agentloop.config import Settings, SettingsError, env_name, flag_name, parse_list
+from agentloop.errors import AgentLoopError, ResourceExhausted, Unauthenticated
+from agentloop.rpc.interceptors import Continuation, abort_with, is_service_method, wrap_handler
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION = "authorization"
+BEARER = "bearer "
+# Buckets of clients not seen for burst/rate seconds are full again: dropping them is exact.
+MAX_TRACKED_CLIENTS = 100_000
+
+# Looks at a call before it runs: None lets it through, an error refuses it.
+Check = Callable[[grpc.aio.ServicerContext], AgentLoopError | None]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ApiKeys:
+    """The accepted API keys, as SHA-256 digests."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._digests = tuple(_digest(key) for key in keys)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiKeys:
+        """Keys from `api_keys` and the lines of `api_keys_file` (# starts a comment)."""
+        keys = parse_list(settings.api_keys)
+        if settings.api_keys_file:
+            with open(settings.api_keys_file, encoding="utf-8") as handle:
+                from_file = [line.partition("#")[0].strip() for line in handle]
+            from_file = [key for key in from_file if key]
+            if not from_file:
+                name = "api_keys_file"
+                raise SettingsError(f"{flag_name(name)} / {env_name(name)}: no key in "
+                                    f"{settings.api_keys_file!r}")
+            keys += from_file
+        return cls(keys)
+
+    def accepts(self, key: str) -> bool:
+        """Compare against every digest, so the time taken says nothing about which matched."""
+        presented = _digest(key)
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return matched
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The key from `authorization: Bearer <key>`, or None."""
+    for name, value in metadata or ():
+        if name == AUTHORIZATION and isinstance(value, str) and value.lower().startswith(BEARER):
+            return value[len(BEARER):].strip()
+    return None
+
+
+def service_of(method: str) -> str:
+    """"/grpc.health.v1.Health/Check" -> "grpc.health.v1.Health"."""
+    return method.strip("/").partition("/")[0]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for calls without a valid API key, except to exempt services."""
+
+    def __init__(self, keys: ApiKeys, exempt: Iterable[str]) -> None:
+        self._keys = keys
+        self._exempt = frozenset(exempt)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or service_of(handler_call_details.method) in self._exempt:
+            return handler
+        return guarded(handler, lambda context: self._check(handler_call_details, context))
+
+    def _check(self, details: grpc.HandlerCallDetails,
+               context: grpc.aio.ServicerContext) -> AgentLoopError | None:
+        key = bearer_token(details.invocation_metadata)
+        if key is not None and self._keys.accepts(key):
+            return None
+        why = "missing" if key is None else "invalid"
+        log.warning("refused %s from %s: %s API key", details.method, context.peer(), why)
+        return Unauthenticated(
+            f"{why} API key: send the metadata 'authorization: Bearer <key>'")
+
+
+class TokenBuckets:
+    """One token bucket per client: `rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(
+            MAX_TRACKED_CLIENTS, burst / rate, clock)
+
+    def take(self, client: str) -> float:
+        """Take a token: 0.0 when there was one, else the seconds until there is one."""
+        now = self._clock()
+        tokens, last = self._buckets.get(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if tokens >= 1.0:
+            self._buckets[client] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[client] = (tokens, now)
+        return (1.0 - tokens) / self._rate
+
+
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+    """RESOURCE_EXHAUSTED + RetryInfo for a client over its rate (AgentLoopService calls)."""
+
+    def __init__(self, buckets: TokenBuckets, by_api_key: bool) -> None:
+        self._buckets = buckets
+        self._by_api_key = by_api_key
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not is_service_method(handler_call_details.method):
+            return handler
+        return guarded(handler, lambda context: self._check(handler_call_details, context))
+
+    def _check(self, details: grpc.HandlerCallDetails,
+               context: grpc.aio.ServicerContext) -> AgentLoopError | None:
+        client = self._client(details, context)
+        wait = self._buckets.take(client)
+        if wait == 0.0:
+            return None
+        return ResourceExhausted(
+            f"rate limit exceeded; the next call is allowed in {wait:.2f}s", retry_after=wait,
+            metadata={"limit": "rate"})
+
+    def _client(self, details: grpc.HandlerCallDetails,
+                context: grpc.aio.ServicerContext) -> str:
+        # With keys on, the key was checked first: a client cannot dodge its bucket by
+        # inventing keys. Without them, the peer's address (its port changes per connection).
+        key = bearer_token(details.invocation_metadata) if self._by_api_key else None
+        if key is not None:
+            return "key:" + _digest(key).hex()
+        return "peer:" + context.peer().rpartition(":")[0]
+
+
+def guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
+    """The handler, refusing the call with check's error when it returns one."""
+
+    def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            error = check(context)
+            if error is not None:
+                await abort_with(context, error)
+            return await behavior(request, context)
+
+        return unary
+
+    def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            error = check(context)
+            if error is not None:
+                await abort_with(context, error)
+            async for response in behavior(request, context):
+                yield response
+
+        return streaming
+
+    return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+
+def security_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """The auth and rate-limit interceptors the settings ask for (auth first)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    keys = ApiKeys.from_settings(settings)
+    if len(keys):
+        interceptors.append(AuthInterceptor(keys, parse_list(settings.auth_exempt)))
+    if settings.rate_limit > 0:
+        buckets = TokenBuckets(settings.rate_limit, settings.rate_burst)
+        interceptors.append(RateLimitInterceptor(buckets, by_api_key=bool(len(keys))))
+    return interceptors

@@ -1,0 +1,586 @@
+"""The agent loop: a goal -> steps of model calls and tool calls -> an answer.
+
+Gemma 3n has no native tool calling in Ollama, so the loop asks the model for its next
+action as structured output: `format` carries a JSON Schema that allows either a tool call
+`{"thought", "tool", "arguments"}` of a tool the run allows or a final answer
+`{"thought", "final_answer"}` (`action_schema`). The loop validates every reply itself (a reply that
+fails gets one repair turn showing the error, then the run stops with MODEL_ERROR), runs
+the tool, and shows the result to the model as an observation in the next turn.
+
+The loop only talks to `GenerationService`, so it runs on every engine and every model
+call passes admission control. It yields engine-neutral events; RunAgent keeps the last
+one, StreamRunAgent sends them all. Tools the client runs (StreamRunAgent) are awaited
+through `ClientToolCalls`, which the rpc layer feeds with the client's results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
+
+from agentloop.config import Settings
+from agentloop.domain import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    OutputFormat,
+    ResponseFormat,
+    Role,
+    SamplingOptions,
+    Usage,
+)
+from agentloop.errors import Cancelled
+from agentloop.services.generation import GenerationService
+from agentloop.services.tools import (
+    ANY_OBJECT,
+    ClientTool,
+    ToolDescription,
+    ToolError,
+    ToolRegistry,
+)
+
+log = logging.getLogger(__name__)
+
+#: Turns a model gets to fix an invalid action before its step counts as failed.
+REPAIR_TURNS = 1
+#: Seconds kept back from the client's deadline to send the result before it passes.
+DEADLINE_RESERVE = 0.25
+
+
+class StopReason(enum.Enum):
+    FINAL_ANSWER = 1
+    MAX_STEPS = 2
+    DEADLINE = 3
+    TOOL_ERROR = 4
+    MODEL_ERROR = 5
+    CANCELLED = 6
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRun:
+    """One validated agent run with every default applied."""
+
+    goal: str
+    model: str
+    options: SamplingOptions
+    max_steps: int
+    #: Server tools the run may use (already resolved: never "empty means all").
+    tools: tuple[str, ...]
+    system: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+    client_tools: tuple[ClientTool, ...] = ()
+    #: time.monotonic() value after which the client no longer wants an answer.
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStep:
+    index: int
+    duration: float
+    thought: str = ""
+    tool: str = ""
+    arguments_json: str = ""
+    observation: str = ""
+    observation_truncated: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOutcome:
+    final_answer: str
+    stop_reason: StopReason
+    steps: tuple[AgentStep, ...]
+    usage: Usage
+    model: str
+    duration: float
+
+
+# --- events (what StreamRunAgent sends, in this order per step) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThoughtFormed:
+    step: int
+    thought: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalled:
+    step: int
+    call_id: str
+    tool: str
+    arguments_json: str
+    #: True when the client must run the tool and answer with this call_id.
+    client_tool: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ToolReturned:
+    step: int
+    call_id: str
+    tool: str
+    observation: str
+    observation_truncated: bool
+    is_error: bool
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    outcome: AgentOutcome
+
+
+AgentEvent = StepStarted | ThoughtFormed | ToolCalled | ToolReturned | RunFinished
+
+
+# --- client tools ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolResult:
+    """The client's answer to a call of one of its tools: exactly one of output and error."""
+
+    call_id: str
+    output: str | None = None
+    error: str | None = None
+
+
+class WrongCallId(ValueError):
+    """A client tool result names a call that was never made or was already answered."""
+
+
+class ClientClosedStream(Exception):
+    """The client closed its side of the stream: no tool result can arrive any more."""
+
+
+class ClientToolCalls:
+    """Calls to client tools and their results, matched by call id (one per StreamRunAgent)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, asyncio.Future[ClientToolResult]] = {}
+        self._closed = False
+
+    def expect(self, call_id: str) -> asyncio.Future[ClientToolResult]:
+        """Register a call before the client hears of it; await the returned future."""
+        future: asyncio.Future[ClientToolResult] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(ClientClosedStream())
+        self._calls[call_id] = future
+        return future
+
+    def deliver(self, result: ClientToolResult) -> None:
+        """Hand the client's result to the waiting call; WrongCallId for a wrong id."""
+        future = self._calls.get(result.call_id)
+        if future is None:
+            raise WrongCallId(f"no tool call has id {result.call_id!r}")
+        if future.cancelled():
+            # The call timed out and the model has moved on: a late answer is dropped.
+            log.info("dropping a late result for tool call %s", result.call_id)
+            return
+        if future.done():
+            raise WrongCallId(f"tool call {result.call_id!r} was already answered")
+        future.set_result(result)
+
+    def close(self) -> None:
+        """The client sent its last message: fail the calls still waiting."""
+        self._closed = True
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(ClientClosedStream())
+
+
+# --- the action schema --------------------------------------------------------------------
+
+
+def action_schema(
+    server_tools: Sequence[ToolDescription], client_tools: Sequence[ToolDescription]
+) -> dict[str, Any]:
+    """The JSON Schema of one action, sent as `format`: a tool call or a final answer.
+
+    Each server tool gets a branch with its own arguments schema, so an engine that
+    constrains decoding writes valid arguments by construction (a small model otherwise
+    tends to ramble inside a free-form object until max_tokens). Client tools share one
+    branch with any arguments object: their schemas come from clients and may use keywords
+    a grammar converter rejects; their arguments are validated after decoding instead.
+    Everything stays within what llama.cpp grammars and Ollama's `format` accept.
+    """
+    branches = [_tool_call_schema([tool.name], tool.parameters) for tool in server_tools]
+    if client_tools:
+        branches.append(_tool_call_schema([tool.name for tool in client_tools], ANY_OBJECT))
+    if not branches:
+        return _FINAL_ANSWER_SCHEMA
+    return {"anyOf": [*branches, _FINAL_ANSWER_SCHEMA]}
+
+
+_FINAL_ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"thought": {"type": "string"}, "final_answer": {"type": "string"}},
+    "required": ["thought", "final_answer"],
+    "additionalProperties": False,
+}
+
+
+def _tool_call_schema(
+    tool_names: Sequence[str] | None, arguments: Mapping[str, Any]
+) -> dict[str, Any]:
+    tool: dict[str, Any] = {"type": "string"}
+    if tool_names is not None:
+        tool["enum"] = list(tool_names)
+    return {
+        "type": "object",
+        "properties": {"thought": {"type": "string"}, "tool": tool, "arguments": arguments},
+        "required": ["thought", "tool", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+# Replies are checked against the branch they claim to be, so the model hears a precise
+# error ("'arguments' is a required property") rather than "not valid under any schema".
+# Any tool name passes here: a made-up tool becomes an observation, not a repair turn; the
+# arguments are checked against the named tool's own schema when the tool is called.
+_FINAL_ANSWER_VALIDATOR = Draft202012Validator(_FINAL_ANSWER_SCHEMA)
+_TOOL_CALL_VALIDATOR = Draft202012Validator(_tool_call_schema(None, ANY_OBJECT))
+
+
+class InvalidAction(ValueError):
+    """The model's reply is not an action; the message is shown to it in the repair turn."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    thought: str
+    #: Set for a final answer; None for a tool call.
+    final_answer: str | None = None
+    tool: str = ""
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> str:
+        """The action as the conversation keeps it (canonical, without the model's spacing)."""
+        if self.final_answer is not None:
+            return json.dumps({"thought": self.thought, "final_answer": self.final_answer})
+        return json.dumps({"thought": self.thought, "tool": self.tool, "arguments": self.arguments})
+
+
+def parse_action(text: str) -> Action:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidAction(f"the reply is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InvalidAction("the reply must be a JSON object")
+    is_answer = "final_answer" in value
+    validator = _FINAL_ANSWER_VALIDATOR if is_answer else _TOOL_CALL_VALIDATOR
+    error = best_match(validator.iter_errors(value))
+    if error is not None:
+        raise InvalidAction(f"the reply does not match the action schema: {error.message}")
+    if is_answer:
+        return Action(value["thought"], final_answer=value["final_answer"])
+    return Action(value["thought"], tool=value["tool"], arguments=value["arguments"])
+
+
+def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
+    """The system prompt: how to act, the tools, then the client's own instructions."""
+    lines = [
+        "You are an agent that reaches the user's goal step by step.",
+        "At each step reply with exactly one JSON object and nothing else:",
+    ]
+    if tools:
+        lines += [
+            '- to call a tool: {"thought": "<your reasoning>", "tool": "<tool name>", '
+            '"arguments": {<the tool\'s arguments>}}; the tool\'s result comes back to you '
+            "as an observation;",
+            '- when you can answer: {"thought": "<your reasoning>", "final_answer": '
+            '"<your answer>"}.',
+            "",
+            "Tools:",
+        ]
+        lines += [
+            f"- {tool.name}: {tool.description} Arguments (JSON Schema): "
+            f"{json.dumps(tool.parameters)}"
+            for tool in tools
+        ]
+    else:
+        lines.append('{"thought": "<your reasoning>", "final_answer": "<your answer>"}')
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines)
+
+
+def cap_observation(text: str, limit: int) -> tuple[str, bool]:
+    """Cut an observation to `limit` UTF-8 bytes, saying so in the text; (text, truncated)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text, False
+    note = f" [truncated: {len(data)} bytes, only the first part shown]"
+    kept = data[: limit - len(note.encode())].decode(errors="ignore")
+    return kept + note, True
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+class _StepFailed(Exception):
+    """A step ended the run before it could act (no valid action, deadline, cancelled)."""
+
+    def __init__(self, stop_reason: StopReason, message: str) -> None:
+        super().__init__(message)
+        self.stop_reason = stop_reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    text: str
+    is_error: bool = False
+    #: The run cannot go on (a server tool broke unexpectedly).
+    fatal: bool = False
+
+
+@dataclass
+class _RunState:
+    """What one run accumulates."""
+
+    system: str
+    schema: dict[str, Any]
+    conversation: tuple[ChatMessage, ...]
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    steps: list[AgentStep] = field(default_factory=list)
+    longest_step: float = 0.0
+
+
+class AgentService:
+    """Runs agent loops on the generation service with the server's tools."""
+
+    def __init__(
+        self, generation: GenerationService, tools: ToolRegistry, settings: Settings
+    ) -> None:
+        self.generation = generation
+        self.tools = tools
+        self._telemetry = generation.telemetry
+        self._tool_timeout = settings.tool_timeout
+        self._max_observation_bytes = settings.max_observation_bytes
+
+    async def complete(self, run: AgentRun) -> AgentOutcome:
+        """Run to the end (server tools only) and return the outcome."""
+        async with aclosing(self.run(run)) as events:
+            async for event in events:
+                if isinstance(event, RunFinished):
+                    return event.outcome
+        raise RuntimeError("the agent loop ended without a RunFinished event")
+
+    async def run(
+        self, run: AgentRun, client_calls: ClientToolCalls | None = None
+    ) -> AsyncIterator[AgentEvent]:
+        """Yield the run's events; the last one is always RunFinished."""
+        with self._telemetry.agent_run(run.model) as observed:  # the invoke_agent span
+            async with aclosing(self._steps(run, client_calls)) as events:
+                async for event in events:
+                    if isinstance(event, RunFinished):
+                        observed.finish(event.outcome)
+                    yield event
+
+    async def _steps(
+        self, run: AgentRun, client_calls: ClientToolCalls | None
+    ) -> AsyncIterator[AgentEvent]:
+        """The loop itself: model call, tool call, observation, until an answer or a limit."""
+        started = time.monotonic()
+        calls = client_calls or ClientToolCalls()
+        server_tools = [self.tools[name] for name in run.tools]
+        state = _RunState(
+            system=instructions([*server_tools, *run.client_tools], run.system),
+            schema=action_schema(server_tools, run.client_tools),
+            conversation=(*run.messages, ChatMessage(Role.USER, run.goal)),
+            model=run.model,
+        )
+        stop, answer = StopReason.MAX_STEPS, ""
+        for index in range(1, run.max_steps + 1):
+            if not self._time_for_a_step(run, state):
+                stop = StopReason.DEADLINE
+                break
+            yield StepStarted(index)
+            step_started = time.monotonic()
+            try:
+                action = await self._next_action(run, state)
+            except _StepFailed as failure:
+                state.steps.append(
+                    AgentStep(index, time.monotonic() - step_started, error=str(failure)))
+                stop = failure.stop_reason
+                break
+            yield ThoughtFormed(index, action.thought)
+            if action.final_answer is not None:
+                state.steps.append(
+                    AgentStep(index, time.monotonic() - step_started, thought=action.thought))
+                stop, answer = StopReason.FINAL_ANSWER, action.final_answer
+                break
+
+            call_id = f"call_{index}"
+            arguments_json = json.dumps(action.arguments, ensure_ascii=False)
+            problem = self._call_problem(run, action)
+            client_call = None
+            if problem is None and action.tool not in run.tools:
+                client_call = calls.expect(call_id)  # before the client can hear of the call
+            yield ToolCalled(index, call_id, action.tool, arguments_json, client_call is not None)
+            tool_started = time.monotonic()
+            if problem is not None:
+                observation = _Observation(problem, is_error=True)
+            else:
+                observation = await self._run_tool(run, action, call_id, arguments_json,
+                                                   client_call)
+            text, truncated = cap_observation(observation.text, self._max_observation_bytes)
+            now = time.monotonic()
+            yield ToolReturned(index, call_id, action.tool, text, truncated, observation.is_error,
+                               now - tool_started)
+            state.steps.append(AgentStep(
+                index, now - step_started, thought=action.thought, tool=action.tool,
+                arguments_json=arguments_json, observation=text, observation_truncated=truncated,
+                error=text if observation.is_error else "",
+            ))
+            state.longest_step = max(state.longest_step, now - step_started)
+            if observation.fatal:
+                stop = StopReason.TOOL_ERROR
+                break
+            heard = "Error from" if observation.is_error else "Observation from"
+            state.conversation += (
+                ChatMessage(Role.ASSISTANT, action.as_json()),
+                ChatMessage(Role.USER, f"{heard} {action.tool}: {text}"),
+            )
+        yield RunFinished(AgentOutcome(
+            final_answer=answer,
+            stop_reason=stop,
+            steps=tuple(state.steps),
+            usage=state.usage,
+            model=state.model,
+            duration=time.monotonic() - started,
+        ))
+
+    def _time_left(self, run: AgentRun) -> float | None:
+        if run.deadline is None:
+            return None
+        return run.deadline - DEADLINE_RESERVE - time.monotonic()
+
+    def _time_for_a_step(self, run: AgentRun, state: _RunState) -> bool:
+        """Is there time left for a step as long as the longest so far?"""
+        left = self._time_left(run)
+        return left is None or left > state.longest_step
+
+    def _tool_time(self, run: AgentRun) -> float:
+        left = self._time_left(run)
+        return self._tool_timeout if left is None else max(0.0, min(self._tool_timeout, left))
+
+    async def _next_action(self, run: AgentRun, state: _RunState) -> Action:
+        """Ask the model for an action, with repair turns for invalid replies."""
+        messages = state.conversation
+        for _ in range(1 + REPAIR_TURNS):
+            text, finish_reason = await self._ask_model(run, state, messages)
+            try:
+                return parse_action(text)
+            except InvalidAction as exc:
+                error = str(exc)
+                if finish_reason is FinishReason.LENGTH:
+                    error += " (the reply was cut off at max_tokens; keep it shorter)"
+            messages = (
+                *state.conversation,
+                ChatMessage(Role.ASSISTANT, text),
+                ChatMessage(Role.USER, f"That reply is not a valid action: {error}. Reply again "
+                                       "with exactly one JSON object in one of the two forms."),
+            )
+        raise _StepFailed(StopReason.MODEL_ERROR, f"no valid action after a repair turn: {error}")
+
+    async def _ask_model(
+        self, run: AgentRun, state: _RunState, messages: tuple[ChatMessage, ...]
+    ) -> tuple[str, FinishReason]:
+        request = GenerationRequest(
+            model=run.model,
+            options=run.options,
+            messages=messages,
+            system=state.system,
+            format=ResponseFormat(OutputFormat.JSON_SCHEMA, state.schema),
+            deadline=run.deadline,
+        )
+        try:
+            # Cut the call short of the client's deadline so the run can still report.
+            async with asyncio.timeout(self._time_left(run)):
+                result = await self.generation.generate(request)
+        except TimeoutError:
+            raise _StepFailed(StopReason.DEADLINE,
+                              "the deadline came before the model answered") from None
+        except Cancelled as exc:
+            raise _StepFailed(StopReason.CANCELLED, exc.message) from None
+        state.usage += result.end.usage
+        state.model = result.end.model
+        return result.text, result.end.finish_reason
+
+    def _call_problem(self, run: AgentRun, action: Action) -> str | None:
+        """Why the model's tool call cannot run (unknown tool, bad arguments), or None."""
+        tool: ToolDescription | None
+        if action.tool in run.tools:
+            tool = self.tools[action.tool]
+        else:
+            tool = next((t for t in run.client_tools if t.name == action.tool), None)
+        if tool is None:
+            names = [*run.tools, *(t.name for t in run.client_tools)]
+            return (f"there is no tool named {action.tool!r}; the tools are: "
+                    f"{', '.join(names) or 'none'}")
+        validator_class = validator_for(tool.parameters, default=Draft202012Validator)
+        error = best_match(validator_class(tool.parameters).iter_errors(action.arguments))
+        if error is not None:
+            return f"invalid arguments for {tool.name}: {error.message}"
+        return None
+
+    async def _run_tool(
+        self, run: AgentRun, action: Action, call_id: str, arguments_json: str,
+        client_call: asyncio.Future[ClientToolResult] | None,
+    ) -> _Observation:
+        """Run a valid tool call (a client's or a server tool) in its execute_tool span."""
+        with self._telemetry.tool_call(action.tool, call_id, client_call is not None,
+                                       arguments_json) as span:
+            if client_call is not None:
+                observation = await self._client_tool(client_call, self._tool_time(run))
+            else:
+                observation = await self._server_tool_result(action, self._tool_time(run))
+            span.finish(observation.is_error, observation.text)
+            return observation
+
+    async def _server_tool_result(self, action: Action, timeout: float) -> _Observation:
+        tool = self.tools[action.tool]
+        try:
+            async with asyncio.timeout(timeout):
+                return _Observation(await tool.run(action.arguments))
+        except TimeoutError:
+            return _Observation(f"{tool.name} did not finish within {timeout:.1f}s", is_error=True)
+        except ToolError as exc:
+            return _Observation(str(exc), is_error=True)
+        except Exception:
+            log.exception("server tool %s failed", tool.name)
+            return _Observation(f"{tool.name} failed unexpectedly", is_error=True, fatal=True)
+
+    async def _client_tool(
+        self, call: asyncio.Future[ClientToolResult], timeout: float
+    ) -> _Observation:
+        try:
+            async with asyncio.timeout(timeout):
+                result = await call
+        except TimeoutError:
+            return _Observation(f"the client did not answer within {timeout:.1f}s", is_error=True)
+        except ClientClosedStream:
+            return _Observation("the client closed its stream and can no longer run tools",
+                                is_error=True)
+        if result.error is not None:
+            return _Observation(result.error, is_error=True)
+        return _Observation(result.output or "")

@@ -1,0 +1,294 @@
+"""Telemetry: OpenTelemetry traces and metrics, and JSON logs with trace ids.
+
+One module per concern: `tracing` (the tracer provider, GenAI spans), `metrics` (the
+instruments, the Prometheus endpoint), `otlp` (exporters from the OTEL_* variables),
+`interceptor` (the per-RPC span, metric and log line), `logs` (the JSON log format).
+
+`start_telemetry` builds one server's `Telemetry`: its own providers (not the global
+ones, so several servers in one process, as in the tests, each export where they were
+told), handed to the services that record into it. Nothing here runs per token: a backend
+call opens its span when it starts and records everything once, when its final report
+comes or it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span, Tracer
+
+from agentloop.admission import Admission
+from agentloop.backends.base import Backend
+from agentloop.config import Settings
+from agentloop.domain import GenerationEnd, GenerationRequest
+from agentloop.health import HealthReporter
+from agentloop.telemetry import logs, tracing
+from agentloop.telemetry.interceptor import ServerTelemetry
+from agentloop.telemetry.metrics import (
+    Instruments,
+    PrometheusEndpoint,
+    meter_provider,
+    observe_server_state,
+)
+
+__all__ = ["Observed", "Telemetry", "start_telemetry"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds shutdown waits for the last spans and metrics to reach the collector.
+FLUSH_TIMEOUT = 5.0
+
+
+class Telemetry:
+    """What one server records into: its tracer, its instruments, its request interceptor."""
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        instruments: Instruments,
+        provider: str = "",
+        address: tuple[str, int] | None = None,
+        trace_content: bool = False,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        prometheus: PrometheusEndpoint | None = None,
+    ) -> None:
+        self.tracer = tracer
+        self.instruments = instruments
+        #: gen_ai.provider.name: "ollama", or "llama.cpp" for the embedded engine.
+        self.provider = provider
+        self.trace_content = trace_content
+        self.interceptor = ServerTelemetry(tracer, instruments.rpc_duration)
+        #: server.address / server.port of the engine (None in-process).
+        self.address = address
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._prometheus = prometheus
+
+    @classmethod
+    @functools.cache
+    def disabled(cls) -> Telemetry:
+        """Records nothing: for services built without a server (and the default)."""
+        return cls(trace.NoOpTracer(), Instruments(NoOpMeter(tracing.TRACER_NAME)))
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The Prometheus endpoint's bound port; None when it does not run."""
+        return self._prometheus.port if self._prometheus is not None else None
+
+    # --- what the services call ---------------------------------------------------------
+
+    @contextmanager
+    def backend_call(self, request: GenerationRequest) -> Iterator[BackendCall]:
+        """Observe one backend call; its span is current inside (Ollama gets `traceparent`).
+
+        Call `finish(end)` when the final report arrives; leaving by an exception (or
+        without a report) marks the call failed with error.type.
+        """
+        entry = logs.current_request()
+        if entry is not None and not entry.model:
+            entry.model = request.model
+        call = BackendCall(self, request)
+        with _observing(call):
+            yield call
+
+    def generation_done(self, request: GenerationRequest, end: GenerationEnd) -> None:
+        """A generation reached its caller: the gen_ai.server.* timings and the request log.
+
+        `end.timings` are the gateway's (time to first token includes queueing)."""
+        entry = logs.current_request()
+        if entry is not None:
+            entry.model = end.model
+            entry.input_tokens += end.usage.input_tokens
+            entry.output_tokens += end.usage.output_tokens
+        first, total = end.timings.time_to_first_token, end.timings.total
+        attributes = self.generation_attributes(request) | {tracing.RESPONSE_MODEL: end.model}
+        if first is not None:
+            self.instruments.time_to_first_token.record(first, attributes)
+            if total is not None and end.usage.output_tokens > 1:
+                self.instruments.time_per_output_token.record(
+                    (total - first) / (end.usage.output_tokens - 1), attributes)
+
+    @contextmanager
+    def agent_run(self, model: str) -> Iterator[Observed]:
+        """The `invoke_agent` span around a run; `finish(outcome)` when it ends."""
+        span = tracing.start_agent_span(self.tracer, model, self.provider)
+        with _observing(Observed(span, tracing.end_agent_span)) as run:
+            yield run
+
+    @contextmanager
+    def tool_call(self, name: str, call_id: str, client_tool: bool,
+                  arguments_json: str) -> Iterator[Observed]:
+        """The `execute_tool {name}` span; `finish(is_error, result_text)` when it returns."""
+        span = tracing.start_tool_span(self.tracer, name, call_id, client_tool,
+                                       arguments_json if self.trace_content else None)
+        end = functools.partial(tracing.end_tool_span, with_content=self.trace_content)
+        with _observing(Observed(span, end)) as call:
+            yield call
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Close the Prometheus endpoint, then flush spans and metrics to the collector.
+
+        The flush runs on a daemon thread and is waited for at most FLUSH_TIMEOUT seconds:
+        an unreachable collector keeps the exporter retrying until its own timeout
+        (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s), and that must not hold up the process's exit."""
+        if self._tracer_provider is None and self._meter_provider is None:
+            return
+        closed = threading.Event()
+
+        def close() -> None:
+            try:
+                self._close()
+            finally:
+                closed.set()
+
+        threading.Thread(target=close, name="agentloop-telemetry-flush", daemon=True).start()
+        if not await asyncio.to_thread(closed.wait, FLUSH_TIMEOUT):
+            log.warning("telemetry not flushed within %.0fs (is the collector reachable?)",
+                        FLUSH_TIMEOUT)
+
+    def _close(self) -> None:
+        if self._prometheus is not None:
+            self._prometheus.close()
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+
+    def generation_attributes(self, request: GenerationRequest) -> dict[str, Any]:
+        """The metric attributes every generation carries."""
+        return {tracing.OPERATION: tracing.operation_name(request),
+                tracing.PROVIDER: self.provider, tracing.REQUEST_MODEL: request.model}
+
+
+class Observed:
+    """A span its owner finishes with a result; an exception or no result fails it."""
+
+    __slots__ = ("_end", "_open", "span")
+
+    def __init__(self, span: Span, end: Callable[..., None]) -> None:
+        self.span = span
+        self._end = end
+        self._open = True
+
+    def finish(self, *result: Any) -> None:
+        if self._open:
+            self._open = False
+            self._end(self.span, *result)
+
+    def fail(self, exc: BaseException) -> None:
+        self._fail(tracing.error_type(exc), tracing.error_description(exc))
+
+    def close(self) -> None:
+        """The operation is over: if nothing finished or failed it, it had no result."""
+        self._fail("_OTHER", "ended without a result")
+
+    def _fail(self, kind: str, description: str) -> None:
+        if self._open:
+            self._open = False
+            tracing.fail_span(self.span, kind, description)
+
+
+class BackendCall(Observed):
+    """One backend call: its CLIENT span and the gen_ai.client.* metrics."""
+
+    __slots__ = ("_attributes", "_instruments", "_started", "output")
+
+    def __init__(self, telemetry: Telemetry, request: GenerationRequest) -> None:
+        super().__init__(
+            tracing.start_generation_span(telemetry.tracer, request, telemetry.provider,
+                                          telemetry.address, telemetry.trace_content),
+            tracing.end_generation_span)
+        self._instruments = telemetry.instruments
+        self._attributes = telemetry.generation_attributes(request)
+        self._started = time.perf_counter()
+        #: The answer's pieces, collected only when content goes into spans.
+        self.output: list[str] | None = [] if telemetry.trace_content else None
+
+    def finish(self, end: GenerationEnd) -> None:  # type: ignore[override]
+        if not self._open:
+            return
+        super().finish(end, self.output)
+        attributes = self._attributes | {tracing.RESPONSE_MODEL: end.model}
+        self._instruments.operation_duration.record(time.perf_counter() - self._started,
+                                                    attributes)
+        usage = self._instruments.token_usage
+        usage.record(end.usage.input_tokens, attributes | {"gen_ai.token.type": "input"})
+        usage.record(end.usage.output_tokens, attributes | {"gen_ai.token.type": "output"})
+
+    def _fail(self, kind: str, description: str) -> None:
+        if not self._open:
+            return
+        super()._fail(kind, description)
+        self._instruments.operation_duration.record(
+            time.perf_counter() - self._started, self._attributes | {tracing.ERROR_TYPE: kind})
+
+
+@contextmanager
+def _observing(observed: Observed) -> Iterator[Any]:
+    """Make the span current for the body; an exception or a missing result fails it."""
+    with trace.use_span(observed.span, record_exception=False,
+                        set_status_on_exception=False):
+        try:
+            yield observed
+        except BaseException as exc:
+            observed.fail(exc)
+            raise
+        finally:
+            observed.close()
+
+
+def start_telemetry(settings: Settings, backend: Backend, admission: Admission,
+                    health: HealthReporter) -> Telemetry:
+    """Providers from the OTEL_* variables, the Prometheus endpoint, the server-state gauges.
+
+    With OTEL_SDK_DISABLED=true the tracer and meters are no-ops and neither the exporters
+    nor the Prometheus endpoint start (the request log stays)."""
+    resource = _resource()
+    tracers = tracing.tracer_provider(resource)
+    enabled = tracing.is_enabled(tracers)
+    prometheus = PrometheusEndpoint.start(settings.metrics_listen) \
+        if enabled and settings.metrics_listen else None
+    meters = meter_provider(resource, prometheus) if enabled else MeterProvider(resource=resource)
+    meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
+    provider = tracing.provider_name(backend.name)
+    observe_server_state(meter, admission, health, provider)
+    return Telemetry(
+        tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
+        backend.address, settings.trace_content,
+        tracer_provider=tracers, meter_provider=meters, prometheus=prometheus,
+    )
+
+
+_VERSION = version("agentloop")
+
+
+def _resource() -> Resource:
+    """The SDK's resource (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES) with our defaults
+    for what those leave out; every process is its own service instance."""
+    resource = Resource.create()
+    defaults: dict[str, str] = {}
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        defaults["service.name"] = "agentloop"
+    if "service.version" not in resource.attributes:
+        defaults["service.version"] = _VERSION
+    if "service.instance.id" not in resource.attributes:
+        defaults["service.instance.id"] = str(uuid.uuid4())
+    return resource.merge(Resource(defaults))

@@ -1,0 +1,150 @@
+"""The server interceptor: a SERVER span, the RPC duration metric and one log line per RPC.
+
+Written here rather than taken from opentelemetry-instrumentation-grpc because that
+interceptor reports a cancelled or timed-out call as OK (it only learns codes from
+`abort`), and the metric and the log line need the same final status anyway. So one
+wrapper does all three: the caller's W3C `traceparent` (and baggage) from the metadata
+becomes the span's parent, the status comes from `abort` (ErrorInterceptor, inside this
+one), from the deadline, or from the cancellation, and health and reflection calls pass
+through untouched. Streams pay one async-generator hop per message, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import Histogram
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from agentloop.rpc.interceptors import Continuation, is_service_method, wrap_handler
+from agentloop.telemetry import logs
+
+request_log = logging.getLogger(logs.REQUEST_LOGGER)
+
+# Codes that are the server's fault; the others (bad argument, not found, ...) leave a
+# server span's status unset, as the RPC semantic conventions ask.
+_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+
+
+class ServerTelemetry(grpc.aio.ServerInterceptor):
+    """Observe every AgentLoopService call; put it first so it sees every outcome."""
+
+    def __init__(self, tracer: Tracer, rpc_duration: Histogram) -> None:
+        self._tracer = tracer
+        self._rpc_duration = rpc_duration
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not is_service_method(handler_call_details.method):
+            return handler  # health checks and reflection stay out of traces
+        service, method = handler_call_details.method.lstrip("/").split("/", 1)
+
+        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                rpc = _ObservedRpc(self._tracer, self._rpc_duration, service, method, context)
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    rpc.failed(exc)
+                    raise
+                finally:
+                    rpc.end()
+
+            return unary
+
+        def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                rpc = _ObservedRpc(self._tracer, self._rpc_duration, service, method, context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as exc:
+                    rpc.failed(exc)
+                    raise
+                finally:
+                    rpc.end()
+
+            return streaming
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+class _ObservedRpc:
+    """One call in progress: its span (current while it runs), start time and log entry."""
+
+    __slots__ = ("_context", "_context_token", "_duration", "_log", "_log_token", "_started",
+                 "code", "method", "service", "span")
+
+    def __init__(self, tracer: Tracer, duration: Histogram, service: str, method: str,
+                 context: grpc.aio.ServicerContext) -> None:
+        self._duration = duration
+        self._context = context
+        self._started = time.perf_counter()
+        self.service = service
+        self.method = method
+        self.code: grpc.StatusCode | None = None
+        parent = propagate.extract(dict(context.invocation_metadata() or ()))
+        self.span = tracer.start_span(
+            f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        self._context_token = otel_context.attach(trace.set_span_in_context(self.span, parent))
+        self._log, self._log_token = logs.begin_request()
+
+    def failed(self, exc: BaseException) -> None:
+        """Name the status of a call that ended by an exception."""
+        if isinstance(exc, grpc.aio.AbortError):
+            self.code = self._context.code() or grpc.StatusCode.UNKNOWN
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining = self._context.time_remaining()
+            self.code = (grpc.StatusCode.DEADLINE_EXCEEDED
+                         if remaining is not None and remaining <= 0
+                         else grpc.StatusCode.CANCELLED)
+        else:
+            self.code = grpc.StatusCode.UNKNOWN
+
+    def end(self) -> None:
+        duration = time.perf_counter() - self._started
+        code = self.code or self._context.code() or grpc.StatusCode.OK
+        status = code.value[0]
+        span = self.span
+        span.set_attribute("rpc.grpc.status_code", status)
+        if code is not grpc.StatusCode.OK:
+            span.set_attribute("error.type", code.name)
+            if code in _SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+        self._duration.record(duration, {
+            "rpc.system": "grpc", "rpc.service": self.service, "rpc.method": self.method,
+            "rpc.grpc.status_code": status,
+        })
+        if request_log.isEnabledFor(logging.INFO):
+            self._write_log(code, duration)
+        logs.end_request(self._log_token)
+        otel_context.detach(self._context_token)
+
+    def _write_log(self, code: grpc.StatusCode, duration: float) -> None:
+        fields: dict[str, Any] = {
+            "method": self.method, "status": code.name, "duration_ms": round(duration * 1e3, 3),
+        }
+        entry = self._log
+        if entry.model:
+            fields.update(model=entry.model, input_tokens=entry.input_tokens,
+                          output_tokens=entry.output_tokens)
+        span_context = self.span.get_span_context()
+        if span_context.is_valid:
+            fields["trace_id"] = trace.format_trace_id(span_context.trace_id)
+            fields["span_id"] = trace.format_span_id(span_context.span_id)
+        request_log.info("%s %s %.1fms", self.method, code.name, duration * 1e3,
+                         extra={"fields": fields})

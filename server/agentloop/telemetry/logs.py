@@ -1,0 +1,90 @@
+"""Logs: one JSON object per line on stderr, carrying the trace and span ids.
+
+`setup_logging` is what `agentloop serve` calls. Every record gets the ids of the span
+current when it was logged, so a log line leads to its trace. The request log (logger
+`agentloop.requests`, one info line per RPC) comes from the server interceptor; what it
+reports besides method, status and duration (model, tokens) is gathered on a
+`RequestLog` that the generation service fills in as the RPC goes. No line carries prompt
+or answer text.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+
+REQUEST_LOGGER = "agentloop.requests"
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "message", ...fields, "trace_id", "span_id"}` per line."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self._worker is not None:
+            entry["worker"] = self._worker
+        entry.update(getattr(record, "fields", ()))
+        if "trace_id" not in entry:
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
+                entry["trace_id"] = trace.format_trace_id(span.trace_id)
+                entry["span_id"] = trace.format_span_id(span.span_id)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str, worker: int | None = None) -> None:
+    """JSON lines on stderr at `level` for the whole process (replaces other handlers)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter(worker))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+@dataclass(slots=True)
+class RequestLog:
+    """What one RPC's log line reports about its generations (summed over an agent run)."""
+
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+_current_request: contextvars.ContextVar[RequestLog | None] = contextvars.ContextVar(
+    "agentloop_request_log", default=None)
+
+
+def begin_request() -> tuple[RequestLog, contextvars.Token[RequestLog | None]]:
+    """A fresh RequestLog for the RPC running in this task; reset the token at its end."""
+    entry = RequestLog()
+    return entry, _current_request.set(entry)
+
+
+def end_request(token: contextvars.Token[RequestLog | None]) -> None:
+    try:
+        _current_request.reset(token)
+    except ValueError:
+        # A stream the client cancelled mid-send is closed later by the event loop's
+        # async-generator finalizer, in another context: there is nothing to restore there.
+        pass
+
+
+def current_request() -> RequestLog | None:
+    """The RequestLog of the RPC this code runs for, if any."""
+    return _current_request.get()

@@ -1,0 +1,172 @@
+"""Metrics: the OpenTelemetry instruments, and where they are read (Prometheus, OTLP).
+
+Every instrument is recorded once per RPC or per backend call, never per token. Gauges of
+state (admission, readiness, model memory) are observable: their callbacks read values
+the server keeps anyway (`Admission` counters, the health task's last result), so a
+scrape never waits on the backend.
+
+Readers: a Prometheus endpoint (`metrics_listen`, served by prometheus_client's HTTP
+server in its own thread, from a registry of this server's own) and, when an OTLP
+endpoint is set, a periodic OTLP export (OTEL_METRIC_EXPORT_INTERVAL, default 60 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.environment_variables import OTEL_METRICS_EXEMPLAR_FILTER
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, start_http_server
+
+from agentloop.admission import Admission
+from agentloop.config import Settings, parse_host_port
+from agentloop.health import HealthReporter
+from agentloop.telemetry import otlp
+
+log = logging.getLogger(__name__)
+
+MEMORY_TYPE = "agentloop.memory.type"
+
+# Bucket boundaries the GenAI semantic conventions advise.
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                     40.96, 81.92)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                  16777216, 67108864)
+_TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+                                0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                                  0.75, 1.0, 2.5)
+_RPC_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                         60.0, 120.0, 300.0)
+
+
+class Instruments:
+    """The synchronous instruments the request path records into."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.call.duration", unit="s",
+            description="Duration of AgentLoopService RPCs, by method and status code "
+                        "(its count is the number of RPCs).",
+            explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}",
+            description="Tokens per backend call, by gen_ai.token.type (input, output).",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s",
+            description="Duration of backend calls (error.type set on failure).",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
+        self.time_to_first_token = meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s",
+            description="Time from the request to its first token, as the gateway sees it "
+                        "(queueing included), for successful generations.",
+            explicit_bucket_boundaries_advisory=_TIME_TO_FIRST_TOKEN_BUCKETS)
+        self.time_per_output_token = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s",
+            description="Time per output token after the first, for successful generations.",
+            explicit_bucket_boundaries_advisory=_TIME_PER_OUTPUT_TOKEN_BUCKETS)
+
+
+def observe_server_state(meter: Meter, admission: Admission, health: HealthReporter,
+                         provider: str) -> None:
+    """Observable gauges over state the server keeps anyway: nothing here does I/O."""
+    backend = {"gen_ai.provider.name": provider}
+
+    def in_flight(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(admission.in_flight)
+
+    def queued(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(admission.queued)
+
+    def ready(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(1 if health.ready else 0, backend)
+
+    def model_memory(_options: CallbackOptions) -> Iterable[Observation]:
+        for model in health.last.loaded:
+            model_attributes = {**backend, "gen_ai.request.model": model.name}
+            yield Observation(model.size_bytes, {**model_attributes, MEMORY_TYPE: "total"})
+            yield Observation(model.size_vram_bytes, {**model_attributes, MEMORY_TYPE: "vram"})
+
+    meter.create_observable_gauge(
+        "agentloop.requests.in_flight", [in_flight], unit="{request}",
+        description="Generations holding an admission slot.")
+    meter.create_observable_gauge(
+        "agentloop.requests.queued", [queued], unit="{request}",
+        description="Generations waiting for an admission slot.")
+    meter.create_observable_gauge(
+        "agentloop.backend.ready", [ready],
+        description="1 while the backend answers and has the model (readiness), else 0.")
+    meter.create_observable_gauge(
+        "agentloop.backend.model.memory", [model_memory], unit="By",
+        description="Memory of each loaded model (total and on the GPU), from the last "
+                    "health check (Ollama's /api/ps).")
+
+
+class PrometheusEndpoint:
+    """`GET /metrics` on its own thread, serving this server's metrics only."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread,
+                 registry: CollectorRegistry) -> None:
+        self._server = server
+        self._thread = thread
+        self.reader = PrometheusMetricReader(registry=registry)
+
+    @classmethod
+    def start(cls, listen: str) -> PrometheusEndpoint | None:
+        """Bind `listen`; None (and a warning) when the port is taken: metrics must not stop
+        the server."""
+        host, port = parse_host_port(listen)
+        registry = CollectorRegistry(auto_describe=True)
+        try:
+            server, thread = start_http_server(port, host, registry=registry)
+        except OSError as exc:
+            log.warning("no Prometheus endpoint: cannot listen on %s (%s)", listen, exc)
+            return None
+        endpoint = cls(server, thread, registry)
+        log.info("Prometheus metrics on http://%s/metrics",
+                 f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}")
+        return endpoint
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def for_worker(settings: Settings, worker: int) -> Settings:
+    """Worker N of `--workers` serves /metrics on the configured port + N (0 stays 0)."""
+    if not settings.metrics_listen or worker == 0:
+        return settings
+    host, port = parse_host_port(settings.metrics_listen)
+    if port == 0:
+        return settings
+    return dataclasses.replace(settings, metrics_listen=f"[{host}]:{port + worker}"
+                               if ":" in host else f"{host}:{port + worker}")
+
+
+def meter_provider(resource: Resource, prometheus: PrometheusEndpoint | None) -> MeterProvider:
+    """A provider read by Prometheus (if listening) and by OTLP (if an endpoint is set)."""
+    readers: list[MetricReader] = []
+    if prometheus is not None:
+        readers.append(prometheus.reader)
+    if otlp.configured("metrics"):
+        readers.append(PeriodicExportingMetricReader(otlp.metric_exporter()))
+    # Exemplars cost every recording a look at the current span; the Prometheus text format
+    # drops them anyway. OTEL_METRICS_EXEMPLAR_FILTER turns them back on.
+    exemplars = None if os.environ.get(OTEL_METRICS_EXEMPLAR_FILTER) \
+        else AlwaysOffExemplarFilter()
+    return MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplars)

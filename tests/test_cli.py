@@ -1,0 +1,205 @@
+"""The `agentloop` client commands (generate, agent, models, health) as real processes against
+a real gateway with the fake Ollama behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentloop.testing.fake_ollama import FakeOllama, Script
+from helpers import gateway_settings, running_gateway
+
+AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
+TOKENS = ["Hello", ",", " world", "!"]
+
+
+@pytest.fixture
+async def gateway(fake_ollama: FakeOllama):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    async with running_gateway(gateway_settings(ollama_url=fake_ollama.url)) as running:
+        yield running
+
+
+async def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+              stderr: int | None = asyncio.subprocess.PIPE) -> tuple[int, str, str]:
+    """Run `agentloop ARGS` while the gateway keeps serving on this event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        AGENTLOOP, *args, env={**os.environ, "AGENTLOOP_ADDRESS": "", **(env or {})},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+    try:
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), (err or b"").decode()
+
+
+def action(**fields: Any) -> Script:
+    text = json.dumps(fields)
+    return Script(tokens=[text[i:i + 7] for i in range(0, len(text), 7)])
+
+
+# --- generate -----------------------------------------------------------------------------
+
+
+async def test_generate_prints_the_text_and_passes_options(gateway, fake_ollama):
+    code, out, err = await cli(
+        "generate", "Say hi", "--address", gateway.address, "--max-tokens", "3",
+        "--temperature", "0", "--stop", "\n", "--stop", "END", "--system", "Be brief.",
+        "--format", "json", "--seed", "7")
+    assert (code, out, err) == (0, "Hello, world\n", "")
+    body = fake_ollama.generation_requests[-1]
+    assert body["prompt"] == "Say hi" and body["system"] == "Be brief."
+    assert body["format"] == "json"
+    options = body["options"]
+    assert options["num_predict"] == 3 and options["temperature"] == 0
+    assert options["stop"] == ["\n", "END"] and options["seed"] == 7
+
+
+async def test_generate_reads_the_prompt_from_stdin_and_prints_json_lines(gateway, fake_ollama):
+    code, out, _ = await cli("generate", "-", "--json", stdin="from stdin\n",
+                             env={"AGENTLOOP_ADDRESS": gateway.address})
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line.get("text", "") for line in lines] == [*TOKENS, ""]
+    assert lines[-1]["finish_reason"] == "FINISH_REASON_STOP"
+    assert lines[-1]["usage"]["output_tokens"] == str(len(TOKENS))
+    assert fake_ollama.generation_requests[-1]["prompt"] == "from stdin\n"
+
+
+async def test_generate_with_a_json_schema_from_a_file(gateway, fake_ollama, tmp_path):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    code, _, err = await cli("generate", "hi", "--address", gateway.address,
+                             "--format", f"@{tmp_path / 'schema.json'}")
+    assert code == 0, err
+    assert fake_ollama.generation_requests[-1]["format"] == schema
+
+
+async def test_bad_input_is_one_line_naming_the_field(gateway):
+    code, out, err = await cli("generate", "hi", "--address", gateway.address, "--top-p", "3")
+    assert code == 1 and out == ""
+    assert err == "agentloop: INVALID_ARGUMENT: options.top_p: must be in [0, 1]\n"
+
+
+async def test_backend_errors_carry_the_code_and_the_retry_delay(gateway, fake_ollama):
+    fake_ollama.enqueue(Script(status=503))
+    code, _, err = await cli("generate", "hi", "--address", gateway.address)
+    assert code == 1
+    assert err == "agentloop: RESOURCE_EXHAUSTED: the backend is busy; try again (retry in 1s)\n"
+
+
+async def test_an_unreachable_server_says_so(gateway):
+    address = gateway.address
+    await gateway.shutdown(grace=0, drain_delay=0)
+    for command in (["generate", "hi"], ["agent", "goal"], ["models"], ["health"]):
+        code, _, err = await cli(*command, "--address", address, "--timeout", "5")
+        assert code == 1, command
+        assert err.startswith(f"agentloop: cannot reach a server at {address} (UNAVAILABLE")
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+async def test_a_passed_deadline_is_one_line(gateway, fake_ollama):
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    code, _, err = await cli("generate", "hi", "--address", gateway.address, "--timeout", "0.3")
+    assert (code, err) == (1, "agentloop: DEADLINE_EXCEEDED: Deadline Exceeded\n")
+
+
+async def test_a_terminal_sees_progress_until_the_first_token(gateway, fake_ollama):
+    fake_ollama.enqueue(Script(tokens=TOKENS, first_token_delay=0.6))
+    controller, terminal = pty.openpty()
+    try:
+        code, out, _ = await cli("generate", "hi", "--address", gateway.address,
+                                 stderr=terminal)
+        os.close(terminal)
+        terminal = -1
+        screen = _read_all(controller)
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert code == 0 and out == "Hello, world!\n"
+    assert "waiting for the first token..." in screen
+    assert "\r\x1b[K" in screen  # the spinner erased itself before the text
+    assert "[STOP, 4 tokens in" in screen  # the summary line
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal side is closed and drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+# --- agent --------------------------------------------------------------------------------
+
+
+async def test_agent_shows_each_step_and_the_answer(gateway, fake_ollama):
+    fake_ollama.enqueue(
+        action(thought="Multiply.", tool="calculator", arguments={"expression": "17*23"}),
+        action(thought="Done.", final_answer="391"),
+    )
+    code, out, err = await cli("agent", "What is 17*23?", "--address", gateway.address,
+                               "--tool", "calculator", "--max-steps", "3")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:5] == [
+        "step 1",
+        "  thought: Multiply.",
+        '  call: calculator {"expression": "17*23"}',
+        lines[3],
+        "step 2",
+    ]
+    assert lines[3].startswith("  result: 391 (")
+    assert lines[5:7] == ["  thought: Done.", "answer: 391"]
+    assert lines[7].startswith("[FINAL_ANSWER, 2 steps,")
+
+
+async def test_agent_json_lines_and_a_run_without_answer_exits_1(gateway, fake_ollama):
+    fake_ollama.enqueue(
+        action(thought="Again.", tool="calculator", arguments={"expression": "1+1"}))
+    code, out, _ = await cli("agent", "-", "--json", "--max-steps", "1",
+                             "--address", gateway.address, stdin="loop forever")
+    assert code == 1
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [next(iter(e)) for e in events] == [
+        "step_started", "thought", "tool_call", "tool_result", "finished"]
+    assert events[-1]["finished"]["stop_reason"] == "AGENT_STOP_REASON_MAX_STEPS"
+
+
+# --- models and health --------------------------------------------------------------------
+
+
+async def test_models_prints_a_table_and_json(gateway):
+    # Nothing generated yet: the fake has the model on disk, not loaded.
+    code, out, _ = await cli("models", "--address", gateway.address)
+    assert code == 0
+    header, row, footer = out.splitlines()
+    assert header.split() == ["NAME", "SIZE", "LOADED", "FAMILY", "PARAMETERS", "QUANTIZATION"]
+    assert row.split() == ["gemma3n:e2b", "*", "5.6", "GB", "no", "gemma3n", "4.5B", "Q4_K_M"]
+    assert footer.startswith("backend ollama;")
+    code, out, _ = await cli("models", "--json", "--address", gateway.address)
+    reply = json.loads(out)
+    assert reply["default_model"] == "gemma3n:e2b" and reply["backend"] == "ollama"
+    assert [m["name"] for m in reply["models"]] == ["gemma3n:e2b"]
+
+
+async def test_health_reads_the_address_from_the_environment(gateway):
+    code, out, _ = await cli("health", env={"AGENTLOOP_ADDRESS": gateway.address})
+    assert (code, out) == (0, "SERVING\n")
