@@ -53,7 +53,11 @@ lint: install
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,embedded,bench]'
+	touch $@
+
+bench: install $(VENV)/.bench-installed
 	$(PY) -m bench.run_all
 
 clean:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import statistics
@@ -48,7 +49,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 AGENTLOOP = str(Path(PY).parent / "agentloop")
 #: (RPC, tokens per answer); the fake streams up to 256 and max_tokens cuts it.
@@ -97,9 +99,8 @@ def process(argv: list[str], env: dict[str, str] | None = None) -> Iterator[tupl
             proc.wait()
 
 
-@contextmanager
-def gateway(config: str, ollama_url: str, otlp_endpoint: str,
-            metrics_port: int) -> Iterator[tuple[str, psutil.Process, int]]:
+def environment(config: str, otlp_endpoint: str) -> dict[str, str]:
+    """This process's environment with the OTEL_* variables of `config` only."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
     if config == "off":
         env["OTEL_SDK_DISABLED"] = "true"
@@ -108,6 +109,13 @@ def gateway(config: str, ollama_url: str, otlp_endpoint: str,
                    OTEL_METRIC_EXPORT_INTERVAL="5000", OTEL_SERVICE_NAME="agentloop-bench")
     if config == "all":
         env["OTEL_TRACES_SAMPLER"] = "parentbased_always_on"
+    return env
+
+
+@contextmanager
+def gateway(config: str, ollama_url: str, otlp_endpoint: str,
+            metrics_port: int) -> Iterator[tuple[str, psutil.Process, int]]:
+    env = environment(config, otlp_endpoint)
     argv = [AGENTLOOP, "serve", "--listen", "127.0.0.1:0", "--backend", "ollama",
             "--ollama-url", ollama_url, "--max-in-flight", "256", "--max-queue", "1024",
             "--metrics-listen", f"127.0.0.1:{metrics_port}", "--drain-delay", "0",
@@ -214,6 +222,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                                   f"({received / requests:.0f} tokens)", flush=True)
             for channel in channels.values():
                 await channel.close()
+        own_work = await fixed_costs(endpoint)
     finally:
         await sink.stop(0)
     summary: dict[str, Any] = {}
@@ -228,7 +237,83 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
             "requests_per_run": args.requests, "rounds": args.rounds,
             "concurrency": args.concurrency, "spans_received": receiver.spans,
-            "metric_exports": receiver.metric_exports, "workloads": summary}
+            "metric_exports": receiver.metric_exports, "workloads": summary,
+            "own_work_us_per_call": own_work}
+
+
+async def fixed_cost(calls_made: int = 3000) -> float:
+    """Telemetry's own work for one Generate call, in this process, in CPU µs (every thread:
+    the span export included): the server interceptor around a handler that opens a backend
+    call, finishes it and reports the generation, as the generation service does. The
+    OTEL_* environment says which configuration."""
+    from agentloop.admission import Admission
+    from agentloop.config import load_settings
+    from agentloop.domain import (
+        BackendHealth,
+        FinishReason,
+        GenerationEnd,
+        GenerationRequest,
+        RequestedOptions,
+        Timings,
+        Usage,
+    )
+    from agentloop.services.generation import resolve_options
+    from agentloop.telemetry import start_telemetry
+
+    class Engine:
+        name, address = "ollama", ("127.0.0.1", 11434)
+
+    class Health:
+        ready, last = True, BackendHealth(True)
+
+    class Context:  # what the interceptor asks of a grpc.aio.ServicerContext
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("user-agent", "bench"),)
+
+        def code(self) -> None:
+            return None
+
+    settings = load_settings(environ={}, metrics_listen="")
+    telemetry = start_telemetry(settings, Engine(), Admission(4, 4, 1.0), Health())  # type: ignore[arg-type]
+    request = GenerationRequest(model="gemma3n:e2b", prompt="Tell me a story.",
+                                options=resolve_options(RequestedOptions(), settings))
+    end = GenerationEnd(FinishReason.STOP, Usage(12, 64), Timings(0.1, time_to_first_token=0.01),
+                        "gemma3n:e2b")
+
+    async def generate(_request: Any, _context: Any) -> None:
+        with telemetry.backend_call(request) as call:
+            call.finish(end)
+        telemetry.generation_done(request, end)
+
+    async def continuation(_details: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(generate)
+
+    class Details:
+        method = "/agentloop.v1.AgentLoopService/Generate"
+
+    handler = await telemetry.interceptor.intercept_service(continuation, Details())  # type: ignore[arg-type]
+    logging.getLogger("agentloop.requests").setLevel(logging.WARNING)  # same in every config
+    context = Context()
+    for _ in range(200):  # warm up
+        await handler.unary_unary(None, context)
+    started = time.process_time()
+    for _ in range(calls_made):
+        await handler.unary_unary(None, context)
+    await telemetry.shutdown()  # exports what is left: the export is part of the cost
+    return (time.process_time() - started) / calls_made * 1e6
+
+
+async def fixed_costs(endpoint: str) -> dict[str, float]:
+    """`fixed_cost` per configuration, each in a process of its own."""
+    costs = {}
+    for config in CONFIGS:
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-m", "bench.bench_telemetry", "--fixed-cost", stdout=asyncio.subprocess.PIPE,
+            env=environment(config, endpoint), cwd=ROOT)
+        out, _ = await proc.communicate()
+        costs[config] = round(json.loads(out), 1)
+        print(f"telemetry's own work per call, {config:>3}: {costs[config]:6.1f} µs", flush=True)
+    return costs
 
 
 def table(result: dict[str, Any]) -> str:
@@ -240,6 +325,9 @@ def table(result: dict[str, Any]) -> str:
             cells.append(f"{row[f'{config}_us_per_request']:.0f} µs "
                          f"({row[f'{config}_overhead']:+.1%})")
         rows.append(f"| {workload} | {' | '.join(cells)} |")
+    own = result["own_work_us_per_call"]
+    rows.append("| telemetry's own work per call, measured in-process | "
+                + " | ".join(f"{own[config]:.0f} µs" for config in CONFIGS) + " |")
     return "\n".join(rows)
 
 
@@ -274,7 +362,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--requests", type=int, default=400, help="calls per run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="only measure telemetry's own work per call, in this process")
     args = parser.parse_args(argv)
+    if args.fixed_cost:
+        print(json.dumps(asyncio.run(fixed_cost())))
+        return {}
     result = asyncio.run(measure(args))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "telemetry.json").write_text(json.dumps(result, indent=2) + "\n")

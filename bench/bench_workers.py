@@ -41,17 +41,38 @@ def start_fake(tokens: int) -> tuple[subprocess.Popen[str], str]:
     return proc, proc.stdout.readline().split()[-1]
 
 
-def start_gateway(workers: int, port: int, ollama_url: str) -> subprocess.Popen[str]:
+def start_gateway(workers: int, port: int, ollama_url: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [AGENTLOOP, "serve", "--listen", f"127.0.0.1:{port}", "--backend", "ollama",
          "--ollama-url", ollama_url, "--workers", str(workers), "--max-in-flight", "256",
-         "--max-queue", "1024", "--drain-delay", "0", "--log-level", "warning"],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for _ in range(workers):  # every worker prints its banner when it serves
-        line = proc.stdout.readline()
-        assert line.startswith("agentloop serving on"), line
+         "--max-queue", "1024", "--drain-delay", "0", "--log-level", "warning",
+         "--metrics-listen", ""],
+        stdout=subprocess.DEVNULL)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+    except BaseException:
+        stop(proc)
+        raise
     return proc
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Poll gRPC health until the gateway reports SERVING (or give up)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise RuntimeError(f"the gateway at {address} did not become ready")
 
 
 def client_process(address: str, seconds: float, concurrency: int, queue: multiprocessing.Queue
@@ -97,7 +118,7 @@ def measure(address: str, seconds: float, clients: int, concurrency: int) -> flo
     return total / seconds
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
+def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(30)

@@ -106,8 +106,7 @@ async def http_stream(client: httpx.AsyncClient, max_tokens: int, first: FirstTo
                     ttft = time.perf_counter() - started
                     first(started, ttft)
                 tokens += 1
-            if chunk.get("done"):
-                break
+            # Read on to the body's end (as the gateway does), so the connection is reused.
     return Stream(started, ttft, tokens)
 
 

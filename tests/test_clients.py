@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from test_security import Pki
 
 from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
@@ -28,6 +29,7 @@ from agentloop_client import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from helpers import gateway_settings, running_gateway
@@ -169,6 +171,20 @@ async def test_async_stream_left_early_cancels_the_upstream_request(gateway, fak
         await wait_until(lambda: fake_ollama.disconnects == 1)
 
 
+async def test_a_client_that_falls_behind_gets_the_backlog_joined(gateway, fake_ollama):
+    tokens = [f"t{i} " for i in range(400)]
+    fake_ollama.enqueue(Script(tokens=tokens))
+    async with AsyncAgentLoopClient(gateway.address) as client:
+        messages = []
+        async for message in client.stream_generate("hi", options={"max_tokens": 400}):
+            messages.append(message)
+            await asyncio.sleep(0.01)  # a slow reader: the fake has sent everything meanwhile
+    texts = [m.text for m in messages[:-1]]
+    assert "".join(texts) == "".join(tokens)  # nothing lost, nothing reordered
+    assert len(texts) < len(tokens) / 4  # but far fewer messages than tokens
+    assert messages[-1].usage.output_tokens == len(tokens)
+
+
 async def test_async_client_reports_an_unreachable_server(fake_ollama):
     async with running_gateway(gateway_settings(ollama_url=fake_ollama.url)) as running:
         address = running.address
@@ -176,6 +192,32 @@ async def test_async_client_reports_an_unreachable_server(fake_ollama):
         with pytest.raises(Unavailable) as caught:
             await client.generate("hi")
     assert caught.value.error_info is None  # the transport's failure, not the server's
+
+
+async def test_api_key_opens_a_gateway_that_wants_one(fake_ollama):
+    settings = gateway_settings(ollama_url=fake_ollama.url, api_keys="k-123")
+    async with running_gateway(settings) as running:
+        async with AsyncAgentLoopClient(running.address, api_key="k-123") as client:
+            assert (await client.generate("hi")).text
+        async with AsyncAgentLoopClient(running.address) as client:
+            with pytest.raises(Unauthenticated) as caught:
+                await client.generate("hi")
+            assert await client.health() == "SERVING"  # health is exempt
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tls_with_the_servers_ca(fake_ollama, tmp_path):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    pki = Pki(tmp_path)
+    settings = gateway_settings(ollama_url=fake_ollama.url, tls_cert=str(tmp_path / "server.pem"),
+                                tls_key=str(tmp_path / "server.key"))
+    async with running_gateway(settings) as running:
+        async with AsyncAgentLoopClient(running.address,
+                                        root_certificates=pki.read("ca.pem")) as client:
+            assert (await client.generate("hi")).text == "".join(TOKENS)
+        async with AsyncAgentLoopClient(running.address, retries=1) as plaintext:
+            with pytest.raises(Unavailable):
+                await plaintext.generate("hi", timeout=3)
 
 
 # --- channel set-up: metadata, deadline, retries, balancing -------------------------------

@@ -24,9 +24,11 @@ from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
 
 # What an in-cluster client uses (see the README): round_robin over every address the
-# name resolves to, and transparent retries of UNAVAILABLE (a draining replica).
+# name resolves to, client-side health checking (a draining replica's NOT_SERVING takes
+# it out of the rotation before it closes), and retries of UNAVAILABLE.
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": "readiness"},
     "methodConfig": [{
         "name": [{"service": "agentloop.v1.AgentLoopService"}],
         "retryPolicy": {

@@ -209,6 +209,8 @@ class EmbeddedBackend:
         self._jobs: set[_Job] = set()
         self._load_seconds = 0.0
         self._load_reported = False
+        #: Tokens the engine has sampled since it started, cancelled generations included.
+        self.sampled_tokens = 0
         self._info = ModelInfo(name=self._model)
         self._chat_template: llama_chat_format.Jinja2ChatFormatter | None = None
         self._grammars: collections.OrderedDict[str, llama_grammar.LlamaGrammar] = (
@@ -444,6 +446,7 @@ class EmbeddedBackend:
         )
         try:
             for token in tokens:
+                self.sampled_tokens += 1
                 if first_at is None:
                     first_at = time.perf_counter()
                 if job.stop.is_set():

@@ -10,6 +10,7 @@ request inside Ollama.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import re
@@ -45,6 +46,8 @@ from agentloop.errors import (
 
 log = logging.getLogger(__name__)
 
+#: Concurrent generations per connection pool (see OllamaBackend.__init__).
+STREAMS_PER_POOL = 64
 _DONE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 _NS = 1e-9
 
@@ -60,7 +63,16 @@ class OllamaBackend:
         self._settings = settings
         self._model = settings.model
         self._keep_alive = _keep_alive_value(settings.keep_alive)
-        self._client = client or new_http_client(settings)
+        # httpcore scans its whole pool on every request and every response close, so the
+        # cost per generation grows with the connections open: beyond STREAMS_PER_POOL
+        # concurrent generations they spread over several pools that share max_connections
+        # (the first one also serves the control calls). At the default parallelism there
+        # is just the one.
+        pools = -(-max(settings.max_in_flight, self.parallelism) // STREAMS_PER_POOL)
+        share = max(1, settings.max_connections // pools)
+        self._client = client or new_http_client(settings, share)
+        self._pools = [self._client, *(new_http_client(settings, share) for _ in range(pools - 1))]
+        self._pool_turns = itertools.cycle(self._pools)
         url = urlsplit(settings.ollama_url)
         self._address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
 
@@ -80,7 +92,8 @@ class OllamaBackend:
         """Nothing to open: the pool connects lazily."""
 
     async def close(self) -> None:
-        await self._client.aclose()
+        for pool in self._pools:
+            await pool.aclose()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
         path, body = build_request_body(request, self._keep_alive)
@@ -88,7 +101,8 @@ class OllamaBackend:
         propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
         answered = False
         try:
-            async with self._client.stream("POST", path, json=body, headers=headers) as response:
+            pool = next(self._pool_turns)
+            async with pool.stream("POST", path, json=body, headers=headers) as response:
                 answered = True
                 if response.status_code != 200:
                     await response.aread()
@@ -176,17 +190,18 @@ class OllamaBackend:
         return [_model_info(m, loaded.get(m["name"])) for m in tags.json().get("models", [])]
 
 
-def new_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The shared pool: separate connect / read / pool timeouts, keep-alive connections."""
+def new_http_client(settings: Settings, max_connections: int | None = None) -> httpx.AsyncClient:
+    """A connection pool: separate connect / read / pool timeouts, keep-alive connections."""
     timeout = httpx.Timeout(
         connect=settings.connect_timeout,
         read=settings.read_timeout,
         write=settings.connect_timeout,
         pool=settings.pool_timeout,
     )
+    size = max_connections or settings.max_connections
     limits = httpx.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_connections,
+        max_connections=size,
+        max_keepalive_connections=size,
         keepalive_expiry=60.0,
     )
     return httpx.AsyncClient(base_url=settings.ollama_url, timeout=timeout, limits=limits)
