@@ -17,7 +17,7 @@ time to first token. "steady tokens/s" is 1 / the median time between two deltas
 runs of a path: on a shared machine, bursts of load from other processes move it much less
 than they move whole runs, while a per-token cost of the gateway would still show in it.
 
-    .venv/bin/python -m bench.bench_embedded [--rounds 10] [--max-tokens 192]
+    .venv/bin/python -m bench.bench_embedded [--rounds 16] [--max-tokens 128]
 
 Writes bench/results/embedded.json and prints a Markdown table.
 """
@@ -296,8 +296,8 @@ async def bench(rounds: int, max_tokens: int, prompt: str) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--max-tokens", type=int, default=192)
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt", default=PROMPT)
     args = parser.parse_args()
     result = asyncio.run(bench(args.rounds, args.max_tokens, args.prompt))

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import jsonschema
@@ -22,7 +23,13 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentloop.backends.embedded import THREAD_NAME, EmbeddedBackend, split_on_stops
+from agentloop.backends.embedded import (
+    THREAD_NAME,
+    EmbeddedBackend,
+    cache_dir,
+    ensure_packaged_model,
+    split_on_stops,
+)
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.server import RunningServer, select_backend
 from agentloop.testing.fake_ollama import FakeOllama, wait_until
@@ -149,6 +156,25 @@ async def test_stop_strings_end_the_text_before_them(gateway: RunningServer):
     assert stopped.finish_reason == pb.FINISH_REASON_STOP
     assert word not in stopped.text
     assert free.text.startswith(stopped.text)
+
+
+async def test_the_packaged_model_is_assembled_once_under_a_temporary_name(tmp_path):
+    target = await asyncio.to_thread(ensure_packaged_model, tmp_path)
+    assert target.parent == tmp_path and target.stat().st_size > 200_000_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name], "a partial file stayed"
+    modified = target.stat().st_mtime_ns
+    assert await asyncio.to_thread(ensure_packaged_model, tmp_path) == target
+    assert target.stat().st_mtime_ns == modified, "assembled again although present"
+
+
+async def test_the_cache_directory_follows_the_setting_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir(gateway_settings()) == tmp_path / "xdg" / "agentloop"
+    assert cache_dir(gateway_settings(model_cache_dir=str(tmp_path / "m"))) == tmp_path / "m"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir(gateway_settings()) == Path.home() / ".cache" / "agentloop"
+    backend = EmbeddedBackend(gateway_settings(gguf=str(tmp_path / "My Model.Q8_0.gguf")))
+    assert backend.default_model == "My-Model.Q8_0"
 
 
 async def test_split_on_stops_holds_back_a_possible_stop_start():

@@ -253,7 +253,7 @@ class EmbeddedBackend:
             path = self._path
         else:
             path = ensure_packaged_model(self._path.parent)
-        threads = os.cpu_count() or 1
+        threads = usable_cpus()
         started = time.monotonic()
         try:
             llama = self._open(path, settings.num_ctx, threads)
@@ -588,3 +588,21 @@ def _quantization(metadata: dict[str, str]) -> str:
 def _clean(message: object) -> str:
     """Short and single-line: fit for a client."""
     return " ".join(str(message).split())[:300]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup v2 CPU quota.
+
+    os.cpu_count() is the node's count; in a pod limited to 4 CPUs on a 64-core node,
+    64 llama.cpp threads would be throttled to a crawl.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
