@@ -53,12 +53,6 @@ async def gateway(fake_ollama: FakeOllama, settings_overrides):
         yield running
 
 
-@pytest.fixture
-async def stub(gateway):
-    async with client_stub(gateway.address) as stub:
-        yield stub
-
-
 def chat_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     return body["messages"]
 

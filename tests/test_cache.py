@@ -30,12 +30,6 @@ async def gateway(fake_ollama: FakeOllama):
         yield running
 
 
-@pytest.fixture
-async def stub(gateway):
-    async with client_stub(gateway.address) as stub:
-        yield stub
-
-
 async def stream_texts(stub, **fields) -> list[str]:
     call = stub.StreamGenerate(pb.StreamGenerateRequest(**fields), timeout=10)
     texts = []

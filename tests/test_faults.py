@@ -131,12 +131,6 @@ async def gateway(fake_ollama: FakeOllama):
         yield running
 
 
-@pytest.fixture
-async def stub(gateway):
-    async with client_stub(gateway.address) as stub:
-        yield stub
-
-
 # --- one fault at a time: status, reason, retries, leaks ---------------------------------
 
 FAULTS = [

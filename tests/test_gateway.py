@@ -32,12 +32,6 @@ async def gateway(fake_ollama: FakeOllama):
         yield running
 
 
-@pytest.fixture
-async def stub(gateway):
-    async with client_stub(gateway.address) as stub:
-        yield stub
-
-
 async def health_status(address: str, service: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(

@@ -138,12 +138,6 @@ async def gateway(monkeypatch, collector, fake_ollama, settings_overrides):
         yield running
 
 
-@pytest.fixture
-async def stub(gateway):
-    async with client_stub(gateway.address) as stub:
-        yield stub
-
-
 def attributes_of(pairs: list[KeyValue]) -> dict[str, Any]:
     return {pair.key: _value(pair.value) for pair in pairs}
 

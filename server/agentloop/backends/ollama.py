@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -70,8 +71,10 @@ class OllamaBackend:
         # is just the one.
         pools = -(-max(settings.max_in_flight, self.parallelism) // STREAMS_PER_POOL)
         share = max(1, settings.max_connections // pools)
-        self._client = client or new_http_client(settings, share)
-        self._pools = [self._client, *(new_http_client(settings, share) for _ in range(pools - 1))]
+        tls = httpx.create_ssl_context()  # one for every pool: each costs about 1 MB
+        self._client = client or new_http_client(settings, share, tls)
+        self._pools = [self._client,
+                       *(new_http_client(settings, share, tls) for _ in range(pools - 1))]
         self._pool_turns = itertools.cycle(self._pools)
         url = urlsplit(settings.ollama_url)
         self._address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
@@ -190,7 +193,8 @@ class OllamaBackend:
         return [_model_info(m, loaded.get(m["name"])) for m in tags.json().get("models", [])]
 
 
-def new_http_client(settings: Settings, max_connections: int | None = None) -> httpx.AsyncClient:
+def new_http_client(settings: Settings, max_connections: int | None = None,
+                    tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:
     """A connection pool: separate connect / read / pool timeouts, keep-alive connections."""
     timeout = httpx.Timeout(
         connect=settings.connect_timeout,
@@ -204,7 +208,8 @@ def new_http_client(settings: Settings, max_connections: int | None = None) -> h
         max_keepalive_connections=size,
         keepalive_expiry=60.0,
     )
-    return httpx.AsyncClient(base_url=settings.ollama_url, timeout=timeout, limits=limits)
+    return httpx.AsyncClient(base_url=settings.ollama_url, timeout=timeout, limits=limits,
+                             verify=tls or True)
 
 
 def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tuple[str, dict]:
