@@ -488,8 +488,9 @@ def plots(results: dict[str, Any]) -> list[str]:
 
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for path, color in (("direct", "tab:blue"), ("gateway", "tab:orange")):
-        axes.plot(xs, [level[path]["tokens_per_s"] for level in levels], "-o", color=color,
-                  label=f"{path}, paced")
+        # A level where no stream finished in time has no rate (0 would fall off a log axis).
+        axes.plot(xs, [level[path]["tokens_per_s"] or math.nan for level in levels], "-o",
+                  color=color, label=f"{path}, paced (streams finished in the window)")
         axes.axhline(results["throughput"][path]["tokens_per_s"], color=color, linestyle=":",
                      label=f"{path}, fake at full speed")
     axes.axhline(GOALS["tokens_per_s"], color="grey", linestyle="--", label="goal (gateway)")

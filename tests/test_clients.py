@@ -292,6 +292,13 @@ async def test_round_robin_spreads_calls_over_every_address():
     async with recording_server(first) as one, recording_server(second) as two:
         target = f"ipv4:{one},{two}"
         async with AsyncAgentLoopClient(target) as client:
+            # round_robin picks among connected addresses: wait until both have answered.
+            for _ in range(100):
+                if first.calls and second.calls:
+                    break
+                await client.list_models()
+            first.calls.clear()
+            second.calls.clear()
             for _ in range(6):
                 await client.list_models()
     assert len(first.calls) == len(second.calls) == 3
