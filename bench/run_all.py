@@ -344,7 +344,7 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
     found: dict[str, Any] = {}
     # Small settings: `make bench` must stay within 10 minutes on 2 cores.
     runs = {
-        "embedded": ["--rounds", "2", "--max-tokens", "64" if quick else "96"],
+        "embedded": ["--rounds", "2" if quick else "6", "--max-tokens", "64" if quick else "96"],
         "telemetry": ["--requests", "100" if quick else "200", "--rounds", "2" if quick else "3"],
         "workers": ["--seconds", "2" if quick else "3", "--rounds", "1" if quick else "2"],
     }

@@ -132,7 +132,10 @@ class _ObservedRpc:
         if request_log.isEnabledFor(logging.INFO):
             self._write_log(code, duration)
         logs.end_request(self._log_token)
-        otel_context.detach(self._context_token)
+        # A cancelled stream may be closed from another context (grpc's cleanup); its
+        # token means nothing there, and detaching would only log an error.
+        if trace.get_current_span() is span:
+            otel_context.detach(self._context_token)
 
     def _write_log(self, code: grpc.StatusCode, duration: float) -> None:
         fields: dict[str, Any] = {
