@@ -68,8 +68,12 @@ class ChannelConfig:
 
 
 def service_config(max_attempts: int) -> str:
-    """round_robin over every resolved address; retry UNAVAILABLE with backoff."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    """round_robin over the resolved addresses whose `readiness` health is SERVING (a
+    draining replica leaves the rotation at once); retry UNAVAILABLE with backoff."""
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "readiness"},
+    }
     if max_attempts > 1:
         config["methodConfig"] = [{
             "name": [{"service": SERVICE}],
