@@ -389,3 +389,19 @@ async def test_every_readme_grpcurl_example_runs(gateway, fake_ollama):
         assert out.strip(), shlex.join(argv)
         if argv[-1].endswith("RunAgent"):
             assert b"391" in out and b"FINAL_ANSWER" in out
+
+
+async def test_a_balanced_client_skips_replicas_that_are_not_ready(fake_ollama: FakeOllama):
+    """Client-side health checking: a replica whose readiness is NOT_SERVING gets no calls."""
+    fake_ollama.default_script = Script(tokens=["ok"])
+    ready = gateway_settings(ollama_url=fake_ollama.url)
+    unready = gateway_settings(ollama_url=fake_ollama.url, model="absent:1b")
+    async with running_gateway(ready) as good, running_gateway(unready) as bad:
+        address = f"ipv4:{good.address},{bad.address}"
+        async with AsyncAgentLoopClient(address, timeout=10) as client:
+            assert client.config.balances_replicas
+            for _ in range(6):
+                reply = await client.generate("hi")
+                assert reply.text == "ok" and reply.model == "gemma3n:e2b"
+        # The unready replica would have answered NOT_FOUND for its absent model.
+        assert all(body["model"] == "gemma3n:e2b" for body in fake_ollama.generation_requests)

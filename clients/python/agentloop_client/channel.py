@@ -30,7 +30,10 @@ class ChannelConfig:
     `address` may be `dns:///agentloop.ns.svc:50051` (a headless Service): round_robin then
     spreads calls over every replica. `retries` is gRPC's transparent retry of calls that
     failed with UNAVAILABLE before the server sent anything (a draining or restarting
-    replica), with exponential backoff.
+    replica), with exponential backoff. `skip_unready` (default: on for `dns:` targets and
+    address lists) turns on client-side health checking, so replicas whose `readiness` is
+    NOT_SERVING get no calls; off, a single server answers for itself (its own statuses,
+    and `health()` reads NOT_SERVING instead of failing).
     """
 
     address: str = DEFAULT_ADDRESS
@@ -41,11 +44,18 @@ class ChannelConfig:
     credentials: grpc.ChannelCredentials | None = None
     retries: int = 4
     keepalive: float = 60.0
+    skip_unready: bool | None = None
     options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
 
     @property
     def metadata(self) -> Metadata:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+    @property
+    def balances_replicas(self) -> bool:
+        if self.skip_unready is not None:
+            return self.skip_unready
+        return self.address.startswith("dns:") or "," in self.address
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """None for plaintext; TLS when `tls`, `root_certificates` or `credentials` is set."""
@@ -57,7 +67,7 @@ class ChannelConfig:
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [
-            ("grpc.service_config", service_config(self.retries)),
+            ("grpc.service_config", service_config(self.retries, self.balances_replicas)),
             ("grpc.enable_retries", 1 if self.retries > 1 else 0),
             ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", 20_000),
@@ -67,13 +77,13 @@ class ChannelConfig:
         ]
 
 
-def service_config(max_attempts: int) -> str:
-    """round_robin over the resolved addresses whose `readiness` health is SERVING (a
-    draining replica leaves the rotation at once); retry UNAVAILABLE with backoff."""
-    config: dict[str, Any] = {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": "readiness"},
-    }
+def service_config(max_attempts: int, skip_unready: bool = False) -> str:
+    """round_robin over every resolved address (only those whose `readiness` is SERVING
+    with `skip_unready`: a draining replica leaves the rotation at once); retry UNAVAILABLE
+    with backoff."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if skip_unready:
+        config["healthCheckConfig"] = {"serviceName": "readiness"}
     if max_attempts > 1:
         config["methodConfig"] = [{
             "name": [{"service": SERVICE}],
