@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from bench.processes import fake_ollama, free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -76,12 +76,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer,
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def process(argv: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """Start a server process; yield the first line it prints and its pid; stop it."""
@@ -91,12 +85,7 @@ def process(argv: list[str], env: dict[str, str] | None = None) -> Iterator[tupl
         assert proc.stdout is not None
         yield proc.stdout.readline(), proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def environment(config: str, otlp_endpoint: str) -> dict[str, str]:
@@ -181,13 +170,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(receiver, sink)
     endpoint = f"http://127.0.0.1:{sink.add_insecure_port('127.0.0.1:0')}"
     await sink.start()
-    fake_argv = [PY, "-m", "agentloop.testing.fake_ollama", "--port", "0", "--tokens",
-                 str(FAKE_TOKENS), "--token-delay", "0"]
     cpu_us: dict[str, dict[str, list[float]]] = {
         label(*w): {c: [] for c in CONFIGS} for w in WORKLOADS}
     try:
-        with process(fake_argv) as (fake_line, _), ExitStack() as stack:
-            url = fake_line.split()[-1]
+        with fake_ollama(FAKE_TOKENS, 0.0, stderr=subprocess.DEVNULL) as url, \
+                ExitStack() as stack:
             gateways = {c: stack.enter_context(gateway(c, url, endpoint, free_port()))
                         for c in CONFIGS}
             channels = {c: grpc.aio.insecure_channel(gateways[c][0]) for c in CONFIGS}

@@ -15,30 +15,15 @@ import asyncio
 import json
 import multiprocessing
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.processes import fake_ollama, free_port, stop
+
 RESULTS = Path(__file__).resolve().parent / "results"
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_fake(tokens: int) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentloop.testing.fake_ollama", "--port", "0",
-         "--tokens", str(tokens), "--token-delay", "0"],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().split()[-1]
 
 
 def start_gateway(workers: int, port: int, ollama_url: str) -> subprocess.Popen[bytes]:
@@ -118,15 +103,6 @@ def measure(address: str, seconds: float, clients: int, concurrency: int) -> flo
     return total / seconds
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -136,9 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=5, help="tokens per answer")
     args = parser.parse_args(argv)
 
-    fake, url = start_fake(args.tokens)
     best: dict[int, float] = {1: 0.0, 2: 0.0}
-    try:
+    with fake_ollama(args.tokens, 0.0) as url:
         for _ in range(args.rounds):
             for workers in (1, 2):
                 port = free_port()
@@ -150,8 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
                     stop(gateway)
                 best[workers] = max(best[workers], rate)
                 print(f"workers={workers}: {rate:,.0f} calls/s", flush=True)
-    finally:
-        stop(fake)
     result = {
         "cpu_count": os.cpu_count(),
         "calls_per_second": {str(k): round(v, 1) for k, v in best.items()},

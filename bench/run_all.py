@@ -36,13 +36,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import psutil
 
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from bench.processes import fake_ollama, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -78,29 +79,9 @@ not the absolute numbers. It takes about 5 minutes on 2 cores."""
 # --- processes ----------------------------------------------------------------------------
 
 
-@contextmanager
-def fake_ollama(tokens: int, token_delay: float, poll: float | None = None) -> Iterator[str]:
-    """The fake Ollama as its own process; yields its base URL.
-
-    `poll` sets how often a stream sleeping between slow tokens checks that its client is
-    still there (the fake's POLL): thousands of streams at 2 tokens/s would otherwise keep
-    the fake's CPU busy with checks."""
-    argv = ["--port", "0", "--tokens", str(tokens), "--token-delay", str(token_delay)]
-    if poll is None:
-        command = [PY, "-m", "agentloop.testing.fake_ollama", *argv]
-    else:
-        command = [PY, "-c", "import sys; from agentloop.testing import fake_ollama as f; "
-                   f"f.POLL = {poll}; sys.exit(f.main(sys.argv[1:]))", *argv]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=GATEWAY_LOG.open("a"),
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("fake-ollama listening on "):
-            raise RuntimeError(f"the fake Ollama did not start: {line!r}")
-        yield line.split()[-1]
-    finally:
-        stop(proc)
+def process_log() -> IO[str]:
+    """Where the gateway's and the fake's logs go (appended; git-ignored)."""
+    return GATEWAY_LOG.open("a")
 
 
 @contextmanager
@@ -111,7 +92,7 @@ def gateway(ollama_url: str) -> Iterator[tuple[str, psutil.Process]]:
          "--ollama-url", ollama_url, "--max-in-flight", "4096", "--max-queue", "4096",
          "--max-connections", "4096", "--log-level", "warning", "--drain-delay", "0",
          "--shutdown-grace", "1", "--metrics-listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=GATEWAY_LOG.open("a"), text=True)
+        stdout=subprocess.PIPE, stderr=process_log(), text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -120,16 +101,6 @@ def gateway(ollama_url: str) -> Iterator[tuple[str, psutil.Process]]:
         yield line.split()[3], psutil.Process(proc.pid)
     finally:
         stop(proc)
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def load(target: str, address: str, concurrency: int, processes: int = 1,
@@ -186,7 +157,7 @@ def ttft_phase(quick: bool) -> list[dict[str, Any]]:
     Each level runs in alternating chunks (direct, gateway, gateway, direct, ...) whose
     samples are pooled, so a burst of load from elsewhere on the machine falls on both."""
     levels = []
-    with fake_ollama(max(TTFT_TOKENS.values()), 1 / TOKEN_RATE) as url, \
+    with fake_ollama(max(TTFT_TOKENS.values()), 1 / TOKEN_RATE, stderr=process_log()) as url, \
             gateway(url) as (address, process):
         for concurrency in TTFT_LEVELS:
             tokens = TTFT_TOKENS[concurrency]
@@ -254,7 +225,7 @@ def throughput_phase(quick: bool) -> dict[str, Any]:
     """Tokens/s with the fake at full speed: the most one gateway process relays."""
     tokens, concurrency, rounds = (1000, 8, 1) if quick else (2000, 16, 3)
     best: dict[str, dict[str, Any]] = {}
-    with fake_ollama(tokens, 0.0) as url, gateway(url) as (address, process):
+    with fake_ollama(tokens, 0.0, stderr=process_log()) as url, gateway(url) as (address, process):
         load("grpc", address, 4, mode="burst", rounds=1, max_tokens=tokens)  # warm up
         for attempt in range(1 if quick else 2):
             order = ("direct", "gateway") if attempt % 2 == 0 else ("gateway", "direct")
@@ -281,7 +252,8 @@ def throughput_phase(quick: bool) -> dict[str, Any]:
 async def memory_phase(quick: bool) -> dict[str, Any]:
     """Gateway RSS with N streams open (2 tokens/s each, long), and any error on the way."""
     levels = (0, 100, 200) if quick else MEMORY_LEVELS
-    with fake_ollama(100_000, 0.5, poll=0.5) as url, gateway(url) as (address, process):
+    with fake_ollama(100_000, 0.5, poll=0.5, stderr=process_log()) as url, \
+            gateway(url) as (address, process):
         points = []
         errors: list[str] = []
         first_tokens = 0

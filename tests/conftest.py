@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agentloop.testing.fake_ollama import FakeOllama
+from agentloop.server import RunningServer
+from agentloop.testing.fake_ollama import FakeOllama, Script
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from helpers import client_stub
+from helpers import TOKENS, client_stub, gateway_settings, running_gateway
 
 
 @pytest.fixture
@@ -20,6 +21,14 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
         yield fake
     finally:
         await fake.stop()
+
+
+@pytest.fixture
+async def gateway(fake_ollama: FakeOllama) -> AsyncIterator[RunningServer]:
+    """The real gateway in front of `fake_ollama` streaming TOKENS; modules may override."""
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    async with running_gateway(gateway_settings(ollama_url=fake_ollama.url)) as running:
+        yield running
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from agentloop.server import RunningServer, start_server
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 
 DETAILS_KEY = "grpc-status-details-bin"
+# What the fake Ollama streams in most tests.
+TOKENS = ["Hello", ",", " world", "!"]
 
 
 def gateway_settings(**overrides: Any) -> Settings:

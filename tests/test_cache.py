@@ -16,9 +16,8 @@ from agentloop.domain import (
 from agentloop.services.cache import ResponseCache, cache_key
 from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
-from helpers import client_stub, gateway_settings, rich_details, running_gateway
+from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway
 
-TOKENS = ["Hello", ",", " world", "!"]
 GREEDY = pb.GenerationOptions(temperature=0)
 
 

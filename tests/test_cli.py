@@ -11,20 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from agentloop.testing.fake_ollama import FakeOllama, Script
-from helpers import gateway_settings, running_gateway
+from agentloop.testing.fake_ollama import Script
+from helpers import TOKENS
 
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
-TOKENS = ["Hello", ",", " world", "!"]
-
-
-@pytest.fixture
-async def gateway(fake_ollama: FakeOllama):
-    fake_ollama.default_script = Script(tokens=TOKENS)
-    async with running_gateway(gateway_settings(ollama_url=fake_ollama.url)) as running:
-        yield running
 
 
 async def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,

@@ -32,23 +32,15 @@ from agentloop_client import (
     Unauthenticated,
     Unavailable,
 )
-from helpers import gateway_settings, running_gateway
+from helpers import TOKENS, gateway_settings, running_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENS = ["Hello", ",", " world", "!"]
 
 
 def action(**fields: Any) -> Script:
     """A fake model reply carrying one agent action, streamed in small pieces."""
     text = json.dumps(fields)
     return Script(tokens=[text[i:i + 7] for i in range(0, len(text), 7)])
-
-
-@pytest.fixture
-async def gateway(fake_ollama: FakeOllama):
-    fake_ollama.default_script = Script(tokens=TOKENS)
-    async with running_gateway(gateway_settings(ollama_url=fake_ollama.url)) as running:
-        yield running
 
 
 def observations(fake: FakeOllama) -> list[str]:

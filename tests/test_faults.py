@@ -26,9 +26,8 @@ from agentloop.errors import CircuitOpen, ResourceExhausted
 from agentloop.server import RunningServer
 from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
-from helpers import client_stub, gateway_settings, rich_details, running_gateway
+from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway
 
-TOKENS = ["Hello", ",", " world", "!"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

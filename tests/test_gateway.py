@@ -11,9 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentloop.server import start_server
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
+from agentloop.testing.fake_ollama import Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from helpers import (
+    TOKENS,
     bad_fields,
     client_stub,
     gateway_settings,
@@ -21,15 +22,6 @@ from helpers import (
     rich_details,
     running_gateway,
 )
-
-TOKENS = ["Hello", ",", " world", "!"]
-
-
-@pytest.fixture
-async def gateway(fake_ollama: FakeOllama):
-    fake_ollama.default_script = Script(tokens=TOKENS)
-    async with running_gateway(gateway_settings(ollama_url=fake_ollama.url)) as running:
-        yield running
 
 
 async def health_status(address: str, service: str) -> int:

@@ -34,11 +34,10 @@ from agentloop.telemetry.logs import REQUEST_LOGGER, JsonFormatter
 from agentloop.testing.fake_ollama import Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from helpers import client_stub, gateway_settings, running_gateway
+from helpers import TOKENS, client_stub, gateway_settings, running_gateway
 
 SERVICE = "agentloop.v1.AgentLoopService"
 MODEL = "gemma3n:e2b"
-TOKENS = ["Hello", ",", " world", "!"]
 # A caller's trace: the gateway's server span must continue it.
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN_ID = "b7ad6b7169203331"

@@ -417,13 +417,22 @@ class FakeOllama:
             entries.append(entry)
         return _json_response({"models": entries})
 
-    async def _show(self, request: web.Request) -> web.Response:
+    async def _read_model_request(
+        self, request: web.Request
+    ) -> tuple[str, dict[str, Any], web.Response | None]:
+        """The body of a request about one model (show, pull) and its model name."""
         body, error = await self._read_post(request)
         if error is not None:
-            return error
+            return "", {}, error
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
-            return _error(400, "model is required")
+            return "", body, _error(400, "model is required")
+        return name, body, None
+
+    async def _show(self, request: web.Request) -> web.Response:
+        name, _, error = await self._read_model_request(request)
+        if error is not None:
+            return error
         found = self.find_model(name)
         if found is None:
             return _error(404, f"model '{name}' not found")
@@ -445,12 +454,9 @@ class FakeOllama:
         })
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
-        body, error = await self._read_post(request)
+        name, body, error = await self._read_model_request(request)
         if error is not None:
             return error
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            return _error(400, "model is required")
         if self.find_model(name) is None:
             self.models.append(normalize_model(name))
         if body.get("stream", True) is False:

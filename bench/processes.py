@@ -1,0 +1,54 @@
+"""Processes the benchmarks start: the fake Ollama, free ports, and stopping by handle."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+PY = sys.executable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it does not end within 15 s; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def fake_ollama(tokens: int, token_delay: float, poll: float | None = None,
+                stderr: IO[str] | int | None = None) -> Iterator[str]:
+    """The fake Ollama as its own process; yields its base URL and stops it after.
+
+    `poll` sets how often a stream sleeping between slow tokens checks that its client is
+    still there (the fake's POLL): thousands of streams at 2 tokens/s would otherwise keep
+    the fake's CPU busy with checks."""
+    argv = ["--port", "0", "--tokens", str(tokens), "--token-delay", str(token_delay)]
+    if poll is None:
+        command = [PY, "-m", "agentloop.testing.fake_ollama", *argv]
+    else:
+        command = [PY, "-c", "import sys; from agentloop.testing import fake_ollama as f; "
+                   f"f.POLL = {poll}; sys.exit(f.main(sys.argv[1:]))", *argv]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("fake-ollama listening on "):
+            raise RuntimeError(f"the fake Ollama did not start: {line!r}")
+        yield line.split()[-1]
+    finally:
+        stop(proc)
