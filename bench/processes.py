@@ -7,9 +7,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 PY = sys.executable
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,11 +40,10 @@ def fake_ollama(tokens: int, token_delay: float, poll: float | None = None,
     still there (the fake's POLL): thousands of streams at 2 tokens/s would otherwise keep
     the fake's CPU busy with checks."""
     argv = ["--port", "0", "--tokens", str(tokens), "--token-delay", str(token_delay)]
-    if poll is None:
-        command = [PY, "-m", "agentloop.testing.fake_ollama", *argv]
-    else:
-        command = [PY, "-c", "import sys; from agentloop.testing import fake_ollama as f; "
-                   f"f.POLL = {poll}; sys.exit(f.main(sys.argv[1:]))", *argv]
+    # The fake lives with the tests (tests/fake_ollama.py), not in the product package.
+    setup = f"f.POLL = {poll}; " if poll is not None else ""
+    command = [PY, "-c", f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
+               f"import fake_ollama as f; {setup}sys.exit(f.main(sys.argv[1:]))", *argv]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         assert proc.stdout is not None

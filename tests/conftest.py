@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agentloop.server import RunningServer
-from agentloop.testing.fake_ollama import FakeOllama, Script
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from fake_ollama import FakeOllama, Script
 from helpers import TOKENS, client_stub, gateway_settings, running_gateway
 
 

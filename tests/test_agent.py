@@ -23,8 +23,8 @@ from agentloop.services.tools import (
     default_tools,
     evaluate,
 )
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import bad_fields, client_stub, gateway_settings, running_gateway
 
 GOAL = "What is 17*23? Use the calculator."

@@ -14,8 +14,8 @@ from agentloop.domain import (
     Usage,
 )
 from agentloop.services.cache import ResponseCache, cache_key
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway
 
 GREEDY = pb.GenerationOptions(temperature=0)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agentloop.testing.fake_ollama import Script
+from fake_ollama import Script
 from helpers import TOKENS
 
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agentloop.testing.fake_ollama import FakeOllama, Script
+from fake_ollama import FakeOllama, Script
 from helpers import read_to_end
 
 BIN = Path(sys.executable).parent

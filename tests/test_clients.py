@@ -19,7 +19,6 @@ import grpc
 import pytest
 from test_security import Pki
 
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from agentloop_client import (
@@ -32,6 +31,7 @@ from agentloop_client import (
     Unauthenticated,
     Unavailable,
 )
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, gateway_settings, running_gateway
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,9 +17,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import rich_details
 
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")

@@ -32,8 +32,8 @@ from agentloop.backends.embedded import (
 )
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.server import RunningServer, select_backend
-from agentloop.testing.fake_ollama import FakeOllama, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import FakeOllama, wait_until
 from helpers import client_stub, gateway_settings, rich_details, running_gateway
 
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]

@@ -14,7 +14,8 @@ import httpx
 import ollama
 import pytest
 
-from agentloop.testing.fake_ollama import (
+import fake_ollama
+from fake_ollama import (
     DEFAULT_TOKENS,
     FakeOllama,
     Script,
@@ -381,7 +382,7 @@ async def test_wait_until_times_out_with_a_clear_message() -> None:
 
 async def test_cli_prints_its_url_and_serves() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentloop.testing.fake_ollama", "--port", "0",
+        sys.executable, fake_ollama.__file__, "--port", "0",
         "--tokens", "3", "--model", "tiny:1b",
         stdout=asyncio.subprocess.PIPE,
     )

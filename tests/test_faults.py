@@ -24,8 +24,8 @@ from agentloop.admission import Admission
 from agentloop.backends.resilient import CircuitBreaker, CircuitState
 from agentloop.errors import CircuitOpen, ResourceExhausted
 from agentloop.server import RunningServer
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentloop.server import start_server
-from agentloop.testing.fake_ollama import Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import Script, wait_until
 from helpers import (
     TOKENS,
     bad_fields,

@@ -17,9 +17,9 @@ import grpc
 import psutil
 import pytest
 
-from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from fake_ollama import FakeOllama, Script, wait_until
 
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
 

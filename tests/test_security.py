@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agentloop.config import SettingsError
 from agentloop.rpc.auth import ApiKeys, TokenBuckets
-from agentloop.testing.fake_ollama import FakeOllama, Script
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from fake_ollama import FakeOllama, Script
 from helpers import TOKENS, bad_fields, client_stub, gateway_settings, rich_details, running_gateway
 
 KEY_FILE_TEXT = "# team A\nkey-from-file-1\n\n  key-from-file-2  # rotated 2026-11\n"

@@ -31,9 +31,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from agentloop.telemetry.logs import REQUEST_LOGGER, JsonFormatter
-from agentloop.testing.fake_ollama import Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from fake_ollama import Script, wait_until
 from helpers import TOKENS, client_stub, gateway_settings, running_gateway
 
 SERVICE = "agentloop.v1.AgentLoopService"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 
 class Role(enum.StrEnum):
@@ -126,6 +126,10 @@ class GenerationEnd:
     model: str
 
 
+#: What a generation stream yields: text deltas, then exactly one GenerationEnd.
+StreamItem: TypeAlias = str | GenerationEnd
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
     """A whole generation: the text plus its end report."""
@@ -155,3 +159,37 @@ class BackendHealth:
     reason: str = ""
     #: Models the engine holds in memory, where it says (Ollama's /api/ps): for metrics.
     loaded: tuple[ModelInfo, ...] = ()
+
+
+# --- agent runs: the result of the agent loop (services/agent.py) -------------------------
+
+
+class StopReason(enum.Enum):
+    FINAL_ANSWER = 1
+    MAX_STEPS = 2
+    DEADLINE = 3
+    TOOL_ERROR = 4
+    MODEL_ERROR = 5
+    CANCELLED = 6
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStep:
+    index: int
+    duration: float
+    thought: str = ""
+    tool: str = ""
+    arguments_json: str = ""
+    observation: str = ""
+    observation_truncated: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOutcome:
+    final_answer: str
+    stop_reason: StopReason
+    steps: tuple[AgentStep, ...]
+    usage: Usage
+    model: str
+    duration: float

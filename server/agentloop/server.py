@@ -26,6 +26,7 @@ from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
 from agentloop.rpc.interceptors import DrainInterceptor, ErrorInterceptor
 from agentloop.rpc.servicer import AgentLoopServicer
+from agentloop.rpc.telemetry_interceptor import ServerTelemetry
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
@@ -169,7 +170,8 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
         # Telemetry first: its span and status cover what the others refuse or raise.
-        interceptors=[telemetry.interceptor, drain_gate, *guards, ErrorInterceptor()],
+        interceptors=[ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
+                      drain_gate, *guards, ErrorInterceptor()],
         options=server_options(settings),
     )
     agent = AgentService(generation, default_tools(), settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo
+from agentloop.domain import BackendHealth, GenerationRequest, ModelInfo, StreamItem
 
 
 @runtime_checkable
@@ -27,7 +27,7 @@ class Backend(Protocol):
     #: Generations the engine runs at once; the default for admission control.
     parallelism: int
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]: ...
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
 
     async def check_health(self, model: str) -> BackendHealth:
         """Is the engine answering and is `model` available? Never raises."""

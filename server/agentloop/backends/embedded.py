@@ -48,6 +48,7 @@ from agentloop.domain import (
     OutputFormat,
     ResponseFormat,
     Role,
+    StreamItem,
     Timings,
     Usage,
 )
@@ -331,7 +332,7 @@ class EmbeddedBackend:
 
     # --- generation ----------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         if request.model and request.model != self._model:
             raise ModelNotFound(
                 f"model {request.model!r} not found; the embedded engine serves {self._model!r}",

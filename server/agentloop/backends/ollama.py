@@ -31,6 +31,7 @@ from agentloop.domain import (
     GenerationRequest,
     ModelInfo,
     OutputFormat,
+    StreamItem,
     Timings,
     Usage,
 )
@@ -98,7 +99,7 @@ class OllamaBackend:
         for pool in self._pools:
             await pool.aclose()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self._keep_alive)
         headers: dict[str, str] = {}
         propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
@@ -266,7 +267,7 @@ async def ndjson_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 async def parse_stream(
     lines: AsyncIterator[bytes], request: GenerationRequest
-) -> AsyncIterator[str | GenerationEnd]:
+) -> AsyncIterator[StreamItem]:
     """Turn Ollama's NDJSON lines into deltas and one final `GenerationEnd`."""
     delta_key = "message" if request.is_chat else "response"
     async for line in lines:

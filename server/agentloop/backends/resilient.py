@@ -26,7 +26,7 @@ from contextlib import aclosing
 
 from agentloop.backends.base import Backend
 from agentloop.config import Settings
-from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo
+from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo, StreamItem
 from agentloop.errors import (
     AgentLoopError,
     BackendProtocolError,
@@ -197,7 +197,7 @@ class ResilientBackend:
                 self.circuit.record_failure()
         return result
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         for attempt in itertools.count():
             probe = self.circuit.admit()
             delivered = False

@@ -16,7 +16,6 @@ through `ClientToolCalls`, which the rpc layer feeds with the client's results.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import time
@@ -31,6 +30,8 @@ from jsonschema.validators import validator_for
 
 from agentloop.config import Settings
 from agentloop.domain import (
+    AgentOutcome,
+    AgentStep,
     ChatMessage,
     FinishReason,
     GenerationRequest,
@@ -38,6 +39,7 @@ from agentloop.domain import (
     ResponseFormat,
     Role,
     SamplingOptions,
+    StopReason,
     Usage,
 )
 from agentloop.errors import Cancelled
@@ -58,15 +60,6 @@ REPAIR_TURNS = 1
 DEADLINE_RESERVE = 0.25
 
 
-class StopReason(enum.Enum):
-    FINAL_ANSWER = 1
-    MAX_STEPS = 2
-    DEADLINE = 3
-    TOOL_ERROR = 4
-    MODEL_ERROR = 5
-    CANCELLED = 6
-
-
 @dataclass(frozen=True, slots=True)
 class AgentRun:
     """One validated agent run with every default applied."""
@@ -82,28 +75,6 @@ class AgentRun:
     client_tools: tuple[ClientTool, ...] = ()
     #: time.monotonic() value after which the client no longer wants an answer.
     deadline: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AgentStep:
-    index: int
-    duration: float
-    thought: str = ""
-    tool: str = ""
-    arguments_json: str = ""
-    observation: str = ""
-    observation_truncated: bool = False
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class AgentOutcome:
-    final_answer: str
-    stop_reason: StopReason
-    steps: tuple[AgentStep, ...]
-    usage: Usage
-    model: str
-    duration: float
 
 
 # --- events (what StreamRunAgent sends, in this order per step) ---------------------------

@@ -21,11 +21,10 @@ from contextlib import aclosing
 
 from cachetools import TTLCache
 
-from agentloop.domain import GenerationEnd, GenerationRequest
+from agentloop.domain import GenerationEnd, GenerationRequest, StreamItem
 from agentloop.errors import Cancelled
 
-Item = str | GenerationEnd
-Producer = Callable[[GenerationRequest], AsyncIterator[Item]]
+Producer = Callable[[GenerationRequest], AsyncIterator[StreamItem]]
 
 
 def is_deterministic(request: GenerationRequest) -> bool:
@@ -55,7 +54,7 @@ class ResponseCache:
     def __init__(
         self, max_entries: int, ttl: float, timer: Callable[[], float] = time.monotonic
     ) -> None:
-        self._answers: TTLCache[str, tuple[Item, ...]] = TTLCache(max_entries, ttl, timer)
+        self._answers: TTLCache[str, tuple[StreamItem, ...]] = TTLCache(max_entries, ttl, timer)
         self._flights: dict[str, _Flight] = {}
         self.hits = 0
         self.misses = 0
@@ -68,7 +67,7 @@ class ResponseCache:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    def stream(self, request: GenerationRequest, produce: Producer) -> AsyncIterator[Item]:
+    def stream(self, request: GenerationRequest, produce: Producer) -> AsyncIterator[StreamItem]:
         """The answer from the cache, from an identical generation in flight, or from
         `produce` (shared with the identical requests that come meanwhile)."""
         key = cache_key(request)
@@ -92,7 +91,7 @@ class ResponseCache:
             self._answers[flight.key] = tuple(flight.items)
 
 
-async def _replay(items: tuple[Item, ...]) -> AsyncIterator[Item]:
+async def _replay(items: tuple[StreamItem, ...]) -> AsyncIterator[StreamItem]:
     for item in items:
         yield item
 
@@ -100,10 +99,10 @@ async def _replay(items: tuple[Item, ...]) -> AsyncIterator[Item]:
 class _Flight:
     """One backend generation shared by every caller that subscribed to it."""
 
-    def __init__(self, key: str, source: AsyncIterator[Item],
+    def __init__(self, key: str, source: AsyncIterator[StreamItem],
                  landed: Callable[[_Flight], None]) -> None:
         self.key = key
-        self.items: list[Item] = []
+        self.items: list[StreamItem] = []
         self.error: BaseException | None = None
         self.done = False
         self._landed = landed
@@ -111,7 +110,7 @@ class _Flight:
         self._subscribers = 0
         self._task = asyncio.create_task(self._run(source), name="cache-flight")
 
-    async def subscribe(self) -> AsyncIterator[Item]:
+    async def subscribe(self) -> AsyncIterator[StreamItem]:
         self._subscribers += 1
         try:
             index = 0
@@ -132,7 +131,7 @@ class _Flight:
                 self._task.cancel()
                 self._landed(self)
 
-    async def _run(self, source: AsyncIterator[Item]) -> None:
+    async def _run(self, source: AsyncIterator[StreamItem]) -> None:
         try:
             async with aclosing(source) as items:
                 async for item in items:

@@ -17,11 +17,11 @@ from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.config import Settings
 from agentloop.domain import (
-    GenerationEnd,
     GenerationRequest,
     GenerationResult,
     RequestedOptions,
     SamplingOptions,
+    StreamItem,
 )
 from agentloop.errors import BackendProtocolError
 from agentloop.services.cache import ResponseCache, is_deterministic
@@ -46,7 +46,7 @@ class GenerationService:
     def default_model(self) -> str:
         return self.backend.default_model
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         """Yield text deltas, then one `GenerationEnd` with gateway-measured timings.
 
         Deterministic requests go through the response cache when there is one."""
@@ -77,7 +77,7 @@ class GenerationService:
                 return
         raise BackendProtocolError("the backend ended without a final report")
 
-    async def _from_backend(self, request: GenerationRequest) -> AsyncIterator[str | GenerationEnd]:
+    async def _from_backend(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         """The backend's items, generated within an admission slot; one observed call."""
         async with self.admission.slot(request.deadline):
             with self.telemetry.backend_call(request) as call:

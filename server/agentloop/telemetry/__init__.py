@@ -2,7 +2,8 @@
 
 One module per concern: `tracing` (the tracer provider, GenAI spans), `metrics` (the
 instruments, the Prometheus endpoint), `otlp` (exporters from the OTEL_* variables),
-`interceptor` (the per-RPC span, metric and log line), `logs` (the JSON log format).
+`logs` (the JSON log format). The per-RPC span, metric and log line are recorded by
+the gRPC edge (`agentloop.rpc.telemetry_interceptor`) into this package's instruments.
 
 `start_telemetry` builds one server's `Telemetry`: its own providers (not the global
 ones, so several servers in one process, as in the tests, each export where they were
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeter
@@ -31,14 +32,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Tracer
 
-from agentloop.admission import Admission
-from agentloop.backends.base import Backend
 from agentloop.config import Settings
 from agentloop.domain import GenerationEnd, GenerationRequest
-from agentloop.health import HealthReporter
 from agentloop.telemetry import logs, tracing
-from agentloop.telemetry.interceptor import ServerTelemetry
 from agentloop.telemetry.metrics import (
+    AdmissionState,
+    HealthState,
     Instruments,
     PrometheusEndpoint,
     meter_provider,
@@ -54,7 +53,7 @@ FLUSH_TIMEOUT = 5.0
 
 
 class Telemetry:
-    """What one server records into: its tracer, its instruments, its request interceptor."""
+    """What one server records into: its tracer and its instruments."""
 
     def __init__(
         self,
@@ -73,7 +72,6 @@ class Telemetry:
         #: gen_ai.provider.name: "ollama", or "llama.cpp" for the embedded engine.
         self.provider = provider
         self.trace_content = trace_content
-        self.interceptor = ServerTelemetry(tracer, instruments.rpc_duration)
         #: server.address / server.port of the engine (None in-process).
         self.address = address
         self._tracer_provider = tracer_provider
@@ -255,8 +253,18 @@ def _observing(observed: Observed) -> Iterator[Any]:
             observed.close()
 
 
-def start_telemetry(settings: Settings, backend: Backend, admission: Admission,
-                    health: HealthReporter) -> Telemetry:
+class Engine(Protocol):
+    """What telemetry reads of the backend (a `Backend` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> tuple[str, int] | None: ...
+
+
+def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionState,
+                    health: HealthState) -> Telemetry:
     """Providers from the OTEL_* variables, the Prometheus endpoint, the server-state gauges.
 
     With OTEL_SDK_DISABLED=true the tracer and meters are no-ops and neither the exporters

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -27,9 +28,8 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, start_http_server
 
-from agentloop.admission import Admission
 from agentloop.config import Settings, parse_host_port
-from agentloop.health import HealthReporter
+from agentloop.domain import BackendHealth
 from agentloop.telemetry import otlp
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,26 @@ _TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                                   0.75, 1.0, 2.5)
 _RPC_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                          60.0, 120.0, 300.0)
+
+
+class AdmissionState(Protocol):
+    """What the gauges read of admission control (an `Admission` is one)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+
+class HealthState(Protocol):
+    """What the gauges read of the health task (a `HealthReporter` is one)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def last(self) -> BackendHealth: ...
 
 
 class Instruments:
@@ -77,7 +97,7 @@ class Instruments:
             explicit_bucket_boundaries_advisory=_TIME_PER_OUTPUT_TOKEN_BUCKETS)
 
 
-def observe_server_state(meter: Meter, admission: Admission, health: HealthReporter,
+def observe_server_state(meter: Meter, admission: AdmissionState, health: HealthState,
                          provider: str) -> None:
     """Observable gauges over state the server keeps anyway: nothing here does I/O."""
     backend = {"gen_ai.provider.name": provider}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
@@ -27,12 +27,15 @@ from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from agentloop.domain import FinishReason, GenerationEnd, GenerationRequest, OutputFormat
+from agentloop.domain import (
+    AgentOutcome,
+    FinishReason,
+    GenerationEnd,
+    GenerationRequest,
+    OutputFormat,
+)
 from agentloop.errors import AgentLoopError
 from agentloop.telemetry import otlp
-
-if TYPE_CHECKING:
-    from agentloop.services.agent import AgentOutcome
 
 TRACER_NAME = "agentloop"
 

@@ -11,7 +11,7 @@ error lines, resets, hangs, malformed lines, truncated streams) through `Script`
 
 Run standalone (other processes read the URL from the single stdout line):
 
-    python -m agentloop.testing.fake_ollama --port 0 --tokens 100 --token-delay 0.01
+    python tests/fake_ollama.py --port 0 --tokens 100 --token-delay 0.01
 """
 
 from __future__ import annotations
@@ -785,7 +785,7 @@ def _abort(request: web.BaseRequest) -> None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m agentloop.testing.fake_ollama",
+        prog="python tests/fake_ollama.py",
         description="Serve the scriptable fake Ollama until SIGTERM or SIGINT.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,1 +1,0 @@
-"""Test and benchmark support: a scriptable fake Ollama server on loopback."""
