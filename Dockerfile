@@ -43,9 +43,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY clients/ clients/
-# A regular (non-editable) install of the project and its runtime dependencies, whose
-# versions pyproject.toml bounds; "/src[embedded]" when EXTRAS=embedded.
-RUN pip install "/src${EXTRAS:+[${EXTRAS}]}" \
+# A regular (non-editable) install of the client and the server (which depends on it) and
+# their runtime dependencies, whose versions the pyproject.toml files bound; "/src[embedded]" when EXTRAS=embedded.
+RUN pip install /src/clients/python "/src${EXTRAS:+[${EXTRAS}]}" \
     && agentloop --help > /dev/null
 
 # ---------------------------------------------------------------------------------------

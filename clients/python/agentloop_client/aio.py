@@ -16,12 +16,12 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentloop.v1 import agentloop_pb2 as pb
-from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from agentloop_client._proto.agentloop.v1 import agentloop_pb2 as pb
+from agentloop_client._proto.agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from agentloop_client.channel import DEFAULT_ADDRESS, ChannelConfig, aio_channel
 from agentloop_client.errors import error_from_rpc
+from agentloop_client.health import check_method, check_request, status_name
 from agentloop_client.requests import (
     ClientTool,
     FormatLike,
@@ -43,7 +43,7 @@ class AsyncAgentLoopClient:
         self.config = ChannelConfig(address=address, **config)
         self.channel = aio_channel(self.config)
         self.stub = pb_grpc.AgentLoopServiceStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self._health_check = check_method(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -162,11 +162,10 @@ class AsyncAgentLoopClient:
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The serving status name ("SERVING", "NOT_SERVING", ...) of a health service name."""
         try:
-            reply = await self.health_stub.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = await self._health_check(check_request(service), timeout=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return status_name(reply)
 
 
 async def _run_tool(tools: dict[str, ClientTool], call: pb.AgentToolCall

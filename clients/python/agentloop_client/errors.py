@@ -4,6 +4,10 @@ The server puts a `google.rpc.Status` in the `grpc-status-details-bin` trailer w
 `BadRequest` (which fields are bad), `ErrorInfo` (a machine-readable reason) and
 `RetryInfo` (how long to wait before trying again). `error_from_rpc` unpacks them once,
 so callers write `except Unavailable as exc: time.sleep(exc.retry_delay or 1)`.
+
+Each class is named for its gRPC status. Where the server has an error class of the same
+name (`agentloop.errors`: InvalidArgument, ResourceExhausted, ...), it is the one the
+server raised for that status: one name, one meaning, on both sides.
 """
 
 from __future__ import annotations
@@ -115,7 +119,12 @@ def error_from_rpc(error: grpc.RpcError) -> AgentLoopError:
             if detail.Is(kind.DESCRIPTOR):
                 found[name] = kind()
                 detail.Unpack(found[name])
-    return _BY_CODE.get(code, AgentLoopError)(code, message, **found)
+    return error_class(code)(code, message, **found)
+
+
+def error_class(code: grpc.StatusCode) -> type[AgentLoopError]:
+    """The exception raised for a status: named like the server's error for that status."""
+    return _BY_CODE.get(code, AgentLoopError)
 
 
 def _status_details(trailers: Sequence[tuple[str, str | bytes]]) -> Sequence:

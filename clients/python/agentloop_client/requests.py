@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from agentloop.v1 import agentloop_pb2 as pb
+from agentloop_client._proto.agentloop.v1 import agentloop_pb2 as pb
 
 #: A chat message: the proto, or {"role": "user", "content": "...", "images": [bytes]}.
 MessageLike: TypeAlias = pb.Message | Mapping[str, Any]
