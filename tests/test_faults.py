@@ -47,15 +47,6 @@ def fault_settings(fake: FakeOllama, **overrides: Any):
     return gateway_settings(**values)
 
 
-def pool_requests(running: RunningServer) -> int:
-    """Requests the httpx pool is working on (in flight or waiting for a connection)."""
-    return len(running.backend.inner.http_client._transport._pool._requests)
-
-
-def pool_connections(running: RunningServer) -> int:
-    return len(running.backend.inner.http_client._transport._pool.connections)
-
-
 def gateway_tasks() -> int:
     """asyncio tasks, but for the fake's one-per-connection handlers (sockets_to counts those)."""
     return sum(1 for task in asyncio.all_tasks()
@@ -78,13 +69,16 @@ class Leaks:
     async def assert_none(self) -> None:
         running, fake = self.running, self.fake
         await wait_until(lambda: fake.active_streams == 0, message="an upstream stream is open")
-        await wait_until(lambda: pool_requests(running) == 0,
-                         message="the httpx pool still works on a request")
         await wait_until(lambda: running.admission.in_flight == 0 == running.admission.queued,
                          message="an admission slot is still held")
         await wait_until(lambda: gateway_tasks() <= self.tasks,
                          message="more asyncio tasks than before the fault")
-        assert sockets_to(fake.port) <= pool_connections(running), "a socket outside the pool"
+        assert sockets_to(fake.port) <= running.settings.max_connections, "too many sockets"
+
+    async def assert_closed(self) -> None:
+        """After the server stopped: a socket the fault took out of the pool would be open."""
+        await wait_until(lambda: sockets_to(self.fake.port) == 0,
+                         message="a socket to the backend outlived the server")
 
 
 async def read_stream(call: grpc.aio.UnaryStreamCall
@@ -182,6 +176,7 @@ async def test_each_fault_gives_its_status_and_leaks_nothing(
         # The server keeps serving.
         reply = await stub.Generate(pb.GenerateRequest(prompt="next"), timeout=5)
         assert reply.text == "".join(TOKENS)
+    await leaks.assert_closed()
 
 
 @pytest.mark.parametrize(("script", "times"), [(Script(reset_after=0), 2),
@@ -383,6 +378,7 @@ async def test_outage_opens_the_circuit_and_recovery_closes_it(fake_ollama):
         reply = await stub.Generate(pb.GenerateRequest(prompt="back"), timeout=5)
         assert reply.text == "".join(TOKENS)
         await leaks.assert_none()
+    await leaks.assert_closed()
 
 
 async def test_client_errors_and_busy_answers_do_not_open_the_circuit(fake_ollama):
@@ -462,6 +458,7 @@ async def test_admission_limits_in_flight_and_queue_then_refuses_at_once(fake_ol
         assert error is None and "".join(texts) == "".join(TOKENS)
         holders[1].cancel()
         await leaks.assert_none()
+    await leaks.assert_closed()
 
 
 async def test_queue_timeout_and_deadline_bound_the_wait(fake_ollama):
@@ -536,6 +533,7 @@ async def test_200_streams_with_5_percent_upstream_failures_all_end_clearly(fake
         assert len(failed) <= 10, [e.code() for e in failed]
         assert len(results) - len(failed) >= 190
         await leaks.assert_none()
+    await leaks.assert_closed()
 
 
 # --- property-based: random requests never end INTERNAL or UNKNOWN -----------------------

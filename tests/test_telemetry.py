@@ -415,6 +415,26 @@ async def test_metrics_count_rpcs_tokens_and_latencies(gateway, stub):
     assert total(samples, "agentloop_requests_in_flight") == 0
 
 
+async def test_cache_lookups_and_retries_are_counted_in_metrics(monkeypatch, collector,
+                                                                fake_ollama):
+    otel_environment(monkeypatch, collector.endpoint)
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    fake_ollama.enqueue(Script(status=503))  # the first call fails early: one retry
+    settings = gateway_settings(ollama_url=fake_ollama.url, metrics_listen="127.0.0.1:0",
+                                cache_entries=8, retry_attempts=1, retry_backoff=0.01)
+    greedy = pb.GenerationOptions(temperature=0)
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        for _ in range(2):
+            await stub.Generate(pb.GenerateRequest(prompt="hi", options=greedy), timeout=5)
+        samples = await scrape(gateway.metrics_port)
+    lookups = "agentloop_cache_lookups_total"
+    assert total(samples, lookups, agentloop_cache_result="misses") == 1
+    assert total(samples, lookups, agentloop_cache_result="hits") == 1
+    assert total(samples, lookups, agentloop_cache_result="coalesced") == 0
+    assert total(samples, "agentloop_backend_retries_total", gen_ai_provider_name="ollama") == 1
+    assert len(fake_ollama.generation_requests) == 2  # the failed call and its retry
+
+
 async def test_gauges_follow_admission_and_the_loaded_model(monkeypatch, collector,
                                                             fake_ollama):
     otel_environment(monkeypatch, collector.endpoint)

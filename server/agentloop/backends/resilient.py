@@ -150,7 +150,7 @@ class ResilientBackend:
         self.parallelism = inner.parallelism
         self.circuit = CircuitBreaker(
             settings.circuit_failure_threshold, settings.circuit_reset_timeout)
-        self.retries = 0  # attempts made beyond the first, for metrics and tests
+        self.retries = 0  # attempts beyond the first: the agentloop.backend.retries counter
         self._max_retries = settings.retry_attempts
         self._backoff = settings.retry_backoff
         self._backoff_max = settings.retry_backoff_max

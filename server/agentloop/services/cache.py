@@ -56,6 +56,7 @@ class ResponseCache:
     ) -> None:
         self._answers: TTLCache[str, tuple[StreamItem, ...]] = TTLCache(max_entries, ttl, timer)
         self._flights: dict[str, _Flight] = {}
+        # Exported as the agentloop.cache.lookups counter (telemetry.metrics).
         self.hits = 0
         self.misses = 0
         self.coalesced = 0

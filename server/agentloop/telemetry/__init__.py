@@ -37,9 +37,11 @@ from agentloop.domain import GenerationEnd, GenerationRequest
 from agentloop.telemetry import logs, tracing
 from agentloop.telemetry.metrics import (
     AdmissionState,
+    CacheCounts,
     HealthState,
     Instruments,
     PrometheusEndpoint,
+    RetryCounts,
     meter_provider,
     observe_server_state,
 )
@@ -264,7 +266,8 @@ class Engine(Protocol):
 
 
 def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionState,
-                    health: HealthState) -> Telemetry:
+                    health: HealthState, cache: CacheCounts | None = None,
+                    retrying: RetryCounts | None = None) -> Telemetry:
     """Providers from the OTEL_* variables, the Prometheus endpoint, the server-state gauges.
 
     With OTEL_SDK_DISABLED=true the tracer and meters are no-ops and neither the exporters
@@ -277,7 +280,7 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     meters = meter_provider(resource, prometheus) if enabled else MeterProvider(resource=resource)
     meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
     provider = tracing.provider_name(backend.name)
-    observe_server_state(meter, admission, health, provider)
+    observe_server_state(meter, admission, health, provider, cache, retrying)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
         backend.address, settings.trace_content,

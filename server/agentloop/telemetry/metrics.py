@@ -35,6 +35,8 @@ from agentloop.telemetry import otlp
 log = logging.getLogger(__name__)
 
 MEMORY_TYPE = "agentloop.memory.type"
+CACHE_RESULT = "agentloop.cache.result"
+CACHE_RESULTS = ("hits", "misses", "coalesced")
 
 # Bucket boundaries the GenAI semantic conventions advise.
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -69,6 +71,26 @@ class HealthState(Protocol):
     def last(self) -> BackendHealth: ...
 
 
+class CacheCounts(Protocol):
+    """The response cache's counters (a `ResponseCache` is one)."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+    @property
+    def coalesced(self) -> int: ...
+
+
+class RetryCounts(Protocol):
+    """The backend's retry counter (a `ResilientBackend` is one)."""
+
+    @property
+    def retries(self) -> int: ...
+
+
 class Instruments:
     """The synchronous instruments the request path records into."""
 
@@ -98,8 +120,10 @@ class Instruments:
 
 
 def observe_server_state(meter: Meter, admission: AdmissionState, health: HealthState,
-                         provider: str) -> None:
-    """Observable gauges over state the server keeps anyway: nothing here does I/O."""
+                         provider: str, cache: CacheCounts | None = None,
+                         retrying: RetryCounts | None = None) -> None:
+    """Observable gauges and counters over state the server keeps anyway: nothing here
+    does I/O."""
     backend = {"gen_ai.provider.name": provider}
 
     def in_flight(_options: CallbackOptions) -> Iterable[Observation]:
@@ -117,6 +141,24 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
             yield Observation(model.size_bytes, {**model_attributes, MEMORY_TYPE: "total"})
             yield Observation(model.size_vram_bytes, {**model_attributes, MEMORY_TYPE: "vram"})
 
+    def retries(_options: CallbackOptions) -> Iterable[Observation]:
+        if retrying is not None:
+            yield Observation(retrying.retries, backend)
+
+    def cache_lookups(_options: CallbackOptions) -> Iterable[Observation]:
+        if cache is not None:
+            for result in CACHE_RESULTS:
+                yield Observation(getattr(cache, result), {CACHE_RESULT: result})
+
+    meter.create_observable_counter(
+        "agentloop.backend.retries", [retries], unit="{retry}",
+        description="Backend calls sent again after an early failure (attempts beyond the "
+                    "first).")
+    meter.create_observable_counter(
+        "agentloop.cache.lookups", [cache_lookups], unit="{request}",
+        description="Deterministic generations by how the response cache served them: hits "
+                    "(a stored answer), misses (generated) and coalesced (joined an identical "
+                    "generation in flight).")
     meter.create_observable_gauge(
         "agentloop.requests.in_flight", [in_flight], unit="{request}",
         description="Generations holding an admission slot.")
