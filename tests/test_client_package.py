@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -15,6 +16,9 @@ import pytest
 
 import agentloop.errors as server_errors
 import agentloop_client.errors as client_errors
+from agentloop.config import MAX_MESSAGE_BYTES, Settings
+from agentloop.health import READINESS, SERVICE_NAME
+from agentloop_client import channel, pb
 from helpers import TOKENS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,13 +44,16 @@ with AgentLoopClient(sys.argv[1]) as client:
 
 @pytest.mark.timeout(600)
 async def test_the_client_installs_alone_and_calls_a_real_server(gateway, tmp_path: Path):
+    # A copy: building the wheel writes build/ next to the sources.
+    source = shutil.copytree(CLIENT, tmp_path / "client",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     env = tmp_path / "venv"
     venv.create(env, with_pip=False)  # pip runs from outside (--python): quicker
     python = env / "bin/python"
     install = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-         "--disable-pip-version-check", str(CLIENT)],
+         "--disable-pip-version-check", str(source)],
         capture_output=True, text=True, timeout=540)
     assert install.returncode == 0, install.stdout + install.stderr
     call = await asyncio.to_thread(
@@ -69,3 +76,11 @@ def test_error_classes_of_the_same_name_mean_the_same_status() -> None:
     for name in shared - {"AgentLoopError"}:
         server_code = getattr(server_errors, name).code
         assert client_errors.error_class(server_code) is getattr(client_errors, name), name
+
+
+def test_the_client_spells_the_servers_names_alike() -> None:
+    """The client cannot import the server: its copies of the shared names must agree."""
+    assert channel.SERVICE == SERVICE_NAME == pb.DESCRIPTOR.services_by_name[
+        "AgentLoopService"].full_name
+    assert channel.READINESS == READINESS
+    assert channel.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES == Settings().max_message_bytes

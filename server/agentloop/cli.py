@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message
 
 from agentloop.config import Settings, SettingsError, add_settings_arguments, load_settings
+from agentloop.health import LIVENESS, READINESS, SERVICE_NAME
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop_client import DEFAULT_ADDRESS, AgentLoopClient, AgentLoopError
 from agentloop_client.channel import DEFAULT_TIMEOUT
@@ -225,8 +226,8 @@ def _seconds(value: duration_pb2.Duration) -> float:
 
 def _configure_health(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--service", default="readiness",
-        help="health service name: readiness, liveness, agentloop.v1.AgentLoopService or ''",
+        "--service", default=READINESS,
+        help=f"health service name: {READINESS}, {LIVENESS}, {SERVICE_NAME} or ''",
     )
     _add_client_arguments(parser, timeout=3.0)
 

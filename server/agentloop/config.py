@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 ENV_PREFIX = "AGENTLOOP_"
 BACKEND_CHOICES = ("auto", "ollama", "embedded")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: The largest gRPC message: the default receive cap (max_message_bytes) and the send cap.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 class SettingsError(ValueError):
@@ -162,7 +164,7 @@ class Settings:
         8388608, "largest total size of the images in one request, in bytes", group="limits"
     )
     max_message_bytes: int = _setting(
-        33554432,
+        MAX_MESSAGE_BYTES,
         "largest gRPC message the server accepts, in bytes (beyond: RESOURCE_EXHAUSTED)",
         group="limits",
     )

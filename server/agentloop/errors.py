@@ -95,11 +95,6 @@ class ModelNotFound(AgentLoopError):
     reason = "MODEL_NOT_FOUND"
 
 
-class ModelNotAllowed(AgentLoopError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "MODEL_NOT_ALLOWED"
-
-
 class BackendUnavailable(RetryableError):
     """Backend unreachable, loading, failed, or its circuit is open."""
 
@@ -152,11 +147,6 @@ class Cancelled(AgentLoopError):
 class Unauthenticated(AgentLoopError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
-
-
-class FailedPrecondition(AgentLoopError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
 
 
 def internal_error() -> AgentLoopError:

@@ -21,7 +21,7 @@ from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.backends.resilient import ResilientBackend
-from agentloop.config import Settings, SettingsError
+from agentloop.config import MAX_MESSAGE_BYTES, Settings, SettingsError
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
 from agentloop.rpc.interceptors import DrainInterceptor, ErrorInterceptor
@@ -32,11 +32,9 @@ from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
-from agentloop.v1 import agentloop_pb2, agentloop_pb2_grpc
+from agentloop.v1 import agentloop_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -127,7 +125,7 @@ def add_services(server: grpc.aio.Server, servicer: AgentLoopServicer,
     if settings.reflection:
         reflection.enable_server_reflection(
             (
-                agentloop_pb2.DESCRIPTOR.services_by_name["AgentLoopService"].full_name,
+                SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -206,5 +204,5 @@ def ready_banner(running: RunningServer) -> str:
         f"model {running.backend.default_model})\n"
         f"  try: grpcurl -plaintext -d '{{\"prompt\":\"The capital of France is\","
         f"\"options\":{{\"max_tokens\":16}}}}' {running.address} "
-        f"agentloop.v1.AgentLoopService/StreamGenerate"
+        f"{SERVICE_NAME}/StreamGenerate"
     )

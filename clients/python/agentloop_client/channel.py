@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import grpc
 
 SERVICE = "agentloop.v1.AgentLoopService"
+#: The health service name that follows the backend (the server's own `liveness` does not).
+READINESS = "readiness"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Generous enough for a long generation on a CPU; pass `timeout=` per call to tighten.
 DEFAULT_TIMEOUT = 300.0
@@ -83,7 +85,7 @@ def service_config(max_attempts: int, skip_unready: bool = False) -> str:
     with backoff."""
     config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     if skip_unready:
-        config["healthCheckConfig"] = {"serviceName": "readiness"}
+        config["healthCheckConfig"] = {"serviceName": READINESS}
     if max_attempts > 1:
         config["methodConfig"] = [{
             "name": [{"service": SERVICE}],

@@ -67,10 +67,6 @@ class NotFound(AgentLoopError):
     """The model is unknown to the backend."""
 
 
-class PermissionDenied(AgentLoopError):
-    """The model is not allowed, or the API key may not do this."""
-
-
 class Unauthenticated(AgentLoopError):
     """No API key, or a wrong one."""
 
@@ -94,7 +90,6 @@ class Cancelled(AgentLoopError):
 _BY_CODE: dict[grpc.StatusCode, type[AgentLoopError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

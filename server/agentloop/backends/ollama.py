@@ -88,10 +88,6 @@ class OllamaBackend:
     def address(self) -> tuple[str, int]:
         return self._address
 
-    @property
-    def http_client(self) -> httpx.AsyncClient:
-        return self._client
-
     async def start(self) -> None:
         """Nothing to open: the pool connects lazily."""
 

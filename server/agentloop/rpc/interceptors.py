@@ -16,10 +16,11 @@ from typing import Any
 import grpc
 
 from agentloop.errors import AgentLoopError, ShuttingDown, internal_error
+from agentloop.health import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/agentloop.v1.AgentLoopService/"
+SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
