@@ -244,6 +244,7 @@ async def fixed_cost(calls_made: int = 3000) -> float:
         Timings,
         Usage,
     )
+    from agentloop.rpc.telemetry_interceptor import ServerTelemetry
     from agentloop.services.generation import resolve_options
     from agentloop.telemetry import start_telemetry
 
@@ -261,7 +262,7 @@ async def fixed_cost(calls_made: int = 3000) -> float:
             return None
 
     settings = load_settings(environ={}, metrics_listen="")
-    telemetry = start_telemetry(settings, Engine(), Admission(4, 4, 1.0), Health())  # type: ignore[arg-type]
+    telemetry = start_telemetry(settings, Engine(), Admission(4, 4, 1.0), Health())
     request = GenerationRequest(model="gemma3n:e2b", prompt="Tell me a story.",
                                 options=resolve_options(RequestedOptions(), settings))
     end = GenerationEnd(FinishReason.STOP, Usage(12, 64), Timings(0.1, time_to_first_token=0.01),
@@ -278,7 +279,8 @@ async def fixed_cost(calls_made: int = 3000) -> float:
     class Details:
         method = "/agentloop.v1.AgentLoopService/Generate"
 
-    handler = await telemetry.interceptor.intercept_service(continuation, Details())  # type: ignore[arg-type]
+    interceptor = ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration)
+    handler = await interceptor.intercept_service(continuation, Details())  # type: ignore[arg-type]
     logging.getLogger("agentloop.requests").setLevel(logging.WARNING)  # same in every config
     context = Context()
     for _ in range(200):  # warm up
