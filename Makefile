@@ -62,11 +62,11 @@ test: install lint go-tools
 # Go stubs (buf.gen.go.yaml): Debian packages the Go toolchain, both protoc plugins and the
 # protobuf and gRPC Go libraries. Installed here when apt-get can (as root); otherwise the
 # Go test (tests/test_buf.py) is skipped and says why.
+# (gRPC's codec needs github.com/golang/protobuf 1.4 or later: the 1-5 package.)
 GO_PACKAGES := golang-go protoc-gen-go protoc-gen-go-grpc golang-google-protobuf-dev \
-	golang-google-grpc-dev
+	golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
 go-tools:
-	@if command -v go >/dev/null && command -v protoc-gen-go-grpc >/dev/null \
-		&& test -d /usr/share/gocode/src/google.golang.org/grpc; then exit 0; fi; \
+	@if dpkg -s $(GO_PACKAGES) >/dev/null 2>&1; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -qq --no-install-recommends $(GO_PACKAGES) \
 		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(GO_PACKAGES); } \
