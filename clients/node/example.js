@@ -4,7 +4,7 @@
 // grpc-health-check package. It checks health, calls Generate, reads StreamGenerate, and
 // runs StreamRunAgent with a tool written in JavaScript that the agent may call.
 //
-//   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 60]
+//   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
 'use strict';
 
 const path = require('node:path');
