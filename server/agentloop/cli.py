@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        command_parser = COMMAND_PARSERS.get(getattr(args, "command", ""), parser)
+        command_parser = getattr(args, "command_parser", parser)
         command_parser.error(f"unrecognized arguments: {' '.join(unknown)}"
                              + _did_you_mean(unknown, command_parser))
     if not getattr(args, "run", None):
@@ -66,16 +66,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse that suggests the command meant by a mistyped one."""
 
     def error(self, message: str) -> NoReturn:
-        choice = re.search(r"invalid choice: '([^']*)'", message)
-        if choice and self._subparsers is not None:
-            matches = difflib.get_close_matches(choice.group(1), COMMAND_PARSERS, n=1)
+        invalid = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if invalid:
+            choices = re.findall(r"'([^']*)'", invalid.group(2))
+            matches = difflib.get_close_matches(invalid.group(1), choices, n=1)
             if matches:
                 message += f"; did you mean {matches[0]!r}?"
         super().error(message)
 
 
 def _did_you_mean(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
-    """` (did you mean --x?)` for the mistyped flags among `unknown`, else ''."""
+    """` (did you mean: --x -> --y?)` for the mistyped flags among `unknown`, else ''."""
     flags = [option for action in parser._actions for option in action.option_strings]
     hints = []
     for word in unknown:
@@ -85,10 +86,6 @@ def _did_you_mean(unknown: Sequence[str], parser: argparse.ArgumentParser) -> st
     return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
 
-#: Each command's own parser, by name: errors in its arguments are reported with its usage.
-COMMAND_PARSERS: dict[str, argparse.ArgumentParser] = {}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="agentloop", description=__doc__)
     parser.add_argument("--version", action="version", version=f"agentloop {_version()}")
@@ -96,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext, configure, run in COMMANDS:
         sub = commands.add_parser(name, help=helptext, description=helptext)
         configure(sub)
-        sub.set_defaults(run=run, command=name)
-        COMMAND_PARSERS[name] = sub
+        # Errors in a command's arguments are reported with that command's usage.
+        sub.set_defaults(run=run, command_parser=sub)
     return parser
 
 
