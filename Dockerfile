@@ -71,7 +71,8 @@ COPY --from=builder /opt/venv /opt/venv
 
 # HOME and XDG_CACHE_HOME point into /tmp, the only writable path (the embedded engine
 # assembles its GGUF into $XDG_CACHE_HOME/agentloop on first use). Kubernetes mounts an
-# emptyDir there; with `docker run --read-only` add `--tmpfs /tmp`.
+# emptyDir there; with `docker run --read-only` add `--tmpfs /tmp`. The engine follows
+# the build: EXTRAS is empty (the Ollama image) or "embedded" (the engine it carries).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -80,7 +81,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     AGENTLOOP_LISTEN=0.0.0.0:50051 \
     AGENTLOOP_METRICS_LISTEN=0.0.0.0:9464 \
-    AGENTLOOP_BACKEND=ollama
+    AGENTLOOP_BACKEND=${EXTRAS:-ollama}
 
 WORKDIR /tmp
 USER 10001:10001

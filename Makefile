@@ -8,7 +8,7 @@ NODE_BIN := node_modules/.bin
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint generate docs bench clean
+.PHONY: help install run test lint generate docs bench clean go-tools go-check
 
 help:
 	@echo "make run       set up and serve on 127.0.0.1:50051 (Ollama if reachable, else embedded)"
@@ -17,15 +17,21 @@ help:
 	@echo "make docs      rewrite the README settings table from config.py"
 	@echo "make lint      buf lint + buf format + ruff"
 	@echo "make bench     run the benchmarks (writes bench/results/)"
+	@echo "make go-check  generate the Go stubs and compile them (Debian's Go packages)"
 
 # The venv, with the client and the server (each its own distribution; the server's CLI
 # depends on the client), the embedded engine and the dev tools. The stamp tracks
 # pyproject.toml so a changed dependency list reinstalls. llama-cpp-python builds from
 # source the first time (about 6 minutes on 2 cores); pip caches the wheel after that.
+# pip runs without --quiet for the project so that a first build shows its progress.
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e clients/python -e '.[dev,embedded]'
+	@echo "Installing agentloop and its dependencies into $(VENV). The first time, pip builds"
+	@echo "llama-cpp-python from source: about 6 minutes on 2 cores at \"Building wheel for";
+	@echo "llama-cpp-python\" below;"
+	@echo "later installs reuse pip's cached wheel."
+	$(PY) -m pip install --progress-bar on -e clients/python -e '.[dev,embedded]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -48,8 +54,25 @@ lint: install
 	$(NODE_BIN)/buf format --exit-code --diff
 	$(BIN)/ruff check server clients tests bench protos
 
-test: install lint
+test: install lint go-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Go stubs (buf.gen.go.yaml): Debian packages the Go toolchain, both protoc plugins and the
+# protobuf and gRPC Go libraries. Installed here when apt-get can (as root); otherwise the
+# Go test (tests/test_buf.py) is skipped and says why.
+# (gRPC's codec needs github.com/golang/protobuf 1.4 or later: the 1-5 package.)
+GO_PACKAGES := golang-go protoc-gen-go protoc-gen-go-grpc golang-google-protobuf-dev \
+	golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
+go-tools:
+	@if dpkg -s $(GO_PACKAGES) >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq --no-install-recommends $(GO_PACKAGES) \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(GO_PACKAGES); } \
+		|| echo "go-tools: apt-get could not install $(GO_PACKAGES); the Go test is skipped"; \
+	else echo "go-tools: no apt-get as root; the Go test is skipped"; fi
+
+go-check: install go-tools
+	$(PY) -m pytest -q tests/test_buf.py -k go
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e clients/python -e '.[dev,embedded,bench]'

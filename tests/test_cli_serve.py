@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,23 @@ async def test_grpcurl_lists_through_reflection_and_calls_generate(fake_ollama: 
 
 
 async def test_health_cli_exits_nonzero_when_not_serving(fake_ollama: FakeOllama):
-    proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
-                                      "--model", "absent:1b", "--drain-delay", "0")
+    # No banner while NOT_SERVING: listen on a known free port and wait for liveness.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "agentloop"), "serve", "--listen", address, "--backend", "ollama",
+        "--ollama-url", fake_ollama.url, "--model", "absent:1b", "--drain-delay", "0",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
+        for _ in range(300):
+            live = await run_cli("health", "--address", address, "--service", "liveness",
+                                 "--timeout", "1")
+            if live.returncode == 0:
+                break
+        assert live.returncode == 0, live.stderr
         result = await run_cli("health", "--address", address)
         assert result.returncode == 1 and result.stdout.strip() == "NOT_SERVING"
-        live = await run_cli("health", "--address", address, "--service", "liveness")
-        assert live.returncode == 0
     finally:
         await stop(proc)
     nobody = await run_cli("health", "--address", address, "--timeout", "0.5")

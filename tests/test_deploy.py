@@ -213,10 +213,31 @@ def test_dockerfile_shape() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert "ARG EXTRAS" in text and "-DGGML_NATIVE=OFF" in text
     for variable in ("HOME=/tmp", "XDG_CACHE_HOME=/tmp/", "PYTHONUNBUFFERED=1",
-                     "AGENTLOOP_LISTEN=0.0.0.0:", "AGENTLOOP_BACKEND=ollama"):
+                     "AGENTLOOP_LISTEN=0.0.0.0:"):
         assert variable in text, f"the runtime image sets {variable}"
     for name in re.findall(r"\b(AGENTLOOP_[A-Z0-9_]+)=", text):
         assert name in KNOWN_ENV, f"Dockerfile sets {name}, which is no setting"
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    """Docker's ${VAR:-default} and ${VAR:+word} substitutions, as in ENV values."""
+    def one(match: re.Match[str]) -> str:
+        value = variables.get(match["name"], "")
+        if match["op"] == ":-":
+            return value or match["word"]
+        return match["word"] if value else ""
+    return re.sub(r"\$\{(?P<name>\w+)(?P<op>:[-+])(?P<word>[^}]*)\}", one, text)
+
+
+@pytest.mark.parametrize(("extras", "backend"), [("", "ollama"), ("embedded", "embedded")])
+def test_image_runs_the_engine_it_was_built_with(extras: str, backend: str) -> None:
+    instructions = dockerfile_instructions()
+    runtime = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    env = " ".join(args for keyword, args in instructions[runtime:] if keyword == "ENV")
+    value = re.search(r"AGENTLOOP_BACKEND=(\S+)", env)
+    assert value, "the runtime image sets AGENTLOOP_BACKEND"
+    assert _expand(value.group(1), {"EXTRAS": extras}) == backend
+    assert load_settings(environ={"AGENTLOOP_BACKEND": backend}).backend == backend
 
 
 def test_dockerfile_commands_parse_with_the_cli() -> None:
@@ -435,6 +456,8 @@ def test_hpa_and_pdb_point_at_the_deployment(overlay: str) -> None:
     assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     names = {c["name"] for c in all_containers(pod_spec(docs))}
     for metric in hpa["spec"]["metrics"]:
+        if metric["type"] == "Pods":
+            continue  # test_hpa_scales_on_the_slots_through_prometheus_adapter
         source = metric.get("resource") or metric.get("containerResource")
         assert source["name"] == "cpu" and source["target"]["type"] == "Utilization"
         if "container" in source:
@@ -446,6 +469,94 @@ def test_hpa_and_pdb_point_at_the_deployment(overlay: str) -> None:
         assert pdb["minAvailable"] < hpa["spec"]["minReplicas"], "drains must be possible"
     else:
         assert pdb["maxUnavailable"] >= 1
+
+
+ADAPTER_CONFIG = K8S / "autoscaling/prometheus-adapter-config.yaml"
+# prometheus-adapter's rule format (its docs/config.md), as a JSON Schema.
+ADAPTER_RULES_SCHEMA = {
+    "type": "object", "required": ["rules"], "additionalProperties": False,
+    "properties": {"rules": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "additionalProperties": False,
+        "required": ["seriesQuery", "resources", "name", "metricsQuery"],
+        "properties": {
+            "seriesQuery": {"type": "string"},
+            "seriesFilters": {"type": "array"},
+            "resources": {"type": "object", "additionalProperties": False, "properties": {
+                "template": {"type": "string"},
+                "overrides": {"type": "object", "additionalProperties": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"group": {"type": "string"},
+                                   "resource": {"type": "string"}}}}}},
+            "name": {"type": "object", "additionalProperties": False,
+                     "required": ["matches"],
+                     "properties": {"matches": {"type": "string"}, "as": {"type": "string"}}},
+            "metricsQuery": {"type": "string", "pattern": "<<\\.Series>>"},
+        }}}},
+}
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    configmap = yaml.safe_load(ADAPTER_CONFIG.read_text(encoding="utf-8"))
+    for version in (OLDEST_KUBERNETES, newest_kubernetes()):
+        kubernetes_validate.validate(configmap, version, strict=True)
+    config_yaml = yaml.safe_load(configmap["data"]["config.yaml"])
+    import jsonschema
+
+    jsonschema.validate(config_yaml, ADAPTER_RULES_SCHEMA)
+    return config_yaml["rules"]
+
+
+def adapter_metric_name(rule: dict[str, Any], series: str) -> str:
+    """The custom metric name a rule serves for a Prometheus series (its name.matches/as)."""
+    match = re.search(rule["name"]["matches"], series)
+    assert match, f"{rule['name']['matches']} does not match {series}"
+    return match.expand(rule["name"].get("as", "").replace("$", "\\") or match.group(0))
+
+
+async def test_hpa_scales_on_the_slots_through_prometheus_adapter(fake_ollama) -> None:
+    """Every Pods metric of both HPAs comes from an adapter rule, and every rule selects a
+    series that a real gateway's /metrics serves, per pod and namespace."""
+    import httpx
+
+    from helpers import gateway_settings, running_gateway
+
+    served: dict[str, str] = {}
+    for rule in adapter_rules():
+        series = re.match(r"'?(\w+)\{", rule["seriesQuery"])
+        assert series, rule["seriesQuery"]
+        overrides = rule["resources"]["overrides"]
+        assert overrides["namespace"]["resource"] == "namespace"
+        assert overrides["pod"]["resource"] == "pod"
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+        assert "by (<<.GroupBy>>)" in rule["metricsQuery"]
+        served[adapter_metric_name(rule, series.group(1))] = series.group(1)
+    settings = gateway_settings(ollama_url=fake_ollama.url, metrics_listen="127.0.0.1:0")
+    async with running_gateway(settings) as gateway, httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics")
+    exported = {line.split("{")[0].split()[0] for line in response.text.splitlines()
+                if line and not line.startswith("#")}
+    assert set(served.values()) <= exported, "the adapter rules name series nobody exports"
+    for overlay in OVERLAYS:
+        hpa = only(documents(overlay), "HorizontalPodAutoscaler")
+        pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        names = {m["metric"]["name"] for m in pods}
+        assert names == {"agentloop_requests_in_flight", "agentloop_requests_queued"}, overlay
+        assert names <= set(served), f"{overlay}: an HPA metric no adapter rule serves"
+        slots = int(config(documents(overlay))["AGENTLOOP_MAX_IN_FLIGHT"])
+        for metric in pods:
+            assert metric["target"]["type"] == "AverageValue"
+            if metric["metric"]["name"] == "agentloop_requests_in_flight":
+                target = _cpu(metric["target"]["averageValue"])
+                assert 0 < target <= slots, f"{overlay}: in-flight target beyond its slots"
+
+
+def test_adapter_rules_schema_is_not_a_no_op() -> None:
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"rules": [{"seriesQuery": "x", "resources": {},
+                                        "name": {"matches": "x"}, "metricQuery": "x"}]},
+                            ADAPTER_RULES_SCHEMA)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -4,7 +4,7 @@
 // grpc-health-check package. It checks health, calls Generate, reads StreamGenerate, and
 // runs StreamRunAgent with a tool written in JavaScript that the agent may call.
 //
-//   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 60]
+//   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
 'use strict';
 
 const path = require('node:path');
@@ -141,7 +141,7 @@ async function main() {
     options: {
       address: { type: 'string', default: process.env.AGENTLOOP_ADDRESS || '127.0.0.1:50051' },
       'api-key': { type: 'string', default: process.env.AGENTLOOP_API_KEY || '' },
-      timeout: { type: 'string', default: '60' },
+      timeout: { type: 'string', default: '300' },
       prompt: { type: 'string', default: 'Write one sentence about the sea.' },
       goal: { type: 'string', default: 'Reverse the text "agentloop" with the reverse_text tool.' },
     },
@@ -157,7 +157,8 @@ async function main() {
     console.log(`generate: ${reply.text} [${reply.finish_reason}, ${reply.usage.output_tokens} tokens]`);
 
     process.stdout.write('stream: ');
-    const last = await streamGenerate(service, { prompt: values.prompt }, metadata, deadline());
+    const last = await streamGenerate(service, { prompt: values.prompt, options: { max_tokens: 64 } },
+      metadata, deadline());
     console.log(` [${last.finish_reason}, first token after ${seconds(last.timings.time_to_first_token).toFixed(3)}s]`);
 
     const clientTools = Object.entries(CLIENT_TOOLS).map(([name, tool]) => ({

@@ -8,20 +8,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import errno
 import functools
+import importlib.metadata
 import json
 import os
+import re
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import grpc
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message
 
-from agentloop.config import Settings, SettingsError, add_settings_arguments, load_settings
+from agentloop.config import (
+    Settings,
+    SettingsError,
+    add_settings_arguments,
+    env_name,
+    flag_name,
+    load_settings,
+    parse_host_port,
+)
 from agentloop.health import LIVENESS, READINESS, SERVICE_NAME
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop_client import DEFAULT_ADDRESS, AgentLoopClient, AgentLoopError
@@ -33,7 +46,11 @@ EXIT_UNHEALTHY = 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command_parser = getattr(args, "command_parser", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                             + _did_you_mean(unknown, command_parser))
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
@@ -46,14 +63,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the command meant by a mistyped one."""
+
+    def error(self, message: str) -> NoReturn:
+        invalid = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if invalid:
+            choices = re.findall(r"'([^']*)'", invalid.group(2))
+            matches = difflib.get_close_matches(invalid.group(1), choices, n=1)
+            if matches:
+                message += f"; did you mean {matches[0]!r}?"
+        super().error(message)
+
+
+def _did_you_mean(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """` (did you mean: --x -> --y?)` for the mistyped flags among `unknown`, else ''."""
+    flags = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            matches = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1)
+            hints += [f"{word.split('=', 1)[0]} -> {matches[0]}"] if matches else []
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentloop", description=__doc__)
-    commands = parser.add_subparsers(title="commands")
+    parser = _Parser(prog="agentloop", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"agentloop {_version()}")
+    commands = parser.add_subparsers(title="commands", parser_class=_Parser)
     for name, helptext, configure, run in COMMANDS:
         sub = commands.add_parser(name, help=helptext, description=helptext)
         configure(sub)
-        sub.set_defaults(run=run)
+        # Errors in a command's arguments are reported with that command's usage.
+        sub.set_defaults(run=run, command_parser=sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("agentloop")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 # --- serve -------------------------------------------------------------------------------
@@ -64,12 +114,33 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args)
+    # Before anything slow (loading a model): a second `make run` fails in one line.
+    ensure_listen_address_free(settings.listen)
     if settings.workers == 1:
         _serve_one(settings, 0)
         return 0
     from agentloop.workers import run_workers
 
     return run_workers(settings, _serve_one)
+
+
+def ensure_listen_address_free(listen: str) -> None:
+    """Raise SettingsError when nothing could listen on `listen` (HOST:PORT) right now."""
+    host, port = parse_host_port(listen)
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: connections of a previous server in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        why = ("already in use (another server listens there)"
+               if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)))
+        raise SettingsError(f"{flag_name('listen')} / {env_name('listen')}: cannot listen on "
+                            f"{listen}: {why}; choose another HOST:PORT") from None
 
 
 def _serve_one(settings: Settings, worker: int) -> None:
@@ -168,13 +239,29 @@ def _describe_error(exc: AgentLoopError, address: str) -> str:
     text = f"{exc.code.name}: {exc.message}"
     # The server's own UNAVAILABLE always carries ErrorInfo; a bare one is the transport's.
     if exc.code is grpc.StatusCode.UNAVAILABLE and exc.error_info is None:
-        return f"cannot reach a server at {address} ({text})"
+        return _describe_transport_failure(text, address)
     if exc.field_violations:
         text = f"{exc.code.name}: " + "; ".join(
             f"{name}: {why}" for name, why in exc.field_violations.items())
     if exc.retry_delay is not None:
         text += f" (retry in {exc.retry_delay:g}s)"
     return text
+
+
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed",
+                     "name resolution", "no route to host", "connect failed")
+
+
+def _describe_transport_failure(text: str, address: str) -> str:
+    """Never connected, or a connection that was closed under the call: say which."""
+    lowered = text.lower()
+    if "too_many_pings" in lowered or "too many pings" in lowered:
+        return (f"the server at {address} closed the connection because this client sent "
+                f"keepalive pings more often than the server's --min-ping-interval allows "
+                f"({text})")
+    if any(failure in lowered for failure in _CONNECT_FAILURES):
+        return f"cannot reach a server at {address} ({text})"
+    return f"the connection to the server at {address} was closed during the call ({text})"
 
 
 class _Progress:

@@ -76,7 +76,16 @@ class Settings:
         "long-lived channels re-resolve and spread over new replicas; 0 = never",
     )
     max_connection_age_grace: float = _setting(
-        30.0, "seconds calls on a connection told to go away may still take to finish"
+        0.0,
+        "seconds calls on a connection told to go away may still take to finish, then they "
+        "are cut; 0 = no limit: the connection takes no new calls and closes when its last "
+        "call ends (each call still ends by its own deadline)",
+    )
+    min_ping_interval: float = _setting(
+        10.0,
+        "fewest seconds a client must leave between keepalive pings (idle or not); a client "
+        "pinging more often is disconnected with too_many_pings (agentloop_client pings "
+        "every 30 s)",
     )
     reflection: bool = _setting(True, "serve gRPC server reflection (grpcurl list/describe)")
     log_level: str = _setting("info", "log level: debug, info, warning, error", choices=LOG_LEVELS)
@@ -135,7 +144,12 @@ class Settings:
     top_p: float = _setting(0.9, "default nucleus sampling top_p", group="generation")
     top_k: int = _setting(40, "default top_k", group="generation")
     repeat_penalty: float = _setting(1.1, "default repeat penalty", group="generation")
-    max_tokens: int = _setting(2048, "default most new tokens per generation", group="generation")
+    max_tokens: int = _setting(
+        0,
+        "default most new tokens per generation; 0 = the engine's: 2048 for Ollama, 256 for "
+        "the embedded engine (a small CPU model: first calls finish in seconds)",
+        group="generation",
+    )
     num_ctx: int = _setting(8192, "default context window in tokens", group="generation")
 
     # --- admission control ---
@@ -298,14 +312,14 @@ def _validate(s: Settings) -> Sequence[str]:
     if url.scheme not in ("http", "https") or not url.hostname:
         bad("ollama_url", f"expected an http(s) URL, got {s.ollama_url!r}")
     for name in ("connect_timeout", "read_timeout", "pool_timeout", "health_interval",
-                 "health_timeout", "queue_timeout"):
+                 "health_timeout", "queue_timeout", "min_ping_interval"):
         if getattr(s, name) <= 0:
             bad(name, "must be > 0")
     for name in ("drain_delay", "shutdown_grace", "max_in_flight", "max_queue",
-                 "max_connection_age", "max_connection_age_grace"):
+                 "max_connection_age", "max_connection_age_grace", "max_tokens"):
         if getattr(s, name) < 0:
             bad(name, "must be >= 0")
-    for name in ("max_connections", "max_tokens", "num_ctx", "max_tokens_cap", "max_prompt_bytes",
+    for name in ("max_connections", "num_ctx", "max_tokens_cap", "max_prompt_bytes",
                  "max_messages", "max_image_bytes"):
         if getattr(s, name) < 1:
             bad(name, "must be >= 1")

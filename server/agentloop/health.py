@@ -43,10 +43,15 @@ class HealthReporter:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.last: BackendHealth = BackendHealth(False, "not checked yet")
+        self._became_ready = asyncio.Event()
 
     @property
     def ready(self) -> bool:
         return self.last.ready
+
+    async def wait_ready(self) -> None:
+        """Return once readiness has been SERVING (at once if it already was)."""
+        await self._became_ready.wait()
 
     async def start(self) -> None:
         """Set the initial statuses, run the first check, then refresh in the background."""
@@ -97,6 +102,8 @@ class HealthReporter:
             log.info("readiness %s%s", "SERVING" if result.ready else "NOT_SERVING",
                      f" ({result.reason})" if result.reason else "")
         self.last = result
+        if result.ready:
+            self._became_ready.set()
         status = SERVING if result.ready else NOT_SERVING
         for name in READY_NAMES:
             await self.servicer.set(name, status)

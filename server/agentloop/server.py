@@ -9,9 +9,11 @@ notice, then `server.stop(grace)` so streams in flight can finish.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,6 +35,9 @@ from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
 from agentloop.v1 import agentloop_pb2_grpc
+
+if TYPE_CHECKING:
+    from agentloop.backends.embedded import EmbeddedBackend
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +83,26 @@ class RunningServer:
 
 
 async def select_backend(settings: Settings) -> Backend:
-    """The backend the settings ask for; `auto` prefers a reachable Ollama."""
+    """The backend the settings ask for; `auto` prefers a reachable Ollama. Logs one line
+    naming the engine, where it is (URL or model file) and why it was chosen."""
     if settings.backend == "ollama":
+        log.info("engine ollama at %s (--backend ollama)", settings.ollama_url)
         return OllamaBackend(settings)
+    why = "--backend embedded"
     if settings.backend == "auto":
         ollama = OllamaBackend(settings)
         if await ollama.is_reachable():
-            log.info("backend auto: Ollama answers at the configured URL, using it")
+            log.info("engine ollama at %s (--backend auto: Ollama answers there)",
+                     settings.ollama_url)
             return ollama
         await ollama.close()
-        log.info("backend auto: no Ollama answers at the configured URL, using the embedded engine")
-    return embedded_backend(settings)
+        why = f"--backend auto: no Ollama answers at {settings.ollama_url}"
+    backend = embedded_backend(settings)
+    log.info("engine embedded, model file %s (%s)", backend.model_path, why)
+    return backend
 
 
-def embedded_backend(settings: Settings) -> Backend:
+def embedded_backend(settings: Settings) -> EmbeddedBackend:
     try:
         from agentloop.backends.embedded import EmbeddedBackend
     except ImportError as exc:
@@ -105,17 +116,33 @@ def embedded_backend(settings: Settings) -> Backend:
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     options = []
     if settings.max_connection_age > 0:
-        options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
-        ]
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)))
+        # Unset, gRPC's grace is unlimited: the connection takes no new calls after GOAWAY
+        # and closes when its last call ends, so connection age never cuts a call.
+        if settings.max_connection_age_grace > 0:
+            options.append(("grpc.max_connection_age_grace_ms",
+                            int(settings.max_connection_age_grace * 1000)))
     return [
         *options,
+        # The ping policy clients must keep (agentloop_client's keepalive is within it):
+        # pings at most every min_ping_interval, also while no call or no data is under
+        # way (a long silent generation), instead of gRPC's default of one per 5 minutes,
+        # whose breach ends the connection with too_many_pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Several workers share the port on purpose; one worker must not share it by accident.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
+
+
+def with_engine_defaults(settings: Settings, backend: Backend) -> Settings:
+    """Settings whose engine-dependent defaults (0 = the engine's) are filled in."""
+    if settings.max_tokens:
+        return settings
+    return dataclasses.replace(settings, max_tokens=min(backend.default_max_tokens,
+                                                        settings.max_tokens_cap))
 
 
 def add_services(server: grpc.aio.Server, servicer: AgentLoopServicer,
@@ -154,6 +181,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     """Build and start everything; the caller owns the returned server's shutdown."""
     guards = security_interceptors(settings)
     backend = ResilientBackend(backend or await select_backend(settings), settings)
+    settings = with_engine_defaults(settings, backend)
     await backend.start()
     admission = Admission(
         settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout
@@ -179,8 +207,9 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     await health.start()
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
                             telemetry)
-    log.info("serving %s on %s with the %s backend, model %s",
-             SERVICE_NAME, running.address, backend.name, backend.default_model)
+    log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
+             SERVICE_NAME, running.address, backend.name, backend.default_model,
+             "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")
     return running
 
 
@@ -192,8 +221,14 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start_server(settings)
-    print(ready_banner(running), flush=True)
-    await stop.wait()
+    # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
+    stopped = asyncio.create_task(stop.wait())
+    ready = asyncio.create_task(running.health.wait_ready())
+    await asyncio.wait((stopped, ready), return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if not stop.is_set():
+        print(ready_banner(running), flush=True)
+    await stopped
     log.info("signal received, shutting down")
     await running.shutdown()
 

@@ -21,6 +21,10 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Generous enough for a long generation on a CPU; pass `timeout=` per call to tighten.
 DEFAULT_TIMEOUT = 300.0
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+#: Seconds between keepalive pings; the server allows one per 10 s (--min-ping-interval).
+DEFAULT_KEEPALIVE = 30.0
+#: Calls a retry could repeat work of: an agent run may have run tools before it failed.
+AGENT_RUN_METHODS = ("RunAgent", "StreamRunAgent")
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -30,9 +34,12 @@ class ChannelConfig:
     """How to reach the gateway.
 
     `address` may be `dns:///agentloop.ns.svc:50051` (a headless Service): round_robin then
-    spreads calls over every replica. `retries` is gRPC's transparent retry of calls that
-    failed with UNAVAILABLE before the server sent anything (a draining or restarting
-    replica), with exponential backoff. `skip_unready` (default: on for `dns:` targets and
+    spreads calls over every replica. `retries` is gRPC's retry of calls that failed with
+    UNAVAILABLE before the server sent anything (a draining or restarting replica), with
+    exponential backoff; it never applies to RunAgent and StreamRunAgent, whose runs may
+    have called tools before failing, unless `retry_agent_runs` says a repeated run is
+    harmless. `keepalive` is the seconds between pings while calls are open (within the
+    server's --min-ping-interval). `skip_unready` (default: on for `dns:` targets and
     address lists) turns on client-side health checking, so replicas whose `readiness` is
     NOT_SERVING get no calls; off, a single server answers for itself (its own statuses,
     and `health()` reads NOT_SERVING instead of failing).
@@ -45,7 +52,8 @@ class ChannelConfig:
     root_certificates: bytes | None = None
     credentials: grpc.ChannelCredentials | None = None
     retries: int = 4
-    keepalive: float = 60.0
+    retry_agent_runs: bool = False
+    keepalive: float = DEFAULT_KEEPALIVE
     skip_unready: bool | None = None
     options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
 
@@ -69,20 +77,25 @@ class ChannelConfig:
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [
-            ("grpc.service_config", service_config(self.retries, self.balances_replicas)),
+            ("grpc.service_config", service_config(
+                self.retries, self.balances_replicas, self.retry_agent_runs)),
             ("grpc.enable_retries", 1 if self.retries > 1 else 0),
             ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", 20_000),
+            # Keep pinging through a call that stays silent (a long generation's first
+            # token): gRPC stops after 2 pings without data otherwise.
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *self.options,
         ]
 
 
-def service_config(max_attempts: int, skip_unready: bool = False) -> str:
+def service_config(max_attempts: int, skip_unready: bool = False,
+                   retry_agent_runs: bool = False) -> str:
     """round_robin over every resolved address (only those whose `readiness` is SERVING
     with `skip_unready`: a draining replica leaves the rotation at once); retry UNAVAILABLE
-    with backoff."""
+    with backoff, agent runs only with `retry_agent_runs`."""
     config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     if skip_unready:
         config["healthCheckConfig"] = {"serviceName": READINESS}
@@ -97,6 +110,11 @@ def service_config(max_attempts: int, skip_unready: bool = False) -> str:
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }]
+        if not retry_agent_runs:
+            # A method's own entry wins over its service's: no retryPolicy, no retries.
+            config["methodConfig"].append({
+                "name": [{"service": SERVICE, "method": method} for method in AGENT_RUN_METHODS],
+            })
     return json.dumps(config)
 
 

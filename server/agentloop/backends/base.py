@@ -26,6 +26,9 @@ class Backend(Protocol):
     name: str
     #: Generations the engine runs at once; the default for admission control.
     parallelism: int
+    #: max_tokens when neither the request nor --max-tokens sets it: sized so that a
+    #: request leaving it unset finishes in reasonable time on this engine.
+    default_max_tokens: int
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
 

@@ -196,6 +196,8 @@ class EmbeddedBackend:
     name = "embedded"
     # One llama.cpp context decodes one sequence at a time; admission queues the rest.
     parallelism = 1
+    # A small model on a CPU (tens of tokens/s): a newcomer's first calls finish in seconds.
+    default_max_tokens = 256
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -60,6 +60,7 @@ class OllamaBackend:
     name = "ollama"
     # Ollama's OLLAMA_NUM_PARALLEL picks 4 (or 1 on small memory); see --max-in-flight.
     parallelism = 4
+    default_max_tokens = 2048
 
     def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
         self._settings = settings

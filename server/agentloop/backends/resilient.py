@@ -148,6 +148,7 @@ class ResilientBackend:
         self.inner = inner
         self.name = inner.name
         self.parallelism = inner.parallelism
+        self.default_max_tokens = inner.default_max_tokens
         self.circuit = CircuitBreaker(
             settings.circuit_failure_threshold, settings.circuit_reset_timeout)
         self.retries = 0  # attempts beyond the first: the agentloop.backend.retries counter

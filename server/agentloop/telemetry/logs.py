@@ -20,6 +20,9 @@ from typing import Any
 from opentelemetry import trace
 
 REQUEST_LOGGER = "agentloop.requests"
+#: Libraries that log every HTTP request at info, the background readiness checks
+#: included (one every --health-interval): shown at debug only.
+CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,6 +58,8 @@ def setup_logging(level: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(worker))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 @dataclass(slots=True)
