@@ -21,11 +21,11 @@ import pytest
 from agentloop.cli import _describe_error as describe_error
 from agentloop.config import Settings, load_settings
 from agentloop.server import server_options, with_engine_defaults
-from agentloop.testing.fake_ollama import FakeOllama, Script
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from agentloop_client import AsyncAgentLoopClient, Unavailable
 from agentloop_client.channel import DEFAULT_KEEPALIVE
+from fake_ollama import FakeOllama, Script
 from helpers import TOKENS, gateway_settings, running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agentloop.server import RunningServer
-from agentloop.testing.fake_ollama import FakeOllama, Script
+from fake_ollama import FakeOllama, Script
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
