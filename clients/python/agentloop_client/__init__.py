@@ -2,9 +2,9 @@
 
 It wraps the generated stubs (`agentloop.v1.agentloop_pb2_grpc`) with what every caller
 would otherwise repeat: a default deadline, round_robin balancing (or conversation affinity
-with `session=`) and retries of UNAVAILABLE, keepalive, TLS, an API key sent as a bearer token, streams as Python strings,
-and failures as exceptions carrying the status code and the rich error details. The raw
-stub stays one attribute away (`client.stub`).
+with `session=`) and retries of UNAVAILABLE, keepalive, TLS, an API key sent as a bearer
+token, streams as Python strings, and failures as exceptions carrying the status code and
+the rich error details. The raw stub stays one attribute away (`client.stub`).
 """
 
 from agentloop.v1 import agentloop_pb2 as pb

@@ -24,8 +24,8 @@ from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from agentloop_client.channel import (
     DEFAULT_ADDRESS,
     ChannelConfig,
-    sync_channel,
     session_metadata,
+    sync_channel,
 )
 from agentloop_client.errors import error_from_rpc
 from agentloop_client.requests import (
