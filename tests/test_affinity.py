@@ -9,18 +9,24 @@ replica served.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import shutil
 from collections import defaultdict
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cli import action
 from test_replicas import AGENTLOOP, Replica, free_port, start_replicas
 
-from agentloop.testing.fake_ollama import wait_until
+from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop_client import SESSION_HEADER, AgentLoopClient, AsyncAgentLoopClient, Unavailable
 from agentloop_client.channel import RING_HASH_HEADER_FLAG, ChannelConfig
+from helpers import TOKENS
 
+ROOT = Path(__file__).resolve().parents[1]
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 # Readiness follows the backend every 0.1 s; a stopping replica drains for 0.3 s.
 REPLICA_ARGS = ("--health-interval", "0.1")
@@ -211,3 +217,34 @@ async def wait_until_status(address: str, status: int) -> None:
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(reached(), 20)
+
+
+async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_callers(
+        gateway, fake_ollama: FakeOllama, caplog):
+    """The header arrives from both clients; the request log names it, bounded."""
+    node = shutil.which("node")
+    assert node is not None, "node is needed for the Node example"
+    fake_ollama.enqueue(
+        Script(tokens=TOKENS), Script(tokens=TOKENS),
+        action(thought="Reverse it.", tool="reverse_text", arguments={"text": "agentloop"}),
+        action(thought="Got it.", final_answer="pooltnega"),
+    )
+    with caplog.at_level(logging.INFO, logger="agentloop.requests"):
+        proc = await asyncio.create_subprocess_exec(
+            node, str(ROOT / "clients/node/example.js"), "--address", gateway.address,
+            "--timeout", "20", "--session", "node-conv", cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode() + out.decode()
+        async with AsyncAgentLoopClient(gateway.address, timeout=10) as client:
+            await client.generate("hi", session="py-conv")
+            await client.generate("hi", session="x" * 1000)
+            await client.generate("hi")
+
+    sessions = [(r.fields["method"], r.fields.get("session")) for r in caplog.records
+                if r.name == "agentloop.requests" and hasattr(r, "fields")]
+    assert sessions == [
+        ("Generate", "node-conv"), ("StreamGenerate", "node-conv"),
+        ("StreamRunAgent", "node-conv"),
+        ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
+    ]
