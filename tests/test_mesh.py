@@ -147,3 +147,11 @@ def validate_istio(doc: dict[str, Any]) -> str:
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def test_the_deployment_guide_shows_every_affinity_path():
+    guide = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
+    for needed in (SESSION_HEADER, "ring_hash_experimental", "requestHashHeader",
+                   "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY", "affinity/envoy.yaml",
+                   "affinity/destinationrule.yaml", "httpHeaderName", "session="):
+        assert needed in guide, f"k8s/README.md should cover {needed!r}"
