@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shutil
+import sys
 from collections import defaultdict
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -240,6 +241,10 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
             await client.generate("hi", session="py-conv")
             await client.generate("hi", session="x" * 1000)
             await client.generate("hi")
+        async with AsyncAgentLoopClient(gateway.address, timeout=10,
+                                        session="whole-client") as client:
+            await client.generate("hi")
+            await client.generate("hi", session="one-call")  # the call's own wins
 
     sessions = [(r.fields["method"], r.fields.get("session")) for r in caplog.records
                 if r.name == "agentloop.requests" and hasattr(r, "fields")]
@@ -247,4 +252,41 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
         ("Generate", "node-conv"), ("StreamGenerate", "node-conv"),
         ("StreamRunAgent", "node-conv"),
         ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
+        ("Generate", "whole-client"), ("Generate", "one-call"),
     ]
+
+
+# Run in a fresh process without the flag in its environment: a hashing channel made before
+# the flag fails every call, and the client, which sets the flag when it makes its channel,
+# works although grpc has made channels before.
+FLAG_CHECK = """
+import sys, grpc
+from agentloop.v1 import agentloop_pb2 as pb, agentloop_pb2_grpc as pb_grpc
+from agentloop_client import AgentLoopClient
+from agentloop_client.channel import SESSION_HEADER, service_config
+address = sys.argv[1]
+options = [("grpc.service_config", service_config(1, False, hash_sessions=True))]
+with grpc.insecure_channel(address, options=options) as channel:
+    try:
+        pb_grpc.AgentLoopServiceStub(channel).Generate(
+            pb.GenerateRequest(prompt="hi"), metadata=((SESSION_HEADER, "s"),), timeout=10)
+        print("without the flag: OK")
+    except grpc.RpcError as error:
+        print("without the flag:", error.code().name, error.details())
+with AgentLoopClient(address, affinity=True, session="s", timeout=10) as client:
+    print("client:", client.generate("hi").text)
+"""
+
+
+async def test_the_client_sets_grpcs_ring_hash_flag_which_grpc_reads_per_channel(gateway):
+    env = {k: v for k, v in os.environ.items() if k != RING_HASH_HEADER_FLAG}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLAG_CHECK, gateway.address, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    without, client = out.decode().splitlines()
+    assert client == "client: Hello, world!"
+    assert without == "without the flag: INTERNAL hash attribute not present", (
+        f"{without}: has grpcio changed how it treats {RING_HASH_HEADER_FLAG}? "
+        "Update the README and k8s/README.md")
