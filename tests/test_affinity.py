@@ -14,7 +14,8 @@ import os
 import shutil
 import sys
 from collections import defaultdict
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -37,6 +38,17 @@ FAST_RECONNECT = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 300),
 )
+
+
+@asynccontextmanager
+async def three_replicas() -> AsyncIterator[tuple[list[Replica], AsyncAgentLoopClient]]:
+    """Three replicas on 127.0.0.2-4 and a client that hashes sessions over them."""
+    port = free_port(HOSTS[0])
+    async with AsyncExitStack() as stack:
+        replicas = await start_replicas(stack, HOSTS, port, *REPLICA_ARGS)
+        async with AsyncAgentLoopClient(target(replicas), affinity=True, timeout=10,
+                                        options=FAST_RECONNECT) as client:
+            yield replicas, client
 
 
 def target(replicas: list[Replica]) -> str:
@@ -93,31 +105,27 @@ def test_the_session_key_is_a_header_and_selects_ring_hash_only_for_balanced_tar
 
 
 async def test_a_sessions_turns_stay_on_one_replica_and_sessions_use_all_three():
-    port = free_port(HOSTS[0])
-    async with AsyncExitStack() as stack:
-        replicas = await start_replicas(stack, HOSTS, port, *REPLICA_ARGS)
+    async with three_replicas() as (replicas, client):
         sessions = [f"conv{i}" for i in range(30)]
-        async with AsyncAgentLoopClient(target(replicas), affinity=True, timeout=10,
-                                        options=FAST_RECONNECT) as client:
-            await converse(client, sessions, turns=4)
-            where = served_sessions(replicas)
-            assert set(where) == set(sessions)
-            assert all(len(places) == 1 for places in where.values()), where
-            assert set().union(*where.values()) == {0, 1, 2}
-            # Calls without a session still succeed and still spread.
-            before = request_counts(replicas)
-            for _ in range(30):
-                assert (await client.generate("nobody")).text == "ok"
-            assert all(after > b for after, b in zip(request_counts(replicas), before,
-                                                     strict=True))
+        await converse(client, sessions, turns=4)
+        where = served_sessions(replicas)
+        assert set(where) == set(sessions)
+        assert all(len(places) == 1 for places in where.values()), where
+        assert set().union(*where.values()) == {0, 1, 2}
+        # Calls without a session still succeed and still spread.
+        before = request_counts(replicas)
+        for _ in range(30):
+            assert (await client.generate("nobody")).text == "ok"
+        assert all(after > b for after, b in zip(request_counts(replicas), before,
+                                                 strict=True))
 
         # A client made for one conversation (the sync client, the CLI's --session) sends
         # every call to that conversation's replica.
         def solo_conversation() -> None:
-            with AgentLoopClient(target(replicas), session="solo", timeout=10) as client:
-                assert client.config.hashes_sessions
+            with AgentLoopClient(target(replicas), session="solo", timeout=10) as solo:
+                assert solo.config.hashes_sessions
                 for turn in range(5):
-                    assert client.generate(f"solo turn {turn}").text == "ok"
+                    assert solo.generate(f"solo turn {turn}").text == "ok"
 
         await asyncio.to_thread(solo_conversation)
         assert len(served_sessions(replicas)["solo"]) == 1
@@ -132,84 +140,76 @@ async def test_a_sessions_turns_stay_on_one_replica_and_sessions_use_all_three()
 
 
 async def test_a_replica_leaving_moves_only_its_sessions_and_no_call_fails():
-    port = free_port(HOSTS[0])
-    async with AsyncExitStack() as stack:
-        replicas = await start_replicas(stack, HOSTS, port, *REPLICA_ARGS)
+    async with three_replicas() as (replicas, client):
         sessions = [f"conv{i}" for i in range(24)]
-        async with AsyncAgentLoopClient(target(replicas), affinity=True, timeout=10,
-                                        options=FAST_RECONNECT) as client:
-            await converse(client, sessions, turns=2)
-            home = {session: next(iter(places))
-                    for session, places in served_sessions(replicas).items()}
-            assert set(home.values()) == {0, 1, 2}
+        await converse(client, sessions, turns=2)
+        home = {session: next(iter(places))
+                for session, places in served_sessions(replicas).items()}
+        assert set(home.values()) == {0, 1, 2}
 
-            # Conversations keep going, turn by turn, while replica 0 drains and exits.
-            failures: list[Exception] = []
-            turns = {session: 0 for session in sessions}
-            done = asyncio.Event()
+        # Conversations keep going, turn by turn, while replica 0 drains and exits.
+        failures: list[Exception] = []
+        turns = {session: 0 for session in sessions}
+        done = asyncio.Event()
 
-            async def keep_conversing(group: list[str]) -> None:
-                while not done.is_set():
-                    for session in group:
-                        try:
-                            await client.generate(f"{session} turn", session=session)
-                            turns[session] += 1
-                        except Unavailable as exc:
-                            failures.append(exc)
+        async def keep_conversing(group: list[str]) -> None:
+            while not done.is_set():
+                for session in group:
+                    try:
+                        await client.generate(f"{session} turn", session=session)
+                        turns[session] += 1
+                    except Unavailable as exc:
+                        failures.append(exc)
 
-            callers = [asyncio.create_task(keep_conversing(sessions[i::4])) for i in range(4)]
-            await wait_until(lambda: min(turns.values()) >= 2, timeout=20)
-            assert await replicas[0].stop() == 0
-            since = request_counts(replicas)
-            stopped_at = dict(turns)
-            await wait_until(lambda: all(turns[s] >= stopped_at[s] + 3 for s in sessions),
-                             timeout=30)
-            done.set()
-            await asyncio.gather(*callers)
-            assert failures == []
+        callers = [asyncio.create_task(keep_conversing(sessions[i::4])) for i in range(4)]
+        await wait_until(lambda: min(turns.values()) >= 2, timeout=20)
+        assert await replicas[0].stop() == 0
+        since = request_counts(replicas)
+        stopped_at = dict(turns)
+        await wait_until(lambda: all(turns[s] >= stopped_at[s] + 3 for s in sessions),
+                         timeout=30)
+        done.set()
+        await asyncio.gather(*callers)
+        assert failures == []
 
-            after = served_sessions(replicas, since)
-            assert set(after) == set(sessions)
-            for session, places in after.items():
-                assert len(places) == 1, (session, places)
-                if home[session] != 0:
-                    assert places == {home[session]}, "a session of a replica that stayed moved"
-                else:
-                    assert places != {0}
+        after = served_sessions(replicas, since)
+        assert set(after) == set(sessions)
+        for session, places in after.items():
+            assert len(places) == 1, (session, places)
+            if home[session] != 0:
+                assert places == {home[session]}, "a session of a replica that stayed moved"
+            else:
+                assert places != {0}
 
 
 async def test_a_replica_that_is_not_ready_gets_no_sessions_until_it_is_ready_again():
-    port = free_port(HOSTS[0])
-    async with AsyncExitStack() as stack:
-        replicas = await start_replicas(stack, HOSTS, port, *REPLICA_ARGS)
+    async with three_replicas() as (replicas, client):
         unready = replicas[0]
-        async with AsyncAgentLoopClient(target(replicas), affinity=True, timeout=10,
-                                        options=FAST_RECONNECT) as client:
-            sessions = [f"conv{i}" for i in range(24)]
-            await converse(client, sessions, turns=1)
-            assert any(places == {0} for places in served_sessions(replicas).values())
+        sessions = [f"conv{i}" for i in range(24)]
+        await converse(client, sessions, turns=1)
+        assert any(places == {0} for places in served_sessions(replicas).values())
 
-            # The backend loses its model: readiness turns NOT_SERVING, the process runs on.
-            models = list(unready.fake.models)
-            unready.fake.models = []
-            await wait_until_status(unready.address, health_pb2.HealthCheckResponse.NOT_SERVING)
-            since = request_counts(replicas)
-            await converse(client, sessions + [f"new{i}" for i in range(24)], turns=2)
-            after = served_sessions(replicas, since)
-            assert not [s for s, places in after.items() if 0 in places], (
-                "affinity overrode readiness")
-            assert all(len(places) == 1 for places in after.values())
+        # The backend loses its model: readiness turns NOT_SERVING, the process runs on.
+        models = list(unready.fake.models)
+        unready.fake.models = []
+        await wait_until_status(unready.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        since = request_counts(replicas)
+        await converse(client, sessions + [f"new{i}" for i in range(24)], turns=2)
+        after = served_sessions(replicas, since)
+        assert not [s for s, places in after.items() if 0 in places], (
+            "affinity overrode readiness")
+        assert all(len(places) == 1 for places in after.values())
 
-            # Ready again: the sessions that hash to it return.
-            unready.fake.models = models
-            await wait_until_status(unready.address, health_pb2.HealthCheckResponse.SERVING)
-            since = request_counts(replicas)
+        # Ready again: the sessions that hash to it return.
+        unready.fake.models = models
+        await wait_until_status(unready.address, health_pb2.HealthCheckResponse.SERVING)
+        since = request_counts(replicas)
 
-            async def served_by_the_returned_replica() -> None:
-                while not any(0 in p for p in served_sessions(replicas, since).values()):
-                    await converse(client, sessions, turns=1)
+        async def served_by_the_returned_replica() -> None:
+            while not any(0 in p for p in served_sessions(replicas, since).values()):
+                await converse(client, sessions, turns=1)
 
-            await asyncio.wait_for(served_by_the_returned_replica(), 20)
+        await asyncio.wait_for(served_by_the_returned_replica(), 20)
 
 
 async def wait_until_status(address: str, status: int) -> None:

@@ -55,6 +55,9 @@ class ChannelConfig:
     gone): ring_hash then picks the next ready replica on the ring, and the call does not
     fail. `affinity` overrides when the channel hashes: True for a client that passes
     `session=` per call, False to send the header only (a mesh or gateway hashes it).
+    Keep `skip_unready` on with affinity: ring_hash keeps a session on its replica while
+    the connection is up, so without health checking a draining replica's refusals would
+    be retried on that same replica until they run out.
     """
 
     address: str = DEFAULT_ADDRESS
