@@ -92,7 +92,7 @@ class ChannelConfig:
     def hashes_sessions(self) -> bool:
         if self.affinity is not None:
             return self.affinity
-        return self.session is not None and self.balanced_target
+        return bool(self.session) and self.balanced_target
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """None for plaintext; TLS when `tls`, `root_certificates` or `credentials` is set."""
