@@ -34,11 +34,20 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PY) -m pip install --progress-bar on -e clients/python -e '.[dev,embedded]'
 	touch $@
 
+# Envoy's protos for tests/test_mesh.py, in a folder of their own that only the subprocess
+# parsing k8s/affinity/envoy.yaml puts on its path: the xds-protos wheel also carries
+# opentelemetry.proto and google.* modules of other versions, which would replace the
+# server's own if installed into the venv.
+XDS_PROTOS := $(VENV)/xds-protos
+$(XDS_PROTOS)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(XDS_PROTOS) 'xds-protos==1.85.0'
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.installed node_modules/.installed
+install: $(VENV)/.installed node_modules/.installed $(XDS_PROTOS)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/agentloop serve

@@ -312,21 +312,27 @@ async def memory_phase(quick: bool) -> dict[str, Any]:
 
 
 def other_benchmarks(quick: bool) -> dict[str, Any]:
-    """bench_embedded.py, bench_telemetry.py, bench_workers.py when present: their own JSON."""
+    """bench_embedded.py, bench_telemetry.py, bench_workers.py, bench_affinity.py when present:
+    their own JSON."""
     found: dict[str, Any] = {}
     # Small settings: `make bench` must stay within 10 minutes on 2 cores.
     runs = {
         "embedded": ["--rounds", "2" if quick else "6", "--max-tokens", "64" if quick else "96"],
         "telemetry": ["--requests", "100" if quick else "200", "--rounds", "2" if quick else "3"],
         "workers": ["--seconds", "2" if quick else "3", "--rounds", "1" if quick else "2"],
+        "affinity": ["--conversations", "3" if quick else "12", "--turns", "2" if quick else "6",
+                     "--max-tokens", "4" if quick else "24"],
     }
+    # bench_affinity starts three embedded engines and runs 144 generations.
+    timeouts = {"affinity": 900}
     for name, argv in runs.items():
         if not (ROOT / "bench" / f"bench_{name}.py").exists():
             continue
         log(f"bench_{name}: running")
         started = time.monotonic()
         result = subprocess.run([PY, "-m", f"bench.bench_{name}", *argv], cwd=ROOT,
-                                capture_output=True, text=True, timeout=400)
+                                capture_output=True, text=True,
+                                timeout=timeouts.get(name, 400))
         out = RESULTS / f"{name}.json"
         if result.returncode != 0:
             log(f"bench_{name} failed ({result.returncode}): {result.stderr.strip()[-500:]}")

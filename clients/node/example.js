@@ -5,6 +5,13 @@
 // runs StreamRunAgent with a tool written in JavaScript that the agent may call.
 //
 //   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
+//                                [--session CONVERSATION_ID]
+//
+// --session sends the conversation affinity header `x-agentloop-session` on every call.
+// grpc-js has no policy that hashes a header (its ring_hash lives in @grpc/grpc-js-xds and
+// takes the hash only from an xDS route), so a Node caller gets affinity from whatever
+// hashes the header in front of the replicas: Envoy or an Istio sidecar / gateway
+// (k8s/affinity/), or an xDS control plane whose route hash_policy names the header.
 'use strict';
 
 const path = require('node:path');
@@ -47,7 +54,10 @@ const CLIENT_TOOLS = {
   },
 };
 
-function connect(address, apiKey) {
+// Balancers that hash this header send every call of a conversation to one replica.
+const SESSION_HEADER = 'x-agentloop-session';
+
+function connect(address, apiKey, session) {
   const options = {
     'grpc.service_config': JSON.stringify(SERVICE_CONFIG),
     'grpc.keepalive_time_ms': 60000,
@@ -61,6 +71,7 @@ function connect(address, apiKey) {
   ).grpc.health.v1;
   const metadata = new grpc.Metadata();
   if (apiKey) metadata.set('authorization', `Bearer ${apiKey}`);
+  if (session) metadata.set(SESSION_HEADER, session);
   return {
     service: new agentloop.AgentLoopService(address, credentials, options),
     health: new health.Health(address, credentials, options),
@@ -144,9 +155,10 @@ async function main() {
       timeout: { type: 'string', default: '300' },
       prompt: { type: 'string', default: 'Write one sentence about the sea.' },
       goal: { type: 'string', default: 'Reverse the text "agentloop" with the reverse_text tool.' },
+      session: { type: 'string', default: '' },
     },
   });
-  const { service, health, metadata } = connect(values.address, values['api-key']);
+  const { service, health, metadata } = connect(values.address, values['api-key'], values.session);
   const deadline = () => Date.now() + Number(values.timeout) * 1000;
   try {
     const status = await unary(health, 'Check', { service: 'readiness' }, metadata, deadline());

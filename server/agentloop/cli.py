@@ -37,7 +37,7 @@ from agentloop.config import (
 )
 from agentloop.health import LIVENESS, READINESS, SERVICE_NAME
 from agentloop.v1 import agentloop_pb2 as pb
-from agentloop_client import DEFAULT_ADDRESS, AgentLoopClient, AgentLoopError
+from agentloop_client import DEFAULT_ADDRESS, SESSION_HEADER, AgentLoopClient, AgentLoopError
 from agentloop_client.channel import DEFAULT_TIMEOUT
 
 EXIT_USAGE = 2
@@ -175,6 +175,9 @@ def _add_client_arguments(parser: argparse.ArgumentParser, timeout: float) -> No
     parser.add_argument("--api-key", default=os.environ.get("AGENTLOOP_API_KEY"),
                         help="sent as a bearer token (env AGENTLOOP_API_KEY)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--session", default=None,
+                        help=f"conversation id sent as {SESSION_HEADER}: with a dns:/// name or "
+                             "an address list, every call of a session goes to one replica")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,7 +217,7 @@ def _text_argument(value: str) -> str:
 
 def _client(args: argparse.Namespace) -> AgentLoopClient:
     return AgentLoopClient(args.address, timeout=args.timeout, api_key=args.api_key or None,
-                           tls=args.tls)
+                           tls=args.tls, session=args.session or None)
 
 
 def _client_command(run: Callable[[argparse.Namespace], int]

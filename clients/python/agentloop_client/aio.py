@@ -19,7 +19,12 @@ import grpc
 
 from agentloop_client._proto.agentloop.v1 import agentloop_pb2 as pb
 from agentloop_client._proto.agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from agentloop_client.channel import DEFAULT_ADDRESS, ChannelConfig, aio_channel
+from agentloop_client.channel import (
+    DEFAULT_ADDRESS,
+    ChannelConfig,
+    aio_channel,
+    session_metadata,
+)
 from agentloop_client.errors import error_from_rpc
 from agentloop_client.health import check_method, check_request, status_name
 from agentloop_client.requests import (
@@ -64,11 +69,13 @@ class AsyncAgentLoopClient:
         options: OptionsLike | None = None,
         format: FormatLike = None,
         timeout: float | None = None,
+        session: str | None = None,
     ) -> pb.GenerateResponse:
         request = pb.GenerateRequest(
             **generation_fields(prompt, messages, system, model, options, format))
         try:
-            return await self.stub.Generate(request, timeout=timeout)
+            return await self.stub.Generate(
+                request, timeout=timeout, metadata=session_metadata(session))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -82,10 +89,12 @@ class AsyncAgentLoopClient:
         options: OptionsLike | None = None,
         format: FormatLike = None,
         timeout: float | None = None,
+        session: str | None = None,
     ) -> AsyncGenerator[pb.StreamGenerateResponse, None]:
         request = pb.StreamGenerateRequest(
             **generation_fields(prompt, messages, system, model, options, format))
-        call = self.stub.StreamGenerate(request, timeout=timeout)
+        call = self.stub.StreamGenerate(
+            request, timeout=timeout, metadata=session_metadata(session))
         try:
             async for response in call:
                 yield response
@@ -114,11 +123,13 @@ class AsyncAgentLoopClient:
         options: OptionsLike | None = None,
         model: str = "",
         timeout: float | None = None,
+        session: str | None = None,
     ) -> pb.RunAgentResponse:
         request = pb.RunAgentRequest(
             **agent_fields(goal, system, messages, tools, max_steps, options, model))
         try:
-            return await self.stub.RunAgent(request, timeout=timeout)
+            return await self.stub.RunAgent(
+                request, timeout=timeout, metadata=session_metadata(session))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -134,10 +145,11 @@ class AsyncAgentLoopClient:
         options: OptionsLike | None = None,
         model: str = "",
         timeout: float | None = None,
+        session: str | None = None,
     ) -> AsyncGenerator[pb.StreamRunAgentResponse, None]:
         """The run's events. Calls to `client_tools` are run here and answered for you."""
         by_name = {tool.name: tool for tool in client_tools}
-        call = self.stub.StreamRunAgent(timeout=timeout)
+        call = self.stub.StreamRunAgent(timeout=timeout, metadata=session_metadata(session))
         try:
             await call.write(start_agent_run(
                 agent_fields(goal, system, messages, tools, max_steps, options, model),

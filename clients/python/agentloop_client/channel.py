@@ -1,13 +1,15 @@
-"""Channel set-up every caller of agentloop needs: balancing, retries, keepalive, TLS, API key.
+"""Channel set-up every caller of agentloop needs: balancing, session affinity, retries,
+keepalive, TLS, API key.
 
 `ChannelConfig` holds the choices; `sync_channel` and `aio_channel` build a channel from
-it whose interceptors add the default deadline and the `authorization` metadata to every
-call, including calls made through the raw generated stub.
+it whose interceptors add the default deadline, the `authorization` metadata and the session
+header to every call, including calls made through the raw generated stub.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,6 +28,17 @@ DEFAULT_KEEPALIVE = 30.0
 #: Calls a retry could repeat work of: an agent run may have run tools before it failed.
 AGENT_RUN_METHODS = ("RunAgent", "StreamRunAgent")
 
+#: The metadata key naming a conversation. Balancers that hash it (this client's ring_hash
+#: policy, Envoy's hash_policy, Istio's consistentHash) send every turn of a conversation to
+#: the same replica, whose engine still holds the conversation so far in its cache.
+SESSION_HEADER = "x-agentloop-session"
+#: grpcio reads ring_hash's `requestHashHeader` (gRFC A76) only while this environment
+#: variable is true, each time it parses a service config; otherwise it drops the field and
+#: every pick fails with "hash attribute not present".
+RING_HASH_HEADER_FLAG = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
+#: gRPC core's name for the ring_hash policy in a service config.
+RING_HASH_POLICY = "ring_hash_experimental"
+
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -43,6 +56,17 @@ class ChannelConfig:
     address lists) turns on client-side health checking, so replicas whose `readiness` is
     NOT_SERVING get no calls; off, a single server answers for itself (its own statuses,
     and `health()` reads NOT_SERVING instead of failing).
+
+    `session` names a conversation: every call carries it as the `x-agentloop-session`
+    header, and on a balanced target the channel hashes that header (ring_hash) instead of
+    taking turns (round_robin), so the conversation's turns land on one replica whose cache
+    holds its prefix. A session moves only when its replica stops being ready (draining,
+    gone): ring_hash then picks the next ready replica on the ring, and the call does not
+    fail. `affinity` overrides when the channel hashes: True for a client that passes
+    `session=` per call, False to send the header only (a mesh or gateway hashes it).
+    Keep `skip_unready` on with affinity: ring_hash keeps a session on its replica while
+    the connection is up, so without health checking a draining replica's refusals would
+    be retried on that same replica until they run out.
     """
 
     address: str = DEFAULT_ADDRESS
@@ -55,17 +79,30 @@ class ChannelConfig:
     retry_agent_runs: bool = False
     keepalive: float = DEFAULT_KEEPALIVE
     skip_unready: bool | None = None
+    session: str | None = None
+    affinity: bool | None = None
     options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
 
     @property
     def metadata(self) -> Metadata:
-        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        return (*_api_key_metadata(self.api_key), *session_metadata(self.session))
+
+    @property
+    def balanced_target(self) -> bool:
+        """A target that resolves to several replicas: a `dns:` name or an address list."""
+        return self.address.startswith("dns:") or "," in self.address
 
     @property
     def balances_replicas(self) -> bool:
         if self.skip_unready is not None:
             return self.skip_unready
-        return self.address.startswith("dns:") or "," in self.address
+        return self.balanced_target
+
+    @property
+    def hashes_sessions(self) -> bool:
+        if self.affinity is not None:
+            return self.affinity
+        return bool(self.session) and self.balanced_target
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """None for plaintext; TLS when `tls`, `root_certificates` or `credentials` is set."""
@@ -76,9 +113,12 @@ class ChannelConfig:
         return None
 
     def channel_options(self) -> list[tuple[str, Any]]:
+        if self.hashes_sessions:
+            enable_session_hashing()
         return [
             ("grpc.service_config", service_config(
-                self.retries, self.balances_replicas, self.retry_agent_runs)),
+                self.retries, self.balances_replicas, self.retry_agent_runs,
+                self.hashes_sessions)),
             ("grpc.enable_retries", 1 if self.retries > 1 else 0),
             ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", 20_000),
@@ -91,12 +131,33 @@ class ChannelConfig:
         ]
 
 
+def session_metadata(session: str | None) -> Metadata:
+    """The session header for a call, or nothing."""
+    return ((SESSION_HEADER, session),) if session else ()
+
+
+def _api_key_metadata(api_key: str | None) -> Metadata:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def enable_session_hashing() -> None:
+    """Let grpcio honour ring_hash's `requestHashHeader`. grpcio reads the variable when it
+    parses a service config (at channel creation), so setting it here, before the channel is
+    made, is enough even after other channels exist; it is forced on because a hashing
+    channel without it fails every call."""
+    os.environ[RING_HASH_HEADER_FLAG] = "true"
+
+
 def service_config(max_attempts: int, skip_unready: bool = False,
-                   retry_agent_runs: bool = False) -> str:
-    """round_robin over every resolved address (only those whose `readiness` is SERVING
-    with `skip_unready`: a draining replica leaves the rotation at once); retry UNAVAILABLE
-    with backoff, agent runs only with `retry_agent_runs`."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+                   retry_agent_runs: bool = False, hash_sessions: bool = False) -> str:
+    """round_robin over every resolved address, or with `hash_sessions` ring_hash on the
+    session header (a call without the header goes to a ready replica at random); only
+    replicas whose `readiness` is SERVING with `skip_unready` (a draining replica leaves the
+    rotation, and the ring, at once); retry UNAVAILABLE with backoff, agent runs only
+    with `retry_agent_runs`."""
+    policy = ({RING_HASH_POLICY: {"requestHashHeader": SESSION_HEADER}} if hash_sessions
+              else {"round_robin": {}})
+    config: dict[str, Any] = {"loadBalancingConfig": [policy]}
     if skip_unready:
         config["healthCheckConfig"] = {"serviceName": READINESS}
     if max_attempts > 1:

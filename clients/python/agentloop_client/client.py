@@ -20,7 +20,12 @@ import grpc
 
 from agentloop_client._proto.agentloop.v1 import agentloop_pb2 as pb
 from agentloop_client._proto.agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from agentloop_client.channel import DEFAULT_ADDRESS, ChannelConfig, sync_channel
+from agentloop_client.channel import (
+    DEFAULT_ADDRESS,
+    ChannelConfig,
+    session_metadata,
+    sync_channel,
+)
 from agentloop_client.errors import error_from_rpc
 from agentloop_client.health import check_method, check_request, status_name
 from agentloop_client.requests import (
@@ -65,11 +70,12 @@ class AgentLoopClient:
         options: OptionsLike | None = None,
         format: FormatLike = None,
         timeout: float | None = None,
+        session: str | None = None,
     ) -> pb.GenerateResponse:
         request = pb.GenerateRequest(
             **generation_fields(prompt, messages, system, model, options, format))
         try:
-            return self.stub.Generate(request, timeout=timeout)
+            return self.stub.Generate(request, timeout=timeout, metadata=session_metadata(session))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -83,11 +89,13 @@ class AgentLoopClient:
         options: OptionsLike | None = None,
         format: FormatLike = None,
         timeout: float | None = None,
+        session: str | None = None,
     ) -> Generator[pb.StreamGenerateResponse, None, None]:
         """The stream's messages; leaving the loop early cancels the call."""
         request = pb.StreamGenerateRequest(
             **generation_fields(prompt, messages, system, model, options, format))
-        call = self.stub.StreamGenerate(request, timeout=timeout)
+        call = self.stub.StreamGenerate(
+            request, timeout=timeout, metadata=session_metadata(session))
         try:
             yield from call
         except grpc.RpcError as exc:
@@ -113,11 +121,12 @@ class AgentLoopClient:
         options: OptionsLike | None = None,
         model: str = "",
         timeout: float | None = None,
+        session: str | None = None,
     ) -> pb.RunAgentResponse:
         request = pb.RunAgentRequest(
             **agent_fields(goal, system, messages, tools, max_steps, options, model))
         try:
-            return self.stub.RunAgent(request, timeout=timeout)
+            return self.stub.RunAgent(request, timeout=timeout, metadata=session_metadata(session))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -133,6 +142,7 @@ class AgentLoopClient:
         options: OptionsLike | None = None,
         model: str = "",
         timeout: float | None = None,
+        session: str | None = None,
     ) -> Generator[pb.StreamRunAgentResponse, None, None]:
         """The run's events. Calls to `client_tools` are run here and answered for you."""
         by_name = {tool.name: tool for tool in client_tools}
@@ -145,7 +155,8 @@ class AgentLoopClient:
             while (item := outbox.get()) is not None:
                 yield item
 
-        call = self.stub.StreamRunAgent(requests(), timeout=timeout)
+        call = self.stub.StreamRunAgent(
+            requests(), timeout=timeout, metadata=session_metadata(session))
         try:
             for event in call:
                 yield event

@@ -25,8 +25,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from agentloop.rpc.interceptors import Continuation, is_service_method, wrap_handler
 from agentloop.telemetry import logs
+from agentloop_client.channel import SESSION_HEADER
 
 request_log = logging.getLogger(logs.REQUEST_LOGGER)
+# A session id is the caller's text: kept this long in the span and the log line, no longer.
+MAX_SESSION_CHARS = 128
 
 # Codes that are the server's fault; the others (bad argument, not found, ...) leave a
 # server span's status unset, as the RPC semantic conventions ask.
@@ -85,7 +88,7 @@ class _ObservedRpc:
     """One call in progress: its span (current while it runs), start time and log entry."""
 
     __slots__ = ("_context", "_context_token", "_duration", "_log", "_log_token", "_started",
-                 "code", "method", "service", "span")
+                 "code", "method", "service", "session", "span")
 
     def __init__(self, tracer: Tracer, duration: Histogram, service: str, method: str,
                  context: grpc.aio.ServicerContext) -> None:
@@ -95,10 +98,17 @@ class _ObservedRpc:
         self.service = service
         self.method = method
         self.code: grpc.StatusCode | None = None
-        parent = propagate.extract(dict(context.invocation_metadata() or ()))
-        self.span = tracer.start_span(
-            f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        metadata = dict(context.invocation_metadata() or ())
+        parent = propagate.extract(metadata)
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        # The conversation affinity key (balancers hash it): which replica served which
+        # session shows in traces and logs. Never a metric label: the caller chooses it.
+        session = metadata.get(SESSION_HEADER)
+        self.session = str(session)[:MAX_SESSION_CHARS] if session else None
+        if self.session:
+            attributes["session.id"] = self.session
+        self.span = tracer.start_span(f"{service}/{method}", context=parent,
+                                      kind=SpanKind.SERVER, attributes=attributes)
         self._context_token = otel_context.attach(trace.set_span_in_context(self.span, parent))
         self._log, self._log_token = logs.begin_request()
 
@@ -145,6 +155,8 @@ class _ObservedRpc:
         if entry.model:
             fields.update(model=entry.model, input_tokens=entry.input_tokens,
                           output_tokens=entry.output_tokens)
+        if self.session:
+            fields["session"] = self.session
         span_context = self.span.get_span_context()
         if span_context.is_valid:
             fields["trace_id"] = trace.format_trace_id(span_context.trace_id)

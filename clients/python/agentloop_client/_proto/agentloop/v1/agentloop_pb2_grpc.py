@@ -30,6 +30,15 @@ class AgentLoopServiceStub(object):
 
     Every failure is a gRPC status with rich details (google.rpc.BadRequest,
     ErrorInfo, RetryInfo) in `grpc-status-details-bin`; see the README's error table.
+
+    Conversation affinity: send the metadata header `x-agentloop-session` with a
+    conversation id on every call of a conversation (each turn, each step of an
+    agent run driven turn by turn). The server does not interpret it; balancers
+    hash it (the Python client's ring_hash policy, an Envoy route hash_policy, an
+    Istio DestinationRule consistentHash), so every turn lands on the replica
+    whose engine cache already holds the conversation so far. A replica that is
+    not ready or is draining gets no sessions; its sessions move to the next
+    replica on the ring. Calls without the header are balanced call by call.
     """
 
     def __init__(self, channel):
@@ -70,6 +79,15 @@ class AgentLoopServiceServicer(object):
 
     Every failure is a gRPC status with rich details (google.rpc.BadRequest,
     ErrorInfo, RetryInfo) in `grpc-status-details-bin`; see the README's error table.
+
+    Conversation affinity: send the metadata header `x-agentloop-session` with a
+    conversation id on every call of a conversation (each turn, each step of an
+    agent run driven turn by turn). The server does not interpret it; balancers
+    hash it (the Python client's ring_hash policy, an Envoy route hash_policy, an
+    Istio DestinationRule consistentHash), so every turn lands on the replica
+    whose engine cache already holds the conversation so far. A replica that is
+    not ready or is draining gets no sessions; its sessions move to the next
+    replica on the ring. Calls without the header are balanced call by call.
     """
 
     def Generate(self, request, context):
@@ -151,6 +169,15 @@ class AgentLoopService(object):
 
     Every failure is a gRPC status with rich details (google.rpc.BadRequest,
     ErrorInfo, RetryInfo) in `grpc-status-details-bin`; see the README's error table.
+
+    Conversation affinity: send the metadata header `x-agentloop-session` with a
+    conversation id on every call of a conversation (each turn, each step of an
+    agent run driven turn by turn). The server does not interpret it; balancers
+    hash it (the Python client's ring_hash policy, an Envoy route hash_policy, an
+    Istio DestinationRule consistentHash), so every turn lands on the replica
+    whose engine cache already holds the conversation so far. A replica that is
+    not ready or is draining gets no sessions; its sessions move to the next
+    replica on the ring. Calls without the header are balanced call by call.
     """
 
     @staticmethod
