@@ -12,13 +12,15 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
-
 from agentloop.config import Settings
 from agentloop.errors import InvalidArgument
-from agentloop.rpc.requests import Violations, chat_messages, check_model, requested_options
+from agentloop.rpc.requests import (
+    Violations,
+    chat_messages,
+    check_model,
+    requested_options,
+    schema_field,
+)
 from agentloop.services.agent import AgentRun, ClientToolCalls, ClientToolResult, WrongCallId
 from agentloop.services.generation import resolve_options
 from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, ClientTool, ToolRegistry
@@ -157,19 +159,11 @@ def _client_tools(
 def _parameters_schema(text: str, path: str, violations: Violations) -> dict[str, Any]:
     if not text:
         return dict(ANY_OBJECT)
-    try:
-        schema = json.loads(text)
-    except ValueError:
-        schema = None
-    if not isinstance(schema, dict):
-        violations.append((path, "must be a JSON object (a JSON Schema)"))
+    schema = schema_field(text, path, violations)
+    if schema is None:
         return dict(ANY_OBJECT)
     if schema.get("type", "object") != "object":
         violations.append((path, 'must describe an object ("type": "object")'))
-    try:
-        validator_for(schema, default=Draft202012Validator).check_schema(schema)
-    except SchemaError as exc:
-        violations.append((path, f"not a valid JSON Schema: {exc.message}"))
     return schema
 
 
