@@ -24,7 +24,11 @@ from agentloop.backends.resilient import ResilientBackend
 from agentloop.config import Settings, SettingsError
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
-from agentloop.rpc.interceptors import DrainInterceptor, ErrorInterceptor
+from agentloop.rpc.interceptors import (
+    DrainInterceptor,
+    ErrorInterceptor,
+    UndecodableRequestGuard,
+)
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
@@ -169,7 +173,9 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
         # Telemetry first: its span and status cover what the others refuse or raise.
-        interceptors=[telemetry.interceptor, drain_gate, *guards, ErrorInterceptor()],
+        # Undecodable bytes are refused after the auth guards (who is asking comes first).
+        interceptors=[telemetry.interceptor, drain_gate, *guards, UndecodableRequestGuard(),
+                      ErrorInterceptor()],
         options=server_options(settings),
     )
     agent = AgentService(generation, default_tools(), settings)

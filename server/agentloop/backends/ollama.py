@@ -274,7 +274,7 @@ async def parse_stream(
             continue
         try:
             chunk = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line nested too deep
             raise BackendProtocolError("the backend sent a malformed stream") from None
         if not isinstance(chunk, dict):
             raise BackendProtocolError("the backend sent a malformed stream")
