@@ -43,6 +43,8 @@ class HealthReporter:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.last: BackendHealth = BackendHealth(False, "not checked yet")
+        #: Model names the backend last said it serves (kept while it cannot say).
+        self.served: frozenset[str] = frozenset({model})
 
     @property
     def ready(self) -> bool:
@@ -97,6 +99,8 @@ class HealthReporter:
             log.info("readiness %s%s", "SERVING" if result.ready else "NOT_SERVING",
                      f" ({result.reason})" if result.reason else "")
         self.last = result
+        if result.served:
+            self.served = frozenset({self._model, *result.served})
         status = SERVING if result.ready else NOT_SERVING
         for name in READY_NAMES:
             await self.servicer.set(name, status)

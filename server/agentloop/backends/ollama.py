@@ -169,7 +169,8 @@ class OllamaBackend:
             return BackendHealth(False, "Ollama sent a malformed model list")
         if not _model_listed(model, names):
             return BackendHealth(False, f"model {model!r} is not pulled")
-        return BackendHealth(True, loaded=await self._loaded_models(timeout))
+        return BackendHealth(True, loaded=await self._loaded_models(timeout),
+                             served=tuple(sorted(names)))
 
     async def _loaded_models(self, timeout: float) -> tuple[ModelInfo, ...]:
         """What /api/ps shows (the memory gauges read it); empty when it does not answer."""

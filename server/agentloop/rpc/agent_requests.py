@@ -7,9 +7,9 @@ with a google.rpc.BadRequest names them all (under `start.` for StreamRunAgent).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from agentloop.config import Settings
@@ -209,14 +209,18 @@ class ToolResultReader:
         except WrongCallId as exc:
             raise InvalidArgument([("tool_result.call_id", str(exc))]) from None
 
-    async def watch(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def watch(self, events: AsyncGenerator[T]) -> AsyncIterator[T]:
         """Pass the events on until they end or a client message breaks the protocol."""
         assert self._task is not None
-        async with aclosing(events):
+        # Every step of `events` runs in this one Context: the generator sets context
+        # variables across its yields (the current span of its telemetry), and a variable
+        # set in one Context cannot be reset in another ("Failed to detach context").
+        run_context = contextvars.copy_context()
+        try:
             while True:
                 # Each event is awaited next to the reader, so a protocol error stops a run
                 # even in the middle of a model call (which the cancel closes upstream).
-                next_event = asyncio.ensure_future(anext(events))
+                next_event = asyncio.create_task(anext(events), context=run_context)
                 try:
                     await asyncio.wait({next_event, self._task},
                                        return_when=asyncio.FIRST_COMPLETED)
@@ -229,3 +233,7 @@ class ToolResultReader:
                     next_event.cancel()
                     await asyncio.wait({next_event})
                 yield event
+        finally:
+            closing = asyncio.create_task(events.aclose(), context=run_context)
+            await asyncio.wait({closing})
+            closing.result()
