@@ -215,7 +215,8 @@ class Settings:
         2.0, "most seconds of one retry's backoff", group="resilience"
     )
     circuit_failure_threshold: int = _setting(
-        5, "consecutive backend failures that open the circuit (calls then fail fast)",
+        5, "consecutive failures to reach the backend (connect errors, connections dropped "
+        "before any answer) that open the circuit (calls then fail fast)",
         group="resilience",
     )
     circuit_reset_timeout: float = _setting(
