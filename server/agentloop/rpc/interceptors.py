@@ -12,6 +12,7 @@ would answer UNKNOWN and log a traceback.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -198,7 +199,10 @@ class UndecodableRequestGuard(grpc.aio.ServerInterceptor):
 
             return unary
 
-        def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if not inspect.isasyncgenfunction(behavior):
+                return wrap_unary(behavior)  # it streams with context.write (health Watch)
+
             async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     async for response in behavior(request_of(request), context):
