@@ -98,6 +98,9 @@ HOSTILE_SCHEMAS = {
     "remote ref": {"type": "object", "properties": {"a": {"$ref": "http://127.0.0.1:9/a"}}},
     "missing local ref": {"properties": {"a": {"$ref": "#/$defs/nope"}}},
     "backreference regex": {"type": "string", "pattern": r"^(a)\1$"},
+    "many bounds": {"type": "object", "properties": {
+        f"p{i}": {"type": "string", "maxLength": MAX_REPETITION} for i in range(600)}},
+    "huge range": {"type": "integer", "minimum": 0, "maximum": 10**30},
 }
 RAW_SCHEMAS = {
     "deep": '{"items":' * 990 + "{}" + "}" * 990,

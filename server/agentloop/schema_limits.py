@@ -41,6 +41,12 @@ MAX_LITERALS = 1024
 MAX_LITERAL_CHARS = 1024
 #: Largest repetition bound (maxLength, maxItems, ...): RE2's own limit for `{n,m}`.
 MAX_REPETITION = 1000
+#: Most repetitions in one document, bounds and `pattern` counts summed: a grammar grows
+#: with their sum (600 strings of maxLength 1000 make 3.4 MB of GBNF from 32 KiB).
+MAX_TOTAL_REPETITION = 4096
+#: Largest magnitude of a numeric bound (minimum, maximum, ...): engines that turn
+#: integer ranges into digit rules grow with the digits.
+MAX_NUMBER = 2**63
 #: Longest `pattern` (or `patternProperties` key), in characters.
 MAX_PATTERN_CHARS = 1024
 
@@ -50,10 +56,15 @@ REPETITION_KEYWORDS = frozenset({
     "minContains", "maxContains",
 })
 #: Keywords holding data, not subschemas: their insides are not keywords.
+_NUMBER_KEYWORDS = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+})
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 # Strings and brackets of a JSON text; the string alternative is linear (disjoint choices).
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# `{n}`, `{n,}` and `{n,m}` in a regex (counted roughly: escaped braces count too).
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 # C0 controls and DEL: a NUL in a grammar literal aborts llama.cpp.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -132,12 +143,24 @@ def first_error(schema: Mapping[str, Any], instance: Any) -> str | None:
 # --- limits -------------------------------------------------------------------------------
 
 def _check_limits(schema: Mapping[str, Any]) -> None:
-    literals = 0
+    literals = repetitions = 0
     for path, key, value in _keywords(schema):
         where = f"{path}/{key}" if path else key
-        if key in REPETITION_KEYWORDS and isinstance(value, int | float) and \
-                value > MAX_REPETITION:
-            raise SchemaRefused(f"{where} is {value}; the limit is {MAX_REPETITION}")
+        if key in REPETITION_KEYWORDS and isinstance(value, int | float):
+            if value > MAX_REPETITION:
+                raise SchemaRefused(f"{where} is {value}; the limit is {MAX_REPETITION}")
+            repetitions += max(0, int(value))
+        elif key in _NUMBER_KEYWORDS and isinstance(value, int | float) and \
+                abs(value) > MAX_NUMBER:
+            raise SchemaRefused(f"{where} is out of range (at most 2**63 in magnitude)")
+        elif key == "pattern" and isinstance(value, str):
+            repetitions += _pattern_repetitions(value)
+        elif key == "patternProperties" and isinstance(value, Mapping):
+            repetitions += sum(_pattern_repetitions(pattern) for pattern in value
+                               if isinstance(pattern, str))
+        if repetitions > MAX_TOTAL_REPETITION:
+            raise SchemaRefused(f"the schema's repetition bounds add up to more than "
+                                f"{MAX_TOTAL_REPETITION}")
         if key == "enum" and isinstance(value, list):
             if len(value) > MAX_ENUM_VALUES:
                 raise SchemaRefused(
@@ -224,6 +247,10 @@ def _check_pattern(pattern: str, where: str) -> None:
         raise SchemaRefused(
             f"{where} {pattern!r} is not a regular expression RE2 runs in linear time "
             "(no lookaround, no backreferences, repetitions up to {1000})") from None
+
+
+def _pattern_repetitions(pattern: str) -> int:
+    return sum(int(high or low) for low, high in _QUANTIFIER.findall(pattern[:MAX_PATTERN_CHARS]))
 
 
 def _uses_pattern_properties(schema: Mapping[str, Any]) -> bool:
