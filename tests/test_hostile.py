@@ -24,11 +24,15 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from agentloop.backends.ollama import parse_stream
 from agentloop.backends.resilient import CircuitState
+from agentloop.domain import GenerationRequest, RequestedOptions
+from agentloop.errors import BackendProtocolError
 from agentloop.schema_limits import MAX_DEPTH, MAX_REPETITION, load_json, parse_schema
 from agentloop.server import RunningServer
+from agentloop.services.generation import resolve_options
 from agentloop.telemetry import OTHER_MODEL
-from agentloop.testing.fake_ollama import FakeOllama, Script
+from agentloop.testing.fake_ollama import FakeOllama, Script, wait_until
 from agentloop.v1 import agentloop_pb2 as pb
 from helpers import TOKENS, bad_fields, client_stub, gateway_settings, running_gateway
 
@@ -380,15 +384,9 @@ async def test_agent_calls_and_cancelled_or_refused_calls_log_no_errors(stub, fa
         grpc.StatusCode.INVALID_ARGUMENT
     assert await status_of(stub.Generate(pb.GenerateRequest(model="nope", prompt="x"),
                                          timeout=5)) == grpc.StatusCode.NOT_FOUND
-    await asyncio.sleep(0)  # let the cancelled calls' cleanup run before counting
-    await wait_for_quiet(fake_ollama)
+    await wait_until(lambda: fake_ollama.active_streams == 0)  # the cancelled calls ended
     errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
-
-
-async def wait_for_quiet(fake: FakeOllama) -> None:
-    from agentloop.testing.fake_ollama import wait_until
-    await wait_until(lambda: fake.active_streams == 0)
 
 
 # --- 8. fuzz: the server stays alive and ready -------------------------------------------
@@ -450,3 +448,14 @@ async def test_fuzzed_requests_get_defined_statuses_and_the_server_stays_ready(f
     assert code in ALLOWED, (method, code)
     assert running.health.ready
     assert await health_status(running.address, "liveness") == SERVING
+
+
+async def test_a_backend_line_nested_too_deep_is_a_protocol_error():
+    async def lines() -> AsyncIterator[bytes]:
+        yield b'{"response": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    request = GenerationRequest(model="m", prompt="p",
+                                options=resolve_options(RequestedOptions(), gateway_settings()))
+    with pytest.raises(BackendProtocolError):
+        async for _ in parse_stream(lines(), request):
+            pass

@@ -362,7 +362,7 @@ def _retryable(error: AgentLoopError) -> AgentLoopError:
 def _error_message(body: bytes) -> str:
     try:
         return _clean(json.loads(body).get("error", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "no details"
 
 
