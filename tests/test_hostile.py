@@ -353,7 +353,7 @@ def action(**fields: Any) -> Script:
 
 
 async def test_agent_calls_and_cancelled_or_refused_calls_log_no_errors(stub, fake_ollama,
-                                                                        caplog):
+                                                                        gateway, caplog):
     caplog.set_level(logging.WARNING)
     calculate = action(thought="t", tool="calculator", arguments={"expression": "2*3"})
     answer = action(thought="t", final_answer="6")
@@ -384,7 +384,8 @@ async def test_agent_calls_and_cancelled_or_refused_calls_log_no_errors(stub, fa
         grpc.StatusCode.INVALID_ARGUMENT
     assert await status_of(stub.Generate(pb.GenerateRequest(model="nope", prompt="x"),
                                          timeout=5)) == grpc.StatusCode.NOT_FOUND
-    await wait_until(lambda: fake_ollama.active_streams == 0)  # the cancelled calls ended
+    # The cancelled calls have ended on both sides.
+    await wait_until(lambda: fake_ollama.active_streams == 0 and gateway.admission.in_flight == 0)
     errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
 
