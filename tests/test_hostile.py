@@ -105,6 +105,16 @@ HOSTILE_SCHEMAS = {
     "many bounds": {"type": "object", "properties": {
         f"p{i}": {"type": "string", "maxLength": MAX_REPETITION} for i in range(600)}},
     "huge range": {"type": "integer", "minimum": 0, "maximum": 10**30},
+    "unevaluated with patterns": {"patternProperties": {"^a": {}},
+                                  "unevaluatedProperties": False},
+    # Two references per level: 2**20 subschemas for a validator to visit.
+    "fan-out refs": {"$defs": {"d0": {"type": "string"}, **{
+        f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i - 1}"}, {"$ref": f"#/$defs/d{i - 1}"}]}
+        for i in range(1, 21)}}, "$ref": "#/$defs/d20"},
+    "recursive ref": {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"},
+    "ref chain too deep": {"$defs": {**{
+        f"c{i}": {"properties": {"n": {"$ref": f"#/$defs/c{i + 1}"}}} for i in range(40)},
+        "c40": {"type": "string"}}, "$ref": "#/$defs/c0"},
 }
 RAW_SCHEMAS = {
     "deep": '{"items":' * 990 + "{}" + "}" * 990,

@@ -47,6 +47,9 @@ MAX_TOTAL_REPETITION = 4096
 #: Largest magnitude of a numeric bound (minimum, maximum, ...): engines that turn
 #: integer ranges into digit rules grow with the digits.
 MAX_NUMBER = 2**63
+#: Most subschemas once every reference is followed: validation walks them all, and
+#: references that fan out (anyOf of two refs to anyOf of two refs ...) grow exponentially.
+MAX_EXPANDED_SUBSCHEMAS = 10_000
 #: Longest `pattern` (or `patternProperties` key), in characters.
 MAX_PATTERN_CHARS = 1024
 
@@ -117,12 +120,7 @@ def check_schema(schema: Mapping[str, Any]) -> None:
         cls.check_schema(schema)
     except SchemaError as exc:
         raise SchemaRefused(f"not a valid JSON Schema: {exc.message}") from None
-    resolver = _registry().resolver_with_root(_resource(schema))
-    for ref in _references(schema):
-        try:
-            resolver.lookup(ref)
-        except referencing.exceptions.Unresolvable:
-            raise SchemaRefused(f"$ref {ref!r} does not resolve inside the schema") from None
+    _ExpandedSize(schema).check()
 
 
 def validator_for_schema(schema: Mapping[str, Any]) -> Validator:
@@ -192,17 +190,23 @@ def _check_limits(schema: Mapping[str, Any]) -> None:
                 f"the schema has more than {MAX_LITERALS} enum and const values")
 
 
-def _keywords(schema: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
-    """(path, keyword, value) for every keyword of every subschema; data is not entered."""
+_SCHEMA_MAPS = frozenset({
+    "properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
+})
+
+
+def _keywords(schema: Any, path: str = "",
+              shallow: bool = False) -> Iterator[tuple[str, str, Any]]:
+    """(path, keyword, value) for every keyword of every subschema (of this one only when
+    `shallow`); data is not entered."""
     if not isinstance(schema, Mapping):
         return
     for key, value in schema.items():
         yield path, key, value
-        if key in _DATA_KEYWORDS:
+        if shallow or key in _DATA_KEYWORDS:
             continue
         child = f"{path}/{key}" if path else key
-        if key in ("properties", "patternProperties", "$defs", "definitions",
-                   "dependentSchemas") and isinstance(value, Mapping):
+        if key in _SCHEMA_MAPS and isinstance(value, Mapping):
             for name, subschema in value.items():
                 yield from _keywords(subschema, f"{child}/{name}")
         elif isinstance(value, Mapping):
@@ -210,6 +214,17 @@ def _keywords(schema: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 yield from _keywords(item, f"{child}/{index}")
+
+
+def _subschemas(key: str, value: Any) -> list[Any]:
+    """The subschemas a keyword's value holds (its data is not a schema)."""
+    if key in _SCHEMA_MAPS and isinstance(value, Mapping):
+        return list(value.values())
+    if isinstance(value, Mapping):
+        return [value]
+    if isinstance(value, list):
+        return value
+    return []
 
 
 def _check_literal(value: Any, where: str) -> None:
@@ -249,18 +264,76 @@ def _check_pattern(pattern: str, where: str) -> None:
             "(no lookaround, no backreferences, repetitions up to {1000})") from None
 
 
+class _ExpandedSize:
+    """Measures the subschemas validation may visit, following references: every
+    reference must resolve inside the document, none may lead back to itself (a cycle
+    that consumes nothing of the instance never ends), and the total and the nesting stay
+    within MAX_EXPANDED_SUBSCHEMAS and MAX_DEPTH (validators recurse per level)."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        self._schema = schema
+        self._resolver = _registry().resolver_with_root(_resource(schema))
+        self._measured: dict[int, tuple[int, int]] = {}  # id(subschema) -> (size, depth)
+        self._following: list[str] = []
+
+    def check(self) -> None:
+        _, depth = self._measure(self._schema, 1)
+        if depth > MAX_DEPTH:
+            raise self._too_deep()
+
+    @staticmethod
+    def _too_deep() -> SchemaRefused:
+        return SchemaRefused(f"the schema nests more than {MAX_DEPTH} levels deep once its "
+                             "references are followed")
+
+    def _measure(self, node: Any, level: int) -> tuple[int, int]:
+        """(subschemas, nesting) of `node` with its references followed."""
+        known = self._measured.get(id(node))
+        if known is not None:
+            return known
+        if level > MAX_DEPTH:
+            raise self._too_deep()
+        size, depth = 1, 0
+        for _, key, value in _keywords(node, shallow=True):
+            if key in _DATA_KEYWORDS:
+                continue
+            if key in _REFERENCE_KEYWORDS and isinstance(value, str):
+                measures = [self._follow(value, level)]
+            else:
+                measures = [self._measure(child, level + 1) for child in _subschemas(key, value)]
+            for child_size, child_depth in measures:
+                size += child_size
+                depth = max(depth, child_depth)
+            if size > MAX_EXPANDED_SUBSCHEMAS:
+                raise SchemaRefused(
+                    f"the schema expands to more than {MAX_EXPANDED_SUBSCHEMAS} subschemas "
+                    "once its references are followed")
+        result = (size, depth + 1)
+        if isinstance(node, Mapping):
+            self._measured[id(node)] = result
+        return result
+
+    def _follow(self, ref: str, level: int) -> tuple[int, int]:
+        if ref in self._following:
+            raise SchemaRefused(f"$ref {ref!r} refers back to itself (recursive schemas are "
+                                "not accepted)")
+        try:
+            target = self._resolver.lookup(ref).contents
+        except referencing.exceptions.Unresolvable:
+            raise SchemaRefused(f"$ref {ref!r} does not resolve inside the schema") from None
+        self._following.append(ref)
+        try:
+            return self._measure(target, level + 1)
+        finally:
+            self._following.pop()
+
+
 def _pattern_repetitions(pattern: str) -> int:
     return sum(int(high or low) for low, high in _QUANTIFIER.findall(pattern[:MAX_PATTERN_CHARS]))
 
 
 def _uses_pattern_properties(schema: Mapping[str, Any]) -> bool:
     return any(key == "patternProperties" for _, key, _ in _keywords(schema))
-
-
-def _references(schema: Mapping[str, Any]) -> Iterator[str]:
-    for _, key, value in _keywords(schema):
-        if key in _REFERENCE_KEYWORDS and isinstance(value, str):
-            yield value
 
 
 def _refuse_constant(name: str) -> Any:
