@@ -64,8 +64,6 @@ _NUMBER_KEYWORDS = frozenset({
 })
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
-# Strings and brackets of a JSON text; the string alternative is linear (disjoint choices).
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 # `{n}`, `{n,}` and `{n,m}` in a regex (counted roughly: escaped braces count too).
 _QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 # C0 controls and DEL: a NUL in a grammar literal aborts llama.cpp.
@@ -77,23 +75,31 @@ class SchemaRefused(ValueError):
 
 
 def load_json(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
-    """json.loads without RecursionError, NaN or Infinity: ValueError for all three."""
-    depth = nesting_depth(text if isinstance(text, str) else text.decode("utf-8", "replace"))
+    """json.loads with a depth limit and without NaN or Infinity: ValueError for all three.
+
+    The C decoder stops itself at the interpreter's recursion limit (RecursionError, which
+    becomes ValueError here); the depth limit is then checked on the result, iteratively."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested too deep; the limit is {max_depth} levels") from None
+    depth = nesting_depth(value)
     if depth > max_depth:
         raise ValueError(f"nested {depth} levels deep; the limit is {max_depth}")
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    return value
 
 
-def nesting_depth(text: str) -> int:
-    """How deep arrays and objects nest in a JSON text (strings skipped), in linear time."""
-    depth = deepest = 0
-    for token in _JSON_TOKENS.finditer(text):
-        bracket = token.group()
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif bracket in "]}":
-            depth -= 1
+def nesting_depth(value: Any) -> int:
+    """How deep lists and dicts nest in a JSON value (without recursion)."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in item)
     return deepest
 
 
