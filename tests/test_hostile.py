@@ -470,3 +470,17 @@ async def test_a_backend_line_nested_too_deep_is_a_protocol_error():
     with pytest.raises(BackendProtocolError):
         async for _ in parse_stream(lines(), request):
             pass
+
+
+async def test_a_number_too_large_for_the_schema_is_an_observation(stub, fake_ollama):
+    schema = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}}
+    fake_ollama.enqueue(Script(tokens=['{"thought": "t", "tool": "num", "arguments": {"n": 1'
+                                       + "0" * 400 + "}}"]),
+                        Script(tokens=[json.dumps({"thought": "t", "final_answer": "done"})]))
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(goal="go", client_tools=[
+        pb.ClientTool(name="num", parameters_json_schema=json.dumps(schema))])))
+    events = [event async for event in call]
+    result = next(e.tool_result for e in events if e.WhichOneof("event") == "tool_result")
+    assert result.is_error and "too large" in result.observation
+    assert events[-1].finished.final_answer == "done"

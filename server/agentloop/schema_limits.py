@@ -58,10 +58,10 @@ REPETITION_KEYWORDS = frozenset({
     "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
     "minContains", "maxContains",
 })
-#: Keywords holding data, not subschemas: their insides are not keywords.
 _NUMBER_KEYWORDS = frozenset({
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
 })
+# Keywords holding data, not subschemas: their insides are not keywords.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 # `{n}`, `{n,}` and `{n,m}` in a regex (counted roughly: escaped braces count too).
@@ -141,6 +141,8 @@ def first_error(schema: Mapping[str, Any], instance: Any) -> str | None:
         error = best_match(validator_for_schema(schema).iter_errors(instance))
     except referencing.exceptions.Unresolvable as exc:  # checked at request time; defensive
         return f"the schema has a reference that does not resolve ({exc})"
+    except OverflowError:  # multipleOf with a huge integer, say
+        return "a number is too large to check against the schema"
     return None if error is None else error.message
 
 
@@ -148,6 +150,7 @@ def first_error(schema: Mapping[str, Any], instance: Any) -> str | None:
 
 def _check_limits(schema: Mapping[str, Any]) -> None:
     literals = repetitions = 0
+    uses_pattern_properties = any(key == "patternProperties" for _, key, _ in _keywords(schema))
     for path, key, value in _keywords(schema):
         where = f"{path}/{key}" if path else key
         if key in REPETITION_KEYWORDS and isinstance(value, int | float):
@@ -188,7 +191,7 @@ def _check_limits(schema: Mapping[str, Any]) -> None:
                                 "nothing outside it is fetched")
         elif key == "$id" and path:
             raise SchemaRefused(f"{where}: only the root may set a base URI")
-        elif key == "unevaluatedProperties" and _uses_pattern_properties(schema):
+        elif key == "unevaluatedProperties" and uses_pattern_properties:
             raise SchemaRefused(
                 f"{where} cannot be combined with patternProperties in one schema here")
         if literals > MAX_LITERALS:
@@ -336,10 +339,6 @@ class _ExpandedSize:
 
 def _pattern_repetitions(pattern: str) -> int:
     return sum(int(high or low) for low, high in _QUANTIFIER.findall(pattern[:MAX_PATTERN_CHARS]))
-
-
-def _uses_pattern_properties(schema: Mapping[str, Any]) -> bool:
-    return any(key == "patternProperties" for _, key, _ in _keywords(schema))
 
 
 def _refuse_constant(name: str) -> Any:
