@@ -236,8 +236,10 @@ class FakeOllama:
     """A fake Ollama HTTP server on loopback, scriptable per chat/generate request.
 
     Settable: `models` (known model names; pulls add to it), `default_script` (used when
-    the queue is empty), `capabilities` (per model, default ["completion"]; a chat with
-    `tools` on a model without "tools" gets 400 like gemma3n), `version`.
+    the queue is empty), `model_scripts` (a script for every request naming that model,
+    before the queue: a model that always fails, say), `capabilities` (per model, default
+    ["completion"]; a chat with `tools` on a model without "tools" gets 400 like gemma3n),
+    `version`.
 
     Observed (read by tests): `requests` [(path, body)] for every POST, `generation_requests`
     [body] for chat/generate, `headers` of the last chat/generate request, `disconnects`
@@ -253,6 +255,7 @@ class FakeOllama:
     ) -> None:
         self.models: list[str] = list(models) if models is not None else [DEFAULT_MODEL]
         self.default_script: Script = default_script or Script()
+        self.model_scripts: dict[str, Script] = {}
         self.capabilities: dict[str, list[str]] = {}
         self.version: str = FAKE_VERSION
         self.requests: list[tuple[str, Any]] = []
@@ -523,7 +526,8 @@ class FakeOllama:
         if empty:
             return self._load_or_unload(kind, name, model, keep_alive)
 
-        script = self._queue.popleft() if self._queue else self.default_script
+        script = self.model_scripts.get(name) or (
+            self._queue.popleft() if self._queue else self.default_script)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)

@@ -325,10 +325,11 @@ async def test_warm_up_pulls_a_missing_model_when_allowed(fake_ollama):
 async def test_circuit_opens_fails_fast_and_a_probe_closes_it(fake_ollama):
     fake_ollama.default_script = Script(tokens=TOKENS)
     settings = fault_settings(fake_ollama, circuit_failure_threshold=3, warm_up=True,
-                              circuit_reset_timeout=1.5)
+                              circuit_reset_timeout=1.5, retry_attempts=0)
     async with running_gateway(settings) as running, client_stub(running.address) as stub:
         circuit = running.backend.circuit
-        fake_ollama.enqueue(*[Script(status=500)] * 3)
+        # Connections dropped before any answer: the backend itself fails, not a request.
+        fake_ollama.enqueue(*[Script(reset_after=0)] * 3)
         for _ in range(3):
             error = await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
             assert rich_details(error)["ErrorInfo"].reason == "BACKEND_UNAVAILABLE"
@@ -381,11 +382,13 @@ async def test_outage_opens_the_circuit_and_recovery_closes_it(fake_ollama):
     await leaks.assert_closed()
 
 
-async def test_client_errors_and_busy_answers_do_not_open_the_circuit(fake_ollama):
+async def test_request_failures_and_busy_answers_do_not_open_the_circuit(fake_ollama):
     settings = fault_settings(fake_ollama, circuit_failure_threshold=2, retry_attempts=0)
     async with running_gateway(settings) as running, client_stub(running.address) as stub:
-        fake_ollama.enqueue(*[Script(status=404), Script(status=400), Script(status=503)] * 2)
-        for _ in range(6):
+        fake_ollama.enqueue(*[Script(status=404), Script(status=400), Script(status=503),
+                              Script(status=500), Script(error_after=1),
+                              Script(malformed_after=1)] * 2)
+        for _ in range(12):
             await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
         assert running.backend.circuit.state is CircuitState.CLOSED
 

@@ -177,6 +177,12 @@ class Settings:
     max_image_bytes: int = _setting(
         8388608, "largest total size of the images in one request, in bytes", group="limits"
     )
+    max_images: int = _setting(16, "most images in one request", group="limits")
+    max_num_ctx: int = _setting(
+        32768,
+        "largest num_ctx (context window) a request may ask for: the engine allocates it",
+        group="limits",
+    )
     max_message_bytes: int = _setting(
         MAX_MESSAGE_BYTES,
         "largest gRPC message the server accepts, in bytes (beyond: RESOURCE_EXHAUSTED)",
@@ -225,7 +231,8 @@ class Settings:
         2.0, "most seconds of one retry's backoff", group="resilience"
     )
     circuit_failure_threshold: int = _setting(
-        5, "consecutive backend failures that open the circuit (calls then fail fast)",
+        5, "consecutive failures to reach the backend (connect errors, connections dropped "
+        "before any answer) that open the circuit (calls then fail fast)",
         group="resilience",
     )
     circuit_reset_timeout: float = _setting(
@@ -320,13 +327,15 @@ def _validate(s: Settings) -> Sequence[str]:
         if getattr(s, name) < 0:
             bad(name, "must be >= 0")
     for name in ("max_connections", "num_ctx", "max_tokens_cap", "max_prompt_bytes",
-                 "max_messages", "max_image_bytes"):
+                 "max_messages", "max_image_bytes", "max_images", "max_num_ctx"):
         if getattr(s, name) < 1:
             bad(name, "must be >= 1")
     if s.workers < 1:
         bad("workers", "must be >= 1")
     elif s.workers > 1 and s.listen.endswith(":0"):
         bad("workers", "several workers need a fixed port in --listen, not port 0")
+    if s.num_ctx > s.max_num_ctx:
+        bad("num_ctx", f"must not exceed max_num_ctx ({s.max_num_ctx})")
     if s.max_tokens > s.max_tokens_cap:
         bad("max_tokens", f"must not exceed max_tokens_cap ({s.max_tokens_cap})")
     if s.temperature < 0:

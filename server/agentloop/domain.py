@@ -159,6 +159,9 @@ class BackendHealth:
     reason: str = ""
     #: Models the engine holds in memory, where it says (Ollama's /api/ps): for metrics.
     loaded: tuple[ModelInfo, ...] = ()
+    #: Names of the models the engine serves, where it says (Ollama's /api/tags): the
+    #: only model names metrics use as labels.
+    served: tuple[str, ...] = ()
 
 
 # --- agent runs: the result of the agent loop (services/agent.py) -------------------------

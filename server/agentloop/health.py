@@ -44,6 +44,8 @@ class HealthReporter:
         self._wake = asyncio.Event()
         self.last: BackendHealth = BackendHealth(False, "not checked yet")
         self._became_ready = asyncio.Event()
+        #: Model names the backend last said it serves (kept while it cannot say).
+        self.served: frozenset[str] = frozenset({model})
 
     @property
     def ready(self) -> bool:
@@ -104,6 +106,8 @@ class HealthReporter:
         self.last = result
         if result.ready:
             self._became_ready.set()
+        if result.served:
+            self.served = frozenset({self._model, *result.served})
         status = SERVING if result.ready else NOT_SERVING
         for name in READY_NAMES:
             await self.servicer.set(name, status)

@@ -26,7 +26,11 @@ from agentloop.backends.resilient import ResilientBackend
 from agentloop.config import MAX_MESSAGE_BYTES, Settings, SettingsError
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
-from agentloop.rpc.interceptors import DrainInterceptor, ErrorInterceptor
+from agentloop.rpc.interceptors import (
+    DrainInterceptor,
+    ErrorInterceptor,
+    UndecodableRequestGuard,
+)
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
 from agentloop.services.agent import AgentService
@@ -196,8 +200,9 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
         # Telemetry first: its span and status cover what the others refuse or raise.
+        # Undecodable bytes are refused after the auth guards (who is asking comes first).
         interceptors=[ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
-                      drain_gate, *guards, ErrorInterceptor()],
+                      drain_gate, *guards, UndecodableRequestGuard(), ErrorInterceptor()],
         options=server_options(settings),
     )
     agent = AgentService(generation, default_tools(), settings)

@@ -167,7 +167,8 @@ class OllamaBackend:
             return BackendHealth(False, "Ollama sent a malformed model list")
         if not _model_listed(model, names):
             return BackendHealth(False, f"model {model!r} is not pulled")
-        return BackendHealth(True, loaded=await self._loaded_models(timeout))
+        return BackendHealth(True, loaded=await self._loaded_models(timeout),
+                             served=tuple(sorted(names)))
 
     async def _loaded_models(self, timeout: float) -> tuple[ModelInfo, ...]:
         """What /api/ps shows (the memory gauges read it); empty when it does not answer."""
@@ -272,7 +273,7 @@ async def parse_stream(
             continue
         try:
             chunk = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line nested too deep
             raise BackendProtocolError("the backend sent a malformed stream") from None
         if not isinstance(chunk, dict):
             raise BackendProtocolError("the backend sent a malformed stream")
@@ -359,7 +360,7 @@ def _retryable(error: AgentLoopError) -> AgentLoopError:
 def _error_message(body: bytes) -> str:
     try:
         return _clean(json.loads(body).get("error", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "no details"
 
 

@@ -7,7 +7,15 @@ jitter, while the caller's deadline leaves room. Once an item is out, never: the
 would see it twice.
 
 Circuit breaker (closed / open / half-open): `circuit_failure_threshold` consecutive
-backend failures open it. While open, generations fail fast with UNAVAILABLE
+failures to reach the backend open it. Only failures no request can cause count: the
+backend could not be reached or dropped the connection before answering, that is the
+engine never started on the request (`is_backend_failure`). A request's own failures (a
+500 for a model whose runner crashes, an `{"error"}` line mid-stream, a hang, malformed
+output) go back to that caller and never change the replica's health, so no caller can
+take the replica out of rotation for the others. A truly sick backend still opens it at
+once (every call fails to connect), and the health task's own checks see it too.
+
+While open, generations fail fast with UNAVAILABLE
 (`CIRCUIT_OPEN`, RetryInfo = the time until the probe) and readiness is NOT_SERVING. After
 `circuit_reset_timeout` it is half-open: the next call or the health task's check is the
 probe; success closes the circuit, failure opens it again.
@@ -27,13 +35,7 @@ from contextlib import aclosing
 from agentloop.backends.base import Backend
 from agentloop.config import Settings
 from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo, StreamItem
-from agentloop.errors import (
-    AgentLoopError,
-    BackendProtocolError,
-    BackendStreamFailed,
-    BackendUnavailable,
-    CircuitOpen,
-)
+from agentloop.errors import AgentLoopError, BackendUnavailable, CircuitOpen
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,9 @@ class ResilientBackend:
 
 
 def is_backend_failure(exc: AgentLoopError) -> bool:
-    """Failures that say the backend is broken (not busy, not a bad request)."""
-    return isinstance(exc, BackendUnavailable | BackendStreamFailed | BackendProtocolError) \
+    """Failures that say the backend itself is down: it was not reached, or it dropped the
+    connection before answering (the engine never started on the request, so the request
+    cannot be the cause). Busy answers, bad requests and failures of one request or one
+    model (HTTP 500, mid-stream errors, hangs, malformed streams) do not count."""
+    return isinstance(exc, BackendUnavailable) and exc.retryable_before_first_token \
         and not isinstance(exc, CircuitOpen)

@@ -7,18 +7,20 @@ with a google.rpc.BadRequest names them all (under `start.` for StreamRunAgent).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol, TypeVar
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 
 from agentloop.config import Settings
 from agentloop.errors import InvalidArgument
-from agentloop.rpc.requests import Violations, chat_messages, check_model, requested_options
+from agentloop.rpc.requests import (
+    Violations,
+    chat_messages,
+    check_model,
+    requested_options,
+    schema_field,
+)
 from agentloop.services.agent import AgentRun, ClientToolCalls, ClientToolResult, WrongCallId
 from agentloop.services.generation import resolve_options
 from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, ClientTool, ToolRegistry
@@ -157,19 +159,11 @@ def _client_tools(
 def _parameters_schema(text: str, path: str, violations: Violations) -> dict[str, Any]:
     if not text:
         return dict(ANY_OBJECT)
-    try:
-        schema = json.loads(text)
-    except ValueError:
-        schema = None
-    if not isinstance(schema, dict):
-        violations.append((path, "must be a JSON object (a JSON Schema)"))
+    schema = schema_field(text, path, violations)
+    if schema is None:
         return dict(ANY_OBJECT)
     if schema.get("type", "object") != "object":
         violations.append((path, 'must describe an object ("type": "object")'))
-    try:
-        validator_for(schema, default=Draft202012Validator).check_schema(schema)
-    except SchemaError as exc:
-        violations.append((path, f"not a valid JSON Schema: {exc.message}"))
     return schema
 
 
@@ -215,14 +209,18 @@ class ToolResultReader:
         except WrongCallId as exc:
             raise InvalidArgument([("tool_result.call_id", str(exc))]) from None
 
-    async def watch(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def watch(self, events: AsyncGenerator[T]) -> AsyncIterator[T]:
         """Pass the events on until they end or a client message breaks the protocol."""
         assert self._task is not None
-        async with aclosing(events):
+        # Every step of `events` runs in this one Context: the generator sets context
+        # variables across its yields (the current span of its telemetry), and a variable
+        # set in one Context cannot be reset in another ("Failed to detach context").
+        run_context = contextvars.copy_context()
+        try:
             while True:
                 # Each event is awaited next to the reader, so a protocol error stops a run
                 # even in the middle of a model call (which the cancel closes upstream).
-                next_event = asyncio.ensure_future(anext(events))
+                next_event = asyncio.create_task(anext(events), context=run_context)
                 try:
                     await asyncio.wait({next_event, self._task},
                                        return_when=asyncio.FIRST_COMPLETED)
@@ -235,3 +233,7 @@ class ToolResultReader:
                     next_event.cancel()
                     await asyncio.wait({next_event})
                 yield event
+        finally:
+            closing = asyncio.create_task(events.aclose(), context=run_context)
+            await asyncio.wait({closing})
+            closing.result()

@@ -4,18 +4,22 @@
 keep their code and rich details, anything else becomes a bare INTERNAL (the traceback
 goes to the server log, never to the client). `DrainInterceptor` refuses new calls once
 the server is draining, so a balancer moves them to another replica at once.
+`UndecodableRequestGuard` answers request bytes that do not parse as the method's message
+with INVALID_ARGUMENT, on every method (health and reflection too), where grpc itself
+would answer UNKNOWN and log a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from agentloop.errors import AgentLoopError, ShuttingDown, internal_error
+from agentloop.errors import AgentLoopError, InvalidArgument, ShuttingDown, internal_error
 from agentloop.health import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -34,10 +38,11 @@ def wrap_handler(
     handler: grpc.RpcMethodHandler,
     wrap_unary: Callable[[Callable[..., Any]], Callable[..., Any]],
     wrap_stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """Rebuild a method handler with its behaviour wrapped (unary or streaming response)."""
     codecs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
@@ -131,3 +136,82 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
 
 def _shutting_down() -> ShuttingDown:
     return ShuttingDown("the server is shutting down; retry on another replica", retry_after=0.1)
+
+
+class UndecodableRequest(InvalidArgument):
+    """The request bytes are not the method's message in the protobuf binary format."""
+
+    def __init__(self) -> None:
+        super().__init__([("request", "not a valid protobuf message of the method's request "
+                                      "type (undecodable bytes)")])
+
+
+class _Undecodable:
+    """What the guarded deserializer hands on in place of a message it could not parse."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or whatever a parser raises on garbage
+            return _UNDECODABLE
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is _UNDECODABLE:
+            raise UndecodableRequest()
+        yield request
+
+
+class UndecodableRequestGuard(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes -> INVALID_ARGUMENT (BadRequest field `request`), no log."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        streaming_requests = handler.request_streaming
+
+        def request_of(request: Any) -> Any:
+            if streaming_requests:
+                return _checked(request)
+            if request is _UNDECODABLE:
+                raise UndecodableRequest()
+            return request
+
+        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request_of(request), context)
+                except UndecodableRequest as exc:
+                    await abort_with(context, exc)
+
+            return unary
+
+        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if not inspect.isasyncgenfunction(behavior):
+                return wrap_unary(behavior)  # it streams with context.write (health Watch)
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for response in behavior(request_of(request), context):
+                        yield response
+                except UndecodableRequest as exc:
+                    await abort_with(context, exc)
+
+            return streaming
+
+        return wrap_handler(handler, wrap_unary, wrap_stream,
+                            request_deserializer=_lenient(handler.request_deserializer))

@@ -6,11 +6,10 @@ fields in one INVALID_ARGUMENT with a google.rpc.BadRequest.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -22,11 +21,13 @@ from agentloop.domain import (
     Role,
 )
 from agentloop.errors import InvalidArgument
+from agentloop.schema_limits import SchemaRefused, parse_schema
 from agentloop.services.generation import resolve_options
 from agentloop.v1 import agentloop_pb2 as pb
 
 MAX_STOP_SEQUENCES = 16
-MAX_NUM_CTX = 1 << 20
+#: Longest stop string, in characters (Ollama and llama.cpp match each one on every token).
+MAX_STOP_CHARS = 256
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}$")
 _ROLES = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -86,7 +87,7 @@ def generation_request(
         ))
     check_model(message.model, violations)
     options = requested_options(message.options, settings, violations, "options")
-    response_format = response_format_of(message.format, violations)
+    response_format = response_format_of(message.format, violations, "format")
     if violations:
         raise InvalidArgument(violations)
     return GenerationRequest(
@@ -106,7 +107,7 @@ def chat_messages(
     """Validate chat messages: known roles, content present, size limits."""
     if len(messages) > settings.max_messages:
         violations.append((path, f"{len(messages)} messages; the limit is {settings.max_messages}"))
-    image_bytes = 0
+    image_bytes = images = 0
     converted = []
     for index, message in enumerate(messages):
         role = _ROLES.get(message.role)
@@ -115,8 +116,14 @@ def chat_messages(
             continue
         if not message.content and not message.images:
             violations.append((f"{path}[{index}].content", "must not be empty"))
+        if any(not image for image in message.images):
+            violations.append((f"{path}[{index}].images", "images must not be empty"))
+        images += len(message.images)
         image_bytes += sum(len(image) for image in message.images)
         converted.append(ChatMessage(role, message.content, tuple(message.images)))
+    if images > settings.max_images:
+        violations.append((
+            f"{path}.images", f"{images} images; the limit is {settings.max_images}"))
     if image_bytes > settings.max_image_bytes:
         violations.append((
             f"{path}.images",
@@ -153,12 +160,14 @@ def requested_options(
     if present("repeat_penalty") and not (math.isfinite(options.repeat_penalty) and
                                           options.repeat_penalty > 0):
         bad("repeat_penalty", "must be a finite number > 0")
-    if present("num_ctx") and not 1 <= options.num_ctx <= MAX_NUM_CTX:
-        bad("num_ctx", f"must be in [1, {MAX_NUM_CTX}]")
+    if present("num_ctx") and not 1 <= options.num_ctx <= settings.max_num_ctx:
+        bad("num_ctx", f"must be in [1, {settings.max_num_ctx}]")
     if len(options.stop) > MAX_STOP_SEQUENCES:
         bad("stop", f"at most {MAX_STOP_SEQUENCES} stop strings")
     if any(not stop for stop in options.stop):
         bad("stop", "stop strings must not be empty")
+    if any(len(stop) > MAX_STOP_CHARS for stop in options.stop):
+        bad("stop", f"stop strings are limited to {MAX_STOP_CHARS} characters")
     return RequestedOptions(
         temperature=options.temperature if present("temperature") else None,
         top_p=options.top_p if present("top_p") else None,
@@ -171,20 +180,27 @@ def requested_options(
     )
 
 
-def response_format_of(fmt: pb.ResponseFormat, violations: Violations) -> ResponseFormat:
+def response_format_of(
+    fmt: pb.ResponseFormat, violations: Violations, path: str
+) -> ResponseFormat:
     kind = _FORMATS.get(fmt.type)
     if kind is None:
-        violations.append(("format.type", "unknown format type"))
+        violations.append((f"{path}.type", "unknown format type"))
         return ResponseFormat()
     if kind is not OutputFormat.JSON_SCHEMA:
         if fmt.json_schema:
-            violations.append(("format.json_schema", "only allowed with TYPE_JSON_SCHEMA"))
+            violations.append((f"{path}.json_schema", "only allowed with TYPE_JSON_SCHEMA"))
         return ResponseFormat(kind)
-    try:
-        schema = json.loads(fmt.json_schema)
-    except ValueError:
-        schema = None
-    if not isinstance(schema, dict):
-        violations.append(("format.json_schema", "must be a JSON object (a JSON Schema)"))
+    schema = schema_field(fmt.json_schema, f"{path}.json_schema", violations)
+    if schema is None:
         return ResponseFormat()
     return ResponseFormat(kind, schema)
+
+
+def schema_field(text: str, path: str, violations: Violations) -> dict[str, Any] | None:
+    """A caller's JSON Schema within the schema limits, or None and a violation."""
+    try:
+        return parse_schema(text)
+    except SchemaRefused as exc:
+        violations.append((path, str(exc)))
+        return None

@@ -26,7 +26,6 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from jsonschema.validators import validator_for
 
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -43,6 +42,7 @@ from agentloop.domain import (
     Usage,
 )
 from agentloop.errors import Cancelled
+from agentloop.schema_limits import first_error, load_json
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import (
     ANY_OBJECT,
@@ -250,7 +250,7 @@ class Action:
 
 def parse_action(text: str) -> Action:
     try:
-        value = json.loads(text)
+        value = load_json(text)  # bounded depth: a deeply nested reply is just invalid
     except ValueError as exc:
         raise InvalidAction(f"the reply is not JSON ({exc})") from None
     if not isinstance(value, dict):
@@ -508,10 +508,11 @@ class AgentService:
             names = [*run.tools, *(t.name for t in run.client_tools)]
             return (f"there is no tool named {action.tool!r}; the tools are: "
                     f"{', '.join(names) or 'none'}")
-        validator_class = validator_for(tool.parameters, default=Draft202012Validator)
-        error = best_match(validator_class(tool.parameters).iter_errors(action.arguments))
+        # Client schemas passed schema_limits at request time; this validator runs their
+        # regexes on RE2 and resolves references only inside the schema.
+        error = first_error(tool.parameters, action.arguments)
         if error is not None:
-            return f"invalid arguments for {tool.name}: {error.message}"
+            return f"invalid arguments for {tool.name}: {error}"
         return None
 
     async def _run_tool(

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Any, Protocol
@@ -50,6 +50,8 @@ __all__ = ["Observed", "Telemetry", "start_telemetry"]
 
 log = logging.getLogger(__name__)
 
+#: The metric label of every model name the backend does not serve.
+OTHER_MODEL = "_OTHER"
 #: Seconds shutdown waits for the last spans and metrics to reach the collector.
 FLUSH_TIMEOUT = 5.0
 
@@ -65,6 +67,7 @@ class Telemetry:
         address: tuple[str, int] | None = None,
         trace_content: bool = False,
         *,
+        served_models: Callable[[], Collection[str]] = frozenset,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         prometheus: PrometheusEndpoint | None = None,
@@ -76,6 +79,7 @@ class Telemetry:
         self.trace_content = trace_content
         #: server.address / server.port of the engine (None in-process).
         self.address = address
+        self._served_models = served_models
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._prometheus = prometheus
@@ -117,7 +121,8 @@ class Telemetry:
             entry.input_tokens += end.usage.input_tokens
             entry.output_tokens += end.usage.output_tokens
         first, total = end.timings.time_to_first_token, end.timings.total
-        attributes = self.generation_attributes(request) | {tracing.RESPONSE_MODEL: end.model}
+        attributes = self.generation_attributes(request) | {
+            tracing.RESPONSE_MODEL: self.model_label(end.model)}
         if first is not None:
             self.instruments.time_to_first_token.record(first, attributes)
             if total is not None and end.usage.output_tokens > 1:
@@ -175,7 +180,14 @@ class Telemetry:
     def generation_attributes(self, request: GenerationRequest) -> dict[str, Any]:
         """The metric attributes every generation carries."""
         return {tracing.OPERATION: tracing.operation_name(request),
-                tracing.PROVIDER: self.provider, tracing.REQUEST_MODEL: request.model}
+                tracing.PROVIDER: self.provider,
+                tracing.REQUEST_MODEL: self.model_label(request.model)}
+
+    def model_label(self, model: str) -> str:
+        """A model name as a metric label: callers choose the names they send, so a name
+        the backend does not serve becomes OTHER_MODEL and /metrics stays bounded."""
+        served = self._served_models()
+        return model if model in served or f"{model}:latest" in served else OTHER_MODEL
 
 
 class Observed:
@@ -209,7 +221,7 @@ class Observed:
 class BackendCall(Observed):
     """One backend call: its CLIENT span and the gen_ai.client.* metrics."""
 
-    __slots__ = ("_attributes", "_instruments", "_started", "output")
+    __slots__ = ("_attributes", "_instruments", "_model_label", "_started", "output")
 
     def __init__(self, telemetry: Telemetry, request: GenerationRequest) -> None:
         super().__init__(
@@ -217,6 +229,7 @@ class BackendCall(Observed):
                                           telemetry.address, telemetry.trace_content),
             tracing.end_generation_span)
         self._instruments = telemetry.instruments
+        self._model_label = telemetry.model_label
         self._attributes = telemetry.generation_attributes(request)
         self._started = time.perf_counter()
         #: The answer's pieces, collected only when content goes into spans.
@@ -226,7 +239,7 @@ class BackendCall(Observed):
         if not self._open:
             return
         super().finish(end, self.output)
-        attributes = self._attributes | {tracing.RESPONSE_MODEL: end.model}
+        attributes = self._attributes | {tracing.RESPONSE_MODEL: self._model_label(end.model)}
         self._instruments.operation_duration.record(time.perf_counter() - self._started,
                                                     attributes)
         usage = self._instruments.token_usage
@@ -283,7 +296,7 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     observe_server_state(meter, admission, health, provider, cache, retrying)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
-        backend.address, settings.trace_content,
+        backend.address, settings.trace_content, served_models=lambda: health.served,
         tracer_provider=tracers, meter_provider=meters, prometheus=prometheus,
     )
 
