@@ -127,6 +127,12 @@ class Settings:
         "empty = $XDG_CACHE_HOME/agentloop or ~/.cache/agentloop",
         group="embedded",
     )
+    embedded_stall_timeout: float = _setting(
+        30.0,
+        "seconds the embedded engine's process may go without a heartbeat, or without "
+        "progress while generations run, before it is killed and restarted",
+        group="embedded",
+    )
 
     # --- generation defaults (used when a request leaves an option unset) ---
     temperature: float = _setting(0.7, "default sampling temperature", group="generation")
@@ -296,7 +302,7 @@ def _validate(s: Settings) -> Sequence[str]:
     if url.scheme not in ("http", "https") or not url.hostname:
         bad("ollama_url", f"expected an http(s) URL, got {s.ollama_url!r}")
     for name in ("connect_timeout", "read_timeout", "pool_timeout", "health_interval",
-                 "health_timeout", "queue_timeout"):
+                 "health_timeout", "queue_timeout", "embedded_stall_timeout"):
         if getattr(s, name) <= 0:
             bad(name, "must be > 0")
     for name in ("drain_delay", "shutdown_grace", "max_in_flight", "max_queue",
