@@ -42,6 +42,7 @@ from agentloop.telemetry.metrics import (
     Instruments,
     PrometheusEndpoint,
     meter_provider,
+    observe_engine_load,
     observe_server_state,
 )
 
@@ -270,6 +271,7 @@ def start_telemetry(settings: Settings, backend: Backend, admission: Admission,
     meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
     provider = tracing.provider_name(backend.name)
     observe_server_state(meter, admission, health, provider)
+    observe_engine_load(meter, backend, provider)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
         backend.address, settings.trace_content,

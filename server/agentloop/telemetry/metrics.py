@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -110,6 +111,39 @@ def observe_server_state(meter: Meter, admission: Admission, health: HealthRepor
         "agentloop.backend.model.memory", [model_memory], unit="By",
         description="Memory of each loaded model (total and on the GPU), from the last "
                     "health check (Ollama's /api/ps).")
+
+
+def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
+    """Load gauges of an engine that reports them (the embedded engine's `engine_stats`,
+    refreshed by its heartbeat): what an autoscaler or a load-aware balancer reads. The
+    callbacks read the last report; nothing asks the engine during a scrape."""
+    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
+        backend = backend.inner  # through the resilience wrapper
+    if not hasattr(backend, "engine_stats"):
+        return
+    source: Any = backend
+    attributes = {"gen_ai.provider.name": provider}
+
+    def gauge(name: str, field: str, unit: str, description: str) -> None:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            stats = source.engine_stats
+            if stats is not None:
+                yield Observation(getattr(stats, field), attributes)
+
+        meter.create_observable_gauge(name, [observe], unit=unit, description=description)
+
+    gauge("agentloop.engine.sequences.running", "running", "{sequence}",
+          "Sequences the engine is decoding.")
+    gauge("agentloop.engine.requests.waiting", "waiting", "{request}",
+          "Requests handed to the engine that wait for a slot.")
+    gauge("agentloop.engine.slots.usage", "slots_in_use", "{slot}",
+          "Engine slots holding a sequence.")
+    gauge("agentloop.engine.slots.limit", "slots", "{slot}",
+          "Engine slots (sequences decoded together).")
+    gauge("agentloop.engine.cache.usage", "cache_tokens", "{token}",
+          "Tokens held in the engine's KV cache.")
+    gauge("agentloop.engine.cache.limit", "cache_capacity", "{token}",
+          "Tokens the engine's KV cache holds at most.")
 
 
 class PrometheusEndpoint:
