@@ -41,7 +41,8 @@ from pathlib import Path
 import grpc
 import llama_cpp
 
-from agentloop.backends.embedded import EmbeddedBackend, open_llama
+from agentloop.backends.embedded import EmbeddedBackend
+from agentloop.backends.llama_engine import open_llama
 from agentloop.config import load_settings
 from agentloop.domain import GenerationRequest, RequestedOptions
 from agentloop.server import RunningServer, start_server

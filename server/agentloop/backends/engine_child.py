@@ -145,7 +145,10 @@ class _LogRelay(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level = record.levelno if record.name.startswith("agentloop") else logging.DEBUG
-            self._channel.post(("log", level, record.name, record.getMessage()))
+            text = record.getMessage()
+            if record.exc_info:  # the traceback stays with its line
+                text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
+            self._channel.post(("log", level, record.name, text))
         except Exception:  # a log line must never take the engine down
             self.handleError(record)
 
