@@ -127,6 +127,24 @@ class Settings:
         "empty = $XDG_CACHE_HOME/agentloop or ~/.cache/agentloop",
         group="embedded",
     )
+    embedded_slots: int = _setting(
+        10,
+        "generations the embedded engine decodes together (continuous batching; each slot "
+        "holds --num-ctx tokens of KV cache); admission's parallelism follows it",
+        group="embedded",
+    )
+    embedded_prefix_reuse: bool = _setting(
+        True,
+        "reuse the longest cached prompt prefix of a free slot (an agent's earlier steps, "
+        "a chat's earlier turns) instead of evaluating it again",
+        group="embedded",
+    )
+    embedded_batch_tokens: int = _setting(
+        256,
+        "most tokens per decoding step of the embedded engine: the running generations' "
+        "next tokens plus a chunk of the prompts being evaluated",
+        group="embedded",
+    )
     embedded_stall_timeout: float = _setting(
         30.0,
         "seconds the embedded engine's process may go without a heartbeat, or without "
@@ -146,7 +164,7 @@ class Settings:
     max_in_flight: int = _setting(
         0,
         "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
-        "1 for embedded); match OLLAMA_NUM_PARALLEL",
+        "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
         group="admission",
     )
     max_queue: int = _setting(
@@ -313,6 +331,10 @@ def _validate(s: Settings) -> Sequence[str]:
                  "max_messages", "max_image_bytes"):
         if getattr(s, name) < 1:
             bad(name, "must be >= 1")
+    if s.embedded_slots < 1:
+        bad("embedded_slots", "must be >= 1")
+    elif s.embedded_batch_tokens < s.embedded_slots:
+        bad("embedded_batch_tokens", f"must be >= embedded_slots ({s.embedded_slots})")
     if s.workers < 1:
         bad("workers", "must be >= 1")
     elif s.workers > 1 and s.listen.endswith(":0"):
