@@ -23,6 +23,7 @@ import psutil
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cli_serve import start_serve
 from test_telemetry import scrape, total
 
 from agentloop.backends.embedded import EmbeddedBackend, engine_slots
@@ -301,3 +302,29 @@ async def test_a_model_that_cannot_load_is_a_settings_error(tmp_path):
 
     assert backend.engine_pid is None
     assert {child.pid for child in psutil.Process().children()} <= children_before
+
+
+async def test_the_engine_process_ends_with_a_killed_gateway_and_stays_out_of_its_log():
+    proc, address = await start_serve("--backend", "embedded", "--num-ctx", "1024",
+                                      "--metrics-listen", "", "--drain-delay", "0")
+    try:
+        [engine] = psutil.Process(proc.pid).children()
+        assert "agentloop.backends.engine_child" in engine.cmdline()
+        async with client_stub(address) as stub:
+            reply = await stub.Generate(pb.GenerateRequest(
+                prompt="The capital of France is",
+                options=pb.GenerationOptions(max_tokens=2, temperature=0)), timeout=120)
+        assert reply.usage.output_tokens >= 1
+    finally:
+        proc.kill()  # no drain, no close(): the child must notice on its own
+        await proc.wait()
+    assert proc.stderr is not None
+    log_lines = (await proc.stderr.read()).decode().splitlines()
+
+    def gone() -> bool:
+        return not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+    await wait_until(gone, timeout=30)
+    # llama.cpp printed while loading, but only through the logger (at debug: not shown).
+    records = [json.loads(line) for line in log_lines]
+    assert records and not any("llama_kv_cache" in line for line in log_lines), log_lines
+    assert "agentloop.engine.output" not in {record["logger"] for record in records}
