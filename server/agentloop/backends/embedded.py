@@ -230,10 +230,16 @@ class _EngineProcess:
         child.send(("start", config, heartbeat, level))
         return child
 
-    async def handshake(self, on_message: Callable[[tuple[Any, ...]], None]) -> None:
-        """Wait for the model to load: ready, or SettingsError, or EngineRestarting."""
+    async def handshake(self, on_message: Callable[[tuple[Any, ...]], None],
+                        silence: float) -> None:
+        """Wait for the model to load: ready, or SettingsError, or EngineRestarting (the
+        child died, or sent no heartbeat for `silence` seconds)."""
         while True:
-            messages = await self.receive()
+            try:
+                messages = await asyncio.wait_for(self.receive(), silence)
+            except TimeoutError:
+                self.kill(f"no heartbeat for {silence:g}s while loading the model")
+                messages = None
             if messages is None:
                 raise EngineRestarting(
                     f"the embedded engine's process {self.describe_exit(await self.wait())} "
@@ -387,14 +393,18 @@ class EmbeddedBackend:
                 return
             path = await asyncio.to_thread(self._model_file)
             self._config = engine_config(self._settings, path)
-            child = await self._launch()
+            try:
+                child = await self._launch()
+            except EngineRestarting as exc:  # it died or hung while loading: a bad file?
+                raise SettingsError(f"--gguf / AGENTLOOP_GGUF: cannot load {path}: "
+                                    f"{exc.message}") from None
             self._started = True
             self._child = child
             self._supervisor = asyncio.create_task(self._supervise(child),
                                                    name="embedded-engine-supervisor")
-            log.info("embedded engine: %s loaded in process %d (%d slots, context %d tokens "
-                     "per slot, %d threads)", self._model, child.pid, self._config.slots,
-                     child.context_size, self._config.threads)
+            log.info("embedded engine: %s from %s loaded in process %d (%d slots, context %d "
+                     "tokens per slot, %d threads)", self._model, path, child.pid,
+                     self._config.slots, child.context_size, self._config.threads)
 
     def _model_file(self) -> Path:
         if self._settings.gguf:
@@ -409,7 +419,7 @@ class EmbeddedBackend:
         heartbeat = min(1.0, self._stall_timeout / 4)
         child = await _EngineProcess.spawn(self._config, heartbeat)
         try:
-            await child.handshake(self._dispatch)
+            await child.handshake(self._dispatch, self._stall_timeout)
         except BaseException:
             child.kill()
             await asyncio.shield(child.wait())
@@ -427,6 +437,9 @@ class EmbeddedBackend:
                 while (messages := await child.receive()) is not None:
                     for message in messages:
                         self._dispatch(message, child)
+            except Exception:  # a bug here must not leave its generations waiting forever
+                log.exception("embedded engine: reading process %d failed", child.pid)
+                child.kill("the gateway could not read it")
             finally:
                 watchdog.cancel()
                 self._child = None

@@ -8,7 +8,8 @@ domain types as they are).
 
 parent -> child: ("start", EngineConfig, heartbeat seconds, log level), then
                  ("submit", job_id, GenerationRequest), ("cancel", job_id), ("close",)
-child -> parent: ("ready", ModelInfo, context size) or ("failed", message) after the load, then
+child -> parent: ("beat",) while loading; ("ready", ModelInfo, context size) or
+                 ("failed", message) after the load, then
                  ("item", job_id, item), ("stats", EngineStats, progress), ("log", ...)
 
 An item is a text delta (str), a GenerationEnd, or an encoded error (`encode_error`). The
@@ -161,8 +162,13 @@ def _sink_for(channel: _Channel) -> Callable[[int, object], None]:
     return sink
 
 
-def _heartbeat(engine: Any, channel: _Channel, every: float, stop: threading.Event) -> None:
+def _heartbeat(engine: Any, loaded: threading.Event, channel: _Channel, every: float,
+               stop: threading.Event) -> None:
+    """A beat while the model loads, then the engine's stats with a progress count."""
     while not stop.wait(every):
+        if not loaded.is_set():
+            channel.post(("beat",))
+            continue
         try:
             stats = engine.stats()
         except Exception:  # stats are advisory: skip a beat rather than die
@@ -187,17 +193,20 @@ def serve(sock: socket.socket) -> int:
     from agentloop.config import SettingsError
 
     engine = Engine(config)
+    loaded, stop = threading.Event(), threading.Event()
+    beats = threading.Thread(target=_heartbeat, args=(engine, loaded, channel, heartbeat, stop),
+                             name="engine-child-heartbeat", daemon=True)
+    beats.start()
     try:
         info = engine.load()
     except SettingsError as exc:
+        stop.set()
+        beats.join()
         channel.post(("failed", str(exc)))
         channel.close()
         return 2
     channel.post(("ready", info, int(getattr(engine, "context_size", config.n_ctx))))
-    stop = threading.Event()
-    beats = threading.Thread(target=_heartbeat, args=(engine, channel, heartbeat, stop),
-                             name="engine-child-heartbeat", daemon=True)
-    beats.start()
+    loaded.set()
     sink = _sink_for(channel)
     try:
         while (message := channel.receive()) is not None:
