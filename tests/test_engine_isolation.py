@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cli_serve import start_serve
 from test_telemetry import scrape, total
 
-from agentloop.backends.embedded import EmbeddedBackend, engine_slots
+from agentloop.backends.embedded import EmbeddedBackend
 from agentloop.config import SettingsError
 from agentloop.domain import (
     GenerationEnd,
@@ -46,15 +46,17 @@ pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]
 PROMPT = "Once upon a time"
 LONG_TOKENS = 2000  # such streams are always cancelled or killed long before the end
 STALL_TIMEOUT = 5.0
+SLOTS = 3
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def gateway() -> AsyncIterator[RunningServer]:
-    """One gateway on the embedded engine, with a short stall timeout and /metrics."""
+    """One gateway on the embedded engine (3 slots, admission following them), with a
+    short stall timeout and /metrics."""
     settings = gateway_settings(backend="embedded", num_ctx=2048, read_timeout=120.0,
-                                embedded_stall_timeout=STALL_TIMEOUT,
+                                embedded_slots=SLOTS, embedded_stall_timeout=STALL_TIMEOUT,
                                 metrics_listen="127.0.0.1:0")
     async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running:
         yield running
@@ -237,7 +239,7 @@ async def test_schemas_that_break_llama_cpp_cost_only_their_request(gateway, sch
 
 async def test_parallelism_is_the_engine_slot_count(gateway):
     engine = engine_of(gateway)
-    assert engine.parallelism == engine_slots(gateway.settings) >= 1
+    assert engine.parallelism == SLOTS
     assert gateway.admission.max_in_flight == engine.parallelism  # --max-in-flight 0
 
 

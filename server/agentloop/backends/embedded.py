@@ -149,15 +149,11 @@ def engine_config(settings: Settings, path: Path) -> EngineConfig:
     return EngineConfig(
         model_path=str(path),
         n_ctx=settings.num_ctx,
-        slots=engine_slots(settings),
+        slots=settings.embedded_slots,
         threads=usable_cpus(),
-        prefix_reuse=getattr(settings, "embedded_prefix_reuse", True),
-        batch_tokens=getattr(settings, "embedded_batch_tokens", 512),
+        prefix_reuse=settings.embedded_prefix_reuse,
+        batch_tokens=settings.embedded_batch_tokens,
     )
-
-
-def engine_slots(settings: Settings) -> int:
-    return int(getattr(settings, "embedded_slots", 1))
 
 
 # --- one child process -------------------------------------------------------------------
@@ -333,7 +329,7 @@ class EmbeddedBackend:
             self._path = cache_dir(settings) / packaged_model_file()
         self._model = model_name_for(self._path)
         #: Generations the engine decodes at once: its slots; admission control follows.
-        self.parallelism = engine_slots(settings)
+        self.parallelism = settings.embedded_slots
         self._stall_timeout = settings.embedded_stall_timeout
         self._config: EngineConfig | None = None
         self._child: _EngineProcess | None = None

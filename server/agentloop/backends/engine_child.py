@@ -173,7 +173,7 @@ def _heartbeat(engine: Any, loaded: threading.Event, channel: _Channel, every: f
             stats = engine.stats()
         except Exception:  # stats are advisory: skip a beat rather than die
             continue
-        progress = channel.sent_items + int(getattr(stats, "steps", 0))
+        progress = channel.sent_items + stats.steps
         channel.post(("stats", stats, progress))
 
 
@@ -205,7 +205,7 @@ def serve(sock: socket.socket) -> int:
         channel.post(("failed", str(exc)))
         channel.close()
         return 2
-    channel.post(("ready", info, int(getattr(engine, "context_size", config.n_ctx))))
+    channel.post(("ready", info, engine.context_size))
     loaded.set()
     sink = _sink_for(channel)
     try:
