@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cli_serve import start_serve
+from test_embedded import engine_of
 from test_telemetry import scrape, total
 
 from agentloop.backends.embedded import EmbeddedBackend
@@ -60,14 +61,6 @@ async def gateway() -> AsyncIterator[RunningServer]:
                                 metrics_listen="127.0.0.1:0")
     async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running:
         yield running
-
-
-def engine_of(running: RunningServer) -> EmbeddedBackend:
-    backend = running.backend
-    while not isinstance(backend, EmbeddedBackend) and hasattr(backend, "inner"):
-        backend = backend.inner
-    assert isinstance(backend, EmbeddedBackend), backend
-    return backend
 
 
 def long_request() -> pb.StreamGenerateRequest:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -113,6 +113,23 @@ def observe_server_state(meter: Meter, admission: Admission, health: HealthRepor
                     "health check (Ollama's /api/ps).")
 
 
+# The embedded engine's load gauges: (instrument, EngineStats field, unit, description).
+_ENGINE_GAUGES = (
+    ("agentloop.engine.sequences.running", "running", "{sequence}",
+     "Sequences the engine is decoding."),
+    ("agentloop.engine.requests.waiting", "waiting", "{request}",
+     "Requests handed to the engine that wait for a slot."),
+    ("agentloop.engine.slots.usage", "slots_in_use", "{slot}",
+     "Engine slots holding a sequence."),
+    ("agentloop.engine.slots.limit", "slots", "{slot}",
+     "Engine slots (sequences decoded together)."),
+    ("agentloop.engine.cache.usage", "cache_tokens", "{token}",
+     "Tokens held in the engine's KV cache."),
+    ("agentloop.engine.cache.limit", "cache_capacity", "{token}",
+     "Tokens the engine's KV cache holds at most."),
+)
+
+
 def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     """Load gauges of an engine that reports them (the embedded engine's `engine_stats`,
     refreshed by its heartbeat): what an autoscaler or a load-aware balancer reads. The
@@ -124,26 +141,16 @@ def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     source: Any = backend
     attributes = {"gen_ai.provider.name": provider}
 
-    def gauge(name: str, field: str, unit: str, description: str) -> None:
+    def reader(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
             stats = source.engine_stats
             if stats is not None:
                 yield Observation(getattr(stats, field), attributes)
+        return observe
 
-        meter.create_observable_gauge(name, [observe], unit=unit, description=description)
-
-    gauge("agentloop.engine.sequences.running", "running", "{sequence}",
-          "Sequences the engine is decoding.")
-    gauge("agentloop.engine.requests.waiting", "waiting", "{request}",
-          "Requests handed to the engine that wait for a slot.")
-    gauge("agentloop.engine.slots.usage", "slots_in_use", "{slot}",
-          "Engine slots holding a sequence.")
-    gauge("agentloop.engine.slots.limit", "slots", "{slot}",
-          "Engine slots (sequences decoded together).")
-    gauge("agentloop.engine.cache.usage", "cache_tokens", "{token}",
-          "Tokens held in the engine's KV cache.")
-    gauge("agentloop.engine.cache.limit", "cache_capacity", "{token}",
-          "Tokens the engine's KV cache holds at most.")
+    for name, field, unit, description in _ENGINE_GAUGES:
+        meter.create_observable_gauge(name, [reader(field)], unit=unit,
+                                      description=description)
 
 
 class PrometheusEndpoint:
