@@ -20,6 +20,7 @@ import llama_cpp
 import pytest
 from llama_cpp import llama_grammar
 
+from agentloop.backends import llama_engine
 from agentloop.backends.embedded import cache_dir, ensure_packaged_model, usable_cpus
 from agentloop.backends.llama_engine import (
     GRAMMAR_THREAD_PREFIX,
@@ -330,6 +331,17 @@ def test_json_schema_output_parses_and_validates(batched: Engine):
     if end_of(json_job).finish_reason is FinishReason.STOP:
         json.loads(json_job.text)
     assert end_of(plain).usage.output_tokens == 8
+
+
+def test_a_rejected_token_is_resampled_over_the_whole_vocabulary_when_needed(
+        serial: Engine, monkeypatch: pytest.MonkeyPatch):
+    # With one "likely" token, a rejection mostly finds nothing allowed among the likely
+    # ones: the grammar then goes over the whole vocabulary.
+    monkeypatch.setattr(llama_engine, "_LIKELY_TOKENS", 1)
+    whole = Jobs(serial).run(request("A person, as JSON:", 64, schema=SCHEMA))
+
+    assert end_of(whole).finish_reason is FinishReason.STOP, whole.text
+    jsonschema.validate(json.loads(whole.text), SCHEMA)
 
 
 def test_schema_strings_forbid_raw_control_characters(batched: Engine):

@@ -86,6 +86,7 @@ _FILE_TYPES = {
 _GRAMMAR_CACHE_SIZE = 32
 _GRAMMAR_BUILDERS = 2
 _NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
+_LIKELY_TOKENS = 1024  # candidates a grammar is applied to before the whole vocabulary
 _PENALTY_LAST_N = 64  # tokens the repeat penalty looks back on (llama-cpp-python's default)
 # The schema converter lets a JSON string hold raw control characters, which JSON forbids
 # (a model then writes raw newlines and never closes the string): the JSON grammar's rule.
@@ -631,13 +632,30 @@ class Engine:
         check = llama_cpp.llama_token_data_array(ctypes.pointer(single), 1, -1, False)
         llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(check))
         if single.logit == -math.inf:
-            candidates = self._fill_candidates(index)
-            llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(candidates))
-            llama_cpp.llama_sampler_apply(slot.chain, ctypes.byref(candidates))
-            token = candidates.data[candidates.selected].id
+            token = self._resample(slot, index)
         llama_cpp.llama_sampler_accept(slot.grammar, token)
         llama_cpp.llama_sampler_accept(slot.chain, token)
         return token
+
+    def _resample(self, slot: _Slot, index: int) -> int:
+        """Sample among the tokens the grammar allows (the chain's pick was rejected).
+
+        The grammar costs about as much per candidate as it is large, so it is applied to
+        the most likely tokens first and to the whole vocabulary only when none of those
+        fits: what lies beyond them has a vanishing share of the probability.
+        """
+        candidates = self._fill_candidates(index)
+        likely = np.argpartition(self._candidates["logit"], -_LIKELY_TOKENS)[-_LIKELY_TOKENS:]
+        subset = self._candidates[likely]
+        data = subset.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        narrowed = llama_cpp.llama_token_data_array(data, len(subset), -1, False)
+        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(narrowed))
+        if np.isfinite(subset["logit"]).any():
+            candidates = narrowed
+        else:
+            llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(candidates))
+        llama_cpp.llama_sampler_apply(slot.chain, ctypes.byref(candidates))
+        return candidates.data[candidates.selected].id
 
     def _fill_candidates(self, index: int) -> llama_cpp.llama_token_data_array:
         """Every token with its logit at `index` of the last batch, for a sampler to apply."""
