@@ -300,6 +300,8 @@ async def test_a_model_that_cannot_load_is_a_settings_error(tmp_path):
 
 
 async def test_the_engine_process_ends_with_a_killed_gateway_and_stays_out_of_its_log():
+    # The gateway is SIGKILLed while its engine is stopped: the kernel ends the engine
+    # (parent-death signal), so not even a hung engine outlives the gateway.
     proc, address = await start_serve("--backend", "embedded", "--num-ctx", "1024",
                                       "--metrics-listen", "", "--drain-delay", "0")
     try:
@@ -310,15 +312,20 @@ async def test_the_engine_process_ends_with_a_killed_gateway_and_stays_out_of_it
                 prompt="The capital of France is",
                 options=pb.GenerationOptions(max_tokens=2, temperature=0)), timeout=120)
         assert reply.usage.output_tokens >= 1
+        engine.suspend()  # as if stuck in llama.cpp: it cannot notice its socket closing
     finally:
-        proc.kill()  # no drain, no close(): the child must notice on its own
+        proc.kill()  # no drain, no close(): the child must go on its own
         await proc.wait()
     assert proc.stderr is not None
     log_lines = (await proc.stderr.read()).decode().splitlines()
 
     def gone() -> bool:
         return not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
-    await wait_until(gone, timeout=30)
+    try:
+        await wait_until(gone, timeout=30)
+    finally:
+        if not gone():
+            engine.kill()
     # llama.cpp printed while loading, but only through the logger (at debug: not shown).
     records = [json.loads(line) for line in log_lines]
     assert records and not any("llama_kv_cache" in line for line in log_lines), log_lines

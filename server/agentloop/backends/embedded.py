@@ -208,6 +208,7 @@ class _EngineProcess:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", engine_child.__name__, str(child_end.fileno()),
+                str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, pass_fds=(child_end.fileno(),))
         except BaseException:
@@ -307,7 +308,13 @@ class _EngineProcess:
         """llama.cpp's own lines (and anything else on the child's stdout and stderr)."""
         stream = self.process.stdout
         assert stream is not None
-        while line := await stream.readline():
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line beyond the reader's limit: dropped, read on
+                continue
+            if not line:
+                return
             text = line.decode("utf-8", "replace").rstrip()
             if text:
                 self.last_output.append(text)

@@ -1,7 +1,7 @@
-"""The embedded engine's own process: `python -m agentloop.backends.engine_child FD`.
+"""The embedded engine's own process: `python -m agentloop.backends.engine_child FD PID`.
 
-`EmbeddedBackend` (the parent) starts this module with one end of a socket pair as FD and
-reads the child's stdout and stderr (merged) as llama.cpp's raw output. Everything else
+`EmbeddedBackend` (the parent, PID) starts this module with one end of a socket pair as FD
+and reads the child's stdout and stderr (merged) as llama.cpp's raw output. Everything else
 travels over the socket as frames: a 4-byte big-endian length, then a pickled list of
 messages (the two ends are the same code base, so pickle is safe here and carries the
 domain types as they are).
@@ -17,13 +17,16 @@ engine's sinks only put messages on a queue; one writer thread sends whatever pi
 one frame, so a slow parent never blocks a decoding step. A heartbeat thread sends the
 engine's stats every `heartbeat` seconds with a progress count (items sent plus decode
 steps): the parent's watchdog reads silence or a standstill as a hang. The child ends when
-told to close or when the socket reaches end of file (the parent is gone); SIGINT is
-ignored, so a Ctrl-C in a terminal stops the parent, which then closes the engine in order.
+told to close or when the socket reaches end of file (the parent is gone); it ignores
+SIGINT and SIGTERM, so a Ctrl-C in a terminal or a SIGTERM to the process group stops the
+parent, which then closes the engine in order.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import pickle
 import queue
 import signal
@@ -225,8 +228,27 @@ def serve(sock: socket.socket) -> int:
     return 0
 
 
+def _die_with(parent: int) -> None:
+    """Be killed when the parent dies, even while stuck in llama.cpp (Linux; elsewhere the
+    end of file on the socket is the only sign)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def main(argv: list[str]) -> int:
+    _die_with(int(argv[2]))
+    # A Ctrl-C or a SIGTERM sent to the whole process group is for the gateway, which
+    # then drains and closes the engine in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[1]))
     return serve(sock)
 
