@@ -28,6 +28,14 @@ from test_embedded import engine_of
 from test_telemetry import scrape, total
 
 from agentloop.backends.embedded import EmbeddedBackend
+from agentloop.backends.engine_child import (
+    HEADER_SIZE,
+    decode_error,
+    decode_frame,
+    encode_error,
+    encode_frame,
+    frame_size,
+)
 from agentloop.config import SettingsError
 from agentloop.domain import (
     GenerationEnd,
@@ -36,7 +44,13 @@ from agentloop.domain import (
     ResponseFormat,
     SamplingOptions,
 )
-from agentloop.errors import AgentLoopError, EngineRestarting
+from agentloop.errors import (
+    AgentLoopError,
+    BackendRejected,
+    EngineRestarting,
+    InvalidArgument,
+    ShuttingDown,
+)
 from agentloop.server import RunningServer, start_server
 from agentloop.testing.fake_ollama import wait_until
 from agentloop.v1 import agentloop_pb2 as pb
@@ -330,3 +344,19 @@ async def test_the_engine_process_ends_with_a_killed_gateway_and_stays_out_of_it
     records = [json.loads(line) for line in log_lines]
     assert records and not any("llama_kv_cache" in line for line in log_lines), log_lines
     assert "agentloop.engine.output" not in {record["logger"] for record in records}
+
+
+@pytest.mark.parametrize("error", [
+    InvalidArgument([("format.json_schema", "too large")]),
+    BackendRejected("the schema is not supported", metadata={"model": "m"}),
+    ShuttingDown("closing", retry_after=2.5),
+], ids=lambda error: type(error).__name__)
+async def test_engine_errors_cross_the_process_boundary_whole(error):
+    frame = encode_frame([("item", 1, encode_error(error))])
+    assert frame_size(frame[:HEADER_SIZE]) == len(frame) - HEADER_SIZE
+    [(_, _, encoded)] = decode_frame(frame[HEADER_SIZE:])
+    crossed = decode_error(encoded)
+
+    assert type(crossed) is type(error)
+    assert crossed.message == error.message and str(crossed) == str(error)
+    assert crossed.to_status().details == error.to_status().details  # BadRequest, RetryInfo
