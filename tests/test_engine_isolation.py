@@ -244,6 +244,28 @@ async def test_schemas_that_break_llama_cpp_cost_only_their_request(gateway, sch
     assert liveness and set(liveness) == {SERVING}, liveness
 
 
+async def test_a_request_that_holds_the_engine_without_progress_is_cut(gateway, caplog):
+    # A 200,000-value enum takes llama.cpp minutes to compile: no text and no decoding step
+    # while the heartbeats go on. Straight to the engine, as above.
+    engine = engine_of(gateway)
+    await wait_until(lambda: gateway.health.ready, timeout=120)
+    pid = engine.engine_pid
+    assert pid is not None
+    schema = {"enum": [f"value{index}" for index in range(200_000)]}
+    request = GenerationRequest(
+        model="", prompt="A value, as JSON:",
+        options=SamplingOptions(temperature=0, top_p=0.9, top_k=40, max_tokens=16,
+                                repeat_penalty=1.1, num_ctx=2048, seed=1),
+        format=ResponseFormat(OutputFormat.JSON_SCHEMA, schema))
+    with pytest.raises(EngineRestarting):
+        async for _ in engine.stream(request):
+            pass
+    await assert_serves_again(gateway, pid)
+
+    assert any("no progress" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING), caplog.text
+
+
 async def test_parallelism_is_the_engine_slot_count(gateway):
     engine = engine_of(gateway)
     assert engine.parallelism == SLOTS

@@ -508,11 +508,12 @@ class EmbeddedBackend:
                 if isinstance(item, tuple):
                     item = engine_child.decode_error(item)
                 job.deliver(item)
-        elif kind == "log":
-            _, level, name, text = message
+        elif kind == "log":  # the child's record, told where it was written
+            _, level, name, text, path, line, function = message
             logger = logging.getLogger(name)
             if logger.isEnabledFor(level):
-                logger.log(level, "%s", text)
+                logger.handle(logger.makeRecord(name, level, path, line, text, None, None,
+                                                function))
 
     def _running(self) -> int:
         """Jobs the child has not ended yet."""

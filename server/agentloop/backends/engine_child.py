@@ -152,7 +152,8 @@ class _LogRelay(logging.Handler):
             text = record.getMessage()
             if record.exc_info:  # the traceback stays with its line
                 text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
-            self._channel.post(("log", level, record.name, text))
+            self._channel.post(("log", level, record.name, text, record.pathname,
+                                record.lineno, record.funcName))
         except Exception:  # a log line must never take the engine down
             self.handleError(record)
 
