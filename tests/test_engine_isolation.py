@@ -171,8 +171,8 @@ async def test_a_crashed_engine_fails_its_streams_and_comes_back(gateway, caplog
     async with liveness_watch(gateway.address) as liveness, \
             readiness_changes(gateway.address) as readiness, \
             client_stub(gateway.address) as stub:
-        streams = [await started_stream(stub, gateway)]
-        streams.append(stub.StreamGenerate(long_request(), timeout=120))  # queued or running
+        # Two generations decoding in the engine's slots at the moment of the crash.
+        streams = [await started_stream(stub, gateway) for _ in range(2)]
         os.kill(pid, signal.SIGSEGV)
         errors = [await read_rest(call) for call in streams]
         await assert_serves_again(gateway, pid)
@@ -185,7 +185,9 @@ async def test_a_crashed_engine_fails_its_streams_and_comes_back(gateway, caplog
     assert engine.restarts == restarts + 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING
                 and r.name == "agentloop.backends.embedded"]
-    assert len(warnings) == 1 and "SIGSEGV" in warnings[0].getMessage(), warnings
+    assert len(warnings) == 1, warnings
+    assert "SIGSEGV" in warnings[0].getMessage()
+    assert "2 generation(s) failed" in warnings[0].getMessage()
     # The new child's llama.cpp lines came through the logger, at debug level only.
     raw = [r for r in caplog.records if r.name == "agentloop.engine.output"]
     assert raw and {r.levelno for r in raw} == {logging.DEBUG}
