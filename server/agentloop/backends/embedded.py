@@ -401,6 +401,10 @@ class EmbeddedBackend:
             except EngineRestarting as exc:  # it died or hung while loading: a bad file?
                 raise SettingsError(f"--gguf / AGENTLOOP_GGUF: cannot load {path}: "
                                     f"{exc.message}") from None
+            if self._closed:  # close() came while it loaded: nobody will stop this child
+                child.kill()
+                await child.wait()
+                return
             self._started = True
             self._child = child
             self._supervisor = asyncio.create_task(self._supervise(child),
