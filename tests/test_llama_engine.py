@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import jsonschema
 import llama_cpp
+import numpy as np
 import pytest
 from llama_cpp import llama_grammar
 
@@ -314,6 +315,46 @@ def test_the_same_request_and_seed_alone_gives_the_same_text(serial: Engine):
 
     assert first.text == second.text
     assert other.text != first.text, "the seed made no difference"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cutting_to_the_likeliest_before_the_repeat_penalty_picks_the_same_tokens(
+        temperature: float):
+    vocab, rng = 2000, np.random.default_rng(3)
+    opts = SamplingOptions(temperature=temperature, top_p=0.9, top_k=40, max_tokens=1,
+                           repeat_penalty=1.3, num_ctx=1024, seed=5)
+    fast = llama_engine._sampler_chain(opts, vocab)
+    # The chain as llama-cpp-python builds it: the penalty over every token first.
+    plain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    parts = [llama_cpp.llama_sampler_init_penalties(vocab, 64, 1.3, 0.0, 0.0)]
+    parts += [llama_cpp.llama_sampler_init_greedy()] if temperature == 0 else [
+        llama_cpp.llama_sampler_init_top_k(40), llama_cpp.llama_sampler_init_top_p(0.9, 1),
+        llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(5)]
+    for part in parts:
+        llama_cpp.llama_sampler_chain_add(plain, part)
+    try:
+        picked: list[int] = []
+        for _ in range(120):
+            logits = rng.normal(0, 2, vocab).astype(np.float32)
+            # The penalty matters: the tokens picked lately are among the likeliest again.
+            logits[picked[-64:]] += rng.uniform(2, 8, len(picked[-64:])).astype(np.float32)
+            tokens = [_pick(chain, logits) for chain in (fast, plain)]
+            assert tokens[0] == tokens[1]
+            picked.append(tokens[0])
+            for chain in (fast, plain):
+                llama_cpp.llama_sampler_accept(chain, tokens[0])
+    finally:
+        llama_cpp.llama_sampler_free(fast)
+        llama_cpp.llama_sampler_free(plain)
+    assert len(set(picked)) > 1
+
+
+def _pick(chain: int, logits: np.ndarray) -> int:
+    data = (llama_cpp.llama_token_data * len(logits))(
+        *(llama_cpp.llama_token_data(i, float(v), 0.0) for i, v in enumerate(logits)))
+    array = llama_cpp.llama_token_data_array(data, len(logits), -1, False)
+    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    return array.data[array.selected].id
 
 
 # --- grammars --------------------------------------------------------------------------------

@@ -795,11 +795,23 @@ def grammar_for_schema(schema: str) -> str:
 
 
 def _sampler_chain(opts: SamplingOptions, n_vocab: int) -> int:
-    """The job's sampler chain, as llama-cpp-python builds it for the same options."""
+    """The job's sampler chain: what llama-cpp-python builds for the same options.
+
+    The repeat penalty looks up every candidate it is given: over Gemma's 262k tokens that
+    is most of a token's sampling time. A repeat penalty >= 1 only lowers the logits of the
+    (at most `_PENALTY_LAST_N`) tokens it has seen, so the top k after the penalty are
+    always among the top k + `_PENALTY_LAST_N` before it: cutting to those first gives the
+    same token, for a tenth of the time.
+    """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    parts = [llama_cpp.llama_sampler_init_penalties(
-        n_vocab, _PENALTY_LAST_N, opts.repeat_penalty, 0.0, 0.0)]
-    if opts.temperature <= 0:
+    greedy = opts.temperature <= 0
+    keep = 1 if greedy else opts.top_k
+    parts = []
+    if keep > 0 and opts.repeat_penalty >= 1:
+        parts.append(llama_cpp.llama_sampler_init_top_k(keep + _PENALTY_LAST_N))
+    parts.append(llama_cpp.llama_sampler_init_penalties(
+        n_vocab, _PENALTY_LAST_N, opts.repeat_penalty, 0.0, 0.0))
+    if greedy:
         parts.append(llama_cpp.llama_sampler_init_greedy())
     else:
         seed = random.randrange(_NO_SEED) if opts.seed is None else opts.seed % _NO_SEED
