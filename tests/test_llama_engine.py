@@ -385,6 +385,26 @@ def test_a_rejected_token_is_resampled_over_the_whole_vocabulary_when_needed(
     jsonschema.validate(json.loads(whole.text), SCHEMA)
 
 
+def test_a_grammar_pushed_out_of_the_cache_stays_for_the_job_waiting_on_it(
+        serial: Engine, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(llama_engine, "_GRAMMAR_CACHE_SIZE", 1)
+    jobs = Jobs(serial)
+    running = jobs.submit(request("Once upon a time", 1000))
+    wait_for(lambda: len(jobs.outcomes[running].deltas) >= 1)
+    schemas = [{"type": "object", "properties": {name: {"type": "boolean"}},
+                "required": [name], "additionalProperties": False} for name in ("a", "b")]
+    waiting = [jobs.submit(request("Numbers, as JSON:", 16, schema=schema))
+               for schema in schemas]
+    wait_for(lambda: len(serial._retired) == 1)  # the first one's grammar left the cache
+    serial.cancel(running)
+    outcomes = jobs.wait(running, *waiting)
+
+    for schema, outcome in zip(schemas, outcomes[1:], strict=True):
+        assert end_of(outcome).finish_reason is FinishReason.STOP, outcome.text
+        jsonschema.validate(json.loads(outcome.text), schema)
+    assert serial._retired == [], "a grammar out of the cache was never freed"
+
+
 def test_schema_strings_forbid_raw_control_characters(batched: Engine):
     vocab = batched._vocab
     newline = batched._tokenize("\n", add_bos=False)

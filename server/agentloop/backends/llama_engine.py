@@ -245,6 +245,7 @@ class Engine:
         self._jobs: dict[int, _Job] = {}  # every job without its terminal item yet
         self._waiting: list[_Job] = []  # scheduler thread only
         self._grammars: collections.OrderedDict[str, Future[int]] = collections.OrderedDict()
+        self._retired: list[Future[int]] = []  # out of the cache, maybe still awaited
         self._builders: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -349,9 +350,10 @@ class Engine:
             self._builders = None
         for job in list(self._jobs.values()):  # submitted while closing, never scheduled
             self._end(job, _shutting_down())
-        for built in self._grammars.values():
+        for built in [*self._grammars.values(), *self._retired]:
             _free_grammar(built)
         self._grammars.clear()
+        self._retired.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -486,7 +488,7 @@ class Engine:
         for job in list(self._waiting):
             free = [slot for slot in self._slots if slot.job is None]
             if not free:
-                return
+                break
             if job.grammar is not None and not job.grammar.done():
                 continue
             self._waiting.remove(job)
@@ -501,6 +503,7 @@ class Engine:
                 self._end(job, BackendProtocolError("the embedded engine failed"))
                 continue
             self._start(self._pick(free, job), job, grammar)
+        self._free_retired()
 
     def _pick(self, free: list[_Slot], job: _Job) -> _Slot:
         """The free slot with the longest common prefix; else the least recently used."""
@@ -760,10 +763,15 @@ class Engine:
         built.add_done_callback(self._grammar_built)
         self._grammars[key] = built
         if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
-            _, oldest = self._grammars.popitem(last=False)
-            # Jobs hold clones, not the prototype; one still building is freed once built.
-            oldest.add_done_callback(_free_grammar)
+            self._retired.append(self._grammars.popitem(last=False)[1])
         return built
+
+    def _free_retired(self) -> None:
+        """Free the grammars out of the cache that no waiting job will clone any more."""
+        awaited = {id(job.grammar) for job in self._waiting}
+        for built in [b for b in self._retired if b.done() and id(b) not in awaited]:
+            self._retired.remove(built)
+            _free_grammar(built)
 
     def _grammar_built(self, _: Future[int]) -> None:
         with self._lock:
