@@ -22,7 +22,12 @@ import pytest
 from llama_cpp import llama_grammar
 
 from agentloop.backends import llama_engine
-from agentloop.backends.embedded import cache_dir, ensure_packaged_model, usable_cpus
+from agentloop.backends.embedded import (
+    EmbeddedBackend,
+    cache_dir,
+    ensure_packaged_model,
+    usable_cpus,
+)
 from agentloop.backends.llama_engine import (
     GRAMMAR_THREAD_PREFIX,
     SCHEDULER_THREAD_NAME,
@@ -45,7 +50,8 @@ from agentloop.errors import (
     DeadlineExceeded,
     ShuttingDown,
 )
-from helpers import gateway_settings
+from agentloop.v1 import agentloop_pb2 as pb
+from helpers import client_stub, gateway_settings, running_gateway
 
 pytestmark = pytest.mark.real_model
 
@@ -483,3 +489,21 @@ def test_close_ends_every_job_and_leaves_no_thread():
     assert all(isinstance(outcome.end, ShuttingDown) for outcome in outcomes)
     assert isinstance(late.end, BackendUnavailable)
     assert [t for t in engine_threads() if t not in before] == []
+
+
+# --- through the gateway ------------------------------------------------------------------------
+
+
+async def test_cached_prompt_tokens_reach_the_client_in_usage():
+    settings = gateway_settings(backend="embedded", num_ctx=1024, embedded_slots=2,
+                                read_timeout=120.0)
+    prompt = "A list of fruits: apple, banana, cherry, date, elderberry, fig, grape,"
+    async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running, \
+            client_stub(running.address) as stub:
+        replies = [await stub.Generate(pb.GenerateRequest(
+            prompt=prompt, options=pb.GenerationOptions(max_tokens=2, temperature=0)),
+            timeout=WAIT) for _ in range(2)]
+
+    assert replies[0].usage.cached_input_tokens == 0
+    # All of the prompt but its last token (whose logits give the first token) was cached.
+    assert replies[1].usage.cached_input_tokens == replies[1].usage.input_tokens - 1
