@@ -57,6 +57,7 @@ from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from bench.bench_workers import wait_serving
 from bench.processes import stop
+from bench.run_all import percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
@@ -167,12 +168,6 @@ async def users(stub: pb_grpc.AgentLoopServiceStub, count: int, requests: int,
         "tokens_per_s": sum(s.tokens for s in streams) / wall,
         "tokens": sum(s.tokens for s in streams),
     }
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 # --- prefix reuse, agent, JSON ----------------------------------------------------------------

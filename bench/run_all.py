@@ -43,7 +43,6 @@ import psutil
 
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from bench import bench_embedded
 from bench.processes import fake_ollama, stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,6 +407,7 @@ def table(results: dict[str, Any]) -> str:
     ]
     embedded = results["other"].get("embedded", {})
     if "engines" in embedded:
+        from bench import bench_embedded  # it imports this module
         rows += ["", "The embedded engine through the gateway, the batched engine beside the "
                  "serial one (one slot, no prefix reuse) in the same run "
                  "(`bench/bench_embedded.py`):",
