@@ -82,7 +82,7 @@ def long_request() -> pb.StreamGenerateRequest:
         max_tokens=LONG_TOKENS, temperature=0, seed=3))
 
 
-async def started_stream(stub, running: RunningServer) -> grpc.aio.UnaryStreamCall:
+async def started_stream(stub) -> grpc.aio.UnaryStreamCall:
     """A long stream that has sent its first text (so the engine is decoding it)."""
     call = stub.StreamGenerate(long_request(), timeout=120)
     async for message in call:
@@ -172,7 +172,7 @@ async def test_a_crashed_engine_fails_its_streams_and_comes_back(gateway, caplog
             readiness_changes(gateway.address) as readiness, \
             client_stub(gateway.address) as stub:
         # Two generations decoding in the engine's slots at the moment of the crash.
-        streams = [await started_stream(stub, gateway) for _ in range(2)]
+        streams = [await started_stream(stub) for _ in range(2)]
         os.kill(pid, signal.SIGSEGV)
         errors = [await read_rest(call) for call in streams]
         await assert_serves_again(gateway, pid)
@@ -199,7 +199,7 @@ async def test_a_hung_engine_is_killed_and_restarted(gateway, caplog):
     assert pid is not None
     async with liveness_watch(gateway.address) as liveness, \
             client_stub(gateway.address) as stub:
-        call = await started_stream(stub, gateway)
+        call = await started_stream(stub)
         os.kill(pid, signal.SIGSTOP)
         try:
             error = await read_rest(call)
@@ -278,7 +278,7 @@ async def test_engine_load_is_exported_as_metrics(gateway):
     engine = engine_of(gateway)
     await wait_until(lambda: engine.engine_stats is not None, timeout=30)
     async with client_stub(gateway.address) as stub:
-        call = await started_stream(stub, gateway)
+        call = await started_stream(stub)
         try:
             await wait_until(lambda: engine.engine_stats is not None
                              and engine.engine_stats.running == 1, timeout=30)
@@ -309,7 +309,7 @@ async def test_close_leaves_no_process_and_no_thread():
         pid = backend.engine_pid
         assert pid is not None
         async with client_stub(running.address) as stub:
-            call = await started_stream(stub, running)
+            call = await started_stream(stub)
             # Shut down with the stream still running: it ends, and the child with it.
             await running.shutdown(grace=0.5, drain_delay=0.0)
             with contextlib.suppress(grpc.aio.AioRpcError):
