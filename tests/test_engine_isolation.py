@@ -384,3 +384,20 @@ async def test_engine_errors_cross_the_process_boundary_whole(error):
     assert type(crossed) is type(error)
     assert crossed.message == error.message and str(crossed) == str(error)
     assert crossed.to_status().details == error.to_status().details  # BadRequest, RetryInfo
+
+
+async def test_readiness_follows_a_restart_at_once_not_at_the_next_check():
+    # Background checks an hour apart: only the engine's own signal can move readiness.
+    settings = gateway_settings(backend="embedded", num_ctx=1024, health_interval=3600.0)
+    backend = EmbeddedBackend(settings)
+    async with running_gateway(settings, backend=backend) as running, \
+            readiness_changes(running.address) as readiness:
+        assert readiness == [SERVING]
+        pid = backend.engine_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        await wait_until(lambda: NOT_SERVING in readiness, timeout=30)
+        await wait_until(lambda: readiness[-1] == SERVING, timeout=120)
+
+    assert readiness == [SERVING, NOT_SERVING, SERVING]
+    assert backend.restarts == 1

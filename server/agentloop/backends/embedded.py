@@ -351,6 +351,8 @@ class EmbeddedBackend:
         self._info = ModelInfo(name=self._model)
         #: Times a child process was started again after it died or hung.
         self.restarts = 0
+        #: Called when the engine goes down or comes back: readiness is checked at once.
+        self.on_health_change: Callable[[], None] | None = None
 
     @property
     def default_model(self) -> str:
@@ -439,6 +441,7 @@ class EmbeddedBackend:
         backing off, until close()."""
         while True:
             self._child = child
+            self._health_changed()
             watchdog = asyncio.create_task(self._watch(child), name="embedded-engine-watchdog")
             try:
                 while (messages := await child.receive()) is not None:
@@ -450,6 +453,7 @@ class EmbeddedBackend:
             finally:
                 watchdog.cancel()
                 self._child = None
+                self._health_changed()
             returncode = await child.wait()
             if self._closed:
                 break
@@ -518,6 +522,10 @@ class EmbeddedBackend:
             if logger.isEnabledFor(level):
                 logger.handle(logger.makeRecord(name, level, path, line, text, None, None,
                                                 function))
+
+    def _health_changed(self) -> None:
+        if self.on_health_change is not None:
+            self.on_health_change()
 
     def _running(self) -> int:
         """Jobs the child has not ended yet."""
