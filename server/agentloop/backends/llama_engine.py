@@ -647,15 +647,17 @@ class Engine:
         the most likely tokens first and to the whole vocabulary only when none of those
         fits: what lies beyond them has a vanishing share of the probability.
         """
-        candidates = self._fill_candidates(index)
-        likely = np.argpartition(self._candidates["logit"], -_LIKELY_TOKENS)[-_LIKELY_TOKENS:]
-        subset = self._candidates[likely]
-        data = subset.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
-        narrowed = llama_cpp.llama_token_data_array(data, len(subset), -1, False)
-        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(narrowed))
-        if np.isfinite(subset["logit"]).any():
-            candidates = narrowed
+        likely = self._fill_candidates(index)
+        cut = llama_cpp.llama_sampler_init_top_k(_LIKELY_TOKENS)
+        llama_cpp.llama_sampler_apply(cut, ctypes.byref(likely))
+        llama_cpp.llama_sampler_free(cut)
+        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(likely))
+        likely.sorted = False  # the grammar set logits to -inf, keeping the flag
+        allowed = np.ctypeslib.as_array(likely.data, shape=(likely.size,))["logit"]
+        if np.isfinite(allowed).any():
+            candidates = likely
         else:
+            candidates = self._fill_candidates(index)
             llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(candidates))
         llama_cpp.llama_sampler_apply(slot.chain, ctypes.byref(candidates))
         return candidates.data[candidates.selected].id
