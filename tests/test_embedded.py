@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,13 +22,8 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentloop.backends.embedded import (
-    THREAD_NAME,
-    EmbeddedBackend,
-    cache_dir,
-    ensure_packaged_model,
-    split_on_stops,
-)
+from agentloop.backends.embedded import EmbeddedBackend, cache_dir, ensure_packaged_model
+from agentloop.backends.llama_engine import split_on_stops
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.server import RunningServer, select_backend
 from agentloop.v1 import agentloop_pb2 as pb
@@ -53,9 +47,10 @@ SCHEMA = {
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def gateway() -> AsyncIterator[RunningServer]:
-    """One gateway on the embedded engine for the module; one queue place (max_queue=1)."""
-    settings = gateway_settings(backend="embedded", max_queue=1, num_ctx=4096,
-                                read_timeout=120.0)
+    """One gateway on the embedded engine for the module: one generation at a time
+    (max_in_flight=1, whatever the engine's slots) and one queue place (max_queue=1)."""
+    settings = gateway_settings(backend="embedded", max_in_flight=1, max_queue=1,
+                                num_ctx=4096, read_timeout=120.0)
     async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running:
         yield running
 
@@ -73,8 +68,12 @@ def engine_of(running: RunningServer) -> EmbeddedBackend:
     return backend
 
 
-def engine_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+async def engine_idle(engine: EmbeddedBackend) -> None:
+    """Wait until the engine's own report (its heartbeat) shows no generation at all."""
+    def idle() -> bool:
+        stats = engine.engine_stats
+        return stats is not None and stats.running == stats.waiting == stats.slots_in_use == 0
+    await wait_until(idle, timeout=30)
 
 
 async def first_text(call: grpc.aio.UnaryStreamCall) -> str:
@@ -99,7 +98,7 @@ async def test_generate_returns_text_with_real_token_counts(gateway: RunningServ
         assert reply.usage.output_tokens == 16
     assert reply.timings.eval_duration.ToNanoseconds() > 0
     assert reply.timings.prompt_eval_duration.ToNanoseconds() > 0
-    assert not engine_threads(), "a worker thread outlived its request"
+    await engine_idle(engine_of(gateway))
 
 
 async def test_stream_deltas_add_up_to_the_generated_text(gateway: RunningServer):
@@ -186,7 +185,6 @@ async def test_split_on_stops_holds_back_a_possible_stop_start():
 
 async def test_cancelling_a_stream_frees_the_engine_at_once(gateway: RunningServer):
     engine = engine_of(gateway)
-    sampled_before = engine.sampled_tokens
     async with client_stub(gateway.address) as stub:
         long = stub.StreamGenerate(pb.StreamGenerateRequest(
             prompt="Once upon a time", options=options(LONG_TOKENS)), timeout=120)
@@ -198,20 +196,20 @@ async def test_cancelling_a_stream_frees_the_engine_at_once(gateway: RunningServ
         assert gateway.admission.in_flight == 1
         cancelled_at = time.monotonic()
         long.cancel()
+        # The admission slot (one here) passes on only when the engine has ended the job.
         short = await stub.Generate(pb.GenerateRequest(prompt=PROMPT, options=options(8)),
                                     timeout=120)
         waited = time.monotonic() - cancelled_at
 
     assert await long.code() == grpc.StatusCode.CANCELLED
-    # The cancelled generation stopped after the few tokens sent before the cancel arrived,
-    # instead of writing its ~2000 (the short request's tokens are the rest).
-    cancelled_tokens = engine.sampled_tokens - sampled_before - short.usage.output_tokens
-    assert seen <= cancelled_tokens < LONG_TOKENS // 10, cancelled_tokens
-    # And the short request did not wait for it: compared in the engine's own time per token.
+    assert short.usage.output_tokens >= 1
+    # The short request did not wait for the long one's ~2000 tokens: compared in the
+    # engine's own time per token.
     per_token = short.timings.eval_duration.ToNanoseconds() / 1e9 / max(
         short.usage.output_tokens - 1, 1)
     assert waited < (LONG_TOKENS - seen) * per_token / 4, (waited, per_token)
-    assert not engine_threads(), "the cancelled generation's thread is still running"
+    # And the cancelled generation stopped in the engine, not only in the gateway.
+    await engine_idle(engine)
 
 
 async def test_requests_beyond_the_queue_are_refused_with_retry_info(gateway: RunningServer):
@@ -242,7 +240,7 @@ async def test_requests_beyond_the_queue_are_refused_with_retry_info(gateway: Ru
         again = await stub.Generate(pb.GenerateRequest(prompt=PROMPT, options=options(4)),
                                     timeout=60)
     assert again.usage.output_tokens >= 1
-    assert not engine_threads()
+    await engine_idle(engine_of(gateway))
 
 
 async def test_an_unknown_model_is_not_found(gateway: RunningServer):

@@ -138,6 +138,30 @@ class Settings:
         "empty = $XDG_CACHE_HOME/agentloop or ~/.cache/agentloop",
         group="embedded",
     )
+    embedded_slots: int = _setting(
+        10,
+        "generations the embedded engine decodes together (continuous batching; each slot "
+        "holds --num-ctx tokens of KV cache); admission's parallelism follows it",
+        group="embedded",
+    )
+    embedded_prefix_reuse: bool = _setting(
+        True,
+        "reuse the longest cached prompt prefix of a free slot (an agent's earlier steps, "
+        "a chat's earlier turns) instead of evaluating it again",
+        group="embedded",
+    )
+    embedded_batch_tokens: int = _setting(
+        256,
+        "most tokens per decoding step of the embedded engine: the running generations' "
+        "next tokens plus a chunk of the prompts being evaluated",
+        group="embedded",
+    )
+    embedded_stall_timeout: float = _setting(
+        30.0,
+        "seconds the embedded engine's process may go without a heartbeat, or without "
+        "progress while generations run, before it is killed and restarted",
+        group="embedded",
+    )
 
     # --- generation defaults (used when a request leaves an option unset) ---
     temperature: float = _setting(0.7, "default sampling temperature", group="generation")
@@ -156,7 +180,7 @@ class Settings:
     max_in_flight: int = _setting(
         0,
         "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
-        "1 for embedded); match OLLAMA_NUM_PARALLEL",
+        "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
         group="admission",
     )
     max_queue: int = _setting(
@@ -319,7 +343,8 @@ def _validate(s: Settings) -> Sequence[str]:
     if url.scheme not in ("http", "https") or not url.hostname:
         bad("ollama_url", f"expected an http(s) URL, got {s.ollama_url!r}")
     for name in ("connect_timeout", "read_timeout", "pool_timeout", "health_interval",
-                 "health_timeout", "queue_timeout", "min_ping_interval"):
+                 "health_timeout", "queue_timeout", "min_ping_interval",
+                 "embedded_stall_timeout"):
         if getattr(s, name) <= 0:
             bad(name, "must be > 0")
     for name in ("drain_delay", "shutdown_grace", "max_in_flight", "max_queue",
@@ -330,6 +355,10 @@ def _validate(s: Settings) -> Sequence[str]:
                  "max_messages", "max_image_bytes", "max_images", "max_num_ctx"):
         if getattr(s, name) < 1:
             bad(name, "must be >= 1")
+    if s.embedded_slots < 1:
+        bad("embedded_slots", "must be >= 1")
+    elif s.embedded_batch_tokens < s.embedded_slots:
+        bad("embedded_batch_tokens", f"must be >= embedded_slots ({s.embedded_slots})")
     if s.workers < 1:
         bad("workers", "must be >= 1")
     elif s.workers > 1 and s.listen.endswith(":0"):

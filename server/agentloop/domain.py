@@ -98,10 +98,14 @@ class GenerationRequest:
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
+    #: Of `input_tokens`, those served from the engine's prompt cache (not evaluated again).
+    cached_input_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
-            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_input_tokens + other.cached_input_tokens,
         )
 
 

@@ -134,6 +134,16 @@ class ShuttingDown(RetryableError):
     reason = "SHUTTING_DOWN"
 
 
+class EngineRestarting(RetryableError):
+    """The embedded engine's process died or hung and is being restarted. Not a
+    BackendUnavailable: the engine's supervisor already restarts it and readiness says so,
+    so the circuit breaker does not count it (one request that crashes the engine must not
+    open the circuit for everyone)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "ENGINE_RESTARTING"
+
+
 class DeadlineExceeded(AgentLoopError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"

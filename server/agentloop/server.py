@@ -195,6 +195,8 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     health = HealthReporter(backend, backend.default_model, settings.health_interval,
                             warm_up=settings.warm_up)
     backend.circuit.on_change = health.check_soon
+    if hasattr(backend.inner, "on_health_change"):  # the embedded engine's restarts
+        backend.inner.on_health_change = health.check_soon
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()

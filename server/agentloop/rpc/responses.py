@@ -38,7 +38,8 @@ def timestamp(unix_seconds: float | None) -> timestamp_pb2.Timestamp | None:
 
 
 def usage_pb(usage: Usage) -> pb.Usage:
-    return pb.Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+    return pb.Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                    cached_input_tokens=usage.cached_input_tokens)
 
 
 def timings_pb(timings: Timings) -> pb.Timings:

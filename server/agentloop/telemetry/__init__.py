@@ -43,6 +43,7 @@ from agentloop.telemetry.metrics import (
     PrometheusEndpoint,
     RetryCounts,
     meter_provider,
+    observe_engine_load,
     observe_server_state,
 )
 
@@ -294,6 +295,7 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
     provider = tracing.provider_name(backend.name)
     observe_server_state(meter, admission, health, provider, cache, retrying)
+    observe_engine_load(meter, backend, provider)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
         backend.address, settings.trace_content, served_models=lambda: health.served,

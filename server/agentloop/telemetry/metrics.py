@@ -16,8 +16,8 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -172,6 +172,46 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
         "agentloop.backend.model.memory", [model_memory], unit="By",
         description="Memory of each loaded model (total and on the GPU), from the last "
                     "health check (Ollama's /api/ps).")
+
+
+# The embedded engine's load gauges: (instrument, EngineStats field, unit, description).
+_ENGINE_GAUGES = (
+    ("agentloop.engine.sequences.running", "running", "{sequence}",
+     "Sequences the engine is decoding."),
+    ("agentloop.engine.requests.waiting", "waiting", "{request}",
+     "Requests handed to the engine that wait for a slot."),
+    ("agentloop.engine.slots.usage", "slots_in_use", "{slot}",
+     "Engine slots holding a sequence."),
+    ("agentloop.engine.slots.limit", "slots", "{slot}",
+     "Engine slots (sequences decoded together)."),
+    ("agentloop.engine.cache.usage", "cache_tokens", "{token}",
+     "Tokens held in the engine's KV cache."),
+    ("agentloop.engine.cache.limit", "cache_capacity", "{token}",
+     "Tokens the engine's KV cache holds at most."),
+)
+
+
+def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
+    """Load gauges of an engine that reports them (the embedded engine's `engine_stats`,
+    refreshed by its heartbeat): what an autoscaler or a load-aware balancer reads. The
+    callbacks read the last report; nothing asks the engine during a scrape."""
+    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
+        backend = backend.inner  # through the resilience wrapper
+    if not hasattr(backend, "engine_stats"):
+        return
+    source: Any = backend
+    attributes = {"gen_ai.provider.name": provider}
+
+    def reader(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            stats = source.engine_stats
+            if stats is not None:
+                yield Observation(getattr(stats, field), attributes)
+        return observe
+
+    for name, field, unit, description in _ENGINE_GAUGES:
+        meter.create_observable_gauge(name, [reader(field)], unit=unit,
+                                      description=description)
 
 
 class PrometheusEndpoint:

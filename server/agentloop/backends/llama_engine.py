@@ -1,0 +1,900 @@
+"""The llama.cpp engine: continuous batching over slots, synchronous and thread-based.
+
+`Engine` loads one GGUF into one llama.cpp context holding `slots` sequences. A scheduler
+thread owns the context: each step is ONE `llama_decode` over the next token of every
+generating sequence plus a chunk of the prompts still being evaluated (chunked prefill, so a
+long prompt never stalls the streams in flight). Jobs join and leave between steps; a
+cancelled or expired job leaves at the next step and its slot is free at once.
+
+Each slot remembers the tokens its sequence holds in the KV cache. A new job takes the free
+slot with the longest common prefix and evaluates only the rest (prefix reuse): an agent's
+next step or a chat's next turn costs only its new tokens. Gemma 3 attends over a sliding
+window in most layers; reusing a prefix longer than the window needs the full-size SWA cache,
+so the context keeps it whenever prefix reuse is on.
+
+Each job samples with its own llama.cpp sampler chain (repeat penalty, top_k, top_p,
+temperature, a seeded `dist`, or greedy at temperature 0). JSON output is constrained by a
+grammar, checked the way llama.cpp's server does it: the chain samples first and only that
+one token is checked against the grammar; only when the grammar rejects it is the grammar
+applied to the whole vocabulary and the token sampled again. Grammars are compiled on builder
+threads (cached per schema), so a slow build never stalls the streams in flight, and a job
+cancelled or past its deadline while its grammar builds fails at once.
+
+Everything a job produces goes through its sink: text deltas (stop strings already cut), then
+exactly one terminal item, a `GenerationEnd` or an `AgentLoopError`.
+
+Determinism: a job's text depends on its prompt, options, seed and the logits it sees. The
+same request with the same seed on an otherwise idle engine, evaluated from scratch, gives
+the same text. Sharing a decode step with other jobs or starting from a cached prefix
+changes how the floating point sums are split, which can change a token now and then.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals, llama_chat_format, llama_grammar
+from llama_cpp._logger import set_verbose
+
+from agentloop.config import SettingsError
+from agentloop.domain import (
+    FinishReason,
+    GenerationEnd,
+    GenerationRequest,
+    ModelInfo,
+    OutputFormat,
+    ResponseFormat,
+    Role,
+    SamplingOptions,
+    Timings,
+    Usage,
+)
+from agentloop.errors import (
+    AgentLoopError,
+    BackendProtocolError,
+    BackendRejected,
+    BackendUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    ShuttingDown,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_THREAD_NAME = "agentloop-engine"
+GRAMMAR_THREAD_PREFIX = "agentloop-grammar"
+# llama.cpp's file types (enum llama_ftype) for the quantizations people actually use.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}
+_GRAMMAR_CACHE_SIZE = 32
+_GRAMMAR_BUILDERS = 2
+_NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
+_LIKELY_TOKENS = 1024  # candidates a grammar is applied to before the whole vocabulary
+_PENALTY_LAST_N = 64  # tokens the repeat penalty looks back on (llama-cpp-python's default)
+# The schema converter lets a JSON string hold raw control characters, which JSON forbids
+# (a model then writes raw newlines and never closes the string): the JSON grammar's rule.
+_CONVERTER_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+Sink = Callable[[int, object], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str  # the GGUF file (already assembled)
+    n_ctx: int  # context per slot (tokens); capped to the model's training context
+    slots: int  # sequences decoded together (1 = serial)
+    threads: int
+    prefix_reuse: bool = True
+    batch_tokens: int = 512  # tokens per llama_decode step (prompt chunks + running sequences)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Load signals, cheap to compute."""
+
+    slots: int
+    slots_in_use: int  # slots holding a job (evaluating its prompt or generating)
+    running: int  # jobs generating (their prompt evaluated)
+    waiting: int  # jobs not in a slot yet (queued, or their grammar building)
+    cache_tokens: int  # tokens the slots' KV cache holds
+    cache_capacity: int
+    steps: int = 0  # decode steps since load: progress, for a watchdog
+
+
+# --- stop strings ------------------------------------------------------------------------
+
+def split_on_stops(pending: str, stops: Sequence[str]) -> tuple[int, bool]:
+    """How much of the unsent text may go out now, and whether a stop string was found.
+
+    Returns (end, stopped): send `pending[:end]`. With `stopped`, `end` is where the first
+    stop string begins; otherwise the text after `end` is a possible start of a stop string
+    and waits for the next token.
+    """
+    if not stops:
+        return len(pending), False
+    found = [index for index in (pending.find(stop) for stop in stops) if index >= 0]
+    if found:
+        return min(found), True
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(pending)), hold, -1):
+            if pending.endswith(stop[:size]):
+                hold = size
+                break
+    return len(pending) - hold, False
+
+
+# --- jobs and slots ----------------------------------------------------------------------
+
+@dataclass
+class _Prompt:
+    tokens: list[int]
+    stops: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class _Job:
+    job_id: int
+    request: GenerationRequest
+    sink: Sink
+    cancelled: bool = False
+    ended: bool = False
+    prompt: _Prompt | None = None
+    grammar: Future[int] | None = None  # the compiled grammar sampler (a prototype to clone)
+
+    def send(self, item: object) -> None:
+        if self.ended:
+            return
+        if not isinstance(item, str):
+            self.ended = True
+        try:
+            self.sink(self.job_id, item)
+        except Exception:  # a broken sink must not take the engine down
+            log.exception("the engine's sink failed for job %d", self.job_id)
+
+    def expired(self, now: float) -> AgentLoopError | None:
+        if self.cancelled:
+            return Cancelled("the generation was cancelled")
+        deadline = self.request.deadline
+        if deadline is not None and now > deadline:
+            return DeadlineExceeded("the deadline passed before the generation ended")
+        return None
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One sequence of the context and the job it runs."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens in its KV cache, positions 0..
+    last_used: float = 0.0
+    job: _Job | None = None
+    # The running job's state.
+    prompt: list[int] = field(default_factory=list)
+    stops: tuple[str, ...] = ()
+    reused: int = 0
+    budget: int = 0
+    produced: int = 0
+    chain: int = 0  # llama_sampler* (the sampler chain)
+    grammar: int = 0  # llama_sampler* (a clone of the grammar), 0 without one
+    next_token: int | None = None  # sampled, not yet decoded
+    pending: str = ""
+    decoder: codecs.IncrementalDecoder | None = None
+    admitted_at: float = 0.0
+    first_at: float | None = None
+    load: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.job is not None and len(self.cached) < len(self.prompt)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    size = min(len(a), len(b))
+    index = 0
+    while index < size and a[index] == b[index]:
+        index += 1
+    return index
+
+
+# --- the engine --------------------------------------------------------------------------
+
+class Engine:
+    """One GGUF on llama.cpp, `config.slots` sequences decoded together."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from agentloop.backends.embedded import model_name_for  # embedded imports this module
+
+        if config.slots < 1 or config.batch_tokens < config.slots:
+            raise SettingsError("the engine needs slots >= 1 and batch_tokens >= slots")
+        self._config = config
+        self._path = Path(config.model_path)
+        self._model_name = model_name_for(self._path)
+        self._model: _internals.LlamaModel | None = None
+        self._ctx: int | None = None  # llama_context*
+        self._memory: int | None = None
+        self._batch: llama_cpp.llama_batch | None = None
+        self._vocab: int | None = None
+        self._n_vocab = 0
+        self._n_swa = 0
+        self._slot_ctx = 0
+        self._chat_template: llama_chat_format.Jinja2ChatFormatter | None = None
+        self._slots = [_Slot(seq) for seq in range(config.slots)]
+        self._lock = threading.Condition()
+        self._incoming: collections.deque[_Job] = collections.deque()
+        self._woken = False
+        self._closed = False
+        self._jobs: dict[int, _Job] = {}  # every job without its terminal item yet
+        self._waiting: list[_Job] = []  # scheduler thread only
+        self._grammars: collections.OrderedDict[str, Future[int]] = collections.OrderedDict()
+        self._retired: list[Future[int]] = []  # out of the cache, maybe still awaited
+        self._builders: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self._load_seconds = 0.0
+        self._load_reported = False
+        self._piece = ctypes.create_string_buffer(256)
+        self._candidates: np.ndarray | None = None
+        self._token_ids: np.ndarray | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def context_size(self) -> int:
+        """Tokens one slot holds (0 before loading)."""
+        return self._slot_ctx
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        """Load the model, make the context and start the threads (raises SettingsError)."""
+        path, config = self._path, self._config
+        if not path.is_file():
+            raise SettingsError(f"--gguf / AGENTLOOP_GGUF: no file at {path}")
+        started = time.monotonic()
+        llama_cpp.llama_backend_init()
+        set_verbose(False)  # llama.cpp's own lines: errors only
+        try:
+            model = _internals.LlamaModel(path_model=str(path),
+                                          params=llama_cpp.llama_model_default_params(),
+                                          verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise SettingsError(f"--gguf / AGENTLOOP_GGUF: cannot load {path}: {exc}") from None
+        trained = model.n_ctx_train()
+        per_slot = min(config.n_ctx, trained) if trained > 0 else config.n_ctx
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = per_slot * config.slots
+        params.n_batch = params.n_ubatch = config.batch_tokens
+        params.n_seq_max = config.slots
+        params.n_threads = params.n_threads_batch = config.threads
+        # One KV stream per sequence: slots do not share prefixes with each other.
+        params.kv_unified = False
+        # Reusing a prefix longer than the sliding window needs the window's layers whole.
+        params.swa_full = config.prefix_reuse
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not ctx:
+            model.close()
+            raise SettingsError(f"--gguf / AGENTLOOP_GGUF: cannot make a context for {path}")
+        self._model, self._ctx = model, ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._vocab = model.vocab
+        self._n_vocab = model.n_vocab()
+        self._n_swa = llama_cpp.llama_model_n_swa(model.model)
+        self._slot_ctx = llama_cpp.llama_n_ctx_seq(ctx)
+        self._batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
+        self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(self._n_vocab, dtype=np.dtype(
+            [("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True))
+        self._load_seconds = time.monotonic() - started
+        metadata = model.metadata()
+        template = metadata.get("tokenizer.chat_template")
+        if template:
+            self._chat_template = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=_token_text(model, model.token_eos()),
+                bos_token=_token_text(model, model.token_bos()),
+            )
+        stat = path.stat()
+        info = ModelInfo(
+            name=self._model_name,
+            size_bytes=stat.st_size,
+            loaded=True,
+            family=metadata.get("general.architecture", ""),
+            parameter_size=metadata.get("general.size_label", ""),
+            quantization_level=_quantization(metadata),
+            modified_at=stat.st_mtime,
+        )
+        self._builders = ThreadPoolExecutor(_GRAMMAR_BUILDERS,
+                                            thread_name_prefix=GRAMMAR_THREAD_PREFIX)
+        self._thread = threading.Thread(target=self._schedule, name=SCHEDULER_THREAD_NAME,
+                                        daemon=True)
+        self._thread.start()
+        log.info("llama engine: loaded %s (%s, %d slots x %d tokens, prefix reuse %s, "
+                 "%d threads) in %.2fs", self._model_name,
+                 info.quantization_level or "unknown quantization", config.slots,
+                 self._slot_ctx, "on" if config.prefix_reuse else "off", config.threads,
+                 self._load_seconds)
+        return info
+
+    def close(self) -> None:
+        """Stop every job (each gets its terminal item), join the threads, free the model."""
+        with self._lock:
+            self._closed = True
+            self._wake()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._builders is not None:
+            self._builders.shutdown(wait=True, cancel_futures=True)
+            self._builders = None
+        for job in list(self._jobs.values()):  # submitted while closing, never scheduled
+            self._end(job, _shutting_down())
+        for built in [*self._grammars.values(), *self._retired]:
+            _free_grammar(built)
+        self._grammars.clear()
+        self._retired.clear()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = self._memory = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    # --- the API the backend calls -------------------------------------------------------
+
+    def submit(self, job_id: int, request: GenerationRequest, sink: Sink) -> None:
+        """Queue a job; never blocks. Its items arrive through `sink` on engine threads."""
+        job = _Job(job_id, request, sink)
+        with self._lock:
+            if self._closed or self._thread is None:
+                refused = True
+            else:
+                refused = False
+                self._jobs[job_id] = job
+                self._incoming.append(job)
+                self._wake()
+        if refused:
+            job.send(BackendUnavailable("the embedded engine is not loaded", retry_after=1.0))
+
+    def cancel(self, job_id: int) -> None:
+        """Stop the job at the next step (it ends with `Cancelled`) and free its slot."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.cancelled = True
+                self._wake()
+
+    def stats(self) -> EngineStats:
+        slots = self._slots
+        in_use = sum(1 for slot in slots if slot.job is not None)
+        prefilling = sum(1 for slot in slots if slot.prefilling)
+        return EngineStats(
+            slots=len(slots),
+            slots_in_use=in_use,
+            running=in_use - prefilling,
+            waiting=len(self._incoming) + len(self._waiting),
+            cache_tokens=sum(len(slot.cached) for slot in slots),
+            cache_capacity=self._slot_ctx * len(slots),
+            steps=self._steps,
+        )
+
+    def _wake(self) -> None:
+        """Under the lock: the scheduler has something to look at."""
+        self._woken = True
+        self._lock.notify()
+
+    def _end(self, job: _Job, item: object) -> None:
+        with self._lock:
+            self._jobs.pop(job.job_id, None)
+        job.send(item)
+
+    # --- the scheduler thread ------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        while self._take_new():
+            now = time.monotonic()
+            try:
+                self._expire(now)
+                self._admit()
+                if any(slot.job is not None for slot in self._slots):
+                    self._step()
+                else:
+                    self._idle(now)
+            except Exception:
+                log.exception("the llama engine failed")
+                for slot in self._slots:  # what they hold is no longer known to be right
+                    if slot.job is not None:
+                        self._truncate(slot, 0)
+                        self._release(slot, BackendProtocolError("the embedded engine failed"))
+        failure = _shutting_down()
+        for slot in self._slots:
+            if slot.job is not None:
+                self._release(slot, failure)
+        for job in self._waiting:
+            self._end(job, failure)
+        self._waiting.clear()
+
+    def _take_new(self) -> bool:
+        """Move submitted jobs to the waiting list; False once the engine closes."""
+        with self._lock:
+            if self._closed:
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                return False
+            self._woken = False
+            new = list(self._incoming)
+            self._incoming.clear()
+        for job in new:
+            try:
+                job.prompt = self._prompt(job.request)
+                if len(job.prompt.tokens) >= self._slot_ctx:
+                    raise BackendRejected(
+                        f"the prompt is {len(job.prompt.tokens)} tokens; the embedded engine's "
+                        f"context holds {self._slot_ctx}",
+                        metadata={"model": self._model_name},
+                    )
+                job.grammar = self._grammar(job.request.format)
+            except AgentLoopError as exc:
+                self._end(job, exc)
+                continue
+            self._waiting.append(job)
+        return True
+
+    def _idle(self, now: float) -> None:
+        """Nothing to decode: sleep until a job arrives, a grammar is built or a deadline."""
+        deadlines = [job.request.deadline for job in self._waiting
+                     if job.request.deadline is not None]
+        timeout = max(0.0, min(deadlines) - now) + 0.001 if deadlines else None
+        with self._lock:
+            if not self._woken:
+                self._lock.wait(timeout)
+
+    def _expire(self, now: float) -> None:
+        """End the jobs cancelled or past their deadline, running or waiting."""
+        for slot in self._slots:
+            if slot.job is not None and (error := slot.job.expired(now)) is not None:
+                self._release(slot, error)
+        for job in list(self._waiting):
+            if (error := job.expired(now)) is not None:
+                self._waiting.remove(job)
+                self._end(job, error)
+
+    def _admit(self) -> None:
+        """Give free slots to waiting jobs, first come first served (grammars built)."""
+        for job in list(self._waiting):
+            free = [slot for slot in self._slots if slot.job is None]
+            if not free:
+                break
+            if job.grammar is not None and not job.grammar.done():
+                continue
+            self._waiting.remove(job)
+            try:
+                grammar = (llama_cpp.llama_sampler_clone(job.grammar.result())
+                           if job.grammar is not None else 0)
+            except AgentLoopError as exc:
+                self._end(job, exc)
+                continue
+            except Exception:
+                log.exception("building a grammar failed")
+                self._end(job, BackendProtocolError("the embedded engine failed"))
+                continue
+            self._start(self._pick(free, job), job, grammar)
+        self._free_retired()
+
+    def _pick(self, free: list[_Slot], job: _Job) -> _Slot:
+        """The free slot with the longest common prefix; else the least recently used."""
+        assert job.prompt is not None
+        if not self._config.prefix_reuse:
+            return min(free, key=lambda slot: slot.last_used)
+        tokens = job.prompt.tokens
+        return max(free, key=lambda slot: (_common_prefix(slot.cached, tokens),
+                                           -slot.last_used))
+
+    def _start(self, slot: _Slot, job: _Job, grammar: int) -> None:
+        assert job.prompt is not None
+        tokens = job.prompt.tokens
+        keep = 0
+        if self._config.prefix_reuse:
+            # At least one prompt token is evaluated: its logits give the first token.
+            keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        self._truncate(slot, keep)
+        opts = job.request.options
+        slot.job = job
+        slot.prompt = tokens
+        slot.stops = job.prompt.stops
+        slot.reused = len(slot.cached)
+        slot.budget = min(opts.max_tokens, self._slot_ctx - len(tokens))
+        slot.produced = 0
+        slot.chain = _sampler_chain(opts, self._n_vocab)
+        slot.grammar = grammar
+        slot.next_token = None
+        slot.pending = ""
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.admitted_at = time.perf_counter()
+        slot.first_at = None
+        slot.load = 0.0 if self._load_reported else self._load_seconds
+        self._load_reported = True
+
+    def _truncate(self, slot: _Slot, keep: int) -> None:
+        """Drop the slot's cached tokens from `keep` on (all of them if that cannot be)."""
+        memory = self._memory
+        if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
+                memory, slot.seq, keep, -1):
+            keep = 0
+        if 0 < keep and self._n_swa > 0:
+            # A sliding-window cache that already dropped positions the rest needs.
+            oldest = llama_cpp.llama_memory_seq_pos_min(memory, slot.seq)
+            if oldest > max(0, keep - self._n_swa):
+                keep = 0
+        if keep == 0 and slot.cached:
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
+        del slot.cached[keep:]
+
+    def _release(self, slot: _Slot, item: object) -> None:
+        """End the slot's job with `item`; the slot keeps its cache for the next job."""
+        job = slot.job
+        assert job is not None
+        if slot.chain:
+            llama_cpp.llama_sampler_free(slot.chain)
+        if slot.grammar:
+            llama_cpp.llama_sampler_free(slot.grammar)
+        slot.chain = slot.grammar = 0
+        slot.job = None
+        slot.prompt = []
+        slot.next_token = None
+        slot.last_used = time.monotonic()
+        self._end(job, item)
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One llama_decode over every generating sequence plus prompt chunks."""
+        batch = self._batch
+        assert batch is not None
+        batch.n_tokens = 0
+        outputs: list[tuple[_Slot, int]] = []
+        busy = [slot for slot in self._slots if slot.job is not None]
+        for slot in busy:
+            if slot.next_token is not None:
+                outputs.append((slot, self._add(slot, slot.next_token, True)))
+                slot.next_token = None
+        room = self._config.batch_tokens - batch.n_tokens
+        for slot in sorted((s for s in busy if s.prefilling), key=lambda s: s.admitted_at):
+            if room <= 0:
+                break
+            chunk = slot.prompt[len(slot.cached):len(slot.cached) + room]
+            room -= len(chunk)
+            last = len(slot.cached) + len(chunk) == len(slot.prompt)
+            for index, token in enumerate(chunk):
+                at = self._add(slot, token, last and index == len(chunk) - 1)
+            if last:
+                outputs.append((slot, at))
+        if batch.n_tokens == 0:
+            return
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        self._steps += 1
+        if status != 0:
+            log.warning("llama_decode failed (%d) on a batch of %d tokens", status,
+                        batch.n_tokens)
+            for slot in busy:
+                self._truncate(slot, 0)
+                self._release(slot, BackendUnavailable(
+                    "the embedded engine failed to evaluate the request", retry_after=1.0))
+            return
+        for slot, index in outputs:
+            if slot.job is not None:
+                self._advance(slot, self._sample(slot, index))
+
+    def _add(self, slot: _Slot, token: int, logits: bool) -> int:
+        """Append one token of the slot's sequence to the batch; its index there."""
+        batch = self._batch
+        assert batch is not None
+        index = batch.n_tokens
+        batch.token[index] = token
+        batch.pos[index] = len(slot.cached)
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = slot.seq
+        batch.logits[index] = logits
+        batch.n_tokens = index + 1
+        slot.cached.append(token)
+        return index
+
+    def _sample(self, slot: _Slot, index: int) -> int:
+        """The slot's next token from the logits at `index` of the last batch."""
+        if not slot.grammar:
+            return llama_cpp.llama_sampler_sample(slot.chain, self._ctx, index)
+        candidates = self._fill_candidates(index)
+        llama_cpp.llama_sampler_apply(slot.chain, ctypes.byref(candidates))
+        token = candidates.data[candidates.selected].id
+        # Most tokens the chain picks are ones the grammar allows: check only that one.
+        single = llama_cpp.llama_token_data(token, 1.0, 0.0)
+        check = llama_cpp.llama_token_data_array(ctypes.pointer(single), 1, -1, False)
+        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(check))
+        if single.logit == -math.inf:
+            token = self._resample(slot, index)
+        llama_cpp.llama_sampler_accept(slot.grammar, token)
+        llama_cpp.llama_sampler_accept(slot.chain, token)
+        return token
+
+    def _resample(self, slot: _Slot, index: int) -> int:
+        """Sample among the tokens the grammar allows (the chain's pick was rejected).
+
+        The grammar costs about as much per candidate as it is large, so it is applied to
+        the most likely tokens first and to the whole vocabulary only when none of those
+        fits: what lies beyond them has a vanishing share of the probability.
+        """
+        likely = self._fill_candidates(index)
+        cut = llama_cpp.llama_sampler_init_top_k(_LIKELY_TOKENS)
+        llama_cpp.llama_sampler_apply(cut, ctypes.byref(likely))
+        llama_cpp.llama_sampler_free(cut)
+        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(likely))
+        likely.sorted = False  # the grammar set logits to -inf, keeping the flag
+        allowed = np.ctypeslib.as_array(likely.data, shape=(likely.size,))["logit"]
+        if np.isfinite(allowed).any():
+            candidates = likely
+        else:
+            candidates = self._fill_candidates(index)
+            llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(candidates))
+        llama_cpp.llama_sampler_apply(slot.chain, ctypes.byref(candidates))
+        return candidates.data[candidates.selected].id
+
+    def _fill_candidates(self, index: int) -> llama_cpp.llama_token_data_array:
+        """Every token with its logit at `index` of the last batch, for a sampler to apply."""
+        candidates, ids = self._candidates, self._token_ids
+        assert candidates is not None and ids is not None
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        candidates["id"] = ids
+        candidates["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        candidates["p"] = 0.0
+        data = candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        return llama_cpp.llama_token_data_array(data, self._n_vocab, -1, False)
+
+    def _advance(self, slot: _Slot, token: int) -> None:
+        """Handle one sampled token: end of generation, text out, stop strings, budget."""
+        job, decoder = slot.job, slot.decoder
+        assert job is not None and decoder is not None
+        if slot.first_at is None:
+            slot.first_at = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, FinishReason.STOP, stopped=False)
+            return
+        slot.produced += 1
+        slot.pending += decoder.decode(self._token_piece(token))
+        end, stopped = split_on_stops(slot.pending, slot.stops)
+        if end:
+            job.send(slot.pending[:end])
+            slot.pending = slot.pending[end:]
+        if stopped:  # the stop string and whatever follows it are not sent
+            self._finish(slot, FinishReason.STOP, stopped=True)
+        elif slot.produced >= slot.budget:
+            self._finish(slot, FinishReason.LENGTH, stopped=False)
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: _Slot, reason: FinishReason, *, stopped: bool) -> None:
+        job, decoder = slot.job, slot.decoder
+        assert job is not None and decoder is not None
+        if not stopped:
+            # What was held back as a possible stop string start, and any partial character.
+            tail = slot.pending + decoder.decode(b"", final=True)
+            if tail:
+                job.send(tail)
+        ended = time.perf_counter()
+        first_at = slot.first_at or ended
+        self._release(slot, GenerationEnd(
+            finish_reason=reason,
+            usage=Usage(input_tokens=len(slot.prompt), output_tokens=slot.produced,
+                        cached_input_tokens=slot.reused),
+            timings=Timings(load=slot.load, prompt_eval=first_at - slot.admitted_at,
+                            eval=ended - first_at),
+            model=self._model_name,
+        ))
+
+    def _token_piece(self, token: int) -> bytes:
+        buffer = self._piece
+        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if size < 0:  # a longer piece than the buffer: grow it once
+            self._piece = buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0,
+                                                  False)
+        return buffer.raw[:size]
+
+    # --- prompts and grammars ------------------------------------------------------------
+
+    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+        assert self._model is not None
+        return self._model.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    def _prompt(self, request: GenerationRequest) -> _Prompt:
+        """The tokens the model sees and the stop strings that go with them."""
+        stops = tuple(request.options.stop)
+        if not request.is_chat:
+            text = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
+            return _Prompt(self._tokenize(text or "", add_bos=True), stops)
+        messages = _chat_messages(request)
+        try:
+            if self._chat_template is not None:
+                rendered = self._chat_template(messages=messages)
+            else:
+                # A base model without a template (the packaged Gemma 3 270M): Gemma's turns.
+                rendered = llama_chat_format.format_gemma(messages=_fold_system(messages))
+        except ValueError as exc:  # the template refused the conversation
+            raise BackendRejected(
+                f"the model's chat template rejected the messages: {_clean(exc)}"
+            ) from None
+        extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+        tokens = self._tokenize(rendered.prompt, add_bos=not rendered.added_special)
+        return _Prompt(tokens, stops + tuple(s for s in extra if s))
+
+    def _grammar(self, fmt: ResponseFormat) -> Future[int] | None:
+        """The compiled grammar for the format: cached per schema, built off this thread."""
+        if fmt.kind is OutputFormat.TEXT:
+            return None
+        key = "json" if fmt.kind is OutputFormat.JSON else json.dumps(
+            fmt.json_schema, sort_keys=True)
+        built = self._grammars.get(key)
+        if built is not None:
+            self._grammars.move_to_end(key)
+            return built
+        assert self._builders is not None
+        built = self._builders.submit(self._build_grammar, fmt.kind, key)
+        built.add_done_callback(self._grammar_built)
+        self._grammars[key] = built
+        if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
+            self._retired.append(self._grammars.popitem(last=False)[1])
+        return built
+
+    def _free_retired(self) -> None:
+        """Free the grammars out of the cache that no waiting job will clone any more."""
+        awaited = {id(job.grammar) for job in self._waiting}
+        for built in [b for b in self._retired if b.done() and id(b) not in awaited]:
+            self._retired.remove(built)
+            _free_grammar(built)
+
+    def _grammar_built(self, _: Future[int]) -> None:
+        with self._lock:
+            self._wake()
+
+    def _build_grammar(self, kind: OutputFormat, key: str) -> int:
+        """A grammar sampler (the prototype each job clones); on a builder thread."""
+        if kind is OutputFormat.JSON:
+            text = llama_grammar.JSON_GBNF
+        else:
+            try:
+                text = grammar_for_schema(key)
+            except Exception as exc:  # the converter raises plain Exceptions
+                raise BackendRejected(
+                    f"the embedded engine cannot enforce this JSON schema: {_clean(exc)}"
+                ) from None
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+        if not sampler:  # llama.cpp could not parse it
+            raise BackendRejected("the embedded engine cannot enforce this JSON schema")
+        return sampler
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+def grammar_for_schema(schema: str) -> str:
+    """GBNF for a JSON schema (llama-cpp-python's converter), strings as strict as JSON's."""
+    text = llama_grammar.json_schema_to_gbnf(schema)
+    return text.replace(_CONVERTER_CHAR, _JSON_CHAR)
+
+
+def _sampler_chain(opts: SamplingOptions, n_vocab: int) -> int:
+    """The job's sampler chain: what llama-cpp-python builds for the same options.
+
+    The repeat penalty looks up every candidate it is given: over Gemma's 262k tokens that
+    is most of a token's sampling time. A repeat penalty >= 1 only lowers the logits of the
+    (at most `_PENALTY_LAST_N`) tokens it has seen, so the top k after the penalty are
+    always among the top k + `_PENALTY_LAST_N` before it: cutting to those first gives the
+    same token, for a tenth of the time.
+    """
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    greedy = opts.temperature <= 0
+    keep = 1 if greedy else opts.top_k
+    parts = []
+    if keep > 0 and opts.repeat_penalty >= 1:
+        parts.append(llama_cpp.llama_sampler_init_top_k(keep + _PENALTY_LAST_N))
+    parts.append(llama_cpp.llama_sampler_init_penalties(
+        n_vocab, _PENALTY_LAST_N, opts.repeat_penalty, 0.0, 0.0))
+    if greedy:
+        parts.append(llama_cpp.llama_sampler_init_greedy())
+    else:
+        seed = random.randrange(_NO_SEED) if opts.seed is None else opts.seed % _NO_SEED
+        parts += [
+            llama_cpp.llama_sampler_init_top_k(opts.top_k),
+            llama_cpp.llama_sampler_init_top_p(opts.top_p, 1),
+            llama_cpp.llama_sampler_init_temp(opts.temperature),
+            llama_cpp.llama_sampler_init_dist(seed),
+        ]
+    for part in parts:
+        llama_cpp.llama_sampler_chain_add(chain, part)  # the chain owns its parts
+    return chain
+
+
+def _free_grammar(built: Future[int]) -> None:
+    if built.done() and not built.cancelled() and built.exception() is None:
+        llama_cpp.llama_sampler_free(built.result())
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("the embedded engine is shutting down", retry_after=1.0)
+
+
+def open_llama(path: Path, n_ctx: int, threads: int) -> llama_cpp.Llama:
+    """A llama-cpp-python `Llama` as a plain single-stream user runs it (the benchmark)."""
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+
+def _chat_messages(request: GenerationRequest) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": request.system}] if request.system else []
+    for message in request.messages:
+        if message.images:
+            raise BackendRejected("the embedded engine's model does not read images")
+        if message.role is Role.SYSTEM:
+            role = "system"
+        elif message.role is Role.ASSISTANT:
+            role = "assistant"
+        else:  # user turns and tool results: both are what the model is told
+            role = "user"
+        messages.append({"role": role, "content": message.content})
+    return messages
+
+
+def _fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Gemma has no system turn: put the system text at the start of the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    turns = [m for m in messages if m["role"] != "system"]
+    if not system:
+        return turns
+    for index, message in enumerate(turns):
+        if message["role"] == "user":
+            folded = {"role": "user", "content": f"{system}\n\n{message['content']}"}
+            return [*turns[:index], folded, *turns[index + 1:]]
+    return [{"role": "user", "content": system}, *turns]
+
+
+def _token_text(model: _internals.LlamaModel, token: int) -> str:
+    return model.token_get_text(token) if token >= 0 else ""
+
+
+def _quantization(metadata: dict[str, str]) -> str:
+    try:
+        return _FILE_TYPES.get(int(metadata.get("general.file_type", "")), "")
+    except ValueError:
+        return ""
+
+
+def _clean(message: object) -> str:
+    """Short and single-line: fit for a client."""
+    return " ".join(str(message).split())[:300]

@@ -1,0 +1,509 @@
+"""The llama.cpp engine driven directly (no gateway), on the real Gemma 3 270M GGUF.
+
+Two engines load once for the module: a batched one (4 slots, prefix reuse, small decode
+steps so prompts are evaluated in chunks) and a serial one (1 slot, no reuse). The tests
+assert mechanics (what each job gets, slots, cache, threads), never wisdom, and no times.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import jsonschema
+import llama_cpp
+import numpy as np
+import pytest
+from llama_cpp import llama_grammar
+
+from agentloop.backends import llama_engine
+from agentloop.backends.embedded import (
+    EmbeddedBackend,
+    cache_dir,
+    ensure_packaged_model,
+    usable_cpus,
+)
+from agentloop.backends.llama_engine import (
+    GRAMMAR_THREAD_PREFIX,
+    SCHEDULER_THREAD_NAME,
+    Engine,
+    EngineConfig,
+    grammar_for_schema,
+)
+from agentloop.domain import (
+    FinishReason,
+    GenerationEnd,
+    GenerationRequest,
+    OutputFormat,
+    ResponseFormat,
+    SamplingOptions,
+)
+from agentloop.errors import (
+    BackendRejected,
+    BackendUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    ShuttingDown,
+)
+from agentloop.v1 import agentloop_pb2 as pb
+from helpers import client_stub, gateway_settings, running_gateway
+
+pytestmark = pytest.mark.real_model
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7,"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+WAIT = 120.0  # seconds a test waits for the engine at most (the machine may be busy)
+
+
+@dataclass
+class Outcome:
+    """What one job sent: its deltas and its terminal item."""
+
+    deltas: list[str] = field(default_factory=list)
+    end: object = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+class Jobs:
+    """Submits jobs to an engine and collects what their sinks receive."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.outcomes: dict[int, Outcome] = {}
+        self._next = 0
+        self.extra_terminals = 0
+
+    def sink(self, job_id: int, item: object) -> None:
+        outcome = self.outcomes[job_id]
+        if isinstance(item, str):
+            assert outcome.end is None, "a delta after the terminal item"
+            outcome.deltas.append(item)
+        elif outcome.end is not None:
+            self.extra_terminals += 1
+        else:
+            outcome.end = item
+            outcome.done.set()
+
+    def submit(self, request: GenerationRequest) -> int:
+        self._next += 1
+        self.outcomes[self._next] = Outcome()
+        self.engine.submit(self._next, request, self.sink)
+        return self._next
+
+    def wait(self, *job_ids: int) -> list[Outcome]:
+        outcomes = [self.outcomes[job_id] for job_id in job_ids]
+        for outcome in outcomes:
+            assert outcome.done.wait(WAIT), "the job never ended"
+        assert self.extra_terminals == 0
+        return outcomes
+
+    def run(self, request: GenerationRequest) -> Outcome:
+        [outcome] = self.wait(self.submit(request))
+        return outcome
+
+
+def request(prompt: str, max_tokens: int = 12, *, temperature: float = 0.0, seed: int = 7,
+            stop: tuple[str, ...] = (), schema: dict | None = None, json_mode: bool = False,
+            deadline: float | None = None) -> GenerationRequest:
+    fmt = ResponseFormat()
+    if schema is not None:
+        fmt = ResponseFormat(OutputFormat.JSON_SCHEMA, schema)
+    elif json_mode:
+        fmt = ResponseFormat(OutputFormat.JSON)
+    options = SamplingOptions(temperature=temperature, top_p=0.9, top_k=40,
+                              max_tokens=max_tokens, repeat_penalty=1.1, num_ctx=1024,
+                              seed=seed, stop=stop)
+    return GenerationRequest(model="", options=options, prompt=prompt, format=fmt,
+                             deadline=deadline)
+
+
+def end_of(outcome: Outcome) -> GenerationEnd:
+    assert isinstance(outcome.end, GenerationEnd), outcome.end
+    return outcome.end
+
+
+def wait_for(condition, timeout: float = WAIT) -> None:
+    limit = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < limit, "the condition never held"
+        time.sleep(0.01)
+
+
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name == SCHEDULER_THREAD_NAME or t.name.startswith(GRAMMAR_THREAD_PREFIX)]
+
+
+def open_engine(**overrides: object) -> Engine:
+    path = ensure_packaged_model(cache_dir(gateway_settings()))
+    values: dict = dict(model_path=str(path), n_ctx=1024, slots=4, threads=usable_cpus(),
+                        prefix_reuse=True, batch_tokens=64)
+    values.update(overrides)
+    engine = Engine(EngineConfig(**values))
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def batched() -> Iterator[Engine]:
+    engine = open_engine()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def serial() -> Iterator[Engine]:
+    engine = open_engine(slots=1, prefix_reuse=False)
+    yield engine
+    engine.close()
+
+
+def idle(engine: Engine) -> bool:
+    stats = engine.stats()
+    return stats.slots_in_use == stats.running == stats.waiting == 0
+
+
+# --- continuous batching -------------------------------------------------------------------
+
+
+def test_jobs_decoded_together_each_get_their_own_text_and_usage(batched: Engine,
+                                                                 serial: Engine):
+    prompts = [COUNTING, "The capital of France is", "Once upon a time", "A, B, C, D, E,"]
+    jobs = Jobs(batched)
+    steps_before = batched.stats().steps
+    ids = [jobs.submit(request(prompt, 16)) for prompt in prompts]
+    outcomes = jobs.wait(*ids)
+    steps = batched.stats().steps - steps_before
+
+    alone = Jobs(serial)
+    for prompt, outcome in zip(prompts, outcomes, strict=True):
+        end = end_of(outcome)
+        reference = end_of(alone.run(request(prompt, 16)))
+        assert end.usage.input_tokens == reference.usage.input_tokens
+        assert end.usage.output_tokens == 16 and end.finish_reason is FinishReason.LENGTH
+        assert outcome.text.strip()
+    assert outcomes[0].text.startswith(" 8, 9"), outcomes[0].text
+    assert outcomes[3].text.startswith(" F"), outcomes[3].text
+    # 4 x 16 tokens in far fewer decoding steps than one per token: they shared the steps.
+    assert steps <= 16 + 4, steps
+    assert idle(batched)
+
+
+def test_a_long_prompt_is_evaluated_in_chunks_beside_a_running_stream(batched: Engine):
+    jobs = Jobs(batched)
+    running = jobs.submit(request("Once upon a time", 400))
+    wait_for(lambda: len(jobs.outcomes[running].deltas) >= 2)
+    long_prompt = " ".join(f"word{i}" for i in range(120))  # several 64-token chunks
+    steps_before = batched.stats().steps
+    deltas_before = len(jobs.outcomes[running].deltas)
+    long = jobs.run(request(long_prompt, 2))
+    steps = batched.stats().steps - steps_before
+    deltas = len(jobs.outcomes[running].deltas) - deltas_before
+    batched.cancel(running)
+    jobs.wait(running)
+
+    assert end_of(long).usage.input_tokens > 3 * 64
+    assert steps >= 4, "the prompt was not split into chunks"
+    # The stream in flight kept getting tokens while the long prompt was evaluated.
+    assert deltas >= steps - 2, (deltas, steps)
+
+
+def test_cancel_ends_the_job_and_frees_its_slot(serial: Engine):
+    jobs = Jobs(serial)
+    long = jobs.submit(request("Once upon a time", 1000))
+    queued = jobs.submit(request(COUNTING, 4))
+    wait_for(lambda: len(jobs.outcomes[long].deltas) >= 3)
+    assert serial.stats().slots_in_use == 1 and serial.stats().waiting == 1
+
+    serial.cancel(long)
+    cancelled, short = jobs.wait(long, queued)
+
+    assert isinstance(cancelled.end, Cancelled)
+    assert len(cancelled.deltas) < 100, "the cancelled job ran on"
+    assert end_of(short).usage.output_tokens == 4
+    assert idle(serial)
+
+
+def test_a_deadline_ends_a_running_job(batched: Engine):
+    jobs = Jobs(batched)
+    outcome = jobs.run(request("Once upon a time", 1000, deadline=time.monotonic() + 1.0))
+
+    assert isinstance(outcome.end, DeadlineExceeded)
+    assert idle(batched)
+
+
+def test_a_prompt_beyond_the_context_is_rejected(batched: Engine):
+    jobs = Jobs(batched)
+    outcome = jobs.run(request(" ".join(["word"] * 1100)))
+
+    assert isinstance(outcome.end, BackendRejected)
+    assert "context holds 1024" in str(outcome.end)
+
+
+def test_stop_strings_across_tokens_end_the_text_before_them(serial: Engine):
+    jobs = Jobs(serial)
+    free = jobs.run(request("The capital of France is", 16)).text
+    words = free.split()
+    stop = f"{words[2]} {words[3][:2]}"  # spans at least two tokens
+    stopped = jobs.run(request("The capital of France is", 16, stop=("zzz", stop)))
+
+    assert end_of(stopped).finish_reason is FinishReason.STOP
+    assert stopped.text == free[: free.index(stop)]
+    assert all(delta for delta in stopped.deltas)
+
+
+# --- prefix reuse ------------------------------------------------------------------------------
+
+
+def test_a_shared_prefix_is_served_from_the_cache_with_the_same_text(batched: Engine,
+                                                                     serial: Engine):
+    jobs = Jobs(batched)
+    first = jobs.run(request(COUNTING, 12))
+    # The next step of a conversation: the previous prompt and answer, then more.
+    follow_up = COUNTING + first.text + " and so on. Again: 1, 2,"
+    reused = jobs.run(request(follow_up, 12))
+    fresh = Jobs(serial).run(request(follow_up, 12))
+
+    usage = end_of(reused).usage
+    assert usage.input_tokens == end_of(fresh).usage.input_tokens
+    # The first prompt and all but its last sampled token were in the slot's cache.
+    assert usage.cached_input_tokens >= end_of(first).usage.input_tokens + 10
+    assert usage.cached_input_tokens < usage.input_tokens
+    assert end_of(fresh).usage.cached_input_tokens == 0
+    assert reused.text == fresh.text
+
+
+def test_reuse_reaches_beyond_the_sliding_window(batched: Engine):
+    # Gemma 3 attends over a 512-token window in most layers: a longer prefix is reusable
+    # only with the full-size window cache.
+    story = " ".join(f"item{i}," for i in range(150))
+    jobs = Jobs(batched)
+    first = end_of(jobs.run(request(story + " The end.", 2)))
+    second = end_of(jobs.run(request(story + " The start.", 2)))
+
+    assert first.usage.input_tokens > 600
+    assert second.usage.cached_input_tokens > 600
+    assert second.timings.prompt_eval < first.timings.prompt_eval
+
+
+def test_the_serial_engine_reuses_nothing(serial: Engine):
+    jobs = Jobs(serial)
+    jobs.run(request(COUNTING, 2))
+    again = end_of(jobs.run(request(COUNTING, 2)))
+    assert again.usage.cached_input_tokens == 0
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+
+def test_the_same_request_and_seed_alone_gives_the_same_text(serial: Engine):
+    jobs = Jobs(serial)
+    sampled = request("Once upon a time", 24, temperature=0.9, seed=11)
+    first, second = jobs.run(sampled), jobs.run(sampled)
+    other = jobs.run(request("Once upon a time", 24, temperature=0.9, seed=12))
+
+    assert first.text == second.text
+    assert other.text != first.text, "the seed made no difference"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cutting_to_the_likeliest_before_the_repeat_penalty_picks_the_same_tokens(
+        temperature: float):
+    vocab, rng = 2000, np.random.default_rng(3)
+    opts = SamplingOptions(temperature=temperature, top_p=0.9, top_k=40, max_tokens=1,
+                           repeat_penalty=1.3, num_ctx=1024, seed=5)
+    fast = llama_engine._sampler_chain(opts, vocab)
+    # The chain as llama-cpp-python builds it: the penalty over every token first.
+    plain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    parts = [llama_cpp.llama_sampler_init_penalties(vocab, 64, 1.3, 0.0, 0.0)]
+    parts += [llama_cpp.llama_sampler_init_greedy()] if temperature == 0 else [
+        llama_cpp.llama_sampler_init_top_k(40), llama_cpp.llama_sampler_init_top_p(0.9, 1),
+        llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(5)]
+    for part in parts:
+        llama_cpp.llama_sampler_chain_add(plain, part)
+    try:
+        picked: list[int] = []
+        for _ in range(120):
+            logits = rng.normal(0, 2, vocab).astype(np.float32)
+            # The penalty matters: the tokens picked lately are among the likeliest again.
+            logits[picked[-64:]] += rng.uniform(2, 8, len(picked[-64:])).astype(np.float32)
+            tokens = [_pick(chain, logits) for chain in (fast, plain)]
+            assert tokens[0] == tokens[1]
+            picked.append(tokens[0])
+            for chain in (fast, plain):
+                llama_cpp.llama_sampler_accept(chain, tokens[0])
+    finally:
+        llama_cpp.llama_sampler_free(fast)
+        llama_cpp.llama_sampler_free(plain)
+    assert len(set(picked)) > 1
+
+
+def _pick(chain: int, logits: np.ndarray) -> int:
+    data = (llama_cpp.llama_token_data * len(logits))(
+        *(llama_cpp.llama_token_data(i, float(v), 0.0) for i, v in enumerate(logits)))
+    array = llama_cpp.llama_token_data_array(data, len(logits), -1, False)
+    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    return array.data[array.selected].id
+
+
+# --- grammars --------------------------------------------------------------------------------
+
+
+def test_json_schema_output_parses_and_validates(batched: Engine):
+    jobs = Jobs(batched)
+    ids = [jobs.submit(request("A person, as JSON:", 64, schema=SCHEMA)),
+           jobs.submit(request("Some data, as JSON:", 64, json_mode=True)),
+           jobs.submit(request(COUNTING, 8))]  # a plain job beside them
+    schema_job, json_job, plain = jobs.wait(*ids)
+
+    assert end_of(schema_job).finish_reason is FinishReason.STOP, schema_job.text
+    jsonschema.validate(json.loads(schema_job.text), SCHEMA)
+    if end_of(json_job).finish_reason is FinishReason.STOP:
+        json.loads(json_job.text)
+    assert end_of(plain).usage.output_tokens == 8
+
+
+def test_a_rejected_token_is_resampled_over_the_whole_vocabulary_when_needed(
+        serial: Engine, monkeypatch: pytest.MonkeyPatch):
+    # With one "likely" token, a rejection mostly finds nothing allowed among the likely
+    # ones: the grammar then goes over the whole vocabulary.
+    monkeypatch.setattr(llama_engine, "_LIKELY_TOKENS", 1)
+    whole = Jobs(serial).run(request("A person, as JSON:", 64, schema=SCHEMA))
+
+    assert end_of(whole).finish_reason is FinishReason.STOP, whole.text
+    jsonschema.validate(json.loads(whole.text), SCHEMA)
+
+
+def test_a_grammar_pushed_out_of_the_cache_stays_for_the_job_waiting_on_it(
+        serial: Engine, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(llama_engine, "_GRAMMAR_CACHE_SIZE", 1)
+    jobs = Jobs(serial)
+    running = jobs.submit(request("Once upon a time", 1000))
+    wait_for(lambda: len(jobs.outcomes[running].deltas) >= 1)
+    schemas = [{"type": "object", "properties": {name: {"type": "boolean"}},
+                "required": [name], "additionalProperties": False} for name in ("a", "b")]
+    waiting = [jobs.submit(request("Numbers, as JSON:", 16, schema=schema))
+               for schema in schemas]
+    wait_for(lambda: len(serial._retired) == 1)  # the first one's grammar left the cache
+    serial.cancel(running)
+    outcomes = jobs.wait(running, *waiting)
+
+    for schema, outcome in zip(schemas, outcomes[1:], strict=True):
+        assert end_of(outcome).finish_reason is FinishReason.STOP, outcome.text
+        jsonschema.validate(json.loads(outcome.text), schema)
+    assert serial._retired == [], "a grammar out of the cache was never freed"
+
+
+def test_schema_strings_forbid_raw_control_characters(batched: Engine):
+    vocab = batched._vocab
+    newline = batched._tokenize("\n", add_bos=False)
+    quote = batched._tokenize('"', add_bos=False)
+    assert len(newline) == len(quote) == 1
+
+    def allows_a_newline_in_a_string(grammar: str) -> bool:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        try:
+            llama_cpp.llama_sampler_accept(sampler, quote[0])
+            candidate = llama_cpp.llama_token_data(newline[0], 1.0, 0.0)
+            array = llama_cpp.llama_token_data_array(ctypes.pointer(candidate), 1, -1, False)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+            return candidate.logit != -math.inf
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    schema = json.dumps({"type": "string"})
+    assert allows_a_newline_in_a_string(llama_grammar.json_schema_to_gbnf(schema)), (
+        "the converter's strings forbid control characters now: drop the fix")
+    assert not allows_a_newline_in_a_string(grammar_for_schema(schema))
+
+
+def test_a_job_whose_deadline_passes_while_its_grammar_builds_fails_at_once(batched: Engine):
+    # A 40,000-value enum takes llama.cpp seconds to compile; the deadline is far shorter.
+    schema = {"enum": [f"value-{i}" for i in range(40_000)]}
+    jobs = Jobs(batched)
+    slow = jobs.submit(request("Pick one:", 4, schema=schema,
+                               deadline=time.monotonic() + 0.3))
+    plain = jobs.submit(request(COUNTING, 4))
+    key = json.dumps(schema, sort_keys=True)
+    wait_for(lambda: key in batched._grammars)
+    building = batched._grammars[key]
+    [failed] = jobs.wait(slow)
+    still_building = not building.done()
+    [finished] = jobs.wait(plain)
+
+    assert isinstance(failed.end, DeadlineExceeded)
+    assert still_building, "the job waited for its grammar"
+    assert end_of(finished).usage.output_tokens == 4
+    building.result(timeout=WAIT)  # let the build end before the next test
+    assert idle(batched)
+
+
+# --- load signals and lifecycle -----------------------------------------------------------------
+
+
+def test_stats_report_slots_jobs_and_cache(batched: Engine):
+    jobs = Jobs(batched)
+    running = jobs.submit(request("Once upon a time", 1000))
+    wait_for(lambda: len(jobs.outcomes[running].deltas) >= 2)
+    busy = batched.stats()
+    batched.cancel(running)
+    jobs.wait(running)
+    after = batched.stats()
+
+    assert busy.slots == 4 and busy.slots_in_use == 1 and busy.running == 1
+    assert busy.cache_capacity == 4 * batched.context_size == 4 * 1024
+    assert 0 < busy.cache_tokens <= busy.cache_capacity
+    assert after.slots_in_use == after.running == after.waiting == 0
+    assert after.cache_tokens >= busy.cache_tokens, "a finished job's cache stays for reuse"
+    assert after.steps > busy.steps
+
+
+def test_close_ends_every_job_and_leaves_no_thread():
+    before = set(engine_threads())  # the module's engines
+    engine = open_engine(slots=2)
+    jobs = Jobs(engine)
+    ids = [jobs.submit(request("Once upon a time", 1000)) for _ in range(2)]
+    ids.append(jobs.submit(request("Some data:", 1000, json_mode=True)))  # a grammar thread
+    wait_for(lambda: len(jobs.outcomes[ids[0]].deltas) >= 1)
+    engine.close()
+    outcomes = jobs.wait(*ids)
+    late = jobs.run(request(COUNTING, 2))
+
+    assert all(isinstance(outcome.end, ShuttingDown) for outcome in outcomes)
+    assert isinstance(late.end, BackendUnavailable)
+    assert [t for t in engine_threads() if t not in before] == []
+
+
+# --- through the gateway ------------------------------------------------------------------------
+
+
+async def test_cached_prompt_tokens_reach_the_client_in_usage():
+    settings = gateway_settings(backend="embedded", num_ctx=1024, embedded_slots=2,
+                                read_timeout=120.0)
+    prompt = "A list of fruits: apple, banana, cherry, date, elderberry, fig, grape,"
+    async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running, \
+            client_stub(running.address) as stub:
+        replies = [await stub.Generate(pb.GenerateRequest(
+            prompt=prompt, options=pb.GenerationOptions(max_tokens=2, temperature=0)),
+            timeout=WAIT) for _ in range(2)]
+
+    assert replies[0].usage.cached_input_tokens == 0
+    # All of the prompt but its last token (whose logits give the first token) was cached.
+    assert replies[1].usage.cached_input_tokens == replies[1].usage.input_tokens - 1
