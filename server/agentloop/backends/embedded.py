@@ -33,7 +33,6 @@ import importlib.util
 import itertools
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -65,13 +64,12 @@ from agentloop.errors import (
 if importlib.util.find_spec("llama_cpp") is None:  # the engine's child needs the extra
     raise ImportError("No module named 'llama_cpp'")
 
-from agentloop.backends.llama_engine import EngineConfig, EngineStats
+from agentloop.backends.llama_engine import EngineConfig, EngineStats, model_name_for
 
 log = logging.getLogger(__name__)
 raw_output = logging.getLogger(engine_child.RAW_OUTPUT_LOGGER)
 
 CACHE_SUBDIR = "agentloop"
-_NOT_A_NAME_CHAR = re.compile(r"[^A-Za-z0-9._:/@+-]")
 # Restarts back off from the first to the last delay, doubling; a child that served this
 # long before it died starts the backoff over.
 _RESTART_DELAY_FIRST = 0.5
@@ -124,12 +122,6 @@ def ensure_packaged_model(directory: Path) -> Path:
         partial.unlink(missing_ok=True)
     log.info("assembled the packaged model into %s in %.1fs", target, time.monotonic() - started)
     return target
-
-
-def model_name_for(path: Path) -> str:
-    """The model's name in the API: the file name without `.gguf`, safe as a model name."""
-    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
-    return _NOT_A_NAME_CHAR.sub("-", stem).lstrip("._:/@+-") or "model"
 
 
 def usable_cpus() -> int:

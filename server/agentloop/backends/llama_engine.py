@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -215,14 +216,21 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return index
 
 
+_NOT_A_NAME_CHAR = re.compile(r"[^A-Za-z0-9._:/@+-]")
+
+
+def model_name_for(path: Path) -> str:
+    """The model's name in the API: the file name without `.gguf`, safe as a model name."""
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    return _NOT_A_NAME_CHAR.sub("-", stem).lstrip("._:/@+-") or "model"
+
+
 # --- the engine --------------------------------------------------------------------------
 
 class Engine:
     """One GGUF on llama.cpp, `config.slots` sequences decoded together."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from agentloop.backends.embedded import model_name_for  # embedded imports this module
-
         if config.slots < 1 or config.batch_tokens < config.slots:
             raise SettingsError("the engine needs slots >= 1 and batch_tokens >= slots")
         self._config = config
