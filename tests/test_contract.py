@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agentloop.config import Settings, SettingsError, env_name, load_settings, settings_table
+from agentloop.config import Settings, SettingsError, env_name, load_settings
+from agentloop.settings_doc import settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where `make generate` (protos/generate.py) writes: the server's stubs, the client's copy.
