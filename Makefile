@@ -55,8 +55,10 @@ run: $(VENV)/.installed
 generate: $(VENV)/.installed
 	$(PY) protos/generate.py
 
+# SETTINGS_DOC: the Markdown file whose settings markers `make docs` fills.
+SETTINGS_DOC ?= README.md
 docs: $(VENV)/.installed
-	$(PY) -c "from agentloop.config import update_readme; update_readme('README.md')"
+	$(PY) -m agentloop.settings_doc $(SETTINGS_DOC)
 
 lint: install
 	$(NODE_BIN)/buf lint

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from agentloop.config import Settings, SettingsError, env_name, load_settings, settings_table
+from agentloop.config import Settings, SettingsError, env_name, load_settings
+from agentloop.ranges import OPTION_RANGES
+from agentloop.rpc.requests import requested_options
+from agentloop.settings_doc import BEGIN, END, settings_table, write_table
+from agentloop.v1 import agentloop_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where `make generate` (protos/generate.py) writes: the server's stubs, the client's copy.
@@ -76,3 +81,81 @@ def test_readme_documents_every_setting() -> None:
                if env_name(name) not in readme]
     assert not missing, f"README settings table lacks {missing}; paste settings_table()"
     assert settings_table() in readme, "README settings table is stale: paste settings_table()"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"AGENTLOOP_CONNECT_TIMEOUT": "0"},
+     "--connect-timeout / AGENTLOOP_CONNECT_TIMEOUT: must be > 0"),
+    ({"AGENTLOOP_HEALTH_TIMEOUT": "nan"},
+     "--health-timeout / AGENTLOOP_HEALTH_TIMEOUT: must be > 0"),
+    ({"AGENTLOOP_DRAIN_DELAY": "-1"}, "--drain-delay / AGENTLOOP_DRAIN_DELAY: must be >= 0"),
+    ({"AGENTLOOP_MAX_OBSERVATION_BYTES": "255"},
+     "--max-observation-bytes / AGENTLOOP_MAX_OBSERVATION_BYTES: must be >= 256"),
+    ({"AGENTLOOP_NUM_CTX": "40000"},
+     "--num-ctx / AGENTLOOP_NUM_CTX: must be in [1, max_num_ctx (32768)]"),
+    ({"AGENTLOOP_MAX_TOKENS": "-1"},
+     "--max-tokens / AGENTLOOP_MAX_TOKENS: must be in [1, max_tokens_cap (8192)] or 0"),
+    ({"AGENTLOOP_TEMPERATURE": "inf"},
+     "--temperature / AGENTLOOP_TEMPERATURE: must be a finite number >= 0"),
+    ({"AGENTLOOP_AGENT_DEFAULT_STEPS": "9"},
+     "--agent-default-steps / AGENTLOOP_AGENT_DEFAULT_STEPS: must be in [1, agent_max_steps (8)]"),
+    ({"AGENTLOOP_LOG_LEVEL": "loud"},
+     "--log-level / AGENTLOOP_LOG_LEVEL: must be one of debug, info, warning, error, got 'loud'"),
+    ({"AGENTLOOP_MODEL": ""}, "--model / AGENTLOOP_MODEL: must not be empty"),
+    ({"AGENTLOOP_METRICS_LISTEN": "nowhere"},
+     "--metrics-listen / AGENTLOOP_METRICS_LISTEN: expected HOST:PORT, got 'nowhere'"),
+    ({"AGENTLOOP_WORKERS": "2", "AGENTLOOP_LISTEN": "127.0.0.1:0"},
+     "--workers / AGENTLOOP_WORKERS: several workers need a fixed port in --listen, not port 0"),
+])
+def test_each_rule_fails_with_one_message_naming_the_flag_and_the_variable(env, message) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ=env)
+    assert str(caught.value) == message
+
+
+def test_every_numeric_setting_declares_its_bounds_with_the_field() -> None:
+    unbounded = [f.name for f in dataclasses.fields(Settings) if f.type in ("int", "float")
+                 and f.metadata["rules"].range is None]
+    assert not unbounded, f"declare minimum=/above= in their _setting(...): {unbounded}"
+
+
+#: Per request option, a value no request may ask for.
+OUT_OF_RANGE = {"temperature": float("inf"), "top_p": 1.5, "top_k": -1, "max_tokens": 9000,
+                "repeat_penalty": 0.0, "num_ctx": 40_000}
+
+
+@pytest.mark.parametrize("name", OPTION_RANGES)
+def test_a_server_default_keeps_the_range_a_request_may_ask_for(name) -> None:
+    rules = Settings.__dataclass_fields__[name].metadata["rules"]
+    assert rules.range is OPTION_RANGES[name]
+    violations: list[tuple[str, str]] = []
+    requested_options(pb.GenerationOptions(**{name: OUT_OF_RANGE[name]}), Settings(), violations,
+                      "options")
+    assert [field for field, _ in violations] == [f"options.{name}"]
+    with pytest.raises(SettingsError, match=env_name(name)):
+        Settings(**{name: OUT_OF_RANGE[name]})
+
+
+def test_request_option_violations_name_the_field_and_the_range() -> None:
+    violations: list[tuple[str, str]] = []
+    requested_options(pb.GenerationOptions(
+        temperature=float("nan"), top_p=2, top_k=-1, max_tokens=0, repeat_penalty=-1,
+        num_ctx=40_000), Settings(max_tokens_cap=100), violations, "options")
+    assert violations == [
+        ("options.temperature", "must be a finite number >= 0"),
+        ("options.top_p", "must be in [0, 1]"),
+        ("options.top_k", "must be >= 0"),
+        ("options.max_tokens", "must be in [1, 100]"),
+        ("options.repeat_penalty", "must be a finite number > 0"),
+        ("options.num_ctx", "must be in [1, 32768]"),
+    ]
+
+
+def test_make_docs_rewrites_only_the_table_between_the_markers(tmp_path: Path) -> None:
+    page = tmp_path / "settings.md"
+    page.write_text(f"# Settings\n\n{BEGIN}\nold table\n{END}\n\nmore\n")
+    subprocess.run([sys.executable, "-m", "agentloop.settings_doc", str(page)], check=True)
+    assert page.read_text() == f"# Settings\n\n{BEGIN}\n{settings_table()}\n{END}\n\nmore\n"
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match=r"no .* marker"):
+        write_table(tmp_path / "bare.md")

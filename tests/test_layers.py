@@ -15,11 +15,13 @@ CLIENT = ROOT / "clients/python"
 
 #: Lowest first: a module may import its own layer and those before it, never one after.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("agentloop.domain", "agentloop.errors", "agentloop.config", "agentloop.schema_limits"),
+    ("agentloop.domain", "agentloop.errors", "agentloop.config", "agentloop.schema_limits",
+     "agentloop.ranges"),
     ("agentloop.backends",),
     ("agentloop.services", "agentloop.admission", "agentloop.health"),
     ("agentloop.rpc", "agentloop.v1"),
-    ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__"),
+    ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__",
+     "agentloop.settings_doc"),
 )
 #: Importable from any layer; imports nothing of the layers but the first.
 LEAF = "agentloop.telemetry"

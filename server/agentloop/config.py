@@ -1,9 +1,11 @@
 """One frozen settings object: CLI flags over AGENTLOOP_* environment variables over defaults.
 
-Every setting is a field of `Settings` with its help text in the field's metadata, so the
-CLI flags, the environment names and the README table all come from one place.
-`Settings.__post_init__` validates the whole object, so a bad value stops the server at
-start with a message naming the flag and the variable.
+Every setting is a field of `Settings` with its help text and the rules its value keeps
+(choices, bounds, format) declared with it, so the CLI flags, the environment names, the
+validation and the settings table (settings_doc.py) all come from one place.
+`Settings.__post_init__` checks every field's rules, then the few rules that tie settings
+together, so a bad value stops the server at start with a message naming the flag and the
+variable.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from agentloop.ranges import OPTION_RANGES, Range
+
 ENV_PREFIX = "AGENTLOOP_"
 BACKEND_CHOICES = ("auto", "ollama", "embedded")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -27,9 +31,68 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names the flag and the variable."""
 
 
-def _setting(default: Any, help: str, group: str = "server", **extra: Any) -> Any:
-    """Declare one setting: its default, the help text and its README group."""
-    return field(default=default, metadata={"help": help, "group": group, **extra})
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What one setting's value must satisfy (declared with the field by `_setting`)."""
+
+    choices: tuple[str, ...] = ()
+    range: Range | None = None
+    #: A number allowed besides `range` (0 = "the engine's default").
+    unset: float | None = None
+    #: The value must not be empty.
+    required: bool = False
+    #: Parses a non-empty value; its ValueError says what is wrong.
+    check: Callable[[str], object] | None = None
+
+    def problem(self, value: Any, settings: Settings) -> str | None:
+        """Why `value` breaks these rules ("must be ..."), or None."""
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.required and not value:
+            return "must not be empty"
+        if self.check is not None and value:
+            try:
+                self.check(value)
+            except ValueError as exc:
+                return str(exc)
+        if self.range is None or (self.unset is not None and value == self.unset):
+            return None
+        problem = self.range.problem(value, settings, name_the_cap=True)
+        if problem is None or self.unset is None:
+            return problem
+        return f"{problem} or {self.unset}"
+
+
+def _setting(
+    default: Any,
+    help: str,
+    group: str = "server",
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    above: float | None = None,
+    maximum: float | str | None = None,
+    option: str = "",
+    unset: float | None = None,
+    required: bool = False,
+    check: Callable[[str], object] | None = None,
+    repr: bool = True,
+) -> Any:
+    """Declare one setting: its default, the help text, its README group and its rules.
+
+    `minimum`/`maximum` are inclusive, `above` exclusive; a `maximum` may name the setting
+    that holds it. `option` makes the setting the server's default of that request option:
+    the option's range (ranges.OPTION_RANGES) applies. `check` parses a non-empty value.
+    """
+    if option:
+        bounds: Range | None = OPTION_RANGES[option]
+    elif minimum is None and above is None:
+        bounds = None
+    else:
+        bounds = Range(minimum=minimum, above=above, maximum=maximum)
+    rules = Rules(choices, bounds, unset, required, check)
+    return field(default=default, repr=repr, metadata={"help": help, "group": group,
+                                                       "rules": rules})
 
 
 def parse_bool(text: str) -> bool:
@@ -49,13 +112,30 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_http_url(text: str) -> None:
+    url = urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"expected an http(s) URL, got {text!r}")
+
+
+def check_readable_file(path: str) -> None:
+    if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        raise ValueError(f"no readable file at {path!r}")
+
+
+def check_api_keys(text: str) -> None:
+    if any(any(c.isspace() or c == "#" for c in key) for key in parse_list(text)):
+        raise ValueError("an API key must not contain spaces or #")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the server can be told. Build it with `load_settings`."""
 
     # --- server ---
     listen: str = _setting(
-        "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 = any free port)"
+        "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 = any free port)",
+        required=True, check=parse_host_port,
     )
     backend: str = _setting(
         "auto",
@@ -63,62 +143,73 @@ class Settings:
         choices=BACKEND_CHOICES,
     )
     model: str = _setting(
-        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)"
+        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)",
+        required=True,
     )
     workers: int = _setting(
         1,
         "server processes sharing the listen port (SO_REUSEPORT), one event loop each; "
         "needs a fixed port",
+        minimum=1,
     )
     max_connection_age: float = _setting(
         300.0,
         "seconds before the server asks a client connection to go away (GOAWAY), so "
         "long-lived channels re-resolve and spread over new replicas; 0 = never",
+        minimum=0,
     )
     max_connection_age_grace: float = _setting(
         0.0,
         "seconds calls on a connection told to go away may still take to finish, then they "
         "are cut; 0 = no limit: the connection takes no new calls and closes when its last "
         "call ends (each call still ends by its own deadline)",
+        minimum=0,
     )
     min_ping_interval: float = _setting(
         10.0,
         "fewest seconds a client must leave between keepalive pings (idle or not); a client "
         "pinging more often is disconnected with too_many_pings (agentloop_client pings "
         "every 30 s)",
+        above=0,
     )
     reflection: bool = _setting(True, "serve gRPC server reflection (grpcurl list/describe)")
     log_level: str = _setting("info", "log level: debug, info, warning, error", choices=LOG_LEVELS)
     health_interval: float = _setting(
-        2.0, "seconds between background readiness checks of the backend", group="health"
+        2.0, "seconds between background readiness checks of the backend", group="health",
+        above=0,
     )
     health_timeout: float = _setting(
-        1.0, "seconds one readiness check may take before the backend is down", group="health"
+        1.0, "seconds one readiness check may take before the backend is down", group="health",
+        above=0,
     )
     drain_delay: float = _setting(
         2.0,
         "seconds between reporting NOT_SERVING and closing the listener on SIGTERM",
-        group="health",
+        group="health", minimum=0,
     )
     shutdown_grace: float = _setting(
-        20.0, "seconds in-flight RPCs get to finish after the listener closes", group="health"
+        20.0, "seconds in-flight RPCs get to finish after the listener closes", group="health",
+        minimum=0,
     )
 
     # --- ollama backend ---
     ollama_url: str = _setting(
-        "http://127.0.0.1:11434", "base URL of the Ollama server", group="ollama"
+        "http://127.0.0.1:11434", "base URL of the Ollama server", group="ollama",
+        required=True, check=check_http_url,
     )
-    connect_timeout: float = _setting(2.0, "seconds to open a connection to Ollama", group="ollama")
+    connect_timeout: float = _setting(
+        2.0, "seconds to open a connection to Ollama", group="ollama", above=0
+    )
     read_timeout: float = _setting(
         300.0,
         "seconds Ollama may stay silent (before the first token or between tokens)",
-        group="ollama",
+        group="ollama", above=0,
     )
     pool_timeout: float = _setting(
-        5.0, "seconds to wait for a free pooled connection to Ollama", group="ollama"
+        5.0, "seconds to wait for a free pooled connection to Ollama", group="ollama", above=0
     )
     max_connections: int = _setting(
-        1000, "most open connections to Ollama (the pool's size)", group="ollama"
+        1000, "most open connections to Ollama (the pool's size)", group="ollama", minimum=1
     )
     keep_alive: str = _setting(
         "5m",
@@ -142,7 +233,7 @@ class Settings:
         10,
         "generations the embedded engine decodes together (continuous batching; each slot "
         "holds --num-ctx tokens of KV cache); admission's parallelism follows it",
-        group="embedded",
+        group="embedded", minimum=1,
     )
     embedded_prefix_reuse: bool = _setting(
         True,
@@ -154,77 +245,94 @@ class Settings:
         256,
         "most tokens per decoding step of the embedded engine: the running generations' "
         "next tokens plus a chunk of the prompts being evaluated",
-        group="embedded",
+        group="embedded", minimum=1,
     )
     embedded_stall_timeout: float = _setting(
         30.0,
         "seconds the embedded engine's process may go without a heartbeat, or without "
         "progress while generations run, before it is killed and restarted",
-        group="embedded",
+        group="embedded", above=0,
     )
 
     # --- generation defaults (used when a request leaves an option unset) ---
-    temperature: float = _setting(0.7, "default sampling temperature", group="generation")
-    top_p: float = _setting(0.9, "default nucleus sampling top_p", group="generation")
-    top_k: int = _setting(40, "default top_k", group="generation")
-    repeat_penalty: float = _setting(1.1, "default repeat penalty", group="generation")
+    temperature: float = _setting(
+        0.7, "default sampling temperature", group="generation", option="temperature"
+    )
+    top_p: float = _setting(
+        0.9, "default nucleus sampling top_p", group="generation", option="top_p"
+    )
+    top_k: int = _setting(40, "default top_k", group="generation", option="top_k")
+    repeat_penalty: float = _setting(
+        1.1, "default repeat penalty", group="generation", option="repeat_penalty"
+    )
     max_tokens: int = _setting(
         0,
         "default most new tokens per generation; 0 = the engine's: 2048 for Ollama, 256 for "
         "the embedded engine (a small CPU model: first calls finish in seconds)",
-        group="generation",
+        group="generation", option="max_tokens", unset=0,
     )
-    num_ctx: int = _setting(8192, "default context window in tokens", group="generation")
+    num_ctx: int = _setting(
+        8192, "default context window in tokens", group="generation", option="num_ctx"
+    )
 
     # --- admission control ---
     max_in_flight: int = _setting(
         0,
         "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
         "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
-        group="admission",
+        group="admission", minimum=0,
     )
     max_queue: int = _setting(
-        64, "generations that may wait for a slot; beyond it RESOURCE_EXHAUSTED", group="admission"
+        64, "generations that may wait for a slot; beyond it RESOURCE_EXHAUSTED", group="admission",
+        minimum=0,
     )
     queue_timeout: float = _setting(
-        30.0, "seconds a request may wait for a slot (then RESOURCE_EXHAUSTED)", group="admission"
+        30.0, "seconds a request may wait for a slot (then RESOURCE_EXHAUSTED)", group="admission",
+        above=0,
     )
 
     # --- request limits ---
     max_tokens_cap: int = _setting(
-        8192, "largest max_tokens a request may ask for", group="limits"
+        8192, "largest max_tokens a request may ask for", group="limits", minimum=1
     )
     max_prompt_bytes: int = _setting(
-        262144, "largest prompt + system + messages text, in UTF-8 bytes", group="limits"
+        262144, "largest prompt + system + messages text, in UTF-8 bytes", group="limits",
+        minimum=1,
     )
-    max_messages: int = _setting(256, "most chat messages in one request", group="limits")
+    max_messages: int = _setting(
+        256, "most chat messages in one request", group="limits", minimum=1
+    )
     max_image_bytes: int = _setting(
-        8388608, "largest total size of the images in one request, in bytes", group="limits"
+        8388608, "largest total size of the images in one request, in bytes", group="limits",
+        minimum=1,
     )
-    max_images: int = _setting(16, "most images in one request", group="limits")
+    max_images: int = _setting(16, "most images in one request", group="limits", minimum=1)
     max_num_ctx: int = _setting(
         32768,
         "largest num_ctx (context window) a request may ask for: the engine allocates it",
-        group="limits",
+        group="limits", minimum=1,
     )
     max_message_bytes: int = _setting(
         MAX_MESSAGE_BYTES,
         "largest gRPC message the server accepts, in bytes (beyond: RESOURCE_EXHAUSTED)",
-        group="limits",
+        group="limits", minimum=1024,
     )
 
     # --- agent loop ---
     agent_max_steps: int = _setting(
-        8, "most steps an agent run may take (caps a request's max_steps)", group="agent"
+        8, "most steps an agent run may take (caps a request's max_steps)", group="agent",
+        minimum=1,
     )
     agent_default_steps: int = _setting(
-        4, "steps an agent run takes when the request leaves max_steps 0", group="agent"
+        4, "steps an agent run takes when the request leaves max_steps 0", group="agent",
+        minimum=1, maximum="agent_max_steps",
     )
     tool_timeout: float = _setting(
-        10.0, "seconds one tool call (server or client tool) may take", group="agent"
+        10.0, "seconds one tool call (server or client tool) may take", group="agent", above=0
     )
     max_observation_bytes: int = _setting(
-        4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent"
+        4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent",
+        minimum=256,
     )
 
     # --- telemetry (OpenTelemetry itself follows the standard OTEL_* variables) ---
@@ -232,7 +340,7 @@ class Settings:
         "127.0.0.1:9464",
         "Prometheus /metrics listen address HOST:PORT (port 0 = any free port, empty = off); "
         "worker N of --workers serves on PORT+N",
-        group="telemetry",
+        group="telemetry", check=parse_host_port,
     )
     trace_content: bool = _setting(
         False,
@@ -245,22 +353,23 @@ class Settings:
         2,
         "extra attempts for a generation that failed before its first token (connect error, "
         "reset before headers, HTTP 503); 0 = no retries",
-        group="resilience",
+        group="resilience", minimum=0,
     )
     retry_backoff: float = _setting(
         0.1, "seconds of the first retry's backoff (doubles per attempt, full jitter)",
-        group="resilience",
+        group="resilience", above=0,
     )
     retry_backoff_max: float = _setting(
-        2.0, "most seconds of one retry's backoff", group="resilience"
+        2.0, "most seconds of one retry's backoff", group="resilience", above=0
     )
     circuit_failure_threshold: int = _setting(
         5, "consecutive failures to reach the backend (connect errors, connections dropped "
         "before any answer) that open the circuit (calls then fail fast)",
-        group="resilience",
+        group="resilience", minimum=1,
     )
     circuit_reset_timeout: float = _setting(
-        10.0, "seconds the circuit stays open before a half-open probe", group="resilience"
+        10.0, "seconds the circuit stays open before a half-open probe", group="resilience",
+        above=0,
     )
     warm_up: bool = _setting(
         True,
@@ -275,21 +384,23 @@ class Settings:
         0,
         "responses kept for identical deterministic requests (temperature 0 or a seed), "
         "LRU; 0 = no cache",
-        group="resilience",
+        group="resilience", minimum=0,
     )
     cache_ttl: float = _setting(
-        300.0, "seconds a cached response stays valid", group="resilience"
+        300.0, "seconds a cached response stays valid", group="resilience", above=0
     )
 
     # --- security: API keys, rate limits, TLS ---
     # repr=False: raw keys stay out of logs and tracebacks.
-    api_keys: str = field(default="", repr=False, metadata={
-        "help": "accepted API keys, comma-separated (prefer api_keys_file); empty and no file "
-                "= no authentication",
-        "group": "security",
-    })
+    api_keys: str = _setting(
+        "",
+        "accepted API keys, comma-separated (prefer api_keys_file); empty and no file "
+        "= no authentication",
+        group="security", check=check_api_keys, repr=False,
+    )
     api_keys_file: str = _setting(
-        "", "file of accepted API keys, one per line, # starts a comment", group="security"
+        "", "file of accepted API keys, one per line, # starts a comment", group="security",
+        check=check_readable_file,
     )
     auth_exempt: str = _setting(
         "grpc.health.v1.Health,grpc.reflection.v1.ServerReflection,"
@@ -300,18 +411,22 @@ class Settings:
     rate_limit: float = _setting(
         0.0,
         "calls per second per client (API key, else peer address), token bucket; 0 = no limit",
-        group="security",
+        group="security", minimum=0,
     )
     rate_burst: int = _setting(
-        10, "calls a client may make at once before rate_limit applies", group="security"
+        10, "calls a client may make at once before rate_limit applies", group="security",
+        minimum=1,
     )
     tls_cert: str = _setting(
-        "", "PEM certificate chain for TLS on the gRPC port; empty = plaintext", group="security"
+        "", "PEM certificate chain for TLS on the gRPC port; empty = plaintext", group="security",
+        check=check_readable_file,
     )
-    tls_key: str = _setting("", "PEM private key of tls_cert", group="security")
+    tls_key: str = _setting(
+        "", "PEM private key of tls_cert", group="security", check=check_readable_file
+    )
     tls_client_ca: str = _setting(
         "", "PEM CA bundle: require client certificates signed by it (mutual TLS)",
-        group="security",
+        group="security", check=check_readable_file,
     )
 
     def __post_init__(self) -> None:
@@ -325,99 +440,29 @@ class Settings:
 
 
 def _validate(s: Settings) -> Sequence[str]:
-    """Yield one message per bad value, naming the flag and the variable."""
-    errors: list[str] = []
-
-    def bad(name: str, why: str) -> None:
-        errors.append(f"{flag_name(name)} / {env_name(name)}: {why}")
-
-    for f in dataclasses.fields(s):
-        choices = f.metadata.get("choices")
-        if choices and getattr(s, f.name) not in choices:
-            bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(s, f.name)!r}")
-    try:
-        parse_host_port(s.listen)
-    except ValueError as exc:
-        bad("listen", str(exc))
-    url = urlsplit(s.ollama_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        bad("ollama_url", f"expected an http(s) URL, got {s.ollama_url!r}")
-    for name in ("connect_timeout", "read_timeout", "pool_timeout", "health_interval",
-                 "health_timeout", "queue_timeout", "min_ping_interval",
-                 "embedded_stall_timeout"):
-        if getattr(s, name) <= 0:
-            bad(name, "must be > 0")
-    for name in ("drain_delay", "shutdown_grace", "max_in_flight", "max_queue",
-                 "max_connection_age", "max_connection_age_grace", "max_tokens"):
-        if getattr(s, name) < 0:
-            bad(name, "must be >= 0")
-    for name in ("max_connections", "num_ctx", "max_tokens_cap", "max_prompt_bytes",
-                 "max_messages", "max_image_bytes", "max_images", "max_num_ctx"):
-        if getattr(s, name) < 1:
-            bad(name, "must be >= 1")
-    if s.embedded_slots < 1:
-        bad("embedded_slots", "must be >= 1")
-    elif s.embedded_batch_tokens < s.embedded_slots:
-        bad("embedded_batch_tokens", f"must be >= embedded_slots ({s.embedded_slots})")
-    if s.workers < 1:
-        bad("workers", "must be >= 1")
-    elif s.workers > 1 and s.listen.endswith(":0"):
-        bad("workers", "several workers need a fixed port in --listen, not port 0")
-    if s.num_ctx > s.max_num_ctx:
-        bad("num_ctx", f"must not exceed max_num_ctx ({s.max_num_ctx})")
-    if s.max_tokens > s.max_tokens_cap:
-        bad("max_tokens", f"must not exceed max_tokens_cap ({s.max_tokens_cap})")
-    if s.temperature < 0:
-        bad("temperature", "must be >= 0")
-    if not 0 <= s.top_p <= 1:
-        bad("top_p", "must be in [0, 1]")
-    if s.top_k < 0:
-        bad("top_k", "must be >= 0")
-    if s.repeat_penalty <= 0:
-        bad("repeat_penalty", "must be > 0")
-    if not s.model:
-        bad("model", "must not be empty")
-    if s.tool_timeout <= 0:
-        bad("tool_timeout", "must be > 0")
-    if s.agent_max_steps < 1:
-        bad("agent_max_steps", "must be >= 1")
-    if not 1 <= s.agent_default_steps <= s.agent_max_steps:
-        bad("agent_default_steps", f"must be in [1, agent_max_steps ({s.agent_max_steps})]")
-    if s.max_observation_bytes < 256:
-        bad("max_observation_bytes", "must be >= 256")
-    if s.metrics_listen:
-        try:
-            parse_host_port(s.metrics_listen)
-        except ValueError as exc:
-            bad("metrics_listen", str(exc))
-    _validate_resilience_and_security(s, bad)
-    return errors
+    """One message per bad value, naming the flag and the variable: each field's own rules,
+    then the rules that tie settings together."""
+    problems = [(f.name, f.metadata["rules"].problem(getattr(s, f.name), s))
+                for f in dataclasses.fields(s)]
+    problems += _cross_field_problems(s)
+    return [f"{flag_name(name)} / {env_name(name)}: {why}" for name, why in problems if why]
 
 
-def _validate_resilience_and_security(s: Settings, bad: Callable[[str, str], None]) -> None:
-    for name in ("retry_backoff", "retry_backoff_max", "circuit_reset_timeout", "cache_ttl"):
-        if getattr(s, name) <= 0:
-            bad(name, "must be > 0")
-    for name in ("retry_attempts", "cache_entries", "rate_limit"):
-        if getattr(s, name) < 0:
-            bad(name, "must be >= 0")
-    for name in ("circuit_failure_threshold", "rate_burst"):
-        if getattr(s, name) < 1:
-            bad(name, "must be >= 1")
+def _cross_field_problems(s: Settings) -> list[tuple[str, str]]:
+    problems = []
+    if s.workers > 1 and s.listen.endswith(":0"):
+        problems.append(("workers", "several workers need a fixed port in --listen, not port 0"))
+    if s.embedded_batch_tokens < s.embedded_slots:
+        problems.append(("embedded_batch_tokens",
+                         f"must be >= embedded_slots ({s.embedded_slots})"))
     if s.retry_backoff_max < s.retry_backoff:
-        bad("retry_backoff_max", f"must be >= retry_backoff ({s.retry_backoff})")
-    if s.max_message_bytes < 1024:
-        bad("max_message_bytes", "must be >= 1024")
-    for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
-        path = getattr(s, name)
-        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            bad(name, f"no readable file at {path!r}")
+        problems.append(("retry_backoff_max", f"must be >= retry_backoff ({s.retry_backoff})"))
     if bool(s.tls_cert) != bool(s.tls_key):
-        bad("tls_key" if s.tls_cert else "tls_cert", "tls_cert and tls_key go together")
+        problems.append(("tls_key" if s.tls_cert else "tls_cert",
+                         "tls_cert and tls_key go together"))
     if s.tls_client_ca and not s.tls_cert:
-        bad("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
-    if any(any(c.isspace() or c == "#" for c in key) for key in parse_list(s.api_keys)):
-        bad("api_keys", "an API key must not contain spaces or #")
+        problems.append(("tls_client_ca", "mutual TLS needs tls_cert and tls_key too"))
+    return problems
 
 
 def parse_list(text: str) -> list[str]:
@@ -481,30 +526,3 @@ def load_settings(
         except ValueError as exc:
             raise SettingsError(f"{source}: {exc}") from None
     return Settings(**values)
-
-
-def settings_table() -> str:
-    """The README's settings table, in Markdown."""
-    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(Settings):
-        default = f.default if f.default != "" else "(empty)"
-        rows.append(
-            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{default}` | {f.metadata['help']} |"
-        )
-    return "\n".join(rows)
-
-
-SETTINGS_BEGIN = "<!-- settings:begin (make docs writes this table from config.py) -->"
-SETTINGS_END = "<!-- settings:end -->"
-
-
-def update_readme(path: str) -> None:
-    """Rewrite the settings table between the README's markers (`make docs`)."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    head, _, rest = text.partition(SETTINGS_BEGIN)
-    _, _, tail = rest.partition(SETTINGS_END)
-    if not rest:
-        raise SystemExit(f"{path}: no {SETTINGS_BEGIN} marker")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(f"{head}{SETTINGS_BEGIN}\n{settings_table()}\n{SETTINGS_END}{tail}")

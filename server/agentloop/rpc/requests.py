@@ -6,7 +6,6 @@ fields in one INVALID_ARGUMENT with a google.rpc.BadRequest.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from typing import Any, Protocol
@@ -21,6 +20,7 @@ from agentloop.domain import (
     Role,
 )
 from agentloop.errors import InvalidArgument
+from agentloop.ranges import OPTION_RANGES
 from agentloop.schema_limits import SchemaRefused, parse_schema
 from agentloop.services.generation import resolve_options
 from agentloop.v1 import agentloop_pb2 as pb
@@ -140,7 +140,7 @@ def check_model(model: str, violations: Violations) -> None:
 def requested_options(
     options: pb.GenerationOptions, settings: Settings, violations: Violations, path: str
 ) -> RequestedOptions:
-    """Range-check the options the client set; unset ones stay None."""
+    """Range-check the options the client set (ranges.OPTION_RANGES); unset ones stay None."""
 
     def present(name: str) -> bool:
         return options.HasField(name)
@@ -148,20 +148,10 @@ def requested_options(
     def bad(name: str, why: str) -> None:
         violations.append((f"{path}.{name}", why))
 
-    if present("temperature") and not (math.isfinite(options.temperature) and
-                                       options.temperature >= 0):
-        bad("temperature", "must be a finite number >= 0")
-    if present("top_p") and not 0 <= options.top_p <= 1:
-        bad("top_p", "must be in [0, 1]")
-    if present("top_k") and options.top_k < 0:
-        bad("top_k", "must be >= 0")
-    if present("max_tokens") and not 1 <= options.max_tokens <= settings.max_tokens_cap:
-        bad("max_tokens", f"must be in [1, {settings.max_tokens_cap}]")
-    if present("repeat_penalty") and not (math.isfinite(options.repeat_penalty) and
-                                          options.repeat_penalty > 0):
-        bad("repeat_penalty", "must be a finite number > 0")
-    if present("num_ctx") and not 1 <= options.num_ctx <= settings.max_num_ctx:
-        bad("num_ctx", f"must be in [1, {settings.max_num_ctx}]")
+    for name, bounds in OPTION_RANGES.items():
+        problem = bounds.problem(getattr(options, name), settings) if present(name) else None
+        if problem:
+            bad(name, problem)
     if len(options.stop) > MAX_STOP_SEQUENCES:
         bad("stop", f"at most {MAX_STOP_SEQUENCES} stop strings")
     if any(not stop for stop in options.stop):
