@@ -14,7 +14,8 @@ difference or the ratio.
   embedded    end to end on the embedded engine (bench.bench_embedded), and the other
               bench_*.py of this folder when present
 
-Writes bench/results/results.json, bench/results/*.png and the README's Benchmarks table.
+Writes bench/results/results.json, bench/results/*.png and the results block of
+docs/benchmarks.md (the method and the notes on the results are written by hand there).
 
     .venv/bin/python -m bench.run_all [--quick]
 """
@@ -47,7 +48,7 @@ from bench.processes import fake_ollama, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"
 GATEWAY_LOG = RESULTS / "processes.log"  # the gateway's and the fake's logs (git-ignored)
 BIN = Path(sys.executable).parent
 PY = sys.executable
@@ -63,17 +64,8 @@ MEMORY_LEVELS = (0, 100, 1000, 2000)
 STALL = 15.0  # seconds without a new stream streaming that end a memory level's ramp
 GOALS = {"ttft_added_p50_ms": 1.0, "ttft_added_p99_ms": 5.0, "tokens_per_s": 20_000,
          "rss_mb_at_2000": 300.0}
-SECTION_MARKER = "<!-- section: benchmarks -->"
 BEGIN, END = "<!-- bench:begin (make bench writes this) -->", "<!-- bench:end -->"
-COMMAND = "make bench   # or: .venv/bin/python -m bench.run_all"
-README_INTRO = """\
-`bench/` measures what the gateway costs against calling the backend directly. The gateway
-is a separate `agentloop serve` process in front of the fake Ollama (a real HTTP server in
-its own process, streaming at a set token rate); load generators on grpc.aio run in their
-own processes. Every gateway figure is measured next to the same load sent straight to the
-fake Ollama's HTTP API (httpx streaming, parsing each NDJSON line as the gateway does) in
-the same run, so a noisy shared machine hits both alike: read the differences and ratios,
-not the absolute numbers. It takes about 5 minutes on 2 cores."""
+PLOTS = ("latency.png", "throughput.png", "memory.png")  # what plots() draws, in order
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -316,7 +308,7 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
     their own JSON."""
     found: dict[str, Any] = {}
     # Small settings: `make bench` must stay within 10 minutes on 2 cores (the embedded
-    # engine's own workload is the issue's: about 4 minutes on a quiet machine).
+    # engine's own workload: about 4 minutes on a quiet machine).
     runs = {
         "embedded": ["--users", "3", "--requests", "1", "--max-tokens", "16",
                      "--prefix-tokens", "120", "--rounds", "2"] if quick else [],
@@ -449,7 +441,7 @@ def plots(results: dict[str, Any]) -> list[str]:
 
     levels = results["ttft"]
     xs = [level["concurrency"] for level in levels]
-    names = []
+    latency, throughput, memory = PLOTS
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for path, color in (("direct", "tab:blue"), ("gateway", "tab:orange")):
         for q, style in (("p50", "-o"), ("p99", "--s")):
@@ -462,9 +454,8 @@ def plots(results: dict[str, Any]) -> list[str]:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(RESULTS / "latency.png", dpi=110)
+    figure.savefig(RESULTS / latency, dpi=110)
     plt.close(figure)
-    names.append("latency.png")
 
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for path, color in (("direct", "tab:blue"), ("gateway", "tab:orange")):
@@ -480,9 +471,8 @@ def plots(results: dict[str, Any]) -> list[str]:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(RESULTS / "throughput.png", dpi=110)
+    figure.savefig(RESULTS / throughput, dpi=110)
     plt.close(figure)
-    names.append("throughput.png")
 
     points = results["memory"]["points"]
     figure, axes = plt.subplots(figsize=(7, 4.2))
@@ -494,53 +484,15 @@ def plots(results: dict[str, Any]) -> list[str]:
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(RESULTS / "memory.png", dpi=110)
+    figure.savefig(RESULTS / memory, dpi=110)
     plt.close(figure)
-    names.append("memory.png")
-    return names
+    return list(PLOTS)
 
 
-README_NOTES = """\
-What changed in the gateway to meet the goals, and what remains:
-
-- **Coalescing** (`server/agentloop/rpc/coalesce.py`): StreamGenerate sends the deltas that
-  piled up while its previous message was being sent as one message, once 8 or more wait
-  (fewer keep one message per token). Sending a gRPC message costs far more than relaying a
-  token, so with the fake at full speed this alone took one process from about 13,000 to
-  about 60,000 tokens/s (14 µs of gateway CPU per token instead of 73).
-- **sniffio** is a dependency: without it every lock and event httpcore makes per request
-  ran a failed `import sniffio` (about 70 µs each).
-- **uvloop** runs `agentloop serve`: about a fifth less CPU per token.
-- The Ollama backend reads each response to its end before reporting the final chunk, so
-  the connection goes back to the pool (it was closed and reopened per generation), and
-  splits the NDJSON lines itself instead of through httpx's text layers.
-- **Connection pools**: httpcore scans its whole pool on every request and every response
-  close; with 1,000 upstream connections that scan took 38% of the gateway's CPU and no
-  stream got its first token within 15 s. The backend now spreads generations over one
-  pool per 64 concurrent generations (`--max-in-flight`; at the default parallelism of 4
-  there is still exactly one pool).
-- **Remaining, the time to first token goal**: the gateway adds 1 to 3 ms at p50 where the
-  goal is under 1 ms. About 0.3 ms is the gateway's own work before its HTTP request (it
-  measures its time to first token at about 2.1 ms against 1.8 ms for a direct client, one
-  stream at a time); the rest is the extra hop: a gRPC call handled in Python at both ends,
-  the interceptors (telemetry, drain, auth, errors) and handing the first token to the
-  stream. A stream costs the gateway about 2.5 ms of CPU, a third of it in httpx's request
-  path and most of the rest inside grpcio, so the under-1-ms goal needs a cheaper HTTP
-  client or gRPC stack rather than changes in agentloop's own code.
-- **Remaining**: at 1,000 paced streams (20,000 tokens/s offered) the 2 cores are saturated:
-  tokens that arrive one at a time cost the gateway about 100 µs each (a gRPC message and an
-  HTTP read per token, most of it inside grpcio and httpx), and the fake and the load
-  generators need the rest, so time to first token there is queueing.
-- **Remaining**: in some runs on this machine new streams stopped at about 2,000 to 2,400
-  per server process and waited in the transport, a bare grpc.aio server running no
-  agentloop code included; `--workers 2` spreads streams over two processes.
-- The machine is shared: other work running at the same time shows up as p99 spikes on
-  either path; the chunks alternate paths so that both see it."""
-
-
-def readme_section(results: dict[str, Any], images: list[str]) -> str:
+def results_block(results: dict[str, Any]) -> str:
+    """What `make bench` writes between the markers of docs/benchmarks.md."""
     machine = results["machine"]
-    pictures = "\n".join(f"![{name[:-4]}](bench/results/{name})" for name in images)
+    pictures = "\n".join(f"![{name[:-4]}](../bench/results/{name})" for name in PLOTS)
     return "\n".join([
         BEGIN,
         f"Measured by `make bench` on {machine['cpus']} cores ({machine['platform']}, "
@@ -552,23 +504,17 @@ def readme_section(results: dict[str, Any], images: list[str]) -> str:
         table(results),
         "",
         pictures,
-        "",
-        README_NOTES,
         END,
     ])
 
 
-def write_readme(section: str) -> None:
-    text = README.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    elif SECTION_MARKER in text:
-        intro = "```sh\n" + COMMAND + "\n```\n\n" + README_INTRO + "\n\n"
-        text = text.replace(SECTION_MARKER, intro + section, 1)
-    else:
-        raise RuntimeError("README.md has neither the bench markers nor the section marker")
-    README.write_text(text)
+def write_results_block(block: str) -> None:
+    """Replace the block between the markers of docs/benchmarks.md."""
+    text = BENCHMARKS_DOC.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise RuntimeError(f"{BENCHMARKS_DOC} lacks the {BEGIN} and {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    BENCHMARKS_DOC.write_text(head + block + rest.split(END, 1)[1], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="short phases and lower levels (a smoke run; README untouched)")
+                        help="short phases and lower levels (a smoke run; docs untouched)")
     parser.add_argument("--phases", default="ttft,throughput,memory,other",
                         help="comma-separated subset to run (a partial run is a quick run)")
     args = parser.parse_args(argv)
@@ -610,9 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"quick run written to {RESULTS / name}")
         return 0
     images = plots(results)
-    write_readme(readme_section(results, images))
+    write_results_block(results_block(results))
     log(table(results))
-    log(f"\nwritten: {RESULTS / name}, {', '.join(images)}, README.md "
+    log(f"\nwritten: {RESULTS / name}, {', '.join(images)}, {BENCHMARKS_DOC.relative_to(ROOT)} "
         f"({results['seconds']:.0f} s)")
     unmet = [name for name, goal in results["goals"].items() if not goal["met"]]
     if unmet:
