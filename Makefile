@@ -14,7 +14,7 @@ help:
 	@echo "make run       set up and serve on 127.0.0.1:50051 (Ollama if reachable, else embedded)"
 	@echo "make test      set up and run every check (lint + tests)"
 	@echo "make generate  regenerate the server's and the client's Python stubs from protos/"
-	@echo "make docs      rewrite the README settings table from config.py"
+	@echo "make docs      rewrite the settings table (docs/settings.md) from config.py"
 	@echo "make lint      buf lint + buf format + ruff"
 	@echo "make bench     run the benchmarks (writes bench/results/)"
 	@echo "make go-check  generate the Go stubs and compile them (Debian's Go packages)"
@@ -56,7 +56,7 @@ generate: $(VENV)/.installed
 	$(PY) protos/generate.py
 
 # SETTINGS_DOC: the Markdown file whose settings markers `make docs` fills.
-SETTINGS_DOC ?= README.md
+SETTINGS_DOC ?= docs/settings.md
 docs: $(VENV)/.installed
 	$(PY) -m agentloop.settings_doc $(SETTINGS_DOC)
 

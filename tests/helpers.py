@@ -1,9 +1,10 @@
-"""Test helpers: start the real gateway on port 0, read rich error details."""
+"""Test helpers: start the real gateway on port 0, read rich error details, read the docs."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from agentloop.config import Settings, load_settings
 from agentloop.server import RunningServer, start_server
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 
+ROOT = Path(__file__).resolve().parents[1]
 DETAILS_KEY = "grpc-status-details-bin"
 # What the fake Ollama streams in most tests.
 TOKENS = ["Hello", ",", " world", "!"]
@@ -88,3 +90,23 @@ async def read_to_end(call: grpc.aio.UnaryStreamCall) -> list[Any]:
     while (reply := await call.read()) is not grpc.aio.EOF:
         replies.append(reply)
     return replies
+
+
+def markdown_section(page: str, heading: str) -> str:
+    """The text under the heading line `heading` of the repository's Markdown file `page`, up
+    to the next heading of the same or a higher level (`#` lines in code blocks are code)."""
+    depth = heading.index(" ")
+    lines: list[str] = []
+    inside = fenced = False
+    for line in (ROOT / page).read_text(encoding="utf-8").splitlines(keepends=True):
+        hashes = len(line) - len(line.lstrip("#"))
+        if not fenced and line.rstrip("\n") == heading:
+            inside = True
+            continue
+        if not fenced and 0 < hashes <= depth and line[hashes:hashes + 1] == " " and inside:
+            break
+        fenced ^= line.startswith("```")
+        if inside:
+            lines.append(line)
+    assert inside, f"{page} has no heading {heading!r}"
+    return "".join(lines)

@@ -289,4 +289,4 @@ async def test_the_client_sets_grpcs_ring_hash_flag_which_grpc_reads_per_channel
     assert client == "client: Hello, world!"
     assert without == "without the flag: INTERNAL hash attribute not present", (
         f"{without}: has grpcio changed how it treats {RING_HASH_HEADER_FLAG}? "
-        "Update the README and k8s/README.md")
+        "Update docs/clients.md and k8s/README.md")

