@@ -5,7 +5,7 @@ Every service figure is measured through the real gateway: a child `agentloop se
 grpc.aio clients in this process. The same workload runs twice in the same run: on the
 batched engine (the defaults: `--embedded-slots`, prefix reuse on) and on the serial one
 (`--embedded-slots 1 --embedded-prefix-reuse false`, one generation at a time and the whole
-prompt evaluated every time, as the engine was before). Figures are ratios, so a noisy
+prompt evaluated every time). Figures are ratios, so a noisy
 shared machine hits both sides alike:
 
   users      U users at once, each sending R StreamGenerate requests of T tokens one after
@@ -23,8 +23,8 @@ shared machine hits both sides alike:
     .venv/bin/python -m bench.bench_embedded [--users 10] [--requests 3] [--max-tokens 80]
         [--prefix-tokens 480] [--rounds 6]
 
-Writes bench/results/embedded.json and prints a Markdown table (the goals of the issue
-beside each figure). Run it on a quiet machine: llama.cpp slows down a lot when other
+Writes bench/results/embedded.json and prints a Markdown table (each figure's goal beside
+it; docs/benchmarks.md). Run it on a quiet machine: llama.cpp slows down a lot when other
 processes compete for the cores.
 """
 

@@ -78,7 +78,7 @@ def _setting(
     check: Callable[[str], object] | None = None,
     repr: bool = True,
 ) -> Any:
-    """Declare one setting: its default, the help text, its README group and its rules.
+    """Declare one setting: its default, the help text, its `--help` group and its rules.
 
     `minimum`/`maximum` are inclusive, `above` exclusive; a `maximum` may name the setting
     that holds it. `option` makes the setting the server's default of that request option:

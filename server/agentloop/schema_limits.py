@@ -1,16 +1,12 @@
 """JSON Schemas from callers: bounded before anything compiles or runs them.
 
-A caller's schema reaches three places: an engine's grammar compiler (`format`
-TYPE_JSON_SCHEMA; Ollama and llama.cpp turn it into a grammar), the agent's validation
-of a client tool's arguments (`parameters_json_schema`), and jsonschema's own schema
-check. Each has a way to be taken down by a small document: repetition bounds and enums
-that expand into huge grammars, NUL in a literal that aborts llama.cpp, deep nesting
-(RecursionError), a remote `$ref` (an outbound request), a backtracking regex on the
-event loop. So every schema from a caller goes through `parse_schema` first, which
-refuses (`SchemaRefused`, the message names the rule) anything beyond the limits below,
-and is validated only with `validator_for_schema`: RE2 (linear time, no backtracking)
-for `pattern` and `patternProperties`, and references that resolve only inside the
-document. `load_json` is the depth-bounded JSON reader for the model's own replies.
+A caller's schema reaches an engine's grammar compiler (`format` TYPE_JSON_SCHEMA), the
+agent's validation of client tool arguments and jsonschema's own schema check, and each can
+be taken down by a small document. So every schema from a caller goes through
+`parse_schema` first, which refuses (`SchemaRefused`, naming the rule) anything beyond the
+limits below, and is validated only with `validator_for_schema` (RE2 for patterns,
+references only inside the document). `load_json` is the depth-bounded JSON reader for the
+model's own replies. Each limit and why: docs/security.md ("Threat model").
 """
 
 from __future__ import annotations

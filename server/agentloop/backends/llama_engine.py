@@ -1,32 +1,13 @@
 """The llama.cpp engine: continuous batching over slots, synchronous and thread-based.
 
 `Engine` loads one GGUF into one llama.cpp context holding `slots` sequences. A scheduler
-thread owns the context: each step is ONE `llama_decode` over the next token of every
-generating sequence plus a chunk of the prompts still being evaluated (chunked prefill, so a
-long prompt never stalls the streams in flight). Jobs join and leave between steps; a
-cancelled or expired job leaves at the next step and its slot is free at once.
-
-Each slot remembers the tokens its sequence holds in the KV cache. A new job takes the free
-slot with the longest common prefix and evaluates only the rest (prefix reuse): an agent's
-next step or a chat's next turn costs only its new tokens. Gemma 3 attends over a sliding
-window in most layers; reusing a prefix longer than the window needs the full-size SWA cache,
-so the context keeps it whenever prefix reuse is on.
-
-Each job samples with its own llama.cpp sampler chain (repeat penalty, top_k, top_p,
-temperature, a seeded `dist`, or greedy at temperature 0). JSON output is constrained by a
-grammar, checked the way llama.cpp's server does it: the chain samples first and only that
-one token is checked against the grammar; only when the grammar rejects it is the grammar
-applied to the whole vocabulary and the token sampled again. Grammars are compiled on builder
-threads (cached per schema), so a slow build never stalls the streams in flight, and a job
-cancelled or past its deadline while its grammar builds fails at once.
-
-Everything a job produces goes through its sink: text deltas (stop strings already cut), then
-exactly one terminal item, a `GenerationEnd` or an `AgentLoopError`.
-
-Determinism: a job's text depends on its prompt, options, seed and the logits it sees. The
-same request with the same seed on an otherwise idle engine, evaluated from scratch, gives
-the same text. Sharing a decode step with other jobs or starting from a cached prefix
-changes how the floating point sums are split, which can change a token now and then.
+thread owns the context; each step is one `llama_decode` over the next token of every
+generating sequence plus a chunk of the prompts still being evaluated. A job takes the free
+slot with the longest cached prefix, samples with its own sampler chain (a grammar checks
+only the sampled token unless it rejects it, as llama.cpp's server does; grammars compile on
+builder threads), and puts text deltas, then exactly one terminal item (`GenerationEnd` or
+`AgentLoopError`), into its sink. Slots, prefix reuse, constrained decoding and
+determinism, for users: docs/embedded-engine.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Retries and a circuit breaker around any backend; nothing here knows the engine.
 
-Retries: a generation that failed before its first item reached the caller, with an error
-the backend marked `retryable_before_first_token` (a connect error, a reset before the
-response headers, Ollama's 503), is sent again after an exponential backoff with full
-jitter, while the caller's deadline leaves room. Once an item is out, never: the client
-would see it twice.
-
-Circuit breaker (closed / open / half-open): `circuit_failure_threshold` consecutive
-failures to reach the backend open it. Only failures no request can cause count: the
-backend could not be reached or dropped the connection before answering, that is the
-engine never started on the request (`is_backend_failure`). A request's own failures (a
-500 for a model whose runner crashes, an `{"error"}` line mid-stream, a hang, malformed
-output) go back to that caller and never change the replica's health, so no caller can
-take the replica out of rotation for the others. A truly sick backend still opens it at
-once (every call fails to connect), and the health task's own checks see it too.
-
-While open, generations fail fast with UNAVAILABLE
-(`CIRCUIT_OPEN`, RetryInfo = the time until the probe) and readiness is NOT_SERVING. After
-`circuit_reset_timeout` it is half-open: the next call or the health task's check is the
-probe; success closes the circuit, failure opens it again.
+A generation is retried only while nothing has reached the caller (it would see an item
+twice) and only for errors the backend marks `retryable_before_first_token`. The circuit
+counts only failures no request can cause (`is_backend_failure`: the engine never started
+on the request), so no caller can take the replica out of rotation for the others. The
+behaviour and its settings: docs/security.md ("Retries", "Circuit breaker").
 """
 
 from __future__ import annotations

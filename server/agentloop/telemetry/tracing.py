@@ -1,16 +1,9 @@
 """Traces: the tracer provider, and the spans of backend calls and agent runs.
 
-The SDK reads the standard variables itself: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-(the resource), OTEL_TRACES_SAMPLER / _ARG (the sampler), OTEL_SDK_DISABLED (no-op
-tracers), OTEL_BSP_* (the batch processor) and OTEL_EXPORTER_OTLP_* (the exporter). Spans
-leave through a batch processor whose worker thread does the export, so a slow or absent
-collector never holds up a request; a full queue drops spans instead of waiting.
-
-Spans follow the OpenTelemetry GenAI semantic conventions: a CLIENT span
-`{gen_ai.operation.name} {gen_ai.request.model}` per backend call (operation `chat` for
-messages, `text_completion` for a raw prompt), `invoke_agent` around an agent run and
-`execute_tool {gen_ai.tool.name}` per tool call. Prompts, answers and tool arguments and
-results go into spans only with the `trace_content` setting.
+The SDK reads the standard OTEL_* variables itself; spans leave through a batch processor's
+thread, so a slow or absent collector never holds up a request. The spans follow the
+OpenTelemetry GenAI semantic conventions; docs/observability.md lists them and their
+attributes.
 """
 
 from __future__ import annotations
