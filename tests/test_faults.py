@@ -393,6 +393,22 @@ async def test_request_failures_and_busy_answers_do_not_open_the_circuit(fake_ol
         assert running.backend.circuit.state is CircuitState.CLOSED
 
 
+async def test_one_call_counts_once_towards_the_circuit_however_often_it_is_retried(
+        fake_ollama):
+    # Three attempts of one call (two server retries), all dropped before any answer: the
+    # circuit sees one failure, so a single call (and its client's retries) cannot open it.
+    settings = fault_settings(fake_ollama, circuit_failure_threshold=2, retry_attempts=2,
+                              retry_backoff=0.01, retry_backoff_max=0.02)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        fake_ollama.enqueue(*[Script(reset_after=0)] * 3)
+        await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
+        assert len(generations(fake_ollama)) == 3
+        assert running.backend.circuit.state is CircuitState.CLOSED
+        fake_ollama.enqueue(*[Script(reset_after=0)] * 3)
+        await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
+        assert running.backend.circuit.state is CircuitState.OPEN  # two calls: the threshold
+
+
 async def test_half_open_lets_one_probe_through_and_its_verdict_decides():
     now = [0.0]
     circuit = CircuitBreaker(failure_threshold=2, reset_timeout=1.0, clock=lambda: now[0])

@@ -187,6 +187,9 @@ class ResilientBackend:
         return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        # One call counts once towards the circuit, however often it is retried: a single
+        # call's retries (times its client's) must not open the circuit by themselves.
+        counted = False
         for attempt in itertools.count():
             probe = self.circuit.admit()
             delivered = False
@@ -199,7 +202,8 @@ class ResilientBackend:
                         yield item
                 return
             except AgentLoopError as exc:
-                if is_backend_failure(exc):
+                if is_backend_failure(exc) and (probe or not counted):
+                    counted = True
                     self.circuit.record_failure()
                 else:
                     self.circuit.release_probe(probe)
