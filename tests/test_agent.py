@@ -5,6 +5,7 @@ grpcurl, and one run on the embedded real model."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import sys
@@ -99,7 +100,32 @@ async def test_two_step_calculator_run_reaches_the_answer(stub, fake_ollama):
     assistant, observation = chat_of(calls[1])[-2:]
     assert assistant["role"] == "assistant" and json.loads(assistant["content"])["tool"] == (
         "calculator")
-    assert observation == {"role": "user", "content": "Observation from calculator: 391"}
+    assert observation["role"] == "user"
+    assert observation["content"].splitlines() == [
+        "Result of calculator: 391", f"Now answer the question with this result: {GOAL}"]
+
+
+async def test_each_model_call_only_appends_to_the_previous_prompt(stub, fake_ollama):
+    """Everything constant comes first and stays; a step appends its reply and the result,
+    so the engine's prefix cache serves every step after the first."""
+    malformed = Script(tokens=['{"thought": "oops", "tool"'])
+    unknown = action(thought="search", tool="web_search", arguments={"q": "x"})
+    fake_ollama.enqueue(malformed, CALCULATE, unknown, ANSWER)
+    reply = await stub.RunAgent(pb.RunAgentRequest(
+        goal=GOAL, system="Be brief.", messages=[pb.Message(role=pb.ROLE_USER, content="Hi")],
+        max_steps=4), timeout=10)
+    assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER  # repair, tool, error, answer
+
+    calls = fake_ollama.generation_requests
+    assert len(calls) == 4
+    for previous, current in itertools.pairwise(calls):
+        assert {k: v for k, v in current.items() if k != "messages"} == {
+            k: v for k, v in previous.items() if k != "messages"}  # format, options, ...
+        before, now = chat_of(previous), chat_of(current)
+        assert now[:len(before)] == before
+        # What follows is the model's own reply, as it wrote it, then the next user turn.
+        assert now[len(before)]["role"] == "assistant" and now[-1]["role"] == "user"
+    assert chat_of(calls[1])[-2]["content"] == "".join(malformed.tokens)
 
 
 async def test_system_messages_and_options_reach_every_model_call(stub, fake_ollama):
@@ -307,8 +333,9 @@ async def test_stream_events_of_a_server_tool_run(stub, fake_ollama):
 
     assert [e.WhichOneof("event") for e in events] == [
         "step_started", "thought", "tool_call", "tool_result",
-        "step_started", "thought", "finished",
+        "step_started", "answer_delta", "thought", "finished",
     ]
+    assert events[5].answer_delta == pb.AgentAnswerDelta(step=2, text="391")
     tool_call, result = events[2].tool_call, events[3].tool_result
     assert tool_call.tool == "calculator" and not tool_call.client_tool and tool_call.step == 1
     assert result.call_id == tool_call.call_id and result.observation == "391"
@@ -340,7 +367,39 @@ async def test_client_tool_round_trip(stub, fake_ollama):
         "calculator": Calculator.parameters, "current_time": CurrentTime.parameters,
         "lookup_order": {"type": "object"}}
     observation = chat_of(fake_ollama.generation_requests[1])[-1]["content"]
-    assert observation == "Observation from lookup_order: shipped on Monday"
+    assert observation.splitlines()[0] == "Result of lookup_order: shipped on Monday"
+
+
+async def test_the_answer_streams_as_the_model_writes_it(stub, fake_ollama):
+    answer = 'Paris is the capital of France: "la Ville Lumière".\nIts "final_answer": yes.'
+    text = json.dumps({"thought": 'I know this; "final_answer" comes next.',
+                       "final_answer": answer})
+    # Two characters at a time: escapes (\", \n, \u00e8 as written by json.dumps) split.
+    fake_ollama.enqueue(Script(tokens=[text[i:i + 2] for i in range(0, len(text), 2)]))
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(start(goal="What is the capital of France?"))
+    await call.done_writing()
+    events = [event async for event in call]
+
+    kinds = [e.WhichOneof("event") for e in events]
+    deltas = [e.answer_delta for e in events if e.WhichOneof("event") == "answer_delta"]
+    assert len(deltas) > 10  # piece by piece, not all at once
+    assert all(delta.step == 1 and delta.text for delta in deltas)
+    assert "".join(delta.text for delta in deltas) == answer == events[-1].finished.final_answer
+    # The deltas come while the model writes: the thought and the end come after them.
+    assert kinds == ["step_started", *["answer_delta"] * len(deltas), "thought", "finished"]
+
+
+async def test_a_tool_call_streams_no_answer(stub, fake_ollama):
+    fake_ollama.enqueue(action(thought='no "final_answer": yet', tool="calculator",
+                               arguments={"expression": "1+1"}), ANSWER)
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(start(goal=GOAL))
+    await call.done_writing()
+    events = [event async for event in call]
+    deltas = [(e.answer_delta.step, e.answer_delta.text) for e in events
+              if e.WhichOneof("event") == "answer_delta"]
+    assert deltas == [(2, "391")]
 
 
 async def test_a_client_tool_error_is_shown_to_the_model(stub, fake_ollama):
@@ -354,7 +413,7 @@ async def test_a_client_tool_error_is_shown_to_the_model(stub, fake_ollama):
             assert event.tool_result.is_error
             assert event.tool_result.observation == "database down"
     observation = chat_of(fake_ollama.generation_requests[1])[-1]["content"]
-    assert observation == "Error from lookup_order: database down"
+    assert observation.splitlines()[0] == "Error from lookup_order: database down"
 
 
 @pytest.mark.parametrize("settings_overrides", [{"tool_timeout": 0.3}])

@@ -45,8 +45,9 @@ def action(**fields: Any) -> Script:
 
 def observations(fake: FakeOllama) -> list[str]:
     """What the agent showed the model as tool results, in order."""
-    return [m["content"] for body in fake.generation_requests for m in body.get("messages", ())
-            if m["role"] == "user" and m["content"].startswith("Observation")]
+    return [m["content"].splitlines()[0] for body in fake.generation_requests
+            for m in body.get("messages", ())
+            if m["role"] == "user" and m["content"].startswith("Result of")]
 
 
 # --- Python client: sync ------------------------------------------------------------------
@@ -328,7 +329,7 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
     assert "agent: result: pooltnega" in lines
     assert "agent: AGENT_STOP_REASON_FINAL_ANSWER pooltnega" in lines
     # The JavaScript tool's output is what the model saw next.
-    assert observations(fake_ollama) == ["Observation from reverse_text: pooltnega"]
+    assert observations(fake_ollama) == ["Result of reverse_text: pooltnega"]
 
 
 # --- grpcurl: the README's examples -------------------------------------------------------

@@ -180,6 +180,12 @@ class Settings:
     max_observation_bytes: int = _setting(
         4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent"
     )
+    mcp_servers: str = _setting(
+        "",
+        "file (JSON or YAML) listing MCP servers whose tools the agent may use, named "
+        "<server>__<tool> (see the README's agent section); empty = none",
+        group="agent",
+    )
 
     # --- telemetry (OpenTelemetry itself follows the standard OTEL_* variables) ---
     metrics_listen: str = _setting(

@@ -28,6 +28,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
+from pydantic_core import from_json
 
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -142,11 +143,19 @@ class ToolReturned:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerDelta:
+    """A piece of the final answer, as the model writes it (before the step's ThoughtFormed)."""
+
+    step: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunFinished:
     outcome: AgentOutcome
 
 
-AgentEvent = StepStarted | ThoughtFormed | ToolCalled | ToolReturned | RunFinished
+AgentEvent = StepStarted | AnswerDelta | ThoughtFormed | ToolCalled | ToolReturned | RunFinished
 
 
 # --- client tools ---------------------------------------------------------------------------
@@ -270,12 +279,6 @@ class Action:
     tool: str = ""
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
-    def as_json(self) -> str:
-        """The action as the conversation keeps it (canonical, without the model's spacing)."""
-        if self.final_answer is not None:
-            return json.dumps({"thought": self.thought, "final_answer": self.final_answer})
-        return json.dumps({"thought": self.thought, "tool": self.tool, "arguments": self.arguments})
-
 
 def parse_action(text: str) -> Action:
     try:
@@ -294,19 +297,44 @@ def parse_action(text: str) -> Action:
     return Action(value["thought"], tool=value["tool"], arguments=value["arguments"])
 
 
+# The worked example: a fictional tool (decoding only allows the run's own tool names), so
+# the model sees the whole pattern (call, observation, an answer built on it) without
+# placeholders to copy. The observation's wording is the one `observation_message` uses.
+_EXAMPLE_WITH_TOOLS = """\
+Example (the get_weather tool here is only an example):
+User: Is it raining in Lyon?
+Assistant: {"thought": "I need the weather in Lyon.", "tool": "get_weather", "arguments": \
+{"city": "Lyon"}}
+User: Result of get_weather: light rain, 12 C
+Assistant: {"thought": "get_weather says light rain in Lyon.", "final_answer": "Yes, there \
+is light rain in Lyon (12 C)."}"""
+_EXAMPLE_WITHOUT_TOOLS = """\
+Example:
+User: What is the largest planet of the solar system?
+Assistant: {"thought": "Jupiter is the largest planet.", "final_answer": "Jupiter."}"""
+
+
 def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
-    """The system prompt: how to act, the tools, then the client's own instructions."""
-    lines = [
-        "You are an agent that reaches the user's goal step by step.",
-        "At each step reply with exactly one JSON object and nothing else:",
-    ]
-    if tools:
-        lines += [
-            '- to call a tool: {"thought": "<your reasoning>", "tool": "<tool name>", '
-            '"arguments": {<the tool\'s arguments>}}; the tool\'s result comes back to you '
-            "as an observation;",
-            '- when you can answer: {"thought": "<your reasoning>", "final_answer": '
-            '"<your answer>"}.',
+    """The system prompt: how to act, by example, then the tools, then the client's text.
+
+    It is the same for every step of a run (the engine's prefix cache serves it again)."""
+    if not tools:
+        lines = [
+            "You answer the user's question.",
+            'Reply with one JSON object with the keys "thought" and "final_answer".',
+            "",
+            _EXAMPLE_WITHOUT_TOOLS,
+        ]
+    else:
+        lines = [
+            "You answer the user's question, using a tool when it helps.",
+            "Reply with one JSON object, of one of two kinds:",
+            '- a tool call, with the keys "thought", "tool" and "arguments"; the tool\'s '
+            "result comes back in the next message;",
+            '- the answer, with the keys "thought" and "final_answer". Once a tool has given '
+            "you what the question needs, reply with the answer, using that result.",
+            "",
+            _EXAMPLE_WITH_TOOLS,
             "",
             "Tools:",
         ]
@@ -315,11 +343,17 @@ def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
             f"{json.dumps(tool.parameters)}"
             for tool in tools
         ]
-    else:
-        lines.append('{"thought": "<your reasoning>", "final_answer": "<your answer>"}')
     if extra:
         lines += ["", extra]
     return "\n".join(lines)
+
+
+def observation_message(tool: str, text: str, is_error: bool, goal: str) -> str:
+    """What the model reads after a tool call: the result, then the question again."""
+    if is_error:
+        return (f"Error from {tool}: {text}\n"
+                f"Fix the call, or answer the question without the tool: {goal}")
+    return f"Result of {tool}: {text}\nNow answer the question with this result: {goal}"
 
 
 def cap_observation(text: str, limit: int) -> tuple[str, bool]:
@@ -341,6 +375,40 @@ class _StepFailed(Exception):
     def __init__(self, stop_reason: StopReason, message: str) -> None:
         super().__init__(message)
         self.stop_reason = stop_reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    text: str
+    finish_reason: FinishReason
+
+
+class AnswerReader:
+    """Finds the final answer's text in an action while the model is still writing it.
+
+    Each `feed` takes the next piece of the reply and returns the answer's text that piece
+    completed ("" while there is none). The reply so far is parsed as partial JSON
+    (pydantic-core's, which reads an unfinished string as far as it goes), so escapes are
+    decoded and a key named "final_answer" inside the thought is not taken for the answer.
+    """
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sent = ""
+
+    def feed(self, piece: str) -> str:
+        self._text += piece
+        if '"final_answer"' not in self._text:
+            return ""
+        try:
+            value = from_json(self._text, allow_partial="trailing-strings")
+        except ValueError:
+            return ""
+        answer = value.get("final_answer") if isinstance(value, dict) else None
+        if not isinstance(answer, str) or not answer.startswith(self._sent):
+            return ""
+        delta, self._sent = answer[len(self._sent):], answer
+        return delta
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +484,14 @@ class AgentService:
             yield StepStarted(index)
             step_started = time.monotonic()
             try:
-                action = await self._next_action(run, state)
+                action = None
+                async with aclosing(self._next_action(run, state, index)) as replies:
+                    async for item in replies:
+                        if isinstance(item, AnswerDelta):
+                            yield item
+                        else:
+                            action = item
+                assert action is not None
             except _StepFailed as failure:
                 state.steps.append(
                     AgentStep(index, time.monotonic() - step_started, error=str(failure)))
@@ -455,11 +530,8 @@ class AgentService:
             if observation.fatal:
                 stop = StopReason.TOOL_ERROR
                 break
-            heard = "Error from" if observation.is_error else "Observation from"
-            state.conversation += (
-                ChatMessage(Role.ASSISTANT, action.as_json()),
-                ChatMessage(Role.USER, f"{heard} {action.tool}: {text}"),
-            )
+            state.conversation += (ChatMessage(Role.USER, observation_message(
+                action.tool, text, observation.is_error, run.goal)),)
         yield RunFinished(AgentOutcome(
             final_answer=answer,
             stop_reason=stop,
@@ -483,48 +555,76 @@ class AgentService:
         left = self._time_left(run)
         return self._tool_timeout if left is None else max(0.0, min(self._tool_timeout, left))
 
-    async def _next_action(self, run: AgentRun, state: _RunState) -> Action:
-        """Ask the model for an action, with repair turns for invalid replies."""
-        messages = state.conversation
+    async def _next_action(
+        self, run: AgentRun, state: _RunState, step: int
+    ) -> AsyncIterator[AnswerDelta | Action]:
+        """Ask the model for an action, with repair turns for invalid replies; the answer's
+        deltas as they come, then the Action.
+
+        Every reply joins the conversation as the model wrote it, the repair turns too, so
+        each model call's prompt starts with the previous one's (and its reply): the engine
+        serves that prefix from its cache."""
         for _ in range(1 + REPAIR_TURNS):
-            text, finish_reason = await self._ask_model(run, state, messages)
+            reply: _Reply | None = None
+            async with aclosing(self._ask_model(run, state, step)) as items:
+                async for item in items:
+                    if isinstance(item, AnswerDelta):
+                        yield item
+                    else:
+                        reply = item
+            assert reply is not None
+            state.conversation += (ChatMessage(Role.ASSISTANT, reply.text),)
             try:
-                return parse_action(text)
+                yield parse_action(reply.text)
+                return
             except InvalidAction as exc:
                 error = str(exc)
-                if finish_reason is FinishReason.LENGTH:
+                if reply.finish_reason is FinishReason.LENGTH:
                     error += " (the reply was cut off at max_tokens; keep it shorter)"
-            messages = (
-                *state.conversation,
-                ChatMessage(Role.ASSISTANT, text),
-                ChatMessage(Role.USER, f"That reply is not a valid action: {error}. Reply again "
-                                       "with exactly one JSON object in one of the two forms."),
-            )
+            state.conversation += (ChatMessage(
+                Role.USER, f"That reply is not a valid action: {error}. Reply again with "
+                           "exactly one JSON object in one of the two forms."),)
         raise _StepFailed(StopReason.MODEL_ERROR, f"no valid action after a repair turn: {error}")
 
     async def _ask_model(
-        self, run: AgentRun, state: _RunState, messages: tuple[ChatMessage, ...]
-    ) -> tuple[str, FinishReason]:
+        self, run: AgentRun, state: _RunState, step: int
+    ) -> AsyncIterator[AnswerDelta | _Reply]:
+        """One model call on the conversation so far: the answer's deltas, then the reply."""
         request = GenerationRequest(
             model=run.model,
             options=run.options,
-            messages=messages,
+            messages=state.conversation,
             system=state.system,
             format=ResponseFormat(OutputFormat.JSON_SCHEMA, state.schema),
             deadline=run.deadline,
         )
-        try:
-            # Cut the call short of the client's deadline so the run can still report.
-            async with asyncio.timeout(self._time_left(run)):
-                result = await self.generation.generate(request)
-        except TimeoutError:
-            raise _StepFailed(StopReason.DEADLINE,
-                              "the deadline came before the model answered") from None
-        except Cancelled as exc:
-            raise _StepFailed(StopReason.CANCELLED, exc.message) from None
-        state.usage += result.end.usage
-        state.model = result.end.model
-        return result.text, result.end.finish_reason
+        left = self._time_left(run)
+        # Cut the call short of the client's deadline so the run can still report. The
+        # timeout covers each wait for the engine, never a yield to the caller.
+        cutoff = None if left is None else asyncio.get_running_loop().time() + left
+        reader = AnswerReader()
+        pieces: list[str] = []
+        async with aclosing(self.generation.stream(request)) as items:
+            while True:
+                try:
+                    async with asyncio.timeout_at(cutoff):
+                        item = await anext(items)
+                except TimeoutError:
+                    raise _StepFailed(StopReason.DEADLINE,
+                                      "the deadline came before the model answered") from None
+                except Cancelled as exc:
+                    raise _StepFailed(StopReason.CANCELLED, exc.message) from None
+                except StopAsyncIteration:
+                    raise RuntimeError("the generation ended without its report") from None
+                if isinstance(item, str):
+                    pieces.append(item)
+                    if delta := reader.feed(item):
+                        yield AnswerDelta(step, delta)
+                    continue
+                state.usage += item.usage
+                state.model = item.model
+                yield _Reply("".join(pieces), item.finish_reason)
+                return
 
     def _call_problem(self, run: AgentRun, action: Action) -> str | None:
         """Why the model's tool call cannot run (unknown tool, bad arguments), or None."""
