@@ -102,7 +102,7 @@ async def test_two_step_calculator_run_reaches_the_answer(stub, fake_ollama):
         "calculator")
     assert observation["role"] == "user"
     assert observation["content"].splitlines() == [
-        "Result of calculator: 391", f"Now answer the question with this result: {GOAL}"]
+        "Result of calculator: 391", "Answer the question with this result."]
 
 
 async def test_each_model_call_only_appends_to_the_previous_prompt(stub, fake_ollama):
@@ -113,19 +113,38 @@ async def test_each_model_call_only_appends_to_the_previous_prompt(stub, fake_ol
     fake_ollama.enqueue(malformed, CALCULATE, unknown, ANSWER)
     reply = await stub.RunAgent(pb.RunAgentRequest(
         goal=GOAL, system="Be brief.", messages=[pb.Message(role=pb.ROLE_USER, content="Hi")],
-        max_steps=4), timeout=10)
+        max_steps=3), timeout=10)
     assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER  # repair, tool, error, answer
 
     calls = fake_ollama.generation_requests
     assert len(calls) == 4
     for previous, current in itertools.pairwise(calls):
-        assert {k: v for k, v in current.items() if k != "messages"} == {
-            k: v for k, v in previous.items() if k != "messages"}  # format, options, ...
+        assert {k: v for k, v in current.items() if k not in ("messages", "format")} == {
+            k: v for k, v in previous.items() if k not in ("messages", "format")}  # options...
         before, now = chat_of(previous), chat_of(current)
         assert now[:len(before)] == before
         # What follows is the model's own reply, as it wrote it, then the next user turn.
         assert now[len(before)]["role"] == "assistant" and now[-1]["role"] == "user"
     assert chat_of(calls[1])[-2]["content"] == "".join(malformed.tokens)
+    # The format only constrains decoding (it is not in the prompt): the last step (3) may
+    # only answer.
+    assert calls[0]["format"] == calls[1]["format"] == calls[2]["format"]
+    assert calls[3]["format"]["required"] == ["thought", "final_answer"]
+
+
+async def test_a_repeated_call_is_not_run_again_and_the_next_step_must_answer(
+        stub, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, CALCULATE, ANSWER)
+    reply = await stub.RunAgent(pb.RunAgentRequest(goal=GOAL, max_steps=8), timeout=10)
+
+    assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER
+    assert [(step.tool, step.observation) for step in reply.steps] == [
+        ("calculator", "391"), ("calculator", "391"), ("", "")]
+    calls = fake_ollama.generation_requests
+    assert chat_of(calls[2])[-1]["content"].startswith(
+        "calculator was already called with these arguments. Its result: 391\n")
+    assert "anyOf" in calls[1]["format"]  # a first call may be followed by any action
+    assert calls[2]["format"]["required"] == ["thought", "final_answer"]
 
 
 async def test_system_messages_and_options_reach_every_model_call(stub, fake_ollama):

@@ -298,20 +298,21 @@ def parse_action(text: str) -> Action:
 
 
 # The worked example: a fictional tool (decoding only allows the run's own tool names), so
-# the model sees the whole pattern (call, observation, an answer built on it) without
-# placeholders to copy. The observation's wording is the one `observation_message` uses.
+# the model sees the whole pattern (call, result, an answer that uses the result) without
+# placeholders. A small model copies what it is shown, so the example's thoughts hold
+# nothing about the example's question, and the result message is the one
+# `observation_message` writes.
 _EXAMPLE_WITH_TOOLS = """\
-Example (the get_weather tool here is only an example):
+Example (get_weather is only an example tool):
 User: Is it raining in Lyon?
-Assistant: {"thought": "I need the weather in Lyon.", "tool": "get_weather", "arguments": \
-{"city": "Lyon"}}
+Assistant: {"thought": "A tool can tell.", "tool": "get_weather", "arguments": {"city": "Lyon"}}
 User: Result of get_weather: light rain, 12 C
-Assistant: {"thought": "get_weather says light rain in Lyon.", "final_answer": "Yes, there \
-is light rain in Lyon (12 C)."}"""
+Answer the question with this result.
+Assistant: {"thought": "The result answers it.", "final_answer": "light rain, 12 C"}"""
 _EXAMPLE_WITHOUT_TOOLS = """\
 Example:
 User: What is the largest planet of the solar system?
-Assistant: {"thought": "Jupiter is the largest planet.", "final_answer": "Jupiter."}"""
+Assistant: {"thought": "I know this.", "final_answer": "Jupiter"}"""
 
 
 def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
@@ -348,12 +349,14 @@ def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
     return "\n".join(lines)
 
 
-def observation_message(tool: str, text: str, is_error: bool, goal: str) -> str:
-    """What the model reads after a tool call: the result, then the question again."""
+def observation_message(tool: str, text: str, is_error: bool, repeated: bool = False) -> str:
+    """What the model reads after a tool call: the result, and to answer with it."""
     if is_error:
-        return (f"Error from {tool}: {text}\n"
-                f"Fix the call, or answer the question without the tool: {goal}")
-    return f"Result of {tool}: {text}\nNow answer the question with this result: {goal}"
+        return f"Error from {tool}: {text}\nFix the call, or answer the question without it."
+    if repeated:
+        return (f"{tool} was already called with these arguments. Its result: {text}\n"
+                "Answer the question with this result.")
+    return f"Result of {tool}: {text}\nAnswer the question with this result."
 
 
 def cap_observation(text: str, limit: int) -> tuple[str, bool]:
@@ -430,6 +433,10 @@ class _RunState:
     usage: Usage = field(default_factory=Usage)
     steps: list[AgentStep] = field(default_factory=list)
     longest_step: float = 0.0
+    #: Results of the successful tool calls so far, by (tool, arguments as canonical JSON).
+    results: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The next model call may only answer (a call was repeated).
+    answer_next: bool = False
 
 
 class AgentService:
@@ -483,9 +490,12 @@ class AgentService:
                 break
             yield StepStarted(index)
             step_started = time.monotonic()
+            # The last step, and the one after a repeated call, may only answer: the
+            # engine constrains the reply to the final-answer form.
+            answer_only = state.answer_next or index == run.max_steps
             try:
                 action = None
-                async with aclosing(self._next_action(run, state, index)) as replies:
+                async with aclosing(self._next_action(run, state, index, answer_only)) as replies:
                     async for item in replies:
                         if isinstance(item, AnswerDelta):
                             yield item
@@ -506,18 +516,27 @@ class AgentService:
 
             call_id = f"call_{index}"
             arguments_json = json.dumps(action.arguments, ensure_ascii=False)
-            problem = self._call_problem(run, action)
+            call_key = (action.tool, json.dumps(action.arguments, sort_keys=True))
+            earlier = state.results.get(call_key)
+            problem = None if earlier is not None else self._call_problem(run, action)
             client_call = None
-            if problem is None and action.tool not in run.tools:
+            if earlier is None and problem is None and action.tool not in run.tools:
                 client_call = calls.expect(call_id)  # before the client can hear of the call
             yield ToolCalled(index, call_id, action.tool, arguments_json, client_call is not None)
             tool_started = time.monotonic()
-            if problem is not None:
+            if earlier is not None:
+                # A small model tends to repeat a call rather than use its result: the
+                # repeat is not run again, and the next step must answer.
+                observation = _Observation(earlier)
+                state.answer_next = True
+            elif problem is not None:
                 observation = _Observation(problem, is_error=True)
             else:
                 observation = await self._run_tool(run, action, call_id, arguments_json,
                                                    client_call)
             text, truncated = cap_observation(observation.text, self._max_observation_bytes)
+            if not observation.is_error:
+                state.results[call_key] = text
             now = time.monotonic()
             yield ToolReturned(index, call_id, action.tool, text, truncated, observation.is_error,
                                now - tool_started)
@@ -531,7 +550,7 @@ class AgentService:
                 stop = StopReason.TOOL_ERROR
                 break
             state.conversation += (ChatMessage(Role.USER, observation_message(
-                action.tool, text, observation.is_error, run.goal)),)
+                action.tool, text, observation.is_error, repeated=earlier is not None)),)
         yield RunFinished(AgentOutcome(
             final_answer=answer,
             stop_reason=stop,
@@ -556,7 +575,7 @@ class AgentService:
         return self._tool_timeout if left is None else max(0.0, min(self._tool_timeout, left))
 
     async def _next_action(
-        self, run: AgentRun, state: _RunState, step: int
+        self, run: AgentRun, state: _RunState, step: int, answer_only: bool
     ) -> AsyncIterator[AnswerDelta | Action]:
         """Ask the model for an action, with repair turns for invalid replies; the answer's
         deltas as they come, then the Action.
@@ -566,7 +585,7 @@ class AgentService:
         serves that prefix from its cache."""
         for _ in range(1 + REPAIR_TURNS):
             reply: _Reply | None = None
-            async with aclosing(self._ask_model(run, state, step)) as items:
+            async with aclosing(self._ask_model(run, state, step, answer_only)) as items:
                 async for item in items:
                     if isinstance(item, AnswerDelta):
                         yield item
@@ -587,7 +606,7 @@ class AgentService:
         raise _StepFailed(StopReason.MODEL_ERROR, f"no valid action after a repair turn: {error}")
 
     async def _ask_model(
-        self, run: AgentRun, state: _RunState, step: int
+        self, run: AgentRun, state: _RunState, step: int, answer_only: bool
     ) -> AsyncIterator[AnswerDelta | _Reply]:
         """One model call on the conversation so far: the answer's deltas, then the reply."""
         request = GenerationRequest(
@@ -595,7 +614,8 @@ class AgentService:
             options=run.options,
             messages=state.conversation,
             system=state.system,
-            format=ResponseFormat(OutputFormat.JSON_SCHEMA, state.schema),
+            format=ResponseFormat(OutputFormat.JSON_SCHEMA,
+                                  _FINAL_ANSWER_SCHEMA if answer_only else state.schema),
             deadline=run.deadline,
         )
         left = self._time_left(run)
