@@ -300,15 +300,17 @@ def parse_action(text: str) -> Action:
 # The worked example: a fictional tool (decoding only allows the run's own tool names), so
 # the model sees the whole pattern (call, result, an answer that uses the result) without
 # placeholders. A small model copies what it is shown, so the example's thoughts hold
-# nothing about the example's question, and the result message is the one
-# `observation_message` writes.
+# nothing about the example's question but the tool's name and result, and the result
+# message is the one `observation_message` writes.
 _EXAMPLE_WITH_TOOLS = """\
 Example (get_weather is only an example tool):
 User: Is it raining in Lyon?
-Assistant: {"thought": "A tool can tell.", "tool": "get_weather", "arguments": {"city": "Lyon"}}
+Assistant: {"thought": "get_weather can tell.", "tool": "get_weather", "arguments": \
+{"city": "Lyon"}}
 User: Result of get_weather: light rain, 12 C
 Answer the question with this result.
-Assistant: {"thought": "The result answers it.", "final_answer": "light rain, 12 C"}"""
+Assistant: {"thought": "get_weather says: light rain, 12 C.", "final_answer": "light rain, \
+12 C"}"""
 _EXAMPLE_WITHOUT_TOOLS = """\
 Example:
 User: What is the largest planet of the solar system?
