@@ -101,6 +101,8 @@ class Outcome:
     thoughts: list[str] = field(default_factory=list)
     tools_called: list[str] = field(default_factory=list)
     echoes: list[str] = field(default_factory=list)
+    #: Why steps failed (not JSON, cut off at max_tokens, ...), for RunAgent goals.
+    errors: list[str] = field(default_factory=list)
 
     @property
     def seconds_per_step(self) -> float:
@@ -128,29 +130,32 @@ def instructions_for(goal: Goal) -> str:
 def run_goal(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.GenerationOptions,
              timeout: float) -> Outcome:
     started = time.monotonic()
+    errors: list[str] = []
     if goal.client_tools:
         answer, stop_reason, steps, thoughts, tools, observations = _stream_run(
-            stub, goal, options, timeout)
+            stub, goal, options, timeout, errors)
     else:
         reply = stub.RunAgent(pb.RunAgentRequest(goal=goal.goal, tools=goal.tools, max_steps=4,
                                                  options=options), timeout=timeout)
         answer, steps = reply.final_answer, len(reply.steps)
         stop_reason = pb.AgentStopReason.Name(reply.stop_reason)
         thoughts = [step.thought for step in reply.steps]
-        tools = [step.tool for step in reply.steps if step.tool]
+        tools = [f"{step.tool} {step.arguments_json}" for step in reply.steps if step.tool]
         observations = [step.observation for step in reply.steps if step.tool]
+        errors += [step.error for step in reply.steps if step.error]
     seconds = time.monotonic() - started
     return Outcome(
         name=goal.name,
         correct=stop_reason.endswith("FINAL_ANSWER") and goal.check(answer, observations),
         stop_reason=stop_reason.removeprefix("AGENT_STOP_REASON_"),
         steps=steps, seconds=seconds, answer=answer, thoughts=thoughts, tools_called=tools,
-        echoes=echoes([answer, *thoughts], instructions_for(goal)),
+        echoes=echoes([answer, *thoughts], instructions_for(goal)), errors=errors,
     )
 
 
 def _stream_run(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.GenerationOptions,
-                timeout: float) -> tuple[str, str, int, list[str], list[str], list[str]]:
+                timeout: float, errors: list[str]
+                ) -> tuple[str, str, int, list[str], list[str], list[str]]:
     """StreamRunAgent, answering the client tool's calls from ORDERS."""
     import queue
 
@@ -171,7 +176,7 @@ def _stream_run(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.Gene
             if kind == "thought":
                 thoughts.append(event.thought.thought)
             elif kind == "tool_call":
-                tools.append(event.tool_call.tool)
+                tools.append(f"{event.tool_call.tool} {event.tool_call.arguments_json}")
                 if event.tool_call.client_tool:
                     order = json.loads(event.tool_call.arguments_json).get("order_id", "")
                     found = ORDERS.get(str(order).strip())
@@ -183,6 +188,8 @@ def _stream_run(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.Gene
                     outbox.put(pb.StreamRunAgentRequest(tool_result=result))
             elif kind == "tool_result":
                 observations.append(event.tool_result.observation)
+                if event.tool_result.is_error:
+                    errors.append(event.tool_result.observation)
             elif kind == "finished":
                 done = event.finished
                 return (done.final_answer, pb.AgentStopReason.Name(done.stop_reason), done.steps,
@@ -213,12 +220,12 @@ def embedded_gateway(gguf: str) -> Iterator[str]:
 
 
 def report(outcomes: list[Outcome]) -> str:
-    rows = ["| goal | correct | stop | steps | s/step | tools called | answer | echoes |",
+    rows = ["| goal | correct | stop | steps | s/step | tool calls | answer | echoes |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:
         answer = o.answer.replace("|", "/").replace("\n", " ")[:60]
         rows.append(f"| {o.name} | {'yes' if o.correct else 'no'} | {o.stop_reason} | {o.steps} "
-                    f"| {o.seconds_per_step:.1f} | {', '.join(o.tools_called) or '-'} "
+                    f"| {o.seconds_per_step:.1f} | {len(o.tools_called)} "
                     f"| {answer} | {len(o.echoes)} |")
     correct = sum(o.correct for o in outcomes)
     steps = sum(o.steps for o in outcomes)
