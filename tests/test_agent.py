@@ -381,12 +381,23 @@ async def test_client_tool_round_trip(stub, fake_ollama):
     assert result.observation == "shipped on Monday" and not result.is_error
     assert events[-1].finished.final_answer == "It shipped."
     assert "lookup_order" in chat_of(fake_ollama.generation_requests[0])[0]["content"]
-    # Client tools' own schemas stay out of `format`: grammar converters may reject them.
+    # A plain client tool schema constrains decoding like a server tool's.
     assert tool_branches(fake_ollama.generation_requests[0]["format"]) == {
         "calculator": Calculator.parameters, "current_time": CurrentTime.parameters,
-        "lookup_order": {"type": "object"}}
+        "lookup_order": json.loads(LOOKUP.parameters_json_schema)}
     observation = chat_of(fake_ollama.generation_requests[1])[-1]["content"]
     assert observation.splitlines()[0] == "Result of lookup_order: shipped on Monday"
+
+
+def test_client_tool_schemas_that_are_not_plain_share_a_free_form_branch():
+    plain = ClientTool("plain", parameters={"type": "object", "properties": {
+        "ids": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}}}})
+    fancy = ClientTool("fancy", parameters={"type": "object", "patternProperties": {}})
+    deep = ClientTool("deep", parameters=json.loads(
+        '{"type": "object", "properties": {"a": ' * 6 + "{}" + "}}" * 6))
+    branches = tool_branches(action_schema([], [plain, fancy, deep]))
+    assert branches == {"plain": plain.parameters, "fancy": {"type": "object"},
+                        "deep": {"type": "object"}}
 
 
 async def test_the_answer_streams_as_the_model_writes_it(stub, fake_ollama):

@@ -224,17 +224,44 @@ def action_schema(
 
     Each server tool gets a branch with its own arguments schema, so an engine that
     constrains decoding writes valid arguments by construction (a small model otherwise
-    tends to ramble inside a free-form object until max_tokens). Client tools share one
-    branch with any arguments object: their schemas come from clients and may use keywords
-    a grammar converter rejects; their arguments are validated after decoding instead.
+    tends to ramble inside a free-form object until max_tokens, or copy the schema's own
+    text into it). A client tool gets its own branch too when its schema is plain (see
+    `is_plain_schema`); the others share one branch with any arguments object, because
+    schemas from clients may use keywords a grammar converter rejects: their arguments are
+    validated after decoding instead.
     Everything stays within what llama.cpp grammars and Ollama's `format` accept.
     """
     branches = [_tool_call_schema([tool.name], tool.parameters) for tool in server_tools]
-    if client_tools:
-        branches.append(_tool_call_schema([tool.name for tool in client_tools], ANY_OBJECT))
+    branches += [_tool_call_schema([tool.name], tool.parameters) for tool in client_tools
+                 if is_plain_schema(tool.parameters)]
+    others = [tool.name for tool in client_tools if not is_plain_schema(tool.parameters)]
+    if others:
+        branches.append(_tool_call_schema(others, ANY_OBJECT))
     if not branches:
         return _FINAL_ANSWER_SCHEMA
     return {"anyOf": [*branches, _FINAL_ANSWER_SCHEMA]}
+
+
+#: Keywords every engine's grammar converter handles, and the types they may name.
+_PLAIN_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items",
+                             "enum", "description", "title"})
+_PLAIN_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean"})
+_PLAIN_DEPTH = 4
+
+
+def is_plain_schema(schema: Any, depth: int = 0) -> bool:
+    """Is this schema made only of keywords and types every grammar converter handles?"""
+    if not isinstance(schema, Mapping) or depth > _PLAIN_DEPTH:
+        return False
+    if not set(schema) <= _PLAIN_KEYWORDS or schema.get("type", "object") not in _PLAIN_TYPES:
+        return False
+    properties = schema.get("properties", {})
+    if not isinstance(properties, Mapping):
+        return False
+    children = [*properties.values(), *([schema["items"]] if "items" in schema else [])]
+    if not isinstance(schema.get("additionalProperties", False), bool):
+        return False
+    return all(is_plain_schema(child, depth + 1) for child in children)
 
 
 _FINAL_ANSWER_SCHEMA: dict[str, Any] = {
@@ -282,7 +309,8 @@ class Action:
 
 def parse_action(text: str) -> Action:
     try:
-        value = json.loads(text)
+        # strict=False: a raw newline inside a string is a slip, not a different action.
+        value = json.loads(text, strict=False)
     except ValueError as exc:
         raise InvalidAction(f"the reply is not JSON ({exc})") from None
     if not isinstance(value, dict):
