@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agentloop.services.agent import action_schema
+from agentloop.services.agent import action_schema, parse_action
 from agentloop.services.tools import (
     Calculator,
     ClientTool,
@@ -387,6 +387,11 @@ async def test_client_tool_round_trip(stub, fake_ollama):
         "lookup_order": json.loads(LOOKUP.parameters_json_schema)}
     observation = chat_of(fake_ollama.generation_requests[1])[-1]["content"]
     assert observation.splitlines()[0] == "Result of lookup_order: shipped on Monday"
+
+
+def test_a_raw_newline_inside_a_string_is_still_an_action():
+    parsed = parse_action('{"thought": "two\nlines", "final_answer": "391"}')
+    assert parsed.thought == "two\nlines" and parsed.final_answer == "391"
 
 
 def test_client_tool_schemas_that_are_not_plain_share_a_free_form_branch():

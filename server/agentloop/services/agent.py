@@ -381,11 +381,12 @@ def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
 
 def observation_message(tool: str, text: str, is_error: bool, repeated: bool = False) -> str:
     """What the model reads after a tool call: the result, and to answer with it."""
+    if repeated:
+        heard = "error" if is_error else "result"
+        return (f"{tool} was already called with these arguments. Its {heard}: {text}\n"
+                "Answer the question now.")
     if is_error:
         return f"Error from {tool}: {text}\nFix the call, or answer the question without it."
-    if repeated:
-        return (f"{tool} was already called with these arguments. Its result: {text}\n"
-                "Answer the question with this result.")
     return f"Result of {tool}: {text}\nAnswer the question with this result."
 
 
@@ -463,8 +464,8 @@ class _RunState:
     usage: Usage = field(default_factory=Usage)
     steps: list[AgentStep] = field(default_factory=list)
     longest_step: float = 0.0
-    #: Results of the successful tool calls so far, by (tool, arguments as canonical JSON).
-    results: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: Observations of the tool calls so far, by (tool, arguments as canonical JSON).
+    results: dict[tuple[str, str], _Observation] = field(default_factory=dict)
     #: The next model call may only answer (a call was repeated).
     answer_next: bool = False
 
@@ -557,7 +558,7 @@ class AgentService:
             if earlier is not None:
                 # A small model tends to repeat a call rather than use its result: the
                 # repeat is not run again, and the next step must answer.
-                observation = _Observation(earlier)
+                observation = earlier
                 state.answer_next = True
             elif problem is not None:
                 observation = _Observation(problem, is_error=True)
@@ -565,8 +566,7 @@ class AgentService:
                 observation = await self._run_tool(run, action, call_id, arguments_json,
                                                    client_call)
             text, truncated = cap_observation(observation.text, self._max_observation_bytes)
-            if not observation.is_error:
-                state.results[call_key] = text
+            state.results.setdefault(call_key, _Observation(text, observation.is_error))
             now = time.monotonic()
             yield ToolReturned(index, call_id, action.tool, text, truncated, observation.is_error,
                                now - tool_started)

@@ -233,7 +233,7 @@ class CurrentTime:
 
     name = "current_time"
     description = (
-        "Returns the current date and time in UTC, in ISO 8601 (e.g. 2025-01-31T12:00:00+00:00)."
+        "Returns the current date and time in UTC, in ISO 8601."
     )
     parameters: Mapping[str, Any] = {
         "type": "object", "properties": {}, "additionalProperties": False,
