@@ -5,7 +5,10 @@ action as structured output: `format` carries a JSON Schema that allows either a
 `{"thought", "tool", "arguments"}` of a tool the run allows or a final answer
 `{"thought", "final_answer"}` (`action_schema`). The loop validates every reply itself (a reply that
 fails gets one repair turn showing the error, then the run stops with MODEL_ERROR), runs
-the tool, and shows the result to the model as an observation in the next turn.
+the tool, and shows the result to the model as an observation in the next turn. The
+conversation only grows (every reply, repair turn and result is appended), so each model
+call's prompt starts with the previous one's and the engine's prefix cache serves it.
+A final answer's text streams out (`AnswerDelta`) while the model writes the action.
 
 The loop only talks to `GenerationService`, so it runs on every engine and every model
 call passes admission control. It yields engine-neutral events; RunAgent keeps the last
@@ -336,7 +339,6 @@ User: Is it raining in Lyon?
 Assistant: {"thought": "get_weather can tell.", "tool": "get_weather", "arguments": \
 {"city": "Lyon"}}
 User: Result of get_weather: light rain, 12 C
-Answer the question with this result.
 Assistant: {"thought": "get_weather says: light rain, 12 C.", "final_answer": "light rain, \
 12 C"}"""
 _EXAMPLE_WITHOUT_TOOLS = """\

@@ -153,13 +153,15 @@ class Calculator:
     """Arithmetic on numbers, parsed with `ast` (never `eval`), with bounded sizes."""
 
     name = "calculator"
+    # No example expression here: a small model copies it instead of the user's.
     description = (
         "Evaluates an arithmetic expression with numbers, parentheses and the operators "
-        "+ - * / // % ** (e.g. \"(17 * 23) / 4\") and returns the result."
+        "+ - * / // % ** and returns the result."
     )
     parameters: Mapping[str, Any] = {
         "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. 17 * 23"}},
+        "properties": {"expression": {"type": "string",
+                                      "description": "the arithmetic expression"}},
         "required": ["expression"],
         "additionalProperties": False,
     }
