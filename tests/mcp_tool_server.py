@@ -1,8 +1,8 @@
 """A real MCP server, written with the official SDK, for the tests to connect to.
 
     python tests/mcp_tool_server.py stdio        serves on standard input and output
-    python tests/mcp_tool_server.py http         serves Streamable HTTP on 127.0.0.1, a free
-                                                 port, and prints "mcp listening on URL"
+    python tests/mcp_tool_server.py http [PORT]  serves Streamable HTTP on 127.0.0.1 (PORT, or
+                                                 a free one), prints "mcp listening on URL"
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ async def sleep(seconds: float) -> str:
     return f"slept {seconds}s"
 
 
-async def serve_http() -> None:
+async def serve_http(port: int) -> None:
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
     config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
     http = uvicorn.Server(config)
@@ -54,8 +54,8 @@ async def serve_http() -> None:
 def main(argv: list[str]) -> int:
     if argv == ["stdio"]:
         server.run("stdio")
-    elif argv == ["http"]:
-        asyncio.run(serve_http())
+    elif argv[:1] == ["http"] and len(argv) <= 2:
+        asyncio.run(serve_http(int(argv[1]) if len(argv) == 2 else 0))
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -6,11 +6,14 @@ sessions closed at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
@@ -38,11 +41,11 @@ def answer(text: str = "5") -> Script:
     return action(thought="done", final_answer=text)
 
 
-@pytest.fixture
-async def http_server() -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """tests/mcp_tool_server.py serving Streamable HTTP on 127.0.0.1, a free port."""
+@contextlib.asynccontextmanager
+async def serving_http(port: int = 0) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """tests/mcp_tool_server.py serving Streamable HTTP on 127.0.0.1 (port 0: a free one)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, SERVER_MODULE, "http", stdout=asyncio.subprocess.PIPE)
+        sys.executable, SERVER_MODULE, "http", str(port), stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -54,9 +57,13 @@ async def http_server() -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]
         await proc.wait()
 
 
-def closed_port_url() -> str:
-    import socket
+@pytest.fixture
+async def http_server() -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    async with serving_http() as served:
+        yield served
 
+
+def closed_port_url() -> str:
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
@@ -179,6 +186,20 @@ async def test_a_server_going_away_loses_its_tools_not_the_agent(gateway, stub, 
                         answer())
     reply = await stub.RunAgent(pb.RunAgentRequest(goal=GOAL), timeout=30)
     assert reply.final_answer == "5" and reply.steps[0].observation == "5"
+
+
+async def test_a_server_that_comes_up_later_gets_its_tools(fake_ollama, tmp_path):
+    url = closed_port_url()
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"servers": {"late": {"url": url, "connect_timeout": 2}}}))
+    settings = gateway_settings(ollama_url=fake_ollama.url, mcp_servers=str(path))
+    async with running_gateway(settings) as running:
+        late = running.mcp.servers[0]
+        assert not late.connected and not list(running.mcp.available())
+        async with serving_http(urlsplit(url).port or 0):
+            await asyncio.wait_for(late.listed.wait(), 60)  # retried with backoff
+            assert late.connected
+            assert "late__add" in {tool.name for tool in running.mcp.available()}
 
 
 async def test_shutdown_closes_every_session_and_stdio_process(fake_ollama, servers_file):
