@@ -205,7 +205,7 @@ def embedded_gateway(gguf: str) -> Iterator[str]:
     """`agentloop serve` on the embedded engine; yields its address once it serves."""
     argv = [str(BIN / "agentloop"), "serve", "--listen", "127.0.0.1:0", "--backend", "embedded",
             "--log-level", "warning", "--drain-delay", "0", "--shutdown-grace", "1",
-            "--metrics-listen", ""]
+            "--metrics-listen", "", "--max-connection-age", "0"]
     if gguf:
         argv += ["--gguf", gguf]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)

@@ -539,7 +539,10 @@ class EmbeddedBackend:
                                                              verbose=False)
         else:
             try:
-                grammar = llama_grammar.LlamaGrammar.from_json_schema(key, verbose=False)
+                # From the schema as given, not the sorted key: the grammar writes the
+                # properties in the schema's order (an agent's thought before its action).
+                grammar = llama_grammar.LlamaGrammar.from_json_schema(
+                    json.dumps(fmt.json_schema), verbose=False)
             except Exception as exc:  # the converter raises plain Exceptions
                 raise BackendRejected(
                     f"the embedded engine cannot enforce this JSON schema: {_clean(exc)}"
