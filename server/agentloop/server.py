@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,10 +30,12 @@ from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
-from agentloop.services.mcp_tools import McpServers
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
 from agentloop.v1 import agentloop_pb2, agentloop_pb2_grpc
+
+if TYPE_CHECKING:
+    from agentloop.services.mcp_tools import McpServers
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class RunningServer:
     admission: Admission
     cache: ResponseCache | None = None
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
-    mcp: McpServers = field(default_factory=lambda: McpServers(()))
+    #: The MCP tool servers, when --mcp-servers names any.
+    mcp: McpServers | None = None
 
     @property
     def address(self) -> str:
@@ -75,7 +79,8 @@ class RunningServer:
             # Time for load balancers and kube-proxy to see NOT_SERVING before we close.
             await asyncio.sleep(drain_delay)
         await self.server.stop(grace)
-        await self.mcp.close()
+        if self.mcp is not None:
+            await self.mcp.close()
         await self.backend.close()
         await self.telemetry.shutdown()  # flush the last spans and metrics
         log.info("stopped")
@@ -157,7 +162,11 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
     guards = security_interceptors(settings)
-    mcp = McpServers.from_file(settings.mcp_servers)  # a bad file stops the start here
+    mcp = None
+    if settings.mcp_servers:  # the MCP SDK loads only when there are servers
+        from agentloop.services.mcp_tools import McpServers
+
+        mcp = McpServers.from_file(settings.mcp_servers)  # a bad file stops the start here
     backend = ResilientBackend(backend or await select_backend(settings), settings)
     await backend.start()
     admission = Admission(
@@ -177,13 +186,15 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
         options=server_options(settings),
     )
     tools = default_tools()
-    tools.add_provider(mcp)
+    if mcp is not None:
+        tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
     add_services(server, AgentLoopServicer(settings, generation, agent), health, settings)
     port = add_port(server, settings)
     await server.start()
     await health.start()
-    mcp.start()  # connects in the background: a server that is down delays nothing
+    if mcp is not None:
+        mcp.start()  # connects in the background: a server that is down delays nothing
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
                             telemetry, mcp)
     log.info("serving %s on %s with the %s backend, model %s",

@@ -312,7 +312,7 @@ class McpServers:
 
     @classmethod
     def from_file(cls, path: str) -> McpServers:
-        return cls(load_mcp_servers(path) if path else ())
+        return cls(load_mcp_servers(path))
 
     def start(self) -> None:
         for server in self.servers:
