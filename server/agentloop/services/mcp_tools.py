@@ -187,7 +187,7 @@ class McpServer:
         #: The registry names of the tools of the last listing; empty while disconnected.
         self._available: tuple[str, ...] = ()
         self._task: asyncio.Task[None] | None = None
-        #: Set each time a listing succeeds (tests and start-up wait on it).
+        #: Set once a listing has succeeded (what waits for the tools waits on it).
         self.listed = asyncio.Event()
 
     @property
