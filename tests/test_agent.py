@@ -5,6 +5,7 @@ grpcurl, and one run on the embedded real model."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agentloop.services.agent import action_schema
+from agentloop.services.agent import action_schema, parse_action
 from agentloop.services.tools import (
     Calculator,
     ClientTool,
@@ -99,7 +100,51 @@ async def test_two_step_calculator_run_reaches_the_answer(stub, fake_ollama):
     assistant, observation = chat_of(calls[1])[-2:]
     assert assistant["role"] == "assistant" and json.loads(assistant["content"])["tool"] == (
         "calculator")
-    assert observation == {"role": "user", "content": "Observation from calculator: 391"}
+    assert observation["role"] == "user"
+    assert observation["content"].splitlines() == [
+        "Result of calculator: 391", "Answer the question with this result."]
+
+
+async def test_each_model_call_only_appends_to_the_previous_prompt(stub, fake_ollama):
+    """Everything constant comes first and stays; a step appends its reply and the result,
+    so the engine's prefix cache serves every step after the first."""
+    malformed = Script(tokens=['{"thought": "oops", "tool"'])
+    unknown = action(thought="search", tool="web_search", arguments={"q": "x"})
+    fake_ollama.enqueue(malformed, CALCULATE, unknown, ANSWER)
+    reply = await stub.RunAgent(pb.RunAgentRequest(
+        goal=GOAL, system="Be brief.", messages=[pb.Message(role=pb.ROLE_USER, content="Hi")],
+        max_steps=3), timeout=10)
+    assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER  # repair, tool, error, answer
+
+    calls = fake_ollama.generation_requests
+    assert len(calls) == 4
+    for previous, current in itertools.pairwise(calls):
+        assert {k: v for k, v in current.items() if k not in ("messages", "format")} == {
+            k: v for k, v in previous.items() if k not in ("messages", "format")}  # options...
+        before, now = chat_of(previous), chat_of(current)
+        assert now[:len(before)] == before
+        # What follows is the model's own reply, as it wrote it, then the next user turn.
+        assert now[len(before)]["role"] == "assistant" and now[-1]["role"] == "user"
+    assert chat_of(calls[1])[-2]["content"] == "".join(malformed.tokens)
+    # The format only constrains decoding (it is not in the prompt): the last step (3) may
+    # only answer.
+    assert calls[0]["format"] == calls[1]["format"] == calls[2]["format"]
+    assert calls[3]["format"]["required"] == ["thought", "final_answer"]
+
+
+async def test_a_repeated_call_is_not_run_again_and_the_next_step_must_answer(
+        stub, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, CALCULATE, ANSWER)
+    reply = await stub.RunAgent(pb.RunAgentRequest(goal=GOAL, max_steps=8), timeout=10)
+
+    assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER
+    assert [(step.tool, step.observation) for step in reply.steps] == [
+        ("calculator", "391"), ("calculator", "391"), ("", "")]
+    calls = fake_ollama.generation_requests
+    assert chat_of(calls[2])[-1]["content"].startswith(
+        "calculator was already called with these arguments. Its result: 391\n")
+    assert "anyOf" in calls[1]["format"]  # a first call may be followed by any action
+    assert calls[2]["format"]["required"] == ["thought", "final_answer"]
 
 
 async def test_system_messages_and_options_reach_every_model_call(stub, fake_ollama):
@@ -307,8 +352,9 @@ async def test_stream_events_of_a_server_tool_run(stub, fake_ollama):
 
     assert [e.WhichOneof("event") for e in events] == [
         "step_started", "thought", "tool_call", "tool_result",
-        "step_started", "thought", "finished",
+        "step_started", "answer_delta", "thought", "finished",
     ]
+    assert events[5].answer_delta == pb.AgentAnswerDelta(step=2, text="391")
     tool_call, result = events[2].tool_call, events[3].tool_result
     assert tool_call.tool == "calculator" and not tool_call.client_tool and tool_call.step == 1
     assert result.call_id == tool_call.call_id and result.observation == "391"
@@ -335,12 +381,60 @@ async def test_client_tool_round_trip(stub, fake_ollama):
     assert result.observation == "shipped on Monday" and not result.is_error
     assert events[-1].finished.final_answer == "It shipped."
     assert "lookup_order" in chat_of(fake_ollama.generation_requests[0])[0]["content"]
-    # Client tools' own schemas stay out of `format`: grammar converters may reject them.
+    # A plain client tool schema constrains decoding like a server tool's.
     assert tool_branches(fake_ollama.generation_requests[0]["format"]) == {
         "calculator": Calculator.parameters, "current_time": CurrentTime.parameters,
-        "lookup_order": {"type": "object"}}
+        "lookup_order": json.loads(LOOKUP.parameters_json_schema)}
     observation = chat_of(fake_ollama.generation_requests[1])[-1]["content"]
-    assert observation == "Observation from lookup_order: shipped on Monday"
+    assert observation.splitlines()[0] == "Result of lookup_order: shipped on Monday"
+
+
+def test_a_raw_newline_inside_a_string_is_still_an_action():
+    parsed = parse_action('{"thought": "two\nlines", "final_answer": "391"}')
+    assert parsed.thought == "two\nlines" and parsed.final_answer == "391"
+
+
+def test_client_tool_schemas_that_are_not_plain_share_a_free_form_branch():
+    plain = ClientTool("plain", parameters={"type": "object", "properties": {
+        "ids": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}}}})
+    fancy = ClientTool("fancy", parameters={"type": "object", "patternProperties": {}})
+    deep = ClientTool("deep", parameters=json.loads(
+        '{"type": "object", "properties": {"a": ' * 6 + "{}" + "}}" * 6))
+    branches = tool_branches(action_schema([], [plain, fancy, deep]))
+    assert branches == {"plain": plain.parameters, "fancy": {"type": "object"},
+                        "deep": {"type": "object"}}
+
+
+async def test_the_answer_streams_as_the_model_writes_it(stub, fake_ollama):
+    answer = 'Paris is the capital of France: "la Ville Lumière".\nIts "final_answer": yes.'
+    text = json.dumps({"thought": 'I know this; "final_answer" comes next.',
+                       "final_answer": answer})
+    # Two characters at a time: escapes (\", \n, \u00e8 as written by json.dumps) split.
+    fake_ollama.enqueue(Script(tokens=[text[i:i + 2] for i in range(0, len(text), 2)]))
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(start(goal="What is the capital of France?"))
+    await call.done_writing()
+    events = [event async for event in call]
+
+    kinds = [e.WhichOneof("event") for e in events]
+    deltas = [e.answer_delta for e in events if e.WhichOneof("event") == "answer_delta"]
+    assert len(deltas) > 10  # piece by piece, not all at once
+    assert all(delta.step == 1 and delta.text for delta in deltas)
+    assert "".join(delta.text for delta in deltas) == answer == events[-1].finished.final_answer
+    # The deltas come while the model writes: the thought and the end come after them.
+    assert kinds == ["step_started", *["answer_delta"] * len(deltas), "thought", "finished"]
+
+
+async def test_a_tool_call_streams_no_answer(stub, fake_ollama):
+    fake_ollama.enqueue(action(thought='no "final_answer": yet', tool="calculator",
+                               arguments={"expression": "1+1"}), ANSWER)
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(start(goal=GOAL))
+    await call.done_writing()
+    events = [event async for event in call]
+    deltas = [(e.answer_delta.step, e.answer_delta.text) for e in events
+              if e.WhichOneof("event") == "answer_delta"]
+    assert deltas == [(2, "391")]
 
 
 async def test_a_client_tool_error_is_shown_to_the_model(stub, fake_ollama):
@@ -354,7 +448,7 @@ async def test_a_client_tool_error_is_shown_to_the_model(stub, fake_ollama):
             assert event.tool_result.is_error
             assert event.tool_result.observation == "database down"
     observation = chat_of(fake_ollama.generation_requests[1])[-1]["content"]
-    assert observation == "Error from lookup_order: database down"
+    assert observation.splitlines()[0] == "Error from lookup_order: database down"
 
 
 @pytest.mark.parametrize("settings_overrides", [{"tool_timeout": 0.3}])

@@ -45,8 +45,9 @@ def action(**fields: Any) -> Script:
 
 def observations(fake: FakeOllama) -> list[str]:
     """What the agent showed the model as tool results, in order."""
-    return [m["content"] for body in fake.generation_requests for m in body.get("messages", ())
-            if m["role"] == "user" and m["content"].startswith("Observation")]
+    return [m["content"].splitlines()[0] for body in fake.generation_requests
+            for m in body.get("messages", ())
+            if m["role"] == "user" and m["content"].startswith("Result of")]
 
 
 # --- Python client: sync ------------------------------------------------------------------
@@ -58,9 +59,10 @@ async def test_sync_client_generates_streams_and_lists(gateway, fake_ollama):
             reply = client.generate("hi", options={"max_tokens": 3, "stop": ["\n"]},
                                     format="json")
             texts = list(client.stream_text(messages=[{"role": "user", "content": "hi"}]))
-            return reply, texts, client.list_models(), client.health("readiness")
+            return (reply, texts, client.list_models(), client.health("readiness"),
+                    client.list_tools())
 
-    reply, texts, models, health = await asyncio.to_thread(calls)
+    reply, texts, models, health, tools = await asyncio.to_thread(calls)
     assert reply.text == "Hello, world" and reply.finish_reason == pb.FINISH_REASON_LENGTH
     first, second = fake_ollama.generation_requests
     assert first["options"]["num_predict"] == 3 and first["options"]["stop"] == ["\n"]
@@ -68,6 +70,9 @@ async def test_sync_client_generates_streams_and_lists(gateway, fake_ollama):
     assert texts == TOKENS and second["messages"] == [{"role": "user", "content": "hi"}]
     assert [m.name for m in models.models] == ["gemma3n:e2b"] and models.backend == "ollama"
     assert health == "SERVING"
+    assert [(t.name, t.provider) for t in tools.tools] == [
+        ("calculator", "builtin"), ("current_time", "builtin")]
+    assert json.loads(tools.tools[0].parameters_json_schema)["required"] == ["expression"]
 
 
 async def test_sync_client_raises_typed_errors_with_rich_details(gateway, fake_ollama):
@@ -119,6 +124,8 @@ async def test_async_client_streams_and_runs_the_agent(gateway, fake_ollama):
         reply = await client.run_agent("What is 6*7?", tools=["calculator"], max_steps=3)
         texts = [text async for text in client.stream_text("hi")]
         assert await client.health() == "SERVING"
+        tools = await client.list_tools()
+    assert [tool.name for tool in tools.tools] == ["calculator", "current_time"]
     assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER and reply.final_answer == "42"
     assert [step.tool for step in reply.steps] == ["calculator", ""]
     assert texts == TOKENS
@@ -322,13 +329,14 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
     lines = out.decode().splitlines()
     assert proc.returncode == 0, err.decode() + out.decode()
     assert "health: SERVING" in lines
+    assert "tools: calculator, current_time" in lines
     assert "generate: Hello, world! [FINISH_REASON_STOP, 4 tokens]" in lines
     assert any(line.startswith("stream: Hello, world! [FINISH_REASON_STOP") for line in lines)
     assert 'agent: call reverse_text {"text": "agentloop"} (client tool)' in lines
     assert "agent: result: pooltnega" in lines
     assert "agent: AGENT_STOP_REASON_FINAL_ANSWER pooltnega" in lines
     # The JavaScript tool's output is what the model saw next.
-    assert observations(fake_ollama) == ["Observation from reverse_text: pooltnega"]
+    assert observations(fake_ollama) == ["Result of reverse_text: pooltnega"]
 
 
 # --- grpcurl: the examples of the README and docs/api.md ---------------------------------
@@ -364,7 +372,7 @@ async def test_every_readme_grpcurl_example_runs(gateway, fake_ollama):
     commands = readme_grpcurl_commands()
     methods = {arg.rsplit("/", 1)[-1] for argv in commands for arg in argv[1:]}
     assert {"list", "describe", "Generate", "StreamGenerate", "RunAgent", "StreamRunAgent",
-            "ListModels", "Check", "Watch"} <= methods
+            "ListModels", "ListTools", "Check", "Watch"} <= methods
     for argv in commands:
         assert argv[0] == "grpcurl" and README_ADDRESS in argv, argv
         fake_ollama.enqueue(*scripts_for(argv))
@@ -381,6 +389,8 @@ async def test_every_readme_grpcurl_example_runs(gateway, fake_ollama):
         assert out.strip(), shlex.join(argv)
         if argv[-1].endswith("RunAgent"):
             assert b"391" in out and b"FINAL_ANSWER" in out
+        if argv[-1].endswith("/ListTools"):
+            assert b'"name": "calculator"' in out and b'"provider": "builtin"' in out
 
 
 async def test_a_balanced_client_skips_replicas_that_are_not_ready(fake_ollama: FakeOllama):

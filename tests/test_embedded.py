@@ -144,6 +144,20 @@ async def test_a_json_schema_constrains_the_output(gateway: RunningServer):
     jsonschema.validate(json.loads(reply.text), SCHEMA)
 
 
+async def test_a_json_schema_keeps_its_property_order(gateway: RunningServer):
+    # An agent's action schema puts "thought" before "tool" and "arguments" on purpose.
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha"],
+              "properties": {"zeta": {"type": "string", "maxLength": 8},
+                             "alpha": {"type": "string", "maxLength": 8}}}
+    async with client_stub(gateway.address) as stub:
+        reply = await stub.Generate(pb.GenerateRequest(
+            prompt="Two words, as JSON:", options=options(48),
+            format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA,
+                                     json_schema=json.dumps(schema)),
+        ), timeout=60)
+    assert list(json.loads(reply.text)) == ["zeta", "alpha"], reply.text
+
+
 async def test_stop_strings_end_the_text_before_them(gateway: RunningServer):
     async with client_stub(gateway.address) as stub:
         free = await stub.Generate(pb.GenerateRequest(prompt=PROMPT, options=options(16)),

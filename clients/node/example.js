@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Calling agentloop from Node with @grpc/grpc-js and @grpc/proto-loader: the protos are
 // loaded at run time from protos/ (no generated code), the health proto from the
-// grpc-health-check package. It checks health, calls Generate, reads StreamGenerate, and
-// runs StreamRunAgent with a tool written in JavaScript that the agent may call.
+// grpc-health-check package. It checks health, lists the server tools, calls Generate,
+// reads StreamGenerate, and runs StreamRunAgent with a tool written in JavaScript that the
+// agent may call.
 //
 //   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
 //                                [--session CONVERSATION_ID]
@@ -163,6 +164,9 @@ async function main() {
   try {
     const status = await unary(health, 'Check', { service: 'readiness' }, metadata, deadline());
     console.log(`health: ${status.status}`);
+
+    const { tools } = await unary(service, 'ListTools', {}, metadata, deadline());
+    console.log(`tools: ${tools.map((tool) => tool.name).join(', ')}`);
 
     const reply = await unary(service, 'Generate', { prompt: values.prompt, options: { max_tokens: 64 } },
       metadata, deadline());

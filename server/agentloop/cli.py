@@ -403,9 +403,11 @@ def _run_agent(args: argparse.Namespace) -> int:
         progress.show("starting")
         try:
             for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "answer_delta" and not args.json:
+                    continue  # the answer is shown whole when the run finishes
                 progress.clear()
                 print(_json_line(event) if args.json else _describe_event(event), flush=True)
-                kind = event.WhichOneof("event")
                 if kind == "finished":
                     finished = event.finished
                 else:

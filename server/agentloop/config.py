@@ -334,6 +334,12 @@ class Settings:
         4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent",
         minimum=256,
     )
+    mcp_servers: str = _setting(
+        "",
+        "file (JSON or YAML) listing MCP servers whose tools the agent may use, named "
+        "<server>__<tool> (see docs/agent.md); empty = none",
+        group="agent", check=check_readable_file,
+    )
 
     # --- telemetry (OpenTelemetry itself follows the standard OTEL_* variables) ---
     metrics_listen: str = _setting(

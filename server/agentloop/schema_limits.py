@@ -70,13 +70,15 @@ class SchemaRefused(ValueError):
     """The schema breaks a limit or a rule; the message says which, for the caller."""
 
 
-def load_json(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
+def load_json(text: str | bytes, max_depth: int = MAX_DEPTH, strict: bool = True) -> Any:
     """json.loads with a depth limit and without NaN or Infinity: ValueError for all three.
+    `strict=False` lets control characters (a raw newline) stand inside strings.
 
     The C decoder stops itself at the interpreter's recursion limit (RecursionError, which
     becomes ValueError here); the depth limit is then checked on the result, iteratively."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           strict=strict)
     except RecursionError:
         raise ValueError(f"nested too deep; the limit is {max_depth} levels") from None
     depth = nesting_depth(value)

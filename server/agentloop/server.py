@@ -43,6 +43,9 @@ from agentloop.v1 import agentloop_pb2_grpc
 if TYPE_CHECKING:
     from agentloop.backends.embedded import EmbeddedBackend
 
+if TYPE_CHECKING:
+    from agentloop.services.mcp_tools import McpServers
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +62,8 @@ class RunningServer:
     admission: Admission
     cache: ResponseCache | None = None
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
+    #: The MCP tool servers, when --mcp-servers names any.
+    mcp: McpServers | None = None
 
     @property
     def address(self) -> str:
@@ -81,6 +86,8 @@ class RunningServer:
             # Time for load balancers and kube-proxy to see NOT_SERVING before we close.
             await asyncio.sleep(drain_delay)
         await self.server.stop(grace)
+        if self.mcp is not None:
+            await self.mcp.close()
         await self.backend.close()
         await self.telemetry.shutdown()  # flush the last spans and metrics
         log.info("stopped")
@@ -184,6 +191,11 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
     guards = security_interceptors(settings)
+    mcp = None
+    if settings.mcp_servers:  # the MCP SDK loads only when there are servers
+        from agentloop.services.mcp_tools import McpServers
+
+        mcp = McpServers.from_file(settings.mcp_servers)  # a bad file stops the start here
     backend = ResilientBackend(backend or await select_backend(settings), settings)
     settings = with_engine_defaults(settings, backend)
     await backend.start()
@@ -207,13 +219,18 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                       drain_gate, *guards, UndecodableRequestGuard(), ErrorInterceptor()],
         options=server_options(settings),
     )
-    agent = AgentService(generation, default_tools(), settings)
+    tools = default_tools()
+    if mcp is not None:
+        tools.add_provider(mcp)
+    agent = AgentService(generation, tools, settings)
     add_services(server, AgentLoopServicer(settings, generation, agent), health, settings)
     port = add_port(server, settings)
     await server.start()
     await health.start()
+    if mcp is not None:
+        mcp.start()  # connects in the background: a server that is down delays nothing
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry)
+                            telemetry, mcp)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")

@@ -171,6 +171,13 @@ class AsyncAgentLoopClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
+    async def list_tools(self, *, timeout: float | None = None) -> pb.ListToolsResponse:
+        """The server tools a run may name in `tools` (built-in and MCP), with their schemas."""
+        try:
+            return await self.stub.ListTools(pb.ListToolsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The serving status name ("SERVING", "NOT_SERVING", ...) of a health service name."""
         try:

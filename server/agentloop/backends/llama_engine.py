@@ -743,8 +743,9 @@ class Engine:
         """The compiled grammar for the format: cached per schema, built off this thread."""
         if fmt.kind is OutputFormat.TEXT:
             return None
-        key = "json" if fmt.kind is OutputFormat.JSON else json.dumps(
-            fmt.json_schema, sort_keys=True)
+        # The schema as given, keys unsorted: the grammar writes properties in the schema's
+        # order (an agent's thought before its action), so key order makes another grammar.
+        key = "json" if fmt.kind is OutputFormat.JSON else json.dumps(fmt.json_schema)
         built = self._grammars.get(key)
         if built is not None:
             self._grammars.move_to_end(key)

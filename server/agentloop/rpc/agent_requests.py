@@ -7,9 +7,9 @@ with a google.rpc.BadRequest names them all (under `start.` for StreamRunAgent).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
 
 from agentloop.config import Settings
@@ -209,31 +209,45 @@ class ToolResultReader:
         except WrongCallId as exc:
             raise InvalidArgument([("tool_result.call_id", str(exc))]) from None
 
-    async def watch(self, events: AsyncGenerator[T]) -> AsyncIterator[T]:
-        """Pass the events on until they end or a client message breaks the protocol."""
+    async def watch(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Pass the events on until they end or a client message breaks the protocol.
+
+        The events are produced in one task of their own, so a protocol error stops a run
+        even in the middle of a model call (the cancel closes it upstream), and the run's
+        context (its spans, its timeouts) stays in the one task that entered it."""
         assert self._task is not None
-        # Every step of `events` runs in this one Context: the generator sets context
-        # variables across its yields (the current span of its telemetry), and a variable
-        # set in one Context cannot be reset in another ("Failed to detach context").
-        run_context = contextvars.copy_context()
+        queue: asyncio.Queue[T | object] = asyncio.Queue(maxsize=1)
+
+        async def produce() -> None:
+            async with aclosing(events):
+                async for event in events:
+                    await queue.put(event)
+            await queue.put(_END)
+
+        producer = asyncio.create_task(produce())
         try:
             while True:
-                # Each event is awaited next to the reader, so a protocol error stops a run
-                # even in the middle of a model call (which the cancel closes upstream).
-                next_event = asyncio.create_task(anext(events), context=run_context)
+                getter = asyncio.ensure_future(queue.get())
                 try:
-                    await asyncio.wait({next_event, self._task},
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    waiting = {getter, producer}
+                    if not self._task.done():
+                        waiting.add(self._task)
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                     if self._error is not None:
                         raise self._error
-                    event = await next_event
-                except StopAsyncIteration:
-                    return
+                    if not getter.done():
+                        if producer.done():
+                            producer.result()  # raises what ended the run
+                        continue
+                    event = getter.result()
                 finally:
-                    next_event.cancel()
-                    await asyncio.wait({next_event})
-                yield event
+                    getter.cancel()
+                if event is _END:
+                    return
+                yield event  # type: ignore[misc]
         finally:
-            closing = asyncio.create_task(events.aclose(), context=run_context)
-            await asyncio.wait({closing})
-            closing.result()
+            producer.cancel()
+            await asyncio.wait({producer})
+
+
+_END = object()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from agentloop.rpc.responses import duration, usage_pb
 from agentloop.services.agent import (
     AgentEvent,
     AgentOutcome,
     AgentStep,
+    AnswerDelta,
     RunFinished,
     StepStarted,
     StopReason,
@@ -14,6 +17,7 @@ from agentloop.services.agent import (
     ToolCalled,
     ToolReturned,
 )
+from agentloop.services.tools import BUILTIN, Tool, ToolRegistry
 from agentloop.v1 import agentloop_pb2 as pb
 
 _STOP_REASONS = {
@@ -74,6 +78,8 @@ def agent_event_pb(event: AgentEvent) -> pb.StreamRunAgentResponse:
                 is_error=event.is_error,
                 duration=duration(event.duration),
             ))
+        case AnswerDelta(step, text):
+            return pb.StreamRunAgentResponse(answer_delta=pb.AgentAnswerDelta(step=step, text=text))
         case RunFinished(outcome):
             return pb.StreamRunAgentResponse(finished=pb.AgentFinished(
                 final_answer=outcome.final_answer,
@@ -83,3 +89,16 @@ def agent_event_pb(event: AgentEvent) -> pb.StreamRunAgentResponse:
                 duration=duration(outcome.duration),
                 model=outcome.model,
             ))
+
+
+def server_tool_pb(tool: Tool) -> pb.ServerTool:
+    return pb.ServerTool(
+        name=tool.name,
+        description=tool.description,
+        parameters_json_schema=json.dumps(tool.parameters),
+        provider=getattr(tool, "provider", BUILTIN),
+    )
+
+
+def list_tools_response(tools: ToolRegistry) -> pb.ListToolsResponse:
+    return pb.ListToolsResponse(tools=[server_tool_pb(tool) for tool in tools])

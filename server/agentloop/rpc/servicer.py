@@ -13,7 +13,7 @@ import grpc
 
 from agentloop.config import Settings
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
-from agentloop.rpc.agent_responses import agent_event_pb, run_agent_response
+from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.requests import deadline_from, generation_request
 from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
@@ -88,3 +88,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             default_model=backend.default_model,
             backend=backend.name,
         )
+
+    async def ListTools(
+        self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListToolsResponse:
+        return list_tools_response(self._agent.tools)

@@ -5,7 +5,10 @@ action as structured output: `format` carries a JSON Schema that allows either a
 `{"thought", "tool", "arguments"}` of a tool the run allows or a final answer
 `{"thought", "final_answer"}` (`action_schema`). The loop validates every reply itself (a reply that
 fails gets one repair turn showing the error, then the run stops with MODEL_ERROR), runs
-the tool, and shows the result to the model as an observation in the next turn.
+the tool, and shows the result to the model as an observation in the next turn. The
+conversation only grows (every reply, repair turn and result is appended), so each model
+call's prompt starts with the previous one's and the engine's prefix cache serves it.
+A final answer's text streams out (`AnswerDelta`) while the model writes the action.
 
 The loop only talks to `GenerationService`, so it runs on every engine and every model
 call passes admission control. It yields engine-neutral events; RunAgent keeps the last
@@ -26,6 +29,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
+from pydantic_core import from_json
 
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -113,11 +117,19 @@ class ToolReturned:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerDelta:
+    """A piece of the final answer, as the model writes it (before the step's ThoughtFormed)."""
+
+    step: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunFinished:
     outcome: AgentOutcome
 
 
-AgentEvent = StepStarted | ThoughtFormed | ToolCalled | ToolReturned | RunFinished
+AgentEvent = StepStarted | AnswerDelta | ThoughtFormed | ToolCalled | ToolReturned | RunFinished
 
 
 # --- client tools ---------------------------------------------------------------------------
@@ -186,17 +198,44 @@ def action_schema(
 
     Each server tool gets a branch with its own arguments schema, so an engine that
     constrains decoding writes valid arguments by construction (a small model otherwise
-    tends to ramble inside a free-form object until max_tokens). Client tools share one
-    branch with any arguments object: their schemas come from clients and may use keywords
-    a grammar converter rejects; their arguments are validated after decoding instead.
+    tends to ramble inside a free-form object until max_tokens, or copy the schema's own
+    text into it). A client tool gets its own branch too when its schema is plain (see
+    `is_plain_schema`); the others share one branch with any arguments object, because
+    schemas from clients may use keywords a grammar converter rejects: their arguments are
+    validated after decoding instead.
     Everything stays within what llama.cpp grammars and Ollama's `format` accept.
     """
     branches = [_tool_call_schema([tool.name], tool.parameters) for tool in server_tools]
-    if client_tools:
-        branches.append(_tool_call_schema([tool.name for tool in client_tools], ANY_OBJECT))
+    branches += [_tool_call_schema([tool.name], tool.parameters) for tool in client_tools
+                 if is_plain_schema(tool.parameters)]
+    others = [tool.name for tool in client_tools if not is_plain_schema(tool.parameters)]
+    if others:
+        branches.append(_tool_call_schema(others, ANY_OBJECT))
     if not branches:
         return _FINAL_ANSWER_SCHEMA
     return {"anyOf": [*branches, _FINAL_ANSWER_SCHEMA]}
+
+
+#: Keywords every engine's grammar converter handles, and the types they may name.
+_PLAIN_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items",
+                             "enum", "description", "title"})
+_PLAIN_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean"})
+_PLAIN_DEPTH = 4
+
+
+def is_plain_schema(schema: Any, depth: int = 0) -> bool:
+    """Is this schema made only of keywords and types every grammar converter handles?"""
+    if not isinstance(schema, Mapping) or depth > _PLAIN_DEPTH:
+        return False
+    if not set(schema) <= _PLAIN_KEYWORDS or schema.get("type", "object") not in _PLAIN_TYPES:
+        return False
+    properties = schema.get("properties", {})
+    if not isinstance(properties, Mapping):
+        return False
+    children = [*properties.values(), *([schema["items"]] if "items" in schema else [])]
+    if not isinstance(schema.get("additionalProperties", False), bool):
+        return False
+    return all(is_plain_schema(child, depth + 1) for child in children)
 
 
 _FINAL_ANSWER_SCHEMA: dict[str, Any] = {
@@ -241,16 +280,12 @@ class Action:
     tool: str = ""
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
-    def as_json(self) -> str:
-        """The action as the conversation keeps it (canonical, without the model's spacing)."""
-        if self.final_answer is not None:
-            return json.dumps({"thought": self.thought, "final_answer": self.final_answer})
-        return json.dumps({"thought": self.thought, "tool": self.tool, "arguments": self.arguments})
-
 
 def parse_action(text: str) -> Action:
     try:
-        value = load_json(text)  # bounded depth: a deeply nested reply is just invalid
+        # strict=False: a raw newline inside a string is a slip, not a different action;
+        # bounded depth: a deeply nested reply is just invalid.
+        value = load_json(text, strict=False)
     except ValueError as exc:
         raise InvalidAction(f"the reply is not JSON ({exc})") from None
     if not isinstance(value, dict):
@@ -265,19 +300,46 @@ def parse_action(text: str) -> Action:
     return Action(value["thought"], tool=value["tool"], arguments=value["arguments"])
 
 
+# The worked example: a fictional tool (decoding only allows the run's own tool names), so
+# the model sees the whole pattern (call, result, an answer that uses the result) without
+# placeholders. A small model copies what it is shown, so the example's thoughts hold
+# nothing about the example's question but the tool's name and result, and the result
+# message is the one `observation_message` writes.
+_EXAMPLE_WITH_TOOLS = """\
+Example (get_weather is only an example tool):
+User: Is it raining in Lyon?
+Assistant: {"thought": "get_weather can tell.", "tool": "get_weather", "arguments": \
+{"city": "Lyon"}}
+User: Result of get_weather: light rain, 12 C
+Assistant: {"thought": "get_weather says: light rain, 12 C.", "final_answer": "light rain, \
+12 C"}"""
+_EXAMPLE_WITHOUT_TOOLS = """\
+Example:
+User: What is the largest planet of the solar system?
+Assistant: {"thought": "I know this.", "final_answer": "Jupiter"}"""
+
+
 def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
-    """The system prompt: how to act, the tools, then the client's own instructions."""
-    lines = [
-        "You are an agent that reaches the user's goal step by step.",
-        "At each step reply with exactly one JSON object and nothing else:",
-    ]
-    if tools:
-        lines += [
-            '- to call a tool: {"thought": "<your reasoning>", "tool": "<tool name>", '
-            '"arguments": {<the tool\'s arguments>}}; the tool\'s result comes back to you '
-            "as an observation;",
-            '- when you can answer: {"thought": "<your reasoning>", "final_answer": '
-            '"<your answer>"}.',
+    """The system prompt: how to act, by example, then the tools, then the client's text.
+
+    It is the same for every step of a run (the engine's prefix cache serves it again)."""
+    if not tools:
+        lines = [
+            "You answer the user's question.",
+            'Reply with one JSON object with the keys "thought" and "final_answer".',
+            "",
+            _EXAMPLE_WITHOUT_TOOLS,
+        ]
+    else:
+        lines = [
+            "You answer the user's question, using a tool when it helps.",
+            "Reply with one JSON object, of one of two kinds:",
+            '- a tool call, with the keys "thought", "tool" and "arguments"; the tool\'s '
+            "result comes back in the next message;",
+            '- the answer, with the keys "thought" and "final_answer". Once a tool has given '
+            "you what the question needs, reply with the answer, using that result.",
+            "",
+            _EXAMPLE_WITH_TOOLS,
             "",
             "Tools:",
         ]
@@ -286,11 +348,20 @@ def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
             f"{json.dumps(tool.parameters)}"
             for tool in tools
         ]
-    else:
-        lines.append('{"thought": "<your reasoning>", "final_answer": "<your answer>"}')
     if extra:
         lines += ["", extra]
     return "\n".join(lines)
+
+
+def observation_message(tool: str, text: str, is_error: bool, repeated: bool = False) -> str:
+    """What the model reads after a tool call: the result, and to answer with it."""
+    if repeated:
+        heard = "error" if is_error else "result"
+        return (f"{tool} was already called with these arguments. Its {heard}: {text}\n"
+                "Answer the question now.")
+    if is_error:
+        return f"Error from {tool}: {text}\nFix the call, or answer the question without it."
+    return f"Result of {tool}: {text}\nAnswer the question with this result."
 
 
 def cap_observation(text: str, limit: int) -> tuple[str, bool]:
@@ -315,6 +386,40 @@ class _StepFailed(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Reply:
+    text: str
+    finish_reason: FinishReason
+
+
+class AnswerReader:
+    """Finds the final answer's text in an action while the model is still writing it.
+
+    Each `feed` takes the next piece of the reply and returns the answer's text that piece
+    completed ("" while there is none). The reply so far is parsed as partial JSON
+    (pydantic-core's, which reads an unfinished string as far as it goes), so escapes are
+    decoded and a key named "final_answer" inside the thought is not taken for the answer.
+    """
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sent = ""
+
+    def feed(self, piece: str) -> str:
+        self._text += piece
+        if '"final_answer"' not in self._text:
+            return ""
+        try:
+            value = from_json(self._text, allow_partial="trailing-strings")
+        except ValueError:
+            return ""
+        answer = value.get("final_answer") if isinstance(value, dict) else None
+        if not isinstance(answer, str) or not answer.startswith(self._sent):
+            return ""
+        delta, self._sent = answer[len(self._sent):], answer
+        return delta
+
+
+@dataclass(frozen=True, slots=True)
 class _Observation:
     text: str
     is_error: bool = False
@@ -333,6 +438,10 @@ class _RunState:
     usage: Usage = field(default_factory=Usage)
     steps: list[AgentStep] = field(default_factory=list)
     longest_step: float = 0.0
+    #: Observations of the tool calls so far, by (tool, arguments as canonical JSON).
+    results: dict[tuple[str, str], _Observation] = field(default_factory=dict)
+    #: The next model call may only answer (a call was repeated).
+    answer_next: bool = False
 
 
 class AgentService:
@@ -386,8 +495,18 @@ class AgentService:
                 break
             yield StepStarted(index)
             step_started = time.monotonic()
+            # The last step, and the one after a repeated call, may only answer: the
+            # engine constrains the reply to the final-answer form.
+            answer_only = state.answer_next or index == run.max_steps
             try:
-                action = await self._next_action(run, state)
+                action = None
+                async with aclosing(self._next_action(run, state, index, answer_only)) as replies:
+                    async for item in replies:
+                        if isinstance(item, AnswerDelta):
+                            yield item
+                        else:
+                            action = item
+                assert action is not None
             except _StepFailed as failure:
                 state.steps.append(
                     AgentStep(index, time.monotonic() - step_started, error=str(failure)))
@@ -402,18 +521,26 @@ class AgentService:
 
             call_id = f"call_{index}"
             arguments_json = json.dumps(action.arguments, ensure_ascii=False)
-            problem = self._call_problem(run, action)
+            call_key = (action.tool, json.dumps(action.arguments, sort_keys=True))
+            earlier = state.results.get(call_key)
+            problem = None if earlier is not None else self._call_problem(run, action)
             client_call = None
-            if problem is None and action.tool not in run.tools:
+            if earlier is None and problem is None and action.tool not in run.tools:
                 client_call = calls.expect(call_id)  # before the client can hear of the call
             yield ToolCalled(index, call_id, action.tool, arguments_json, client_call is not None)
             tool_started = time.monotonic()
-            if problem is not None:
+            if earlier is not None:
+                # A small model tends to repeat a call rather than use its result: the
+                # repeat is not run again, and the next step must answer.
+                observation = earlier
+                state.answer_next = True
+            elif problem is not None:
                 observation = _Observation(problem, is_error=True)
             else:
                 observation = await self._run_tool(run, action, call_id, arguments_json,
                                                    client_call)
             text, truncated = cap_observation(observation.text, self._max_observation_bytes)
+            state.results.setdefault(call_key, _Observation(text, observation.is_error))
             now = time.monotonic()
             yield ToolReturned(index, call_id, action.tool, text, truncated, observation.is_error,
                                now - tool_started)
@@ -426,11 +553,8 @@ class AgentService:
             if observation.fatal:
                 stop = StopReason.TOOL_ERROR
                 break
-            heard = "Error from" if observation.is_error else "Observation from"
-            state.conversation += (
-                ChatMessage(Role.ASSISTANT, action.as_json()),
-                ChatMessage(Role.USER, f"{heard} {action.tool}: {text}"),
-            )
+            state.conversation += (ChatMessage(Role.USER, observation_message(
+                action.tool, text, observation.is_error, repeated=earlier is not None)),)
         yield RunFinished(AgentOutcome(
             final_answer=answer,
             stop_reason=stop,
@@ -454,48 +578,77 @@ class AgentService:
         left = self._time_left(run)
         return self._tool_timeout if left is None else max(0.0, min(self._tool_timeout, left))
 
-    async def _next_action(self, run: AgentRun, state: _RunState) -> Action:
-        """Ask the model for an action, with repair turns for invalid replies."""
-        messages = state.conversation
+    async def _next_action(
+        self, run: AgentRun, state: _RunState, step: int, answer_only: bool
+    ) -> AsyncIterator[AnswerDelta | Action]:
+        """Ask the model for an action, with repair turns for invalid replies; the answer's
+        deltas as they come, then the Action.
+
+        Every reply joins the conversation as the model wrote it, the repair turns too, so
+        each model call's prompt starts with the previous one's (and its reply): the engine
+        serves that prefix from its cache."""
         for _ in range(1 + REPAIR_TURNS):
-            text, finish_reason = await self._ask_model(run, state, messages)
+            reply: _Reply | None = None
+            async with aclosing(self._ask_model(run, state, step, answer_only)) as items:
+                async for item in items:
+                    if isinstance(item, AnswerDelta):
+                        yield item
+                    else:
+                        reply = item
+            assert reply is not None
+            state.conversation += (ChatMessage(Role.ASSISTANT, reply.text),)
             try:
-                return parse_action(text)
+                yield parse_action(reply.text)
+                return
             except InvalidAction as exc:
                 error = str(exc)
-                if finish_reason is FinishReason.LENGTH:
+                if reply.finish_reason is FinishReason.LENGTH:
                     error += " (the reply was cut off at max_tokens; keep it shorter)"
-            messages = (
-                *state.conversation,
-                ChatMessage(Role.ASSISTANT, text),
-                ChatMessage(Role.USER, f"That reply is not a valid action: {error}. Reply again "
-                                       "with exactly one JSON object in one of the two forms."),
-            )
+            state.conversation += (ChatMessage(
+                Role.USER, f"That reply is not a valid action: {error}. Reply again with "
+                           "exactly one JSON object in one of the two forms."),)
         raise _StepFailed(StopReason.MODEL_ERROR, f"no valid action after a repair turn: {error}")
 
     async def _ask_model(
-        self, run: AgentRun, state: _RunState, messages: tuple[ChatMessage, ...]
-    ) -> tuple[str, FinishReason]:
+        self, run: AgentRun, state: _RunState, step: int, answer_only: bool
+    ) -> AsyncIterator[AnswerDelta | _Reply]:
+        """One model call on the conversation so far: the answer's deltas, then the reply."""
         request = GenerationRequest(
             model=run.model,
             options=run.options,
-            messages=messages,
+            messages=state.conversation,
             system=state.system,
-            format=ResponseFormat(OutputFormat.JSON_SCHEMA, state.schema),
+            format=ResponseFormat(OutputFormat.JSON_SCHEMA,
+                                  _FINAL_ANSWER_SCHEMA if answer_only else state.schema),
             deadline=run.deadline,
         )
-        try:
-            # Cut the call short of the client's deadline so the run can still report.
-            async with asyncio.timeout(self._time_left(run)):
-                result = await self.generation.generate(request)
-        except TimeoutError:
-            raise _StepFailed(StopReason.DEADLINE,
-                              "the deadline came before the model answered") from None
-        except Cancelled as exc:
-            raise _StepFailed(StopReason.CANCELLED, exc.message) from None
-        state.usage += result.end.usage
-        state.model = result.end.model
-        return result.text, result.end.finish_reason
+        left = self._time_left(run)
+        # Cut the call short of the client's deadline so the run can still report. The
+        # timeout covers each wait for the engine, never a yield to the caller.
+        cutoff = None if left is None else asyncio.get_running_loop().time() + left
+        reader = AnswerReader()
+        pieces: list[str] = []
+        async with aclosing(self.generation.stream(request)) as items:
+            while True:
+                try:
+                    async with asyncio.timeout_at(cutoff):
+                        item = await anext(items)
+                except TimeoutError:
+                    raise _StepFailed(StopReason.DEADLINE,
+                                      "the deadline came before the model answered") from None
+                except Cancelled as exc:
+                    raise _StepFailed(StopReason.CANCELLED, exc.message) from None
+                except StopAsyncIteration:
+                    raise RuntimeError("the generation ended without its report") from None
+                if isinstance(item, str):
+                    pieces.append(item)
+                    if delta := reader.feed(item):
+                        yield AnswerDelta(step, delta)
+                    continue
+                state.usage += item.usage
+                state.model = item.model
+                yield _Reply("".join(pieces), item.finish_reason)
+                return
 
     def _call_problem(self, run: AgentRun, action: Action) -> str | None:
         """Why the model's tool call cannot run (unknown tool, bad arguments), or None."""

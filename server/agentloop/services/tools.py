@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 #: What a tool name may look like (server and client tools alike).
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The provider ListTools names for the tools built into the server.
+BUILTIN = "builtin"
 #: The arguments schema of a tool that takes any object.
 ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
 
@@ -60,13 +62,30 @@ class ClientTool:
     parameters: Mapping[str, Any] = field(default_factory=lambda: dict(ANY_OBJECT))
 
 
-class ToolRegistry:
-    """The server tools by name."""
+class ToolProvider(Protocol):
+    """A source of server tools that come and go (the MCP servers)."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def available(self) -> Iterable[Tool]:
+        """The tools that can run now."""
+        ...
+
+    def known(self, name: str) -> Tool | None:
+        """A tool by name, available now or seen before (a run keeps the tools it began with)."""
+        ...
+
+
+class ToolRegistry:
+    """The server tools by name: the built-in ones, then those of the providers.
+
+    `names`, `in` and iteration give the tools available now; indexing also finds a
+    provider's tool that went away, so a run that began with it hears of its failure as
+    an observation rather than breaking."""
+
+    def __init__(self, tools: Iterable[Tool] = (), providers: Iterable[ToolProvider] = ()) -> None:
         self._tools: dict[str, Tool] = {}
         for tool in tools:
             self.register(tool)
+        self._providers = list(providers)
 
     def register(self, tool: Tool) -> None:
         if not TOOL_NAME.match(tool.name):
@@ -75,18 +94,33 @@ class ToolRegistry:
             raise ValueError(f"tool {tool.name!r} is already registered")
         self._tools[tool.name] = tool
 
+    def add_provider(self, provider: ToolProvider) -> None:
+        self._providers.append(provider)
+
+    def _available(self) -> dict[str, Tool]:
+        tools = dict(self._tools)
+        for provider in self._providers:
+            for tool in provider.available():
+                tools.setdefault(tool.name, tool)  # a built-in keeps its name
+        return tools
+
     def __getitem__(self, name: str) -> Tool:
-        return self._tools[name]
+        tool = self._tools.get(name)
+        for provider in self._providers:
+            tool = tool or provider.known(name)
+        if tool is None:
+            raise KeyError(name)
+        return tool
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self._tools)
+        return tuple(self._available())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tools
+        return name in self._available()
 
     def __iter__(self) -> Iterator[Tool]:
-        return iter(self._tools.values())
+        return iter(self._available().values())
 
 
 def default_tools() -> ToolRegistry:
@@ -119,13 +153,15 @@ class Calculator:
     """Arithmetic on numbers, parsed with `ast` (never `eval`), with bounded sizes."""
 
     name = "calculator"
+    # No example expression here: a small model copies it instead of the user's.
     description = (
         "Evaluates an arithmetic expression with numbers, parentheses and the operators "
-        "+ - * / // % ** (e.g. \"(17 * 23) / 4\") and returns the result."
+        "+ - * / // % ** and returns the result."
     )
     parameters: Mapping[str, Any] = {
         "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. 17 * 23"}},
+        "properties": {"expression": {"type": "string",
+                                      "description": "the arithmetic expression"}},
         "required": ["expression"],
         "additionalProperties": False,
     }
@@ -199,7 +235,7 @@ class CurrentTime:
 
     name = "current_time"
     description = (
-        "Returns the current date and time in UTC, in ISO 8601 (e.g. 2025-01-31T12:00:00+00:00)."
+        "Returns the current date and time in UTC, in ISO 8601."
     )
     parameters: Mapping[str, Any] = {
         "type": "object", "properties": {}, "additionalProperties": False,

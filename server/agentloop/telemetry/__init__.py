@@ -143,7 +143,16 @@ class Telemetry:
         """The `execute_tool {name}` span; `finish(is_error, result_text)` when it returns."""
         span = tracing.start_tool_span(self.tracer, name, call_id, client_tool,
                                        arguments_json if self.trace_content else None)
-        end = functools.partial(tracing.end_tool_span, with_content=self.trace_content)
+        # Client tool names come from callers: one label value for them all.
+        attributes = {"gen_ai.tool.name": "client" if client_tool else name}
+        started = time.perf_counter()
+
+        def end(span: Span, is_error: bool, result: str) -> None:
+            tracing.end_tool_span(span, is_error, result, with_content=self.trace_content)
+            self.instruments.tool_duration.record(
+                time.perf_counter() - started,
+                attributes | ({tracing.ERROR_TYPE: "tool_error"} if is_error else {}))
+
         with _observing(Observed(span, end)) as call:
             yield call
 

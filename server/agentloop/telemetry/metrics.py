@@ -113,6 +113,11 @@ class Instruments:
             description="Time from the request to its first token, as the gateway sees it "
                         "(queueing included), for successful generations.",
             explicit_bucket_boundaries_advisory=_TIME_TO_FIRST_TOKEN_BUCKETS)
+        self.tool_duration = meter.create_histogram(
+            "agentloop.tool.call.duration", unit="s",
+            description="Duration of agent tool calls, by gen_ai.tool.name (client tools: "
+                        "\"client\") and error.type on failure (its count is the calls).",
+            explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
         self.time_per_output_token = meter.create_histogram(
             "gen_ai.server.time_per_output_token", unit="s",
             description="Time per output token after the first, for successful generations.",

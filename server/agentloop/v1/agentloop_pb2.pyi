@@ -330,6 +330,14 @@ class AgentToolResult(_message.Message):
     duration: _duration_pb2.Duration
     def __init__(self, step: _Optional[int] = ..., call_id: _Optional[str] = ..., tool: _Optional[str] = ..., observation: _Optional[str] = ..., observation_truncated: bool = ..., is_error: bool = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
+class AgentAnswerDelta(_message.Message):
+    __slots__ = ("step", "text")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    text: str
+    def __init__(self, step: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
 class AgentFinished(_message.Message):
     __slots__ = ("final_answer", "stop_reason", "usage", "steps", "duration", "model")
     FINAL_ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -347,18 +355,20 @@ class AgentFinished(_message.Message):
     def __init__(self, final_answer: _Optional[str] = ..., stop_reason: _Optional[_Union[AgentStopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., steps: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class StreamRunAgentResponse(_message.Message):
-    __slots__ = ("step_started", "thought", "tool_call", "tool_result", "finished")
+    __slots__ = ("step_started", "thought", "tool_call", "tool_result", "finished", "answer_delta")
     STEP_STARTED_FIELD_NUMBER: _ClassVar[int]
     THOUGHT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_DELTA_FIELD_NUMBER: _ClassVar[int]
     step_started: AgentStepStarted
     thought: AgentThought
     tool_call: AgentToolCall
     tool_result: AgentToolResult
     finished: AgentFinished
-    def __init__(self, step_started: _Optional[_Union[AgentStepStarted, _Mapping]] = ..., thought: _Optional[_Union[AgentThought, _Mapping]] = ..., tool_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[AgentToolResult, _Mapping]] = ..., finished: _Optional[_Union[AgentFinished, _Mapping]] = ...) -> None: ...
+    answer_delta: AgentAnswerDelta
+    def __init__(self, step_started: _Optional[_Union[AgentStepStarted, _Mapping]] = ..., thought: _Optional[_Union[AgentThought, _Mapping]] = ..., tool_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[AgentToolResult, _Mapping]] = ..., finished: _Optional[_Union[AgentFinished, _Mapping]] = ..., answer_delta: _Optional[_Union[AgentAnswerDelta, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -395,3 +405,25 @@ class ListModelsResponse(_message.Message):
     default_model: str
     backend: str
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class ListToolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerTool(_message.Message):
+    __slots__ = ("name", "description", "parameters_json_schema", "provider")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters_json_schema: str
+    provider: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json_schema: _Optional[str] = ..., provider: _Optional[str] = ...) -> None: ...
+
+class ListToolsResponse(_message.Message):
+    __slots__ = ("tools",)
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[ServerTool]
+    def __init__(self, tools: _Optional[_Iterable[_Union[ServerTool, _Mapping]]] = ...) -> None: ...

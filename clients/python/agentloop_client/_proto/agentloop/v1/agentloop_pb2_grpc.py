@@ -72,6 +72,11 @@ class AgentLoopServiceStub(object):
                 request_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListTools = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/ListTools',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentLoopServiceServicer(object):
@@ -128,6 +133,14 @@ class AgentLoopServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTools(self, request, context):
+        """ListTools lists the server tools an agent run may name in `tools`: the
+        built-in ones and those of the MCP servers that are connected now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentLoopServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +168,11 @@ def add_AgentLoopServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListModelsRequest.FromString,
                     response_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTools,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +323,33 @@ class AgentLoopService(object):
             '/agentloop.v1.AgentLoopService/ListModels',
             agentloop_dot_v1_dot_agentloop__pb2.ListModelsRequest.SerializeToString,
             agentloop_dot_v1_dot_agentloop__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/ListTools',
+            agentloop_dot_v1_dot_agentloop__pb2.ListToolsRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.ListToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,66 @@
+"""A real MCP server, written with the official SDK, for the tests to connect to.
+
+    python tests/mcp_tool_server.py stdio        serves on standard input and output
+    python tests/mcp_tool_server.py http [PORT]  serves Streamable HTTP on 127.0.0.1 (PORT, or
+                                                 a free one), prints "mcp listening on URL"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("test-tools")
+
+
+@server.tool(description="Adds two integers.")
+def add(a: int, b: int) -> str:
+    return str(a + b)
+
+
+@server.tool(description="Returns the text it is given, repeated `times` times.")
+def echo(text: str, times: int = 1) -> str:
+    return text * times
+
+
+@server.tool(description="Always fails.")
+def broken() -> str:
+    raise ValueError("the broken tool is broken")
+
+
+@server.tool(description="Sleeps for `seconds`, then says so.")
+async def sleep(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return f"slept {seconds}s"
+
+
+async def serve_http(port: int) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
+    http = uvicorn.Server(config)
+    serving = asyncio.create_task(http.serve(sockets=[sock]))
+    while not http.started and not serving.done():
+        await asyncio.sleep(0.01)
+    print(f"mcp listening on {url}", flush=True)
+    await serving
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["stdio"]:
+        server.run("stdio")
+    elif argv[:1] == ["http"] and len(argv) <= 2:
+        asyncio.run(serve_http(int(argv[1]) if len(argv) == 2 else 0))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
