@@ -249,8 +249,8 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
     sessions = [(r.fields["method"], r.fields.get("session")) for r in caplog.records
                 if r.name == "agentloop.requests" and hasattr(r, "fields")]
     assert sessions == [
-        ("Generate", "node-conv"), ("StreamGenerate", "node-conv"),
-        ("StreamRunAgent", "node-conv"),
+        ("ListTools", "node-conv"), ("Generate", "node-conv"),
+        ("StreamGenerate", "node-conv"), ("StreamRunAgent", "node-conv"),
         ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
         ("Generate", "whole-client"), ("Generate", "one-call"),
     ]
