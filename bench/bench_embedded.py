@@ -13,7 +13,8 @@ shared machine hits both sides alike:
              one user alone on the same engine (latency P95 / single, tokens/s / single)
   prefix     a prompt of P tokens, then another sharing all but its last few tokens:
              prompt_eval_duration of the second / the first (`usage.cached_input_tokens`)
-  agent      RunAgent "What is 17*23?" with the calculator: the steps after the first,
+  agent      RunAgent on a goal needing a tool (the first of AGENT_GOALS that takes two steps or
+             more): the steps after the first,
              median step time / the first step's
   json       decode tokens/s of a JSON-schema answer / of a plain answer, same prompt
   direct     one StreamGenerate stream through the gateway vs llama-cpp-python called
@@ -192,13 +193,24 @@ async def prefix(stub: pb_grpc.AgentLoopServiceStub, tokens: int) -> dict[str, f
     }
 
 
+# Goals that need a tool. A small model often answers arithmetic at once (one step, no
+# later step to time): the first goal whose run takes two steps or more is the measure.
+AGENT_GOALS = (("What is 17*23? Use the calculator.", "calculator"),
+               ("What time is it now, in UTC?", "current_time"),
+               ("Use the calculator: what is 1234*5678?", "calculator"))
+
+
 async def agent(stub: pb_grpc.AgentLoopServiceStub) -> dict[str, Any]:
-    reply = await stub.RunAgent(pb.RunAgentRequest(
-        goal="What is 17*23?", tools=["calculator"], max_steps=4,
-        options=pb.GenerationOptions(temperature=0, seed=1, max_tokens=128)), timeout=1800)
+    for goal, tool in AGENT_GOALS:
+        reply = await stub.RunAgent(pb.RunAgentRequest(
+            goal=goal, tools=[tool], max_steps=4,
+            options=pb.GenerationOptions(temperature=0, seed=1, max_tokens=128)), timeout=1800)
+        if len(reply.steps) > 1:
+            break
     steps = [s.duration.ToNanoseconds() / 1e9 for s in reply.steps]
     later = statistics.median(steps[1:]) if len(steps) > 1 else None
     return {
+        "goal": goal,
         "steps_s": steps,
         "stop_reason": pb.AgentStopReason.Name(reply.stop_reason),
         "ratio": later / steps[0] if later is not None else None,

@@ -253,6 +253,7 @@ async def fixed_cost(calls_made: int = 3000) -> float:
 
     class Health:
         ready, last = True, BackendHealth(True)
+        served = frozenset({"gemma3n:e2b"})  # the model the calls below name: a real label
 
     class Context:  # what the interceptor asks of a grpc.aio.ServicerContext
         def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
