@@ -110,3 +110,15 @@ def markdown_section(page: str, heading: str) -> str:
             lines.append(line)
     assert inside, f"{page} has no heading {heading!r}"
     return "".join(lines)
+
+
+#: A small JSON Schema the real-model tests constrain decoding with.
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}

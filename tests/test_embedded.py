@@ -28,21 +28,18 @@ from agentloop.backends.ollama import OllamaBackend
 from agentloop.server import RunningServer, select_backend
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, wait_until
-from helpers import client_stub, gateway_settings, rich_details, running_gateway
+from helpers import (
+    PERSON_SCHEMA,
+    client_stub,
+    gateway_settings,
+    rich_details,
+    running_gateway,
+)
 
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]
 
 PROMPT = "The capital of France is"
 LONG_TOKENS = 2000  # far more than any test waits for: such streams are always cancelled
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 0},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -137,11 +134,11 @@ async def test_a_json_schema_constrains_the_output(gateway: RunningServer):
             prompt="A person, as JSON:",
             options=options(96),
             format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA,
-                                     json_schema=json.dumps(SCHEMA)),
+                                     json_schema=json.dumps(PERSON_SCHEMA)),
         ), timeout=60)
 
     assert reply.finish_reason == pb.FINISH_REASON_STOP, reply.text
-    jsonschema.validate(json.loads(reply.text), SCHEMA)
+    jsonschema.validate(json.loads(reply.text), PERSON_SCHEMA)
 
 
 async def test_a_json_schema_keeps_its_property_order(gateway: RunningServer):

@@ -51,20 +51,11 @@ from agentloop.errors import (
     ShuttingDown,
 )
 from agentloop.v1 import agentloop_pb2 as pb
-from helpers import client_stub, gateway_settings, running_gateway
+from helpers import PERSON_SCHEMA, client_stub, gateway_settings, running_gateway
 
 pytestmark = pytest.mark.real_model
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7,"
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 0},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 WAIT = 120.0  # seconds a test waits for the engine at most (the machine may be busy)
 
 
@@ -368,13 +359,13 @@ def _pick(chain: int, logits: np.ndarray) -> int:
 
 def test_json_schema_output_parses_and_validates(batched: Engine):
     jobs = Jobs(batched)
-    ids = [jobs.submit(request("A person, as JSON:", 64, schema=SCHEMA)),
+    ids = [jobs.submit(request("A person, as JSON:", 64, schema=PERSON_SCHEMA)),
            jobs.submit(request("Some data, as JSON:", 64, json_mode=True)),
            jobs.submit(request(COUNTING, 8))]  # a plain job beside them
     schema_job, json_job, plain = jobs.wait(*ids)
 
     assert end_of(schema_job).finish_reason is FinishReason.STOP, schema_job.text
-    jsonschema.validate(json.loads(schema_job.text), SCHEMA)
+    jsonschema.validate(json.loads(schema_job.text), PERSON_SCHEMA)
     if end_of(json_job).finish_reason is FinishReason.STOP:
         json.loads(json_job.text)
     assert end_of(plain).usage.output_tokens == 8
@@ -385,10 +376,10 @@ def test_a_rejected_token_is_resampled_over_the_whole_vocabulary_when_needed(
     # With one "likely" token, a rejection mostly finds nothing allowed among the likely
     # ones: the grammar then goes over the whole vocabulary.
     monkeypatch.setattr(llama_engine, "_LIKELY_TOKENS", 1)
-    whole = Jobs(serial).run(request("A person, as JSON:", 64, schema=SCHEMA))
+    whole = Jobs(serial).run(request("A person, as JSON:", 64, schema=PERSON_SCHEMA))
 
     assert end_of(whole).finish_reason is FinishReason.STOP, whole.text
-    jsonschema.validate(json.loads(whole.text), SCHEMA)
+    jsonschema.validate(json.loads(whole.text), PERSON_SCHEMA)
 
 
 def test_a_grammar_pushed_out_of_the_cache_stays_for_the_job_waiting_on_it(
