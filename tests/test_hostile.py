@@ -10,6 +10,7 @@ calls log nothing at error level, and a fuzz run ends with the server alive and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -112,6 +113,15 @@ HOSTILE_SCHEMAS = {
         f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i - 1}"}, {"$ref": f"#/$defs/d{i - 1}"}]}
         for i in range(1, 21)}}, "$ref": "#/$defs/d20"},
     "recursive ref": {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"},
+    # Patterns that compile to grammars a grammar engine cannot run: a NUL (aborts
+    # llama.cpp) or other control characters by escape, and ambiguous repetitions that
+    # stalled the engine for its whole watchdog period.
+    "NUL by escape": {"type": "string", "pattern": "^\\x00$"},
+    "control range": {"type": "string", "pattern": "^[\\x01-\\x02]+$"},
+    "repeated optional": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "^(a?){300}$"}}, "required": ["a"]},
+    "repeated star pair": {"type": "string", "pattern": "^([a-z]*[a-z]*){20}$"},
+    "run of optionals": {"type": "string", "pattern": "^" + "a?" * 20 + "$"},
     "ref chain too deep": {"$defs": {**{
         f"c{i}": {"properties": {"n": {"$ref": f"#/$defs/c{i + 1}"}}} for i in range(40)},
         "c40": {"type": "string"}}, "$ref": "#/$defs/c0"},
@@ -165,6 +175,50 @@ async def test_schemas_within_the_limits_still_pass(stub, fake_ollama):
         type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)))
     await stub.Generate(request, timeout=5)
     assert fake_ollama.generation_requests[-1]["format"] == schema
+
+
+@pytest.mark.parametrize("pattern", ["^[A-Z]{3}-\\d{4}$", "^(ab|cd)+$", "^[a-z]{1,50}$",
+                                     "^\\d{3}(-\\d{2})?$", "^[^a]+$"])
+async def test_ordinary_patterns_pass(stub, fake_ollama, pattern):
+    schema = {"type": "string", "pattern": pattern}
+    request = pb.GenerateRequest(prompt="hi", format=pb.ResponseFormat(
+        type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)))
+    await stub.Generate(request, timeout=5)
+    assert fake_ollama.generation_requests[-1]["format"] == schema
+
+
+async def test_hundreds_of_bad_client_tools_get_a_bounded_invalid_argument(stub, fake_ollama):
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(goal="go", client_tools=[
+        pb.ClientTool(name=f"t{i}", parameters_json_schema='"x"') for i in range(200)])))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start.client_tools" in bad_fields(raised.value)
+    assert len(raised.value.details()) < 4096
+
+
+async def test_costly_client_tool_schemas_leave_health_checks_answering(stub, gateway):
+    # Within the limits, each schema costs the meta-schema check real time. The request is
+    # read on a worker thread, so a liveness check sent meanwhile answers long before the
+    # request is read (on the event loop, it would wait for the whole read).
+    costly = json.dumps({"type": "object", "allOf": [True] * 6000}, separators=(",", ":"))
+    call = stub.StreamRunAgent(timeout=120)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(goal="go", client_tools=[
+        pb.ClientTool(name=f"t{i}", parameters_json_schema=costly) for i in range(12)])))
+    reading = asyncio.ensure_future(call.read())
+    try:
+        assert await health_status(gateway.address, "liveness") == SERVING
+        answered = loop.time() - started
+        with contextlib.suppress(grpc.aio.AioRpcError):  # an event or a status: either ends it
+            await reading
+        read = loop.time() - started
+        assert answered < read / 2, f"liveness took {answered:.2f}s of the {read:.2f}s read"
+    finally:
+        call.cancel()
+        await asyncio.wait({reading})
 
 
 def test_json_reader_bounds_depth_and_refuses_non_finite_numbers():

@@ -70,10 +70,18 @@ class InvalidArgument(AgentLoopError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
+    #: Violations reported at most, and the message's length: both travel in headers,
+    #: which gRPC caps (a request with hundreds of bad fields must still get its answer).
+    MAX_VIOLATIONS = 20
+    MAX_MESSAGE_CHARS = 2000
+
     def __init__(self, violations: Iterable[tuple[str, str]]) -> None:
-        self.violations = list(violations)
+        found = list(violations)
+        self.violations = [(name[:200], why[:300]) for name, why in found[:self.MAX_VIOLATIONS]]
+        if len(found) > self.MAX_VIOLATIONS:
+            self.violations.append(("request", f"and {len(found) - self.MAX_VIOLATIONS} more"))
         summary = "; ".join(f"{name}: {why}" for name, why in self.violations)
-        super().__init__(f"invalid request: {summary}")
+        super().__init__(f"invalid request: {summary}"[:self.MAX_MESSAGE_CHARS])
 
     def details(self) -> list[any_pb2.Any]:
         bad_request = error_details_pb2.BadRequest(field_violations=[

@@ -15,6 +15,8 @@ import functools
 import json
 import math
 import re
+import re._constants as sre_constants
+import re._parser as sre_parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -48,6 +50,9 @@ MAX_NUMBER = 2**63
 MAX_EXPANDED_SUBSCHEMAS = 10_000
 #: Longest `pattern` (or `patternProperties` key), in characters.
 MAX_PATTERN_CHARS = 1024
+#: Optional parts (`a?`, `b*`) one after another in a pattern: grammar engines keep a stack
+#: per way the text so far can match, so a run of them multiplies the work of every token.
+MAX_ADJACENT_OPTIONAL = 16
 
 #: Keywords whose value is a count an engine expands into that many grammar repetitions.
 REPETITION_KEYWORDS = frozenset({
@@ -119,12 +124,12 @@ def parse_schema(text: str) -> dict[str, Any]:
 def check_schema(schema: Mapping[str, Any]) -> None:
     """Limits and rules first (cheap, bounded), then the dialect's own meta-schema."""
     _check_limits(schema)
+    _ExpandedSize(schema).check()  # before the meta-schema, whose cost grows with the size
     cls = validator_for(schema, default=Draft202012Validator)
     try:
         cls.check_schema(schema)
     except SchemaError as exc:
         raise SchemaRefused(f"not a valid JSON Schema: {exc.message}") from None
-    _ExpandedSize(schema).check()
 
 
 def validator_for_schema(schema: Mapping[str, Any]) -> Validator:
@@ -265,10 +270,76 @@ def _check_pattern(pattern: str, where: str) -> None:
         raise SchemaRefused(f"{where} must not contain control characters")
     try:
         _compiled(pattern)
-    except re2.error:
+        parsed = sre_parse.parse(pattern)
+    except (re2.error, re.error, RecursionError, OverflowError):
         raise SchemaRefused(
             f"{where} {pattern!r} is not a regular expression RE2 runs in linear time "
             "(no lookaround, no backreferences, repetitions up to {1000})") from None
+    problem = _grammar_problem(parsed)
+    if problem:
+        raise SchemaRefused(f"{where} {pattern!r}: {problem}")
+
+
+# What a pattern may not ask of a grammar engine (llama.cpp's, Ollama's): a control
+# character (JSON strings cannot hold one raw, and a NUL aborts llama.cpp), a repeated part
+# that can match nothing (`(a?){300}`: the grammar's ways to match explode), or a long run
+# of optional parts. Read from Python's own parse of the pattern: parsing is linear.
+_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
+
+
+def _grammar_problem(items: Any) -> str | None:
+    adjacent = 0
+    for op, argument in items:
+        if op is sre_constants.LITERAL and _is_control(argument):
+            return "must not match a control character"
+        if op is sre_constants.IN:
+            for inner, value in argument:
+                low, high = value if inner is sre_constants.RANGE else (value, value) \
+                    if inner is sre_constants.LITERAL else (1, 0)
+                if low <= high and (low < 32 or low <= 127 <= high):
+                    return "must not match a control character"
+        children: list[Any] = []
+        if op in _REPEATS:
+            low, high, body = argument
+            if high > 1 and _nullable(body):
+                return "a repeated part must not match the empty string"
+            children = [body]
+        elif op is sre_constants.SUBPATTERN:
+            children = [argument[-1]]
+        elif op is sre_constants.BRANCH:
+            children = list(argument[1])
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            children = [argument[1]]
+        for child in children:
+            problem = _grammar_problem(child)
+            if problem:
+                return problem
+        adjacent = adjacent + 1 if _nullable([(op, argument)]) else 0
+        if adjacent > MAX_ADJACENT_OPTIONAL:
+            return f"more than {MAX_ADJACENT_OPTIONAL} optional parts in a row"
+    return None
+
+
+def _is_control(code: int) -> bool:
+    return code < 32 or code == 127
+
+
+def _nullable(items: Any) -> bool:
+    """Can this part of a parsed pattern match the empty string?"""
+    for op, argument in items:
+        if op in _REPEATS:
+            low, _, body = argument
+            if low > 0 and not _nullable(body):
+                return False
+        elif op is sre_constants.SUBPATTERN:
+            if not _nullable(argument[-1]):
+                return False
+        elif op is sre_constants.BRANCH:
+            if not any(_nullable(branch) for branch in argument[1]):
+                return False
+        elif op not in (sre_constants.AT, sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            return False
+    return True
 
 
 class _ExpandedSize:

@@ -137,8 +137,9 @@ def _client_tools(
     declared: Sequence[pb.ClientTool], registry: ToolRegistry, violations: Violations
 ) -> tuple[ClientTool, ...]:
     """Validate client tool declarations: good unique names, object schemas."""
-    if len(declared) > MAX_CLIENT_TOOLS:
+    if len(declared) > MAX_CLIENT_TOOLS:  # and none of them is read: each may cost work
         violations.append(("client_tools", f"at most {MAX_CLIENT_TOOLS} client tools"))
+        return ()
     tools: list[ClientTool] = []
     seen: set[str] = set()
     for index, tool in enumerate(declared):

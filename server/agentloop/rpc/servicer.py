@@ -6,8 +6,10 @@ into statuses.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from typing import Any, TypeVar
 
 import grpc
 
@@ -21,6 +23,8 @@ from agentloop.services.agent import AgentService
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
@@ -36,7 +40,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        generation = generation_request(
+        generation = await _read(
+            bool(request.format.json_schema), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
@@ -45,7 +50,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
-        generation = generation_request(
+        generation = await _read(
+            bool(request.format.json_schema), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
@@ -68,8 +74,10 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamRunAgentResponse]:
         requests = aiter(request_iterator)
-        run = start_agent_run(
-            await anext(requests, None), self._settings, self._agent.tools,
+        start = await anext(requests, None)
+        run = await _read(
+            start is not None and start.HasField("start") and bool(start.start.client_tools),
+            start_agent_run, start, self._settings, self._agent.tools,
             self._generation.default_model, deadline_from(context.time_remaining()),
         )
         async with ToolResultReader(requests) as reader:
@@ -93,3 +101,12 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListToolsResponse:
         return list_tools_response(self._agent.tools)
+
+
+async def _read(carries_schemas: bool, read: Callable[..., T], *args: Any) -> T:
+    """Read a request into its domain form. Checking a caller's JSON Schemas can take a
+    while within the limits (the meta-schema, every subschema), so a request carrying them
+    is read on a worker thread: the event loop, health checks included, keeps running."""
+    if carries_schemas:
+        return await asyncio.to_thread(read, *args)
+    return read(*args)
