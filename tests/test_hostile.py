@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -436,10 +437,12 @@ async def test_agent_calls_and_cancelled_or_refused_calls_log_no_errors(stub, fa
     stream = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hi"), timeout=10)
     await stream.read()
     stream.cancel()
-    agent = stub.StreamRunAgent(timeout=10)
-    await agent.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(goal="go")))
-    await agent.read()  # step_started
-    agent.cancel()
+    for _ in range(6):  # agent streams cancelled mid-step: their spans end in a finalizer
+        agent = stub.StreamRunAgent(timeout=10)
+        await agent.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(goal="go")))
+        await agent.read()  # step_started
+        agent.cancel()
+        fake_ollama.enqueue(Script(tokens=["{"], hang_after=1))
     run = await stub.RunAgent(pb.RunAgentRequest(goal="go"), timeout=1)
     assert run.stop_reason == pb.AGENT_STOP_REASON_DEADLINE
 
@@ -450,7 +453,12 @@ async def test_agent_calls_and_cancelled_or_refused_calls_log_no_errors(stub, fa
                                          timeout=5)) == grpc.StatusCode.NOT_FOUND
     # The cancelled calls have ended on both sides.
     await wait_until(lambda: fake_ollama.active_streams == 0 and gateway.admission.in_flight == 0)
-    errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
+    gc.collect()  # closes what is left of the cancelled streams' generators, now
+    for _ in range(20):
+        await asyncio.sleep(0)  # lets the loop run the async-generator finalizers
+    # The gateway's own loggers (the fake Ollama's aiohttp may note a dropped connection).
+    errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR
+              and r.name.startswith(("agentloop", "opentelemetry", "grpc"))]
     assert errors == []
 
 

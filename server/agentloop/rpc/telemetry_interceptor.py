@@ -12,6 +12,7 @@ through untouched. Streams pay one async-generator hop per message, nothing more
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -142,10 +143,7 @@ class _ObservedRpc:
         if request_log.isEnabledFor(logging.INFO):
             self._write_log(code, duration)
         logs.end_request(self._log_token)
-        # A cancelled stream may be closed from another context (grpc's cleanup); its
-        # token means nothing there, and detaching would only log an error.
-        if trace.get_current_span() is span:
-            otel_context.detach(self._context_token)
+        _detach(self._context_token)
 
     def _write_log(self, code: grpc.StatusCode, duration: float) -> None:
         fields: dict[str, Any] = {
@@ -163,3 +161,17 @@ class _ObservedRpc:
             fields["span_id"] = trace.format_span_id(span_context.span_id)
         request_log.info("%s %s %.1fms", self.method, code.name, duration * 1e3,
                          extra={"fields": fields})
+
+
+def _detach(token: object) -> None:
+    """Restore the context that was current before the call. A cancelled stream may be
+    closed later by the event loop's async-generator finalizer, in another Context, where
+    the token means nothing: there is nothing to restore there, and OpenTelemetry's own
+    detach would log an error with a traceback for every such call."""
+    if not isinstance(token, contextvars.Token):  # another runtime context than contextvars
+        otel_context.detach(token)
+        return
+    try:
+        token.var.reset(token)
+    except ValueError:
+        pass
