@@ -179,7 +179,8 @@ async def test_schemas_within_the_limits_still_pass(stub, fake_ollama):
 
 
 @pytest.mark.parametrize("pattern", ["^[A-Z]{3}-\\d{4}$", "^(ab|cd)+$", "^[a-z]{1,50}$",
-                                     "^\\d{3}(-\\d{2})?$", "^[^a]+$"])
+                                     "^\\d{3}(-\\d{2})?$", "^[^a]+$",
+                                     "^[^\\x00-\\x1f]+$"])
 async def test_ordinary_patterns_pass(stub, fake_ollama, pattern):
     schema = {"type": "string", "pattern": pattern}
     request = pb.GenerateRequest(prompt="hi", format=pb.ResponseFormat(

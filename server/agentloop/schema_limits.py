@@ -292,7 +292,8 @@ def _grammar_problem(items: Any) -> str | None:
     for op, argument in items:
         if op is sre_constants.LITERAL and _is_control(argument):
             return "must not match a control character"
-        if op is sre_constants.IN:
+        if op is sre_constants.IN and argument[:1] != [(sre_constants.NEGATE, None)]:
+            # (a negated set such as [^\x00-\x1f] excludes what it names: nothing to refuse)
             for inner, value in argument:
                 low, high = value if inner is sre_constants.RANGE else (value, value) \
                     if inner is sre_constants.LITERAL else (1, 0)
