@@ -1,12 +1,13 @@
 """A fixed suite of agent goals on the embedded model: does the model follow the prompts?
 
-Each goal runs once, at temperature 0, through a real `agentloop serve` process on the
-embedded engine (the packaged Gemma 3 270M unless --gguf names another): arithmetic with
-the calculator, the time, a question needing no tool (RunAgent), and a lookup with a tool
-the client runs (StreamRunAgent). The report gives the share of goals answered correctly,
-the steps each took, the time per step, and the runs whose thought or answer repeats the
-agent's instruction text or a placeholder (`<your answer>`): a model copying its prompt
-rather than acting on it.
+Each goal runs at temperature 0 under each of three request `system` texts (SYSTEMS),
+through a real `agentloop serve` process on the embedded engine (the packaged Gemma 3 270M
+unless --gguf names another): arithmetic with the calculator, the time, a question needing
+no tool (RunAgent), and a lookup with a tool the client runs (StreamRunAgent). The report
+gives the share of runs answered correctly, the steps each took, the time per step, and
+the runs whose thought or answer repeats the agent's instruction text, a value of its
+worked examples or a placeholder (`<your answer>`): a model copying its prompt rather
+than acting on it.
 
 Correctness at temperature 0 is the figure to compare; the time per step depends on how
 busy the machine is.
@@ -89,10 +90,15 @@ GOALS = (
          (), (LOOKUP,)),
 )
 
+#: Each goal runs under each of these request `system` texts. One greedy run per goal
+#: swings with any change of the prompt's wording; three give the share more footing.
+SYSTEMS = ("", "You work at the help desk of ACME Corp.", "Be brief.")
+
 
 @dataclass
 class Outcome:
     name: str
+    system: str
     correct: bool
     stop_reason: str
     steps: int
@@ -109,34 +115,57 @@ class Outcome:
         return self.seconds / max(self.steps, 1)
 
 
-def echoes(texts: list[str], instruction_text: str) -> list[str]:
-    """Pieces of `texts` that copy a placeholder or ECHO_WORDS words of the instructions."""
+def echoes(texts: list[str], instruction_text: str, goal: str = "") -> list[str]:
+    """Pieces of `texts` that copy a placeholder, ECHO_WORDS words of the instructions, or a
+    value of their worked examples (the example tool's name, its arguments, the example's
+    answer) that the goal itself does not contain."""
     words = re.findall(r"\w+", instruction_text.lower())
     grams = {tuple(words[i:i + ECHO_WORDS]) for i in range(len(words) - ECHO_WORDS + 1)}
+    values = [value.lower() for value in example_values(instruction_text)
+              if value.lower() not in goal.lower()]
     found = []
     for text in texts:
         found += PLACEHOLDER.findall(text)
         said = re.findall(r"\w+", text.lower())
         found += [" ".join(said[i:i + ECHO_WORDS]) for i in range(len(said) - ECHO_WORDS + 1)
                   if tuple(said[i:i + ECHO_WORDS]) in grams][:1]
+        found += [value for value in values if value in text.lower()]
     return found
 
 
-def instructions_for(goal: Goal) -> str:
+def example_values(instruction_text: str) -> list[str]:
+    """Every string in the worked examples' replies (`Assistant: {...}` lines)."""
+    values: list[str] = []
+
+    def collect(value: object) -> None:
+        if isinstance(value, str):
+            values.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    for line in instruction_text.splitlines():
+        if line.startswith("Assistant: {"):
+            collect(json.loads(line.removeprefix("Assistant: ")))
+    return values
+
+
+def instructions_for(goal: Goal, system: str) -> str:
     registry = default_tools()
-    return instructions([*(registry[name] for name in goal.tools), *goal.client_tools], "")
+    tools = [registry[name] for name in goal.tools or registry.names]
+    return instructions([*tools, *goal.client_tools], system)
 
 
-def run_goal(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.GenerationOptions,
-             timeout: float) -> Outcome:
+def run_goal(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, system: str,
+             options: pb.GenerationOptions, timeout: float) -> Outcome:
     started = time.monotonic()
     errors: list[str] = []
     if goal.client_tools:
         answer, stop_reason, steps, thoughts, tools, observations = _stream_run(
-            stub, goal, options, timeout, errors)
+            stub, goal, system, options, timeout, errors)
     else:
-        reply = stub.RunAgent(pb.RunAgentRequest(goal=goal.goal, tools=goal.tools, max_steps=4,
-                                                 options=options), timeout=timeout)
+        reply = stub.RunAgent(pb.RunAgentRequest(goal=goal.goal, system=system, tools=goal.tools,
+                                                 max_steps=4, options=options), timeout=timeout)
         answer, steps = reply.final_answer, len(reply.steps)
         stop_reason = pb.AgentStopReason.Name(reply.stop_reason)
         thoughts = [step.thought for step in reply.steps]
@@ -145,23 +174,24 @@ def run_goal(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.Generat
         errors += [step.error for step in reply.steps if step.error]
     seconds = time.monotonic() - started
     return Outcome(
-        name=goal.name,
+        name=goal.name, system=system,
         correct=stop_reason.endswith("FINAL_ANSWER") and goal.check(answer, observations),
         stop_reason=stop_reason.removeprefix("AGENT_STOP_REASON_"),
         steps=steps, seconds=seconds, answer=answer, thoughts=thoughts, tools_called=tools,
-        echoes=echoes([answer, *thoughts], instructions_for(goal)), errors=errors,
+        echoes=echoes([answer, *thoughts], instructions_for(goal, system), goal.goal),
+        errors=errors,
     )
 
 
-def _stream_run(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, options: pb.GenerationOptions,
-                timeout: float, errors: list[str]
+def _stream_run(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, system: str,
+                options: pb.GenerationOptions, timeout: float, errors: list[str]
                 ) -> tuple[str, str, int, list[str], list[str], list[str]]:
     """StreamRunAgent, answering the client tool's calls from ORDERS."""
     import queue
 
     outbox: queue.Queue[pb.StreamRunAgentRequest | None] = queue.Queue()
     outbox.put(pb.StreamRunAgentRequest(start=pb.StartAgentRun(
-        goal=goal.goal, tools=goal.tools, max_steps=4, options=options,
+        goal=goal.goal, system=system, tools=goal.tools, max_steps=4, options=options,
         client_tools=[pb.ClientTool(name=t.name, description=t.description,
                                     parameters_json_schema=json.dumps(t.parameters))
                       for t in goal.client_tools],
@@ -220,11 +250,12 @@ def embedded_gateway(gguf: str) -> Iterator[str]:
 
 
 def report(outcomes: list[Outcome]) -> str:
-    rows = ["| goal | correct | stop | steps | s/step | tool calls | answer | echoes |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| goal | system | correct | stop | steps | s/step | tool calls | answer | echoes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:
         answer = o.answer.replace("|", "/").replace("\n", " ")[:60]
-        rows.append(f"| {o.name} | {'yes' if o.correct else 'no'} | {o.stop_reason} | {o.steps} "
+        rows.append(f"| {o.name} | {o.system or '(none)'} | {'yes' if o.correct else 'no'} "
+                    f"| {o.stop_reason} | {o.steps} "
                     f"| {o.seconds_per_step:.1f} | {len(o.tools_called)} "
                     f"| {answer} | {len(o.echoes)} |")
     correct = sum(o.correct for o in outcomes)
@@ -252,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     with embedded_gateway(args.gguf) as address, grpc.insecure_channel(address) as channel:
         stub = pb_grpc.AgentLoopServiceStub(channel)
         outcomes = []
-        for goal in goals:
-            outcome = run_goal(stub, goal, options, args.timeout)
-            print(f"{goal.name}: {'correct' if outcome.correct else 'wrong'} "
+        for system, goal in ((system, goal) for system in SYSTEMS for goal in goals):
+            outcome = run_goal(stub, goal, system, options, args.timeout)
+            print(f"{goal.name} [{system or 'no system'}]: "
+                  f"{'correct' if outcome.correct else 'wrong'} "
                   f"({outcome.stop_reason}, {outcome.steps} steps) {outcome.answer[:80]!r}",
                   file=sys.stderr, flush=True)
             outcomes.append(outcome)

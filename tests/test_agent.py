@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agentloop.services.agent import action_schema, parse_action
+from agentloop.services.agent import Action, action_schema, instructions, parse_action
 from agentloop.services.tools import (
     Calculator,
     ClientTool,
@@ -37,9 +37,9 @@ def action(**fields: Any) -> Script:
     return Script(tokens=[text[i:i + 7] for i in range(0, len(text), 7)])
 
 
-CALCULATE = action(thought="I should multiply.", tool="calculator",
-                   arguments={"expression": "17*23"})
-ANSWER = action(thought="The calculator said 391.", final_answer="391")
+CALCULATE = action(tool="calculator", arguments={"expression": "17*23"},
+                   thought="I should multiply.")
+ANSWER = action(final_answer="391", thought="The calculator said 391.")
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ async def test_two_step_calculator_run_reaches_the_answer(stub, fake_ollama):
     assert len(calls) == 2
     assert tool_branches(calls[0]["format"]) == {
         "calculator": Calculator.parameters, "current_time": CurrentTime.parameters}
-    assert calls[0]["format"]["anyOf"][-1]["required"] == ["thought", "final_answer"]
+    assert calls[0]["format"]["anyOf"][-1]["required"] == ["final_answer"]
     system, goal = chat_of(calls[0])
     assert system["role"] == "system" and "calculator" in system["content"]
     assert goal == {"role": "user", "content": GOAL}
@@ -102,7 +102,7 @@ async def test_two_step_calculator_run_reaches_the_answer(stub, fake_ollama):
         "calculator")
     assert observation["role"] == "user"
     assert observation["content"].splitlines() == [
-        "Result of calculator: 391", "Answer the question with this result."]
+        "Result of calculator: 391", "Now give the final answer, using this result."]
 
 
 async def test_each_model_call_only_appends_to_the_previous_prompt(stub, fake_ollama):
@@ -129,7 +129,7 @@ async def test_each_model_call_only_appends_to_the_previous_prompt(stub, fake_ol
     # The format only constrains decoding (it is not in the prompt): the last step (3) may
     # only answer.
     assert calls[0]["format"] == calls[1]["format"] == calls[2]["format"]
-    assert calls[3]["format"]["required"] == ["thought", "final_answer"]
+    assert calls[3]["format"]["required"] == ["final_answer"]
 
 
 async def test_a_repeated_call_is_not_run_again_and_the_next_step_must_answer(
@@ -144,7 +144,7 @@ async def test_a_repeated_call_is_not_run_again_and_the_next_step_must_answer(
     assert chat_of(calls[2])[-1]["content"].startswith(
         "calculator was already called with these arguments. Its result: 391\n")
     assert "anyOf" in calls[1]["format"]  # a first call may be followed by any action
-    assert calls[2]["format"]["required"] == ["thought", "final_answer"]
+    assert calls[2]["format"]["required"] == ["final_answer"]
 
 
 async def test_system_messages_and_options_reach_every_model_call(stub, fake_ollama):
@@ -392,6 +392,17 @@ async def test_client_tool_round_trip(stub, fake_ollama):
 def test_a_raw_newline_inside_a_string_is_still_an_action():
     parsed = parse_action('{"thought": "two\nlines", "final_answer": "391"}')
     assert parsed.thought == "two\nlines" and parsed.final_answer == "391"
+
+
+def test_the_thought_is_optional_and_comes_after_the_decision():
+    assert parse_action('{"final_answer": "391"}') == Action("", final_answer="391")
+    assert parse_action('{"tool": "calculator", "arguments": {}}') == Action(
+        "", tool="calculator", arguments={})
+    # Grammars keep the properties' order: a reply starts with its decision.
+    schema = action_schema(list(default_tools()), [])
+    assert [list(branch["properties"]) for branch in schema["anyOf"]] == [
+        ["tool", "arguments", "thought"], ["tool", "arguments", "thought"],
+        ["final_answer", "thought"]]
 
 
 def test_client_tool_schemas_that_are_not_plain_share_a_free_form_branch():
@@ -690,3 +701,19 @@ async def test_run_agent_on_the_real_model_keeps_to_the_action_schema():
             assert step is reply.steps[-1]
             assert reply.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER
             assert not step.error
+
+
+# --- the agent suite's copy check (bench/bench_agent_suite.py) ---------------------------
+
+
+def test_the_agent_suite_counts_copies_of_the_instructions_and_examples():
+    from bench.bench_agent_suite import echoes, example_values
+
+    text = instructions(list(default_tools()), "")
+    assert {"get_weather", "Lyon", "Tokyo"} <= set(example_values(text))
+    assert echoes(["391", "The calculator gave 391."], text, "What is 17*23?") == []
+    assert echoes(["Tokyo"], text, "What is 17*23?") == ["tokyo"]
+    assert echoes(["Tokyo"], text, "Is Tokyo in Japan?") == []  # the goal names it
+    assert echoes(["<your answer>"], text, "") == ["<your answer>"]
+    copied = "using a tool when it helps"  # six words of the instructions
+    assert echoes([f"I am {copied}."], text, "") == [copied]

@@ -238,10 +238,13 @@ def is_plain_schema(schema: Any, depth: int = 0) -> bool:
     return all(is_plain_schema(child, depth + 1) for child in children)
 
 
+# The decision comes first and the thought last, optional: a small model that writes a
+# thought first talks itself out of calling a tool (or copies the example's thought), and
+# an answer written first streams out at once. Grammars keep the properties' order.
 _FINAL_ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"thought": {"type": "string"}, "final_answer": {"type": "string"}},
-    "required": ["thought", "final_answer"],
+    "properties": {"final_answer": {"type": "string"}, "thought": {"type": "string"}},
+    "required": ["final_answer"],
     "additionalProperties": False,
 }
 
@@ -254,8 +257,8 @@ def _tool_call_schema(
         tool["enum"] = list(tool_names)
     return {
         "type": "object",
-        "properties": {"thought": {"type": "string"}, "tool": tool, "arguments": arguments},
-        "required": ["thought", "tool", "arguments"],
+        "properties": {"tool": tool, "arguments": arguments, "thought": {"type": "string"}},
+        "required": ["tool", "arguments"],
         "additionalProperties": False,
     }
 
@@ -296,27 +299,26 @@ def parse_action(text: str) -> Action:
     if error is not None:
         raise InvalidAction(f"the reply does not match the action schema: {error.message}")
     if is_answer:
-        return Action(value["thought"], final_answer=value["final_answer"])
-    return Action(value["thought"], tool=value["tool"], arguments=value["arguments"])
+        return Action(value.get("thought", ""), final_answer=value["final_answer"])
+    return Action(value.get("thought", ""), tool=value["tool"], arguments=value["arguments"])
 
 
-# The worked example: a fictional tool (decoding only allows the run's own tool names), so
-# the model sees the whole pattern (call, result, an answer that uses the result) without
-# placeholders. A small model copies what it is shown, so the example's thoughts hold
-# nothing about the example's question but the tool's name and result, and the result
-# message is the one `observation_message` writes.
+# The worked examples: a call of a fictional tool (decoding only allows the run's own tool
+# names) and a question answered without a tool, so the model sees both forms and no
+# placeholders. A small model copies what it is shown: the examples carry no thought
+# (whatever thought they showed would be repeated in every run) and no result or answer
+# after the call (the model repeated the example's answer rather than its own result);
+# `observation_message` asks for the answer after each result instead.
 _EXAMPLE_WITH_TOOLS = """\
-Example (get_weather is only an example tool):
+Examples (get_weather is only an example tool):
 User: Is it raining in Lyon?
-Assistant: {"thought": "get_weather can tell.", "tool": "get_weather", "arguments": \
-{"city": "Lyon"}}
-User: Result of get_weather: light rain, 12 C
-Assistant: {"thought": "get_weather says: light rain, 12 C.", "final_answer": "light rain, \
-12 C"}"""
+Assistant: {"tool": "get_weather", "arguments": {"city": "Lyon"}}
+User: What is the capital of Japan?
+Assistant: {"final_answer": "Tokyo"}"""
 _EXAMPLE_WITHOUT_TOOLS = """\
 Example:
-User: What is the largest planet of the solar system?
-Assistant: {"thought": "I know this.", "final_answer": "Jupiter"}"""
+User: What is the capital of Japan?
+Assistant: {"final_answer": "Tokyo"}"""
 
 
 def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
@@ -326,7 +328,7 @@ def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
     if not tools:
         lines = [
             "You answer the user's question.",
-            'Reply with one JSON object with the keys "thought" and "final_answer".',
+            'Reply with one JSON object with the keys "final_answer" and "thought".',
             "",
             _EXAMPLE_WITHOUT_TOOLS,
         ]
@@ -334,9 +336,9 @@ def instructions(tools: Sequence[ToolDescription], extra: str) -> str:
         lines = [
             "You answer the user's question, using a tool when it helps.",
             "Reply with one JSON object, of one of two kinds:",
-            '- a tool call, with the keys "thought", "tool" and "arguments"; the tool\'s '
+            '- a tool call, with the keys "tool", "arguments" and "thought"; the tool\'s '
             "result comes back in the next message;",
-            '- the answer, with the keys "thought" and "final_answer". Once a tool has given '
+            '- the answer, with the keys "final_answer" and "thought". Once a tool has given '
             "you what the question needs, reply with the answer, using that result.",
             "",
             _EXAMPLE_WITH_TOOLS,
@@ -358,10 +360,10 @@ def observation_message(tool: str, text: str, is_error: bool, repeated: bool = F
     if repeated:
         heard = "error" if is_error else "result"
         return (f"{tool} was already called with these arguments. Its {heard}: {text}\n"
-                "Answer the question now.")
+                "Now give the final answer.")
     if is_error:
-        return f"Error from {tool}: {text}\nFix the call, or answer the question without it."
-    return f"Result of {tool}: {text}\nAnswer the question with this result."
+        return f"Error from {tool}: {text}\nFix the call, or give the final answer without it."
+    return f"Result of {tool}: {text}\nNow give the final answer, using this result."
 
 
 def cap_observation(text: str, limit: int) -> tuple[str, bool]:
@@ -709,3 +711,4 @@ class AgentService:
         if result.error is not None:
             return _Observation(result.error, is_error=True)
         return _Observation(result.output or "")
+
