@@ -87,6 +87,7 @@ ENGINES = {  # name -> the gateway's engine flags
 GOALS = {
     "ttft_p95_s": 1.0,
     "latency_p95_over_single": 6.0,
+    "latency_p95_s": 5.0,  # the original plan's target, on the 4+ cores it names
     "tokens_per_s_over_single": 1.8,
     "prefix_prompt_eval_ratio": 0.10,
     "agent_later_step_ratio": 0.40,
@@ -414,6 +415,10 @@ def figures(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         (f"{users_label}: latency P95 / one user's", *both(
             lambda e: e["users"]["latency_p95_over_single"], ".1f"),
          f"<= {GOALS['latency_p95_over_single']:g}x"),
+        (f"{users_label}: latency P95 (s)", *both(
+            lambda e: e["users"]["latency_p95_s"], ".1f"),
+         f"< {GOALS['latency_p95_s']:g} s on 4+ cores (this run: "
+         f"{result['machine']['cpus']} cores)"),
         (f"{users_label}: aggregate tokens/s / one user's", *both(
             lambda e: e["users"]["tokens_per_s_over_single"], ".2f"),
          f">= {GOALS['tokens_per_s_over_single']:g}x"),
