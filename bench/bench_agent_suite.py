@@ -153,7 +153,7 @@ def example_values(instruction_text: str) -> list[str]:
 def instructions_for(goal: Goal, system: str) -> str:
     registry = default_tools()
     tools = [registry[name] for name in goal.tools or registry.names]
-    return instructions([*tools, *goal.client_tools], system)
+    return instructions([*goal.client_tools, *tools], system)
 
 
 def run_goal(stub: pb_grpc.AgentLoopServiceStub, goal: Goal, system: str,

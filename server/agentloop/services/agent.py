@@ -485,7 +485,7 @@ class AgentService:
         calls = client_calls or ClientToolCalls()
         server_tools = [self.tools[name] for name in run.tools]
         state = _RunState(
-            system=instructions([*server_tools, *run.client_tools], run.system),
+            system=instructions([*run.client_tools, *server_tools], run.system),
             schema=action_schema(server_tools, run.client_tools),
             conversation=(*run.messages, ChatMessage(Role.USER, run.goal)),
             model=run.model,

@@ -153,15 +153,15 @@ class Calculator:
     """Arithmetic on numbers, parsed with `ast` (never `eval`), with bounded sizes."""
 
     name = "calculator"
-    # No example expression here: a small model copies it instead of the user's.
+    # No example expression here, and no description of the argument: a small model
+    # copies either into the call instead of the user's expression.
     description = (
         "Evaluates an arithmetic expression with numbers, parentheses and the operators "
         "+ - * / // % ** and returns the result."
     )
     parameters: Mapping[str, Any] = {
         "type": "object",
-        "properties": {"expression": {"type": "string",
-                                      "description": "the arithmetic expression"}},
+        "properties": {"expression": {"type": "string"}},
         "required": ["expression"],
         "additionalProperties": False,
     }
