@@ -2,10 +2,11 @@
 
 Gemma 3n has no native tool calling in Ollama, so the loop asks the model for its next
 action as structured output: `format` carries a JSON Schema that allows either a tool call
-`{"thought", "tool", "arguments"}` of a tool the run allows or a final answer
-`{"thought", "final_answer"}` (`action_schema`). The loop validates every reply itself (a reply that
-fails gets one repair turn showing the error, then the run stops with MODEL_ERROR), runs
-the tool, and shows the result to the model as an observation in the next turn. The
+`{"tool", "arguments", "thought"?}` of a tool the run allows or a final answer
+`{"final_answer", "thought"?}` (`action_schema`). The loop validates every reply itself
+(a reply that fails gets one repair turn showing the error, then the run stops with
+MODEL_ERROR), runs the tool, and shows the result to the model as an observation in the
+next turn. The
 conversation only grows (every reply, repair turn and result is appended), so each model
 call's prompt starts with the previous one's and the engine's prefix cache serves it.
 A final answer's text streams out (`AnswerDelta`) while the model writes the action.
@@ -711,4 +712,3 @@ class AgentService:
         if result.error is not None:
             return _Observation(result.error, is_error=True)
         return _Observation(result.output or "")
-
