@@ -6,9 +6,9 @@ action as structured output: `format` carries a JSON Schema that allows either a
 `{"final_answer", "thought"?}` (`action_schema`). The loop validates every reply itself
 (a reply that fails gets one repair turn showing the error, then the run stops with
 MODEL_ERROR), runs the tool, and shows the result to the model as an observation in the
-next turn. The
-conversation only grows (every reply, repair turn and result is appended), so each model
-call's prompt starts with the previous one's and the engine's prefix cache serves it.
+next turn. The conversation only grows (every reply, repair turn and result is appended),
+so each model call's prompt starts with the previous one's and the engine's prefix cache
+serves it.
 A final answer's text streams out (`AnswerDelta`) while the model writes the action.
 
 The loop only talks to `GenerationService`, so it runs on every engine and every model
