@@ -413,9 +413,24 @@ def test_client_tool_schemas_that_are_not_plain_share_a_free_form_branch():
     fancy = ClientTool("fancy", parameters={"type": "object", "patternProperties": {}})
     deep = ClientTool("deep", parameters=json.loads(
         '{"type": "object", "properties": {"a": ' * 6 + "{}" + "}}" * 6))
-    branches = tool_branches(action_schema([], [plain, fancy, deep]))
+    nullable = ClientTool("nullable", parameters={"type": "object", "properties": {
+        "name": {"type": ["string", "null"]}}})
+    branches = tool_branches(action_schema([], [plain, fancy, deep, nullable]))
     assert branches == {"plain": plain.parameters, "fancy": {"type": "object"},
-                        "deep": {"type": "object"}}
+                        "deep": {"type": "object"}, "nullable": {"type": "object"}}
+
+
+async def test_a_client_tool_with_a_list_of_types_runs(stub, fake_ollama):
+    # A valid schema ({"type": ["string", "null"]}) that is not plain: it used to end
+    # the call with INTERNAL.
+    nullable = pb.ClientTool(name="lookup_order", parameters_json_schema=json.dumps({
+        "type": "object", "properties": {"order_id": {"type": ["string", "null"]}}}))
+    fake_ollama.enqueue(ANSWER)
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(start(client_tools=[nullable]))
+    await call.done_writing()
+    events = [event async for event in call]
+    assert events[-1].finished.final_answer == "391"
 
 
 async def test_the_answer_streams_as_the_model_writes_it(stub, fake_ollama):

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -47,6 +48,7 @@ from agentloop.domain import (
 from agentloop.errors import (
     AgentLoopError,
     BackendRejected,
+    DeadlineExceeded,
     EngineRestarting,
     InvalidArgument,
     ShuttingDown,
@@ -54,7 +56,7 @@ from agentloop.errors import (
 from agentloop.server import RunningServer, start_server
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import wait_until
-from helpers import client_stub, gateway_settings, rich_details, running_gateway
+from helpers import bad_fields, client_stub, gateway_settings, rich_details, running_gateway
 
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]
 
@@ -266,6 +268,62 @@ async def test_a_request_that_holds_the_engine_without_progress_is_cut(gateway, 
 
     assert any("no progress" in r.getMessage() for r in caplog.records
                if r.levelno == logging.WARNING), caplog.text
+
+
+async def test_a_grammar_build_that_never_ends_restarts_the_engine(gateway, caplog):
+    # llama-cpp-python's converter loops forever on a stray `]` (the gateway refuses such
+    # patterns; straight to the engine here). The build holds a builder thread for good,
+    # even once its request is gone (here: its deadline passed): the watchdog replaces
+    # the child.
+    engine = engine_of(gateway)
+    await wait_until(lambda: gateway.health.ready, timeout=120)
+    pid = engine.engine_pid
+    assert pid is not None
+    request = GenerationRequest(
+        model="", prompt="A value, as JSON:",
+        options=SamplingOptions(temperature=0, top_p=0.9, top_k=40, max_tokens=16,
+                                repeat_penalty=1.1, num_ctx=2048, seed=1),
+        format=ResponseFormat(OutputFormat.JSON_SCHEMA, {"type": "string", "pattern": "^]$"}),
+        deadline=time.monotonic() + 1.0)
+    with pytest.raises(DeadlineExceeded):
+        async for _ in engine.stream(request):
+            pass
+    await assert_serves_again(gateway, pid)
+
+    assert any("grammar build" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING), caplog.text
+
+
+async def test_a_schema_the_converter_refuses_names_the_field(gateway):
+    # Within the gateway's limits, but not what llama.cpp's converter takes (a pattern
+    # must be anchored there): INVALID_ARGUMENT naming the field, not only an ErrorInfo.
+    await wait_until(lambda: gateway.health.ready, timeout=120)
+    schema = {"type": "string", "pattern": "[a-z]+"}
+    async with client_stub(gateway.address) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Generate(pb.GenerateRequest(prompt="hi", format=pb.ResponseFormat(
+                type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(schema))),
+                timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(raised.value) == {"format.json_schema"}
+
+
+async def test_a_client_tool_schema_the_converter_refuses_names_the_client_tools(gateway):
+    # A plain schema goes into the action schema's grammar; one the converter refuses
+    # (an empty enum) is the client's: INVALID_ARGUMENT naming its tools.
+    await wait_until(lambda: gateway.health.ready, timeout=120)
+    tool = pb.ClientTool(name="pick", parameters_json_schema=json.dumps(
+        {"type": "object", "properties": {"choice": {"enum": []}}}))
+    async with client_stub(gateway.address) as stub:
+        call = stub.StreamRunAgent(timeout=60)
+        await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(
+            goal="Pick one.", client_tools=[tool])))
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in call:
+                pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(raised.value) == {"start.client_tools"}
 
 
 async def test_parallelism_is_the_engine_slot_count(gateway):

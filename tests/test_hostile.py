@@ -123,6 +123,14 @@ HOSTILE_SCHEMAS = {
         "a": {"type": "string", "pattern": "^(a?){300}$"}}, "required": ["a"]},
     "repeated star pair": {"type": "string", "pattern": "^([a-z]*[a-z]*){20}$"},
     "run of optionals": {"type": "string", "pattern": "^" + "a?" * 20 + "$"},
+    # A `]` or `}` that opens nothing: regular expressions read it as a literal, while
+    # llama-cpp-python's converter loops on it forever (holding a grammar builder).
+    "stray bracket": {"type": "string", "pattern": "^]$"},
+    "stray brace": {"type": "string", "pattern": "^a}$"},
+    "bracket first in a set": {"type": "string", "pattern": "^[^]a]$"},
+    # A lone surrogate: no UTF-8 for RE2 (it used to end in INTERNAL).
+    "lone surrogate pattern": {"type": "string", "pattern": "^\ud800$"},
+    "lone surrogate property pattern": {"type": "object", "patternProperties": {"\ud800": {}}},
     "ref chain too deep": {"$defs": {**{
         f"c{i}": {"properties": {"n": {"$ref": f"#/$defs/c{i + 1}"}}} for i in range(40)},
         "c40": {"type": "string"}}, "$ref": "#/$defs/c0"},
@@ -180,7 +188,8 @@ async def test_schemas_within_the_limits_still_pass(stub, fake_ollama):
 
 @pytest.mark.parametrize("pattern", ["^[A-Z]{3}-\\d{4}$", "^(ab|cd)+$", "^[a-z]{1,50}$",
                                      "^\\d{3}(-\\d{2})?$", "^[^a]+$",
-                                     "^[^\\x00-\\x1f]+$"])
+                                     "^[^\\x00-\\x1f]+$", "^\\]$", "^a\\}$",
+                                     "^[a\\]]+$"])
 async def test_ordinary_patterns_pass(stub, fake_ollama, pattern):
     schema = {"type": "string", "pattern": pattern}
     request = pb.GenerateRequest(prompt="hi", format=pb.ResponseFormat(

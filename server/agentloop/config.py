@@ -249,8 +249,9 @@ class Settings:
     )
     embedded_stall_timeout: float = _setting(
         30.0,
-        "seconds the embedded engine's process may go without a heartbeat, or without "
-        "progress while generations run, before it is killed and restarted",
+        "seconds the embedded engine's process may go without a heartbeat, without "
+        "progress while generations run, or building one grammar, before it is killed "
+        "and restarted",
         group="embedded", above=0,
     )
 

@@ -17,6 +17,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "agentloop.v1"
+#: The request field of a JSON Schema for the output (Generate, StreamGenerate).
+FORMAT_SCHEMA_FIELD = "format.json_schema"
 
 
 class AgentLoopError(Exception):
@@ -92,10 +94,25 @@ class InvalidArgument(AgentLoopError):
 
 
 class BackendRejected(AgentLoopError):
-    """The backend refused the request as malformed (Ollama 400)."""
+    """The backend refused the request as malformed (Ollama 400). When the backend knows
+    which field it refused (a schema its grammar converter cannot take), a BadRequest
+    names it beside the ErrorInfo."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "BACKEND_REJECTED_REQUEST"
+
+    def __init__(self, message: str, *, field: str = "",
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        self.field = field
+
+    def details(self) -> list[any_pb2.Any]:
+        if not self.field:
+            return super().details()
+        bad_request = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=self.field,
+                                                        description=self.message[:300])])
+        return [*super().details(), _pack(bad_request)]
 
 
 class ModelNotFound(AgentLoopError):

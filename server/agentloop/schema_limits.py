@@ -271,13 +271,45 @@ def _check_pattern(pattern: str, where: str) -> None:
     try:
         _compiled(pattern)
         parsed = sre_parse.parse(pattern)
+    except UnicodeError:  # a lone surrogate ("\ud800"): not text RE2 can read
+        raise SchemaRefused(f"{where} must be valid Unicode (no lone surrogates)") from None
     except (re2.error, re.error, RecursionError, OverflowError):
         raise SchemaRefused(
             f"{where} {pattern!r} is not a regular expression RE2 runs in linear time "
             "(no lookaround, no backreferences, repetitions up to {1000})") from None
-    problem = _grammar_problem(parsed)
+    problem = _grammar_problem(parsed) or _unescaped_closer(pattern)
     if problem:
         raise SchemaRefused(f"{where} {pattern!r}: {problem}")
+
+
+def _unescaped_closer(pattern: str) -> str | None:
+    """A `]` or `}` that opens nothing, read as llama.cpp's pattern converter reads it.
+
+    Regular expressions take a stray `]` or `}` (and a `]` first in a set, `[]a]`) as a
+    literal; llama-cpp-python's converter loops forever on one, holding a grammar builder
+    of the engine for good. Its reading: an escape is two characters, a set ends at the
+    first unescaped `]`, a repetition at the first `}`."""
+    body = pattern.removeprefix("^").removesuffix("$")
+    index = 0
+    while index < len(body):
+        char = body[index]
+        if char == "\\":
+            index += 2
+        elif char == "[":
+            index += 1
+            while index < len(body) and body[index] != "]":
+                index += 2 if body[index] == "\\" else 1
+            index += 1
+        elif char == "{":
+            index = body.find("}", index)
+            if index < 0:
+                return None  # the converter refuses an unclosed repetition itself
+            index += 1
+        elif char in "]}":
+            return f"a {char!r} that opens nothing must be escaped (\\{char})"
+        else:
+            index += 1
+    return None
 
 
 # What a pattern may not ask of a grammar engine (llama.cpp's, Ollama's): a control
@@ -432,7 +464,10 @@ def _compiled(pattern: str) -> Any:
 
 
 def _search(pattern: str, text: str) -> bool:
-    return _compiled(pattern).search(text) is not None
+    try:
+        return _compiled(pattern).search(text) is not None
+    except UnicodeError:  # text with a lone surrogate (a JSON "\ud800") matches nothing
+        return False
 
 
 def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:

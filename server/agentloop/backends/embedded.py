@@ -479,7 +479,8 @@ class EmbeddedBackend:
         return None
 
     async def _watch(self, child: _EngineProcess) -> None:
-        """Kill a child that is silent, or that makes no progress while it has jobs."""
+        """Kill a child that is silent, that makes no progress while it has jobs, or whose
+        grammar build never ends (it would hold a builder thread for good)."""
         limit = self._stall_timeout
         while True:
             await asyncio.sleep(limit / 4)
@@ -488,6 +489,9 @@ class EmbeddedBackend:
                 child.kill(f"no heartbeat for {limit:g}s")
             elif (running := self._running()) and now - child.progressed_at > limit:
                 child.kill(f"no progress for {limit:g}s with {running} generation(s) running")
+            elif child.stats is not None and child.stats.building_since is not None \
+                    and now - child.stats.building_since > limit:
+                child.kill(f"a grammar build ran for over {limit:g}s")
             else:
                 continue
             return

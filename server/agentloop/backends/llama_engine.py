@@ -46,6 +46,7 @@ from agentloop.domain import (
     Usage,
 )
 from agentloop.errors import (
+    FORMAT_SCHEMA_FIELD,
     AgentLoopError,
     BackendProtocolError,
     BackendRejected,
@@ -99,6 +100,9 @@ class EngineStats:
     cache_tokens: int  # tokens the slots' KV cache holds
     cache_capacity: int
     steps: int = 0  # decode steps since load: progress, for a watchdog
+    #: time.monotonic() when the oldest grammar build still running began (None: none runs).
+    #: A build that never ends holds its builder thread for good: the watchdog's concern.
+    building_since: float | None = None
 
 
 # --- stop strings ------------------------------------------------------------------------
@@ -238,6 +242,7 @@ class Engine:
         self._builders: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self._steps = 0
+        self._building: dict[str, float] = {}  # grammar key -> when its build began
         self._load_seconds = 0.0
         self._load_reported = False
         self._piece = ctypes.create_string_buffer(256)
@@ -389,6 +394,7 @@ class Engine:
             cache_tokens=sum(len(slot.cached) for slot in slots),
             cache_capacity=self._slot_ctx * len(slots),
             steps=self._steps,
+            building_since=min(self._building.values(), default=None),
         )
 
     def _wake(self) -> None:
@@ -771,18 +777,30 @@ class Engine:
 
     def _build_grammar(self, kind: OutputFormat, key: str) -> int:
         """A grammar sampler (the prototype each job clones); on a builder thread."""
+        self._building[key] = time.monotonic()
+        try:
+            return self._make_grammar(kind, key)
+        finally:
+            self._building.pop(key, None)
+
+    def _make_grammar(self, kind: OutputFormat, key: str) -> int:
         if kind is OutputFormat.JSON:
             text = llama_grammar.JSON_GBNF
         else:
             try:
                 text = grammar_for_schema(key)
+            except RecursionError:
+                raise BackendRejected(
+                    "the embedded engine cannot enforce this JSON schema: it has too many "
+                    "parts for the grammar converter", field=FORMAT_SCHEMA_FIELD) from None
             except Exception as exc:  # the converter raises plain Exceptions
                 raise BackendRejected(
-                    f"the embedded engine cannot enforce this JSON schema: {_clean(exc)}"
-                ) from None
+                    f"the embedded engine cannot enforce this JSON schema: {_clean(exc)}",
+                    field=FORMAT_SCHEMA_FIELD) from None
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
         if not sampler:  # llama.cpp could not parse it
-            raise BackendRejected("the embedded engine cannot enforce this JSON schema")
+            raise BackendRejected("the embedded engine cannot enforce this JSON schema",
+                                  field=FORMAT_SCHEMA_FIELD)
         return sampler
 
 

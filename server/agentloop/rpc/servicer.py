@@ -7,7 +7,10 @@ into statuses.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -103,10 +106,19 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         return list_tools_response(self._agent.tools)
 
 
+#: The one thread that reads requests carrying JSON Schemas. One: checking schemas is pure
+#: Python, so more threads only fight the event loop for the GIL (60 at once held health
+#: checks up for a second); requests wait their turn, and one cancelled meanwhile is dropped.
+_SCHEMA_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentloop-schemas")
+
+
 async def _read(carries_schemas: bool, read: Callable[..., T], *args: Any) -> T:
     """Read a request into its domain form. Checking a caller's JSON Schemas can take a
     while within the limits (the meta-schema, every subschema), so a request carrying them
-    is read on a worker thread: the event loop, health checks included, keeps running."""
+    is read on the schema reader's thread: the event loop, health checks included, keeps
+    running."""
     if carries_schemas:
-        return await asyncio.to_thread(read, *args)
+        context = contextvars.copy_context()  # as asyncio.to_thread does: spans, logs
+        return await asyncio.get_running_loop().run_in_executor(
+            _SCHEMA_READER, functools.partial(context.run, read, *args))
     return read(*args)

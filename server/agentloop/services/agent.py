@@ -46,7 +46,7 @@ from agentloop.domain import (
     StopReason,
     Usage,
 )
-from agentloop.errors import Cancelled
+from agentloop.errors import FORMAT_SCHEMA_FIELD, BackendRejected, Cancelled
 from agentloop.schema_limits import first_error, load_json
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import (
@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 REPAIR_TURNS = 1
 #: Seconds kept back from the client's deadline to send the result before it passes.
 DEADLINE_RESERVE = 0.25
+#: Where a StartAgentRun carries the client's tools (and their schemas).
+CLIENT_TOOLS_FIELD = "start.client_tools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +230,9 @@ def is_plain_schema(schema: Any, depth: int = 0) -> bool:
     """Is this schema made only of keywords and types every grammar converter handles?"""
     if not isinstance(schema, Mapping) or depth > _PLAIN_DEPTH:
         return False
-    if not set(schema) <= _PLAIN_KEYWORDS or schema.get("type", "object") not in _PLAIN_TYPES:
+    kind = schema.get("type", "object")  # a list of types (["string", "null"]) is not plain
+    if not set(schema) <= _PLAIN_KEYWORDS or not isinstance(kind, str) \
+            or kind not in _PLAIN_TYPES:
         return False
     properties = schema.get("properties", {})
     if not isinstance(properties, Mapping):
@@ -641,6 +645,13 @@ class AgentService:
                                       "the deadline came before the model answered") from None
                 except Cancelled as exc:
                     raise _StepFailed(StopReason.CANCELLED, exc.message) from None
+                except BackendRejected as exc:
+                    # The action schema is the run's own but for the client's tools: an
+                    # engine that cannot enforce it was given a client schema it cannot take.
+                    if exc.field == FORMAT_SCHEMA_FIELD and run.client_tools:
+                        raise BackendRejected(exc.message, field=CLIENT_TOOLS_FIELD,
+                                              metadata=exc.metadata) from None
+                    raise
                 except StopAsyncIteration:
                     raise RuntimeError("the generation ended without its report") from None
                 if isinstance(item, str):
