@@ -14,6 +14,8 @@ import contextlib
 import gc
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -196,6 +198,30 @@ async def test_ordinary_patterns_pass(stub, fake_ollama, pattern):
         type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)))
     await stub.Generate(request, timeout=5)
     assert fake_ollama.generation_requests[-1]["format"] == schema
+
+
+# Patterns the limits let through, with escapes, sets and repetitions next to `]` and `}`,
+# and patterns refused for a stray one: llama-cpp-python's converter must finish on the
+# first (it loops forever on the second), whatever version is installed.
+CONVERTER_SAFE = ["^\\]$", "^a\\}$", "^[a\\]]+$", "^a{2}b{1,3}$", "^[}]$", "^(a|b)\\]{2}$",
+                  "^[\\]a]*$", "^x{1,}$"]
+CONVERTER_LOOPS = ["^]$", "^a}$", "^[^]a]$", "^[]a]$", "^a{2}}$"]
+
+
+def test_patterns_let_through_are_ones_the_grammar_converter_finishes():
+    for pattern in CONVERTER_LOOPS:
+        with pytest.raises(ValueError, match="opens nothing"):
+            parse_schema(json.dumps({"type": "string", "pattern": pattern}))
+    for pattern in CONVERTER_SAFE:
+        parse_schema(json.dumps({"type": "string", "pattern": pattern}))
+    pytest.importorskip("llama_cpp.llama_grammar")
+    script = ("import json, sys\n"
+              "from llama_cpp.llama_grammar import json_schema_to_gbnf\n"
+              "for pattern in json.loads(sys.argv[1]):\n"
+              "    json_schema_to_gbnf(json.dumps({'type': 'string', 'pattern': pattern}))\n")
+    # Its own process: a loop there can be killed at the timeout.
+    subprocess.run([sys.executable, "-c", script, json.dumps(CONVERTER_SAFE)], check=True,
+                   timeout=60)
 
 
 async def test_hundreds_of_bad_client_tools_get_a_bounded_invalid_argument(stub, fake_ollama):
