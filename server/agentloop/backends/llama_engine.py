@@ -394,7 +394,7 @@ class Engine:
             cache_tokens=sum(len(slot.cached) for slot in slots),
             cache_capacity=self._slot_ctx * len(slots),
             steps=self._steps,
-            building_since=min(self._building.values(), default=None),
+            building_since=min(tuple(self._building.values()), default=None),
         )
 
     def _wake(self) -> None:
