@@ -582,3 +582,53 @@ async def test_a_number_too_large_for_the_schema_is_an_observation(stub, fake_ol
     result = next(e.tool_result for e in events if e.WhichOneof("event") == "tool_result")
     assert result.is_error and "too large" in result.observation
     assert events[-1].finished.final_answer == "done"
+
+
+async def test_counts_past_their_caps_are_refused_without_a_look_at_each(stub, fake_ollama):
+    # Millions of messages, images, stop strings or tool names (a few KB compressed) held
+    # the event loop for seconds while each was checked: one violation for the count.
+    many_messages = pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER)] * 20_000)
+    many_images = pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, content="x",
+                                                          images=[b""] * 20_000)])
+    many_stops = pb.GenerateRequest(prompt="hi", options=pb.GenerationOptions(stop=[""] * 20_000))
+    for request, field in ((many_messages, "messages"), (many_images, "messages.images"),
+                           (many_stops, "options.stop")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Generate(request, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_fields(raised.value) == {field}
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.RunAgent(pb.RunAgentRequest(goal="go", tools=["nope"] * 20_000), timeout=10)
+    assert bad_fields(raised.value) == {"tools"}
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.RunAgent(pb.RunAgentRequest(goal="go", tools=["nope"] * 200), timeout=10)
+    assert len(bad_fields(raised.value)) <= 21  # the first 20 unknown names, then a count
+    assert fake_ollama.generation_requests == []
+
+
+async def test_a_model_name_with_a_final_newline_is_invalid(stub, fake_ollama):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Generate(pb.GenerateRequest(prompt="hi", model="gemma3n:e2b\n"), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(raised.value) == {"model"}
+
+
+async def test_every_watcher_hears_a_change_after_another_watcher_of_it_left(gateway):
+    # grpcio's servicer forgot a name's watchers when any one of them ended: a client that
+    # cancelled its own Watch kept every other client from hearing of a drain.
+    servicer = gateway.health.servicer
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        staying = health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
+        leaving = health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
+        try:
+            assert (await staying.read()).status == SERVING
+            assert (await leaving.read()).status == SERVING
+            leaving.cancel()
+            await wait_until(lambda: servicer._watchers["readiness"] == 1, timeout=10)
+            await servicer.set("readiness", health_pb2.HealthCheckResponse.NOT_SERVING)
+            reply = await asyncio.wait_for(staying.read(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            staying.cancel()
+            await servicer.set("readiness", SERVING)

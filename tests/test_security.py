@@ -6,6 +6,8 @@ import datetime
 import ipaddress
 import logging
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -17,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agentloop.config import SettingsError
-from agentloop.rpc.auth import ApiKeys, TokenBuckets
+from agentloop.rpc.auth import ApiKeys, AuthInterceptor, RefusalLog, TokenBuckets
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from fake_ollama import FakeOllama, Script
@@ -73,7 +75,19 @@ async def test_calls_without_a_valid_key_are_unauthenticated(secured, fake_ollam
                 assert rich_details(error)["ErrorInfo"].reason == "UNAUTHENTICATED"
     assert fake_ollama.generation_requests == []
     assert "wrong-key" not in caplog.text, "a presented key must never be logged"
-    assert "refused /agentloop.v1.AgentLoopService/Generate" in caplog.text
+    # Twelve refusals, one line: a flood of made-up keys must not flood the log.
+    assert caplog.text.count("refused /agentloop.v1.AgentLoopService/") == 1, caplog.text
+
+
+def test_the_refusal_log_says_how_many_calls_it_did_not_log(caplog):
+    now = [0.0]
+    refusals = RefusalLog(interval=10.0, clock=lambda: now[0])
+    for _ in range(5):
+        refusals.warn("/agentloop.v1.AgentLoopService/Generate", "ipv4:10.0.0.1:1", "invalid")
+    now[0] = 10.0
+    refusals.warn("/agentloop.v1.AgentLoopService/Generate", "ipv4:10.0.0.1:1", "missing")
+    lines = [r.getMessage() for r in caplog.records if r.name == "agentloop.rpc.auth"]
+    assert len(lines) == 2 and lines[1].endswith("(4 more refused since the last line)"), lines
 
 
 @pytest.mark.parametrize("key", ["env-key", "key-from-file-1", "key-from-file-2"])
@@ -339,3 +353,28 @@ def test_tls_settings_go_together(pki):
         gateway_settings(tls_cert=str(pki.directory / "server.pem"))
     with pytest.raises(SettingsError, match="AGENTLOOP_TLS_CLIENT_CA"):
         gateway_settings(tls_client_ca=str(pki.ca))
+
+
+async def test_a_call_without_a_valid_key_is_refused_before_its_request_is_parsed():
+    # Millions of messages in a request cost seconds to parse: a caller without a key
+    # must not get that far. The refusing handler reads the request's bytes as nothing.
+    parsed: list[bytes] = []
+
+    def parse(data: bytes) -> pb.GenerateRequest:
+        parsed.append(data)
+        return pb.GenerateRequest.FromString(data)
+
+    async def continuation(_details: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: None,
+                                                   request_deserializer=parse)
+
+    interceptor = AuthInterceptor(ApiKeys(["right-key"]), exempt=())
+    details = SimpleNamespace(method="/agentloop.v1.AgentLoopService/Generate",
+                              invocation_metadata=(("authorization", "Bearer wrong-key"),))
+    handler = await interceptor.intercept_service(continuation, details)
+    assert handler.request_deserializer(pb.GenerateRequest(prompt="x").SerializeToString()) \
+        is None
+    assert parsed == []
+    details.invocation_metadata = (("authorization", "Bearer right-key"),)
+    handler = await interceptor.intercept_service(continuation, details)
+    assert handler.request_deserializer(b"").prompt == "" and len(parsed) == 1

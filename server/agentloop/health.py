@@ -10,8 +10,10 @@ the backend up (loads the model), so readiness means "answers without a cold sta
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from agentloop.backends.base import Backend
@@ -29,12 +31,46 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio's asyncio health servicer, with Watch fixed for several watchers of one name.
+
+    grpcio's Watch drops the condition a service's watchers share as soon as any one of
+    them ends: the others (other replicas' clients, a probe that reconnected) never hear
+    of a change again, a drain included. Here it is dropped when the last one ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watchers: collections.Counter[str] = collections.Counter()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        service = request.service
+        self._watchers[service] += 1
+        try:
+            condition = self._server_watchers[service]
+            last = None
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    # As in grpcio: a watcher gets the latest status, not every one.
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    await condition.wait()
+        finally:
+            self._watchers[service] -= 1
+            if self._watchers[service] <= 0:
+                del self._watchers[service]
+                self._server_watchers.pop(service, None)
+
+
 class HealthReporter:
     """Owns the health servicer's statuses and the task that refreshes readiness."""
 
     def __init__(self, backend: Backend, model: str, interval: float,
                  warm_up: bool = False) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = HealthServicer()
         self._backend = backend
         self._model = model
         self._interval = interval

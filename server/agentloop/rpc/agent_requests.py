@@ -27,6 +27,8 @@ from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, ClientTool, ToolRegi
 from agentloop.v1 import agentloop_pb2 as pb
 
 MAX_CLIENT_TOOLS = 64
+#: Server tool names a run may list (there are a handful; repeats are allowed).
+MAX_TOOL_NAMES = 256
 
 T = TypeVar("T")
 
@@ -104,7 +106,7 @@ def _agent_run(
         violations.append(("goal", "must not be empty"))
     messages = chat_messages(message.messages, "messages", settings, violations)
     text_bytes = sum(len(text.encode()) for text in (
-        message.goal, message.system, *(m.content for m in message.messages),
+        message.goal, message.system, *(m.content for m in messages),
         *(t.description + json.dumps(t.parameters) for t in client_tools),
     ))
     if text_bytes > settings.max_prompt_bytes:
@@ -112,10 +114,15 @@ def _agent_run(
             "goal", f"goal, system, messages and tools are {text_bytes} bytes; "
                     f"the limit is {settings.max_prompt_bytes}",
         ))
-    for index, name in enumerate(message.tools):
-        if name not in registry:
-            violations.append((f"tools[{index}]", f"unknown server tool {name!r}; the server has "
-                                                  f"{', '.join(registry.names) or 'none'}"))
+    # Counted first: millions of names are refused without a look (and a message) at each.
+    tool_names = list(message.tools) if len(message.tools) <= MAX_TOOL_NAMES else []
+    if len(message.tools) > MAX_TOOL_NAMES:
+        violations.append(("tools", f"{len(message.tools)} tool names; the limit is "
+                                    f"{MAX_TOOL_NAMES}"))
+    unknown = [(index, name) for index, name in enumerate(tool_names) if name not in registry]
+    for index, name in unknown[:InvalidArgument.MAX_VIOLATIONS]:
+        violations.append((f"tools[{index}]", f"unknown server tool {name[:64]!r}; the server "
+                                              f"has {', '.join(registry.names) or 'none'}"))
     if message.max_steps < 0:
         violations.append(("max_steps", "must be >= 0 (0 means the server's default)"))
     check_model(message.model, violations)
@@ -125,7 +132,7 @@ def _agent_run(
         model=message.model or default_model,
         options=resolve_options(options, settings),
         max_steps=min(message.max_steps or settings.agent_default_steps, settings.agent_max_steps),
-        tools=tuple(dict.fromkeys(message.tools)) or registry.names,
+        tools=tuple(dict.fromkeys(tool_names)) or registry.names,
         system=message.system,
         messages=messages,
         client_tools=client_tools,

@@ -91,6 +91,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys, exempt: Iterable[str]) -> None:
         self._keys = keys
         self._exempt = frozenset(exempt)
+        self._refusals = RefusalLog()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -98,17 +99,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or service_of(handler_call_details.method) in self._exempt:
             return handler
-        return guarded(handler, lambda context: self._check(handler_call_details, context))
-
-    def _check(self, details: grpc.HandlerCallDetails,
-               context: grpc.aio.ServicerContext) -> AgentLoopError | None:
-        key = bearer_token(details.invocation_metadata)
+        # Decided from the metadata alone, before the request is read: a call without a
+        # valid key never has its message parsed (millions of messages cost seconds).
+        key = bearer_token(handler_call_details.invocation_metadata)
         if key is not None and self._keys.accepts(key):
-            return None
+            return handler
         why = "missing" if key is None else "invalid"
-        log.warning("refused %s from %s: %s API key", details.method, context.peer(), why)
-        return Unauthenticated(
-            f"{why} API key: send the metadata 'authorization: Bearer <key>'")
+        method = handler_call_details.method
+
+        def refuse(context: grpc.aio.ServicerContext) -> AgentLoopError:
+            self._refusals.warn(method, context.peer(), why)
+            return Unauthenticated(
+                f"{why} API key: send the metadata 'authorization: Bearer <key>'")
+
+        return refused(handler, refuse)
 
 
 class TokenBuckets:
@@ -167,6 +171,52 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         if key is not None:
             return "key:" + _digest(key).hex()
         return "peer:" + context.peer().rpartition(":")[0]
+
+
+class RefusalLog:
+    """A warning per refused call, but at most one line per `interval` seconds: a flood of
+    calls with made-up keys must not flood the log (the next line counts the rest)."""
+
+    def __init__(self, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._quiet_until = float("-inf")
+        self._unlogged = 0
+
+    def warn(self, method: str, peer: str, why: str) -> None:
+        now = self._clock()
+        if now < self._quiet_until:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
+        log.warning("refused %s from %s: %s API key%s", method, peer, why, more)
+        self._unlogged, self._quiet_until = 0, now + self._interval
+
+
+def _unread(_data: bytes) -> None:
+    """The request deserializer of a refused call: its bytes are never parsed."""
+    return None
+
+
+def refused(handler: grpc.RpcMethodHandler, refuse: Callable[[grpc.aio.ServicerContext],
+            AgentLoopError]) -> grpc.RpcMethodHandler:
+    """The handler of a call refused before it is read: refuse's error, nothing parsed."""
+
+    def wrap_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort_with(context, refuse(context))
+
+        return unary
+
+    def wrap_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort_with(context, refuse(context))
+            yield  # pragma: no cover (abort raises): makes this an async generator
+
+        return streaming
+
+    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=_unread)
 
 
 def guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:

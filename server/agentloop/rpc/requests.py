@@ -78,7 +78,7 @@ def generation_request(
     elif not message.messages and not prompt.strip():
         violations.append(("prompt", "must not be empty (or set messages instead)"))
     text_bytes = len(prompt.encode()) + len(message.system.encode()) + sum(
-        len(m.content.encode()) for m in message.messages
+        len(m.content.encode()) for m in messages  # () when there were too many
     )
     if text_bytes > settings.max_prompt_bytes:
         violations.append((
@@ -104,10 +104,19 @@ def generation_request(
 def chat_messages(
     messages: list[pb.Message], path: str, settings: Settings, violations: Violations
 ) -> tuple[ChatMessage, ...]:
-    """Validate chat messages: known roles, content present, size limits."""
+    """Validate chat messages: known roles, content present, size limits.
+
+    Counts are checked first and end the check: a request of millions of messages (or
+    images) is refused without a look at each, which held the event loop for seconds."""
     if len(messages) > settings.max_messages:
         violations.append((path, f"{len(messages)} messages; the limit is {settings.max_messages}"))
-    image_bytes = images = 0
+        return ()
+    images = sum(len(message.images) for message in messages)
+    if images > settings.max_images:
+        violations.append((
+            f"{path}.images", f"{images} images; the limit is {settings.max_images}"))
+        return ()
+    image_bytes = 0
     converted = []
     for index, message in enumerate(messages):
         role = _ROLES.get(message.role)
@@ -118,12 +127,8 @@ def chat_messages(
             violations.append((f"{path}[{index}].content", "must not be empty"))
         if any(not image for image in message.images):
             violations.append((f"{path}[{index}].images", "images must not be empty"))
-        images += len(message.images)
         image_bytes += sum(len(image) for image in message.images)
         converted.append(ChatMessage(role, message.content, tuple(message.images)))
-    if images > settings.max_images:
-        violations.append((
-            f"{path}.images", f"{images} images; the limit is {settings.max_images}"))
     if image_bytes > settings.max_image_bytes:
         violations.append((
             f"{path}.images",
@@ -133,7 +138,7 @@ def chat_messages(
 
 
 def check_model(model: str, violations: Violations) -> None:
-    if model and not _MODEL_NAME.match(model):
+    if model and not _MODEL_NAME.fullmatch(model):  # not match: "$" passes a final "\n"
         violations.append(("model", "must be a model name like gemma3n:e2b"))
 
 
@@ -152,11 +157,11 @@ def requested_options(
         problem = bounds.problem(getattr(options, name), settings) if present(name) else None
         if problem:
             bad(name, problem)
-    if len(options.stop) > MAX_STOP_SEQUENCES:
+    if len(options.stop) > MAX_STOP_SEQUENCES:  # counted first: millions are not each read
         bad("stop", f"at most {MAX_STOP_SEQUENCES} stop strings")
-    if any(not stop for stop in options.stop):
+    elif any(not stop for stop in options.stop):
         bad("stop", "stop strings must not be empty")
-    if any(len(stop) > MAX_STOP_CHARS for stop in options.stop):
+    elif any(len(stop) > MAX_STOP_CHARS for stop in options.stop):
         bad("stop", f"stop strings are limited to {MAX_STOP_CHARS} characters")
     return RequestedOptions(
         temperature=options.temperature if present("temperature") else None,
@@ -164,7 +169,7 @@ def requested_options(
         top_k=options.top_k if present("top_k") else None,
         max_tokens=options.max_tokens if present("max_tokens") else None,
         seed=options.seed if present("seed") else None,
-        stop=tuple(options.stop),
+        stop=tuple(options.stop) if len(options.stop) <= MAX_STOP_SEQUENCES else (),
         repeat_penalty=options.repeat_penalty if present("repeat_penalty") else None,
         num_ctx=options.num_ctx if present("num_ctx") else None,
     )
