@@ -119,10 +119,11 @@ def _agent_run(
     if len(message.tools) > MAX_TOOL_NAMES:
         violations.append(("tools", f"{len(message.tools)} tool names; the limit is "
                                     f"{MAX_TOOL_NAMES}"))
-    unknown = [(index, name) for index, name in enumerate(tool_names) if name not in registry]
-    for index, name in unknown[:InvalidArgument.MAX_VIOLATIONS]:
-        violations.append((f"tools[{index}]", f"unknown server tool {name[:64]!r}; the server "
-                                              f"has {', '.join(registry.names) or 'none'}"))
+    known = ", ".join(registry.names) or "none"
+    for index, name in enumerate(tool_names):
+        if name not in registry:
+            violations.append((f"tools[{index}]",
+                               f"unknown server tool {name[:64]!r}; the server has {known}"))
     if message.max_steps < 0:
         violations.append(("max_steps", "must be >= 0 (0 means the server's default)"))
     check_model(message.model, violations)

@@ -22,7 +22,13 @@ from cachetools import TTLCache
 
 from agentloop.config import Settings, SettingsError, env_name, flag_name, parse_list
 from agentloop.errors import AgentLoopError, ResourceExhausted, Unauthenticated
-from agentloop.rpc.interceptors import Continuation, abort_with, is_service_method, wrap_handler
+from agentloop.rpc.interceptors import (
+    Continuation,
+    abort_with,
+    is_service_method,
+    refused,
+    wrap_handler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,31 +198,6 @@ class RefusalLog:
         more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
         log.warning("refused %s from %s: %s API key%s", method, peer, why, more)
         self._unlogged, self._quiet_until = 0, now + self._interval
-
-
-def _unread(_data: bytes) -> None:
-    """The request deserializer of a refused call: its bytes are never parsed."""
-    return None
-
-
-def refused(handler: grpc.RpcMethodHandler, refuse: Callable[[grpc.aio.ServicerContext],
-            AgentLoopError]) -> grpc.RpcMethodHandler:
-    """The handler of a call refused before it is read: refuse's error, nothing parsed."""
-
-    def wrap_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_with(context, refuse(context))
-
-        return unary
-
-    def wrap_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_with(context, refuse(context))
-            yield  # pragma: no cover (abort raises): makes this an async generator
-
-        return streaming
-
-    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=_unread)
 
 
 def guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:

@@ -59,6 +59,34 @@ async def abort_with(context: grpc.aio.ServicerContext, error: AgentLoopError) -
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+def _unread(_data: bytes) -> None:
+    """The request deserializer of a refused call: its bytes are never parsed."""
+    return None
+
+
+def refused(
+    handler: grpc.RpcMethodHandler,
+    refuse: Callable[[grpc.aio.ServicerContext], AgentLoopError],
+) -> grpc.RpcMethodHandler:
+    """The handler of a call refused before it is read: refuse's error, nothing parsed
+    (a request of millions of messages costs seconds to parse)."""
+
+    def wrap_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort_with(context, refuse(context))
+
+        return unary
+
+    def wrap_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort_with(context, refuse(context))
+            yield  # pragma: no cover (abort raises): makes this an async generator
+
+        return streaming
+
+    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=_unread)
+
+
 def _as_domain_error(exc: Exception, method: str) -> AgentLoopError:
     if isinstance(exc, AgentLoopError):
         return exc
@@ -117,21 +145,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             handler_call_details.method
         ):
             return handler
-
-        def refuse_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-            async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await abort_with(context, _shutting_down())
-
-            return unary
-
-        def refuse_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await abort_with(context, _shutting_down())
-                yield  # pragma: no cover (abort raises): makes this an async generator
-
-            return streaming
-
-        return wrap_handler(handler, refuse_unary, refuse_stream)
+        return refused(handler, lambda _context: _shutting_down())
 
 
 def _shutting_down() -> ShuttingDown:
