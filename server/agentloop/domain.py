@@ -38,6 +38,30 @@ class ChatMessage:
     images: tuple[bytes, ...] = ()
 
 
+class Priority(enum.IntEnum):
+    """How much a call matters: under pressure sheddable calls go first, critical last."""
+
+    SHEDDABLE = 0
+    STANDARD = 1
+    CRITICAL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Who is calling and how the call may be served: resolved once in the rpc layer
+    (rpc.requests.call_context) and carried with every piece of work the call causes."""
+
+    #: The operator's name for the caller's tenant; "" when API keys are off (one tenant).
+    tenant: str = ""
+    #: The caller's `x-agentloop-session`: a session sticks to one endpoint of a pool.
+    session: str = ""
+    #: The caller forbids remote upstreams for this call (refused rather than sent away).
+    local_only: bool = False
+    priority: Priority = Priority.STANDARD
+    #: Engine prefix caches and the response cache are shared only within one scope.
+    cache_scope: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class RequestedOptions:
     """Sampling options as the client sent them: None means "use the server default"."""
@@ -84,6 +108,7 @@ class GenerationRequest:
     format: ResponseFormat = field(default_factory=ResponseFormat)
     # time.monotonic() value after which the caller no longer wants an answer.
     deadline: float | None = None
+    context: CallContext = CallContext()
 
     @property
     def is_chat(self) -> bool:
@@ -128,6 +153,8 @@ class GenerationEnd:
     usage: Usage
     timings: Timings
     model: str
+    #: The operator's name of the upstream that served the call ("" for a single engine).
+    upstream: str = ""
 
 
 #: What a generation stream yields: text deltas, then exactly one GenerationEnd.

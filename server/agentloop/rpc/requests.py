@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from agentloop.config import Settings
 from agentloop.domain import (
+    CallContext,
     ChatMessage,
     GenerationRequest,
     OutputFormat,
@@ -56,6 +57,27 @@ class GenerationFields(Protocol):
     format: pb.ResponseFormat
 
     def HasField(self, name: str) -> bool: ...
+
+
+#: Conversation affinity: the calls of one session go to one replica (ring_hash) and, in an
+#: upstream pool, to one endpoint (where its KV cache lives).
+SESSION_HEADER = "x-agentloop-session"
+#: A caller's "never send this call to a remote upstream", as a header (any RPC).
+LOCAL_ONLY_HEADER = "x-agentloop-local-only"
+#: Longest session id kept: the caller's text, hashed for picks, never a label.
+MAX_SESSION_CHARS = 256
+
+
+def call_context(metadata: Any) -> CallContext:
+    """Who is calling and how the call may be served, from the call's metadata."""
+    session = ""
+    local_only = False
+    for key, value in metadata or ():
+        if key == SESSION_HEADER and isinstance(value, str):
+            session = value[:MAX_SESSION_CHARS]
+        elif key == LOCAL_ONLY_HEADER and isinstance(value, str):
+            local_only = value.strip().lower() in ("1", "true", "yes")
+    return CallContext(session=session, local_only=local_only)
 
 
 def deadline_from(time_remaining: float | None) -> float | None:

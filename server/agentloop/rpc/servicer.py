@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from agentloop.config import Settings
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
-from agentloop.rpc.requests import deadline_from, generation_request
+from agentloop.rpc.requests import call_context, deadline_from, generation_request
 from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
 from agentloop.services.agent import AgentService
 from agentloop.services.generation import GenerationService
@@ -48,6 +49,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
+        generation = dataclasses.replace(
+            generation, context=call_context(context.invocation_metadata()))
         return generate_response(await self._generation.generate(generation))
 
     async def StreamGenerate(
@@ -58,6 +61,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
+        generation = dataclasses.replace(
+            generation, context=call_context(context.invocation_metadata()))
         async with aclosing(coalesced(self._generation.stream(generation))) as items:
             async for item in items:
                 yield stream_delta(item) if isinstance(item, str) else stream_end(item)
@@ -69,6 +74,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             request, self._settings, self._agent.tools, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
+        run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
         return run_agent_response(await self._agent.complete(run))
 
     async def StreamRunAgent(
@@ -83,6 +89,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             start_agent_run, start, self._settings, self._agent.tools,
             self._generation.default_model, deadline_from(context.time_remaining()),
         )
+        run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
         async with ToolResultReader(requests) as reader:
             events = reader.watch(self._agent.run(run, reader.calls))
             async with aclosing(events):

@@ -36,6 +36,7 @@ from agentloop.config import Settings
 from agentloop.domain import (
     AgentOutcome,
     AgentStep,
+    CallContext,
     ChatMessage,
     FinishReason,
     GenerationRequest,
@@ -82,6 +83,8 @@ class AgentRun:
     client_tools: tuple[ClientTool, ...] = ()
     #: time.monotonic() value after which the client no longer wants an answer.
     deadline: float | None = None
+    #: Who is calling: every model call of the run carries it.
+    context: CallContext = CallContext()
 
 
 # --- events (what StreamRunAgent sends, in this order per step) ---------------------------
@@ -628,6 +631,7 @@ class AgentService:
             format=ResponseFormat(OutputFormat.JSON_SCHEMA,
                                   _FINAL_ANSWER_SCHEMA if answer_only else state.schema),
             deadline=run.deadline,
+            context=run.context,
         )
         left = self._time_left(run)
         # Cut the call short of the client's deadline so the run can still report. The
