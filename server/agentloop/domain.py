@@ -227,3 +227,58 @@ class AgentOutcome:
     usage: Usage
     model: str
     duration: float
+
+
+# --- embeddings and token counts (Backend.embed / Backend.count_tokens) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """A batch of texts to embed, validated (caps on count and bytes already applied)."""
+
+    model: str
+    texts: tuple[str, ...]
+    #: Scale each vector to length 1 (cosine similarity becomes a dot product).
+    normalize: bool = True
+    #: Cut a text longer than the model's context instead of refusing it.
+    truncate: bool = False
+    #: A shorter output dimension (Matryoshka models only); None = the model's own.
+    dimensions: int | None = None
+    deadline: float | None = None
+    context: CallContext = CallContext()
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """One vector per text, in the request's order."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    model: str
+    input_tokens: int = 0
+    #: The operator's name of the upstream that served the call ("" for a single engine).
+    upstream: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCountRequest:
+    """Count the tokens the model would see: texts one by one, or a chat as Generate takes it."""
+
+    model: str
+    texts: tuple[str, ...] = ()
+    messages: tuple[ChatMessage, ...] = ()
+    system: str = ""
+    deadline: float | None = None
+    context: CallContext = CallContext()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    #: One count per text, or one for the whole chat.
+    counts: tuple[int, ...]
+    #: The model's context length in tokens (0 when the engine does not say).
+    context_length: int
+    model: str
+    upstream: str = ""

@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from agentloop.domain import BackendHealth, GenerationRequest, ModelInfo, StreamItem
+from agentloop.domain import (
+    BackendHealth,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    ModelInfo,
+    StreamItem,
+    TokenCount,
+    TokenCountRequest,
+)
 
 
 @runtime_checkable
@@ -31,6 +40,16 @@ class Backend(Protocol):
     default_max_tokens: int
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One vector per text, in order; raises AgentLoopError (INVALID_ARGUMENT naming
+        `texts[i]` for a text over the context when truncation is off, or `dimensions` for a
+        model that has no shorter vectors)."""
+        ...
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        """The tokens the model would see; raises AgentLoopError."""
+        ...
 
     async def check_health(self, model: str) -> BackendHealth:
         """Is the engine answering and is `model` available? Never raises."""
