@@ -404,7 +404,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         try:
             for event in events:
                 kind = event.WhichOneof("event")
-                if kind == "answer_delta" and not args.json:
+                if kind in ("answer_delta", "answer_withdrawn") and not args.json:
                     continue  # the answer is shown whole when the run finishes
                 progress.clear()
                 print(_json_line(event) if args.json else _describe_event(event), flush=True)

@@ -446,6 +446,13 @@ class Settings:
         return parse_host_port(self.listen)
 
 
+#: Why --workers and the embedded engine do not go together.
+EMBEDDED_WORKERS_PROBLEM = (
+    "the embedded engine runs one per server process: several workers would each load the "
+    "model and its cache, split the prefix caches and run llama.cpp threads on every CPU; "
+    "use --workers 1 (the engine batches concurrent requests itself)")
+
+
 def _validate(s: Settings) -> Sequence[str]:
     """One message per bad value, naming the flag and the variable: each field's own rules,
     then the rules that tie settings together."""
@@ -459,6 +466,8 @@ def _cross_field_problems(s: Settings) -> list[tuple[str, str]]:
     problems = []
     if s.workers > 1 and s.listen.endswith(":0"):
         problems.append(("workers", "several workers need a fixed port in --listen, not port 0"))
+    if s.workers > 1 and s.backend == "embedded":
+        problems.append(("workers", EMBEDDED_WORKERS_PROBLEM))
     if s.embedded_batch_tokens < s.embedded_slots:
         problems.append(("embedded_batch_tokens",
                          f"must be >= embedded_slots ({s.embedded_slots})"))

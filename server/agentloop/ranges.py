@@ -55,11 +55,16 @@ class Range:
         return cap is None or value <= cap
 
 
+#: The most top_k a request may ask for (0 = no cut). More would have the embedded engine
+#: sort a whole vocabulary (262k tokens for Gemma) for every token, on the thread every
+#: caller shares; the engine treats 0 as this limit too.
+TOP_K_MAX = 1000
+
 #: What a request may ask for, per generation option; caps come from the named settings.
 OPTION_RANGES: dict[str, Range] = {
     "temperature": Range(minimum=0, finite=True),
     "top_p": Range(minimum=0, maximum=1),
-    "top_k": Range(minimum=0),
+    "top_k": Range(minimum=0, maximum=TOP_K_MAX),
     "max_tokens": Range(minimum=1, maximum="max_tokens_cap"),
     "repeat_penalty": Range(above=0, finite=True),
     "num_ctx": Range(minimum=1, maximum="max_num_ctx"),

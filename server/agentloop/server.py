@@ -23,7 +23,12 @@ from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.backends.resilient import ResilientBackend
-from agentloop.config import MAX_MESSAGE_BYTES, Settings, SettingsError
+from agentloop.config import (
+    EMBEDDED_WORKERS_PROBLEM,
+    MAX_MESSAGE_BYTES,
+    Settings,
+    SettingsError,
+)
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
 from agentloop.rpc.interceptors import (
@@ -108,6 +113,9 @@ async def select_backend(settings: Settings) -> Backend:
             return ollama
         await ollama.close()
         why = f"--backend auto: no Ollama answers at {settings.ollama_url}"
+    if settings.workers > 1:
+        raise SettingsError(f"--workers / AGENTLOOP_WORKERS: {EMBEDDED_WORKERS_PROBLEM} "
+                            f"({why})")
     backend = embedded_backend(settings)
     log.info("engine embedded, model file %s (%s)", backend.model_path, why)
     return backend

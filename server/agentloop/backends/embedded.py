@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentloop.backends import engine_child
+from agentloop.backends import engine_child, engine_wire
+from agentloop.backends.crash_ledger import CrashLedger, crash_cause
 from agentloop.config import Settings, SettingsError
 from agentloop.domain import (
     BackendHealth,
@@ -42,6 +43,7 @@ from agentloop.domain import (
 from agentloop.errors import (
     AgentLoopError,
     BackendProtocolError,
+    BackendRejected,
     BackendUnavailable,
     EngineRestarting,
     ModelNotFound,
@@ -51,7 +53,8 @@ from agentloop.errors import (
 if importlib.util.find_spec("llama_cpp") is None:  # the engine's child needs the extra
     raise ImportError("No module named 'llama_cpp'")
 
-from agentloop.backends.llama_engine import EngineConfig, EngineStats, model_name_for
+from agentloop.backends.engine_types import EngineConfig, EngineStats
+from agentloop.backends.llama_engine import model_name_for
 
 log = logging.getLogger(__name__)
 raw_output = logging.getLogger(engine_child.RAW_OUTPUT_LOGGER)
@@ -151,6 +154,7 @@ class _Job:
     """One generation as the parent sees it: items arrive on `queue`, `done` once terminal."""
 
     id: int
+    request: GenerationRequest
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -180,7 +184,10 @@ class _EngineProcess:
         self._progress = 0
         #: Why the parent killed it (a hang), for the exit's log line.
         self.kill_reason = ""
-        self.last_output: collections.deque[str] = collections.deque(maxlen=1)
+        # The last lines it printed: after GGML_ABORT, the assertion and then a backtrace.
+        self.last_output: collections.deque[str] = collections.deque(maxlen=64)
+        #: Generations it ended normally: healthy work, which resets the restart backoff.
+        self.completed = 0
         self._output_task = asyncio.create_task(self._log_output(), name="engine-output")
 
     @property
@@ -239,17 +246,18 @@ class _EngineProcess:
     async def receive(self) -> list[tuple[Any, ...]] | None:
         """The next frame's messages; None once the child is gone (end of file)."""
         try:
-            header = await self.reader.readexactly(engine_child.HEADER_SIZE)
-            body = await self.reader.readexactly(engine_child.frame_size(header))
+            header = await self.reader.readexactly(engine_wire.HEADER_SIZE)
+            body = await self.reader.readexactly(engine_wire.frame_size(header))
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
         self.heard_at = time.monotonic()
-        return engine_child.decode_frame(body)
+        return engine_wire.decode_frame(body, engine_wire.CHILD_MESSAGES)
 
     def note(self, message: tuple[Any, ...]) -> None:
         """Keep the watchdog's clocks and the stats current."""
-        if message[0] == "item":
+        if message[0] in engine_wire.JOB_ITEMS:
             self.progressed_at = self.heard_at
+            self.completed += message[0] == "end"
         elif message[0] == "stats":
             _, self.stats, progress = message
             if progress != self._progress:
@@ -258,7 +266,7 @@ class _EngineProcess:
 
     def send(self, message: tuple[Any, ...]) -> None:
         if not self.writer.is_closing():
-            self.writer.write(engine_child.encode_frame([message]))
+            self.writer.write(engine_wire.encode_frame([message]))
 
     def kill(self, reason: str = "") -> None:
         self.kill_reason = self.kill_reason or reason
@@ -286,7 +294,7 @@ class _EngineProcess:
         else:
             how = f"exited with status {returncode}"
         if self.last_output and not self.kill_reason:
-            how += f" (its last output: {self.last_output[0][:200]!r})"
+            how += f" (its last output: {crash_cause(self.last_output)[:300]!r})"
         return f"{self.pid} {how}"
 
     async def _log_output(self) -> None:
@@ -338,6 +346,7 @@ class EmbeddedBackend:
         self._info = ModelInfo(name=self._model)
         #: Times a child process was started again after it died or hung.
         self.restarts = 0
+        self._crashes = CrashLedger()
         #: Called when the engine goes down or comes back: readiness is checked at once.
         self.on_health_change: Callable[[], None] | None = None
 
@@ -444,8 +453,11 @@ class EmbeddedBackend:
             returncode = await child.wait()
             if self._closed:
                 break
-            if time.monotonic() - child.started_at > _RESTART_BACKOFF_RESET:
-                self._restart_delay = _RESTART_DELAY_FIRST
+            if child.completed or time.monotonic() - child.started_at > _RESTART_BACKOFF_RESET:
+                self._restart_delay = _RESTART_DELAY_FIRST  # it did healthy work
+            # A crash or a hang: what was in flight is suspect.
+            self._crashes.blame(job.request for job in self._jobs.values()
+                                if not job.done.is_set())
             failed = self._fail_jobs(self._restarting())
             log.warning("embedded engine: process %s; %d generation(s) failed, restarting "
                         "in %.1fs", child.describe_exit(returncode), failed, self._restart_delay)
@@ -500,12 +512,12 @@ class EmbeddedBackend:
         kind = message[0]
         if child is not None:
             child.note(message)
-        if kind == "item":
+        if kind in engine_wire.JOB_ITEMS:
             _, job_id, item = message
             job = self._jobs.get(job_id)
             if job is not None:
-                if isinstance(item, tuple):
-                    item = engine_child.decode_error(item)
+                if kind == "error":
+                    item = engine_wire.decode_error(item)
                 job.deliver(item)
         elif kind == "log":  # the child's record, told where it was written
             _, level, name, text, path, line, function = message
@@ -594,7 +606,11 @@ class EmbeddedBackend:
             raise BackendUnavailable("the embedded engine is not loaded", retry_after=1.0)
         if child is None:
             raise self._restarting()
-        job = _Job(next(self._ids))
+        if (refused := self._crashes.refused_for(request)) > 0:
+            raise BackendRejected(
+                f"this request was in flight when the embedded engine's process died "
+                f"{self._crashes.budget} times; it is refused for {refused:.0f}s")
+        job = _Job(next(self._ids), request)
         if not self._running():
             child.progressed_at = time.monotonic()  # the watchdog's clock starts now
         self._jobs[job.id] = job

@@ -2,21 +2,19 @@
 
 `EmbeddedBackend` (the parent, PID) starts this module with one end of a socket pair as FD
 and reads the child's stdout and stderr (merged) as llama.cpp's raw output. Everything else
-travels over the socket as frames: a 4-byte big-endian length, then a pickled list of
-messages (the two ends are the same code base, so pickle is safe here and carries the
-domain types as they are).
+travels over the socket as frames of JSON messages checked against a table of kinds
+(engine_wire.py: never pickle, which would let a child taken over through llama.cpp run
+code in the gateway):
 
-parent -> child: ("start", EngineConfig, heartbeat seconds, log level), then
-                 ("submit", job_id, GenerationRequest), ("cancel", job_id), ("close",)
-child -> parent: ("beat",) while loading; ("ready", ModelInfo, context size) or
-                 ("failed", message) after the load, then
-                 ("item", job_id, item), ("stats", EngineStats, progress), ("log", ...)
+parent -> child: start, then submit, cancel, close
+child -> parent: beat while loading; ready or failed after the load; then delta, end and
+                 error (a job's output), stats, log
 
-An item is a text delta (str), a GenerationEnd, or an encoded error (`encode_error`). The
-engine's sinks only put messages on a queue; one writer thread sends whatever piled up as
-one frame, so a slow parent never blocks a decoding step. A heartbeat thread sends the
+The engine's sinks only put messages on a queue; one writer thread sends whatever piled up
+as one frame, so a slow parent never blocks a decoding step. A heartbeat thread sends the
 engine's stats every `heartbeat` seconds with a progress count (items sent plus decode
-steps): the parent's watchdog reads silence or a standstill as a hang. The child ends when
+steps plus graph nodes computed, so a long step counts too): the parent's watchdog reads
+silence or a standstill as a hang. The child ends when
 told to close or when the socket reaches end of file (the parent is gone); it ignores
 SIGINT and SIGTERM, so a Ctrl-C in a terminal or a SIGTERM to the process group stops the
 parent, which then closes the engine in order.
@@ -27,60 +25,21 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import pickle
 import queue
 import signal
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from agentloop.errors import AgentLoopError, BackendProtocolError
+from agentloop.backends import engine_wire
+from agentloop.backends.engine_wire import HEADER_SIZE, Message, encode_error, frame_size
+from agentloop.domain import GenerationEnd
 
-_HEADER = struct.Struct(">I")
 #: Raw output lines (stdout and stderr: llama.cpp, ggml, Python's last words) are logged
 #: by the parent under this logger at debug level.
 RAW_OUTPUT_LOGGER = "agentloop.engine.output"
-
-Message = tuple[Any, ...]
-
-
-# --- framing (both sides) ------------------------------------------------------------------
-
-def encode_frame(messages: list[Message]) -> bytes:
-    body = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(body)) + body
-
-
-def frame_size(header: bytes) -> int:
-    return int(_HEADER.unpack(header)[0])
-
-
-def decode_frame(body: bytes) -> list[Message]:
-    return pickle.loads(body)
-
-
-HEADER_SIZE = _HEADER.size
-
-
-def encode_error(exc: BaseException) -> tuple[str, type[AgentLoopError], str, dict[str, Any]]:
-    """An engine error as plain data: pickling the exception itself would call its
-    constructor with the message alone, which several error classes do not take."""
-    if not isinstance(exc, AgentLoopError):
-        exc = BackendProtocolError("the embedded engine failed")
-    return ("error", type(exc), exc.message, dict(vars(exc)))
-
-
-def decode_error(encoded: tuple[str, type[AgentLoopError], str, dict[str, Any]]
-                 ) -> AgentLoopError:
-    _, kind, message, state = encoded
-    error = kind.__new__(kind)
-    Exception.__init__(error, message)
-    vars(error).update(state)
-    return error
-
 
 # --- the child -----------------------------------------------------------------------------
 
@@ -101,7 +60,8 @@ class _Channel:
         header = self._file.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE:
             return None
-        [message] = decode_frame(self._file.read(frame_size(header)))
+        [message] = engine_wire.decode_frame(self._file.read(frame_size(header)),
+                                             engine_wire.PARENT_MESSAGES)
         return message
 
     def post(self, message: Message) -> None:
@@ -129,9 +89,10 @@ class _Channel:
                 else:
                     batch.append(following)
             if batch:
-                self.sent_items += sum(1 for message in batch if message[0] == "item")
+                self.sent_items += sum(1 for message in batch
+                                       if message[0] in engine_wire.JOB_ITEMS)
                 try:
-                    self._sock.sendall(encode_frame(batch))
+                    self._sock.sendall(engine_wire.encode_frame(batch))
                 except OSError:  # the parent is gone: nobody listens any more
                     return
             if done:
@@ -152,17 +113,21 @@ class _LogRelay(logging.Handler):
             text = record.getMessage()
             if record.exc_info:  # the traceback stays with its line
                 text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
-            self._channel.post(("log", level, record.name, text, record.pathname,
-                                record.lineno, record.funcName))
+            self._channel.post(("log", level, record.name, text, record.pathname or "",
+                                record.lineno or 0, record.funcName or ""))
         except Exception:  # a log line must never take the engine down
             self.handleError(record)
 
 
 def _sink_for(channel: _Channel) -> Callable[[int, object], None]:
     def sink(job_id: int, item: object) -> None:
-        if isinstance(item, BaseException):
-            item = encode_error(item)
-        channel.post(("item", job_id, item))
+        if isinstance(item, str):
+            channel.post(("delta", job_id, item))
+        elif isinstance(item, GenerationEnd):
+            channel.post(("end", job_id, item))
+        else:
+            channel.post(("error", job_id, encode_error(item if isinstance(
+                item, BaseException) else TypeError("not an item"))))
     return sink
 
 
@@ -177,7 +142,7 @@ def _heartbeat(engine: Any, loaded: threading.Event, channel: _Channel, every: f
             stats = engine.stats()
         except Exception:  # stats are advisory: skip a beat rather than die
             continue
-        progress = channel.sent_items + stats.steps
+        progress = channel.sent_items + stats.steps + stats.nodes
         channel.post(("stats", stats, progress))
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from llama_cpp import _internals, llama_chat_format, llama_grammar
 from llama_cpp._logger import set_verbose
 
+from agentloop.backends.engine_types import EngineConfig, EngineStats
 from agentloop.config import SettingsError
 from agentloop.domain import (
     FinishReason,
@@ -55,11 +56,13 @@ from agentloop.errors import (
     DeadlineExceeded,
     ShuttingDown,
 )
+from agentloop.ranges import TOP_K_MAX
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_THREAD_NAME = "agentloop-engine"
 GRAMMAR_THREAD_PREFIX = "agentloop-grammar"
+TOKENIZER_THREAD_PREFIX = "agentloop-tokenizer"
 # llama.cpp's file types (enum llama_ftype) for the quantizations people actually use.
 _FILE_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
@@ -68,6 +71,16 @@ _FILE_TYPES = {
 }
 _GRAMMAR_CACHE_SIZE = 32
 _GRAMMAR_BUILDERS = 2
+# Prompts are rendered and tokenized on their own threads (llama_tokenize releases the GIL):
+# two at a time, so a long one does not hold up the admission of a short one.
+_TOKENIZERS = 2
+# A free slot's cache is reused only when the shared prefix is at least this share of what
+# the slot holds: reusing a few tokens (BOS, a template's header) would throw away a warm
+# prefix that a conversation waiting on a tool call comes back for.
+_REUSE_MIN_SHARE = 0.5
+# Content markers while a chat is rendered: private-use characters no template writes.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 _NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
 _LIKELY_TOKENS = 1024  # candidates a grammar is applied to before the whole vocabulary
 _PENALTY_LAST_N = 64  # tokens the repeat penalty looks back on (llama-cpp-python's default)
@@ -77,32 +90,6 @@ _CONVERTER_CHAR = r'char ::= [^"\\] |'
 _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 Sink = Callable[[int, object], None]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_path: str  # the GGUF file (already assembled)
-    n_ctx: int  # context per slot (tokens); capped to the model's training context
-    slots: int  # sequences decoded together (1 = serial)
-    threads: int
-    prefix_reuse: bool = True
-    batch_tokens: int = 512  # tokens per llama_decode step (prompt chunks + running sequences)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """Load signals, cheap to compute."""
-
-    slots: int
-    slots_in_use: int  # slots holding a job (evaluating its prompt or generating)
-    running: int  # jobs generating (their prompt evaluated)
-    waiting: int  # jobs not in a slot yet (queued, or their grammar building)
-    cache_tokens: int  # tokens the slots' KV cache holds
-    cache_capacity: int
-    steps: int = 0  # decode steps since load: progress, for a watchdog
-    #: time.monotonic() when the oldest grammar build still running began (None: none runs).
-    #: A build that never ends holds its builder thread for good: the watchdog's concern.
-    building_since: float | None = None
 
 
 # --- stop strings ------------------------------------------------------------------------
@@ -144,6 +131,7 @@ class _Job:
     cancelled: bool = False
     ended: bool = False
     prompt: _Prompt | None = None
+    prepared: Future[_Prompt] | None = None  # the prompt, tokenized off the scheduler thread
     grammar: Future[int] | None = None  # the compiled grammar sampler (a prototype to clone)
 
     def send(self, item: object) -> None:
@@ -171,6 +159,7 @@ class _Slot:
 
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens in its KV cache, positions 0..
+    scope: str = ""  # the cache scope (CallContext.cache_scope) of the job that filled it
     last_used: float = 0.0
     job: _Job | None = None
     # The running job's state.
@@ -240,6 +229,8 @@ class Engine:
         self._grammars: collections.OrderedDict[str, Future[int]] = collections.OrderedDict()
         self._retired: list[Future[int]] = []  # out of the cache, maybe still awaited
         self._builders: ThreadPoolExecutor | None = None
+        self._tokenizers: ThreadPoolExecutor | None = None
+        self._progress = _NodeCounter()
         self._thread: threading.Thread | None = None
         self._steps = 0
         self._building: dict[str, float] = {}  # grammar key -> when its build began
@@ -319,8 +310,11 @@ class Engine:
             quantization_level=_quantization(metadata),
             modified_at=stat.st_mtime,
         )
+        self._progress.attach(ctx)
         self._builders = ThreadPoolExecutor(_GRAMMAR_BUILDERS,
                                             thread_name_prefix=GRAMMAR_THREAD_PREFIX)
+        self._tokenizers = ThreadPoolExecutor(_TOKENIZERS,
+                                              thread_name_prefix=TOKENIZER_THREAD_PREFIX)
         self._thread = threading.Thread(target=self._schedule, name=SCHEDULER_THREAD_NAME,
                                         daemon=True)
         self._thread.start()
@@ -339,9 +333,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._builders is not None:
-            self._builders.shutdown(wait=True, cancel_futures=True)
-            self._builders = None
+        for pool in (self._builders, self._tokenizers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._builders = self._tokenizers = None
         for job in list(self._jobs.values()):  # submitted while closing, never scheduled
             self._end(job, _shutting_down())
         for built in [*self._grammars.values(), *self._retired]:
@@ -394,6 +389,7 @@ class Engine:
             cache_tokens=sum(len(slot.cached) for slot in slots),
             cache_capacity=self._slot_ctx * len(slots),
             steps=self._steps,
+            nodes=self._progress.total(),
             building_since=min(tuple(self._building.values()), default=None),
         )
 
@@ -443,21 +439,38 @@ class Engine:
             self._woken = False
             new = list(self._incoming)
             self._incoming.clear()
+        assert self._tokenizers is not None
         for job in new:
             try:
-                job.prompt = self._prompt(job.request)
-                if len(job.prompt.tokens) >= self._slot_ctx:
-                    raise BackendRejected(
-                        f"the prompt is {len(job.prompt.tokens)} tokens; the embedded engine's "
-                        f"context holds {self._slot_ctx}",
-                        metadata={"model": self._model_name},
-                    )
                 job.grammar = self._grammar(job.request.format)
             except AgentLoopError as exc:
                 self._end(job, exc)
                 continue
+            job.prepared = self._tokenizers.submit(self._prepare, job)
+            job.prepared.add_done_callback(self._grammar_built)
             self._waiting.append(job)
         return True
+
+    def _prepare(self, job: _Job) -> _Prompt | None:
+        """The job's prompt as tokens, checked against the context; on a tokenizer thread.
+
+        None when the job ended before its turn (the scheduler ends it)."""
+        if job.expired(time.monotonic()) is not None:
+            return None
+        try:
+            prompt = self._prompt(job.request)
+        except AgentLoopError:
+            raise
+        except Exception:
+            log.exception("tokenizing a prompt failed")
+            raise BackendProtocolError("the embedded engine failed") from None
+        if len(prompt.tokens) >= self._slot_ctx:
+            raise BackendRejected(
+                f"the prompt is {len(prompt.tokens)} tokens; the embedded engine's "
+                f"context holds {self._slot_ctx}",
+                metadata={"model": self._model_name},
+            )
+        return prompt
 
     def _idle(self, now: float) -> None:
         """Nothing to decode: sleep until a job arrives, a grammar is built or a deadline."""
@@ -479,13 +492,22 @@ class Engine:
                 self._end(job, error)
 
     def _admit(self) -> None:
-        """Give free slots to waiting jobs, first come first served (grammars built)."""
+        """Give free slots to waiting jobs, first come first served (prompts tokenized and
+        grammars built)."""
         for job in list(self._waiting):
-            free = [slot for slot in self._slots if slot.job is None]
-            if not free:
-                break
-            if job.grammar is not None and not job.grammar.done():
+            prepared = job.prepared
+            if prepared is not None and prepared.done() and job.prompt is None:
+                try:
+                    job.prompt = prepared.result()
+                except AgentLoopError as exc:
+                    self._waiting.remove(job)
+                    self._end(job, exc)
+                    continue
+            if not any(slot.job is None for slot in self._slots):
+                continue  # no slot: only ended jobs leave the list now
+            if job.prompt is None or (job.grammar is not None and not job.grammar.done()):
                 continue
+            free = [slot for slot in self._slots if slot.job is None]
             self._waiting.remove(job)
             try:
                 grammar = (llama_cpp.llama_sampler_clone(job.grammar.result())
@@ -501,24 +523,34 @@ class Engine:
         self._free_retired()
 
     def _pick(self, free: list[_Slot], job: _Job) -> _Slot:
-        """The free slot with the longest common prefix; else the least recently used."""
+        """The free slot whose cache serves the job best; among those that serve it no
+        better than an empty one, the least recently used (a never-used slot first)."""
+        return max(free, key=lambda slot: (self._reuse_score(slot, job), -slot.last_used))
+
+    def _reusable(self, slot: _Slot, job: _Job) -> int:
+        """Tokens of the job's prompt the slot's cache may serve: the one place that decides
+        whether a cache may be reused at all (prefix reuse on, the same cache scope)."""
         assert job.prompt is not None
-        if not self._config.prefix_reuse:
-            return min(free, key=lambda slot: slot.last_used)
-        tokens = job.prompt.tokens
-        return max(free, key=lambda slot: (_common_prefix(slot.cached, tokens),
-                                           -slot.last_used))
+        if not self._config.prefix_reuse or slot.scope != job.request.context.cache_scope:
+            return 0
+        return _common_prefix(slot.cached, job.prompt.tokens)
+
+    def _reuse_score(self, slot: _Slot, job: _Job) -> int:
+        """How much picking this slot saves: its reusable prefix, when that is a fair share
+        of what the slot holds (else 0, like an empty slot: keep the warm cache for the
+        conversation it belongs to)."""
+        shared = self._reusable(slot, job)
+        return shared if shared >= _REUSE_MIN_SHARE * len(slot.cached) else 0
 
     def _start(self, slot: _Slot, job: _Job, grammar: int) -> None:
         assert job.prompt is not None
         tokens = job.prompt.tokens
-        keep = 0
-        if self._config.prefix_reuse:
-            # At least one prompt token is evaluated: its logits give the first token.
-            keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        # At least one prompt token is evaluated: its logits give the first token.
+        keep = min(self._reusable(slot, job), len(tokens) - 1)
         self._truncate(slot, keep)
         opts = job.request.options
         slot.job = job
+        slot.scope = job.request.context.cache_scope
         slot.prompt = tokens
         slot.stops = job.prompt.stops
         slot.reused = len(slot.cached)
@@ -578,7 +610,10 @@ class Engine:
                 outputs.append((slot, self._add(slot, slot.next_token, True)))
                 slot.next_token = None
         room = self._config.batch_tokens - batch.n_tokens
-        for slot in sorted((s for s in busy if s.prefilling), key=lambda s: s.admitted_at):
+        # The prompt budget goes to the shortest rest first: a short prompt's first token
+        # never waits behind whole long prompts, and a long one still gets what is left.
+        for slot in sorted((s for s in busy if s.prefilling),
+                           key=lambda s: (len(s.prompt) - len(s.cached), s.admitted_at)):
             if room <= 0:
                 break
             chunk = slot.prompt[len(slot.cached):len(slot.cached) + room]
@@ -591,6 +626,7 @@ class Engine:
         if batch.n_tokens == 0:
             return
         status = llama_cpp.llama_decode(self._ctx, batch)
+        self._progress.step_done()
         self._steps += 1
         if status != 0:
             log.warning("llama_decode failed (%d) on a batch of %d tokens", status,
@@ -720,29 +756,50 @@ class Engine:
 
     # --- prompts and grammars ------------------------------------------------------------
 
-    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+    def _tokenize(self, text: str, add_bos: bool, *, special: bool = False) -> list[int]:
+        """Text as tokens; `special` reads control tokens' texts (`<end_of_turn>`) as those
+        tokens, which only the chat template's own text may do."""
         assert self._model is not None
-        return self._model.tokenize(text.encode(), add_bos=add_bos, special=True)
+        if not text:
+            return [self._model.token_bos()] if add_bos else []
+        return self._model.tokenize(text.encode(), add_bos=add_bos, special=special)
 
     def _prompt(self, request: GenerationRequest) -> _Prompt:
-        """The tokens the model sees and the stop strings that go with them."""
+        """The tokens the model sees and the stop strings that go with them.
+
+        What callers and tools wrote is tokenized as plain text: `<end_of_turn>` in a
+        message is those characters, not a turn the caller forged. Only the template's own
+        text (turn markers, BOS) is tokenized with control tokens: the conversation is
+        rendered with a marker in place of each message's content, and the contents go in
+        between the template's pieces as text.
+        """
         stops = tuple(request.options.stop)
         if not request.is_chat:
             text = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
             return _Prompt(self._tokenize(text or "", add_bos=True), stops)
         messages = _chat_messages(request)
+        if self._chat_template is None:
+            # A base model without a template (the packaged Gemma 3 270M): Gemma's turns.
+            messages = _fold_system(messages)
+        marked = [{**message, "content": f"{_MARK_OPEN}{index}{_MARK_CLOSE}"}
+                  for index, message in enumerate(messages)]
         try:
             if self._chat_template is not None:
-                rendered = self._chat_template(messages=messages)
+                rendered = self._chat_template(messages=marked)
             else:
-                # A base model without a template (the packaged Gemma 3 270M): Gemma's turns.
-                rendered = llama_chat_format.format_gemma(messages=_fold_system(messages))
-        except ValueError as exc:  # the template refused the conversation
+                rendered = llama_chat_format.format_gemma(messages=marked)
+        except Exception as exc:  # any template failure is this request's alone
             raise BackendRejected(
                 f"the model's chat template rejected the messages: {_clean(exc)}"
             ) from None
+        pieces = _MARK.split(rendered.prompt)  # template, index, template, index, ...
+        tokens = self._tokenize(pieces[0], add_bos=not rendered.added_special, special=True)
+        for index, template_text in zip(pieces[1::2], pieces[2::2], strict=True):
+            number = int(index)
+            if number < len(messages):
+                tokens += self._tokenize(messages[number]["content"], add_bos=False)
+            tokens += self._tokenize(template_text, add_bos=False, special=True)
         extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        tokens = self._tokenize(rendered.prompt, add_bos=not rendered.added_special)
         return _Prompt(tokens, stops + tuple(s for s in extra if s))
 
     def _grammar(self, fmt: ResponseFormat) -> Future[int] | None:
@@ -823,7 +880,8 @@ def _sampler_chain(opts: SamplingOptions, n_vocab: int) -> int:
     """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     greedy = opts.temperature <= 0
-    keep = 1 if greedy else opts.top_k
+    # top_k 0 means no cut: here the requests' limit, which bounds the sort per token.
+    keep = 1 if greedy else min(opts.top_k or TOP_K_MAX, TOP_K_MAX)
     parts = []
     if keep > 0 and opts.repeat_penalty >= 1:
         parts.append(llama_cpp.llama_sampler_init_top_k(keep + _PENALTY_LAST_N))
@@ -834,7 +892,7 @@ def _sampler_chain(opts: SamplingOptions, n_vocab: int) -> int:
     else:
         seed = random.randrange(_NO_SEED) if opts.seed is None else opts.seed % _NO_SEED
         parts += [
-            llama_cpp.llama_sampler_init_top_k(opts.top_k),
+            llama_cpp.llama_sampler_init_top_k(keep),
             llama_cpp.llama_sampler_init_top_p(opts.top_p, 1),
             llama_cpp.llama_sampler_init_temp(opts.temperature),
             llama_cpp.llama_sampler_init_dist(seed),
@@ -842,6 +900,57 @@ def _sampler_chain(opts: SamplingOptions, n_vocab: int) -> int:
     for part in parts:
         llama_cpp.llama_sampler_chain_add(chain, part)  # the chain owns its parts
     return chain
+
+
+class _NodeCounter:
+    """Progress inside a `llama_decode`: the graph nodes it has computed so far.
+
+    ggml's CPU backend calls the context's abort callback after every graph node. The
+    callback is libc's `sem_post` on a semaphore of our own, called straight from C: no
+    Python, no GIL, so a slow step (a big model, a long prompt chunk) still shows progress
+    to the watchdog, and the decoding threads never wait on Python. `sem_post` returns 0
+    ("do not abort"); the count is folded into a total after each step, long before it could
+    reach the semaphore's maximum.
+    """
+
+    _SEM_T_SIZE = 64  # at least sizeof(sem_t) (32 on 64-bit Linux)
+
+    def __init__(self) -> None:
+        self._sem = ctypes.create_string_buffer(self._SEM_T_SIZE)
+        self._done = 0
+        self._libc: ctypes.CDLL | None = None
+        self._callback: object = None  # kept alive while the context may call it
+
+    def attach(self, ctx: int) -> None:
+        """Count `ctx`'s nodes; without a POSIX libc, only whole steps count."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            post = ctypes.cast(libc.sem_post, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            return
+        if libc.sem_init(self._sem, 0, 0) != 0:
+            return
+        self._libc = libc
+        self._callback = llama_cpp.ggml_abort_callback(post)
+        llama_cpp.llama_set_abort_callback(ctx, self._callback, ctypes.cast(
+            self._sem, ctypes.c_void_p))
+
+    def current(self) -> int:
+        """Nodes computed in the step under way (any thread may ask)."""
+        if self._libc is None:
+            return 0
+        value = ctypes.c_int(0)
+        self._libc.sem_getvalue(self._sem, ctypes.byref(value))
+        return value.value
+
+    def total(self) -> int:
+        return self._done + self.current()
+
+    def step_done(self) -> None:
+        """On the scheduler thread, between steps (nothing posts now): fold the count."""
+        if self._libc is not None:
+            self._done += self.current()
+            self._libc.sem_init(self._sem, 0, 0)
 
 
 def _free_grammar(built: Future[int]) -> None:

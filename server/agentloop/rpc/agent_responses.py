@@ -10,6 +10,7 @@ from agentloop.services.agent import (
     AgentOutcome,
     AgentStep,
     AnswerDelta,
+    AnswerWithdrawn,
     RunFinished,
     StepStarted,
     StopReason,
@@ -80,6 +81,9 @@ def agent_event_pb(event: AgentEvent) -> pb.StreamRunAgentResponse:
             ))
         case AnswerDelta(step, text):
             return pb.StreamRunAgentResponse(answer_delta=pb.AgentAnswerDelta(step=step, text=text))
+        case AnswerWithdrawn(step, chars):
+            return pb.StreamRunAgentResponse(
+                answer_withdrawn=pb.AgentAnswerWithdrawn(step=step, chars=chars))
         case RunFinished(outcome):
             return pb.StreamRunAgentResponse(finished=pb.AgentFinished(
                 final_answer=outcome.final_answer,

@@ -131,11 +131,20 @@ class AnswerDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerWithdrawn:
+    """The step's AnswerDeltas so far are not the answer: their reply failed validation."""
+
+    step: int
+    chars: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunFinished:
     outcome: AgentOutcome
 
 
-AgentEvent = StepStarted | AnswerDelta | ThoughtFormed | ToolCalled | ToolReturned | RunFinished
+AgentEvent = (StepStarted | AnswerDelta | AnswerWithdrawn | ThoughtFormed | ToolCalled
+              | ToolReturned | RunFinished)
 
 
 # --- client tools ---------------------------------------------------------------------------
@@ -512,7 +521,7 @@ class AgentService:
                 action = None
                 async with aclosing(self._next_action(run, state, index, answer_only)) as replies:
                     async for item in replies:
-                        if isinstance(item, AnswerDelta):
+                        if isinstance(item, AnswerDelta | AnswerWithdrawn):
                             yield item
                         else:
                             action = item
@@ -590,18 +599,20 @@ class AgentService:
 
     async def _next_action(
         self, run: AgentRun, state: _RunState, step: int, answer_only: bool
-    ) -> AsyncIterator[AnswerDelta | Action]:
+    ) -> AsyncIterator[AnswerDelta | AnswerWithdrawn | Action]:
         """Ask the model for an action, with repair turns for invalid replies; the answer's
-        deltas as they come, then the Action.
+        deltas as they come (withdrawn again when their reply is not valid), then the Action.
 
         Every reply joins the conversation as the model wrote it, the repair turns too, so
         each model call's prompt starts with the previous one's (and its reply): the engine
         serves that prefix from its cache."""
         for _ in range(1 + REPAIR_TURNS):
             reply: _Reply | None = None
+            shown = 0  # characters of answer deltas this reply sent
             async with aclosing(self._ask_model(run, state, step, answer_only)) as items:
                 async for item in items:
                     if isinstance(item, AnswerDelta):
+                        shown += len(item.text)
                         yield item
                     else:
                         reply = item
@@ -614,6 +625,8 @@ class AgentService:
                 error = str(exc)
                 if reply.finish_reason is FinishReason.LENGTH:
                     error += " (the reply was cut off at max_tokens; keep it shorter)"
+            if shown:
+                yield AnswerWithdrawn(step, shown)
             state.conversation += (ChatMessage(
                 Role.USER, f"That reply is not a valid action: {error}. Reply again with "
                            "exactly one JSON object in one of the two forms."),)

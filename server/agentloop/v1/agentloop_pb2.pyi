@@ -338,6 +338,14 @@ class AgentAnswerDelta(_message.Message):
     text: str
     def __init__(self, step: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
+class AgentAnswerWithdrawn(_message.Message):
+    __slots__ = ("step", "chars")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHARS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    chars: int
+    def __init__(self, step: _Optional[int] = ..., chars: _Optional[int] = ...) -> None: ...
+
 class AgentFinished(_message.Message):
     __slots__ = ("final_answer", "stop_reason", "usage", "steps", "duration", "model")
     FINAL_ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -355,20 +363,22 @@ class AgentFinished(_message.Message):
     def __init__(self, final_answer: _Optional[str] = ..., stop_reason: _Optional[_Union[AgentStopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., steps: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class StreamRunAgentResponse(_message.Message):
-    __slots__ = ("step_started", "thought", "tool_call", "tool_result", "finished", "answer_delta")
+    __slots__ = ("step_started", "thought", "tool_call", "tool_result", "finished", "answer_delta", "answer_withdrawn")
     STEP_STARTED_FIELD_NUMBER: _ClassVar[int]
     THOUGHT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ANSWER_DELTA_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     step_started: AgentStepStarted
     thought: AgentThought
     tool_call: AgentToolCall
     tool_result: AgentToolResult
     finished: AgentFinished
     answer_delta: AgentAnswerDelta
-    def __init__(self, step_started: _Optional[_Union[AgentStepStarted, _Mapping]] = ..., thought: _Optional[_Union[AgentThought, _Mapping]] = ..., tool_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[AgentToolResult, _Mapping]] = ..., finished: _Optional[_Union[AgentFinished, _Mapping]] = ..., answer_delta: _Optional[_Union[AgentAnswerDelta, _Mapping]] = ...) -> None: ...
+    answer_withdrawn: AgentAnswerWithdrawn
+    def __init__(self, step_started: _Optional[_Union[AgentStepStarted, _Mapping]] = ..., thought: _Optional[_Union[AgentThought, _Mapping]] = ..., tool_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[AgentToolResult, _Mapping]] = ..., finished: _Optional[_Union[AgentFinished, _Mapping]] = ..., answer_delta: _Optional[_Union[AgentAnswerDelta, _Mapping]] = ..., answer_withdrawn: _Optional[_Union[AgentAnswerWithdrawn, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
