@@ -734,3 +734,26 @@ def test_the_agent_suite_counts_copies_of_the_instructions_and_examples():
     assert echoes(["<your answer>"], text, "") == ["<your answer>"]
     copied = "using a tool when it helps"  # six words of the instructions
     assert echoes([f"I am {copied}."], text, "") == [copied]
+
+
+async def test_answer_deltas_of_a_reply_that_fails_validation_are_withdrawn(stub, fake_ollama):
+    # The answer streams out, then the reply turns out not to be an action (an extra key):
+    # the repair turn's answer follows, and the first one's deltas are taken back.
+    invalid = json.dumps({"thought": "t", "final_answer": "Lyon", "extra": 1})
+    fake_ollama.enqueue(Script(tokens=[invalid[i:i + 5] for i in range(0, len(invalid), 5)]),
+                        ANSWER)
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(start(goal=GOAL))
+    await call.done_writing()
+    events = [event async for event in call]
+
+    kinds = [e.WhichOneof("event") for e in events]
+    withdrawn = kinds.index("answer_withdrawn")
+    before = "".join(e.answer_delta.text for e in events[:withdrawn]
+                     if e.WhichOneof("event") == "answer_delta")
+    after = "".join(e.answer_delta.text for e in events[withdrawn:]
+                    if e.WhichOneof("event") == "answer_delta")
+    assert before == "Lyon"
+    assert events[withdrawn].answer_withdrawn == pb.AgentAnswerWithdrawn(step=1, chars=4)
+    assert after == "391" == events[-1].finished.final_answer
+    assert kinds.count("answer_withdrawn") == 1

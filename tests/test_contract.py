@@ -144,7 +144,7 @@ def test_request_option_violations_name_the_field_and_the_range() -> None:
     assert violations == [
         ("options.temperature", "must be a finite number >= 0"),
         ("options.top_p", "must be in [0, 1]"),
-        ("options.top_k", "must be >= 0"),
+        ("options.top_k", "must be in [0, 1000]"),
         ("options.max_tokens", "must be in [1, 100]"),
         ("options.repeat_penalty", "must be a finite number > 0"),
         ("options.num_ctx", "must be in [1, 32768]"),

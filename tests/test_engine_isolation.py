@@ -29,7 +29,8 @@ from test_embedded import engine_of
 from test_telemetry import scrape, total
 
 from agentloop.backends.embedded import EmbeddedBackend
-from agentloop.backends.engine_child import (
+from agentloop.backends.engine_wire import (
+    CHILD_MESSAGES,
     HEADER_SIZE,
     decode_error,
     decode_frame,
@@ -434,9 +435,9 @@ async def test_the_engine_process_ends_with_a_killed_gateway_and_stays_out_of_it
     ShuttingDown("closing", retry_after=2.5),
 ], ids=lambda error: type(error).__name__)
 async def test_engine_errors_cross_the_process_boundary_whole(error):
-    frame = encode_frame([("item", 1, encode_error(error))])
+    frame = encode_frame([("error", 1, encode_error(error))])
     assert frame_size(frame[:HEADER_SIZE]) == len(frame) - HEADER_SIZE
-    [(_, _, encoded)] = decode_frame(frame[HEADER_SIZE:])
+    [(_, _, encoded)] = decode_frame(frame[HEADER_SIZE:], CHILD_MESSAGES)
     crossed = decode_error(encoded)
 
     assert type(crossed) is type(error)

@@ -28,8 +28,7 @@ CRASH_WINDOW = 600.0
 # Shapes remembered at most: a caller sending a new payload per crash cannot grow this.
 _MAX_SHAPES = 4096
 
-_CAUSE = re.compile(r"GGML_ASSERT|GGML_ABORT|error|fatal|failed|abort|assert|exception",
-                    re.IGNORECASE)
+_CAUSE = re.compile(r"GGML_ASSERT|GGML_ABORT|error|fatal|failed|abort|assert", re.IGNORECASE)
 # A backtrace's frame: gdb's "#3  0x... in f ()", glibc's "lib.so(f+0x1c)[0x7f...]",
 # or a bare address.
 _FRAME = re.compile(r"^\s*#\d+\s|\[0x[0-9a-f]+\]\s*$|^\s*0x[0-9a-f]+\b", re.IGNORECASE)

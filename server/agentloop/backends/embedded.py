@@ -184,8 +184,9 @@ class _EngineProcess:
         self._progress = 0
         #: Why the parent killed it (a hang), for the exit's log line.
         self.kill_reason = ""
-        # The last lines it printed: after GGML_ABORT, the assertion and then a backtrace.
-        self.last_output: collections.deque[str] = collections.deque(maxlen=64)
+        # The last lines it printed (cut short): after GGML_ABORT, the assertion, then a
+        # backtrace of some 80 lines when gdb is there.
+        self.last_output: collections.deque[str] = collections.deque(maxlen=256)
         #: Generations it ended normally: healthy work, which resets the restart backoff.
         self.completed = 0
         self._output_task = asyncio.create_task(self._log_output(), name="engine-output")
@@ -310,7 +311,7 @@ class _EngineProcess:
                 return
             text = line.decode("utf-8", "replace").rstrip()
             if text:
-                self.last_output.append(text)
+                self.last_output.append(text[:500])
                 raw_output.debug("%s", text)
 
 

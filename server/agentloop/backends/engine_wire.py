@@ -40,6 +40,7 @@ from agentloop.errors import (
     Cancelled,
     DeadlineExceeded,
     EngineRestarting,
+    InvalidArgument,
     ModelNotFound,
     ResourceExhausted,
     RetryableError,
@@ -64,6 +65,7 @@ class ErrorReport:
     retry_after: float | None = None
     field: str = ""
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    violations: tuple[tuple[str, str], ...] = ()  # InvalidArgument's (field, why) pairs
 
 
 PARENT_MESSAGES: dict[str, tuple[Any, ...]] = {
@@ -88,7 +90,7 @@ JOB_ITEMS = frozenset({"delta", "end", "error"})
 # The errors a child may report, by name; anything else arrives as BackendProtocolError.
 _ERRORS: dict[str, type[AgentLoopError]] = {cls.__name__: cls for cls in (
     BackendProtocolError, BackendRejected, BackendUnavailable, Cancelled, DeadlineExceeded,
-    EngineRestarting, ModelNotFound, ResourceExhausted, ShuttingDown)}
+    EngineRestarting, InvalidArgument, ModelNotFound, ResourceExhausted, ShuttingDown)}
 
 
 class WireError(ValueError):
@@ -145,12 +147,15 @@ def encode_error(exc: BaseException) -> ErrorReport:
         retry_after=exc.retry_after if isinstance(exc, RetryableError) else None,
         field=exc.field if isinstance(exc, BackendRejected) else "",
         metadata=dict(exc.metadata),
+        violations=tuple(exc.violations) if isinstance(exc, InvalidArgument) else (),
     )
 
 
 def decode_error(report: ErrorReport) -> AgentLoopError:
     kind = _ERRORS.get(report.kind, BackendProtocolError)
     message = report.message[:1000]
+    if issubclass(kind, InvalidArgument):
+        return kind(report.violations)
     if issubclass(kind, RetryableError):
         return kind(message, retry_after=report.retry_after or 1.0, metadata=report.metadata)
     if issubclass(kind, BackendRejected):
@@ -191,8 +196,12 @@ def _from_wire(value: Any, hint: Any) -> Any:
                     continue
         raise WireError(f"no {hint} in the message")
     if origin is tuple:
-        [item_type, _] = typing.get_args(hint)
-        return tuple(_from_wire(item, item_type) for item in _expect(value, list))
+        items, args = _expect(value, list), typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_wire(item, args[0]) for item in items)
+        if len(items) != len(args):
+            raise WireError(f"{len(items)} values for {hint}")
+        return tuple(_from_wire(item, arg) for item, arg in zip(items, args, strict=True))
     if origin is dict:
         _, item_type = typing.get_args(hint)
         return {_expect(key, str): _from_wire(item, item_type)
