@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +30,7 @@ from test_cli_serve import start_serve
 from test_embedded import engine_of
 from test_telemetry import scrape, total
 
+from agentloop.backends.crash_ledger import crash_cause
 from agentloop.backends.embedded import EmbeddedBackend
 from agentloop.backends.engine_wire import (
     CHILD_MESSAGES,
@@ -460,3 +463,72 @@ async def test_readiness_follows_a_restart_at_once_not_at_the_next_check():
 
     assert readiness == [SERVING, NOT_SERVING, SERVING]
     assert backend.restarts == 1
+
+
+async def test_a_step_longer_than_the_stall_timeout_is_progress_not_a_hang(caplog):
+    # One decoding step over a ~3,500-token prompt takes seconds on a few cores (as one
+    # step of a bigger model does): llama.cpp's graph nodes count as progress meanwhile.
+    settings = gateway_settings(backend="embedded", num_ctx=4096, embedded_slots=1,
+                                embedded_batch_tokens=4096, embedded_stall_timeout=2.0,
+                                read_timeout=300.0)
+    backend = EmbeddedBackend(settings)
+    prompt = " ".join(f"word{i}" for i in range(900))
+    async with running_gateway(settings, backend=backend) as running, \
+            client_stub(running.address) as stub:
+        reply = await stub.Generate(pb.GenerateRequest(
+            prompt=prompt, options=pb.GenerationOptions(max_tokens=2, temperature=0)),
+            timeout=300)
+
+    assert reply.usage.input_tokens > 3000 and reply.usage.output_tokens >= 1
+    assert backend.restarts == 0, "the watchdog killed an engine in a long step"
+
+
+async def test_a_request_in_flight_at_two_crashes_is_refused_and_healthy_work_resets_backoff(
+        gateway):
+    engine = engine_of(gateway)
+    payload = pb.StreamGenerateRequest(
+        prompt=f"Crash payload {time.monotonic_ns()}: once upon a time",
+        options=pb.GenerationOptions(max_tokens=LONG_TOKENS, temperature=0))
+    delays = []
+    async with client_stub(gateway.address) as stub:
+        for _ in range(2):
+            pid = engine.engine_pid
+            assert pid is not None
+            await assert_serves_again(gateway, -1)  # healthy work on this child first
+            call = stub.StreamGenerate(payload, timeout=120)
+            async for message in call:
+                if message.text:
+                    break
+            os.kill(pid, signal.SIGSEGV)
+            error = await read_rest(call)
+            assert_engine_restarting(error)
+            delays.append(rich_details(error)["RetryInfo"].retry_delay.ToNanoseconds() / 1e9)
+            await assert_serves_again(gateway, pid)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Generate(pb.GenerateRequest(prompt=payload.prompt,
+                                                   options=payload.options), timeout=30)
+        other = await stub.Generate(pb.GenerateRequest(
+            prompt="A different request", options=pb.GenerationOptions(max_tokens=2)),
+            timeout=120)
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "in flight when the embedded engine's process died 2 times" in (
+        refused.value.details() or "")
+    assert other.usage.output_tokens >= 1
+    # Each crash came after healthy work: the backoff started over (0.5 s, +1 s of margin).
+    assert delays == [1.5, 1.5], delays
+
+
+def test_the_crash_line_names_ggml_s_assertion_not_a_stack_frame():
+    # What a real GGML_ABORT prints (the message, then a backtrace), merged as the child's
+    # stdout and stderr are.
+    script = ("import ctypes, pathlib, llama_cpp\n"
+              "lib = pathlib.Path(llama_cpp.__file__).parent / 'lib' / 'libggml-base.so'\n"
+              "ctypes.CDLL(str(lib)).ggml_abort(b'ggml/src/ggml.c', 1234, "
+              "b'GGML_ASSERT(%s) failed', b'n_tokens > 0')\n")
+    died = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    lines = [line.rstrip() for line in died.stdout.splitlines() if line.strip()]
+
+    assert died.returncode != 0 and len(lines) > 1, died.stdout
+    assert crash_cause(lines) == "ggml/src/ggml.c:1234: GGML_ASSERT(n_tokens > 0) failed"

@@ -131,15 +131,16 @@ def _sink_for(channel: _Channel) -> Callable[[int, object], None]:
     return sink
 
 
-def _heartbeat(engine: Any, loaded: threading.Event, channel: _Channel, every: float,
+def _heartbeat(engines: list[Any], loaded: threading.Event, channel: _Channel, every: float,
                stop: threading.Event) -> None:
-    """A beat while the model loads, then the engine's stats with a progress count."""
+    """A beat while llama.cpp is imported and the model loads, then the engine's stats
+    with a progress count (`engines` holds the engine once it is made)."""
     while not stop.wait(every):
         if not loaded.is_set():
             channel.post(("beat",))
             continue
         try:
-            stats = engine.stats()
+            stats = engines[0].stats()
         except Exception:  # stats are advisory: skip a beat rather than die
             continue
         progress = channel.sent_items + stats.steps + stats.nodes
@@ -158,14 +159,17 @@ def serve(sock: socket.socket) -> int:
     root.handlers[:] = [_LogRelay(channel)]
     root.setLevel(log_level)
 
+    engines: list[Any] = []
+    loaded, stop = threading.Event(), threading.Event()
+    beats = threading.Thread(target=_heartbeat, args=(engines, loaded, channel, heartbeat, stop),
+                             name="engine-child-heartbeat", daemon=True)
+    beats.start()  # before importing llama.cpp, which takes a while on a busy machine
+
     from agentloop.backends.llama_engine import Engine
     from agentloop.config import SettingsError
 
     engine = Engine(config)
-    loaded, stop = threading.Event(), threading.Event()
-    beats = threading.Thread(target=_heartbeat, args=(engine, loaded, channel, heartbeat, stop),
-                             name="engine-child-heartbeat", daemon=True)
-    beats.start()
+    engines.append(engine)
     try:
         info = engine.load()
     except SettingsError as exc:

@@ -143,8 +143,10 @@ class RunFinished:
     outcome: AgentOutcome
 
 
-AgentEvent = (StepStarted | AnswerDelta | AnswerWithdrawn | ThoughtFormed | ToolCalled
-              | ToolReturned | RunFinished)
+AgentEvent = (
+    StepStarted | AnswerDelta | AnswerWithdrawn | ThoughtFormed | ToolCalled | ToolReturned
+    | RunFinished
+)
 
 
 # --- client tools ---------------------------------------------------------------------------
