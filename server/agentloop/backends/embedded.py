@@ -456,9 +456,9 @@ class EmbeddedBackend:
                 break
             if child.completed or time.monotonic() - child.started_at > _RESTART_BACKOFF_RESET:
                 self._restart_delay = _RESTART_DELAY_FIRST  # it did healthy work
-            # A crash or a hang: what was in flight is suspect.
-            self._crashes.blame(job.request for job in self._jobs.values()
-                                if not job.done.is_set())
+            if not child.kill_reason:  # it crashed (a hang is the watchdog's): suspects
+                self._crashes.blame(job.request for job in self._jobs.values()
+                                    if not job.done.is_set())
             failed = self._fail_jobs(self._restarting())
             log.warning("embedded engine: process %s; %d generation(s) failed, restarting "
                         "in %.1fs", child.describe_exit(returncode), failed, self._restart_delay)
