@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from agentloop.config import Settings, SettingsError, env_name, load_settings
+from agentloop.config import (
+    EMBEDDED_WORKERS_PROBLEM,
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+)
 from agentloop.ranges import OPTION_RANGES
 from agentloop.rpc.requests import requested_options
+from agentloop.server import select_backend
 from agentloop.settings_doc import BEGIN, END, settings_table, write_table
 from agentloop.v1 import agentloop_pb2 as pb
 
@@ -106,6 +113,8 @@ def test_the_settings_page_documents_every_setting() -> None:
      "--metrics-listen / AGENTLOOP_METRICS_LISTEN: expected HOST:PORT, got 'nowhere'"),
     ({"AGENTLOOP_WORKERS": "2", "AGENTLOOP_LISTEN": "127.0.0.1:0"},
      "--workers / AGENTLOOP_WORKERS: several workers need a fixed port in --listen, not port 0"),
+    ({"AGENTLOOP_WORKERS": "2", "AGENTLOOP_LISTEN": "127.0.0.1:9", "AGENTLOOP_BACKEND": "embedded"},
+     f"--workers / AGENTLOOP_WORKERS: {EMBEDDED_WORKERS_PROBLEM}"),
 ])
 def test_each_rule_fails_with_one_message_naming_the_flag_and_the_variable(env, message) -> None:
     with pytest.raises(SettingsError) as caught:
@@ -159,3 +168,12 @@ def test_make_docs_rewrites_only_the_table_between_the_markers(tmp_path: Path) -
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match=r"no .* marker"):
         write_table(tmp_path / "bare.md")
+
+
+async def test_auto_falling_back_to_the_embedded_engine_refuses_several_workers() -> None:
+    # Nothing listens on port 9 of loopback: auto would pick the embedded engine, one per
+    # worker process.
+    settings = load_settings(environ={}, workers=2, listen="127.0.0.1:50999", backend="auto",
+                             ollama_url="http://127.0.0.1:9", connect_timeout=0.5)
+    with pytest.raises(SettingsError, match="--workers 1"):
+        await select_backend(settings)
