@@ -11,8 +11,9 @@ difference or the ratio.
   throughput  tokens/s one gateway process relays with the fake at full speed, vs direct;
               the gateway's CPU time per relayed token (also at 100 paced streams)
   memory      gateway RSS with 0, 100, 1,000 and 2,000 concurrent streams open, and errors
-  embedded    end to end on the embedded engine (bench.bench_embedded), and the other
-              bench_*.py of this folder when present
+  embedded    end to end on the embedded engine (bench.bench_embedded), the plan's five
+              workloads on it (bench.bench_workloads), and the other bench_*.py of this
+              folder when present
 
 Writes bench/results/results.json, bench/results/*.png and the results block of
 docs/benchmarks.md (the method and the notes on the results are written by hand there).
@@ -316,9 +317,11 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
         "workers": ["--seconds", "2" if quick else "3", "--rounds", "1" if quick else "2"],
         "affinity": ["--conversations", "3" if quick else "12", "--turns", "2" if quick else "6",
                      "--max-tokens", "4" if quick else "24"],
+        # The plan's five workloads and the engine's figures under mixed traffic.
+        "workloads": ["--quick"] if quick else [],
     }
     # bench_affinity starts three embedded engines and runs 144 generations.
-    timeouts = {"affinity": 900, "embedded": 1800}
+    timeouts = {"affinity": 900, "embedded": 1800, "workloads": 2400}
     for name, argv in runs.items():
         if not (ROOT / "bench" / f"bench_{name}.py").exists():
             continue
@@ -409,6 +412,13 @@ def table(results: dict[str, Any]) -> str:
                  "serial one (one slot, no prefix reuse) in the same run "
                  "(`bench/bench_embedded.py`):",
                  "", bench_embedded.table(embedded), "", f"`{embedded['command']}`"]
+    workloads = results["other"].get("workloads", {})
+    if "gateway" in workloads:
+        from bench import bench_workloads  # it imports this module
+        rows += ["", "The plan's five workloads on the embedded engine, requests arriving at "
+                 "random moments, and the engine's figures under that traffic "
+                 "(`bench/bench_workloads.py`):",
+                 "", bench_workloads.tables(workloads), "", f"`{workloads['command']}`"]
     others = [f"`bench/results/{name}.json`" for name, found in results["other"].items()
               if "error" not in found]
     if others:

@@ -1,0 +1,538 @@
+"""The plan's five workloads on the embedded engine, and its figures under real traffic.
+
+Two parts, in one run:
+
+  engine     the engine driven directly in this process (no gateway), for what only the
+             engine can show: the time of one decoding step over 10 sequences (this
+             machine's ceiling, 10 / that time tokens/s, and floor, 80 x that time per
+             80-token answer); 3 streams on adjacent slots against 3 on slots apart
+             (llama.cpp splits a batch whose sequence ids are not consecutive); the longest
+             pause of a running stream while a 262,000-character prompt of `<` is tokenized;
+             the first token of an 8-token prompt sent behind nine 7,500-token prompts; how
+             much of a 700-token prefix is still cached after an unrelated call.
+  workloads  the five workloads through the real gateway (`agentloop serve --backend
+             embedded`, the defaults), requests arriving at random moments over a spread,
+             not all at once:
+               qa          simple questions, 50-100 tokens each
+               code        code generation, 200-500 tokens each
+               longform    long-form content, 1,000+ tokens each
+               multiturn   conversations whose every turn resends the ones before
+               concurrent  10 users x 80 tokens x 3 requests, users starting 0-2 s apart
+             each with latency P50/P95, first-token P95, tokens/s, cache hits (cached
+             prompt tokens / prompt tokens) and the peak memory of the gateway plus its
+             engine process, and whether its latency P95 is under 5 s, or why it cannot be
+             on this machine's cores.
+
+    .venv/bin/python -m bench.bench_workloads            # the figures (quiet machine)
+    .venv/bin/python -m bench.bench_workloads --quick    # proves it runs (minutes)
+
+Writes bench/results/workloads.json and prints Markdown tables (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from agentloop.backends.embedded import cache_dir, ensure_packaged_model, usable_cpus
+from agentloop.backends.llama_engine import Engine, EngineConfig
+from agentloop.config import load_settings
+from agentloop.domain import (
+    ChatMessage,
+    GenerationEnd,
+    GenerationRequest,
+    Role,
+    SamplingOptions,
+)
+from agentloop.v1 import agentloop_pb2 as pb
+from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from bench.bench_workers import wait_serving
+from bench.processes import stop
+from bench.run_all import percentile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
+P95_GOAL_S = 5.0
+GOALS = {
+    "angle_pause_s": 0.5,
+    "short_first_token_s": 2.0,
+    "warm_prefix_cached": 0.95,
+    "apart_over_adjacent": 0.90,
+    "concurrent_ttft_p95_s": 0.5,
+    "concurrent_tokens_over_ceiling": 0.90,
+    "concurrent_p95_over_floor": 1.2,
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench_workloads] {message}", file=sys.stderr, flush=True)
+
+
+# --- the engine, directly ---------------------------------------------------------------------
+
+class Collector:
+    """A sink: each job's deltas with their times, and its end."""
+
+    def __init__(self) -> None:
+        self.deltas: dict[int, list[float]] = {}
+        self.ends: dict[int, object] = {}
+        self.done: dict[int, threading.Event] = {}
+        self._next = 0
+
+    def submit(self, engine: Engine, request: GenerationRequest) -> int:
+        self._next += 1
+        job = self._next
+        self.deltas[job], self.done[job] = [], threading.Event()
+        engine.submit(job, request, self.sink)
+        return job
+
+    def sink(self, job: int, item: object) -> None:
+        if isinstance(item, str):
+            self.deltas[job].append(time.perf_counter())
+        else:
+            self.ends[job] = item
+            self.done[job].set()
+
+    def wait(self, *jobs: int, timeout: float = 3600) -> None:
+        for job in jobs:
+            if not self.done[job].wait(timeout):
+                raise RuntimeError(f"job {job} never ended")
+
+
+def engine_request(prompt: str, max_tokens: int, seed: int = 1,
+                   messages: tuple[ChatMessage, ...] = ()) -> GenerationRequest:
+    options = SamplingOptions(temperature=0.7, top_p=0.9, top_k=40, max_tokens=max_tokens,
+                              repeat_penalty=1.1, num_ctx=8192, seed=seed)
+    if messages:
+        return GenerationRequest(model="", options=options, messages=messages)
+    return GenerationRequest(model="", options=options, prompt=prompt)
+
+
+def until(condition, timeout: float = 600) -> None:
+    limit = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > limit:
+            raise RuntimeError("a condition never held")
+        time.sleep(0.005)
+
+
+def steps_per_s(engine: Engine, seconds: float) -> float:
+    before, started = engine.stats().steps, time.perf_counter()
+    time.sleep(seconds)
+    return (engine.stats().steps - before) / (time.perf_counter() - started)
+
+
+def slot_of(engine: Engine, job: int) -> int:
+    return next(slot.seq for slot in engine._slots if slot.job and slot.job.job_id == job)
+
+
+def decode_rates(engine: Engine, window: float) -> dict[str, float]:
+    """Step time over 10 sequences; 3 streams on adjacent slots vs 3 on slots apart."""
+    sink = Collector()
+    ten = [sink.submit(engine, engine_request(f"Story {i}: once upon a time", 100_000, i))
+           for i in range(10)]
+    until(lambda: all(sink.deltas[job] for job in ten))
+    step_10 = 1 / steps_per_s(engine, window)
+    for job in ten:
+        engine.cancel(job)
+    sink.wait(*ten)
+    # Fresh slots are taken in order: three new jobs sit side by side.
+    adjacent = [sink.submit(engine, engine_request(f"Tale {i}: long ago", 100_000, i))
+                for i in range(3)]
+    until(lambda: all(sink.deltas[job] for job in adjacent))
+    adjacent_slots = sorted(slot_of(engine, job) for job in adjacent)
+    adjacent_rate = 3 * steps_per_s(engine, window)
+    for job in adjacent:
+        engine.cancel(job)
+    sink.wait(*adjacent)
+    five = [sink.submit(engine, engine_request(f"Fable {i}: there was", 100_000, i))
+            for i in range(5)]
+    until(lambda: all(sink.deltas[job] for job in five))
+    by_slot = sorted(five, key=lambda job: slot_of(engine, job))
+    for job in (by_slot[1], by_slot[3]):
+        engine.cancel(job)
+    apart = [by_slot[0], by_slot[2], by_slot[4]]
+    until(lambda: engine.stats().slots_in_use == 3)
+    apart_slots = sorted(slot_of(engine, job) for job in apart)
+    apart_rate = 3 * steps_per_s(engine, window)
+    for job in apart:
+        engine.cancel(job)
+    sink.wait(*five)
+    return {"step_10_s": step_10, "ceiling_tokens_per_s": 10 / step_10,
+            "floor_80_tokens_s": 80 * step_10,
+            "adjacent_slots": adjacent_slots, "adjacent_tokens_per_s": adjacent_rate,
+            "apart_slots": apart_slots, "apart_tokens_per_s": apart_rate,
+            "apart_over_adjacent": apart_rate / adjacent_rate}
+
+
+def angle_pause(engine: Engine, chars: int) -> dict[str, float]:
+    """The longest pause of a running stream while a prompt of `<` is tokenized."""
+    sink = Collector()
+    running = sink.submit(engine, engine_request("Once upon a time", 100_000))
+    until(lambda: len(sink.deltas[running]) >= 3)
+    started = time.perf_counter()
+    angle = sink.submit(engine, engine_request("<" * chars, 1))
+    sink.wait(angle)
+    ended = time.perf_counter()
+    engine.cancel(running)
+    sink.wait(running)
+    times = [started, *(t for t in sink.deltas[running] if started <= t <= ended), ended]
+    return {"chars": chars, "seconds": ended - started,
+            "longest_pause_s": max(b - a for a, b in itertools.pairwise(times))}
+
+
+def short_behind_long(engine: Engine, long_tokens: int, count: int) -> dict[str, float]:
+    """First token of an 8-token prompt sent a second after `count` long prompts."""
+    sink = Collector()
+    words = max(1, long_tokens // 3)  # "wordN" is about three tokens
+    long = [sink.submit(engine, engine_request(
+        f"Document {i}: " + " ".join(f"word{n}" for n in range(words)), 4, i))
+        for i in range(count)]
+    time.sleep(1.0)
+    sent = time.perf_counter()
+    short = sink.submit(engine, engine_request("The capital of France is", 4))
+    sink.wait(short)
+    first = sink.deltas[short][0] if sink.deltas[short] else time.perf_counter()
+    for job in long:
+        engine.cancel(job)
+    sink.wait(*long)
+    return {"long_prompts": count, "long_prompt_tokens": long_tokens,
+            "short_first_token_s": first - sent}
+
+
+def warm_prefix(engine: Engine, tokens: int) -> dict[str, float]:
+    """A repeated prefix after an unrelated call: the share of it served from the cache."""
+    sink = Collector()
+    document = f"Note {time.monotonic_ns()}. " + " ".join(
+        f"Clause {i}: the tenant keeps the garden tidy." for i in range(tokens // 11))
+    first = sink.submit(engine, engine_request("", 4, messages=(
+        ChatMessage(Role.USER, document + "\n\nWho keeps the garden?"),)))
+    sink.wait(first)
+    stranger = sink.submit(engine, engine_request("", 4, messages=(
+        ChatMessage(Role.USER, "hi"),)))
+    sink.wait(stranger)
+    again = sink.submit(engine, engine_request("", 4, messages=(
+        ChatMessage(Role.USER, document + "\n\nWhat does clause 3 say?"),)))
+    sink.wait(again)
+    end_first, end_again = sink.ends[first], sink.ends[again]
+    assert isinstance(end_first, GenerationEnd) and isinstance(end_again, GenerationEnd)
+    return {"prefix_tokens": end_first.usage.input_tokens,
+            "cached": end_again.usage.cached_input_tokens / end_first.usage.input_tokens}
+
+
+def engine_part(args: argparse.Namespace) -> dict[str, Any]:
+    settings = load_settings(environ={})
+    path = ensure_packaged_model(cache_dir(settings))
+    engine = Engine(EngineConfig(
+        model_path=str(path), n_ctx=args.long_prompt_tokens + 512,
+        slots=settings.embedded_slots, threads=usable_cpus(),
+        batch_tokens=settings.embedded_batch_tokens))
+    engine.load()
+    try:
+        log("engine: decode rates")
+        result: dict[str, Any] = {"rates": decode_rates(engine, args.window)}
+        log("engine: a prompt of <")
+        result["angle"] = angle_pause(engine, args.angle_chars)
+        log("engine: a short prompt behind long ones")
+        result["short"] = short_behind_long(engine, args.long_prompt_tokens, args.long_prompts)
+        log("engine: a warm prefix after an unrelated call")
+        result["prefix"] = warm_prefix(engine, 700)
+    finally:
+        engine.close()
+    return result
+
+
+# --- the five workloads through the gateway ---------------------------------------------------
+
+@contextmanager
+def gateway() -> Iterator[tuple[str, psutil.Process]]:
+    """`agentloop serve --backend embedded` (defaults); its address and process."""
+    proc = subprocess.Popen(
+        [AGENTLOOP, "serve", "--listen", "127.0.0.1:0", "--backend", "embedded",
+         "--max-queue", "256", "--log-level", "warning", "--drain-delay", "0",
+         "--shutdown-grace", "1", "--metrics-listen", ""],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("agentloop serving on "):
+            raise RuntimeError(f"the gateway did not start: {line!r}")
+        address = line.split()[3]
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        wait_serving(address, proc, timeout=300)
+        yield address, psutil.Process(proc.pid)
+    finally:
+        stop(proc)
+
+
+class PeakMemory:
+    """The largest resident memory of a process plus its children, sampled every 0.1 s."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self._process = process
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                total = self._process.memory_info().rss + sum(
+                    child.memory_info().rss for child in self._process.children(recursive=True))
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, total)
+
+
+@dataclass
+class Call:
+    latency: float
+    ttft: float
+    tokens: int
+    input_tokens: int
+    cached: int
+    text: str = ""
+
+
+@dataclass
+class Workload:
+    name: str
+    max_tokens: int  # the longest answer asked for (the floor of its latency)
+    calls: list[Call] = field(default_factory=list)
+    wall: float = 0.0
+    peak_bytes: int = 0
+
+
+async def call(stub: pb_grpc.AgentLoopServiceStub, max_tokens: int, seed: int, *,
+               prompt: str = "", messages: tuple[tuple[str, str], ...] = ()) -> Call:
+    roles = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+    request = pb.StreamGenerateRequest(
+        prompt=prompt, messages=[pb.Message(role=roles[r], content=c) for r, c in messages],
+        options=pb.GenerationOptions(max_tokens=max_tokens, seed=seed))
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    usage = pb.Usage()
+    async for message in stub.StreamGenerate(request, timeout=3600):
+        if message.text:
+            first = first or time.perf_counter()
+            pieces.append(message.text)
+        if message.HasField("usage"):
+            usage = message.usage
+    ended = time.perf_counter()
+    return Call(ended - started, (first or ended) - started, usage.output_tokens,
+                usage.input_tokens, usage.cached_input_tokens, "".join(pieces))
+
+
+async def arriving(count: int, spread: float, rng: random.Random, one) -> list[Call]:
+    """`count` calls starting at random moments within `spread` seconds."""
+    async def later(index: int, at: float) -> Call:
+        await asyncio.sleep(at)
+        return await one(index)
+    return list(await asyncio.gather(*(later(i, rng.uniform(0, spread))
+                                       for i in range(count))))
+
+
+QUESTIONS = ["What is the capital of France?", "Why is the sky blue?",
+             "How many legs does a spider have?", "What is photosynthesis?",
+             "Who wrote Hamlet?", "What is the boiling point of water?"]
+CODE_TASKS = ["a Python function that reverses a linked list",
+              "a Python class for a bank account with deposit and withdraw",
+              "a JavaScript function that debounces another function",
+              "a SQL query listing the ten best-selling products"]
+TOPICS = ["the history of the printing press", "how cities grow", "the life of bees"]
+
+
+async def workloads(address: str, process: psutil.Process, args: argparse.Namespace
+                    ) -> dict[str, Any]:
+    rng = random.Random(7)
+    found: list[Workload] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.AgentLoopServiceStub(channel)
+        await call(stub, 4, 1, prompt="Hello")  # warm-up
+        alone = await call(stub, 64, 2, prompt="Once upon a time")
+        single_rate = alone.tokens / max(alone.latency - alone.ttft, 1e-9)
+
+        async def measured(work: Workload, calls) -> None:
+            log(f"workload {work.name}")
+            with PeakMemory(process) as memory:
+                started = time.perf_counter()
+                work.calls = await calls
+                work.wall = time.perf_counter() - started
+            work.peak_bytes = memory.peak
+            found.append(work)
+
+        await measured(Workload("qa", 100), arriving(
+            args.qa, args.spread, rng, lambda i: call(
+                stub, rng.randint(50, 100), i, messages=(("user", QUESTIONS[i % 6]),))))
+        await measured(Workload("code", 500), arriving(
+            args.code, args.spread, rng, lambda i: call(
+                stub, rng.randint(200, 500), i,
+                messages=(("user", f"Write {CODE_TASKS[i % 4]}."),))))
+        await measured(Workload("longform", args.long_tokens), arriving(
+            args.longform, args.spread, rng, lambda i: call(
+                stub, args.long_tokens, i, prompt=f"A long essay on {TOPICS[i % 3]}:\n\n")))
+
+        async def conversation(index: int) -> list[Call]:
+            turns: tuple[tuple[str, str], ...] = ()
+            made = []
+            for turn in range(args.turns):
+                turns += (("user", f"Tell me one more fact about topic {index}, "
+                                   f"number {turn + 1}."),)
+                made.append(await call(stub, 60, index * 10 + turn, messages=turns))
+                turns += (("assistant", made[-1].text),)
+            return made
+
+        async def conversations() -> list[Call]:
+            done = await arriving(args.conversations, args.spread, rng, conversation)
+            return [c for calls in done for c in calls]
+        await measured(Workload("multiturn", 60), conversations())
+
+        async def user(index: int) -> list[Call]:
+            return [await call(stub, 80, index * 10 + n, prompt=QUESTIONS[index % 6])
+                    for n in range(args.requests)]
+
+        async def users() -> list[Call]:
+            done = await arriving(args.users, 2.0, rng, user)
+            return [c for calls in done for c in calls]
+        await measured(Workload("concurrent", 80), users())
+    return {"single_stream_tokens_per_s": single_rate,
+            "workloads": {w.name: summary(w, single_rate) for w in found}}
+
+
+def summary(work: Workload, single_rate: float) -> dict[str, Any]:
+    latencies = [c.latency for c in work.calls]
+    p95 = percentile(latencies, 95)
+    floor = work.max_tokens / single_rate  # one stream alone, decoding its longest answer
+    if p95 < P95_GOAL_S:
+        verdict = "meets"
+    elif floor >= P95_GOAL_S:
+        verdict = (f"cannot here: one stream decodes {single_rate:.0f} tokens/s on these "
+                   f"{usable_cpus()} cores, so {work.max_tokens} tokens take at least "
+                   f"{floor:.1f} s even alone")
+    else:
+        verdict = (f"misses: alone it would take {floor:.1f} s; sharing the engine's steps "
+                   "with the other streams slows each one (batched steps cost more)")
+    prompt_tokens = sum(c.input_tokens for c in work.calls)
+    return {
+        "calls": len(work.calls),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": p95,
+        "ttft_p95_s": percentile([c.ttft for c in work.calls], 95),
+        "tokens_per_s": sum(c.tokens for c in work.calls) / work.wall if work.wall else 0.0,
+        "cache_hits": sum(c.cached for c in work.calls) / prompt_tokens if prompt_tokens else 0,
+        "peak_memory_mb": work.peak_bytes / 2**20,
+        "p95_under_5s": verdict,
+    }
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def tables(result: dict[str, Any]) -> str:
+    rows = ["| workload | calls | latency P50 / P95 (s) | first token P95 (s) | tokens/s "
+            "| cache hits | peak memory (MB) | P95 < 5 s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, w in result["gateway"]["workloads"].items():
+        rows.append(f"| {name} | {w['calls']} | {w['latency_p50_s']:.1f} / "
+                    f"{w['latency_p95_s']:.1f} | {w['ttft_p95_s']:.2f} | "
+                    f"{w['tokens_per_s']:.0f} | {w['cache_hits']:.0%} | "
+                    f"{w['peak_memory_mb']:.0f} | {w['p95_under_5s']} |")
+    engine = result["engine"]
+    rates, concurrent = engine["rates"], result["gateway"]["workloads"].get("concurrent", {})
+    figures = [
+        ("262,000-character prompt of `<`: longest pause of another stream (s)",
+         f"{engine['angle']['longest_pause_s']:.2f}", f"< {GOALS['angle_pause_s']}"),
+        (f"8-token prompt behind {engine['short']['long_prompts']} "
+         f"{engine['short']['long_prompt_tokens']}-token prompts: first token (s)",
+         f"{engine['short']['short_first_token_s']:.2f}", f"< {GOALS['short_first_token_s']}"),
+        (f"{engine['prefix']['prefix_tokens']}-token prefix after an unrelated call: cached",
+         f"{engine['prefix']['cached']:.0%}", f">= {GOALS['warm_prefix_cached']:.0%}"),
+        (f"3 streams on slots {rates['apart_slots']} / on {rates['adjacent_slots']}: tokens/s",
+         f"{rates['apart_over_adjacent']:.0%}", f">= {GOALS['apart_over_adjacent']:.0%}"),
+        ("one decoding step over 10 sequences (s): ceiling tokens/s, floor of 80 tokens (s)",
+         f"{rates['step_10_s']:.3f}: {rates['ceiling_tokens_per_s']:.0f}, "
+         f"{rates['floor_80_tokens_s']:.1f}", "this machine's limits"),
+    ]
+    if concurrent:
+        figures += [
+            ("concurrent: first token P95 (s)", f"{concurrent['ttft_p95_s']:.2f}",
+             f"< {GOALS['concurrent_ttft_p95_s']}"),
+            ("concurrent: tokens/s / ceiling",
+             f"{concurrent['tokens_per_s'] / rates['ceiling_tokens_per_s']:.0%}",
+             f">= {GOALS['concurrent_tokens_over_ceiling']:.0%}"),
+            ("concurrent: latency P95 / floor",
+             f"{concurrent['latency_p95_s'] / rates['floor_80_tokens_s']:.2f}x",
+             f"<= {GOALS['concurrent_p95_over_floor']}x"),
+        ]
+    lines = ["| figure | this run | goal |", "| --- | ---: | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in figures]
+    return "\n".join(rows) + "\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: proves the benchmark runs, gives no figures")
+    parser.add_argument("--qa", type=int, default=20)
+    parser.add_argument("--code", type=int, default=6)
+    parser.add_argument("--longform", type=int, default=2)
+    parser.add_argument("--long-tokens", type=int, default=1100)
+    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--spread", type=float, default=20.0,
+                        help="seconds over which a workload's calls arrive")
+    parser.add_argument("--window", type=float, default=5.0,
+                        help="seconds each decode rate is measured over")
+    parser.add_argument("--angle-chars", type=int, default=262_000)
+    parser.add_argument("--long-prompts", type=int, default=9)
+    parser.add_argument("--long-prompt-tokens", type=int, default=7500)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.qa, args.code, args.longform, args.long_tokens = 2, 1, 1, 40
+        args.conversations, args.turns, args.users, args.requests = 1, 2, 2, 1
+        args.spread, args.window, args.angle_chars = 1.0, 0.5, 20_000
+        args.long_prompts, args.long_prompt_tokens = 2, 300
+    command = ".venv/bin/python -m bench.bench_workloads" + (" --quick" if args.quick else "")
+    log("engine part")
+    engine = engine_part(args)
+    log("gateway part")
+    with gateway() as (address, process):
+        through = asyncio.run(workloads(address, process, args))
+    result = {"benchmark": "the plan's five workloads on the embedded engine",
+              "command": command, "arguments": vars(args),
+              "machine": {"cpus": usable_cpus()}, "goals": GOALS,
+              "engine": engine, "gateway": through}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "workloads.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(tables(result))
+    print(f"\n{command}\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
