@@ -131,9 +131,11 @@ def until(condition, timeout: float = 600) -> None:
         time.sleep(0.005)
 
 
-def steps_per_s(engine: Engine, seconds: float) -> float:
+def steps_per_s(engine: Engine, seconds: float, least: int = 5) -> float:
+    """Decoding steps per second over `seconds`, and over `least` steps at least."""
     before, started = engine.stats().steps, time.perf_counter()
     time.sleep(seconds)
+    until(lambda: engine.stats().steps - before >= least)
     return (engine.stats().steps - before) / (time.perf_counter() - started)
 
 
