@@ -660,3 +660,30 @@ def test_progress_is_counted_inside_a_step(batched: Engine):
     steps = after.steps - before.steps
     # Gemma 3 270M's graph has hundreds of nodes: a long step shows progress meanwhile.
     assert after.nodes - before.nodes >= 100 * steps > 0
+
+
+def test_one_shared_kv_cache_keeps_each_slot_to_its_share_and_serves_slots_apart():
+    engine = open_engine(slots=3, kv_unified=True)
+    try:
+        jobs = Jobs(engine)
+        ids = [jobs.submit(request(prompt, 400)) for prompt in
+               ("Once upon a time", "The capital of France is", "A, B, C, D,")]
+        wait_for(lambda: all(len(jobs.outcomes[job].deltas) >= 1 for job in ids))
+        engine.cancel(ids[1])  # the two left run on slots 0 and 2
+        jobs.wait(ids[1])
+        before = [len(jobs.outcomes[job].deltas) for job in (ids[0], ids[2])]
+        wait_for(lambda: all(len(jobs.outcomes[job].deltas) >= count + 3
+                             for job, count in zip((ids[0], ids[2]), before, strict=True)))
+        for job in (ids[0], ids[2]):
+            engine.cancel(job)
+        jobs.wait(*ids)
+        reused = end_of(jobs.run(request(COUNTING, 2)))
+        again = end_of(jobs.run(request(COUNTING + " 8, 9,", 2)))
+        too_long = jobs.run(request(" ".join(["word"] * 1100)))
+    finally:
+        engine.close()
+
+    assert engine.context_size == 1024  # its share, not the whole shared cache
+    assert reused.usage.output_tokens == 2
+    assert again.usage.cached_input_tokens >= reused.usage.input_tokens - 1
+    assert isinstance(too_long.end, BackendRejected)

@@ -247,6 +247,14 @@ class Settings:
         "next tokens plus a chunk of the prompts being evaluated",
         group="embedded", minimum=1,
     )
+    embedded_kv_unified: bool = _setting(
+        False,
+        "one KV cache shared by the embedded engine's slots: every decoding step is one pass "
+        "over the weights, whichever slots are busy, but attention reads every slot's cache; "
+        "off, each slot has its own and llama.cpp splits a step over slots not numbered "
+        "next to each other, or mixing prompt chunks with generating slots, into passes",
+        group="embedded",
+    )
     embedded_stall_timeout: float = _setting(
         30.0,
         "seconds the embedded engine's process may go without a heartbeat, without "

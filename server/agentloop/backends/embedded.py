@@ -141,6 +141,7 @@ def engine_config(settings: Settings, path: Path) -> EngineConfig:
         threads=usable_cpus(),
         prefix_reuse=settings.embedded_prefix_reuse,
         batch_tokens=settings.embedded_batch_tokens,
+        kv_unified=settings.embedded_kv_unified,
     )
 
 

@@ -17,6 +17,7 @@ class EngineConfig:
     threads: int
     prefix_reuse: bool = True
     batch_tokens: int = 512  # tokens per llama_decode step (prompt chunks + running sequences)
+    kv_unified: bool = False  # one KV cache for every slot (one pass per step) or one each
 
 
 @dataclass(frozen=True)

@@ -272,8 +272,11 @@ class Engine:
         params.n_batch = params.n_ubatch = config.batch_tokens
         params.n_seq_max = config.slots
         params.n_threads = params.n_threads_batch = config.threads
-        # One KV stream per sequence: slots do not share prefixes with each other.
-        params.kv_unified = False
+        # One KV stream per sequence (slots never attend over each other's cache), unless
+        # asked for one shared stream: llama.cpp then decodes a step in one pass whichever
+        # slots are busy (with one stream each, a pass takes only consecutive sequence ids
+        # and the same number of tokens from each).
+        params.kv_unified = config.kv_unified
         # Reusing a prefix longer than the sliding window needs the window's layers whole.
         params.swa_full = config.prefix_reuse
         params.no_perf = True
@@ -286,7 +289,8 @@ class Engine:
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab()
         self._n_swa = llama_cpp.llama_model_n_swa(model.model)
-        self._slot_ctx = llama_cpp.llama_n_ctx_seq(ctx)
+        # A shared cache holds every slot's tokens: each slot keeps to its share of it.
+        self._slot_ctx = min(llama_cpp.llama_n_ctx_seq(ctx), per_slot)
         self._batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._candidates = np.zeros(self._n_vocab, dtype=np.dtype(
