@@ -340,8 +340,13 @@ class Workload:
     peak_bytes: int = 0
 
 
+#: The most tokens any answer may have (--quick makes it small).
+TOKENS_CAP = [100_000]
+
+
 async def call(stub: pb_grpc.AgentLoopServiceStub, max_tokens: int, seed: int, *,
                prompt: str = "", messages: tuple[tuple[str, str], ...] = ()) -> Call:
+    max_tokens = min(max_tokens, TOKENS_CAP[0])
     roles = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
     request = pb.StreamGenerateRequest(
         prompt=prompt, messages=[pb.Message(role=roles[r], content=c) for r, c in messages],
@@ -539,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         args.conversations, args.turns, args.users, args.requests = 1, 2, 2, 1
         args.spread, args.window, args.angle_chars = 1.0, 0.5, 20_000
         args.long_prompts, args.long_prompt_tokens = 2, 300
+        TOKENS_CAP[0] = 24
     command = ".venv/bin/python -m bench.bench_workloads" + (" --quick" if args.quick else "")
     log("engine part")
     engine = engine_part(args)
