@@ -451,7 +451,7 @@ class Engine:
                 self._end(job, exc)
                 continue
             job.prepared = self._tokenizers.submit(self._prepare, job)
-            job.prepared.add_done_callback(self._grammar_built)
+            job.prepared.add_done_callback(self._prepared)
             self._waiting.append(job)
         return True
 
@@ -819,7 +819,7 @@ class Engine:
             return built
         assert self._builders is not None
         built = self._builders.submit(self._build_grammar, fmt.kind, key)
-        built.add_done_callback(self._grammar_built)
+        built.add_done_callback(self._prepared)
         self._grammars[key] = built
         if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
             self._retired.append(self._grammars.popitem(last=False)[1])
@@ -832,7 +832,8 @@ class Engine:
             self._retired.remove(built)
             _free_grammar(built)
 
-    def _grammar_built(self, _: Future[int]) -> None:
+    def _prepared(self, _: Future[object]) -> None:
+        """A prompt is tokenized or a grammar built: the scheduler may admit its job."""
         with self._lock:
             self._wake()
 
