@@ -335,6 +335,12 @@ class Settings:
         4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent",
         minimum=256,
     )
+    upstreams: str = _setting(
+        "",
+        "file (YAML or JSON) of upstream pools and the routes from model names to them (see "
+        "docs/upstreams.md); empty = one engine, chosen by --backend",
+        group="upstreams", check=check_readable_file,
+    )
     mcp_servers: str = _setting(
         "",
         "file (JSON or YAML) listing MCP servers whose tools the agent may use, named "

@@ -179,6 +179,20 @@ class Cancelled(AgentLoopError):
     reason = "CANCELLED"
 
 
+class FailedPrecondition(AgentLoopError):
+    """The call cannot be served as asked (e.g. local-only, yet only remote upstreams
+    serve the model): sending it again unchanged will not help."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, reason: str = "",
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        if reason:
+            self.reason = reason
+
+
 class Unauthenticated(AgentLoopError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

@@ -38,6 +38,8 @@ from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
+from agentloop.upstreams.config import load_pools
+from agentloop.upstreams.router import Router
 from agentloop.v1 import agentloop_pb2_grpc
 
 if TYPE_CHECKING:
@@ -111,6 +113,18 @@ async def select_backend(settings: Settings) -> Backend:
     backend = embedded_backend(settings)
     log.info("engine embedded, model file %s (%s)", backend.model_path, why)
     return backend
+
+
+async def resilient_backend(settings: Settings,
+                            backend: Backend | None = None) -> ResilientBackend | Router:
+    """The backend the services call, with retries and circuit breakers: the router over
+    the pools file when --upstreams names one, else the one engine."""
+    if backend is None and settings.upstreams:
+        router = Router(load_pools(settings.upstreams), settings)
+        log.info("engines: %d upstream pools from %s (--upstreams); --backend and "
+                 "--ollama-url are not used", len(router.pools), settings.upstreams)
+        return router
+    return ResilientBackend(backend or await select_backend(settings), settings)
 
 
 def embedded_backend(settings: Settings) -> EmbeddedBackend:
@@ -196,7 +210,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
         from agentloop.services.mcp_tools import McpServers
 
         mcp = McpServers.from_file(settings.mcp_servers)  # a bad file stops the start here
-    backend = ResilientBackend(backend or await select_backend(settings), settings)
+    backend = await resilient_backend(settings, backend)
     settings = with_engine_defaults(settings, backend)
     await backend.start()
     admission = Admission(
@@ -206,9 +220,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
         if settings.cache_entries else None
     health = HealthReporter(backend, backend.default_model, settings.health_interval,
                             warm_up=settings.warm_up)
-    backend.circuit.on_change = health.check_soon
-    if hasattr(backend.inner, "on_health_change"):  # the embedded engine's restarts
-        backend.inner.on_health_change = health.check_soon
+    backend.on_health_change = health.check_soon
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()

@@ -22,7 +22,13 @@ from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, st
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.requests import call_context, deadline_from, generation_request
-from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
+from agentloop.rpc.responses import (
+    generate_response,
+    model_pb,
+    stream_delta,
+    stream_end,
+    upstream_metadata,
+)
 from agentloop.services.agent import AgentService
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
@@ -51,7 +57,9 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         )
         generation = dataclasses.replace(
             generation, context=call_context(context.invocation_metadata()))
-        return generate_response(await self._generation.generate(generation))
+        result = await self._generation.generate(generation)
+        context.set_trailing_metadata(upstream_metadata(result.end))
+        return generate_response(result)
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
@@ -65,7 +73,11 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             generation, context=call_context(context.invocation_metadata()))
         async with aclosing(coalesced(self._generation.stream(generation))) as items:
             async for item in items:
-                yield stream_delta(item) if isinstance(item, str) else stream_end(item)
+                if isinstance(item, str):
+                    yield stream_delta(item)
+                else:
+                    context.set_trailing_metadata(upstream_metadata(item))
+                    yield stream_end(item)
 
     async def RunAgent(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext

@@ -45,6 +45,7 @@ from agentloop.telemetry.metrics import (
     meter_provider,
     observe_engine_load,
     observe_server_state,
+    observe_upstreams,
 )
 
 __all__ = ["Observed", "Telemetry", "start_telemetry"]
@@ -250,6 +251,8 @@ class BackendCall(Observed):
             return
         super().finish(end, self.output)
         attributes = self._attributes | {tracing.RESPONSE_MODEL: self._model_label(end.model)}
+        if end.upstream:
+            attributes[tracing.UPSTREAM] = end.upstream
         self._instruments.operation_duration.record(time.perf_counter() - self._started,
                                                     attributes)
         usage = self._instruments.token_usage
@@ -305,6 +308,7 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     provider = tracing.provider_name(backend.name)
     observe_server_state(meter, admission, health, provider, cache, retrying)
     observe_engine_load(meter, backend, provider)
+    observe_upstreams(meter, backend)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
         backend.address, settings.trace_content, served_models=lambda: health.served,

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from agentloop.config import Settings, parse_host_port
 from agentloop.domain import BackendHealth
 from agentloop.telemetry import otlp
+from agentloop.telemetry.tracing import UPSTREAM
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,36 @@ def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     for name, field, unit, description in _ENGINE_GAUGES:
         meter.create_observable_gauge(name, [reader(field)], unit=unit,
                                       description=description)
+
+
+def observe_upstreams(meter: Meter, backend: object) -> None:
+    """Per upstream pool (the router's `pools`, when there is a pools file): calls in flight
+    and queued, endpoints available, and calls that spilled to the next pool. Labels are
+    the operator's upstream names."""
+    pools: Any = getattr(backend, "pools", None)
+    if not isinstance(pools, dict):
+        return
+
+    def reader(value: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            for name, pool in pools.items():
+                yield Observation(value(pool), {UPSTREAM: name})
+        return observe
+
+    meter.create_observable_gauge(
+        "agentloop.upstream.requests.in_flight", [reader(lambda p: p.in_flight)],
+        unit="{request}", description="Calls an upstream pool's endpoints are serving.")
+    meter.create_observable_gauge(
+        "agentloop.upstream.requests.queued", [reader(lambda p: p.queued)],
+        unit="{request}", description="Calls waiting for an endpoint of an upstream pool.")
+    meter.create_observable_gauge(
+        "agentloop.upstream.endpoints.available",
+        [reader(lambda p: sum(e.available for e in p.endpoints))], unit="{endpoint}",
+        description="Endpoints of an upstream pool that are healthy with a closed circuit.")
+    meter.create_observable_counter(
+        "agentloop.upstream.overflows", [reader(lambda p: p.overflowed)], unit="{request}",
+        description="Calls that spilled from an upstream pool to the next pool of their route "
+                    "(its queue past the overflow limits).")
 
 
 class PrometheusEndpoint:

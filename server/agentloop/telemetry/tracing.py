@@ -39,6 +39,9 @@ RESPONSE_MODEL = "gen_ai.response.model"
 INPUT_TOKENS = "gen_ai.usage.input_tokens"
 OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 ERROR_TYPE = "error.type"
+#: The operator's name of the upstream pool that served (or failed) a call: spans and
+#: metric labels (bounded: the pools file names them).
+UPSTREAM = "agentloop.upstream"
 
 #: Without OTEL_TRACES_SAMPLER: a call that comes with a sampled traceparent is always
 #: traced (its caller's trace goes on), one root call in ten otherwise. Tracing every call
