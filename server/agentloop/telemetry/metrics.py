@@ -197,12 +197,25 @@ _ENGINE_GAUGES = (
 )
 
 
+def in_process_engine(backend: object) -> object:
+    """The engine that reports `engine_stats` behind the resilience wrapper or the router
+    (the embedded upstream of a pools file); `backend` itself when there is none."""
+    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
+        backend = backend.inner
+    pools: Any = getattr(backend, "pools", None)
+    if isinstance(pools, dict):
+        for pool in pools.values():
+            for endpoint in pool.endpoints:
+                if hasattr(endpoint.backend, "engine_stats"):
+                    return endpoint.backend
+    return backend
+
+
 def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     """Load gauges of an engine that reports them (the embedded engine's `engine_stats`,
     refreshed by its heartbeat): what an autoscaler or a load-aware balancer reads. The
     callbacks read the last report; nothing asks the engine during a scrape."""
-    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
-        backend = backend.inner  # through the resilience wrapper
+    backend = in_process_engine(backend)
     if not hasattr(backend, "engine_stats"):
         return
     source: Any = backend

@@ -29,6 +29,10 @@ from agentloop.upstreams.config import UpstreamConfig
 log = logging.getLogger(__name__)
 
 
+#: Retired endpoints' backends closing in the background.
+_closing: set[asyncio.Task[None]] = set()
+
+
 class PoolOverflow(ResourceExhausted):
     """The pool's queue is past its overflow limits: the call spills to the next pool."""
 
@@ -176,7 +180,9 @@ class Pool:
     def release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
         if endpoint.retired and endpoint.in_flight == 0:
-            asyncio.get_running_loop().create_task(endpoint.backend.close())
+            closing = asyncio.get_running_loop().create_task(endpoint.backend.close())
+            _closing.add(closing)  # a reference until done: the loop keeps only weak ones
+            closing.add_done_callback(_closing.discard)
         self._wake()
 
     def _wake(self) -> None:

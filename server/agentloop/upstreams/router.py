@@ -82,7 +82,13 @@ class Router:
         if default is None:
             raise ValueError(f"no route serves the default model {settings.model!r}")
         self._default_route = default
-        self.parallelism = max(1, sum(pool.capacity for pool in self.pools.values()))
+
+    @property
+    def parallelism(self) -> int:
+        """Calls every pool's endpoints take at once (after `start`, DNS pools included):
+        the replica's admission default, so the pools' own queues decide where calls wait
+        and when they spill."""
+        return max(1, sum(pool.capacity for pool in self.pools.values()))
 
     # --- building ------------------------------------------------------------------------
 
