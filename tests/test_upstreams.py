@@ -292,3 +292,38 @@ def test_an_api_key_never_appears_in_the_parsed_config(monkeypatch):
                           "routes": [{"models": ["m"], "pools": ["a"]}]}, "pools")
     assert config.upstreams["a"].api_key == "sk-secret-123"
     assert "sk-secret" not in repr(config)
+
+
+@pytest.mark.real_model
+async def test_the_embedded_engine_is_a_pool_and_overflow_never_takes_local_only_calls(
+        tmp_path):
+    """The in-process engine (the packaged Gemma 3 270M) as the local pool, a fake Ollama
+    as the remote one: a call of the route's name runs on the engine under its own model
+    name; with the engine's one slot busy, calls spill, but a local-only call waits."""
+    async with fakes(1) as (cloud,):
+        document = {
+            "upstreams": {"local": {"kind": "embedded", "max_in_flight": 1,
+                                    "overflow": {"max_queue": 0}},
+                          "cloud": ollama_upstream(cloud, remote=True, max_in_flight=8)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["local", "cloud"],
+                        "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document, num_ctx=2048,
+                                  read_timeout=120.0) as (running, stub):
+            reply = await stub.Generate(pb.GenerateRequest(
+                prompt="The capital of France is",
+                options=pb.GenerationOptions(max_tokens=4, temperature=0)), timeout=120)
+            assert reply.upstream == "local" and reply.usage.output_tokens > 0
+            assert reply.model != DEFAULT_MODEL, "the engine's own model name comes back"
+            long = stub.StreamGenerate(pb.StreamGenerateRequest(
+                prompt="Once upon a time", options=pb.GenerationOptions(max_tokens=2000)),
+                timeout=120)
+            await anext(aiter(long))  # the engine's one slot is busy now
+            spilled = await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=30)
+            assert spilled.upstream == "cloud"
+            kept = asyncio.ensure_future(stub.Generate(
+                pb.GenerateRequest(prompt="hi", options=pb.GenerationOptions(max_tokens=2)),
+                timeout=120, metadata=(("x-agentloop-local-only", "true"),)))
+            await wait_until(lambda: running.backend.pools["local"].queued == 1, timeout=30)
+            long.cancel()
+            assert (await kept).upstream == "local"
+            assert served_by(cloud) == 1
