@@ -127,6 +127,13 @@ class BackendUnavailable(RetryableError):
     reason = "BACKEND_UNAVAILABLE"
 
 
+class UpstreamCredentialsRefused(BackendUnavailable):
+    """The upstream refused the gateway's own credentials (HTTP 401/403): the operator's
+    key is wrong or expired, nothing the caller did or can fix."""
+
+    reason = "UPSTREAM_CREDENTIALS_REFUSED"
+
+
 class CircuitOpen(BackendUnavailable):
     """The backend failed repeatedly: calls fail fast until a probe finds it back."""
 
@@ -177,6 +184,13 @@ class DeadlineExceeded(AgentLoopError):
 class Cancelled(AgentLoopError):
     code = grpc.StatusCode.CANCELLED
     reason = "CANCELLED"
+
+
+class Unimplemented(AgentLoopError):
+    """The engine behind this call cannot do what was asked (no portable API for it)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_SUPPORTED_BY_ENGINE"
 
 
 class Unauthenticated(AgentLoopError):

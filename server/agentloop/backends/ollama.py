@@ -13,7 +13,6 @@ import base64
 import itertools
 import json
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
@@ -23,6 +22,13 @@ from urllib.parse import urlsplit
 import httpx
 from opentelemetry import propagate
 
+from agentloop.backends.http_wire import (
+    STREAMS_PER_POOL,
+    byte_lines,
+    clean,
+    retryable,
+    transport_error,
+)
 from agentloop.config import Settings
 from agentloop.domain import (
     BackendHealth,
@@ -48,8 +54,6 @@ from agentloop.errors import (
 
 log = logging.getLogger(__name__)
 
-#: Concurrent generations per connection pool (see OllamaBackend.__init__).
-STREAMS_PER_POOL = 64
 _DONE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 _NS = 1e-9
 
@@ -108,7 +112,7 @@ class OllamaBackend:
                 if response.status_code != 200:
                     await response.aread()
                     raise http_error(response.status_code, response.content, request.model)
-                async for item in parse_stream(ndjson_lines(response.aiter_bytes()), request):
+                async for item in parse_stream(byte_lines(response.aiter_bytes()), request):
                     yield item
         except httpx.HTTPError as exc:
             raise transport_error(exc, before_headers=not answered) from None
@@ -139,7 +143,7 @@ class OllamaBackend:
                 except ValueError:
                     raise BackendProtocolError("the backend sent malformed pull progress") from None
                 if "error" in progress:
-                    why = _clean(progress["error"])
+                    why = clean(progress["error"])
                     raise BackendUnavailable(f"pulling {model!r} failed: {why}")
                 if progress.get("status") == "success":
                     return
@@ -251,18 +255,6 @@ def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tup
     return "/api/generate", body
 
 
-async def ndjson_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split a streamed body into lines: per token much cheaper than httpx's aiter_lines
-    (no text decoding layers; json.loads reads UTF-8 bytes itself)."""
-    pending = b""
-    async for chunk in chunks:
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            yield line
-    if pending:
-        yield pending
-
-
 async def parse_stream(
     lines: AsyncIterator[bytes], request: GenerationRequest
 ) -> AsyncIterator[StreamItem]:
@@ -279,7 +271,7 @@ async def parse_stream(
             raise BackendProtocolError("the backend sent a malformed stream")
         if "error" in chunk:
             raise BackendStreamFailed(
-                f"the backend failed mid-stream: {_clean(chunk['error'])}",
+                f"the backend failed mid-stream: {clean(chunk['error'])}",
                 metadata={"model": request.model},
             )
         piece = chunk.get(delta_key)
@@ -329,48 +321,18 @@ def http_error(status: int, body: bytes, model: str) -> AgentLoopError:
     if status == 400:
         return BackendRejected(f"the backend rejected the request: {message}", metadata=meta)
     if status == 503:
-        return _retryable(
+        return retryable(
             ResourceExhausted("the backend is busy; try again", retry_after=1.0, metadata=meta))
     if status == 499:
         return Cancelled("the backend cancelled the request", metadata=meta)
     return BackendUnavailable(f"the backend failed ({status}): {message}", metadata=meta)
 
 
-def transport_error(exc: httpx.HTTPError, before_headers: bool = False) -> AgentLoopError:
-    """Map httpx failures; messages name the failure, never the URL."""
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return _retryable(BackendUnavailable("the backend is unreachable", retry_after=1.0))
-    if isinstance(exc, httpx.PoolTimeout):
-        return ResourceExhausted("no free connection to the backend", retry_after=1.0)
-    if isinstance(exc, httpx.ReadTimeout):
-        return BackendStreamFailed("the backend stopped answering (read timeout)")
-    if before_headers and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError |
-                                     httpx.WriteError):
-        return _retryable(BackendUnavailable(
-            "the backend dropped the connection before answering", retry_after=1.0))
-    return BackendStreamFailed(f"the connection to the backend failed ({type(exc).__name__})")
-
-
-def _retryable(error: AgentLoopError) -> AgentLoopError:
-    """Mark a failure that happened before Ollama started on the request."""
-    error.retryable_before_first_token = True
-    return error
-
-
 def _error_message(body: bytes) -> str:
     try:
-        return _clean(json.loads(body).get("error", ""))
+        return clean(json.loads(body).get("error", ""))
     except (ValueError, AttributeError, RecursionError):
         return "no details"
-
-
-_URL_OR_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b",
-                             re.IGNORECASE)
-
-
-def _clean(message: object) -> str:
-    """Keep backend messages short, single-line and free of internal addresses."""
-    return _URL_OR_ADDRESS.sub("<address>", " ".join(str(message).split()))[:300]
 
 
 def _keep_alive_value(text: str) -> str | int:
