@@ -125,7 +125,8 @@ class FakeOpenAI:
     asked), `completions` (serves /v1/completions), `extras` (extra body keys accepted, e.g.
     {"top_k", "repeat_penalty"}), `api_key` (required as a bearer token when set),
     `matryoshka` (honours `dimensions`; without it `dimensions` is ignored, as
-    llama-cpp-python does), `crlf` (CRLF line ends, as sse-starlette writes them).
+    llama-cpp-python does), `crlf` (CRLF line ends, as sse-starlette writes them),
+    `per_token` (embeddings as one vector per word, as a model without pooling gives).
 
     Observed: `requests` [(path, body)] for every POST, `generation_requests` [body],
     `headers` of the last request, `disconnects` (generations the client abandoned),
@@ -142,6 +143,7 @@ class FakeOpenAI:
         self.api_key = ""
         self.matryoshka = True
         self.crlf = False
+        self.per_token = False
         self.requests: list[tuple[str, Any]] = []
         self.generation_requests: list[dict[str, Any]] = []
         self.headers: Mapping[str, str] = {}
@@ -263,8 +265,9 @@ class FakeOpenAI:
             return _error(400, "input must be a string or a list of strings")
         dimensions = body.get("dimensions") if self.matryoshka else None
         size = dimensions if isinstance(dimensions, int) else EMBEDDING_DIMENSIONS
-        data = [{"object": "embedding", "index": i, "embedding": embedding_of(t, size)}
-                for i, t in enumerate(texts)]
+        data = [{"object": "embedding", "index": i, "embedding": [
+                    embedding_of(word, size) for word in t.split()] if self.per_token
+                 else embedding_of(t, size)} for i, t in enumerate(texts)]
         tokens = sum(len(t.split()) for t in texts)
         return _json({"object": "list", "data": data[::-1], "model": body["model"],
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

@@ -331,6 +331,20 @@ async def test_embeddings_come_back_in_order_normalized_with_their_tokens(fake):
     assert caught.value.violations[0][0] == "dimensions"
 
 
+async def test_per_token_embeddings_are_mean_pooled(fake):
+    from fake_openai import embedding_of
+
+    fake.per_token = True
+    backend = OpenAIBackend(endpoint(fake), gateway_settings(model=DEFAULT_MODEL))
+    try:
+        result = await backend.embed(EmbeddingRequest(model=DEFAULT_MODEL, texts=("a b",),
+                                                      normalize=False))
+    finally:
+        await backend.close()
+    a, b = embedding_of("a", 8), embedding_of("b", 8)
+    assert result.vectors[0] == pytest.approx([(x + y) / 2 for x, y in zip(a, b, strict=True)])
+
+
 # --- faults, as the caller sees them -------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ bodies) reaches a caller or an info log line: statuses and our own words only.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import itertools
@@ -158,16 +159,16 @@ class OpenAIBackend:
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
         response = await self._call("POST", "/embeddings", request.model, json=body)
-        try:
-            vectors, tokens = parse_embeddings(response.json(), len(request.texts))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        try:  # a batch of long vectors is milliseconds of parsing: off the event loop
+            vectors, tokens = await asyncio.to_thread(
+                parse_embeddings, response.content, len(request.texts), request.normalize)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                ZeroDivisionError):
             raise BackendProtocolError("the upstream sent malformed embeddings") from None
         if request.dimensions is not None and any(len(v) != request.dimensions
                                                   for v in vectors):
             raise InvalidArgument([("dimensions", "the upstream's model has no vectors of "
                                                   f"{request.dimensions} dimensions")])
-        if request.normalize:
-            vectors = [unit_vector(vector) for vector in vectors]
         return EmbeddingResult(vectors=tuple(vectors), model=request.model,
                                input_tokens=tokens, upstream=self.spec.upstream)
 
@@ -470,13 +471,30 @@ def model_names(listing: Any) -> list[str]:
     return [str(entry["id"]) for entry in listing["data"]]
 
 
-def parse_embeddings(answer: Any, expected: int) -> tuple[list[tuple[float, ...]], int]:
-    """The vectors of POST /embeddings in input order, and the prompt tokens."""
+def parse_embeddings(raw: bytes, expected: int, normalize: bool
+                     ) -> tuple[list[tuple[float, ...]], int]:
+    """The vectors of POST /embeddings in input order, and the prompt tokens.
+
+    An upstream serving a model without pooling (llama-cpp-python's server) answers one
+    vector per token: those are averaged, as llama.cpp's mean pooling does."""
+    answer = json.loads(raw)
     entries = sorted(answer["data"], key=lambda entry: entry["index"])
-    if len(entries) != expected or [e["index"] for e in entries] != list(range(expected)):
+    if [entry["index"] for entry in entries] != list(range(expected)):
         raise ValueError("one vector per text, indexed in order")
-    vectors = [tuple(float(x) for x in entry["embedding"]) for entry in entries]
+    vectors = [pooled(entry["embedding"]) for entry in entries]
+    if normalize:
+        vectors = [unit_vector(vector) for vector in vectors]
     return vectors, _count((answer.get("usage") or {}).get("prompt_tokens"))
+
+
+def pooled(embedding: list[Any]) -> tuple[float, ...]:
+    """One vector, or the mean of one vector per token."""
+    if embedding and isinstance(embedding[0], list):
+        if len({len(row) for row in embedding}) != 1:
+            raise ValueError("token vectors of different lengths")
+        return tuple(math.fsum(column) / len(embedding) for column in zip(*embedding,
+                                                                          strict=True))
+    return tuple(float(x) for x in embedding)
 
 
 def unit_vector(vector: tuple[float, ...]) -> tuple[float, ...]:
