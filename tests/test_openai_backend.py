@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agentloop.backends.openai import OpenAIBackend, retry_after
+from agentloop.backends.openai import OpenAIBackend, parse_stream, retry_after, sse_events
 from agentloop.domain import (
     CallContext,
     EmbeddingRequest,
@@ -27,7 +27,7 @@ from agentloop.domain import (
     SamplingOptions,
     TokenCountRequest,
 )
-from agentloop.errors import InvalidArgument, Unimplemented
+from agentloop.errors import BackendStreamFailed, InvalidArgument, Unimplemented
 from agentloop.server import RunningServer
 from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle
 from agentloop.v1 import agentloop_pb2 as pb
@@ -454,3 +454,43 @@ async def test_concurrent_streams_all_arrive_whole(stub, fake):
 
     texts = await asyncio.gather(*(one() for _ in range(8)))
     assert texts == ["".join(TOKENS * 20)] * 8
+
+
+# --- the event reader ----------------------------------------------------------------------
+
+
+async def _items(body: bytes, cut: int) -> list[Any]:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:cut]
+        yield body[cut:]
+
+    return [item async for item in parse_stream(sse_events(chunks()), direct_request(),
+                                                UPSTREAM)]
+
+
+async def test_events_read_alike_wherever_the_body_is_cut():
+    """CRLF and LF line ends, comments, other fields, data over two lines, a chunk with no
+    content: the same deltas and end, cut between any two bytes."""
+    def chunk(text: str) -> str:
+        return json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]})
+
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    body = (": ping\r\n\r\n"
+            f"id: 1\r\ndata: {chunk('Hel')}\r\n\r\n"
+            'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+            f"event: message\ndata: {chunk('lo')[:12]}\ndata: {chunk('lo')[12:]}\n\n"
+            'data:{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\r\n\r\n'
+            f"data: {usage}\n\ndata: [DONE]\n\n").encode()
+    for cut in range(len(body) + 1):
+        items = await _items(body, cut)
+        assert items[:-1] == ["Hel", "lo"], cut
+        end = items[-1]
+        assert end.finish_reason is FinishReason.LENGTH
+        assert (end.usage.input_tokens, end.usage.output_tokens) == (3, 2)
+
+
+async def test_an_error_event_fails_the_stream():
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n' \
+           b'event: error\ndata: {"message": "overloaded"}\n\n'
+    with pytest.raises(BackendStreamFailed):
+        await _items(body, 10)

@@ -237,14 +237,14 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     return running
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+async def serve(settings: Settings, backend: Backend | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain (on `backend`, else the settings' engine)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a signal during the start (a slow warm-up) drains instead of killing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(settings)
+    running = await start_server(settings, backend)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(running.health.wait_ready())

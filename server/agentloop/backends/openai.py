@@ -30,7 +30,6 @@ from opentelemetry import propagate
 
 from agentloop.backends.http_wire import (
     STREAMS_PER_POOL,
-    byte_lines,
     clean,
     retryable,
     transport_error,
@@ -148,7 +147,7 @@ class OpenAIBackend:
                 answered = True
                 if response.status_code != 200:
                     raise await self._refusal(response, request.model)
-                async for item in parse_stream(byte_lines(response.aiter_bytes()), request,
+                async for item in parse_stream(sse_events(response.aiter_bytes()), request,
                                                self.spec.upstream, chat=path != "/completions"):
                     yield item
         except httpx.HTTPError as exc:
@@ -345,39 +344,63 @@ def data_url(image: bytes) -> str:
 # --- the stream -------------------------------------------------------------------------
 
 
-async def parse_stream(lines: AsyncIterator[bytes], request: GenerationRequest, upstream: str,
-                       *, chat: bool = True) -> AsyncIterator[StreamItem]:
-    """Turn Server-Sent Events (lines) into deltas and one final `GenerationEnd`.
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split a Server-Sent Events body into events (the lines between blank lines), line
+    ends made LF: one step per event rather than per line, no text decoding."""
+    pending = b""
+    async for chunk in chunks:
+        buffer = pending + chunk
+        carry = b""
+        if b"\r" in buffer:  # CRLF or CR line ends (sse-starlette writes CRLF)
+            if buffer.endswith(b"\r"):  # perhaps half of a CRLF: decide with the next chunk
+                buffer, carry = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, pending = buffer.split(b"\n\n")
+        pending += carry
+        for event in events:
+            yield event
+    pending = pending.replace(b"\r", b"\n")
+    if pending.strip():
+        yield pending
 
-    An event's data lines end at a blank line; `[DONE]` ends the stream. Comment lines and
-    the other fields are skipped, except an `event: error` (an error object follows)."""
-    end = _EndReport()
+
+def event_data(event: bytes) -> tuple[bytes | None, bool]:
+    """An event's data (its data lines joined; None when it has none) and whether it is an
+    `event: error`. Comment lines and the other fields are skipped."""
     data: bytes | None = None
     failed = False
-    async for line in lines:
+    for line in event.split(b"\n"):
         if line.startswith(_DATA):
-            piece = line[5:].strip()  # one optional space, and a CR before the LF
+            piece = line[6:] if line[5:6] == b" " else line[5:]
             data = piece if data is None else data + b"\n" + piece
-            continue
-        if line.strip():
-            failed = failed or (line.startswith(b"event:") and line[6:].strip() == b"error")
-            continue
-        if data is None:
-            continue
+        elif line.startswith(b"event:"):
+            failed = line[6:].strip() == b"error"
+    return data, failed
+
+
+async def parse_stream(events: AsyncIterator[bytes], request: GenerationRequest, upstream: str,
+                       *, chat: bool = True) -> AsyncIterator[StreamItem]:
+    """Turn Server-Sent Events into deltas and one final `GenerationEnd`: `[DONE]` ends the
+    stream, an error object (or an `event: error`) fails it."""
+    end = _EndReport()
+    async for event in events:
+        if event.startswith(_DATA) and b"\n" not in event:  # one data line: most events
+            data: bytes | None = event[5:].strip()
+            failed = False
+        else:
+            data, failed = event_data(event)
+            if data is None:
+                continue
+            data = data.strip()
         if data == _DONE:
-            async for _ in lines:  # read to the end: the connection goes back to the pool
+            async for _ in events:  # read to the end: the connection goes back to the pool
                 pass
             yield end.report(request, upstream)
             return
         text = end.take(data, chat, failed, request.model, upstream)
-        data, failed = None, False
         if text:
             yield text
-    if data is not None and data != _DONE:  # a last event without its blank line
-        text = end.take(data, chat, failed, request.model, upstream)
-        if text:
-            yield text
-    if data == _DONE or end.reason is not None:
+    if end.reason is not None:  # finished, and only the [DONE] is missing
         yield end.report(request, upstream)
         return
     raise BackendStreamFailed("the upstream closed the stream before its end",
