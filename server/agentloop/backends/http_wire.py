@@ -5,7 +5,8 @@ line, mapping transport failures to the error table, and keeping upstream text c
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -20,6 +21,19 @@ from agentloop.errors import (
 #: request and every response close, so beyond this many streams a backend spreads them
 #: over several pools.
 STREAMS_PER_POOL = 64
+
+
+def client_pools(count: int, make: Callable[[], httpx.AsyncClient],
+                 first: httpx.AsyncClient | None = None) -> list[httpx.AsyncClient]:
+    """`count` connection pools (see STREAMS_PER_POOL); the first one, which also serves the
+    control calls, may be given."""
+    return [first or make(), *(make() for _ in range(count - 1))]
+
+
+def url_address(url: str) -> tuple[str, int]:
+    """Where a base URL points: host and port (server.address / server.port)."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 async def byte_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

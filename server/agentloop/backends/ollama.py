@@ -17,7 +17,6 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import propagate
@@ -26,8 +25,10 @@ from agentloop.backends.http_wire import (
     STREAMS_PER_POOL,
     byte_lines,
     clean,
+    client_pools,
     retryable,
     transport_error,
+    url_address,
 )
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -78,12 +79,10 @@ class OllamaBackend:
         pools = -(-max(settings.max_in_flight, self.parallelism) // STREAMS_PER_POOL)
         share = max(1, settings.max_connections // pools)
         tls = httpx.create_ssl_context()  # one for every pool: each costs about 1 MB
-        self._client = client or new_http_client(settings, share, tls)
-        self._pools = [self._client,
-                       *(new_http_client(settings, share, tls) for _ in range(pools - 1))]
+        self._pools = client_pools(pools, lambda: new_http_client(settings, share, tls), client)
+        self._client = self._pools[0]
         self._pool_turns = itertools.cycle(self._pools)
-        url = urlsplit(settings.ollama_url)
-        self._address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+        self._address = url_address(settings.ollama_url)
 
     @property
     def default_model(self) -> str:

@@ -23,7 +23,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import propagate
@@ -31,8 +30,10 @@ from opentelemetry import propagate
 from agentloop.backends.http_wire import (
     STREAMS_PER_POOL,
     clean,
+    client_pools,
     retryable,
     transport_error,
+    url_address,
 )
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -107,14 +108,13 @@ class OpenAIBackend:
         pools = -(-spec.max_in_flight // STREAMS_PER_POOL)
         share = -(-spec.max_in_flight // pools) + CONTROL_CONNECTIONS
         tls = tls_context(spec.tls)  # one for every pool: each costs about 1 MB
-        self._client = client or endpoint_client(spec, settings, share, tls)
-        self._pools = [self._client,
-                       *(endpoint_client(spec, settings, share, tls) for _ in range(pools - 1))]
+        self._pools = client_pools(pools, lambda: endpoint_client(spec, settings, share, tls),
+                                   client)
+        self._client = self._pools[0]
         self._pool_turns = itertools.cycle(self._pools)
         # The name the upstream's certificate carries when `url` holds a resolved address.
         self._extensions = {"sni_hostname": spec.host} if spec.host else {}
-        url = urlsplit(spec.url)
-        self._address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+        self._address = url_address(spec.url)
 
     @property
     def default_model(self) -> str:
