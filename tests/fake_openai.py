@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -153,13 +154,16 @@ class FakeOpenAI:
         self._queue: deque[Script] = deque()
         self._host = "127.0.0.1"
         self._port = 0
+        self._tls: ssl.SSLContext | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    tls: ssl.SSLContext | None = None) -> None:
+        """Listen on host:port (0 picks a free port), over TLS with a server context."""
         if self._runner is not None:
             raise RuntimeError("FakeOpenAI is already running")
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -169,14 +173,15 @@ class FakeOpenAI:
         app.router.add_post("/v1/embeddings", self._embeddings)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024,
+                           ssl_context=tls)
         try:
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner, self._site = runner, site
-        self._host, self._port = host, runner.addresses[0][1]
+        self._host, self._port, self._tls = host, runner.addresses[0][1], tls
 
     async def stop(self) -> None:
         """Close the listener and abort every open connection, like a crashed server."""
@@ -199,7 +204,7 @@ class FakeOpenAI:
     async def restart(self) -> None:
         """Stop, then listen again on the same port: an endpoint that went away and is back."""
         await self.stop()
-        await self.start(self._host, self._port)
+        await self.start(self._host, self._port, self._tls)
 
     async def __aenter__(self) -> FakeOpenAI:
         await self.start()
@@ -211,7 +216,8 @@ class FakeOpenAI:
     @property
     def url(self) -> str:
         """The API base, with /v1."""
-        return f"http://{self._host}:{self._port}/v1"
+        scheme = "https" if self._tls else "http"
+        return f"{scheme}://{self._host}:{self._port}/v1"
 
     def enqueue(self, *scripts: Script) -> None:
         """Scripts for the next generations, first in first out."""

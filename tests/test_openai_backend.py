@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from test_security import Pki
 
 from agentloop.backends.openai import OpenAIBackend, parse_stream, retry_after, sse_events
 from agentloop.domain import (
@@ -29,7 +31,7 @@ from agentloop.domain import (
 )
 from agentloop.errors import BackendStreamFailed, InvalidArgument, Unimplemented
 from agentloop.server import RunningServer
-from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle
+from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle, TlsSpec
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from fake_ollama import wait_until
@@ -494,3 +496,55 @@ async def test_an_error_event_fails_the_stream():
            b'event: error\ndata: {"message": "overloaded"}\n\n'
     with pytest.raises(BackendStreamFailed):
         await _items(body, 10)
+
+
+# --- TLS: the CA, the client certificate, the name checked ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def tls_fake(upstream_pki: Pki) -> AsyncIterator[FakeOpenAI]:
+    """The fake over mutual TLS: a server certificate for localhost and 127.0.0.1, client
+    certificates of the test CA required."""
+    pki = upstream_pki
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.directory / "server.pem", pki.directory / "server.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    fake = FakeOpenAI(default_script=Script(tokens=TOKENS))
+    await fake.start(tls=context)
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+def client_tls(pki: Pki, client: str | None = "client") -> TlsSpec:
+    if client is None:
+        return TlsSpec(ca_file=str(pki.ca))
+    return TlsSpec(ca_file=str(pki.ca), client_cert=str(pki.directory / f"{client}.pem"),
+                   client_key=str(pki.directory / f"{client}.key"))
+
+
+async def test_mutual_tls_checks_the_host_name_against_the_certificate(tls_fake, upstream_pki):
+    async with gateway_on(tls_fake, host="localhost", tls=client_tls(upstream_pki)) as gateway, \
+            client_stub(gateway.address) as stub:
+        assert (await stub.Generate(chat(), timeout=10)).text == "".join(TOKENS)
+    assert tls_fake.headers["Host"] == "localhost"
+
+
+@pytest.mark.parametrize(("host", "client"), [("elsewhere.example", "client"),
+                                              ("localhost", None), ("localhost", "stranger")],
+                         ids=["a-name-the-certificate-lacks", "no-client-certificate",
+                              "a-stranger's-certificate"])
+async def test_tls_that_does_not_check_out_is_unavailable(tls_fake, upstream_pki, host,
+                                                          client):
+    async with gateway_on(tls_fake, host=host, tls=client_tls(upstream_pki, client)) as gateway, \
+            client_stub(gateway.address) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(chat(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not tls_fake.generation_requests
