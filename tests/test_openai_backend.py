@@ -29,7 +29,12 @@ from agentloop.domain import (
     SamplingOptions,
     TokenCountRequest,
 )
-from agentloop.errors import BackendStreamFailed, InvalidArgument, Unimplemented
+from agentloop.errors import (
+    BackendProtocolError,
+    BackendStreamFailed,
+    InvalidArgument,
+    Unimplemented,
+)
 from agentloop.server import RunningServer
 from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle, TlsSpec
 from agentloop.v1 import agentloop_pb2 as pb
@@ -548,3 +553,14 @@ async def test_tls_that_does_not_check_out_is_unavailable(tls_fake, upstream_pki
             await stub.Generate(chat(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert not tls_fake.generation_requests
+
+
+async def test_an_event_without_end_is_bounded():
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"data: "
+        for _ in range(64):
+            yield b"x" * 65536  # 4 MiB and never a blank line
+
+    with pytest.raises(BackendProtocolError):
+        async for _ in sse_events(endless()):
+            pass

@@ -73,6 +73,10 @@ log = logging.getLogger(__name__)
 CONTROL_CONNECTIONS = 2
 #: The most of an error body read (its text is only logged at debug level).
 ERROR_BODY_BYTES = 16384
+#: The longest Server-Sent Event, and the largest whole answer (a model list, a batch of
+#: embeddings), read from an upstream: beyond them it breaks its protocol.
+MAX_EVENT_BYTES = 1 << 20
+MAX_ANSWER_BYTES = 64 << 20
 #: Bounds on a Retry-After the upstream sends (RetryInfo): "now" invites a busy loop.
 RETRY_AFTER_MIN, RETRY_AFTER_MAX, RETRY_AFTER_DEFAULT = 0.1, 3600.0, 1.0
 #: The name a JSON Schema travels under in `response_format` (OpenAI requires one).
@@ -157,10 +161,10 @@ class OpenAIBackend:
         body: dict[str, Any] = {"model": request.model, "input": list(request.texts)}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        response = await self._call("POST", "/embeddings", request.model, json=body)
+        answer = await self._call("POST", "/embeddings", request.model, json=body)
         try:  # a batch of long vectors is milliseconds of parsing: off the event loop
             vectors, tokens = await asyncio.to_thread(
-                parse_embeddings, response.content, len(request.texts), request.normalize)
+                parse_embeddings, answer, len(request.texts), request.normalize)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
                 ZeroDivisionError):
             raise BackendProtocolError("the upstream sent malformed embeddings") from None
@@ -179,40 +183,40 @@ class OpenAIBackend:
             metadata={"upstream": self.spec.upstream, "model": request.model})
 
     async def check_health(self, model: str) -> BackendHealth:
-        timeout = self._settings.health_timeout
         try:
-            response = await self._client.get("/models", timeout=timeout,
-                                              extensions=self._extensions)
-        except httpx.HTTPError as exc:
-            return BackendHealth(False, f"upstream unreachable ({type(exc).__name__})")
-        if response.status_code != 200:
-            return BackendHealth(False, f"upstream answered /models with {response.status_code}")
-        try:
-            names = model_names(response.json())
+            answer = await self._call("GET", "/models", "",
+                                      timeout=self._settings.health_timeout)
+            names = model_names(json.loads(answer))
+        except AgentLoopError as exc:
+            return BackendHealth(False, exc.message)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            return BackendHealth(False, "upstream sent a malformed model list")
+            return BackendHealth(False, "the upstream sent a malformed model list")
         if model not in names:
             return BackendHealth(False, f"model {model!r} is not served by the upstream")
         return BackendHealth(True, served=tuple(sorted(names)))
 
     async def list_models(self) -> list[ModelInfo]:
-        response = await self._call("GET", "/models", "")
+        answer = await self._call("GET", "/models", "")
         try:
-            names = model_names(response.json())
+            names = model_names(json.loads(answer))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise BackendProtocolError("the upstream sent a malformed model list") from None
         # What an OpenAI-compatible server lists, it serves: loaded.
         return [ModelInfo(name=name, loaded=True) for name in names]
 
-    async def _call(self, method: str, path: str, model: str, **kwargs: Any) -> httpx.Response:
-        """One request answered as a whole; a refusal or failure raises AgentLoopError."""
+    async def _call(self, method: str, path: str, model: str, **kwargs: Any) -> bytes:
+        """One request's whole answer (bounded); a refusal or failure raises AgentLoopError."""
         try:
             async with self._client.stream(method, path, extensions=self._extensions,
                                            **kwargs) as response:
                 if response.status_code != 200:
                     raise await self._refusal(response, model)
-                await response.aread()
-                return response
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise BackendProtocolError("the upstream's answer is beyond any size")
+                return bytes(body)
         except httpx.HTTPError as exc:
             raise transport_error(exc) from None
 
@@ -357,6 +361,8 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *events, pending = buffer.split(b"\n\n")
         pending += carry
+        if len(pending) > MAX_EVENT_BYTES:
+            raise BackendProtocolError("the upstream sent an event beyond any answer's size")
         for event in events:
             yield event
     pending = pending.replace(b"\r", b"\n")
