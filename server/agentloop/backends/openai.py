@@ -109,8 +109,9 @@ class OpenAIBackend:
         self._model = settings.model
         # As in the Ollama backend: beyond STREAMS_PER_POOL concurrent generations they
         # spread over several pools (httpcore scans a whole pool per request and close).
-        pools = -(-spec.max_in_flight // STREAMS_PER_POOL)
-        share = -(-spec.max_in_flight // pools) + CONTROL_CONNECTIONS
+        streams = max(1, spec.max_in_flight)
+        pools = -(-streams // STREAMS_PER_POOL)
+        share = -(-streams // pools) + CONTROL_CONNECTIONS
         tls = tls_context(spec.tls)  # one for every pool: each costs about 1 MB
         self._pools = client_pools(pools, lambda: endpoint_client(spec, settings, share, tls),
                                    client)
@@ -165,8 +166,7 @@ class OpenAIBackend:
         try:  # a batch of long vectors is milliseconds of parsing: off the event loop
             vectors, tokens = await asyncio.to_thread(
                 parse_embeddings, answer, len(request.texts), request.normalize)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
-                ZeroDivisionError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise BackendProtocolError("the upstream sent malformed embeddings") from None
         if request.dimensions is not None and any(len(v) != request.dimensions
                                                   for v in vectors):
