@@ -127,6 +127,13 @@ class BackendUnavailable(RetryableError):
     reason = "BACKEND_UNAVAILABLE"
 
 
+class UpstreamCredentialsRefused(BackendUnavailable):
+    """The upstream refused the gateway's own credentials (HTTP 401/403): the operator's
+    key is wrong or expired, nothing the caller did or can fix."""
+
+    reason = "UPSTREAM_CREDENTIALS_REFUSED"
+
+
 class CircuitOpen(BackendUnavailable):
     """The backend failed repeatedly: calls fail fast until a probe finds it back."""
 
@@ -191,6 +198,13 @@ class FailedPrecondition(AgentLoopError):
         super().__init__(message, metadata=metadata)
         if reason:
             self.reason = reason
+
+
+class Unimplemented(AgentLoopError):
+    """The engine behind this call cannot do what was asked (no portable API for it)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_SUPPORTED_BY_ENGINE"
 
 
 class Unauthenticated(AgentLoopError):

@@ -21,9 +21,10 @@ from grpc_reflection.v1alpha import reflection
 
 from agentloop.admission import Admission
 from agentloop.backends.base import Backend
+from agentloop.backends.kinds import embedded_backend
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.backends.resilient import ResilientBackend
-from agentloop.config import MAX_MESSAGE_BYTES, Settings, SettingsError
+from agentloop.config import MAX_MESSAGE_BYTES, Settings
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
 from agentloop.rpc.interceptors import (
@@ -43,7 +44,7 @@ from agentloop.upstreams.router import Router
 from agentloop.v1 import agentloop_pb2_grpc
 
 if TYPE_CHECKING:
-    from agentloop.backends.embedded import EmbeddedBackend
+    pass
 
 if TYPE_CHECKING:
     from agentloop.services.mcp_tools import McpServers
@@ -125,17 +126,6 @@ async def resilient_backend(settings: Settings,
                  "--ollama-url are not used", len(router.pools), settings.upstreams)
         return router
     return ResilientBackend(backend or await select_backend(settings), settings)
-
-
-def embedded_backend(settings: Settings) -> EmbeddedBackend:
-    try:
-        from agentloop.backends.embedded import EmbeddedBackend
-    except ImportError as exc:
-        raise SettingsError(
-            "the embedded engine needs the 'embedded' extra: pip install 'agentloop[embedded]' "
-            f"({exc})"
-        ) from None
-    return EmbeddedBackend(settings)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -249,14 +239,14 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     return running
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+async def serve(settings: Settings, backend: Backend | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain (on `backend`, else the settings' engine)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a signal during the start (a slow warm-up) drains instead of killing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(settings)
+    running = await start_server(settings, backend)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(running.health.wait_ready())

@@ -295,6 +295,11 @@ def _dialect(entry: Any, kind: str, bad: Any) -> OpenAIDialect:
             if value not in tuple(SchemaStyle):
                 raise bad(f"`dialect.schema_style` must be one of {', '.join(SchemaStyle)}")
             values[key] = SchemaStyle(value)
+        elif key == "repeat_penalty_field":
+            if value not in ("repetition_penalty", "repeat_penalty"):
+                raise bad("`dialect.repeat_penalty_field` must be repetition_penalty (vLLM, "
+                          "SGLang) or repeat_penalty (llama.cpp)")
+            values[key] = value
         elif not isinstance(value, bool):
             raise bad(f"`dialect.{key}` must be true or false")
         else:

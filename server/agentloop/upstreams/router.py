@@ -24,6 +24,7 @@ from typing import Any
 from opentelemetry import trace
 
 from agentloop.backends.base import Backend
+from agentloop.backends.kinds import backend_for
 from agentloop.backends.resilient import CircuitBreaker, is_backend_failure, retry_delay
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -361,24 +362,6 @@ class Router:
                 _note_fallback(pool.name, pools[index + 1].name, last)
         assert last is not None
         raise last
-
-
-def backend_for(spec: EndpointSpec, settings: Settings) -> Backend:
-    """One endpoint's backend, by the upstream's kind."""
-    if spec.kind == "ollama":
-        from agentloop.backends.ollama import OllamaBackend
-
-        return OllamaBackend(dataclasses.replace(
-            settings, ollama_url=spec.url, connect_timeout=spec.connect_timeout,
-            read_timeout=spec.read_timeout,
-            max_in_flight=spec.max_in_flight, max_connections=max(spec.max_in_flight * 2, 8)))
-    if spec.kind == "openai":
-        from agentloop.backends.openai import OpenAIBackend
-
-        return OpenAIBackend(spec, settings)
-    from agentloop.server import embedded_backend
-
-    return embedded_backend(settings)
 
 
 def _moves_on(exc: AgentLoopError) -> bool:
