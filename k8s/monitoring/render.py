@@ -102,16 +102,24 @@ def parse_duration(text: str) -> float:
 
 def duration(seconds: float) -> str:
     """Prometheus's duration notation in the largest unit that divides it (at least 1s)."""
-    whole = max(round(seconds), 1)
-    for unit, size in (("h", 3600), ("m", 60)):
-        if whole % size == 0:
-            return f"{whole // size}{unit}"
-    return f"{whole}s"
+    millis = max(round(seconds * 1000), 1000)
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if millis % size == 0:
+            return f"{millis // size}{unit}"
+    return f"{millis}ms"
 
 
 def number(value: float) -> str:
     """A threshold as PromQL reads it: no float noise (14.4 * 0.005 is 0.072)."""
     return f"{value:.6g}"
+
+
+def binary_bytes(count: int) -> str:
+    """1073741824 -> "1 GiB" (in the largest unit that divides it)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count % size == 0:
+            return f"{count // size} {unit}"
+    return f"{count} bytes"
 
 
 def le_label(bound: float) -> str:
@@ -199,8 +207,11 @@ def plan_alerts(p: Params) -> list[dict[str, Any]]:
     resident = f"process_resident_memory_bytes{selector(p)}"
     engine = f"agentloop_engine_process_resident_memory_bytes{selector(p)}"
     ready = f"agentloop_backend_ready{selector(p)}"
+    # "More than N failed checks in a row", as Prometheus sees them: every scrape within
+    # N + 1.5 intervals saw readiness 0. Such a window always holds N + 1 or N + 2 scrapes, so
+    # N zeros after a 1 never fire and N + 2 always do (docs/observability.md).
     scrapes = p.failed_health_checks + 1
-    window = duration((scrapes + 1) * p.scrape_interval)
+    window = duration((scrapes + 0.5) * p.scrape_interval)
     return [
         alert("AgentLoopSlowResponses",
               f"histogram_quantile(0.95,\n  sum by (job, le) (rate({generate}[{p.window(300)}]))"
@@ -210,8 +221,10 @@ def plan_alerts(p: Params) -> list[dict[str, Any]]:
               "The 95th percentile of unary Generate calls over 5 minutes is "
               "{{ $value | humanizeDuration }}."),
         alert("AgentLoopErrorRateHigh",
-              f"agentloop:rpc_server_faults:ratio_rate5m{{job=\"{p.job}\"}} > "
-              f"{number(p.error_rate)}",
+              # Its own expression, not the recording rule of another group: groups are
+              # evaluated independently, and it would lag by one evaluation.
+              f"{rpc_rate(p, p.window(300), rpc_grpc_status_code='~' + SERVER_FAULTS)}\n/\n"
+              f"{rpc_rate(p, p.window(300))}\n> {number(p.error_rate)}",
               p.hold(60), "critical",
               f"over {number(p.error_rate * 100)} % of agentloop's calls fail",
               "{{ $value | humanizePercentage }} of calls ended with a server fault "
@@ -221,10 +234,10 @@ def plan_alerts(p: Params) -> list[dict[str, Any]]:
               f"max by (job, instance) (max_over_time({ready}[{window}])) == 0\n"
               f"and\nmin by (job, instance) (count_over_time({ready}[{window}])) >= {scrapes}",
               None, "critical",
-              "an agentloop replica has failed its health checks "
-              f"{p.failed_health_checks + 1} times in a row",
+              "an agentloop replica failed more than "
+              f"{p.failed_health_checks} health checks in a row",
               "Readiness of {{ $labels.instance }} was 0 at each of its last "
-              f"{scrapes} scrapes: it takes no traffic."),
+              f"{scrapes} scrapes or more: it takes no traffic."),
         alert("AgentLoopMemoryNearLimit",
               f"(\n  sum by (job, instance) ({resident})\n"
               f"  + (sum by (job, instance) ({engine}) or 0 * sum by (job, instance) "
@@ -233,7 +246,7 @@ def plan_alerts(p: Params) -> list[dict[str, Any]]:
               f"an agentloop replica uses over {number(p.memory_ratio * 100)} % of its memory",
               "{{ $labels.instance }} (gateway and engine processes) holds "
               "{{ $value | humanizePercentage }} of the "
-              f"{p.memory_limit_bytes} bytes allocated to it."),
+              f"{binary_bytes(p.memory_limit_bytes)} allocated to it."),
     ]
 
 
@@ -263,8 +276,8 @@ def engine_alerts(p: Params) -> list[dict[str, Any]]:
               None, "warning",
               "an agentloop replica's engine process restarted",
               "The embedded engine of {{ $labels.instance }} died or hung and was started "
-              "again ({{ $value | humanize }} times in 15 minutes); its generations then "
-              "failed with UNAVAILABLE."),
+              "again ({{ $value | humanize }} restart(s) in 15 minutes); the generations it "
+              "was running failed with UNAVAILABLE."),
         alert("AgentLoopCircuitOpen",
               f"max by (job, instance) (agentloop_backend_circuit_open{selector(p)}) == 1",
               p.hold(60), "warning",
