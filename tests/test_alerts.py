@@ -457,7 +457,8 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
         fake = await stack.enter_async_context(FakeOllama())
         ollama_settings = gateway_settings(
             ollama_url=fake.url, metrics_listen="127.0.0.1:0", max_in_flight=2, max_queue=2,
-            cache_entries=16, circuit_failure_threshold=2, circuit_reset_timeout=1.0)
+            cache_entries=16, circuit_failure_threshold=2, circuit_reset_timeout=1.0,
+            read_timeout=30.0)
         ollama_gateway = await start_server(ollama_settings)
         stopped: list[RunningServer] = []
 
@@ -502,7 +503,8 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
         await api.fired("AgentLoopQueueNearCapacity", "AgentLoopRefusingForCapacity",
                         "AgentLoopMemoryNearLimit", "AgentLoopEngineRestarted")
         codes = await asyncio.gather(*burst)
-        assert sorted(code.name for code in codes) == ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 2
+        assert sorted(code.name for code in codes) == \
+            ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 2, codes
         await api.fired("AgentLoopSlowResponses", "AgentLoopTimeToFirstTokenBudgetBurnFast")
         del ballast
 
