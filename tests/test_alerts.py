@@ -488,7 +488,7 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
         limit = int((held + ballast_size // 2) / SHIPPED.memory_ratio)
         params = render.Params.load(time_scale=TIME_SCALE, scrape_interval=SCRAPE_INTERVAL,
                                     memory_limit_bytes=limit)
-        rules = render._yaml(render.rules_file(params))
+        rules = render.to_yaml(render.rules_file(params))
         targets = [metrics_target(ollama_gateway), metrics_target(embedded_gateway)]
         api = await stack.enter_async_context(running_prometheus(tmp_path, targets, rules))
         started = time.time()

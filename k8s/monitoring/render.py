@@ -94,6 +94,7 @@ class Params:
 
 
 def parse_duration(text: str) -> float:
+    """Seconds of a Prometheus duration with one unit ("15s", "1m")."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
     if match is None:
         raise ValueError(f"not a duration: {text!r}")
@@ -130,9 +131,9 @@ def le_label(bound: float) -> str:
 # --- the rules --------------------------------------------------------------------------
 
 def selector(p: Params, **labels: str) -> str:
+    """`{job="agentloop", name="value", ...}`; a value starting with `~` is a regex match."""
     matchers = [f'job="{p.job}"'] + [
-        f'{name}=~"{value[1:]}"' if value.startswith("~") else
-        f'{name}!="{value[1:]}"' if value.startswith("!") else f'{name}="{value}"'
+        f'{name}=~"{value[1:]}"' if value.startswith("~") else f'{name}="{value}"'
         for name, value in labels.items()]
     return "{" + ", ".join(matchers) + "}"
 
@@ -180,23 +181,31 @@ def slo_recording_rules(p: Params) -> list[dict[str, Any]]:
     return rules
 
 
-def burn_alerts(p: Params, slo: str, what: str, budget: float) -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    name: str  # in the alerts' names
+    what: str  # in their text
+    record: str  # the recording rules' prefix (one per window)
+    events: str  # what the ratio counts
+    budget: float  # 1 - target
+
+
+def burn_alerts(p: Params, slo: Slo) -> list[dict[str, Any]]:
     """The fast (page) and slow (warning) pairs of windows over one SLO's recorded ratios."""
     names = {seconds: name for name, seconds in SLO_WINDOWS.items()}
     alerts = []
     for speed, (rate, long, short), hold, severity in (
             ("Fast", FAST_BURN, 120, "critical"), ("Slow", SLOW_BURN, 900, "warning")):
-        threshold = number(rate * budget)
-        record = "agentloop:rpc_server_faults" if slo == "Availability" \
-            else "agentloop:ttft_slow"
-        expr = (f"{record}:ratio_rate{names[long]}{{job=\"{p.job}\"}} > {threshold}\nand\n"
-                f"{record}:ratio_rate{names[short]}{{job=\"{p.job}\"}} > {threshold}")
+        threshold = number(rate * slo.budget)
+        expr = (f"{slo.record}:ratio_rate{names[long]}{{job=\"{p.job}\"}} > {threshold}\nand\n"
+                f"{slo.record}:ratio_rate{names[short]}{{job=\"{p.job}\"}} > {threshold}")
         alerts.append(alert(
-            f"AgentLoop{slo}BudgetBurn{speed}", expr, p.hold(hold), severity,
-            f"agentloop is spending its {what} error budget {number(rate)}x too fast",
-            f"{what.capitalize()}: {{{{ $value | humanizePercentage }}}} of calls missed the "
-            f"SLO over the last {duration(long)}, and over {duration(short)} too; at this "
-            f"rate the 30-day budget lasts {30 / rate:.1f} days."))
+            f"AgentLoop{slo.name}BudgetBurn{speed}", expr, p.hold(hold), severity,
+            f"agentloop is spending its {slo.what} error budget {number(rate)}x too fast",
+            f"{slo.what.capitalize()}: {{{{ $value | humanizePercentage }}}} of "
+            f"{slo.events} missed the SLO over the last {duration(long)}, and over "
+            f"{duration(short)} too; at this rate the 30-day budget lasts "
+            f"{30 / rate:.1f} days."))
     return alerts
 
 
@@ -302,8 +311,10 @@ def rule_groups(p: Params) -> list[dict[str, Any]]:
     return [
         {"name": "agentloop-slo", "rules": [
             *slo_recording_rules(p),
-            *burn_alerts(p, "Availability", "availability", 1 - p.availability_target),
-            *burn_alerts(p, "TimeToFirstToken", "time to first token", 1 - p.ttft_target),
+            *burn_alerts(p, Slo("Availability", "availability", "agentloop:rpc_server_faults",
+                                "calls", 1 - p.availability_target)),
+            *burn_alerts(p, Slo("TimeToFirstToken", "time to first token",
+                                "agentloop:ttft_slow", "generations", 1 - p.ttft_target)),
         ]},
         {"name": "agentloop-plan", "rules": plan_alerts(p)},
         {"name": "agentloop-engine", "rules": engine_alerts(p)},
@@ -552,7 +563,7 @@ HEADER = "# Rendered by k8s/monitoring/render.py from slo.yaml: edit those, then
     "monitoring`.\n"
 
 
-def _yaml(document: dict[str, Any]) -> str:
+def to_yaml(document: dict[str, Any]) -> str:
     class Literal(yaml.SafeDumper):
         pass
 
@@ -566,8 +577,8 @@ def _yaml(document: dict[str, Any]) -> str:
 
 def rendered(p: Params) -> dict[Path, str]:
     return {
-        RULES_FILE: _yaml(rules_file(p)),
-        PROMETHEUS_RULE_FILE: _yaml(prometheus_rule(p)),
+        RULES_FILE: to_yaml(rules_file(p)),
+        PROMETHEUS_RULE_FILE: to_yaml(prometheus_rule(p)),
         DASHBOARD_FILE: json.dumps(dashboard(p), indent=2) + "\n",
     }
 
