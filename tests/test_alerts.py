@@ -240,6 +240,7 @@ class PrometheusApi:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
         self.firing: dict[str, set[str]] = {}  # alert -> instances ("" when aggregated)
+        self.first_fired: dict[str, float] = {}  # alert -> when it was first seen firing
 
     async def get(self, path: str, **params: Any) -> Any:
         response = await self.client.get(path, params=params, timeout=10)
@@ -262,6 +263,7 @@ class PrometheusApi:
                     labels = alert["labels"]
                     self.firing.setdefault(labels["alertname"], set()).add(
                         labels.get("instance", ""))
+                    self.first_fired.setdefault(labels["alertname"], time.monotonic())
             await asyncio.sleep(0.2)
 
     async def fired(self, *names: str, timeout: float = 30.0) -> None:
@@ -493,6 +495,7 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
         api = await stack.enter_async_context(running_prometheus(tmp_path, targets, rules))
         started = time.time()
         await quiet_baseline(api)
+        induced = time.monotonic()
 
         # 1. A burst on a slow upstream, memory ballast, an engine that dies.
         slow = Script(first_token_delay=10.5)
@@ -541,6 +544,8 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
         await api.fired("AgentLoopDown", timeout=15)
 
         assert set(api.firing) >= set(ALERTS), set(ALERTS) - set(api.firing)
+        for name in sorted(ALERTS, key=api.first_fired.__getitem__):  # shown with -s
+            print(f"{api.first_fired[name] - induced:5.1f} s  {name}: {INDUCED[name]}")
         assert api.firing["AgentLoopMemoryNearLimit"] == {targets[1]}
         assert api.firing["AgentLoopEngineRestarted"] == {targets[1]}
         assert targets[0] in api.firing["AgentLoopBackendNotReady"]
