@@ -159,6 +159,11 @@ class ResilientBackend:
             self.inner.on_health_change = listener
 
     @property
+    def circuit_open(self) -> bool:
+        """The breaker fails calls fast (open, or half-open awaiting its probe)."""
+        return self.circuit.state is not CircuitState.CLOSED
+
+    @property
     def address(self) -> tuple[str, int] | None:
         return self.inner.address
 

@@ -42,6 +42,7 @@ from agentloop.telemetry.metrics import (
     Instruments,
     PrometheusEndpoint,
     RetryCounts,
+    engine_process,
     meter_provider,
     observe_engine_load,
     observe_server_state,
@@ -309,6 +310,10 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     observe_server_state(meter, admission, health, provider, cache, retrying)
     observe_engine_load(meter, backend, provider)
     observe_upstreams(meter, backend)
+    engine = engine_process(backend)
+    if prometheus is not None and engine is not None and hasattr(engine, "engine_pid"):
+        # The engine's child holds the model: the memory alert adds its resident memory.
+        prometheus.watch_process("agentloop_engine", lambda: engine.engine_pid)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
         backend.address, settings.trace_content, served_models=lambda: health.served,

@@ -26,7 +26,7 @@ from opentelemetry.sdk.environment_variables import OTEL_METRICS_EXEMPLAR_FILTER
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
 from agentloop.config import Settings, parse_host_port
 from agentloop.domain import BackendHealth
@@ -61,6 +61,12 @@ class AdmissionState(Protocol):
     @property
     def queued(self) -> int: ...
 
+    @property
+    def max_in_flight(self) -> int: ...
+
+    @property
+    def max_queue(self) -> int: ...
+
 
 class HealthState(Protocol):
     """What the gauges read of the health task (a `HealthReporter` is one)."""
@@ -86,10 +92,13 @@ class CacheCounts(Protocol):
 
 
 class RetryCounts(Protocol):
-    """The backend's retry counter (a `ResilientBackend` is one)."""
+    """The backend's retry counter and circuit breaker (a `ResilientBackend` is one)."""
 
     @property
     def retries(self) -> int: ...
+
+    @property
+    def circuit_open(self) -> bool: ...
 
 
 class Instruments:
@@ -138,6 +147,12 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
     def queued(_options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(admission.queued)
 
+    def in_flight_limit(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(admission.max_in_flight)
+
+    def queue_limit(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(admission.max_queue)
+
     def ready(_options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(1 if health.ready else 0, backend)
 
@@ -150,6 +165,10 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
     def retries(_options: CallbackOptions) -> Iterable[Observation]:
         if retrying is not None:
             yield Observation(retrying.retries, backend)
+
+    def circuit_open(_options: CallbackOptions) -> Iterable[Observation]:
+        if retrying is not None:
+            yield Observation(1 if retrying.circuit_open else 0, backend)
 
     def cache_lookups(_options: CallbackOptions) -> Iterable[Observation]:
         if cache is not None:
@@ -171,6 +190,19 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
     meter.create_observable_gauge(
         "agentloop.requests.queued", [queued], unit="{request}",
         description="Generations waiting for an admission slot.")
+    # The limits beside the gauges, so a rule or a panel reads "near the cap" without
+    # knowing this replica's settings.
+    meter.create_observable_gauge(
+        "agentloop.requests.in_flight.limit", [in_flight_limit], unit="{request}",
+        description="Generations that may hold an admission slot at once (max_in_flight).")
+    meter.create_observable_gauge(
+        "agentloop.requests.queued.limit", [queue_limit], unit="{request}",
+        description="Generations that may wait for a slot (max_queue); beyond it "
+                    "RESOURCE_EXHAUSTED.")
+    meter.create_observable_gauge(
+        "agentloop.backend.circuit.open", [circuit_open],
+        description="1 while the circuit breaker fails calls fast (open or half-open), "
+                    "else 0.")
     meter.create_observable_gauge(
         "agentloop.backend.ready", [ready],
         description="1 while the backend answers and has the model (readiness), else 0.")
@@ -197,9 +229,10 @@ _ENGINE_GAUGES = (
 )
 
 
-def in_process_engine(backend: object) -> object:
-    """The engine that reports `engine_stats` behind the resilience wrapper or the router
-    (the embedded upstream of a pools file); `backend` itself when there is none."""
+def engine_process(backend: object) -> Any | None:
+    """The engine that runs a process of its own and reports its load (the embedded
+    engine) behind the resilience wrapper or the router (the embedded upstream of a pools
+    file), or None."""
     while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
         backend = backend.inner
     pools: Any = getattr(backend, "pools", None)
@@ -208,17 +241,16 @@ def in_process_engine(backend: object) -> object:
             for endpoint in pool.endpoints:
                 if hasattr(endpoint.backend, "engine_stats"):
                     return endpoint.backend
-    return backend
+    return backend if hasattr(backend, "engine_stats") else None
 
 
 def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     """Load gauges of an engine that reports them (the embedded engine's `engine_stats`,
     refreshed by its heartbeat): what an autoscaler or a load-aware balancer reads. The
     callbacks read the last report; nothing asks the engine during a scrape."""
-    backend = in_process_engine(backend)
-    if not hasattr(backend, "engine_stats"):
+    source: Any = engine_process(backend)
+    if source is None:
         return
-    source: Any = backend
     attributes = {"gen_ai.provider.name": provider}
 
     def reader(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -231,6 +263,14 @@ def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     for name, field, unit, description in _ENGINE_GAUGES:
         meter.create_observable_gauge(name, [reader(field)], unit=unit,
                                       description=description)
+
+    def restarts(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(source.restarts, attributes)
+
+    if hasattr(source, "restarts"):
+        meter.create_observable_counter(
+            "agentloop.engine.restarts", [restarts], unit="{restart}",
+            description="Times the engine's process was started again after it died or hung.")
 
 
 def observe_upstreams(meter: Meter, backend: object) -> None:
@@ -270,7 +310,14 @@ class PrometheusEndpoint:
                  registry: CollectorRegistry) -> None:
         self._server = server
         self._thread = thread
+        self._registry = registry
         self.reader = PrometheusMetricReader(registry=registry)
+
+    def watch_process(self, namespace: str, pid: Callable[[], int | None]) -> None:
+        """`{namespace}_process_*` (resident memory, CPU) of another process, read from /proc
+        by each scrape on the endpoint's thread; nothing while `pid` is None."""
+        ProcessCollector(namespace=namespace, pid=lambda: pid() or "none",
+                         registry=self._registry)
 
     @classmethod
     def start(cls, listen: str) -> PrometheusEndpoint | None:
@@ -278,6 +325,9 @@ class PrometheusEndpoint:
         the server."""
         host, port = parse_host_port(listen)
         registry = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes and friends (Linux /proc): what the memory alert
+        # compares with the container's limit.
+        ProcessCollector(registry=registry)
         try:
             server, thread = start_http_server(port, host, registry=registry)
         except OSError as exc:

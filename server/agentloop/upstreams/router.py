@@ -25,7 +25,12 @@ from opentelemetry import trace
 
 from agentloop.backends.base import Backend
 from agentloop.backends.kinds import backend_for
-from agentloop.backends.resilient import CircuitBreaker, is_backend_failure, retry_delay
+from agentloop.backends.resilient import (
+    CircuitBreaker,
+    CircuitState,
+    is_backend_failure,
+    retry_delay,
+)
 from agentloop.config import Settings
 from agentloop.domain import (
     BackendHealth,
@@ -126,6 +131,13 @@ class Router:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
+
+    @property
+    def circuit_open(self) -> bool:
+        """Some endpoint's breaker fails its calls fast (open, or half-open awaiting its
+        probe): the `agentloop.backend.circuit.open` gauge and its alert."""
+        return any(e.breaker.state is not CircuitState.CLOSED
+                   for pool in self.pools.values() for e in pool.live())
 
     @property
     def default_model(self) -> str:
