@@ -94,10 +94,16 @@ class _Quota:
             self.requests = min(float(rpm), self.requests + elapsed * rpm / 60.0)
 
     def resize(self, limits: Tenant) -> None:
-        """New limits from a reloaded keys file: keep what was spent, within the new caps."""
-        self.limits = limits
-        self.tokens = min(self.tokens, float(limits.tokens_per_minute))
-        self.requests = min(self.requests, float(limits.requests_per_minute))
+        """New limits from a reloaded keys file: what was spent stays spent."""
+        old, self.limits = self.limits, limits
+        self.tokens = _carried(self.tokens, old.tokens_per_minute, limits.tokens_per_minute)
+        self.requests = _carried(self.requests, old.requests_per_minute,
+                                 limits.requests_per_minute)
+
+
+def _carried(level: float, old_cap: int, new_cap: int) -> float:
+    spent = old_cap - level if old_cap else 0.0
+    return min(float(new_cap), new_cap - spent)
 
 
 class Admission:

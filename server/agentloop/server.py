@@ -271,7 +271,7 @@ async def watch_keys(keys: ApiKeys, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         if keys.changed():
-            keys.reload()
+            await asyncio.to_thread(keys.reload)  # a file read: off the event loop
 
 
 async def serve(settings: Settings) -> None:

@@ -9,7 +9,7 @@ as they do without keys. `TenantKeys` is one parsed file; `reload` swaps it whol
 call sees the old file or the new one, never a mix.
 
 Format (YAML or JSON; the file is read as this format when its first line that is not a
-comment or blank is `tenants:` or starts with `{`)::
+comment or blank starts with `tenants:` or `{`)::
 
     tenants:
       search:
@@ -123,7 +123,7 @@ def is_structured(text: str) -> bool:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        return stripped.startswith("{") or stripped.rstrip() == "tenants:"
+        return stripped.startswith(("{", "tenants:"))
     return False
 
 
