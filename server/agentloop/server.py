@@ -281,8 +281,10 @@ async def serve(settings: Settings) -> None:
     # Handlers first: a signal during the start (a slow warm-up) drains instead of killing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running: RunningServer | None = None
+    # From the start too: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: running is not None and running.reload_keys())
     running = await start_server(settings)
-    loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(running.health.wait_ready())
