@@ -375,6 +375,20 @@ async def test_a_waiter_put_out_while_a_slot_is_handed_on_leaves_the_counts_righ
     assert admission.in_flight == 0 and admission.queued == 0 and not admission._callers
 
 
+async def test_a_reserved_slot_takes_critical_calls_only():
+    admission = Admission(2, 8, 30, critical_reserve=1)
+    standard = admission.slot(context=CallContext(caller="a"))
+    await standard.__aenter__()
+    waiting = asyncio.create_task(_hold(admission, Priority.STANDARD))
+    await wait_until(lambda: admission.queued == 1)  # the second slot is kept
+    async with admission.slot(context=CallContext(priority=Priority.CRITICAL, caller="c")):
+        assert admission.in_flight == 2
+    assert admission.queued == 1 and admission.in_flight == 1, "not handed to standard"
+    await standard.__aexit__(None, None, None)
+    await waiting
+    assert admission.in_flight == 0 and admission.queued == 0
+
+
 async def _hold(admission: Admission, priority: Priority) -> None:
     async with admission.slot(context=CallContext(priority=priority, caller=priority.name)):
         await asyncio.sleep(0)

@@ -110,11 +110,15 @@ class Admission:
     """Slots per replica; waiters served fairly across callers, by priority; quotas."""
 
     def __init__(self, max_in_flight: int, max_queue: int, queue_timeout: float, *,
-                 fair: bool = True, tenants: Callable[[str], Tenant] | None = None,
+                 fair: bool = True, critical_reserve: int = 0,
+                 tenants: Callable[[str], Tenant] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.max_in_flight = max_in_flight
+        #: Slots only critical calls may take: a critical call finds one free at once
+        #: under a flood, instead of waiting for the next generation to end.
+        self.critical_reserve = min(critical_reserve, max_in_flight - 1)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.fair = fair
@@ -124,6 +128,7 @@ class Admission:
         self._clock = clock
         self._in_flight = 0
         self._queued = 0
+        self._critical_waiting = 0
         self._seq = 0
         self._virtual = 0.0
         self._callers: dict[str, _Caller] = {}
@@ -171,7 +176,7 @@ class Admission:
             self._check_quota(tenant, caller)
         if caller is None:
             caller = self._callers[context.caller] = _Caller(context.caller)
-        if self._in_flight < self.max_in_flight and not self._queued:
+        if self._free_for(context.priority):
             self._in_flight += 1
             caller.in_flight += 1
             if self.observer is not None:
@@ -179,6 +184,13 @@ class Admission:
             return caller
         await self._wait(deadline, context, tenant, caller)
         return caller
+
+    def _free_for(self, priority: Priority) -> bool:
+        """A slot is free for a call of this priority and nobody it must not pass waits."""
+        if priority is Priority.CRITICAL:
+            return self._in_flight < self.max_in_flight and not self._critical_waiting
+        return self._in_flight < self.max_in_flight - self.critical_reserve \
+            and not self._queued
 
     async def _wait(self, deadline: float | None, context: CallContext, tenant: Tenant,
                     caller: _Caller) -> None:
@@ -196,6 +208,7 @@ class Admission:
             caller.finish = start + 1.0 / tenant.weight
         caller.queued += 1
         self._queued += 1
+        self._critical_waiting += waiter.priority is Priority.CRITICAL
         heap = self._heaps[waiter.priority]
         heapq.heappush(heap, (start, waiter.seq, waiter))
         if len(heap) > 2 * self.max_queue + 16:  # entries of waiters gone meanwhile
@@ -290,6 +303,9 @@ class Admission:
         caller.in_flight -= 1
         self._forget_if_idle(caller)
         for priority in _CLASSES:
+            if priority is not Priority.CRITICAL and \
+                    self._in_flight > self.max_in_flight - self.critical_reserve:
+                break  # the slot that freed is one kept for critical calls
             heap = self._heaps[priority]
             while heap:
                 _, _, waiter = heapq.heappop(heap)
@@ -308,6 +324,7 @@ class Admission:
             waiter.gone = True
             waiter.caller.queued -= 1
             self._queued -= 1
+            self._critical_waiting -= waiter.priority is Priority.CRITICAL
 
     def _forget_if_idle(self, caller: _Caller) -> None:
         # A caller with nothing queued starts again at the queue's virtual time: service

@@ -297,6 +297,12 @@ class Settings:
         30.0, "seconds a request may wait for a slot (then RESOURCE_EXHAUSTED)", group="admission",
         above=0,
     )
+    critical_reserve: int = _setting(
+        0,
+        "admission slots only critical calls may take (kept free under a flood of other "
+        "calls, so a critical call starts at once); at most max_in_flight - 1",
+        group="admission", minimum=0,
+    )
     fair_queuing: bool = _setting(
         True,
         "a free slot goes to the waiting tenant (without keys: caller address) with the least "

@@ -226,7 +226,8 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     await backend.start()
     admission = Admission(
         settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout,
-        fair=settings.fair_queuing, tenants=keys.tenant,
+        fair=settings.fair_queuing, critical_reserve=settings.critical_reserve,
+        tenants=keys.tenant,
     )
     cache = ResponseCache(settings.cache_entries, settings.cache_ttl) \
         if settings.cache_entries else None
