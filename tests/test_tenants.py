@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentloop.admission import Admission
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.domain import CallContext, GenerationRequest, Priority, StreamItem
-from agentloop.errors import Shed
+from agentloop.errors import ResourceExhausted, Shed
 from agentloop.tenants import (
     DEFAULT_TENANT,
     Tenant,
@@ -375,6 +375,24 @@ async def test_a_waiter_put_out_while_a_slot_is_handed_on_leaves_the_counts_righ
     assert admission.in_flight == 0 and admission.queued == 0 and not admission._callers
 
 
+async def test_a_full_queue_puts_out_the_flooders_newest_call_not_a_newcomer():
+    admission = Admission(1, 3, 30)
+    held = admission.slot(context=CallContext(caller="a"))
+    await held.__aenter__()
+    flood = [asyncio.create_task(_hold(admission, Priority.STANDARD, "a")) for _ in range(3)]
+    await wait_until(lambda: admission.queued == 3)
+    newcomer = asyncio.create_task(_hold(admission, Priority.STANDARD, "b"))
+    await wait_until(lambda: admission.queued_by("b") == 1)
+    assert admission.queued_by("a") == 2
+    with pytest.raises(ResourceExhausted):  # the flooder's next call matters least: refused
+        await _hold(admission, Priority.STANDARD, "a")
+    await held.__aexit__(None, None, None)
+    results = await asyncio.gather(*flood, newcomer, return_exceptions=True)
+    assert [type(result).__name__ for result in results] == ["NoneType", "NoneType", "Shed",
+                                                             "NoneType"]
+    assert admission.in_flight == 0 and admission.queued == 0
+
+
 async def test_a_reserved_slot_takes_critical_calls_only():
     admission = Admission(2, 8, 30, critical_reserve=1)
     standard = admission.slot(context=CallContext(caller="a"))
@@ -389,8 +407,9 @@ async def test_a_reserved_slot_takes_critical_calls_only():
     assert admission.in_flight == 0 and admission.queued == 0
 
 
-async def _hold(admission: Admission, priority: Priority) -> None:
-    async with admission.slot(context=CallContext(priority=priority, caller=priority.name)):
+async def _hold(admission: Admission, priority: Priority, caller: str = "") -> None:
+    context = CallContext(priority=priority, caller=caller or priority.name)
+    async with admission.slot(context=context):
         await asyncio.sleep(0)
 
 
