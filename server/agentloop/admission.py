@@ -246,7 +246,9 @@ class Admission:
         newcomer matters more (priority, then the smaller tag); False if it does not."""
         worst: _Waiter | None = None
         for priority in reversed(_CLASSES):
-            live = [entry[2] for entry in self._heaps[priority] if not entry[2].gone]
+            # Not gone and not done: a waiter timed out but not yet woken has a done future.
+            live = [entry[2] for entry in self._heaps[priority]
+                    if not entry[2].gone and not entry[2].future.done()]
             if live:
                 worst = max(live, key=lambda waiter: (waiter.start, waiter.seq))
                 break
