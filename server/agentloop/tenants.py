@@ -127,9 +127,12 @@ def is_structured(text: str) -> bool:
     return False
 
 
-def parse_keys_text(text: str, extra_keys: Iterable[str] = ()) -> TenantKeys:
-    """Keys from one file's text (either format) plus `extra_keys` (the default tenant's)."""
-    pairs = [(digest(key), DEFAULT_TENANT) for key in extra_keys]
+def parse_keys_text(text: str, extra_keys: Iterable[str] = (),
+                    extra_digests: Iterable[bytes] = ()) -> TenantKeys:
+    """Keys from one file's text (either format) plus the default tenant's `extra_keys`
+    (or their digests)."""
+    pairs = [(known, DEFAULT_TENANT) for known in extra_digests]
+    pairs += [(digest(key), DEFAULT_TENANT) for key in extra_keys]
     tenants: dict[str, Tenant] = {}
     if is_structured(text):
         for tenant, keys in _parse_tenants(text):
@@ -144,10 +147,10 @@ def parse_keys_text(text: str, extra_keys: Iterable[str] = ()) -> TenantKeys:
     return TenantKeys(tuple(pairs), tenants)
 
 
-def read_keys_file(path: str, extra_keys: Iterable[str] = ()) -> TenantKeys:
+def read_keys_file(path: str, extra_digests: Iterable[bytes] = ()) -> TenantKeys:
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    return parse_keys_text(text, extra_keys)
+    return parse_keys_text(text, extra_digests=extra_digests)
 
 
 def _parse_tenants(text: str) -> list[tuple[Tenant, list[str]]]:
@@ -207,10 +210,11 @@ class KeysFile:
 
     def __init__(self, path: str, extra_keys: Iterable[str] = ()) -> None:
         self.path = path
-        self._extra = tuple(extra_keys)
+        # --api-keys, kept as digests for every reading of the file.
+        self._extra = tuple(digest(key) for key in extra_keys)
         self._stamp = self._stat()
         self.current = read_keys_file(path, self._extra) if path else parse_keys_text(
-            "", self._extra)
+            "", extra_digests=self._extra)
 
     def _stat(self) -> tuple[int, int, int] | None:
         if not self.path:
