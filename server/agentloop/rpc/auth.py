@@ -4,9 +4,9 @@
 services (health and reflection by default): a missing or unknown key is UNAUTHENTICATED;
 a valid key's tenant (agentloop.tenants) becomes the call's RESOLVED_TENANT, which
 `rpc.requests.call_context` reads. Keys are held only as SHA-256 digests and compared in
-constant time; a key never reaches a log. `RateLimitInterceptor` gives each client (its API key when keys are on, else its
-peer address) a token bucket; an empty bucket is RESOURCE_EXHAUSTED with RetryInfo
-saying when the next token comes.
+constant time; a key never reaches a log. `RateLimitInterceptor` gives each client (its
+API key when keys are on, else its peer address) a token bucket; an empty bucket is
+RESOURCE_EXHAUSTED with RetryInfo saying when the next token comes.
 """
 
 from __future__ import annotations
