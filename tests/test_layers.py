@@ -16,7 +16,7 @@ CLIENT = ROOT / "clients/python"
 #: Lowest first: a module may import its own layer and those before it, never one after.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("agentloop.domain", "agentloop.errors", "agentloop.config", "agentloop.schema_limits",
-     "agentloop.ranges"),
+     "agentloop.ranges", "agentloop.tenants"),
     ("agentloop.backends",),
     ("agentloop.services", "agentloop.admission", "agentloop.health"),
     ("agentloop.rpc", "agentloop.v1"),
