@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from agentloop.tenants import (
     parse_keys_text,
 )
 from agentloop.v1 import agentloop_pb2 as pb
-from fake_ollama import FakeOllama, Script, wait_until
+from fake_ollama import DEFAULT_MODEL, FakeOllama, Script, wait_until
 from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway
 
 TENANTS_FILE = """\
@@ -456,3 +457,30 @@ async def test_metrics_count_per_tenant(fake_ollama, tenants_file):
     tenants = {s.labels.get("agentloop_tenant") for s in samples} - {None}
     assert tenants == {"batch", "_default"}, "labels are the operator's names only"
 
+
+
+# --- remote pools ---------------------------------------------------------------------------
+
+async def test_a_tenant_that_may_not_leave_the_premises_is_never_sent_remote(tmp_path):
+    cloud = FakeOllama(default_script=Script(tokens=TOKENS))
+    await cloud.start("127.0.0.1", 0)
+    try:
+        pools = tmp_path / "pools.json"
+        pools.write_text(json.dumps({
+            "upstreams": {"cloud": {"kind": "ollama", "endpoints": [cloud.url], "remote": True}},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["cloud"], "allow_remote": True}]}))
+        keys = tmp_path / "tenants.yaml"
+        keys.write_text("tenants:\n  vault:\n    keys: [vault-key]\n    allow_remote: false\n"
+                        "  web:\n    keys: [web-key]\n")
+        settings = gateway_settings(upstreams=str(pools), api_keys_file=str(keys))
+        async with running_gateway(settings) as running, client_stub(running.address) as stub:
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10,
+                                        metadata=bearer("web-key"))
+            error = await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"),
+                                                     timeout=10, metadata=bearer("vault-key")))
+    finally:
+        await cloud.stop()
+    assert reply.upstream == "cloud"
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert rich_details(error)["ErrorInfo"].reason == "LOCAL_ONLY"
+    assert len(cloud.generation_requests) == 1
