@@ -273,7 +273,7 @@ class Admission:
         quota = self._quotas.get(name)
         if quota is None:
             quota = self._quotas[name] = _Quota(tenant, now)
-        elif quota.limits != tenant:
+        elif quota.limits is not tenant:  # a reload made new limits
             quota.resize(tenant)
         quota.refill(now)
         rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
