@@ -161,6 +161,34 @@ class ResourceExhausted(RetryableError):
     reason = "OVERLOADED"
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A tenant is past one of its limits: a QuotaFailure names the limit, RetryInfo says
+    when it frees, ErrorInfo's metadata carries both as `limit` and `tenant`."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, tenant: str, limit: str, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after,
+                         metadata={"limit": limit, "tenant": tenant})
+        self.tenant = tenant
+        self.limit = limit
+
+    def details(self) -> list[any_pb2.Any]:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"tenant:{self.tenant}", description=self.message)
+        if "quota_id" in error_details_pb2.QuotaFailure.Violation.DESCRIPTOR.fields_by_name:
+            violation.quota_id = self.limit
+        return [*super().details(),
+                _pack(error_details_pb2.QuotaFailure(violations=[violation]))]
+
+
+class Shed(ResourceExhausted):
+    """A call was refused (or put out of the queue) to make room for calls that matter
+    more, or for tenants that had less service: retry later or elsewhere."""
+
+    reason = "SHED"
+
+
 class ShuttingDown(RetryableError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"

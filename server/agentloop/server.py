@@ -26,7 +26,7 @@ from agentloop.backends.ollama import OllamaBackend
 from agentloop.backends.resilient import ResilientBackend
 from agentloop.config import MAX_MESSAGE_BYTES, Settings
 from agentloop.health import SERVICE_NAME, HealthReporter
-from agentloop.rpc.auth import security_interceptors
+from agentloop.rpc.auth import ApiKeys, security_interceptors
 from agentloop.rpc.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
@@ -67,6 +67,14 @@ class RunningServer:
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
     #: The MCP tool servers, when --mcp-servers names any.
     mcp: McpServers | None = None
+    #: The API keys and their tenants (reload_keys reads the file again).
+    keys: ApiKeys | None = None
+    #: The task that re-reads the keys file when it changes.
+    keys_watch: asyncio.Task[None] | None = None
+
+    def reload_keys(self) -> bool:
+        """Read the keys file again (SIGHUP): new keys, tenants and limits at once."""
+        return self.keys is not None and self.keys.reload()
 
     @property
     def address(self) -> str:
@@ -83,6 +91,8 @@ class RunningServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         drain_delay = self.settings.drain_delay if drain_delay is None else drain_delay
         self.drain_gate.draining = True
+        if self.keys_watch is not None:
+            self.keys_watch.cancel()
         await self.health.drain()
         log.info("draining: NOT_SERVING, closing the listener in %.1fs", drain_delay)
         if drain_delay > 0:
@@ -194,7 +204,8 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
-    guards = security_interceptors(settings)
+    keys = ApiKeys.from_settings(settings)
+    guards = security_interceptors(settings, keys)
     mcp = None
     if settings.mcp_servers:  # the MCP SDK loads only when there are servers
         from agentloop.services.mcp_tools import McpServers
@@ -204,7 +215,9 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     settings = with_engine_defaults(settings, backend)
     await backend.start()
     admission = Admission(
-        settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout
+        settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout,
+        fair=settings.fair_queuing, critical_reserve=settings.critical_reserve,
+        tenants=keys.tenant,
     )
     cache = ResponseCache(settings.cache_entries, settings.cache_ttl) \
         if settings.cache_entries else None
@@ -212,6 +225,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                             warm_up=settings.warm_up)
     backend.on_health_change = health.check_soon
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
+    admission.observer = telemetry
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
@@ -231,21 +245,37 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     await health.start()
     if mcp is not None:
         mcp.start()  # connects in the background: a server that is down delays nothing
+    watch = asyncio.create_task(watch_keys(keys, settings.api_keys_reload_interval),
+                                name="keys-watch") \
+        if settings.api_keys_file and settings.api_keys_reload_interval > 0 else None
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp)
+                            telemetry, mcp, keys, watch)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")
     return running
 
 
+async def watch_keys(keys: ApiKeys, interval: float) -> None:
+    """Re-read the keys file whenever its time, size or inode changed (one stat per
+    interval: a Kubernetes Secret volume update is seen without a signal)."""
+    while True:
+        await asyncio.sleep(interval)
+        if keys.changed():
+            await asyncio.to_thread(keys.reload)  # a file read: off the event loop
+
+
 async def serve(settings: Settings, backend: Backend | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain (on `backend`, else the settings' engine)."""
+    """Run until SIGTERM or SIGINT, then drain (on `backend`, else the settings' engine);
+    SIGHUP re-reads the keys file."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a signal during the start (a slow warm-up) drains instead of killing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running: RunningServer | None = None
+    # From the start too: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: running is not None and running.reload_keys())
     running = await start_server(settings, backend)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())

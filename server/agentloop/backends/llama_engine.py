@@ -171,6 +171,7 @@ class _Slot:
 
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens in its KV cache, positions 0..
+    scope: str = ""  # the CallContext.cache_scope of the job that left `cached`
     last_used: float = 0.0
     job: _Job | None = None
     # The running job's state.
@@ -191,6 +192,16 @@ class _Slot:
     @property
     def prefilling(self) -> bool:
         return self.job is not None and len(self.cached) < len(self.prompt)
+
+
+def _reusable_prefix(slot: _Slot, job: _Job) -> int:
+    """Tokens of the job's prompt the slot's cache already holds, counted only within one
+    cache scope: another tenant's prefix is never reused (its cached_input_tokens and
+    timings would tell the caller what someone else sent)."""
+    assert job.prompt is not None
+    if slot.scope != job.request.context.cache_scope:
+        return 0
+    return _common_prefix(slot.cached, job.prompt.tokens)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -505,9 +516,7 @@ class Engine:
         assert job.prompt is not None
         if not self._config.prefix_reuse:
             return min(free, key=lambda slot: slot.last_used)
-        tokens = job.prompt.tokens
-        return max(free, key=lambda slot: (_common_prefix(slot.cached, tokens),
-                                           -slot.last_used))
+        return max(free, key=lambda slot: (_reusable_prefix(slot, job), -slot.last_used))
 
     def _start(self, slot: _Slot, job: _Job, grammar: int) -> None:
         assert job.prompt is not None
@@ -515,8 +524,9 @@ class Engine:
         keep = 0
         if self._config.prefix_reuse:
             # At least one prompt token is evaluated: its logits give the first token.
-            keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+            keep = min(_reusable_prefix(slot, job), len(tokens) - 1)
         self._truncate(slot, keep)
+        slot.scope = job.request.context.cache_scope
         opts = job.request.options
         slot.job = job
         slot.prompt = tokens

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agentloop.config import Settings
+from agentloop.domain import CallContext
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
@@ -47,6 +48,9 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self._generation = generation
         self._agent = agent
 
+    def _context(self, context: grpc.aio.ServicerContext) -> CallContext:
+        return call_context(context.invocation_metadata(), context.peer(), self._settings)
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -56,7 +60,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             deadline_from(context.time_remaining()),
         )
         generation = dataclasses.replace(
-            generation, context=call_context(context.invocation_metadata()))
+            generation, context=self._context(context))
         result = await self._generation.generate(generation)
         context.set_trailing_metadata(upstream_metadata(result.end))
         return generate_response(result)
@@ -70,7 +74,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             deadline_from(context.time_remaining()),
         )
         generation = dataclasses.replace(
-            generation, context=call_context(context.invocation_metadata()))
+            generation, context=self._context(context))
         async with aclosing(coalesced(self._generation.stream(generation))) as items:
             async for item in items:
                 if isinstance(item, str):
@@ -86,7 +90,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             request, self._settings, self._agent.tools, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
-        run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
+        run = dataclasses.replace(run, context=self._context(context))
         return run_agent_response(await self._agent.complete(run))
 
     async def StreamRunAgent(
@@ -101,7 +105,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             start_agent_run, start, self._settings, self._agent.tools,
             self._generation.default_model, deadline_from(context.time_remaining()),
         )
-        run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
+        run = dataclasses.replace(run, context=self._context(context))
         async with ToolResultReader(requests) as reader:
             events = reader.watch(self._agent.run(run, reader.calls))
             async with aclosing(events):

@@ -33,9 +33,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Tracer
 
 from agentloop.config import Settings
-from agentloop.domain import GenerationEnd, GenerationRequest
+from agentloop.domain import GenerationEnd, GenerationRequest, Priority
 from agentloop.telemetry import logs, tracing
 from agentloop.telemetry.metrics import (
+    PRIORITY,
+    REFUSAL_REASON,
+    TENANT,
     AdmissionState,
     CacheCounts,
     HealthState,
@@ -48,6 +51,7 @@ from agentloop.telemetry.metrics import (
     observe_server_state,
     observe_upstreams,
 )
+from agentloop.tenants import tenant_label
 
 __all__ = ["Observed", "Telemetry", "start_telemetry"]
 
@@ -193,7 +197,17 @@ class Telemetry:
         """The metric attributes every generation carries."""
         return {tracing.OPERATION: tracing.operation_name(request),
                 tracing.PROVIDER: self.provider,
-                tracing.REQUEST_MODEL: self.model_label(request.model)}
+                tracing.REQUEST_MODEL: self.model_label(request.model),
+                TENANT: tenant_label(request.context.tenant)}
+
+    # --- what admission reports (an admission.AdmissionObserver) ------------------------
+
+    def waited(self, tenant: str, priority: Priority, seconds: float) -> None:
+        self.instruments.queue_wait.record(
+            seconds, {TENANT: tenant, PRIORITY: priority.name.lower()})
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self.instruments.refusals.add(1, {TENANT: tenant, REFUSAL_REASON: reason})
 
     def model_label(self, model: str) -> str:
         """A model name as a metric label: callers choose the names they send, so a name

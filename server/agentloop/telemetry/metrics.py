@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 MEMORY_TYPE = "agentloop.memory.type"
 CACHE_RESULT = "agentloop.cache.result"
 CACHE_RESULTS = ("hits", "misses", "coalesced")
+#: The operator's tenant name (callers without one: tenants.DEFAULT_TENANT_LABEL).
+TENANT = "agentloop.tenant"
+PRIORITY = "agentloop.priority"
+REFUSAL_REASON = "agentloop.refusal.reason"
 
 # Bucket boundaries the GenAI semantic conventions advise.
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -48,6 +52,8 @@ _TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
                                 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                                   0.75, 1.0, 2.5)
+_QUEUE_WAIT_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                       10.0, 30.0)
 _RPC_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                          60.0, 120.0, 300.0)
 
@@ -128,6 +134,16 @@ class Instruments:
             description="Duration of agent tool calls, by gen_ai.tool.name (client tools: "
                         "\"client\") and error.type on failure (its count is the calls).",
             explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
+        self.queue_wait = meter.create_histogram(
+            "agentloop.admission.queue.wait", unit="s",
+            description="Time a generation waited for an admission slot (0 when one was "
+                        "free), by agentloop.tenant and agentloop.priority.",
+            explicit_bucket_boundaries_advisory=_QUEUE_WAIT_BUCKETS)
+        self.refusals = meter.create_counter(
+            "agentloop.admission.refusals", unit="{request}",
+            description="Generations admission refused, by agentloop.tenant and "
+                        "agentloop.refusal.reason (queue_full, queue_timeout, deadline, shed, "
+                        "max_concurrency, requests_per_minute, tokens_per_minute).")
         self.time_per_output_token = meter.create_histogram(
             "gen_ai.server.time_per_output_token", unit="s",
             description="Time per output token after the first, for successful generations.",

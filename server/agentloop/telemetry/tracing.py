@@ -137,6 +137,8 @@ def start_generation_span(
         attributes["gen_ai.request.stop_sequences"] = list(options.stop)
     if address is not None:
         attributes["server.address"], attributes["server.port"] = address
+    if request.context.tenant:  # the operator's name for the caller's team
+        attributes["agentloop.tenant"] = request.context.tenant
     if with_content:
         attributes["gen_ai.input.messages"] = _input_messages(request)
         if request.system:
