@@ -8,13 +8,15 @@ NODE_BIN := node_modules/.bin
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint generate docs bench clean go-tools go-check
+.PHONY: help install run test lint generate docs monitoring bench clean go-tools go-check \
+	prometheus-tools
 
 help:
 	@echo "make run       set up and serve on 127.0.0.1:50051 (Ollama if reachable, else embedded)"
 	@echo "make test      set up and run every check (lint + tests)"
 	@echo "make generate  regenerate the server's and the client's Python stubs from protos/"
 	@echo "make docs      rewrite the settings table (docs/settings.md) from config.py"
+	@echo "make monitoring render the alert rules and the dashboard (k8s/monitoring/) from slo.yaml"
 	@echo "make lint      buf lint + buf format + ruff"
 	@echo "make bench     run the benchmarks (writes bench/results/)"
 	@echo "make go-check  generate the Go stubs and compile them (Debian's Go packages)"
@@ -60,12 +62,17 @@ SETTINGS_DOC ?= docs/settings.md
 docs: $(VENV)/.installed
 	$(PY) -m agentloop.settings_doc $(SETTINGS_DOC)
 
+# Alert rules (plain and PrometheusRule) and the Grafana dashboard, from k8s/monitoring/slo.yaml
+# (tests/test_alerts.py fails while they are stale).
+monitoring: $(VENV)/.installed
+	$(PY) k8s/monitoring/render.py
+
 lint: install
 	$(NODE_BIN)/buf lint
 	$(NODE_BIN)/buf format --exit-code --diff
 	$(BIN)/ruff check server clients tests bench protos
 
-test: install lint go-tools
+test: install lint go-tools prometheus-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Go stubs (buf.gen.go.yaml): Debian packages the Go toolchain, both protoc plugins and the
@@ -81,6 +88,19 @@ go-tools:
 		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(GO_PACKAGES); } \
 		|| echo "go-tools: apt-get could not install $(GO_PACKAGES); the Go test is skipped"; \
 	else echo "go-tools: no apt-get as root; the Go test is skipped"; fi
+
+# promtool (rule unit tests) and the Prometheus server (the live alert check) from Debian's
+# prometheus package, installed like the Go packages above; without them tests/test_alerts.py
+# skips those tests and says why. --no-install-recommends: no node exporter. (Where systemd
+# runs, Debian also enables its prometheus service on :9090; the tests start their own.)
+PROMETHEUS_PACKAGES := prometheus
+prometheus-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq --no-install-recommends $(PROMETHEUS_PACKAGES) \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(PROMETHEUS_PACKAGES); } \
+		|| echo "prometheus-tools: apt-get could not install $(PROMETHEUS_PACKAGES); the alert tests are skipped"; \
+	else echo "prometheus-tools: no apt-get as root; the alert tests are skipped"; fi
 
 go-check: install go-tools
 	$(PY) -m pytest -q tests/test_buf.py -k go

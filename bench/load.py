@@ -1,4 +1,5 @@
-"""The load generator: streams against the gateway (gRPC) or the fake Ollama (HTTP), on grpc.aio.
+"""The load generator: streams against the gateway (gRPC), the fake Ollama or an
+OpenAI-compatible server (HTTP).
 
 One process runs `--concurrency` streams. `run_all` starts several such processes when one
 cannot keep up, with a common `--start-at` wall-clock time so their windows line up, and
@@ -110,6 +111,31 @@ async def http_stream(client: httpx.AsyncClient, max_tokens: int, first: FirstTo
     return Stream(started, ttft, tokens)
 
 
+async def openai_stream(client: httpx.AsyncClient, max_tokens: int, first: FirstToken
+                        ) -> Stream:
+    """A raw prompt streamed from an OpenAI-compatible server's /completions, each event
+    parsed as the gateway's OpenAI backend does."""
+    body: dict[str, object] = {"model": MODEL, "prompt": PROMPT, "stream": True,
+                               "stream_options": {"include_usage": True}}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    started = time.perf_counter()
+    ttft = 0.0
+    tokens = 0
+    async with client.stream("POST", "completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[5:]).get("choices")
+            if choices and choices[0].get("text"):
+                if not ttft:
+                    ttft = time.perf_counter() - started
+                    first(started, ttft)
+                tokens += 1
+    return Stream(started, ttft, tokens)
+
+
 async def paced(stream: StreamFn, concurrency: int, seconds: float, warmup: float,
                 stagger: float) -> Outcome:
     outcome = Outcome()
@@ -178,9 +204,11 @@ async def run(args: argparse.Namespace) -> Outcome:
     limits = httpx.Limits(max_connections=args.concurrency * 2,
                           max_keepalive_connections=args.concurrency * 2)
     timeout = httpx.Timeout(600.0, connect=10.0, pool=60.0)
-    async with httpx.AsyncClient(base_url=args.address, limits=limits,
+    direct = openai_stream if args.target == "openai" else http_stream
+    # A base URL ending in "/" keeps its path (/v1) when a relative path is joined.
+    async with httpx.AsyncClient(base_url=args.address.rstrip("/") + "/", limits=limits,
                                  timeout=timeout) as client:
-        return await drive(lambda first: http_stream(client, args.max_tokens, first), args)
+        return await drive(lambda first: direct(client, args.max_tokens, first), args)
 
 
 async def drive(stream: StreamFn, args: argparse.Namespace) -> Outcome:
@@ -191,8 +219,10 @@ async def drive(stream: StreamFn, args: argparse.Namespace) -> Outcome:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=("grpc", "http"), required=True)
-    parser.add_argument("--address", required=True, help="HOST:PORT (grpc) or URL (http)")
+    parser.add_argument("--target", choices=("grpc", "http", "openai"), required=True,
+                        help="the gateway, the fake Ollama, or an OpenAI-compatible server")
+    parser.add_argument("--address", required=True,
+                        help="HOST:PORT (grpc), URL (http), API base with /v1 (openai)")
     parser.add_argument("--mode", choices=("paced", "burst"), default="paced")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -305,8 +305,8 @@ async def memory_phase(quick: bool) -> dict[str, Any]:
 
 
 def other_benchmarks(quick: bool) -> dict[str, Any]:
-    """bench_embedded.py, bench_telemetry.py, bench_workers.py, bench_affinity.py when present:
-    their own JSON."""
+    """bench_embedded.py, bench_telemetry.py, bench_workers.py, bench_affinity.py,
+    bench_tenants.py when present: their own JSON."""
     found: dict[str, Any] = {}
     # Small settings: `make bench` must stay within 10 minutes on 2 cores (the embedded
     # engine's own workload: about 4 minutes on a quiet machine).
@@ -317,11 +317,13 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
         "workers": ["--seconds", "2" if quick else "3", "--rounds", "1" if quick else "2"],
         "affinity": ["--conversations", "3" if quick else "12", "--turns", "2" if quick else "6",
                      "--max-tokens", "4" if quick else "24"],
+        "tenants": ["--flood", "100", "--probes", "10", "--oracle-digits", "2",
+                    "--micro-calls", "20000"] if quick else [],
         # The plan's five workloads and the engine's figures under mixed traffic.
         "workloads": ["--quick"] if quick else [],
     }
     # bench_affinity starts three embedded engines and runs 144 generations.
-    timeouts = {"affinity": 900, "embedded": 1800, "workloads": 2400}
+    timeouts = {"affinity": 900, "embedded": 1800, "tenants": 900, "workloads": 2400}
     for name, argv in runs.items():
         if not (ROOT / "bench" / f"bench_{name}.py").exists():
             continue

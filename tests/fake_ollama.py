@@ -263,6 +263,12 @@ class FakeOllama:
         self.headers: Mapping[str, str] = {}
         self.disconnects = 0
         self.active_streams = 0
+        #: Generations streamed at once at most (Ollama's OLLAMA_NUM_PARALLEL): more wait,
+        #: unseen by the client, for a stream to end. None: no limit.
+        self.max_streams: int | None = None
+        #: The most generations that ever streamed at once.
+        self.peak_streams = 0
+        self._slots: asyncio.Semaphore | None = None
         self.completed = 0
         self.loaded: dict[str, float] = {}  # normalized model -> expiry (time.time(), inf)
         self._queue: deque[Script] = deque()
@@ -531,7 +537,12 @@ class FakeOllama:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        if self.max_streams is not None and self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_streams)
+        if self._slots is not None:
+            await self._slots.acquire()
         self.active_streams += 1
+        self.peak_streams = max(self.peak_streams, self.active_streams)
         self.loaded[model] = math.inf  # in use: never expires while generating
         try:
             return await self._run(request, kind, name, body, script, started)
@@ -540,6 +551,8 @@ class FakeOllama:
             return web.Response()  # aiohttp fails to send it quietly: the client is gone
         finally:
             self.active_streams -= 1
+            if self._slots is not None:
+                self._slots.release()
             if task is not None:
                 self._tasks.discard(task)
             # Ollama starts the keep_alive countdown when the request ends.

@@ -69,7 +69,7 @@ def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     unpacked: dict[str, Any] = {}
     for detail in status.details:
         for kind in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo,
-                     error_details_pb2.RetryInfo):
+                     error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure):
             if detail.Is(kind.DESCRIPTOR):
                 message = kind()
                 detail.Unpack(message)

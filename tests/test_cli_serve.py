@@ -125,3 +125,40 @@ async def test_signal_drains_a_stream_in_flight(fake_ollama: FakeOllama, sig):
     finally:
         code = await stop(proc)
     assert code == 0
+
+
+async def test_sighup_reloads_the_keys_file(fake_ollama: FakeOllama, tmp_path: Path):
+    import grpc
+
+    from agentloop.v1 import agentloop_pb2 as pb
+    from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+
+    keys = tmp_path / "keys"
+    keys.write_text("old-key\n")
+    proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
+                                      "--drain-delay", "0", "--api-keys-file", str(keys),
+                                      "--api-keys-reload-interval", "0")  # SIGHUP only
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.AgentLoopServiceStub(channel)
+
+            async def accepted(key: str) -> bool:
+                try:
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=5,
+                                          metadata=(("authorization", f"Bearer {key}"),))
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                    return False
+                return True
+
+            assert await accepted("old-key") and not await accepted("new-key")
+            keys.write_text("tenants:\n  team:\n    keys: [new-key]\n")
+            assert not await accepted("new-key"), "no reload without the signal"
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(500):  # the signal is handled on the server's loop: poll
+                if await accepted("new-key"):
+                    break
+            assert await accepted("new-key") and not await accepted("old-key")
+    finally:
+        code = await stop(proc)
+    assert code == 0

@@ -29,11 +29,12 @@ import yaml
 
 from agentloop.cli import build_parser
 from agentloop.config import Settings, env_name, load_settings, parse_bool, parse_host_port
+from agentloop.upstreams.config import parse_pools
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
-OVERLAYS = ("gpu", "cpu")
+OVERLAYS = ("gpu", "cpu", "pools")
 GATEWAY = "agentloop"
 SIDECAR = "ollama"
 API_KEYS_SECRET = "agentloop-api-keys"
@@ -285,6 +286,8 @@ def test_overlay_builds_the_whole_service(overlay: str) -> None:
                 "PodDisruptionBudget", "Service", "Service", "ServiceAccount"]
     if overlay == "gpu":
         expected.append("PersistentVolumeClaim")
+    if overlay == "pools":
+        expected.append("ConfigMap")  # the pools file
     assert kinds == sorted(expected)
     assert not [d for d in docs if d["kind"] in ("Secret", "Namespace")], (
         "no Secret (the operator creates it) and no Namespace (the user picks it)")
@@ -368,7 +371,7 @@ def test_configmap_holds_only_real_settings(overlay: str) -> None:
     checkable = {key: value for key, value in data.items()
                  if key in keys
                  and key not in {env_name(name) for name in PENDING_SETTINGS}
-                 and key != env_name("api_keys_file")}
+                 and key not in (env_name("api_keys_file"), env_name("upstreams"))}
     load_settings(environ=checkable)
 
 
@@ -634,3 +637,52 @@ def test_deployment_guide_covers_the_operator_steps() -> None:
                    "round_robin", "UNAVAILABLE", "max_connection_age", "OLLAMA_NUM_PARALLEL",
                    "AGENTLOOP_MAX_IN_FLIGHT", "NetworkPolicy"):
         assert needed in guide, f"k8s/README.md should cover {needed!r}"
+
+
+# --- the cluster path: gateways in front of a vLLM engine pool ----------------------------
+
+def vllm_documents() -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        _fail_missing("kubectl", "install kubectl; its `kubectl kustomize` builds k8s/")
+    result = subprocess.run([kubectl, "kustomize", str(K8S / "vllm")], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, f"kubectl kustomize vllm failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "newest"])
+def test_vllm_engine_pool_validates_strictly(version: str) -> None:
+    version = newest_kubernetes() if version == "newest" else version
+    docs = vllm_documents()
+    assert sorted(d["kind"] for d in docs) == [
+        "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_pools_overlay_routes_to_the_vllm_service_it_deploys() -> None:
+    docs = documents("pools")
+    spec = pod_spec(docs)
+    assert [c["name"] for c in all_containers(spec)] == [GATEWAY], "no engine in the pod"
+    env = gateway_env(docs)
+    path = PurePosixPath(env["AGENTLOOP_UPSTREAMS"])
+    mounts = {m["mountPath"]: m["name"] for m in container(spec, GATEWAY)["volumeMounts"]}
+    volume = {v["name"]: v for v in spec["volumes"]}[mounts[str(path.parent)]]
+    pools_map = only(docs, "ConfigMap", volume["configMap"]["name"])
+    # The real parser reads the shipped file: a key it does not know fails here.
+    pools = parse_pools(yaml.safe_load(pools_map["data"][path.name]), "k8s pools file")
+    route = next(r for r in pools.routes if r.matches(env["AGENTLOOP_MODEL"]))
+    vllm = pools.upstreams[route.pools[0]]
+    assert vllm.kind == "openai" and not vllm.remote
+    engine_docs = vllm_documents()
+    service = only(engine_docs, "Service")
+    host, port = vllm.dns.rsplit(":", 1)
+    assert host == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert int(port) == service["spec"]["ports"][0]["port"]
+    engine = only(engine_docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = dict((*a.removeprefix("--").split("=", 1), "")[:2] for a in engine["args"])
+    assert args["served-model-name"] == env["AGENTLOOP_MODEL"]
+    assert int(args["max-num-seqs"]) == vllm.max_in_flight, "the gateway's cap per " \
+        "endpoint is what vLLM batches"
+    assert int(engine["resources"]["limits"]["nvidia.com/gpu"]) == 1

@@ -16,8 +16,11 @@ CLIENT = ROOT / "clients/python"
 #: Lowest first: a module may import its own layer and those before it, never one after.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("agentloop.domain", "agentloop.errors", "agentloop.config", "agentloop.schema_limits",
-     "agentloop.ranges"),
+     "agentloop.ranges", "agentloop.tenants", "agentloop.upstreams.spec",
+     "agentloop.upstreams.config"),
     ("agentloop.backends",),
+    # The routing layer: routes and pools above the backends, below the services.
+    ("agentloop.upstreams",),
     ("agentloop.services", "agentloop.admission", "agentloop.health"),
     ("agentloop.rpc", "agentloop.v1"),
     ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__",

@@ -8,6 +8,7 @@ assert mechanics (what each job gets, slots, cache, threads), never wisdom, and 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import math
 import threading
@@ -298,6 +299,23 @@ def test_reuse_reaches_beyond_the_sliding_window(batched: Engine):
     assert first.usage.input_tokens > 600
     assert second.usage.cached_input_tokens > 600
     assert second.timings.prompt_eval < first.timings.prompt_eval
+
+
+def test_a_prefix_is_reused_only_within_its_cache_scope(batched: Engine):
+    jobs = Jobs(batched)
+
+    def scoped(scope: str) -> GenerationEnd:
+        job = dataclasses.replace(request(COUNTING + " and the scope", 2),
+                                  context=CallContext(cache_scope=scope))
+        return end_of(jobs.run(job))
+
+    first = scoped("tenant-a")
+    other = scoped("tenant-b")  # the same prompt, cached in a slot of tenant-a's: not reused
+    again = scoped("tenant-b")
+    back = scoped("tenant-a")
+    assert other.usage.cached_input_tokens == 0
+    assert again.usage.cached_input_tokens == back.usage.cached_input_tokens \
+        == first.usage.input_tokens - 1
 
 
 def test_the_serial_engine_reuses_nothing(serial: Engine):
@@ -687,3 +705,33 @@ def test_one_shared_kv_cache_keeps_each_slot_to_its_share_and_serves_slots_apart
     assert reused.usage.output_tokens == 2
     assert again.usage.cached_input_tokens >= reused.usage.input_tokens - 1
     assert isinstance(too_long.end, BackendRejected)
+
+
+async def test_the_cached_token_count_tells_one_tenant_nothing_of_another(tmp_path):
+    """The digit oracle: a victim's prompt holds a code; another tenant sends the known
+    prefix and a guessed digit. Every guess reads the same cached count, the right one too."""
+    keys = tmp_path / "tenants.yaml"
+    keys.write_text("tenants:\n  victim:\n    keys: [victim-key]\n"
+                    "  prober:\n    keys: [prober-key]\n")
+    settings = gateway_settings(backend="embedded", num_ctx=1024, embedded_slots=2,
+                                read_timeout=120.0, api_keys_file=str(keys))
+    prefix = "Internal memo for the night shift. The vault code: 5"
+    options = pb.GenerationOptions(max_tokens=1, temperature=0)
+
+    async def cached(key: str, prompt: str) -> int:
+        reply = await stub.Generate(pb.GenerateRequest(prompt=prompt, options=options),
+                                    metadata=(("authorization", f"Bearer {key}"),),
+                                    timeout=WAIT)
+        return reply.usage.cached_input_tokens
+
+    async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running, \
+            client_stub(running.address) as stub:
+        await cached("victim-key", prefix + "8213. Do not share it.")
+        counts = {digit: await cached("prober-key", prefix + digit) for digit in "0918273645"}
+        own = await cached("prober-key", prefix + "0")
+        victim_again = await cached("victim-key", prefix + "8213. Do not share it.")
+
+    assert counts["0"] == 0, "the first guess finds nothing of the victim's"
+    # Later guesses reuse the prober's own previous guess (the prefix), the right digit too.
+    assert len({count for digit, count in counts.items() if digit != "0"}) == 1, counts
+    assert own >= counts["8"] and victim_again > counts["8"]

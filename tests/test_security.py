@@ -128,7 +128,7 @@ async def test_exemptions_are_configurable(fake_ollama):
 
 def test_keys_are_kept_only_as_sha256_digests():
     keys = ApiKeys(["sesame", "other"])
-    held = repr(vars(keys)) + repr(keys._digests)
+    held = repr(vars(keys)) + repr(vars(keys._file)) + repr(keys._digests)
     assert "sesame" not in held and b"sesame" not in b"".join(keys._digests)
     assert keys.accepts("sesame") and keys.accepts("other")
     assert not keys.accepts("sesam") and not keys.accepts("") and not ApiKeys([]).accepts("")

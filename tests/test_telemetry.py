@@ -194,6 +194,26 @@ async def test_generate_continues_the_callers_trace_down_to_ollama(stub, collect
     assert {"service.name": "agentloop-under-test"}.items() <= collector.traces.resources[0].items()
 
 
+async def test_spans_carry_the_callers_tenant(monkeypatch, collector, fake_ollama, tmp_path):
+    otel_environment(monkeypatch, collector.endpoint)
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    keys = tmp_path / "tenants.yaml"
+    keys.write_text("tenants:\n  search:\n    keys: [search-key]\n")
+    settings = gateway_settings(ollama_url=fake_ollama.url, api_keys="plain-key",
+                                api_keys_file=str(keys))
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        for key in ("search-key", "plain-key"):
+            await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5,
+                                metadata=(("authorization", f"Bearer {key}"),))
+        servers = await collector.spans(f"{SERVICE}/Generate", count=2)
+        clients = await collector.spans(f"text_completion {MODEL}", count=2)
+    assert sorted(attributes_of(s.attributes)["agentloop.tenant"] for s in servers) == [
+        "_default", "search"]
+    # The backend call names only an operator's tenant: no attribute for the default one.
+    assert sorted(attributes_of(s.attributes).get("agentloop.tenant", "") for s in clients) \
+        == ["", "search"]
+
+
 async def test_a_stream_is_one_chat_span_covering_the_whole_stream(stub, collector, fake_ollama):
     fake_ollama.enqueue(Script(tokens=TOKENS, token_delay=0.05))
     request = pb.StreamGenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")])

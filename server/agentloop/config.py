@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,11 @@ def check_readable_file(path: str) -> None:
 def check_api_keys(text: str) -> None:
     if any(any(c.isspace() or c == "#" for c in key) for key in parse_list(text)):
         raise ValueError("an API key must not contain spaces or #")
+
+
+def check_header_name(text: str) -> None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,127}", text) or text.startswith("grpc-"):
+        raise ValueError(f"expected a lowercase metadata key like x-forwarded-for, got {text!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +305,19 @@ class Settings:
         30.0, "seconds a request may wait for a slot (then RESOURCE_EXHAUSTED)", group="admission",
         above=0,
     )
+    critical_reserve: int = _setting(
+        0,
+        "admission slots only critical calls may take (kept free under a flood of other "
+        "calls, so a critical call starts at once); at most max_in_flight - 1",
+        group="admission", minimum=0,
+    )
+    fair_queuing: bool = _setting(
+        True,
+        "a free slot goes to the waiting tenant (without keys: caller address) with the least "
+        "service recently, by its weight; off = first come, first served (priorities hold "
+        "either way)",
+        group="admission",
+    )
 
     # --- request limits ---
     max_tokens_cap: int = _setting(
@@ -342,6 +361,12 @@ class Settings:
     max_observation_bytes: int = _setting(
         4096, "largest tool result shown to the model, in UTF-8 bytes (cut beyond)", group="agent",
         minimum=256,
+    )
+    upstreams: str = _setting(
+        "",
+        "file (YAML or JSON) of upstream pools and the routes from model names to them (see "
+        "docs/upstreams.md); empty = one engine, chosen by --backend",
+        group="upstreams", check=check_readable_file,
     )
     mcp_servers: str = _setting(
         "",
@@ -414,8 +439,30 @@ class Settings:
         group="security", check=check_api_keys, repr=False,
     )
     api_keys_file: str = _setting(
-        "", "file of accepted API keys, one per line, # starts a comment", group="security",
-        check=check_readable_file,
+        "",
+        "file of accepted API keys: one per line (# starts a comment), or tenants with their "
+        "keys and limits (YAML; docs/security.md); re-read on SIGHUP and when it changes",
+        group="security", check=check_readable_file,
+    )
+    api_keys_reload_interval: float = _setting(
+        5.0,
+        "seconds between checks of api_keys_file for a change (re-read when its time, size "
+        "or inode moved; a Kubernetes Secret update is seen); 0 = only on SIGHUP",
+        group="security", minimum=0,
+    )
+    client_address_header: str = _setting(
+        "",
+        "metadata key a trusted proxy sets to the client's address (e.g. x-forwarded-for, "
+        "its last entry): callers without a named tenant are told apart by it instead of the "
+        "peer address; empty = the peer address",
+        group="security", check=check_header_name,
+    )
+    one_trust_domain: bool = _setting(
+        False,
+        "callers without a named tenant share the engine's prefix cache and the response "
+        "cache (one trust domain); off = each client address its own (named tenants are "
+        "always apart)",
+        group="security",
     )
     auth_exempt: str = _setting(
         "grpc.health.v1.Health,grpc.reflection.v1.ServerReflection,"

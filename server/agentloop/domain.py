@@ -60,6 +60,9 @@ class CallContext:
     priority: Priority = Priority.STANDARD
     #: Engine prefix caches and the response cache are shared only within one scope.
     cache_scope: str = ""
+    #: Whom admission's fair queue tells apart: the named tenant, else the caller's address
+    #: (the peer, or a trusted proxy's header). Never a metric label: not bounded.
+    caller: str = ""
 
 
 @dataclass(frozen=True, slots=True)

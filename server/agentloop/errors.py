@@ -127,6 +127,13 @@ class BackendUnavailable(RetryableError):
     reason = "BACKEND_UNAVAILABLE"
 
 
+class UpstreamCredentialsRefused(BackendUnavailable):
+    """The upstream refused the gateway's own credentials (HTTP 401/403): the operator's
+    key is wrong or expired, nothing the caller did or can fix."""
+
+    reason = "UPSTREAM_CREDENTIALS_REFUSED"
+
+
 class CircuitOpen(BackendUnavailable):
     """The backend failed repeatedly: calls fail fast until a probe finds it back."""
 
@@ -154,6 +161,34 @@ class ResourceExhausted(RetryableError):
     reason = "OVERLOADED"
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A tenant is past one of its limits: a QuotaFailure names the limit, RetryInfo says
+    when it frees, ErrorInfo's metadata carries both as `limit` and `tenant`."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, tenant: str, limit: str, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after,
+                         metadata={"limit": limit, "tenant": tenant})
+        self.tenant = tenant
+        self.limit = limit
+
+    def details(self) -> list[any_pb2.Any]:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"tenant:{self.tenant}", description=self.message)
+        if "quota_id" in error_details_pb2.QuotaFailure.Violation.DESCRIPTOR.fields_by_name:
+            violation.quota_id = self.limit
+        return [*super().details(),
+                _pack(error_details_pb2.QuotaFailure(violations=[violation]))]
+
+
+class Shed(ResourceExhausted):
+    """A call was refused (or put out of the queue) to make room for calls that matter
+    more, or for tenants that had less service: retry later or elsewhere."""
+
+    reason = "SHED"
+
+
 class ShuttingDown(RetryableError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
@@ -177,6 +212,27 @@ class DeadlineExceeded(AgentLoopError):
 class Cancelled(AgentLoopError):
     code = grpc.StatusCode.CANCELLED
     reason = "CANCELLED"
+
+
+class FailedPrecondition(AgentLoopError):
+    """The call cannot be served as asked (e.g. local-only, yet only remote upstreams
+    serve the model): sending it again unchanged will not help."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, reason: str = "",
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        if reason:
+            self.reason = reason
+
+
+class Unimplemented(AgentLoopError):
+    """The engine behind this call cannot do what was asked (no portable API for it)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_SUPPORTED_BY_ENGINE"
 
 
 class Unauthenticated(AgentLoopError):

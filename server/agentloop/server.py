@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agentloop.admission import Admission
 from agentloop.backends.base import Backend
+from agentloop.backends.kinds import embedded_backend
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.backends.resilient import ResilientBackend
 from agentloop.config import (
@@ -30,7 +31,7 @@ from agentloop.config import (
     SettingsError,
 )
 from agentloop.health import SERVICE_NAME, HealthReporter
-from agentloop.rpc.auth import security_interceptors
+from agentloop.rpc.auth import ApiKeys, security_interceptors
 from agentloop.rpc.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
@@ -43,10 +44,12 @@ from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
+from agentloop.upstreams.config import load_pools
+from agentloop.upstreams.router import Router
 from agentloop.v1 import agentloop_pb2_grpc
 
 if TYPE_CHECKING:
-    from agentloop.backends.embedded import EmbeddedBackend
+    pass
 
 if TYPE_CHECKING:
     from agentloop.services.mcp_tools import McpServers
@@ -69,6 +72,14 @@ class RunningServer:
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
     #: The MCP tool servers, when --mcp-servers names any.
     mcp: McpServers | None = None
+    #: The API keys and their tenants (reload_keys reads the file again).
+    keys: ApiKeys | None = None
+    #: The task that re-reads the keys file when it changes.
+    keys_watch: asyncio.Task[None] | None = None
+
+    def reload_keys(self) -> bool:
+        """Read the keys file again (SIGHUP): new keys, tenants and limits at once."""
+        return self.keys is not None and self.keys.reload()
 
     @property
     def address(self) -> str:
@@ -85,6 +96,8 @@ class RunningServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         drain_delay = self.settings.drain_delay if drain_delay is None else drain_delay
         self.drain_gate.draining = True
+        if self.keys_watch is not None:
+            self.keys_watch.cancel()
         await self.health.drain()
         log.info("draining: NOT_SERVING, closing the listener in %.1fs", drain_delay)
         if drain_delay > 0:
@@ -121,15 +134,16 @@ async def select_backend(settings: Settings) -> Backend:
     return backend
 
 
-def embedded_backend(settings: Settings) -> EmbeddedBackend:
-    try:
-        from agentloop.backends.embedded import EmbeddedBackend
-    except ImportError as exc:
-        raise SettingsError(
-            "the embedded engine needs the 'embedded' extra: pip install 'agentloop[embedded]' "
-            f"({exc})"
-        ) from None
-    return EmbeddedBackend(settings)
+async def resilient_backend(settings: Settings,
+                            backend: Backend | None = None) -> ResilientBackend | Router:
+    """The backend the services call, with retries and circuit breakers: the router over
+    the pools file when --upstreams names one, else the one engine."""
+    if backend is None and settings.upstreams:
+        router = Router(load_pools(settings.upstreams), settings)
+        log.info("engines: %d upstream pools from %s (--upstreams); --backend and "
+                 "--ollama-url are not used", len(router.pools), settings.upstreams)
+        return router
+    return ResilientBackend(backend or await select_backend(settings), settings)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -198,26 +212,28 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
-    guards = security_interceptors(settings)
+    keys = ApiKeys.from_settings(settings)
+    guards = security_interceptors(settings, keys)
     mcp = None
     if settings.mcp_servers:  # the MCP SDK loads only when there are servers
         from agentloop.services.mcp_tools import McpServers
 
         mcp = McpServers.from_file(settings.mcp_servers)  # a bad file stops the start here
-    backend = ResilientBackend(backend or await select_backend(settings), settings)
+    backend = await resilient_backend(settings, backend)
     settings = with_engine_defaults(settings, backend)
     await backend.start()
     admission = Admission(
-        settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout
+        settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout,
+        fair=settings.fair_queuing, critical_reserve=settings.critical_reserve,
+        tenants=keys.tenant,
     )
     cache = ResponseCache(settings.cache_entries, settings.cache_ttl) \
         if settings.cache_entries else None
     health = HealthReporter(backend, backend.default_model, settings.health_interval,
                             warm_up=settings.warm_up)
-    backend.circuit.on_change = health.check_soon
-    if hasattr(backend.inner, "on_health_change"):  # the embedded engine's restarts
-        backend.inner.on_health_change = health.check_soon
+    backend.on_health_change = health.check_soon
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
+    admission.observer = telemetry
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
@@ -237,22 +253,38 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     await health.start()
     if mcp is not None:
         mcp.start()  # connects in the background: a server that is down delays nothing
+    watch = asyncio.create_task(watch_keys(keys, settings.api_keys_reload_interval),
+                                name="keys-watch") \
+        if settings.api_keys_file and settings.api_keys_reload_interval > 0 else None
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp)
+                            telemetry, mcp, keys, watch)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")
     return running
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+async def watch_keys(keys: ApiKeys, interval: float) -> None:
+    """Re-read the keys file whenever its time, size or inode changed (one stat per
+    interval: a Kubernetes Secret volume update is seen without a signal)."""
+    while True:
+        await asyncio.sleep(interval)
+        if keys.changed():
+            await asyncio.to_thread(keys.reload)  # a file read: off the event loop
+
+
+async def serve(settings: Settings, backend: Backend | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain (on `backend`, else the settings' engine);
+    SIGHUP re-reads the keys file."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a signal during the start (a slow warm-up) drains instead of killing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(settings)
+    running: RunningServer | None = None
+    # From the start too: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: running is not None and running.reload_keys())
+    running = await start_server(settings, backend)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(running.health.wait_ready())

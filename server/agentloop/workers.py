@@ -48,6 +48,7 @@ def run_workers(settings: Settings, worker_main: WorkerMain) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # each worker re-reads the keys file
     exit_code = 0
     while children:
         pid, status = os.wait()

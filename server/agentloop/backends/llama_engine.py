@@ -159,7 +159,7 @@ class _Slot:
 
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens in its KV cache, positions 0..
-    scope: str = ""  # the cache scope (CallContext.cache_scope) of the job that filled it
+    scope: str = ""  # the CallContext.cache_scope of the job that left `cached`
     last_used: float = 0.0
     job: _Job | None = None
     # The running job's state.
@@ -533,7 +533,9 @@ class Engine:
 
     def _reusable(self, slot: _Slot, job: _Job) -> int:
         """Tokens of the job's prompt the slot's cache may serve: the one place that decides
-        whether a cache may be reused at all (prefix reuse on, the same cache scope)."""
+        whether a cache may be reused at all (prefix reuse on, the same cache scope: another
+        tenant's prefix is never reused, its cached_input_tokens and timings would tell the
+        caller what someone else sent)."""
         assert job.prompt is not None
         if not self._config.prefix_reuse or slot.scope != job.request.context.cache_scope:
             return 0

@@ -13,16 +13,23 @@ import base64
 import itertools
 import json
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import propagate
 
+from agentloop.backends.http_wire import (
+    STREAMS_PER_POOL,
+    byte_lines,
+    clean,
+    client_pools,
+    retryable,
+    transport_error,
+    url_address,
+)
 from agentloop.config import Settings
 from agentloop.domain import (
     BackendHealth,
@@ -48,8 +55,6 @@ from agentloop.errors import (
 
 log = logging.getLogger(__name__)
 
-#: Concurrent generations per connection pool (see OllamaBackend.__init__).
-STREAMS_PER_POOL = 64
 _DONE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 _NS = 1e-9
 
@@ -74,12 +79,10 @@ class OllamaBackend:
         pools = -(-max(settings.max_in_flight, self.parallelism) // STREAMS_PER_POOL)
         share = max(1, settings.max_connections // pools)
         tls = httpx.create_ssl_context()  # one for every pool: each costs about 1 MB
-        self._client = client or new_http_client(settings, share, tls)
-        self._pools = [self._client,
-                       *(new_http_client(settings, share, tls) for _ in range(pools - 1))]
+        self._pools = client_pools(pools, lambda: new_http_client(settings, share, tls), client)
+        self._client = self._pools[0]
         self._pool_turns = itertools.cycle(self._pools)
-        url = urlsplit(settings.ollama_url)
-        self._address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+        self._address = url_address(settings.ollama_url)
 
     @property
     def default_model(self) -> str:
@@ -108,7 +111,7 @@ class OllamaBackend:
                 if response.status_code != 200:
                     await response.aread()
                     raise http_error(response.status_code, response.content, request.model)
-                async for item in parse_stream(ndjson_lines(response.aiter_bytes()), request):
+                async for item in parse_stream(byte_lines(response.aiter_bytes()), request):
                     yield item
         except httpx.HTTPError as exc:
             raise transport_error(exc, before_headers=not answered) from None
@@ -139,7 +142,7 @@ class OllamaBackend:
                 except ValueError:
                     raise BackendProtocolError("the backend sent malformed pull progress") from None
                 if "error" in progress:
-                    why = _clean(progress["error"])
+                    why = clean(progress["error"])
                     raise BackendUnavailable(f"pulling {model!r} failed: {why}")
                 if progress.get("status") == "success":
                     return
@@ -251,18 +254,6 @@ def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tup
     return "/api/generate", body
 
 
-async def ndjson_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split a streamed body into lines: per token much cheaper than httpx's aiter_lines
-    (no text decoding layers; json.loads reads UTF-8 bytes itself)."""
-    pending = b""
-    async for chunk in chunks:
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            yield line
-    if pending:
-        yield pending
-
-
 async def parse_stream(
     lines: AsyncIterator[bytes], request: GenerationRequest
 ) -> AsyncIterator[StreamItem]:
@@ -279,7 +270,7 @@ async def parse_stream(
             raise BackendProtocolError("the backend sent a malformed stream")
         if "error" in chunk:
             raise BackendStreamFailed(
-                f"the backend failed mid-stream: {_clean(chunk['error'])}",
+                f"the backend failed mid-stream: {clean(chunk['error'])}",
                 metadata={"model": request.model},
             )
         piece = chunk.get(delta_key)
@@ -329,48 +320,18 @@ def http_error(status: int, body: bytes, model: str) -> AgentLoopError:
     if status == 400:
         return BackendRejected(f"the backend rejected the request: {message}", metadata=meta)
     if status == 503:
-        return _retryable(
+        return retryable(
             ResourceExhausted("the backend is busy; try again", retry_after=1.0, metadata=meta))
     if status == 499:
         return Cancelled("the backend cancelled the request", metadata=meta)
     return BackendUnavailable(f"the backend failed ({status}): {message}", metadata=meta)
 
 
-def transport_error(exc: httpx.HTTPError, before_headers: bool = False) -> AgentLoopError:
-    """Map httpx failures; messages name the failure, never the URL."""
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return _retryable(BackendUnavailable("the backend is unreachable", retry_after=1.0))
-    if isinstance(exc, httpx.PoolTimeout):
-        return ResourceExhausted("no free connection to the backend", retry_after=1.0)
-    if isinstance(exc, httpx.ReadTimeout):
-        return BackendStreamFailed("the backend stopped answering (read timeout)")
-    if before_headers and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError |
-                                     httpx.WriteError):
-        return _retryable(BackendUnavailable(
-            "the backend dropped the connection before answering", retry_after=1.0))
-    return BackendStreamFailed(f"the connection to the backend failed ({type(exc).__name__})")
-
-
-def _retryable(error: AgentLoopError) -> AgentLoopError:
-    """Mark a failure that happened before Ollama started on the request."""
-    error.retryable_before_first_token = True
-    return error
-
-
 def _error_message(body: bytes) -> str:
     try:
-        return _clean(json.loads(body).get("error", ""))
+        return clean(json.loads(body).get("error", ""))
     except (ValueError, AttributeError, RecursionError):
         return "no details"
-
-
-_URL_OR_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b",
-                             re.IGNORECASE)
-
-
-def _clean(message: object) -> str:
-    """Keep backend messages short, single-line and free of internal addresses."""
-    return _URL_OR_ADDRESS.sub("<address>", " ".join(str(message).split()))[:300]
 
 
 def _keep_alive_value(text: str) -> str | int:

@@ -140,14 +140,28 @@ class ResilientBackend:
         self.circuit = CircuitBreaker(
             settings.circuit_failure_threshold, settings.circuit_reset_timeout)
         self.retries = 0  # attempts beyond the first: the agentloop.backend.retries counter
-        self._max_retries = settings.retry_attempts
-        self._backoff = settings.retry_backoff
-        self._backoff_max = settings.retry_backoff_max
+        self._settings = settings
         self._random = rng or random.Random()
 
     @property
     def default_model(self) -> str:
         return self.inner.default_model
+
+    @property
+    def on_health_change(self) -> Callable[[], None] | None:
+        return self.circuit.on_change
+
+    @on_health_change.setter
+    def on_health_change(self, listener: Callable[[], None] | None) -> None:
+        """Hear the circuit open and close, and the engine restart (embedded)."""
+        self.circuit.on_change = listener
+        if hasattr(self.inner, "on_health_change"):
+            self.inner.on_health_change = listener
+
+    @property
+    def circuit_open(self) -> bool:
+        """The breaker fails calls fast (open, or half-open awaiting its probe)."""
+        return self.circuit.state is not CircuitState.CLOSED
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -207,7 +221,8 @@ class ResilientBackend:
                     self.circuit.record_failure()
                 else:
                     self.circuit.release_probe(probe)
-                delay = self._retry_delay(exc, attempt, delivered, request)
+                delay = retry_delay(exc, attempt, self._settings, request.time_left(),
+                                    self._random, delivered)
                 if delay is None:
                     raise
                 log.info("retry %d in %.2fs after: %s", attempt + 1, delay, exc.message)
@@ -217,16 +232,17 @@ class ResilientBackend:
             self.retries += 1
             await asyncio.sleep(delay)
 
-    def _retry_delay(self, exc: AgentLoopError, attempt: int, delivered: bool,
-                     request: GenerationRequest) -> float | None:
-        """Seconds to wait before the next attempt, or None when this failure is final."""
-        if delivered or not exc.retryable_before_first_token or attempt >= self._max_retries:
-            return None
-        delay = self._random.uniform(0.0, min(self._backoff_max, self._backoff * 2**attempt))
-        time_left = request.time_left()
-        if time_left is not None and delay >= time_left:
-            return None
-        return delay
+def retry_delay(exc: AgentLoopError, attempt: int, settings: Settings, time_left: float | None,
+                rng: random.Random, delivered: bool) -> float | None:
+    """Seconds to wait before the next attempt, or None when this failure is final: after
+    the first item, for a failure not marked retryable, past the attempts, or when the
+    backoff would outlast the caller's deadline. Full jitter, doubling per attempt."""
+    if delivered or not exc.retryable_before_first_token or attempt >= settings.retry_attempts:
+        return None
+    delay = rng.uniform(0.0, min(settings.retry_backoff_max, settings.retry_backoff * 2**attempt))
+    if time_left is not None and delay >= time_left:
+        return None
+    return delay
 
 
 def is_backend_failure(exc: AgentLoopError) -> bool:

@@ -1,17 +1,17 @@
 """API keys and per-client rate limits, as server interceptors.
 
 `AuthInterceptor` wants `authorization: Bearer <key>` on every call except the exempt
-services (health and reflection by default): a missing or unknown key is UNAUTHENTICATED.
-Keys are held only as SHA-256 digests and compared in constant time; a key never reaches
-a log. `RateLimitInterceptor` gives each client (its API key when keys are on, else its
-peer address) a token bucket; an empty bucket is RESOURCE_EXHAUSTED with RetryInfo
-saying when the next token comes.
+services (health and reflection by default): a missing or unknown key is UNAUTHENTICATED;
+a valid key's tenant (agentloop.tenants) becomes the call's RESOLVED_TENANT, which
+`rpc.requests.call_context` reads. Keys are held only as SHA-256 digests and compared in
+constant time; a key never reaches a log. `RateLimitInterceptor` gives each client (its
+API key when keys are on, else its peer address) a token bucket; an empty bucket is
+RESOURCE_EXHAUSTED with RetryInfo saying when the next token comes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -29,6 +29,14 @@ from agentloop.rpc.interceptors import (
     refused,
     wrap_handler,
 )
+from agentloop.tenants import (
+    RESOLVED_TENANT,
+    KeysFile,
+    Tenant,
+    TenantKeys,
+    TenantsFileError,
+    digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +49,58 @@ MAX_TRACKED_CLIENTS = 100_000
 Check = Callable[[grpc.aio.ServicerContext], AgentLoopError | None]
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
 class ApiKeys:
-    """The accepted API keys, as SHA-256 digests."""
+    """The accepted API keys (SHA-256 digests), each with its tenant, read again from the
+    keys file on `reload` (SIGHUP, or the file watch when it changed)."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple(_digest(key) for key in keys)
+    def __init__(self, keys: Iterable[str], path: str = "") -> None:
+        self._file = KeysFile(path, keys)
 
     def __len__(self) -> int:
-        return len(self._digests)
+        return len(self._file.current)
+
+    @property
+    def _digests(self) -> tuple[bytes, ...]:
+        return tuple(known for known, _ in self._file.current.keys)
+
+    @property
+    def current(self) -> TenantKeys:
+        return self._file.current
+
+    @property
+    def path(self) -> str:
+        return self._file.path
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
-        """Keys from `api_keys` and the lines of `api_keys_file` (# starts a comment)."""
-        keys = parse_list(settings.api_keys)
-        if settings.api_keys_file:
-            with open(settings.api_keys_file, encoding="utf-8") as handle:
-                from_file = [line.partition("#")[0].strip() for line in handle]
-            from_file = [key for key in from_file if key]
-            if not from_file:
-                name = "api_keys_file"
-                raise SettingsError(f"{flag_name(name)} / {env_name(name)}: no key in "
-                                    f"{settings.api_keys_file!r}")
-            keys += from_file
-        return cls(keys)
+        """Keys from `api_keys` and `api_keys_file` (one key per line, # starts a comment,
+        or the tenants format: see agentloop.tenants)."""
+        name = "api_keys_file"
+        try:
+            keys = cls(parse_list(settings.api_keys), settings.api_keys_file)
+        except TenantsFileError as exc:
+            raise SettingsError(f"{flag_name(name)} / {env_name(name)}: {exc}") from None
+        if settings.api_keys_file and len(keys) == len(parse_list(settings.api_keys)):
+            raise SettingsError(f"{flag_name(name)} / {env_name(name)}: no key in "
+                                f"{settings.api_keys_file!r}")
+        return keys
 
     def accepts(self, key: str) -> bool:
-        """Compare against every digest, so the time taken says nothing about which matched."""
-        presented = _digest(key)
-        matched = False
-        for digest in self._digests:
-            matched |= hmac.compare_digest(presented, digest)
-        return matched
+        return self.tenant_of(key) is not None
+
+    def tenant_of(self, key: str) -> Tenant | None:
+        """The key's tenant, or None for a key not accepted (compared in constant time)."""
+        return self._file.current.match(key)
+
+    def tenant(self, name: str) -> Tenant:
+        """The named tenant's limits as the keys file says now."""
+        return self._file.current.tenant(name)
+
+    def changed(self) -> bool:
+        return bool(self._file.path) and self._file.changed()
+
+    def reload(self) -> bool:
+        return bool(self._file.path) and self._file.reload()
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -108,8 +133,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # Decided from the metadata alone, before the request is read: a call without a
         # valid key never has its message parsed (millions of messages cost seconds).
         key = bearer_token(handler_call_details.invocation_metadata)
-        if key is not None and self._keys.accepts(key):
-            return handler
+        tenant = self._keys.tenant_of(key) if key is not None else None
+        if tenant is not None:
+            return with_tenant(handler, tenant)
         why = "missing" if key is None else "invalid"
         method = handler_call_details.method
 
@@ -175,7 +201,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         # inventing keys. Without them, the peer's address (its port changes per connection).
         key = bearer_token(details.invocation_metadata) if self._by_api_key else None
         if key is not None:
-            return "key:" + _digest(key).hex()
+            return "key:" + digest(key).hex()
         return "peer:" + context.peer().rpartition(":")[0]
 
 
@@ -198,6 +224,30 @@ class RefusalLog:
         more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
         log.warning("refused %s from %s: %s API key%s", method, peer, why, more)
         self._unlogged, self._quiet_until = 0, now + self._interval
+
+
+def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMethodHandler:
+    """The handler, run with `tenant` as the call's RESOLVED_TENANT (read by call_context)."""
+
+    def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            RESOLVED_TENANT.set(tenant)
+            return await behavior(request, context)
+
+        return unary
+
+    def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            return wrap_unary(behavior)
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            RESOLVED_TENANT.set(tenant)
+            async for response in behavior(request, context):
+                yield response
+
+        return streaming
+
+    return wrap_handler(handler, wrap_unary, wrap_stream)
 
 
 def guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
@@ -226,10 +276,11 @@ def guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandl
 
 
 
-def security_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+def security_interceptors(settings: Settings,
+                          keys: ApiKeys | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The auth and rate-limit interceptors the settings ask for (auth first)."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    keys = ApiKeys.from_settings(settings)
+    keys = keys if keys is not None else ApiKeys.from_settings(settings)
     if len(keys):
         interceptors.append(AuthInterceptor(keys, parse_list(settings.auth_exempt)))
     if settings.rate_limit > 0:

@@ -6,6 +6,7 @@ fields in one INVALID_ARGUMENT with a google.rpc.BadRequest.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from agentloop.domain import (
     ChatMessage,
     GenerationRequest,
     OutputFormat,
+    Priority,
     RequestedOptions,
     ResponseFormat,
     Role,
@@ -24,6 +26,7 @@ from agentloop.errors import InvalidArgument
 from agentloop.ranges import OPTION_RANGES
 from agentloop.schema_limits import SchemaRefused, parse_schema
 from agentloop.services.generation import resolve_options
+from agentloop.tenants import resolved_tenant
 from agentloop.v1 import agentloop_pb2 as pb
 
 MAX_STOP_SEQUENCES = 16
@@ -68,16 +71,73 @@ LOCAL_ONLY_HEADER = "x-agentloop-local-only"
 MAX_SESSION_CHARS = 256
 
 
-def call_context(metadata: Any) -> CallContext:
-    """Who is calling and how the call may be served, from the call's metadata."""
-    session = ""
+#: How much a call matters: critical, standard (the default) or sheddable.
+PRIORITY_HEADER = "x-agentloop-priority"
+#: A caller's own cache key (like vLLM's cache_salt): narrows prefix and response cache
+#: sharing within its tenant, never widens it across tenants.
+CACHE_KEY_HEADER = "x-agentloop-cache-key"
+MAX_CACHE_KEY_CHARS = 128
+#: Longest client address kept from a trusted proxy's header.
+MAX_ADDRESS_CHARS = 64
+_PRIORITY_NAMES = {p.name.lower(): p for p in Priority}
+
+
+def call_context(metadata: Any, peer: str = "", settings: Settings | None = None) -> CallContext:
+    """Who is calling and how the call may be served: the call's metadata, its peer and the
+    tenant the auth interceptor resolved (agentloop.tenants.RESOLVED_TENANT)."""
+    session = cache_key = address = ""
     local_only = False
+    priority = Priority.STANDARD
+    address_header = settings.client_address_header if settings is not None else ""
     for key, value in metadata or ():
-        if key == SESSION_HEADER and isinstance(value, str):
+        if not isinstance(value, str):
+            continue
+        if key == SESSION_HEADER:
             session = value[:MAX_SESSION_CHARS]
-        elif key == LOCAL_ONLY_HEADER and isinstance(value, str):
+        elif key == LOCAL_ONLY_HEADER:
             local_only = value.strip().lower() in ("1", "true", "yes")
-    return CallContext(session=session, local_only=local_only)
+        elif key == PRIORITY_HEADER:
+            priority = priority_of(value)
+        elif key == CACHE_KEY_HEADER:
+            cache_key = value[:MAX_CACHE_KEY_CHARS]
+        elif address_header and key == address_header:
+            # The last entry is the one the trusted proxy added; earlier ones are the
+            # caller's to invent (X-Forwarded-For).
+            address = value.rpartition(",")[2].strip()[:MAX_ADDRESS_CHARS]
+    tenant = resolved_tenant()
+    if tenant.name:
+        caller = tenant.name
+        scope_base = "tenant:" + tenant.name
+    else:
+        caller = "addr:" + (address or peer_host(peer))
+        one_domain = settings is not None and settings.one_trust_domain
+        scope_base = "" if one_domain else caller
+    return CallContext(
+        tenant=tenant.name, session=session,
+        local_only=local_only or not tenant.allow_remote,
+        priority=min(priority, tenant.max_priority),
+        cache_scope=cache_scope(scope_base, cache_key), caller=caller)
+
+
+def priority_of(text: str) -> Priority:
+    priority = _PRIORITY_NAMES.get(text.strip().lower())
+    if priority is None:
+        raise InvalidArgument([(PRIORITY_HEADER,
+                                f"must be one of {', '.join(_PRIORITY_NAMES)}")])
+    return priority
+
+
+def peer_host(peer: str) -> str:
+    """"ipv4:10.0.0.5:51234" -> "ipv4:10.0.0.5": a client's port changes per connection."""
+    return peer.rpartition(":")[0] if peer.count(":") > 1 else peer
+
+
+def cache_scope(base: str, cache_key: str) -> str:
+    """The scope caches are shared within: a digest (it may reach an upstream as its
+    cache salt, so it names no tenant or address), "" for everyone when both are empty."""
+    if not base and not cache_key:
+        return ""
+    return hashlib.sha256(f"{base}\0{cache_key}".encode()).hexdigest()[:32]
 
 
 def deadline_from(time_remaining: float | None) -> float | None:

@@ -14,6 +14,9 @@ from agentloop.domain import (
 )
 from agentloop.v1 import agentloop_pb2 as pb
 
+#: Trailing metadata: the operator's name of the upstream that served a generation.
+UPSTREAM_HEADER = "x-agentloop-upstream"
+
 _FINISH_REASONS = {
     FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -60,6 +63,7 @@ def generate_response(result: GenerationResult) -> pb.GenerateResponse:
         finish_reason=_FINISH_REASONS[end.finish_reason],
         usage=usage_pb(end.usage),
         timings=timings_pb(end.timings),
+        upstream=end.upstream,
     )
 
 
@@ -73,7 +77,13 @@ def stream_end(end: GenerationEnd) -> pb.StreamGenerateResponse:
         finish_reason=_FINISH_REASONS[end.finish_reason],
         usage=usage_pb(end.usage),
         timings=timings_pb(end.timings),
+        upstream=end.upstream,
     )
+
+
+def upstream_metadata(end: GenerationEnd) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the upstream that served the call (none for one engine)."""
+    return ((UPSTREAM_HEADER, end.upstream),) if end.upstream else ()
 
 
 def model_pb(model: ModelInfo) -> pb.Model:

@@ -18,11 +18,18 @@ from typing import Any, TypeVar
 import grpc
 
 from agentloop.config import Settings
+from agentloop.domain import CallContext
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.requests import call_context, deadline_from, generation_request
-from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
+from agentloop.rpc.responses import (
+    generate_response,
+    model_pb,
+    stream_delta,
+    stream_end,
+    upstream_metadata,
+)
 from agentloop.services.agent import AgentService
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
@@ -41,6 +48,9 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self._generation = generation
         self._agent = agent
 
+    def _context(self, context: grpc.aio.ServicerContext) -> CallContext:
+        return call_context(context.invocation_metadata(), context.peer(), self._settings)
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -50,8 +60,10 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             deadline_from(context.time_remaining()),
         )
         generation = dataclasses.replace(
-            generation, context=call_context(context.invocation_metadata()))
-        return generate_response(await self._generation.generate(generation))
+            generation, context=self._context(context))
+        result = await self._generation.generate(generation)
+        context.set_trailing_metadata(upstream_metadata(result.end))
+        return generate_response(result)
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
@@ -62,10 +74,14 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             deadline_from(context.time_remaining()),
         )
         generation = dataclasses.replace(
-            generation, context=call_context(context.invocation_metadata()))
+            generation, context=self._context(context))
         async with aclosing(coalesced(self._generation.stream(generation))) as items:
             async for item in items:
-                yield stream_delta(item) if isinstance(item, str) else stream_end(item)
+                if isinstance(item, str):
+                    yield stream_delta(item)
+                else:
+                    context.set_trailing_metadata(upstream_metadata(item))
+                    yield stream_end(item)
 
     async def RunAgent(
         self, request: pb.RunAgentRequest, context: grpc.aio.ServicerContext
@@ -74,7 +90,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             request, self._settings, self._agent.tools, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
-        run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
+        run = dataclasses.replace(run, context=self._context(context))
         return run_agent_response(await self._agent.complete(run))
 
     async def StreamRunAgent(
@@ -89,7 +105,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             start_agent_run, start, self._settings, self._agent.tools,
             self._generation.default_model, deadline_from(context.time_remaining()),
         )
-        run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
+        run = dataclasses.replace(run, context=self._context(context))
         async with ToolResultReader(requests) as reader:
             events = reader.watch(self._agent.run(run, reader.calls))
             async with aclosing(events):

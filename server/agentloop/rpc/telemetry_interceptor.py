@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from agentloop.rpc.interceptors import Continuation, is_service_method, wrap_handler
 from agentloop.telemetry import logs
+from agentloop.tenants import resolved_tenant, tenant_label
 from agentloop_client.channel import SESSION_HEADER
 
 request_log = logging.getLogger(logs.REQUEST_LOGGER)
@@ -130,6 +131,8 @@ class _ObservedRpc:
         code = self.code or self._context.code() or grpc.StatusCode.OK
         status = code.value[0]
         span = self.span
+        tenant = tenant_label(resolved_tenant().name)  # resolved by the auth interceptor
+        span.set_attribute("agentloop.tenant", tenant)
         span.set_attribute("rpc.grpc.status_code", status)
         if code is not grpc.StatusCode.OK:
             span.set_attribute("error.type", code.name)
@@ -138,16 +141,17 @@ class _ObservedRpc:
         span.end()
         self._duration.record(duration, {
             "rpc.system": "grpc", "rpc.service": self.service, "rpc.method": self.method,
-            "rpc.grpc.status_code": status,
+            "rpc.grpc.status_code": status, "agentloop.tenant": tenant,
         })
         if request_log.isEnabledFor(logging.INFO):
-            self._write_log(code, duration)
+            self._write_log(code, duration, tenant)
         logs.end_request(self._log_token)
         _detach(self._context_token)
 
-    def _write_log(self, code: grpc.StatusCode, duration: float) -> None:
+    def _write_log(self, code: grpc.StatusCode, duration: float, tenant: str) -> None:
         fields: dict[str, Any] = {
             "method": self.method, "status": code.name, "duration_ms": round(duration * 1e3, 3),
+            "tenant": tenant,
         }
         entry = self._log
         if entry.model:

@@ -84,7 +84,7 @@ class AgentRun:
     #: time.monotonic() value after which the client no longer wants an answer.
     deadline: float | None = None
     #: Who is calling: every model call of the run carries it.
-    context: CallContext = CallContext()
+    context: CallContext = field(default_factory=CallContext)
 
 
 # --- events (what StreamRunAgent sends, in this order per step) ---------------------------

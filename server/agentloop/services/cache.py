@@ -34,6 +34,9 @@ def is_deterministic(request: GenerationRequest) -> bool:
 def cache_key(request: GenerationRequest) -> str:
     """SHA-256 of the canonical request: everything that shapes the answer, nothing else."""
     canonical = {
+        # Answers are shared only within one cache scope (a tenant, an address or a
+        # caller's cache key): a hit must tell a caller nothing about anyone else's prompts.
+        "scope": request.context.cache_scope,
         "model": request.model,
         "prompt": request.prompt,
         "system": request.system,

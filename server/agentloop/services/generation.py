@@ -79,14 +79,23 @@ class GenerationService:
 
     async def _from_backend(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         """The backend's items, generated within an admission slot; one observed call."""
-        async with self.admission.slot(request.deadline):
+        context = request.context
+        admission = self.admission
+        async with admission.slot(request.deadline, context=context):
             with self.telemetry.backend_call(request) as call:
                 async with aclosing(self.backend.stream(request)) as items:
+                    streamed = 0  # output tokens counted so far: about one per delta
                     async for item in items:
-                        if not isinstance(item, str):
+                        if isinstance(item, str):
+                            streamed += 1
+                            admission.count_tokens(context, 1)
+                            if call.output is not None:  # trace_content: answer into the span
+                                call.output.append(item)
+                        else:
                             call.finish(item)
-                        elif call.output is not None:  # trace_content: the answer into the span
-                            call.output.append(item)
+                            # The end report's counts replace the estimate.
+                            admission.count_tokens(context, item.usage.input_tokens
+                                                   + item.usage.output_tokens - streamed)
                         yield item
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:

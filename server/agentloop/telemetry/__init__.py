@@ -33,19 +33,25 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Tracer
 
 from agentloop.config import Settings
-from agentloop.domain import GenerationEnd, GenerationRequest
+from agentloop.domain import GenerationEnd, GenerationRequest, Priority
 from agentloop.telemetry import logs, tracing
 from agentloop.telemetry.metrics import (
+    PRIORITY,
+    REFUSAL_REASON,
+    TENANT,
     AdmissionState,
     CacheCounts,
     HealthState,
     Instruments,
     PrometheusEndpoint,
     RetryCounts,
+    engine_process,
     meter_provider,
     observe_engine_load,
     observe_server_state,
+    observe_upstreams,
 )
+from agentloop.tenants import tenant_label
 
 __all__ = ["Observed", "Telemetry", "start_telemetry"]
 
@@ -191,7 +197,17 @@ class Telemetry:
         """The metric attributes every generation carries."""
         return {tracing.OPERATION: tracing.operation_name(request),
                 tracing.PROVIDER: self.provider,
-                tracing.REQUEST_MODEL: self.model_label(request.model)}
+                tracing.REQUEST_MODEL: self.model_label(request.model),
+                TENANT: tenant_label(request.context.tenant)}
+
+    # --- what admission reports (an admission.AdmissionObserver) ------------------------
+
+    def waited(self, tenant: str, priority: Priority, seconds: float) -> None:
+        self.instruments.queue_wait.record(
+            seconds, {TENANT: tenant, PRIORITY: priority.name.lower()})
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self.instruments.refusals.add(1, {TENANT: tenant, REFUSAL_REASON: reason})
 
     def model_label(self, model: str) -> str:
         """A model name as a metric label: callers choose the names they send, so a name
@@ -250,6 +266,8 @@ class BackendCall(Observed):
             return
         super().finish(end, self.output)
         attributes = self._attributes | {tracing.RESPONSE_MODEL: self._model_label(end.model)}
+        if end.upstream:
+            attributes[tracing.UPSTREAM] = end.upstream
         self._instruments.operation_duration.record(time.perf_counter() - self._started,
                                                     attributes)
         usage = self._instruments.token_usage
@@ -305,6 +323,11 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     provider = tracing.provider_name(backend.name)
     observe_server_state(meter, admission, health, provider, cache, retrying)
     observe_engine_load(meter, backend, provider)
+    observe_upstreams(meter, backend)
+    engine = engine_process(backend)
+    if prometheus is not None and engine is not None and hasattr(engine, "engine_pid"):
+        # The engine's child holds the model: the memory alert adds its resident memory.
+        prometheus.watch_process("agentloop_engine", lambda: engine.engine_pid)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
         backend.address, settings.trace_content, served_models=lambda: health.served,

@@ -26,17 +26,22 @@ from opentelemetry.sdk.environment_variables import OTEL_METRICS_EXEMPLAR_FILTER
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
 from agentloop.config import Settings, parse_host_port
 from agentloop.domain import BackendHealth
 from agentloop.telemetry import otlp
+from agentloop.telemetry.tracing import UPSTREAM
 
 log = logging.getLogger(__name__)
 
 MEMORY_TYPE = "agentloop.memory.type"
 CACHE_RESULT = "agentloop.cache.result"
 CACHE_RESULTS = ("hits", "misses", "coalesced")
+#: The operator's tenant name (callers without one: tenants.DEFAULT_TENANT_LABEL).
+TENANT = "agentloop.tenant"
+PRIORITY = "agentloop.priority"
+REFUSAL_REASON = "agentloop.refusal.reason"
 
 # Bucket boundaries the GenAI semantic conventions advise.
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -47,6 +52,8 @@ _TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
                                 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                                   0.75, 1.0, 2.5)
+_QUEUE_WAIT_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                       10.0, 30.0)
 _RPC_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                          60.0, 120.0, 300.0)
 
@@ -59,6 +66,12 @@ class AdmissionState(Protocol):
 
     @property
     def queued(self) -> int: ...
+
+    @property
+    def max_in_flight(self) -> int: ...
+
+    @property
+    def max_queue(self) -> int: ...
 
 
 class HealthState(Protocol):
@@ -85,10 +98,13 @@ class CacheCounts(Protocol):
 
 
 class RetryCounts(Protocol):
-    """The backend's retry counter (a `ResilientBackend` is one)."""
+    """The backend's retry counter and circuit breaker (a `ResilientBackend` is one)."""
 
     @property
     def retries(self) -> int: ...
+
+    @property
+    def circuit_open(self) -> bool: ...
 
 
 class Instruments:
@@ -118,6 +134,16 @@ class Instruments:
             description="Duration of agent tool calls, by gen_ai.tool.name (client tools: "
                         "\"client\") and error.type on failure (its count is the calls).",
             explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
+        self.queue_wait = meter.create_histogram(
+            "agentloop.admission.queue.wait", unit="s",
+            description="Time a generation waited for an admission slot (0 when one was "
+                        "free), by agentloop.tenant and agentloop.priority.",
+            explicit_bucket_boundaries_advisory=_QUEUE_WAIT_BUCKETS)
+        self.refusals = meter.create_counter(
+            "agentloop.admission.refusals", unit="{request}",
+            description="Generations admission refused, by agentloop.tenant and "
+                        "agentloop.refusal.reason (queue_full, queue_timeout, deadline, shed, "
+                        "max_concurrency, requests_per_minute, tokens_per_minute).")
         self.time_per_output_token = meter.create_histogram(
             "gen_ai.server.time_per_output_token", unit="s",
             description="Time per output token after the first, for successful generations.",
@@ -137,6 +163,12 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
     def queued(_options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(admission.queued)
 
+    def in_flight_limit(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(admission.max_in_flight)
+
+    def queue_limit(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(admission.max_queue)
+
     def ready(_options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(1 if health.ready else 0, backend)
 
@@ -149,6 +181,10 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
     def retries(_options: CallbackOptions) -> Iterable[Observation]:
         if retrying is not None:
             yield Observation(retrying.retries, backend)
+
+    def circuit_open(_options: CallbackOptions) -> Iterable[Observation]:
+        if retrying is not None:
+            yield Observation(1 if retrying.circuit_open else 0, backend)
 
     def cache_lookups(_options: CallbackOptions) -> Iterable[Observation]:
         if cache is not None:
@@ -170,6 +206,19 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
     meter.create_observable_gauge(
         "agentloop.requests.queued", [queued], unit="{request}",
         description="Generations waiting for an admission slot.")
+    # The limits beside the gauges, so a rule or a panel reads "near the cap" without
+    # knowing this replica's settings.
+    meter.create_observable_gauge(
+        "agentloop.requests.in_flight.limit", [in_flight_limit], unit="{request}",
+        description="Generations that may hold an admission slot at once (max_in_flight).")
+    meter.create_observable_gauge(
+        "agentloop.requests.queued.limit", [queue_limit], unit="{request}",
+        description="Generations that may wait for a slot (max_queue); beyond it "
+                    "RESOURCE_EXHAUSTED.")
+    meter.create_observable_gauge(
+        "agentloop.backend.circuit.open", [circuit_open],
+        description="1 while the circuit breaker fails calls fast (open or half-open), "
+                    "else 0.")
     meter.create_observable_gauge(
         "agentloop.backend.ready", [ready],
         description="1 while the backend answers and has the model (readiness), else 0.")
@@ -196,15 +245,28 @@ _ENGINE_GAUGES = (
 )
 
 
+def engine_process(backend: object) -> Any | None:
+    """The engine that runs a process of its own and reports its load (the embedded
+    engine) behind the resilience wrapper or the router (the embedded upstream of a pools
+    file), or None."""
+    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
+        backend = backend.inner
+    pools: Any = getattr(backend, "pools", None)
+    if isinstance(pools, dict):
+        for pool in pools.values():
+            for endpoint in pool.endpoints:
+                if hasattr(endpoint.backend, "engine_stats"):
+                    return endpoint.backend
+    return backend if hasattr(backend, "engine_stats") else None
+
+
 def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
     """Load gauges of an engine that reports them (the embedded engine's `engine_stats`,
     refreshed by its heartbeat): what an autoscaler or a load-aware balancer reads. The
     callbacks read the last report; nothing asks the engine during a scrape."""
-    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
-        backend = backend.inner  # through the resilience wrapper
-    if not hasattr(backend, "engine_stats"):
+    source: Any = engine_process(backend)
+    if source is None:
         return
-    source: Any = backend
     attributes = {"gen_ai.provider.name": provider}
 
     def reader(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -218,6 +280,44 @@ def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
         meter.create_observable_gauge(name, [reader(field)], unit=unit,
                                       description=description)
 
+    def restarts(_options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(source.restarts, attributes)
+
+    if hasattr(source, "restarts"):
+        meter.create_observable_counter(
+            "agentloop.engine.restarts", [restarts], unit="{restart}",
+            description="Times the engine's process was started again after it died or hung.")
+
+
+def observe_upstreams(meter: Meter, backend: object) -> None:
+    """Per upstream pool (the router's `pools`, when there is a pools file): calls in flight
+    and queued, endpoints available, and calls that spilled to the next pool. Labels are
+    the operator's upstream names."""
+    pools: Any = getattr(backend, "pools", None)
+    if not isinstance(pools, dict):
+        return
+
+    def reader(value: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            for name, pool in pools.items():
+                yield Observation(value(pool), {UPSTREAM: name})
+        return observe
+
+    meter.create_observable_gauge(
+        "agentloop.upstream.requests.in_flight", [reader(lambda p: p.in_flight)],
+        unit="{request}", description="Calls an upstream pool's endpoints are serving.")
+    meter.create_observable_gauge(
+        "agentloop.upstream.requests.queued", [reader(lambda p: p.queued)],
+        unit="{request}", description="Calls waiting for an endpoint of an upstream pool.")
+    meter.create_observable_gauge(
+        "agentloop.upstream.endpoints.available",
+        [reader(lambda p: sum(e.available for e in p.endpoints))], unit="{endpoint}",
+        description="Endpoints of an upstream pool that are healthy with a closed circuit.")
+    meter.create_observable_counter(
+        "agentloop.upstream.overflows", [reader(lambda p: p.overflowed)], unit="{request}",
+        description="Calls that spilled from an upstream pool to the next pool of their route "
+                    "(its queue past the overflow limits).")
+
 
 class PrometheusEndpoint:
     """`GET /metrics` on its own thread, serving this server's metrics only."""
@@ -226,7 +326,14 @@ class PrometheusEndpoint:
                  registry: CollectorRegistry) -> None:
         self._server = server
         self._thread = thread
+        self._registry = registry
         self.reader = PrometheusMetricReader(registry=registry)
+
+    def watch_process(self, namespace: str, pid: Callable[[], int | None]) -> None:
+        """`{namespace}_process_*` (resident memory, CPU) of another process, read from /proc
+        by each scrape on the endpoint's thread; nothing while `pid` is None."""
+        ProcessCollector(namespace=namespace, pid=lambda: pid() or "none",
+                         registry=self._registry)
 
     @classmethod
     def start(cls, listen: str) -> PrometheusEndpoint | None:
@@ -234,6 +341,9 @@ class PrometheusEndpoint:
         the server."""
         host, port = parse_host_port(listen)
         registry = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes and friends (Linux /proc): what the memory alert
+        # compares with the container's limit.
+        ProcessCollector(registry=registry)
         try:
             server, thread = start_http_server(port, host, registry=registry)
         except OSError as exc:

@@ -39,6 +39,9 @@ RESPONSE_MODEL = "gen_ai.response.model"
 INPUT_TOKENS = "gen_ai.usage.input_tokens"
 OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 ERROR_TYPE = "error.type"
+#: The operator's name of the upstream pool that served (or failed) a call: spans and
+#: metric labels (bounded: the pools file names them).
+UPSTREAM = "agentloop.upstream"
 
 #: Without OTEL_TRACES_SAMPLER: a call that comes with a sampled traceparent is always
 #: traced (its caller's trace goes on), one root call in ten otherwise. Tracing every call
@@ -134,6 +137,8 @@ def start_generation_span(
         attributes["gen_ai.request.stop_sequences"] = list(options.stop)
     if address is not None:
         attributes["server.address"], attributes["server.port"] = address
+    if request.context.tenant:  # the operator's name for the caller's team
+        attributes["agentloop.tenant"] = request.context.tenant
     if with_content:
         attributes["gen_ai.input.messages"] = _input_messages(request)
         if request.system:

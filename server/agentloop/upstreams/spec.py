@@ -30,6 +30,9 @@ class OpenAIDialect:
     completions: bool = True
     #: `top_k` and the repeat penalty are accepted at the top level of the body.
     sampling_extras: bool = False
+    #: The repeat penalty's name there: vLLM and SGLang `repetition_penalty`, llama.cpp's
+    #: and llama-cpp-python's servers `repeat_penalty`.
+    repeat_penalty_field: str = "repetition_penalty"
     #: vLLM's `cache_salt`: the prefix cache is shared only within one salt.
     cache_salt: bool = False
 

@@ -1,0 +1,329 @@
+"""Upstream pools and routes: several real fake-Ollama endpoints on loopback behind one gateway.
+
+The pick (fewest in flight, never over an endpoint's cap, sessions stick), fallback and
+overflow before the first token only, local-only calls, the upstream named in every
+response, readiness over the default route, and the pools file's checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentloop.config import SettingsError
+from agentloop.upstreams.config import parse_pools
+from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import DEFAULT_MODEL, FakeOllama, Script, wait_until
+from helpers import client_stub, gateway_settings, rich_details, running_gateway
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TOKENS = ["a", " b", " c"]
+
+
+@contextlib.asynccontextmanager
+async def fakes(count: int, **script: Any) -> AsyncIterator[list[FakeOllama]]:
+    started = []
+    try:
+        for _ in range(count):
+            fake = FakeOllama(default_script=Script(tokens=TOKENS, **script))
+            await fake.start("127.0.0.1", 0)
+            started.append(fake)
+        yield started
+    finally:
+        for fake in started:
+            await fake.stop()
+
+
+def pools_file(tmp_path: Path, document: dict[str, Any]) -> str:
+    path = tmp_path / "pools.json"
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def ollama_upstream(*endpoints: FakeOllama, **extra: Any) -> dict[str, Any]:
+    return {"kind": "ollama", "endpoints": [f.url for f in endpoints], **extra}
+
+
+@contextlib.asynccontextmanager
+async def pooled_gateway(tmp_path: Path, document: dict[str, Any], **settings: Any):
+    values = {"upstreams": pools_file(tmp_path, document), "retry_attempts": 0,
+              "retry_backoff": 0.01, "retry_backoff_max": 0.02, **settings}
+    async with running_gateway(gateway_settings(**values)) as running, \
+            client_stub(running.address) as stub:
+        yield running, stub
+
+
+def served_by(fake: FakeOllama) -> int:
+    return len(fake.generation_requests)
+
+
+async def test_load_spreads_by_calls_in_flight_and_never_passes_a_cap(tmp_path):
+    async with fakes(2, token_delay=0.02) as (one, two):
+        document = {"upstreams": {"local": ollama_upstream(one, two, max_in_flight=2)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            peak = {id(one): 0, id(two): 0}
+
+            async def watch() -> None:
+                while True:
+                    for fake in (one, two):
+                        peak[id(fake)] = max(peak[id(fake)], fake.active_streams)
+                    await asyncio.sleep(0.002)
+
+            watcher = asyncio.create_task(watch())
+            replies = await asyncio.gather(*(
+                stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=20) for _ in range(12)))
+            watcher.cancel()
+            assert {r.upstream for r in replies} == {"local"}
+            assert served_by(one) + served_by(two) == 12
+            assert min(served_by(one), served_by(two)) >= 4, "one endpoint took nearly all"
+            assert max(peak.values()) <= 2, f"an endpoint ran over its cap: {peak}"
+
+
+async def test_a_session_sticks_to_its_endpoint_and_moves_only_when_it_leaves(tmp_path):
+    async with fakes(3) as endpoints:
+        document = {"upstreams": {"local": ollama_upstream(*endpoints, max_in_flight=4)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document, retry_attempts=2) as (running, stub):
+            async def turn(session: str) -> FakeOllama:
+                before = [served_by(f) for f in endpoints]
+                await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10,
+                                    metadata=(("x-agentloop-session", session),))
+                return next(f for f, n in zip(endpoints, before, strict=True)
+                            if served_by(f) > n)
+
+            homes = {}
+            for session in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"):
+                homes[session] = {await turn(session) for _ in range(4)}
+                assert len(homes[session]) == 1, f"session {session} moved between endpoints"
+            gone = next(iter(homes["alpha"]))
+            await gone.stop()
+            await wait_until(lambda: not running.health.ready or _available(running) == 2,
+                             timeout=5)
+            moved = await turn("alpha")
+            assert moved is not gone
+            for session, home in homes.items():
+                if home != {gone}:
+                    assert await turn(session) in home, f"{session} moved though its " \
+                                                        "endpoint stayed"
+
+
+def _available(running) -> int:
+    return sum(e.available for e in running.backend.pools["local"].endpoints)
+
+
+async def test_a_dead_endpoint_costs_no_call_and_readiness_holds(tmp_path):
+    async with fakes(3) as endpoints:
+        document = {"upstreams": {"local": ollama_upstream(*endpoints)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document, retry_attempts=2,
+                                  circuit_failure_threshold=1) as (running, stub):
+            await endpoints[1].stop()
+            replies = await asyncio.gather(*(
+                stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10) for _ in range(9)))
+            assert all(r.text == "".join(TOKENS) for r in replies)
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                answer = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+                assert answer.status == SERVING
+                for fake in (endpoints[0], endpoints[2]):
+                    await fake.stop()
+                await wait_until(lambda: not running.health.ready, timeout=5)
+                answer = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+                assert answer.status == NOT_SERVING
+
+
+async def test_a_busy_pool_falls_back_to_the_next_and_the_response_says_where(tmp_path):
+    async with fakes(2) as (first, second):
+        first.default_script = Script(status=503)
+        document = {"upstreams": {"near": ollama_upstream(first), "far": ollama_upstream(second)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["near", "far"]}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            call = stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+            reply = await call
+            assert reply.upstream == "far" and reply.text == "".join(TOKENS)
+            assert ("x-agentloop-upstream", "far") in tuple(await call.trailing_metadata())
+            last = None
+            async for message in stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hi"),
+                                                     timeout=10):
+                last = message
+            assert last is not None and last.upstream == "far"
+
+
+async def test_a_call_that_streamed_is_never_moved(tmp_path):
+    async with fakes(2) as (first, second):
+        first.default_script = Script(tokens=TOKENS, error_after=2)
+        document = {"upstreams": {"near": ollama_upstream(first), "far": ollama_upstream(second)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["near", "far"]}]}
+        async with pooled_gateway(tmp_path, document, retry_attempts=2) as (_running, stub):
+            texts = []
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                async for message in stub.StreamGenerate(
+                        pb.StreamGenerateRequest(prompt="hi"), timeout=10):
+                    texts.append(message.text)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "".join(texts) == "a b"
+            assert served_by(second) == 0, "a call that had streamed was sent again"
+
+
+async def test_no_first_token_in_time_moves_to_the_next_pool(tmp_path):
+    async with fakes(2) as (slow, quick):
+        slow.default_script = Script(tokens=TOKENS, first_token_delay=3.0)
+        document = {"upstreams": {"slow": ollama_upstream(slow, first_token_timeout=0.2),
+                                  "quick": ollama_upstream(quick)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["slow", "quick"]}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+            assert reply.upstream == "quick"
+            await wait_until(lambda: slow.disconnects == 1, timeout=3,
+                             message="the slow upstream's request was not closed")
+
+
+async def test_overflow_spills_past_the_queue_depth_and_local_only_never_leaves(tmp_path):
+    async with fakes(2, token_delay=0.2) as (local, cloud):
+        # The gateway admits the sum of the pools' caps (18): the whole burst reaches them.
+        document = {
+            "upstreams": {
+                "local": ollama_upstream(local, max_in_flight=2, overflow={"max_queue": 2}),
+                "cloud": ollama_upstream(cloud, remote=True, max_in_flight=16),
+            },
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["local", "cloud"],
+                        "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (running, stub):
+            replies = await asyncio.gather(*(
+                stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=20) for _ in range(10)))
+            where = [r.upstream for r in replies]
+            # 2 in flight and 2 queued stay local; the other 6 spill.
+            assert where.count("local") == 4 and where.count("cloud") == 6, where
+            assert running.backend.pools["local"].overflowed == 6
+            local_only = (("x-agentloop-local-only", "true"),)
+            replies = await asyncio.gather(*(
+                stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=20, metadata=local_only)
+                for _ in range(10)))
+            assert {r.upstream for r in replies} == {"local"}
+            assert served_by(cloud) == 6
+
+
+async def test_local_only_is_refused_where_only_remote_upstreams_serve(tmp_path):
+    async with fakes(1) as (cloud,):
+        cloud.models.append("big:latest")
+        document = {
+            "upstreams": {"cloud": ollama_upstream(cloud, remote=True)},
+            "routes": [{"models": [DEFAULT_MODEL, "big"], "pools": ["cloud"],
+                        "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(pb.GenerateRequest(prompt="hi", model="big"), timeout=10,
+                                    metadata=(("x-agentloop-local-only", "1"),))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert rich_details(refused.value)["ErrorInfo"].reason == "LOCAL_ONLY"
+            assert served_by(cloud) == 0
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await stub.Generate(pb.GenerateRequest(prompt="hi", model="nope"), timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_routes_map_names_aliases_and_patterns_to_upstream_names(tmp_path):
+    async with fakes(1) as (fake,):
+        fake.models.append("qwen3:8b")
+        document = {
+            "upstreams": {"local": ollama_upstream(fake, models={"small": DEFAULT_MODEL})},
+            "routes": [{"models": [DEFAULT_MODEL, "small"], "pools": ["local"]},
+                       {"pattern": "qwen3:.*", "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            await stub.Generate(pb.GenerateRequest(prompt="hi", model="small"), timeout=10)
+            await stub.Generate(pb.GenerateRequest(prompt="hi", model="qwen3:8b"), timeout=10)
+            sent = [body["model"] for body in fake.generation_requests]
+            assert sent == [DEFAULT_MODEL, "qwen3:8b"]
+            models = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            assert [m.name for m in models.models] == [DEFAULT_MODEL, "small"]
+
+
+async def test_dns_names_every_address_as_an_endpoint(tmp_path):
+    async with fakes(1) as (fake,):
+        document = {"upstreams": {"local": {"kind": "ollama", "dns": f"localhost:{fake.port}"}},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document, retry_attempts=2) as (running, stub):
+            keys = [e.key for e in running.backend.pools["local"].endpoints]
+            assert f"http://127.0.0.1:{fake.port}" in keys
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+            assert reply.upstream == "local"
+
+
+@pytest.mark.parametrize(("document", "complaint"), [
+    ({"upstreams": {"a": {"kind": "vllm", "endpoints": ["http://x"]}}, "routes": []},
+     "`kind` must be one of"),
+    ({"upstreams": {"a": {"kind": "openai", "endpoints": ["http://x/v1"]}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "`remote: true` or"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"], "remote": True}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "without `allow_remote: true`"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"]}},
+      "routes": [{"models": ["m"], "pools": ["b"]}]}, "which is not an upstream"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["ftp://x"]}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "http:// or https://"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"], "colour": 1}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "unknown keys ['colour']"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"],
+                          "api_key_env": "AGENTLOOP_TEST_UNSET_KEY"}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "is not set"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"]}},
+      "routes": [{"pattern": "(", "pools": ["a"]}]}, "not a valid RE2"),
+])
+def test_a_bad_pools_file_is_refused_naming_what_is_wrong(document, complaint):
+    with pytest.raises(SettingsError) as refused:
+        parse_pools(document, "pools")
+    assert complaint in str(refused.value)
+
+
+def test_an_api_key_never_appears_in_the_parsed_config(monkeypatch):
+    monkeypatch.setenv("AGENTLOOP_TEST_KEY", "sk-secret-123")
+    config = parse_pools({"upstreams": {"a": {"kind": "openai", "remote": False,
+                                              "endpoints": ["http://x/v1"],
+                                              "api_key_env": "AGENTLOOP_TEST_KEY"}},
+                          "routes": [{"models": ["m"], "pools": ["a"]}]}, "pools")
+    assert config.upstreams["a"].api_key == "sk-secret-123"
+    assert "sk-secret" not in repr(config)
+
+
+@pytest.mark.real_model
+async def test_the_embedded_engine_is_a_pool_and_overflow_never_takes_local_only_calls(
+        tmp_path):
+    """The in-process engine (the packaged Gemma 3 270M) as the local pool, a fake Ollama
+    as the remote one: a call of the route's name runs on the engine under its own model
+    name; with the engine's one slot busy, calls spill, but a local-only call waits."""
+    async with fakes(1) as (cloud,):
+        document = {
+            "upstreams": {"local": {"kind": "embedded", "max_in_flight": 1,
+                                    "overflow": {"max_queue": 0}},
+                          "cloud": ollama_upstream(cloud, remote=True, max_in_flight=8)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["local", "cloud"],
+                        "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document, num_ctx=2048,
+                                  read_timeout=120.0) as (running, stub):
+            reply = await stub.Generate(pb.GenerateRequest(
+                prompt="The capital of France is",
+                options=pb.GenerationOptions(max_tokens=4, temperature=0)), timeout=120)
+            assert reply.upstream == "local" and reply.usage.output_tokens > 0
+            assert reply.model != DEFAULT_MODEL, "the engine's own model name comes back"
+            long = stub.StreamGenerate(pb.StreamGenerateRequest(
+                prompt="Once upon a time", options=pb.GenerationOptions(max_tokens=2000)),
+                timeout=120)
+            await anext(aiter(long))  # the engine's one slot is busy now
+            spilled = await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=30)
+            assert spilled.upstream == "cloud"
+            kept = asyncio.ensure_future(stub.Generate(
+                pb.GenerateRequest(prompt="hi", options=pb.GenerationOptions(max_tokens=2)),
+                timeout=120, metadata=(("x-agentloop-local-only", "true"),)))
+            await wait_until(lambda: running.backend.pools["local"].queued == 1, timeout=30)
+            long.cancel()
+            assert (await kept).upstream == "local"
+            assert served_by(cloud) == 1
