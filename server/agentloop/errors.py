@@ -169,6 +169,13 @@ class EngineRestarting(RetryableError):
     reason = "ENGINE_RESTARTING"
 
 
+class Unimplemented(AgentLoopError):
+    """The backend cannot do what the call asks (Ollama cannot count tokens)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNSUPPORTED_BY_BACKEND"
+
+
 class DeadlineExceeded(AgentLoopError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"

@@ -35,6 +35,7 @@ from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
+from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
@@ -223,7 +224,9 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     if mcp is not None:
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
-    add_services(server, AgentLoopServicer(settings, generation, agent), health, settings)
+    embeddings = EmbeddingService(backend, admission, telemetry)
+    add_services(server, AgentLoopServicer(settings, generation, agent, embeddings), health,
+                 settings)
     port = add_port(server, settings)
     await server.start()
     await health.start()
