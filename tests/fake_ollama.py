@@ -526,6 +526,7 @@ class FakeOllama:
         script = self.embed_scripts.popleft() if self.embed_scripts else Script()
         if script.hang_before_headers:
             await _until_gone(request)
+            self.disconnects += 1
             return web.Response()
         if script.reset_after == 0:
             _abort(request)
@@ -535,6 +536,7 @@ class FakeOllama:
                                                                              "error"))
         if await _sleep_until(request, asyncio.get_running_loop().time()
                               + script.first_token_delay):
+            self.disconnects += 1
             return web.Response()
         truncate = body.get("truncate", True) is not False
         vectors, tokens = [], 0
