@@ -6,6 +6,7 @@ tokens per slot here, so that a text can be longer than it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -154,3 +155,19 @@ async def test_a_cancelled_embedding_leaves_the_engine_serving(stub, gateway):
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(await vectors(stub, [CAT])) == 1
     assert gateway.admission.in_flight == 0
+
+
+async def test_the_command_line_counts_texts_and_a_chat(gateway, stub):
+    from test_cli import cli
+
+    code, out, _ = await cli("tokens", CAT, TAX, "--address", gateway.address)
+    counted = (await stub.CountTokens(pb.CountTokensRequest(texts=[CAT, TAX]), timeout=10)).counts
+    assert code == 0 and out.splitlines() == [
+        *map(str, counted), f"total {sum(counted)} tokens of {CONTEXT} the context holds "
+                            f"({gateway.backend.default_model})"]
+    code, out, _ = await cli("tokens", "--message", "user:Name a city.", "--system", "Be brief.",
+                             "--json", "--address", gateway.address)
+    [count] = (await stub.CountTokens(pb.CountTokensRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, content="Name a city.")], system="Be brief."),
+        timeout=10)).counts
+    assert code == 0 and json.loads(out)["counts"] == [str(count)]
