@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]
 
 CONTEXT = 512
 DIMENSIONS = 640  # Gemma 3 270M's hidden size
-CAT, KITTEN, TAX = "a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"
+CAT, KITTEN = "a cat sat on the mat", "a kitten sat on the rug"
+TAX = "quarterly tax filing deadline"
 #: Longer than one embedding step (embedded_batch_tokens, 256) and shorter than the context.
 LONG_TEXT = " ".join(f"sentence {n} of a long document about the weather." for n in range(40))
 
