@@ -248,7 +248,7 @@ class Settings:
         group="embedded", minimum=1,
     )
     embedded_embed_share: float = _setting(
-        0.15,
+        0.1,
         "share of the embedded engine's time embeddings get while generations run (they "
         "take all of it otherwise): one embedding step at a time, then generation steps "
         "until the share is kept",

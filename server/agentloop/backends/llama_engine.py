@@ -103,7 +103,7 @@ class EngineConfig:
     prefix_reuse: bool = True
     batch_tokens: int = 512  # tokens per llama_decode step (prompt chunks + running sequences)
     #: Share of the scheduler's time side work (embeddings) gets while generations run.
-    side_share: float = 0.15
+    side_share: float = 0.1
 
 
 @dataclass(frozen=True)
