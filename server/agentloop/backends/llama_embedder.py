@@ -2,12 +2,13 @@
 
 `Embedder` owns a llama.cpp context of its own on the engine's model (embeddings on), made
 on the first Embed. Its steps run on the engine's scheduler thread between generation steps
-(`Engine.attach`): each step is one `llama_decode` of at most `batch_tokens` tokens, texts
-packed together (one sequence each), so generation never waits longer than one such step;
-while generations run, embeddings get `side_share` of the thread's time, and all of it
-otherwise. A vector is the mean of the text's final hidden states (llama.cpp's mean pooling,
-computed here from the per-token embeddings so that a text longer than one step is carried
-over steps in the KV cache, the way a prompt is), then normalized if asked.
+(`Engine.attach`): each step is one `llama_decode` of at most `batch_tokens` tokens (a
+quarter of that while generations run), texts packed together (one sequence each), so
+generation never waits longer than one such step; while generations run, embeddings get
+`side_share` of the thread's time, and all of it otherwise. A vector is the mean of the
+text's final hidden states (llama.cpp's mean pooling, computed here from the per-token
+embeddings so that a text longer than one step is carried over steps in the KV cache, the
+way a prompt is), then normalized if asked.
 
 Tokenizing (for Embed, and CountTokens) runs on one thread of its own: a large text never
 holds up the scheduler or the reader of the parent's commands. Texts are tokenized as text
@@ -61,6 +62,11 @@ COMMANDS = ("embed", "count")
 TOKENIZER_THREAD_NAME = "agentloop-tokenizer"
 #: Texts embedded at once (sequences of the embedding context).
 MAX_SEQUENCES = 64
+#: While generations run, an embedding step takes this fraction of batch_tokens: every
+#: token of an embedding context costs its logits too (llama.cpp computes them for every
+#: token it embeds), so a full step would hold the streams up several times longer than a
+#: generation step of as many tokens.
+SHARED_STEP_DIVISOR = 4
 
 Sink = Callable[[int, object], None]
 
@@ -236,7 +242,9 @@ class Embedder:
         started = time.perf_counter()
         try:
             self._drop_ended(time.monotonic())
-            decoded = self._decode_step()
+            # Beside generations, shorter steps: a stream waits for one of them at most.
+            decoded = self._decode_step(self._step_tokens // SHARED_STEP_DIVISOR
+                                        if generating else self._step_tokens)
         except Exception:
             log.exception("an embedding step failed")
             self._fail_active(BackendProtocolError("the embedded engine failed"))
@@ -254,14 +262,15 @@ class Embedder:
             assert error is not None
             self._finish_job(job, error)
 
-    def _decode_step(self) -> bool:
+    def _decode_step(self, room: int) -> bool:
+        """Decode up to `room` tokens of the texts under way (started in order)."""
         self._admit()
         if not self._active:
             return False
         ctx, batch = self._context()
         batch.n_tokens = 0
         chunks: list[tuple[_Sequence, int, int]] = []  # sequence, first row, rows
-        room = self._step_tokens
+        room = max(1, room)
         for sequence in self._active:
             if room <= 0:
                 break
