@@ -189,3 +189,23 @@ async def test_rate_limits_count_embed_calls(fake_ollama):
             await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=5)
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
+
+
+async def test_embed_is_retried_early_and_counts_towards_the_circuit(fake_ollama):
+    """A connection dropped before Ollama answered is sent again; an Ollama that stays
+    unreachable opens the circuit for Embed as for generations."""
+    settings = gateway_settings(ollama_url=fake_ollama.url, retry_attempts=1,
+                                circuit_failure_threshold=2, circuit_reset_timeout=60)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        fake_ollama.embed_scripts.append(Script(reset_after=0))
+        reply = await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=5)
+        assert len(reply.embeddings) == 3 and len(fake_ollama.embed_requests) == 2
+        await fake_ollama.stop()
+        reasons = []
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=5)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            reasons.append(rich_details(caught.value)["ErrorInfo"].reason)
+    # The second call's failure opens the circuit: its retry already fails fast.
+    assert reasons == ["BACKEND_UNAVAILABLE", "CIRCUIT_OPEN", "CIRCUIT_OPEN"]
