@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -141,7 +142,7 @@ class Embedder:
         self._batch: llama_cpp.llama_batch | None = None
         self._next_allowed = 0.0
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix=TOKENIZER_THREAD_NAME)
-        self._tokenizing: set[int] = set()  # embed jobs queued for the tokenizer
+        self._tokenizing: set[int] = set()  # jobs queued for the tokenizer
         self._cancelled: set[int] = set()  # of those, the ones cancelled meanwhile
 
     # --- commands (the child's reader thread) --------------------------------------------
@@ -151,13 +152,16 @@ class Embedder:
         kind, job_id, request = message
         assert isinstance(job_id, int)
         if kind == "embed" and isinstance(request, EmbeddingRequest):
-            with self._lock:
-                self._tokenizing.add(job_id)
-            self._tokenizer.submit(self._tokenize_job, job_id, request)
+            self._queue(job_id, functools.partial(self._tokenize_job, job_id, request))
         elif kind == "count" and isinstance(request, TokenCountRequest):
-            self._tokenizer.submit(self._count, job_id, request)
+            self._queue(job_id, functools.partial(self._count, job_id, request))
         else:
             self._end(job_id, BackendProtocolError("the embedded engine got a bad command"))
+
+    def _queue(self, job_id: int, work: Callable[[], None]) -> None:
+        with self._lock:
+            self._tokenizing.add(job_id)
+        self._tokenizer.submit(work)
 
     def cancel(self, job_id: int) -> None:
         with self._lock:
@@ -213,6 +217,9 @@ class Embedder:
         return self._engine.model.tokenize(text.encode(), add_bos=True, special=False)
 
     def _count(self, job_id: int, request: TokenCountRequest) -> None:
+        with self._lock:
+            self._tokenizing.discard(job_id)
+            self._cancelled.discard(job_id)  # a count is quick: it ends either way
         try:
             if request.texts:
                 counts = tuple(len(self._text_tokens(text)) for text in request.texts)
@@ -396,9 +403,13 @@ class Embedder:
         self._tokenizer.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             jobs = list(self._jobs.values())
+            never_tokenized = list(self._tokenizing)  # their work was cancelled unrun
+            self._tokenizing.clear()
+        shutting_down = ShuttingDown("the embedded engine is shutting down", retry_after=1.0)
         for job in jobs:
-            self._finish_job(job, ShuttingDown("the embedded engine is shutting down",
-                                               retry_after=1.0))
+            self._finish_job(job, shutting_down)
+        for job_id in never_tokenized:
+            self._end(job_id, shutting_down)
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
