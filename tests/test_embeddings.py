@@ -26,8 +26,8 @@ TEXTS = ["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filin
 async def gateway(fake_ollama: FakeOllama) -> AsyncIterator[RunningServer]:
     """Small caps, so that the tests can go past them; one call at a time, one waiting."""
     settings = gateway_settings(ollama_url=fake_ollama.url, max_texts=4, max_text_bytes=64,
-                                max_texts_bytes=160, max_in_flight=1, max_queue=1,
-                                queue_timeout=0.5)
+                                max_texts_bytes=160, max_in_flight=1, max_embed_in_flight=1,
+                                max_queue=1, queue_timeout=0.5)
     async with running_gateway(settings) as running:
         yield running
 
@@ -122,24 +122,28 @@ async def test_an_unknown_model_and_a_busy_or_gone_ollama_map_like_generation(
 
 async def test_an_embedding_takes_an_admission_slot_and_a_cancel_frees_it(
         stub, fake_ollama, gateway):
-    """max_in_flight=1, max_queue=1: a hanging Embed holds the slot, a Generate waits in
-    the queue and times out, a third call is refused; cancelling the Embed closes its
-    upstream request and frees the slot."""
+    """Embed's slots are apart from generations' (max_in_flight=1, max_queue=1 each): a
+    hanging Embed holds its slot, the next waits and times out, a third is refused, while a
+    generation runs at once; cancelling the Embed closes its upstream request and frees
+    the slot."""
     fake_ollama.embed_scripts.append(Script(hang_before_headers=True))
     hanging = stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=30)
-    await wait_until(lambda: gateway.admission.in_flight == 1)
-    queued = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
-    await wait_until(lambda: gateway.admission.queued == 1)
+    admission = gateway.embed_admission
+    await wait_until(lambda: admission.in_flight == 1)
+    queued = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=5))
+    await wait_until(lambda: admission.queued == 1)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=5)
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5)).text
     with pytest.raises(grpc.aio.AioRpcError) as waited:
         await queued
     assert waited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # the queue timeout
     hanging.cancel()
-    await wait_until(lambda: gateway.admission.in_flight == 0)
+    await wait_until(lambda: admission.in_flight == 0)
     await wait_until(lambda: fake_ollama.disconnects == 1)  # the upstream request is closed
     assert (await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=5)).embeddings
+    assert gateway.admission.in_flight == 0
 
 
 async def test_count_tokens_on_ollama_is_refused_plainly(stub, fake_ollama):

@@ -555,6 +555,8 @@ async def test_an_embed_call_is_an_embeddings_span_metrics_and_a_log_line(
                  **genai) == reply.usage.input_tokens
     assert total(samples, "rpc_server_call_duration_seconds_count", rpc_method="Embed",
                  rpc_grpc_status_code="0") == 1
+    assert total(samples, "agentloop_embeddings_in_flight") == 0
+    assert total(samples, "agentloop_embeddings_queued") == 0
     [record] = [r for r in caplog.records if r.name == REQUEST_LOGGER]
     text = JsonFormatter().format(record)
     assert json.loads(text).items() >= {

@@ -290,6 +290,13 @@ class Settings:
         "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
         group="admission", minimum=0,
     )
+    max_embed_in_flight: int = _setting(
+        0,
+        "Embed batches run at once per replica, in slots of their own so that embeddings "
+        "and generations never wait for each other (0 = the backend's parallelism); they "
+        "queue under --max-queue and --queue-timeout like generations",
+        group="admission", minimum=0,
+    )
     max_queue: int = _setting(
         64, "generations that may wait for a slot; beyond it RESOURCE_EXHAUSTED", group="admission",
         minimum=0,

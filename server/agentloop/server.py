@@ -65,6 +65,8 @@ class RunningServer:
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
     #: The MCP tool servers, when --mcp-servers names any.
     mcp: McpServers | None = None
+    #: Embed's admission slots (apart from the generations').
+    embed_admission: Admission | None = None
 
     @property
     def address(self) -> str:
@@ -210,7 +212,12 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     backend.circuit.on_change = health.check_soon
     if hasattr(backend.inner, "on_health_change"):  # the embedded engine's restarts
         backend.inner.on_health_change = health.check_soon
-    telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
+    # Embeddings run apart from generation slots (the embedded engine embeds on a context of
+    # its own): the same rules, slots of their own, so neither kind waits for the other.
+    embed_admission = Admission(settings.max_embed_in_flight or backend.parallelism,
+                                settings.max_queue, settings.queue_timeout)
+    telemetry = start_telemetry(settings, backend, admission, health, cache, backend,
+                                embed_admission)
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
     server = grpc.aio.server(
@@ -224,7 +231,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     if mcp is not None:
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
-    embeddings = EmbeddingService(backend, admission, telemetry)
+    embeddings = EmbeddingService(backend, embed_admission, telemetry)
     add_services(server, AgentLoopServicer(settings, generation, agent, embeddings), health,
                  settings)
     port = add_port(server, settings)
@@ -233,7 +240,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     if mcp is not None:
         mcp.start()  # connects in the background: a server that is down delays nothing
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp)
+                            telemetry, mcp, embed_admission)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")

@@ -1,9 +1,10 @@
 """The embeddings service: vectors and token counts, with the rules that hold whatever the
 engine.
 
-An embedding batch is work like a generation: it takes an admission slot (so it queues,
-times out and is refused with the generations), and it is observed as one backend call
-(span, metrics, the request log). A token count is tokenization, not a model pass: it takes
+An embedding batch is work like a generation: it takes an admission slot (the server gives
+Embed an `Admission` of its own, so embedders and generations never wait for each other;
+it queues, times out and is refused by the same rules), and it is observed as one backend
+call (span, metrics, the request log). A token count is tokenization, not a model pass: it takes
 no slot, so a caller checking whether a prompt fits does not wait behind generations.
 """
 

@@ -338,7 +338,8 @@ class Engine(Protocol):
 
 def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionState,
                     health: HealthState, cache: CacheCounts | None = None,
-                    retrying: RetryCounts | None = None) -> Telemetry:
+                    retrying: RetryCounts | None = None,
+                    embed_admission: AdmissionState | None = None) -> Telemetry:
     """Providers from the OTEL_* variables, the Prometheus endpoint, the server-state gauges.
 
     With OTEL_SDK_DISABLED=true the tracer and meters are no-ops and neither the exporters
@@ -351,7 +352,7 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     meters = meter_provider(resource, prometheus) if enabled else MeterProvider(resource=resource)
     meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
     provider = tracing.provider_name(backend.name)
-    observe_server_state(meter, admission, health, provider, cache, retrying)
+    observe_server_state(meter, admission, health, provider, cache, retrying, embed_admission)
     observe_engine_load(meter, backend, provider)
     return Telemetry(
         tracers.get_tracer(tracing.TRACER_NAME, _VERSION), Instruments(meter), provider,
