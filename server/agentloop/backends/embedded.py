@@ -7,7 +7,8 @@ is `python -m agentloop.backends.engine_child` over a socket pair rather than
 pipe of its own, apart from the protocol; and nothing forks a process that runs gRPC's
 threads. Here everything runs on the event loop: one reader task per child fans items out
 to per-request queues; a stream closed early sends `cancel` and returns, passing its
-admission slot on, once the child confirms the end (or is gone).
+admission slot on, once the child confirms the end (or is gone). Embed and CountTokens are
+jobs of one item each, served in the child by `llama_embedder`.
 """
 
 from __future__ import annotations
