@@ -253,6 +253,13 @@ class Settings:
         "next tokens plus a chunk of the prompts being evaluated",
         group="embedded", minimum=1,
     )
+    embedded_embed_share: float = _setting(
+        0.1,
+        "share of the embedded engine's time embeddings get while generations run (they "
+        "take all of it otherwise): one embedding step at a time, then generation steps "
+        "until the share is kept",
+        group="embedded", minimum=0.01, maximum=1,
+    )
     embedded_stall_timeout: float = _setting(
         30.0,
         "seconds the embedded engine's process may go without a heartbeat, without "
@@ -287,6 +294,13 @@ class Settings:
         0,
         "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
         "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
+        group="admission", minimum=0,
+    )
+    max_embed_in_flight: int = _setting(
+        0,
+        "Embed batches run at once per replica, in slots of their own so that embeddings "
+        "and generations never wait for each other (0 = the backend's parallelism); they "
+        "queue under --max-queue and --queue-timeout like generations",
         group="admission", minimum=0,
     )
     max_queue: int = _setting(
@@ -330,6 +344,17 @@ class Settings:
     max_num_ctx: int = _setting(
         32768,
         "largest num_ctx (context window) a request may ask for: the engine allocates it",
+        group="limits", minimum=1,
+    )
+    max_texts: int = _setting(
+        256, "most texts in one Embed or CountTokens call", group="limits", minimum=1
+    )
+    max_text_bytes: int = _setting(
+        65536, "largest single text of an Embed or CountTokens call, in UTF-8 bytes",
+        group="limits", minimum=1,
+    )
+    max_texts_bytes: int = _setting(
+        1048576, "largest total of the texts of one Embed or CountTokens call, in UTF-8 bytes",
         group="limits", minimum=1,
     )
     max_message_bytes: int = _setting(

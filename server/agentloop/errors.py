@@ -204,6 +204,14 @@ class EngineRestarting(RetryableError):
     reason = "ENGINE_RESTARTING"
 
 
+class Unimplemented(AgentLoopError):
+    """The backend cannot do what the call asks: no portable API for it (counting tokens on
+    Ollama or an OpenAI-compatible server)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNSUPPORTED_BY_BACKEND"
+
+
 class DeadlineExceeded(AgentLoopError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
@@ -226,13 +234,6 @@ class FailedPrecondition(AgentLoopError):
         super().__init__(message, metadata=metadata)
         if reason:
             self.reason = reason
-
-
-class Unimplemented(AgentLoopError):
-    """The engine behind this call cannot do what was asked (no portable API for it)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_SUPPORTED_BY_ENGINE"
 
 
 class Unauthenticated(AgentLoopError):

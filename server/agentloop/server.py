@@ -36,6 +36,7 @@ from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
+from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
@@ -71,6 +72,8 @@ class RunningServer:
     keys: ApiKeys | None = None
     #: The task that re-reads the keys file when it changes.
     keys_watch: asyncio.Task[None] | None = None
+    #: Embed's admission slots (apart from the generations').
+    embed_admission: Admission | None = None
 
     def reload_keys(self) -> bool:
         """Read the keys file again (SIGHUP): new keys, tenants and limits at once."""
@@ -224,7 +227,14 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     health = HealthReporter(backend, backend.default_model, settings.health_interval,
                             warm_up=settings.warm_up)
     backend.on_health_change = health.check_soon
-    telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
+    # Embeddings run apart from generation slots (the embedded engine embeds on a context of
+    # its own): the same rules, slots of their own, so neither kind waits for the other.
+    embed_admission = Admission(settings.max_embed_in_flight or backend.parallelism,
+                                settings.max_queue, settings.queue_timeout,
+                                fair=settings.fair_queuing, tenants=keys.tenant,
+                                quotas=admission)
+    telemetry = start_telemetry(settings, backend, admission, health, cache, backend,
+                                embed_admission)
     admission.observer = telemetry
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
@@ -239,7 +249,9 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     if mcp is not None:
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
-    add_services(server, AgentLoopServicer(settings, generation, agent), health, settings)
+    embeddings = EmbeddingService(backend, embed_admission, telemetry)
+    add_services(server, AgentLoopServicer(settings, generation, agent, embeddings), health,
+                 settings)
     port = add_port(server, settings)
     await server.start()
     await health.start()
@@ -249,7 +261,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                                 name="keys-watch") \
         if settings.api_keys_file and settings.api_keys_reload_interval > 0 else None
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp, keys, watch)
+                            telemetry, mcp, keys, watch, embed_admission)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")

@@ -7,12 +7,14 @@ messages (the two ends are the same code base, so pickle is safe here and carrie
 domain types as they are).
 
 parent -> child: ("start", EngineConfig, heartbeat seconds, log level), then
-                 ("submit", job_id, GenerationRequest), ("cancel", job_id), ("close",)
+                 ("submit", job_id, GenerationRequest), ("embed", job_id, EmbeddingRequest),
+                 ("count", job_id, TokenCountRequest), ("cancel", job_id), ("close",)
 child -> parent: ("beat",) while loading; ("ready", ModelInfo, context size) or
                  ("failed", message) after the load, then
                  ("item", job_id, item), ("stats", EngineStats, progress), ("log", ...)
 
-An item is a text delta (str), a GenerationEnd, or an encoded error (`encode_error`). The
+An item is a text delta (str), a GenerationEnd, an EmbeddingResult or a TokenCount (the
+one item of an embed or count job: llama_embedder), or an encoded error (`encode_error`). The
 engine's sinks only put messages on a queue; one writer thread sends whatever piled up as
 one frame, so a slow parent never blocks a decoding step. A heartbeat thread sends the
 engine's stats every `heartbeat` seconds with a progress count (items sent plus decode
@@ -209,16 +211,25 @@ def serve(sock: socket.socket) -> int:
         channel.post(("failed", str(exc)))
         channel.close()
         return 2
-    channel.post(("ready", info, engine.context_size))
-    loaded.set()
     sink = _sink_for(channel)
+    # Embed and CountTokens: their commands, steps and tokenizer live in llama_embedder.
+    from agentloop.backends import llama_embedder
+
+    embedder = llama_embedder.Embedder(engine, sink)
+    engine.attach(embedder)
+    channel.post(("ready", llama_embedder.with_embedding_facts(info, engine),
+                  engine.context_size))
+    loaded.set()
     try:
         while (message := channel.receive()) is not None:
             command = message[0]
             if command == "submit":
                 engine.submit(message[1], message[2], sink)
+            elif command in llama_embedder.COMMANDS:
+                embedder.handle(message)
             elif command == "cancel":
                 engine.cancel(message[1])
+                embedder.cancel(message[1])
             elif command == "close":
                 break
     finally:

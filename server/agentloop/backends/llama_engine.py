@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import llama_cpp
 import numpy as np
@@ -79,6 +80,20 @@ _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 Sink = Callable[[int, object], None]
 
 
+class SideWork(Protocol):
+    """Work that shares the scheduler thread with generation (llama_embedder.Embedder):
+    its steps run between generation steps, so neither decodes while the other does."""
+
+    def step(self, generating: bool) -> bool:
+        """Run at most one step (bounded like a generation step); True when it decoded.
+        Never raises: a failure is its own jobs' to report."""
+        ...
+
+    def close(self) -> None:
+        """Fail what is left and free what it holds (before the model is freed)."""
+        ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str  # the GGUF file (already assembled)
@@ -87,6 +102,8 @@ class EngineConfig:
     threads: int
     prefix_reuse: bool = True
     batch_tokens: int = 512  # tokens per llama_decode step (prompt chunks + running sequences)
+    #: Share of the scheduler's time side work (embeddings) gets while generations run.
+    side_share: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -259,10 +276,35 @@ class Engine:
         self._piece = ctypes.create_string_buffer(256)
         self._candidates: np.ndarray | None = None
         self._token_ids: np.ndarray | None = None
+        self._side: SideWork | None = None
 
     @property
     def model_name(self) -> str:
         return self._model_name
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def model(self) -> _internals.LlamaModel:
+        """The loaded model (a side context of its own shares its weights)."""
+        assert self._model is not None, "the engine is not loaded"
+        return self._model
+
+    def attach(self, side: SideWork) -> None:
+        """Run `side`'s steps on the scheduler thread, between generation steps."""
+        self._side = side
+
+    def wake(self) -> None:
+        """The side work has something new: the scheduler looks at once."""
+        with self._lock:
+            self._wake()
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The tokens the model sees for a generation (its chat template applied);
+        raises BackendRejected when the template refuses the messages. Any thread."""
+        return self._prompt(request).tokens
 
     @property
     def context_size(self) -> int:
@@ -353,6 +395,8 @@ class Engine:
         if self._builders is not None:
             self._builders.shutdown(wait=True, cancel_futures=True)
             self._builders = None
+        if self._side is not None:
+            self._side.close()  # its context goes before the model it shares
         for job in list(self._jobs.values()):  # submitted while closing, never scheduled
             self._end(job, _shutting_down())
         for built in [*self._grammars.values(), *self._retired]:
@@ -426,9 +470,12 @@ class Engine:
             try:
                 self._expire(now)
                 self._admit()
-                if any(slot.job is not None for slot in self._slots):
+                generating = any(slot.job is not None for slot in self._slots)
+                if generating:
                     self._step()
-                else:
+                if self._side is not None and self._side.step(generating):
+                    self._steps += 1
+                elif not generating:
                     self._idle(now)
             except Exception:
                 log.exception("the llama engine failed")

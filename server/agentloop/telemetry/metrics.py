@@ -152,7 +152,8 @@ class Instruments:
 
 def observe_server_state(meter: Meter, admission: AdmissionState, health: HealthState,
                          provider: str, cache: CacheCounts | None = None,
-                         retrying: RetryCounts | None = None) -> None:
+                         retrying: RetryCounts | None = None,
+                         embed_admission: AdmissionState | None = None) -> None:
     """Observable gauges and counters over state the server keeps anyway: nothing here
     does I/O."""
     backend = {"gen_ai.provider.name": provider}
@@ -219,6 +220,21 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
         "agentloop.backend.circuit.open", [circuit_open],
         description="1 while the circuit breaker fails calls fast (open or half-open), "
                     "else 0.")
+    if embed_admission is not None:
+        embedding = embed_admission
+
+        def embeds_in_flight(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(embedding.in_flight)
+
+        def embeds_queued(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(embedding.queued)
+
+        meter.create_observable_gauge(
+            "agentloop.embeddings.in_flight", [embeds_in_flight], unit="{request}",
+            description="Embed batches holding an admission slot (slots of their own).")
+        meter.create_observable_gauge(
+            "agentloop.embeddings.queued", [embeds_queued], unit="{request}",
+            description="Embed batches waiting for one.")
     meter.create_observable_gauge(
         "agentloop.backend.ready", [ready],
         description="1 while the backend answers and has the model (readiness), else 0.")
