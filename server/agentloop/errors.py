@@ -174,6 +174,12 @@ class DeadlineExceeded(AgentLoopError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class FirstMessageTimeout(DeadlineExceeded):
+    """A client stream did not send its first message within the server's timeout."""
+
+    reason = "FIRST_MESSAGE_TIMEOUT"
+
+
 class Cancelled(AgentLoopError):
     code = grpc.StatusCode.CANCELLED
     reason = "CANCELLED"

@@ -33,6 +33,12 @@ from agentloop.rpc.interceptors import (
 )
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
+from agentloop.rpc.transport import (
+    RequestBytes,
+    RequestBytesGuard,
+    SendStallGuard,
+    server_transport_options,
+)
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
 from agentloop.services.generation import GenerationService
@@ -141,7 +147,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # whose breach ends the connection with too_many_pings.
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        *server_transport_options(settings),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Several workers share the port on purpose; one worker must not share it by accident.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -212,11 +218,16 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
+    request_bytes = RequestBytes(settings.max_request_bytes_in_flight)
     server = grpc.aio.server(
-        # Telemetry first: its span and status cover what the others refuse or raise.
-        # Undecodable bytes are refused after the auth guards (who is asking comes first).
-        interceptors=[ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
-                      drain_gate, *guards, UndecodableRequestGuard(), ErrorInterceptor()],
+        # The send-stall guard outermost: it writes the stream the others produce.
+        # Telemetry next: its span and status cover what the others refuse or raise.
+        # Undecodable bytes are refused after the auth guards (who is asking comes first),
+        # and a refused call's bytes are never counted nor parsed.
+        interceptors=[SendStallGuard(settings.send_stall_timeout),
+                      ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
+                      drain_gate, *guards, UndecodableRequestGuard(),
+                      RequestBytesGuard(request_bytes), ErrorInterceptor()],
         options=server_options(settings),
     )
     tools = default_tools()

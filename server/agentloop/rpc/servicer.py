@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 import grpc
 
 from agentloop.config import Settings
+from agentloop.errors import FirstMessageTimeout
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.requests import call_context, deadline_from, generation_request
 from agentloop.rpc.responses import generate_response, model_pb, stream_delta, stream_end
-from agentloop.services.agent import AgentService
+from agentloop.services.agent import AgentService, answer_delta_key, join_answer_deltas
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
@@ -83,7 +84,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamRunAgentResponse]:
         requests = aiter(request_iterator)
-        start = await anext(requests, None)
+        start = await self._first_message(requests)
         run = await _read(
             start is not None and start.HasField("start") and bool(start.start.client_tools),
             start_agent_run, start, self._settings, self._agent.tools,
@@ -91,10 +92,25 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         )
         run = dataclasses.replace(run, context=call_context(context.invocation_metadata()))
         async with ToolResultReader(requests) as reader:
-            events = reader.watch(self._agent.run(run, reader.calls))
+            events = reader.watch(self._agent.run(run, reader.calls), answer_delta_key,
+                                  join_answer_deltas)
             async with aclosing(events):
                 async for event in events:
                     yield agent_event_pb(event)
+
+    async def _first_message(
+        self, requests: AsyncIterator[pb.StreamRunAgentRequest]
+    ) -> pb.StreamRunAgentRequest | None:
+        """The call's first message, within first_message_timeout: a call that sends only
+        its headers must not be held (and cost memory) for as long as its connection lives."""
+        timeout = self._settings.first_message_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise FirstMessageTimeout(
+                f"no first message (start) within {timeout:g}s (first_message_timeout)"
+            ) from None
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
