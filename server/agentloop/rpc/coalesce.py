@@ -104,8 +104,9 @@ class Backlog(Generic[T]):
 
     An event with a `key` (one that comes while a model call is open, a piece of the
     answer) never waits, and consecutive events of the same key are merged (`merge`) once
-    `MIN_BACKLOG` of them wait (as `coalesced` joins deltas). An event whose key is None waits until the consumer took everything before it,
-    so the producer is held between model calls, never inside one."""
+    `MIN_BACKLOG` of them wait (as `coalesced` joins deltas). An event whose key is None
+    waits until the consumer took everything before it, so the producer is held between
+    model calls, never inside one."""
 
     def __init__(self, key: Callable[[T], Hashable | None],
                  merge: Callable[[list[T]], T]) -> None:
@@ -135,7 +136,7 @@ class Backlog(Generic[T]):
         while not self._groups:
             self._changed.clear()
             await self._changed.wait()
-        key, events = self._groups[0]
+        _, events = self._groups[0]
         if len(events) < MIN_BACKLOG:
             event = events.pop(0)  # a short backlog is jitter: one event per message
             if not events:

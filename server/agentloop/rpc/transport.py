@@ -27,6 +27,7 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
+from grpc._cython import cygrpc  # ExecuteBatchError: grpc.aio exports no name for it
 
 from agentloop.config import Settings
 from agentloop.errors import AgentLoopError, ResourceExhausted
@@ -109,25 +110,44 @@ class SendStallGuard(grpc.aio.ServerInterceptor):
 
     async def _relay(self, responses: AsyncIterator[Any],
                      context: grpc.aio.ServicerContext) -> None:
-        # The headers first: they are not flow-controlled, and a status sent after a stall
-        # must not try to send them a second time.
-        await context.send_initial_metadata(())
-        async with aclosing(responses):
-            async for response in responses:
-                write = asyncio.ensure_future(context.write(response))
-                done, _ = await asyncio.wait({write}, timeout=self._timeout)
-                if not done:
-                    write.cancel()
-                    await asyncio.wait({write})
-                    break
-                write.result()
-            else:
-                return
-        # The stream is closed (the generation with it): now tell the client, who will read
-        # the status only if it ever reads again. Telemetry inside saw the close; its code:
-        context.set_code(SendStalled.code)
-        await abort_with(context, SendStalled(
-            f"the client read nothing for {self._timeout:.0f}s (send_stall_timeout)"))
+        try:
+            # The headers first: they are not flow-controlled, and a status sent after a
+            # stall must not try to send them a second time.
+            await context.send_initial_metadata(())
+            async with aclosing(responses):
+                async for response in responses:
+                    if not await self._write(response, context):
+                        # The code for telemetry inside, which sees the stream closed.
+                        context.set_code(SendStalled.code)
+                        break
+                else:
+                    return
+            # The stream is closed (the generation with it): now the status, which the
+            # client reads only if it ever reads again.
+            await abort_with(context, SendStalled(
+                f"the client read nothing for {self._timeout:g}s (send_stall_timeout)"))
+        except cygrpc.ExecuteBatchError:
+            # The client cut the stream or its connection while a message or the status
+            # was on its way: an ordinary cancel (grpc logs one debug line for it), not
+            # the server's fault (grpc would log a traceback at error level).
+            raise asyncio.CancelledError from None
+
+    async def _write(self, response: Any, context: grpc.aio.ServicerContext) -> bool:
+        """Write one message; False when the client did not take it within the timeout."""
+        write = asyncio.ensure_future(context.write(response))
+        try:
+            await asyncio.wait({write}, timeout=self._timeout)
+        finally:
+            if not write.done():  # stalled, or the call is being cancelled
+                write.cancel()
+                await asyncio.wait({write})
+            stalled = write.cancelled()
+            # Read the write's outcome here, whatever ends this wait (a cancel while a
+            # write fails would otherwise log "Task exception was never retrieved").
+            failure = None if stalled else write.exception()
+        if failure is not None:
+            raise failure
+        return not stalled
 
 
 # --- decompressed request bytes --------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""The transport edge: callers that never read, never send, or send bombs cannot hold the
+replica. Each test plays the hostile caller with a raw HTTP/2 client (tests/raw_h2.py) on a
+real loopback connection to the real server."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import h2.errors
+import pytest
+from raw_h2 import RawGrpcConnection, raw_connection
+
+from agentloop.server import RunningServer
+from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import FakeOllama, Script, wait_until
+from helpers import client_stub, gateway_settings, rich_details, running_gateway
+
+SERVICE = "/agentloop.v1.AgentLoopService"
+STREAM_GENERATE = f"{SERVICE}/StreamGenerate"
+STREAM_RUN_AGENT = f"{SERVICE}/StreamRunAgent"
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def gateway(fake_ollama: FakeOllama, settings_overrides) -> AsyncIterator[RunningServer]:
+    """Two admission slots, so a few hostile calls would be enough to take them all."""
+    settings = gateway_settings(ollama_url=fake_ollama.url, max_in_flight=2, max_queue=64,
+                                **settings_overrides)
+    async with running_gateway(settings) as running:
+        yield running
+
+
+def generate(prompt: str = "hi", **options: Any) -> bytes:
+    return pb.StreamGenerateRequest(
+        prompt=prompt, options=pb.GenerationOptions(**options)).SerializeToString()
+
+
+def agent_start(goal: str = "What is the capital of France?", **fields: Any) -> bytes:
+    return pb.StreamRunAgentRequest(
+        start=pb.StartAgentRun(goal=goal, **fields)).SerializeToString()
+
+
+def long_answer(words: int) -> Script:
+    """A final-answer action of `words` words, one token per word."""
+    text = json.dumps({"final_answer": "Paris " * words})
+    return Script(tokens=[text[:16], *[text[i:i + 6] for i in range(16, len(text), 6)]])
+
+
+async def never_reading_calls(connection: RawGrpcConnection, method: str, message: bytes,
+                              count: int) -> list[int]:
+    """`count` calls without a deadline whose answers the caller never reads (window 0)."""
+    return [await connection.call(method, message, end=method == STREAM_GENERATE)
+            for _ in range(count)]
+
+
+async def test_never_reading_streams_release_their_slots(gateway, fake_ollama):
+    # Before: each stream stopped reading from the engine once its delta buffer filled,
+    # so 12 never-reading calls held both slots and queued the rest for good.
+    fake_ollama.default_script = Script(tokens=["tok "] * 1100)
+    async with raw_connection(gateway.address, window=0, reads=False) as attacker:
+        calls = await never_reading_calls(attacker, STREAM_GENERATE, generate(), 12)
+        await wait_until(lambda: len(fake_ollama.generation_requests) == 12, timeout=20)
+        await wait_until(lambda: gateway.admission.in_flight == 0 == gateway.admission.queued,
+                         timeout=20)
+        assert not any(attacker.streams[call].ended.is_set() for call in calls)
+        fake_ollama.default_script = Script(tokens=["a", "b", "c"])
+        async with client_stub(gateway.address) as stub:
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5)
+        assert reply.text == "abc"
+
+
+async def test_never_reading_agent_runs_release_their_slots(gateway, fake_ollama):
+    # Before: a run's event queue held one event, so its model call stayed open (with its
+    # slot) while the answer's deltas went unread.
+    fake_ollama.default_script = long_answer(600)
+    async with raw_connection(gateway.address, window=0, reads=False) as attacker:
+        calls = await never_reading_calls(attacker, STREAM_RUN_AGENT, agent_start(max_steps=1),
+                                          20)
+        await wait_until(lambda: len(fake_ollama.generation_requests) == 20, timeout=20)
+        await wait_until(lambda: gateway.admission.in_flight == 0 == gateway.admission.queued,
+                         timeout=20)
+        assert not any(attacker.streams[call].ended.is_set() for call in calls)
+        fake_ollama.default_script = long_answer(3)
+        async with client_stub(gateway.address) as stub:
+            reply = await stub.RunAgent(pb.RunAgentRequest(goal="Capital?", max_steps=1),
+                                        timeout=5)
+        assert reply.final_answer.strip() == "Paris Paris Paris"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"send_stall_timeout": 0.5}])
+async def test_a_stream_nobody_reads_ends_with_send_stalled(gateway, fake_ollama, caplog):
+    fake_ollama.default_script = Script(tokens=["tok "] * 50)
+    caplog.set_level(logging.INFO, logger="agentloop.requests")
+    async with raw_connection(gateway.address, window=0, reads=False) as attacker:
+        stalled = await attacker.call(STREAM_GENERATE, generate())
+        # The call ends on the server (its log line says how) while the caller reads nothing;
+        # the status waits behind the unread message: the caller sees it once it reads.
+        await wait_until(lambda: any("RESOURCE_EXHAUSTED" in r.getMessage()
+                                     for r in caplog.records), timeout=10)
+        attacker.reads = True
+        attacker.h2.increment_flow_control_window(1 << 20)
+        attacker.h2.increment_flow_control_window(1 << 20, stalled)
+        await attacker.flush()
+        state = await attacker.ended(stalled, timeout=10)
+    assert state.grpc_status == RESOURCE_EXHAUSTED, state.trailers
+    assert "send_stall_timeout" in (state.header("grpc-message") or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_cutting_a_stalled_stream_logs_no_error(gateway, fake_ollama, caplog):
+    # Before: "ExecuteBatchError raised in core by servicer method" with a traceback.
+    fake_ollama.default_script = Script(tokens=["tok "] * 50)
+    caplog.set_level(logging.DEBUG, logger="grpc")
+    async with raw_connection(gateway.address, window=0, reads=False) as attacker:
+        calls = await never_reading_calls(attacker, STREAM_GENERATE, generate(), 5)
+        await wait_until(lambda: gateway.admission.in_flight == 0 and len(
+            fake_ollama.generation_requests) == 5, timeout=10)
+        for call in calls:
+            attacker.h2.reset_stream(call, h2.errors.ErrorCodes.CANCEL)
+        await attacker.flush()
+        async with client_stub(gateway.address) as stub:  # the server has moved on
+            await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5)
+        await wait_until(lambda: len(cancel_lines(caplog)) >= len(calls), timeout=10)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert len(cancel_lines(caplog)) == len(calls), caplog.text  # one debug line per cancel
+
+
+def cancel_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "cancel" in r.getMessage().lower()]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"first_message_timeout": 0.5,
+                                                 "max_concurrent_streams": 20}])
+async def test_header_only_streams_are_capped_per_connection_and_time_out(gateway):
+    async with raw_connection(gateway.address, obey_stream_limit=False) as attacker:
+        assert attacker.h2.remote_settings.max_concurrent_streams == 20
+        calls = [attacker.start_call(STREAM_RUN_AGENT) for _ in range(50)]
+        await attacker.flush()
+        states = [await attacker.ended(call, timeout=10) for call in calls]
+    refused = [s for s in states if s.reset == h2.errors.ErrorCodes.REFUSED_STREAM]
+    timed_out = [s for s in states if s.grpc_status == DEADLINE_EXCEEDED]
+    assert len(refused) == 30 and len(timed_out) == 20, [(s.reset, s.grpc_status)
+                                                          for s in states]
+    assert "first_message_timeout" in (timed_out[0].header("grpc-message") or "")
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_request_bytes_in_flight": 1 << 20,
+                                                 "max_prompt_bytes": 1 << 20}])
+async def test_request_bytes_in_flight_are_budgeted(gateway, fake_ollama):
+    fake_ollama.default_script = Script(hang_before_headers=True)
+    prompt = "x" * 400_000
+    async with client_stub(gateway.address) as stub:
+        held = [stub.StreamGenerate(pb.StreamGenerateRequest(prompt=prompt), timeout=20)
+                for _ in range(2)]
+        await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Generate(pb.GenerateRequest(prompt=prompt), timeout=5)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = rich_details(refused.value)
+        assert info["ErrorInfo"].metadata["limit"] == "request_bytes" and "RetryInfo" in info
+        for call in held:
+            call.cancel()
+        fake_ollama.default_script = Script(tokens=["ok"])
+        await wait_until(lambda: gateway.admission.in_flight == 0, timeout=10)
+        reply = await stub.Generate(pb.GenerateRequest(prompt=prompt), timeout=5)
+    assert reply.text == "ok"
