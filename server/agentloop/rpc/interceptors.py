@@ -68,23 +68,23 @@ def refused(
     handler: grpc.RpcMethodHandler,
     refuse: Callable[[grpc.aio.ServicerContext], AgentLoopError],
 ) -> grpc.RpcMethodHandler:
-    """The handler of a call refused before it is read: refuse's error, nothing parsed
-    (a request of millions of messages costs seconds to parse)."""
+    """The handler of a call refused before it is read: refuse's error, nothing received,
+    decompressed or parsed (a request of millions of messages costs seconds to parse, a
+    compressed one inflates). A unary request is received before its handler runs, so the
+    refusal takes the request-stream form, which reads only what it asks for: nothing."""
 
-    def wrap_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_with(context, refuse(context))
+    async def unary(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort_with(context, refuse(context))
 
-        return unary
+    async def streaming(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort_with(context, refuse(context))
+        yield  # pragma: no cover (abort raises): makes this an async generator
 
-    def wrap_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_with(context, refuse(context))
-            yield  # pragma: no cover (abort raises): makes this an async generator
-
-        return streaming
-
-    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=_unread)
+    codecs = {"request_deserializer": _unread,
+              "response_serializer": handler.response_serializer}
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **codecs)
+    return grpc.stream_unary_rpc_method_handler(unary, **codecs)
 
 
 def _as_domain_error(exc: Exception, method: str) -> AgentLoopError:

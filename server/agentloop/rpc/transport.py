@@ -194,9 +194,14 @@ def _over_budget(budget: RequestBytes) -> ResourceExhausted:
 
 
 class RequestBytesGuard(grpc.aio.ServerInterceptor):
-    """Every request's bytes are counted against `RequestBytes` from before they are parsed
-    until their call ends; past the budget the call is RESOURCE_EXHAUSTED and its bytes are
-    dropped unparsed. Applies to every method (a health check can be sent compressed too)."""
+    """Every request's decompressed bytes count against `RequestBytes` from before they are
+    parsed until their call ends; past the budget the call is RESOURCE_EXHAUSTED and its
+    bytes are dropped unparsed. Applies to every method (a health check can be sent
+    compressed too).
+
+    gRPC inflates a compressed message before any handler sees it (and hides grpc-encoding
+    from the invocation metadata), stopping at the message cap: the cap bounds what one
+    message inflates to, this budget what all calls hold after that."""
 
     def __init__(self, budget: RequestBytes) -> None:
         self._budget = budget
@@ -207,55 +212,60 @@ class RequestBytesGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        budget = self._budget
-        parse = handler.request_deserializer
+        return _counting(handler, self._budget)
 
-        def deserialize(data: bytes) -> Any:
-            size = len(data)
-            if not budget.take(size):
-                return _OVER_BUDGET
+
+def _counting(handler: grpc.RpcMethodHandler, budget: RequestBytes) -> grpc.RpcMethodHandler:
+    """The handler of an uncompressed call: each message counted once received, before
+    it is parsed, until the call ends."""
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        size = len(data)
+        if not budget.take(size):
+            return _OVER_BUDGET
+        try:
+            return _Held(parse(data), size)
+        except BaseException:
+            budget.give_back(size)
+            raise
+
+    streaming_requests = handler.request_streaming
+
+    def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            held = _Holding(budget)
             try:
-                return _Held(parse(data), size)
-            except BaseException:
-                budget.give_back(size)
-                raise
+                return await behavior(held.unwrap(request, streaming_requests), context)
+            except ResourceExhausted as exc:
+                if exc.metadata.get("limit") != "request_bytes":
+                    raise
+                await abort_with(context, exc)
+            finally:
+                held.release()
 
-        streaming_requests = handler.request_streaming
+        return unary
 
-        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                held = _Holding(budget)
-                try:
-                    return await behavior(held.unwrap(request, streaming_requests), context)
-                except ResourceExhausted as exc:
-                    if exc.metadata.get("limit") != "request_bytes":
-                        raise
-                    await abort_with(context, exc)
-                finally:
-                    held.release()
+    def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            return wrap_unary(behavior)  # it streams with context.write (health Watch)
 
-            return unary
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            held = _Holding(budget)
+            try:
+                async for response in behavior(held.unwrap(request, streaming_requests),
+                                               context):
+                    yield response
+            except ResourceExhausted as exc:
+                if exc.metadata.get("limit") != "request_bytes":
+                    raise
+                await abort_with(context, exc)
+            finally:
+                held.release()
 
-        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            if not inspect.isasyncgenfunction(behavior):
-                return wrap_unary(behavior)  # it streams with context.write (health Watch)
+        return streaming
 
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                held = _Holding(budget)
-                try:
-                    async for response in behavior(held.unwrap(request, streaming_requests),
-                                                   context):
-                        yield response
-                except ResourceExhausted as exc:
-                    if exc.metadata.get("limit") != "request_bytes":
-                        raise
-                    await abort_with(context, exc)
-                finally:
-                    held.release()
-
-            return streaming
-
-        return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=deserialize)
+    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=deserialize)
 
 
 class _Holding:
