@@ -4,6 +4,8 @@ real loopback connection to the real server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -11,8 +13,10 @@ from typing import Any
 
 import grpc
 import h2.errors
+import psutil
 import pytest
 from raw_h2 import RawGrpcConnection, raw_connection
+from test_cli_serve import start_serve, stop
 
 from agentloop.server import RunningServer
 from agentloop.v1 import agentloop_pb2 as pb
@@ -174,3 +178,80 @@ async def test_request_bytes_in_flight_are_budgeted(gateway, fake_ollama):
         await wait_until(lambda: gateway.admission.in_flight == 0, timeout=10)
         reply = await stub.Generate(pb.GenerateRequest(prompt=prompt), timeout=5)
     assert reply.text == "ok"
+
+
+# --- memory of a real `agentloop serve` -----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def served(fake: FakeOllama, *args: str) -> AsyncIterator[tuple[psutil.Process, str]]:
+    """A real `agentloop serve` child in front of `fake`: its process and address."""
+    proc, address = await start_serve("--backend", "ollama", "--ollama-url", fake.url,
+                                      "--drain-delay", "0", "--metrics-listen", "", *args)
+    try:
+        yield psutil.Process(proc.pid), address
+    finally:
+        await stop(proc)
+
+
+def mib(process: psutil.Process) -> float:
+    return process.memory_info().rss / 2**20
+
+
+@contextlib.asynccontextmanager
+async def peak_rss(process: psutil.Process) -> AsyncIterator[list[float]]:
+    """Sample the process's RSS (MiB) every 20 ms while the block runs."""
+    samples = [mib(process)]
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            samples.append(mib(process))
+
+    sampler = asyncio.create_task(sample())
+    try:
+        yield samples
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        samples.append(mib(process))
+
+
+async def test_ten_thousand_header_only_streams_cost_little_memory(fake_ollama):
+    # Before: 10,000 StreamRunAgent calls that never sent their first message were all
+    # held for as long as their connection lived: 174-228 MB more, kept after they closed.
+    async with served(fake_ollama, "--first-message-timeout", "1") as (gateway, address):
+        start = mib(gateway)
+        async with peak_rss(gateway) as samples:
+            async with raw_connection(address, obey_stream_limit=False) as attacker:
+                calls = []
+                for _ in range(10_000):
+                    calls.append(attacker.start_call(STREAM_RUN_AGENT))
+                    if len(calls) % 500 == 0:
+                        await attacker.flush()
+                await attacker.flush()
+                states = [await attacker.ended(call, timeout=60) for call in calls]
+        after = mib(gateway)
+    refused = sum(s.reset == h2.errors.ErrorCodes.REFUSED_STREAM for s in states)
+    timed_out = sum(s.grpc_status == DEADLINE_EXCEEDED for s in states)
+    assert refused + timed_out == 10_000 and refused > 0
+    assert max(samples) - start < 50, (start, max(samples))
+    assert after - start < 20, (start, after)
+
+
+async def test_compressed_bombs_stay_bounded(fake_ollama):
+    # Before: 16 gzip requests of 31 KB, each inflating to 31 MiB (under the old 32 MiB
+    # cap), took the gateway from about 180 MB to 700-920 MB, and it stayed there.
+    bomb = pb.GenerateRequest(prompt="a" * (31 * 2**20)).SerializeToString()
+
+    async def send(address: str) -> int | None:
+        async with raw_connection(address) as attacker:
+            call = await attacker.call(f"{SERVICE}/Generate", bomb, compress=True)
+            return (await attacker.ended(call, timeout=60)).grpc_status
+
+    async with served(fake_ollama) as (gateway, address):
+        start = mib(gateway)
+        async with peak_rss(gateway) as samples:
+            statuses = await asyncio.gather(*[send(address) for _ in range(16)])
+    assert statuses == [RESOURCE_EXHAUSTED] * 16
+    assert max(samples) < 300 and max(samples) - start < 50, (start, max(samples))
