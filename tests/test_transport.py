@@ -255,3 +255,39 @@ async def test_compressed_bombs_stay_bounded(fake_ollama):
             statuses = await asyncio.gather(*[send(address) for _ in range(16)])
     assert statuses == [RESOURCE_EXHAUSTED] * 16
     assert max(samples) < 300 and max(samples) - start < 50, (start, max(samples))
+
+
+# --- refusals, per peer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings_overrides", [{"api_keys": "right-key", "refusal_burst": 3,
+                                                 "refusal_rate": 2.0}])
+async def test_calls_without_a_valid_key_are_rate_limited_per_peer(gateway):
+    # Before: a peer could send calls with made-up keys as fast as it liked.
+    async def call(key: str) -> grpc.StatusCode:
+        async with client_stub(gateway.address) as stub:
+            try:
+                await stub.ListModels(pb.ListModelsRequest(), timeout=5,
+                                      metadata=(("authorization", f"Bearer {key}"),))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    info = rich_details(exc)
+                    assert info["ErrorInfo"].metadata["limit"] == "refusals"
+                    assert info["RetryInfo"].retry_delay.ToTimedelta().total_seconds() <= 0.5
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    assert [await call(f"guess-{n}") for n in range(3)] == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    assert await call("guess-3") is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # While the peer is over its refusals, even the right key is not confirmed.
+    assert await call("right-key") is grpc.StatusCode.RESOURCE_EXHAUSTED
+    codes: list[grpc.StatusCode] = []
+
+    async def right_key_served() -> bool:
+        codes.append(await call("right-key"))
+        return codes[-1] is grpc.StatusCode.OK
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not await right_key_served():  # the bucket refills at refusal_rate
+        assert loop.time() < deadline, codes
