@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import h2.errors
+import httpx
 import psutil
 import pytest
 from raw_h2 import RawGrpcConnection, raw_connection
@@ -291,3 +293,32 @@ async def test_calls_without_a_valid_key_are_rate_limited_per_peer(gateway):
     deadline = loop.time() + 5
     while not await right_key_served():  # the bucket refills at refusal_rate
         assert loop.time() < deadline, codes
+
+
+# --- the metrics port ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings_overrides", [{"metrics_listen": "127.0.0.1:0",
+                                                 "metrics_threads": 2,
+                                                 "metrics_timeout": 0.5}])
+async def test_held_metrics_connections_cost_no_threads_and_time_out(gateway):
+    # Before: a thread per held connection, kept for as long as the peer liked.
+    threads_before = threading.active_count()
+    held = [await asyncio.open_connection("127.0.0.1", gateway.metrics_port)
+            for _ in range(30)]
+    try:
+        assert threading.active_count() <= threads_before + 2
+        # Each is closed by the server: at once past the thread cap, after the read
+        # timeout otherwise.
+        closed = await asyncio.wait_for(
+            asyncio.gather(*[reader.read() for reader, _ in held]), timeout=5)
+        assert closed == [b""] * len(held)
+    finally:
+        for _, writer in held:
+            writer.close()
+    # A scraper retries a connection closed at once; the threads come back as they end.
+    transport = httpx.AsyncHTTPTransport(retries=5)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics",
+                                    timeout=5)
+    assert response.status_code == 200 and "agentloop" in response.text
