@@ -20,7 +20,7 @@ import pytest
 from raw_h2 import RawGrpcConnection, raw_connection
 from test_cli_serve import start_serve, stop
 
-from agentloop.server import RunningServer
+from agentloop.server import RunningServer, start_server
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
 from helpers import client_stub, gateway_settings, rich_details, running_gateway
@@ -326,3 +326,29 @@ async def test_held_metrics_connections_cost_no_threads_and_time_out(gateway):
             except httpx.RemoteProtocolError:
                 assert attempt < 4
     assert response.status_code == 200 and "agentloop" in response.text
+
+
+# --- the end of the shutdown grace ------------------------------------------------------------
+
+
+async def test_calls_still_running_when_the_grace_ends_get_shutting_down(fake_ollama):
+    # Before: gRPC's bare UNAVAILABLE, without the SHUTTING_DOWN details the drain promises.
+    fake_ollama.default_script = Script(hang_before_headers=True)
+    settings = gateway_settings(ollama_url=fake_ollama.url)
+    running = await start_server(settings)
+    try:
+        async with client_stub(running.address) as stub:
+            unary = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt="hi"),
+                                                        timeout=30))
+            stream = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hi"), timeout=30)
+            streamed = asyncio.ensure_future(stream.read())
+            await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=10)
+            await running.shutdown(grace=0.5, drain_delay=0.0)
+            for call in (unary, streamed):
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await call
+                assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+                info = rich_details(ended.value)
+                assert info["ErrorInfo"].reason == "SHUTTING_DOWN" and "RetryInfo" in info
+    finally:
+        await running.shutdown(grace=0.0, drain_delay=0.0)

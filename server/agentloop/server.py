@@ -27,6 +27,7 @@ from agentloop.config import MAX_MESSAGE_BYTES, Settings, SettingsError
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import security_interceptors
 from agentloop.rpc.interceptors import (
+    CallsInFlight,
     DrainInterceptor,
     ErrorInterceptor,
     UndecodableRequestGuard,
@@ -54,6 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds the calls still running when the shutdown grace ends get to send their
+#: SHUTTING_DOWN status before gRPC cuts them.
+SHUTDOWN_CUT_MARGIN = 0.25
+
 
 @dataclass
 class RunningServer:
@@ -70,6 +75,8 @@ class RunningServer:
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
     #: The MCP tool servers, when --mcp-servers names any.
     mcp: McpServers | None = None
+    #: The AgentLoopService calls running (the shutdown ends the late ones).
+    calls: CallsInFlight = field(default_factory=CallsInFlight)
 
     @property
     def address(self) -> str:
@@ -91,12 +98,23 @@ class RunningServer:
         if drain_delay > 0:
             # Time for load balancers and kube-proxy to see NOT_SERVING before we close.
             await asyncio.sleep(drain_delay)
-        await self.server.stop(grace)
+        await self._stop(grace)
         if self.mcp is not None:
             await self.mcp.close()
         await self.backend.close()
         await self.telemetry.shutdown()  # flush the last spans and metrics
         log.info("stopped")
+
+
+    async def _stop(self, grace: float) -> None:
+        """`server.stop(grace)`, but the calls still running when the grace ends are ended
+        with SHUTTING_DOWN (gRPC's own cut, a moment later, carries no details)."""
+        stopping = asyncio.create_task(self.server.stop(grace + SHUTDOWN_CUT_MARGIN))
+        await asyncio.wait({stopping}, timeout=grace)
+        if not stopping.done() and self.calls.running:
+            log.info("grace over: ending %d calls still running", self.calls.running)
+            await self.calls.cut(within=SHUTDOWN_CUT_MARGIN)
+        await stopping
 
 
 async def select_backend(settings: Settings) -> Backend:
@@ -219,12 +237,14 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
     request_bytes = RequestBytes(settings.max_request_bytes_in_flight)
+    calls = CallsInFlight()
     server = grpc.aio.server(
-        # The send-stall guard outermost: it writes the stream the others produce.
+        # The calls in flight outermost (the shutdown ends the late ones), then the
+        # send-stall guard: it writes the stream the others produce.
         # Telemetry next: its span and status cover what the others refuse or raise.
         # Undecodable bytes are refused after the auth guards (who is asking comes first),
         # and a refused call's bytes are never counted nor parsed.
-        interceptors=[SendStallGuard(settings.send_stall_timeout),
+        interceptors=[calls, SendStallGuard(settings.send_stall_timeout),
                       ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
                       drain_gate, *guards, UndecodableRequestGuard(),
                       RequestBytesGuard(request_bytes), ErrorInterceptor()],
@@ -241,7 +261,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     if mcp is not None:
         mcp.start()  # connects in the background: a server that is down delays nothing
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp)
+                            telemetry, mcp, calls)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")

@@ -148,6 +148,61 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         return refused(handler, lambda _context: _shutting_down())
 
 
+class CallsInFlight(grpc.aio.ServerInterceptor):
+    """Tracks the AgentLoopService calls running, so that the ones still running when the
+    shutdown grace ends get UNAVAILABLE with SHUTTING_DOWN (and RetryInfo), as the drain
+    promises, rather than gRPC's bare cancel. Put it first: it sees every call's task."""
+
+    def __init__(self) -> None:
+        self._running: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    # No __len__: grpc takes an interceptor that tests false for the end of the chain.
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not is_service_method(handler_call_details.method):
+            return handler
+
+        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+                return behavior  # streams are coroutines once the send-stall guard wrote them
+
+            async def tracked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                task = asyncio.current_task()
+                assert task is not None
+                self._running[task] = context
+                try:
+                    return await behavior(request, context)
+                except asyncio.CancelledError:
+                    if task not in self._cut:
+                        raise
+                    await abort_with(context, _shutting_down())
+                finally:
+                    self._running.pop(task, None)
+                    self._cut.discard(task)
+
+            return tracked
+
+        return wrap_handler(handler, wrap, wrap)
+
+    async def cut(self, within: float) -> None:
+        """End every call still running with SHUTTING_DOWN; wait up to `within` seconds for
+        them to have sent it."""
+        tasks = list(self._running)
+        for task, context in self._running.items():
+            context.set_code(grpc.StatusCode.UNAVAILABLE)  # what telemetry inside records
+            self._cut.add(task)
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=within)
+
+
 def _shutting_down() -> ShuttingDown:
     return ShuttingDown("the server is shutting down; retry on another replica", retry_after=0.1)
 
