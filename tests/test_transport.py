@@ -20,6 +20,7 @@ import pytest
 from raw_h2 import RawGrpcConnection, raw_connection
 from test_cli_serve import start_serve, stop
 
+from agentloop.rpc.transport import request_message_cap
 from agentloop.server import RunningServer, start_server
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
@@ -352,3 +353,23 @@ async def test_calls_still_running_when_the_grace_ends_get_shutting_down(fake_ol
                 assert info["ErrorInfo"].reason == "SHUTTING_DOWN" and "RetryInfo" in info
     finally:
         await running.shutdown(grace=0.0, drain_delay=0.0)
+
+
+# --- the message cap ---------------------------------------------------------------------------
+
+
+async def test_the_default_message_cap_takes_the_largest_request_the_limits_allow(
+        gateway, fake_ollama):
+    settings = gateway.settings
+    schema = json.dumps({"type": "object", "description": "d" * 32_000})
+    largest = pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, content="é" * (settings.max_prompt_bytes // 2),
+                             images=[b"\x89PNG" + b"\0" * (settings.max_image_bytes // 16 - 4)
+                                     ] * 16)],
+        format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=schema),
+        options=pb.GenerationOptions(stop=["€" * 256] * 16))
+    assert len(largest.SerializeToString()) <= request_message_cap(settings) < 11 * 2**20
+    fake_ollama.default_script = Script(tokens=["{}"])
+    async with client_stub(gateway.address) as stub:
+        reply = await stub.Generate(largest, timeout=20)
+    assert reply.text == "{}"
