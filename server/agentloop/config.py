@@ -317,7 +317,7 @@ class Settings:
         0,
         "largest gRPC message the server accepts once decompressed, in bytes (beyond: "
         "RESOURCE_EXHAUSTED); 0 = the largest request the other limits allow (prompt, "
-        "images, schemas, client tools: about 11 MiB with their defaults)",
+        "images, schemas, stop strings: about 10.4 MiB with their defaults)",
         group="limits", minimum=1024, unset=0,
     )
 
@@ -385,8 +385,10 @@ class Settings:
         group="telemetry", minimum=1,
     )
     metrics_timeout: float = _setting(
-        5.0, "seconds a /metrics connection may take to send its request", group="telemetry",
-        above=0,
+        5.0,
+        "seconds a /metrics connection may wait on one read or write (a peer that sends or "
+        "reads nothing is dropped then)",
+        group="telemetry", above=0,
     )
     trace_content: bool = _setting(
         False,

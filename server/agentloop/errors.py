@@ -154,6 +154,14 @@ class ResourceExhausted(RetryableError):
     reason = "OVERLOADED"
 
 
+class SendStalled(AgentLoopError):
+    """The client did not read a stream's next message in time. RESOURCE_EXHAUSTED is the
+    code gRPC gives to flow-control limits reached."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "SEND_STALLED"
+
+
 class ShuttingDown(RetryableError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"

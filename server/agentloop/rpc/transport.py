@@ -30,7 +30,7 @@ import grpc
 from grpc._cython import cygrpc  # ExecuteBatchError: grpc.aio exports no name for it
 
 from agentloop.config import Settings
-from agentloop.errors import AgentLoopError, ResourceExhausted
+from agentloop.errors import ResourceExhausted, SendStalled
 from agentloop.rpc.agent_requests import MAX_CLIENT_TOOLS, MAX_TOOL_NAMES
 from agentloop.rpc.interceptors import Continuation, abort_with, is_service_method, wrap_handler
 from agentloop.rpc.requests import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
@@ -71,14 +71,6 @@ def server_transport_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 # --- send stalls ---------------------------------------------------------------------------
-
-
-class SendStalled(AgentLoopError):
-    """The client did not read the stream's next message in time. RESOURCE_EXHAUSTED is the
-    code gRPC gives to flow-control limits reached."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "SEND_STALLED"
 
 
 class SendStallGuard(grpc.aio.ServerInterceptor):
