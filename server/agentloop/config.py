@@ -323,9 +323,10 @@ class Settings:
 
     # --- transport: what one connection and all calls together may hold ---
     max_concurrent_streams: int = _setting(
-        100,
+        256,
         "most calls one client connection may have open at once (HTTP/2 "
-        "SETTINGS_MAX_CONCURRENT_STREAMS); streams past it are refused",
+        "SETTINGS_MAX_CONCURRENT_STREAMS): gRPC clients queue their calls beyond it, streams "
+        "past it are refused",
         group="transport", minimum=1,
     )
     first_message_timeout: float = _setting(

@@ -103,11 +103,15 @@ class SendStallGuard(grpc.aio.ServerInterceptor):
     async def _relay(self, responses: AsyncIterator[Any],
                      context: grpc.aio.ServicerContext) -> None:
         try:
-            # The headers first: they are not flow-controlled, and a status sent after a
-            # stall must not try to send them a second time.
-            await context.send_initial_metadata(())
+            headers_sent = False
             async with aclosing(responses):
                 async for response in responses:
+                    if not headers_sent:
+                        # Alone, before the first message: headers are not flow-controlled,
+                        # and a status sent after a stalled first write must not send them
+                        # a second time (gRPC would refuse the whole status).
+                        await context.send_initial_metadata(())
+                        headers_sent = True
                     if not await self._write(response, context):
                         # The code for telemetry inside, which sees the stream closed.
                         context.set_code(SendStalled.code)
