@@ -189,6 +189,14 @@ class Shed(ResourceExhausted):
     reason = "SHED"
 
 
+class SendStalled(AgentLoopError):
+    """The client did not read a stream's next message in time. RESOURCE_EXHAUSTED is the
+    code gRPC gives to flow-control limits reached."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "SEND_STALLED"
+
+
 class ShuttingDown(RetryableError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
@@ -215,6 +223,12 @@ class Unimplemented(AgentLoopError):
 class DeadlineExceeded(AgentLoopError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class FirstMessageTimeout(DeadlineExceeded):
+    """A client stream did not send its first message within the server's timeout."""
+
+    reason = "FIRST_MESSAGE_TIMEOUT"
 
 
 class Cancelled(AgentLoopError):

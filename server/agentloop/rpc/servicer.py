@@ -19,6 +19,7 @@ import grpc
 
 from agentloop.config import Settings
 from agentloop.domain import CallContext
+from agentloop.errors import FirstMessageTimeout
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
@@ -33,7 +34,7 @@ from agentloop.rpc.responses import (
     stream_end,
     upstream_metadata,
 )
-from agentloop.services.agent import AgentService
+from agentloop.services.agent import AgentService, answer_delta_key, join_answer_deltas
 from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
@@ -107,7 +108,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamRunAgentResponse]:
         requests = aiter(request_iterator)
-        start = await anext(requests, None)
+        start = await self._first_message(requests)
         run = await _read(
             start is not None and start.HasField("start") and bool(start.start.client_tools),
             start_agent_run, start, self._settings, self._agent.tools,
@@ -115,10 +116,25 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         )
         run = dataclasses.replace(run, context=self._context(context))
         async with ToolResultReader(requests) as reader:
-            events = reader.watch(self._agent.run(run, reader.calls))
+            events = reader.watch(self._agent.run(run, reader.calls), answer_delta_key,
+                                  join_answer_deltas)
             async with aclosing(events):
                 async for event in events:
                     yield agent_event_pb(event)
+
+    async def _first_message(
+        self, requests: AsyncIterator[pb.StreamRunAgentRequest]
+    ) -> pb.StreamRunAgentRequest | None:
+        """The call's first message, within first_message_timeout: a call that sends only
+        its headers must not be held (and cost memory) for as long as its connection lives."""
+        timeout = self._settings.first_message_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise FirstMessageTimeout(
+                f"no first message (start) within {timeout:g}s (first_message_timeout)"
+            ) from None
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -371,7 +371,8 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     resource = _resource()
     tracers = tracing.tracer_provider(resource)
     enabled = tracing.is_enabled(tracers)
-    prometheus = PrometheusEndpoint.start(settings.metrics_listen) \
+    prometheus = PrometheusEndpoint.start(settings.metrics_listen, settings.metrics_threads,
+                                          settings.metrics_timeout) \
         if enabled and settings.metrics_listen else None
     meters = meter_provider(resource, prometheus) if enabled else MeterProvider(resource=resource)
     meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
