@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import math
+import random
 import re
 import signal
 import sys
@@ -49,6 +50,10 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "gemma3n:e2b"
+#: The length of the fake's vectors (`<family>.embedding_length` in /api/show).
+EMBEDDING_LENGTH = 768
+#: Words an /api/embed input may have (the fake's "context length").
+EMBED_CONTEXT = 2048
 DEFAULT_TOKENS: tuple[str, ...] = (
     "The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".",
 )
@@ -248,6 +253,13 @@ class FakeOllama:
 
     Load requests (empty prompt / no messages) and rejected requests (404, 400) do not take
     a script from the queue: scripts belong to generations.
+
+    `/api/embed` answers as Ollama does: one unit vector per input (a deterministic function
+    of the text, `embedding_length` long, cut to `dimensions` and normalized again), with
+    `prompt_eval_count` the inputs' whitespace words; an input over `embed_context` words is
+    cut (`truncate`, the default) or refused with 400. `embed_requests` records the bodies;
+    `embed_scripts` (a queue) scripts their faults: `status`, `first_token_delay`,
+    `reset_after=0`, `hang_before_headers`.
     """
 
     def __init__(
@@ -271,6 +283,10 @@ class FakeOllama:
         self._slots: asyncio.Semaphore | None = None
         self.completed = 0
         self.loaded: dict[str, float] = {}  # normalized model -> expiry (time.time(), inf)
+        self.embedding_length = EMBEDDING_LENGTH
+        self.embed_context = EMBED_CONTEXT
+        self.embed_requests: list[dict[str, Any]] = []
+        self.embed_scripts: deque[Script] = deque()
         self._queue: deque[Script] = deque()
         self._host = "127.0.0.1"
         self._port = 0
@@ -293,6 +309,7 @@ class FakeOllama:
         app.router.add_post("/api/pull", self._pull)
         app.router.add_post("/api/generate", self._generate)
         app.router.add_post("/api/chat", self._chat)
+        app.router.add_post("/api/embed", self._embed)
         # No access log (benchmarks), no signal handling (the owner decides), short shutdown
         # because stop() aborts every connection first.
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -457,6 +474,7 @@ class FakeOllama:
                 "general.architecture": family,
                 "general.parameter_count": 4_460_000_000,
                 f"{family}.context_length": 32768,
+                f"{family}.embedding_length": self.embedding_length,
             },
             "capabilities": self.capabilities.get(found, ["completion"]),
             "modified_at": entry["modified_at"],
@@ -483,6 +501,64 @@ class FakeOllama:
             for line in lines:
                 await resp.write(_dumps(line) + b"\n")
         return resp
+
+    # ----------------------------------------------------------------- embeddings
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        started = time.perf_counter_ns()
+        body, error = await self._read_post(request)
+        if error is not None:
+            return error
+        self.embed_requests.append(body)
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return _error(400, "model is required")
+        if self.find_model(name) is None:
+            return _error(404, f"model '{name}' not found")
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs] if inputs else []
+        if inputs is None:
+            inputs = []
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            return _error(400, "invalid input type")
+        dimensions = body.get("dimensions") or 0
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+            return _error(400, "json: cannot unmarshal dimensions")
+        try:
+            parse_keep_alive(body.get("keep_alive"))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        script = self.embed_scripts.popleft() if self.embed_scripts else Script()
+        if script.hang_before_headers:
+            await _until_gone(request)
+            self.disconnects += 1
+            return web.Response()
+        if script.reset_after == 0:
+            _abort(request)
+            return web.Response()
+        if script.status is not None:
+            return _error(script.status, script.error or DEFAULT_ERRORS.get(script.status,
+                                                                             "error"))
+        if await _sleep_until(request, asyncio.get_running_loop().time()
+                              + script.first_token_delay):
+            self.disconnects += 1
+            return web.Response()
+        truncate = body.get("truncate", True) is not False
+        vectors, tokens = [], 0
+        for text in inputs:
+            words = text.split()
+            if len(words) > self.embed_context:
+                if not truncate:
+                    return _error(400, "input exceeds maximum context length and cannot be "
+                                       "truncated further")
+                words = words[:self.embed_context]
+            tokens += len(words)
+            vectors.append(_fake_vector(" ".join(words), self.embedding_length, dimensions))
+        now = time.perf_counter_ns()
+        return _json_response({"model": name, "embeddings": vectors,
+                               "total_duration": max(1, now - started), "load_duration": 1,
+                               "prompt_eval_count": tokens})
 
     # ----------------------------------------------------------------- generations
 
@@ -765,6 +841,23 @@ class FakeOllama:
         if kind == "generate":
             final["context"] = list(range(1, prompt_count + eval_count + 1))
         return final
+
+
+@lru_cache(maxsize=4096)
+def _fake_vector(text: str, length: int, dimensions: int) -> list[float]:
+    """A unit vector that is a function of the text: texts sharing words lie closer (each
+    word adds its own random direction), as Ollama's are unit vectors cut to `dimensions`
+    and normalized again."""
+    vector = [0.0] * length
+    for word in text.lower().split() or [""]:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "big")
+        generator = random.Random(seed)
+        for index in range(length):
+            vector[index] += generator.gauss(0.0, 1.0)
+    if 0 < dimensions < length:
+        vector = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def _json_response(obj: Any, status: int = 200) -> web.Response:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from typing import Annotated
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from pydantic import Field
 
 server = MCPServer("test-tools")
 
@@ -36,6 +38,12 @@ def broken() -> str:
 async def sleep(seconds: float) -> str:
     await asyncio.sleep(seconds)
     return f"slept {seconds}s"
+
+
+@server.tool(description="Its schema asks for a string of up to 100,000 characters, which "
+                         "an engine would expand into a grammar that crashes llama.cpp.")
+def hostile(text: Annotated[str, Field(max_length=100_000)]) -> str:
+    return text
 
 
 async def serve_http(port: int) -> None:

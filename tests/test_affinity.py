@@ -250,7 +250,7 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
                 if r.name == "agentloop.requests" and hasattr(r, "fields")]
     assert sessions == [
         ("ListTools", "node-conv"), ("Generate", "node-conv"),
-        ("StreamGenerate", "node-conv"), ("StreamRunAgent", "node-conv"),
+        ("StreamGenerate", "node-conv"), ("Embed", "node-conv"), ("StreamRunAgent", "node-conv"),
         ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
         ("Generate", "whole-client"), ("Generate", "one-call"),
     ]

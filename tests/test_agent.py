@@ -438,7 +438,9 @@ async def test_the_answer_streams_as_the_model_writes_it(stub, fake_ollama):
     text = json.dumps({"thought": 'I know this; "final_answer" comes next.',
                        "final_answer": answer})
     # Two characters at a time: escapes (\", \n, \u00e8 as written by json.dumps) split.
-    fake_ollama.enqueue(Script(tokens=[text[i:i + 2] for i in range(0, len(text), 2)]))
+    # At a model's pace: deltas that pile up faster than the client reads are joined.
+    fake_ollama.enqueue(Script(tokens=[text[i:i + 2] for i in range(0, len(text), 2)],
+                               token_delay=0.005))
     call = stub.StreamRunAgent(timeout=10)
     await call.write(start(goal="What is the capital of France?"))
     await call.done_writing()

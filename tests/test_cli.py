@@ -181,13 +181,44 @@ async def test_models_prints_a_table_and_json(gateway):
     code, out, _ = await cli("models", "--address", gateway.address)
     assert code == 0
     header, row, footer = out.splitlines()
-    assert header.split() == ["NAME", "SIZE", "LOADED", "FAMILY", "PARAMETERS", "QUANTIZATION"]
-    assert row.split() == ["gemma3n:e2b", "*", "5.6", "GB", "no", "gemma3n", "4.5B", "Q4_K_M"]
+    assert header.split() == ["NAME", "SIZE", "LOADED", "FAMILY", "PARAMETERS", "QUANTIZATION",
+                              "EMBEDS"]
+    assert row.split() == ["gemma3n:e2b", "*", "5.6", "GB", "no", "gemma3n", "4.5B", "Q4_K_M",
+                           "no"]
     assert footer.startswith("backend ollama;")
     code, out, _ = await cli("models", "--json", "--address", gateway.address)
     reply = json.loads(out)
     assert reply["default_model"] == "gemma3n:e2b" and reply["backend"] == "ollama"
     assert [m["name"] for m in reply["models"]] == ["gemma3n:e2b"]
+
+
+# --- embed and tokens ---------------------------------------------------------------------
+
+
+async def test_embed_prints_one_vector_per_line_in_order(gateway, fake_ollama):
+    code, out, err = await cli("embed", "a cat", "a dog", "--dimensions", "4", "--truncate",
+                               "--address", gateway.address)
+    assert (code, err) == (0, "")
+    vectors = [json.loads(line) for line in out.splitlines()]
+    assert [len(vector) for vector in vectors] == [4, 4] and vectors[0] != vectors[1]
+    body = fake_ollama.embed_requests[-1]
+    assert body["input"] == ["a cat", "a dog"] and body["dimensions"] == 4 and body["truncate"]
+    code, out, _ = await cli("embed", "-", "--json", "--address", gateway.address,
+                             stdin="first line\n\nsecond\n")
+    reply = json.loads(out)
+    assert code == 0 and len(reply["embeddings"]) == 2 and reply["usage"]["input_tokens"] == "3"
+    assert fake_ollama.embed_requests[-1]["input"] == ["first line", "second"]
+
+
+async def test_embed_and_tokens_failures_are_one_line(gateway):
+    code, out, err = await cli("embed", "ok", " ", "--address", gateway.address)
+    assert (code, out) == (1, "")
+    assert err == "agentloop: INVALID_ARGUMENT: texts[1]: must not be empty\n"
+    code, out, err = await cli("tokens", "a cat", "--address", gateway.address)
+    assert (code, out) == (1, "")
+    assert err.startswith("agentloop: UNIMPLEMENTED: the Ollama backend cannot count tokens")
+    code, _, err = await cli("tokens", "--message", "nobody:hi", "--address", gateway.address)
+    assert code == 2 and "ROLE:TEXT" in err
 
 
 async def test_health_reads_the_address_from_the_environment(gateway):

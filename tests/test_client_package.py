@@ -18,6 +18,7 @@ import agentloop.errors as server_errors
 import agentloop_client.errors as client_errors
 from agentloop.config import MAX_MESSAGE_BYTES, Settings
 from agentloop.health import READINESS, SERVICE_NAME
+from agentloop.rpc.transport import request_message_cap
 from agentloop_client import channel, pb
 from helpers import TOKENS
 
@@ -83,4 +84,6 @@ def test_the_client_spells_the_servers_names_alike() -> None:
     assert channel.SERVICE == SERVICE_NAME == pb.DESCRIPTOR.services_by_name[
         "AgentLoopService"].full_name
     assert channel.READINESS == READINESS
-    assert channel.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES == Settings().max_message_bytes
+    assert channel.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES
+    # The server's default receive cap is what its limits allow: a client may send it all.
+    assert request_message_cap(Settings()) <= MAX_MESSAGE_BYTES

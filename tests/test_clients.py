@@ -30,6 +30,7 @@ from agentloop_client import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, gateway_settings, markdown_section, running_gateway
@@ -112,7 +113,39 @@ async def test_sync_stream_left_early_cancels_the_upstream_request(gateway, fake
     await wait_until(lambda: fake_ollama.disconnects == 1)
 
 
+async def test_sync_client_embeds_and_reports_that_ollama_cannot_count(gateway, fake_ollama):
+    def calls() -> tuple[Any, ...]:
+        with AgentLoopClient(gateway.address) as client:
+            reply = client.embed(["a cat", "a dog"], dimensions=8, truncate=True)
+            lone = client.embed("a cat", dimensions=8)
+            try:
+                client.count_tokens("a cat")
+            except Unimplemented as exc:
+                return reply, lone, exc
+        raise AssertionError("counting on Ollama did not fail")
+
+    reply, lone, refused = await asyncio.to_thread(calls)
+    assert [len(e.values) for e in reply.embeddings] == [8, 8] and reply.dimensions == 8
+    assert list(lone.embeddings[0].values) == list(reply.embeddings[0].values)
+    assert fake_ollama.embed_requests[0]["input"] == ["a cat", "a dog"]
+    assert fake_ollama.embed_requests[0]["truncate"] is True
+    assert fake_ollama.embed_requests[1]["input"] == ["a cat"]  # one text, not its letters
+    assert refused.reason == "UNSUPPORTED_BY_BACKEND"
+
+
 # --- Python client: asyncio ---------------------------------------------------------------
+
+
+async def test_async_client_embeds_and_counts_with_typed_errors(gateway, fake_ollama):
+    async with AsyncAgentLoopClient(gateway.address) as client:
+        reply = await client.embed(["a cat", "a dog"])
+        with pytest.raises(InvalidArgument) as bad:
+            await client.embed(["a cat", ""])
+        with pytest.raises(InvalidArgument) as chat_and_texts:
+            await client.count_tokens("a", messages=[{"role": "user", "content": "hi"}])
+    assert len(reply.embeddings) == 2 and reply.usage.input_tokens == 4
+    assert set(bad.value.field_violations) == {"texts[1]"}
+    assert set(chat_and_texts.value.field_violations) == {"texts"}
 
 
 async def test_async_client_streams_and_runs_the_agent(gateway, fake_ollama):
@@ -332,6 +365,10 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
     assert "tools: calculator, current_time" in lines
     assert "generate: Hello, world! [FINISH_REASON_STOP, 4 tokens]" in lines
     assert any(line.startswith("stream: Hello, world! [FINISH_REASON_STOP") for line in lines)
+    assert any(line.startswith("embed: 2 vectors of 768 dimensions, 12 tokens, cosine 0.")
+               for line in lines)
+    assert fake_ollama.embed_requests[0]["input"] == ["a cat sat on the mat",
+                                                      "a kitten sat on the rug"]
     assert 'agent: call reverse_text {"text": "agentloop"} (client tool)' in lines
     assert "agent: result: pooltnega" in lines
     assert "agent: AGENT_STOP_REASON_FINAL_ANSWER pooltnega" in lines
@@ -372,7 +409,7 @@ async def test_every_readme_grpcurl_example_runs(gateway, fake_ollama):
     commands = readme_grpcurl_commands()
     methods = {arg.rsplit("/", 1)[-1] for argv in commands for arg in argv[1:]}
     assert {"list", "describe", "Generate", "StreamGenerate", "RunAgent", "StreamRunAgent",
-            "ListModels", "ListTools", "Check", "Watch"} <= methods
+            "ListModels", "ListTools", "Embed", "CountTokens", "Check", "Watch"} <= methods
     for argv in commands:
         assert argv[0] == "grpcurl" and README_ADDRESS in argv, argv
         fake_ollama.enqueue(*scripts_for(argv))
@@ -385,10 +422,15 @@ async def test_every_readme_grpcurl_example_runs(gateway, fake_ollama):
         if argv[-1].endswith("/Watch"):
             assert b'"status": "SERVING"' in out, err.decode()
             continue
+        if argv[-1].endswith("/CountTokens"):  # runs on the embedded engine: its own test
+            assert b"Code: Unimplemented" in err, err.decode()
+            continue
         assert proc.returncode == 0, f"{shlex.join(argv)}\n{err.decode()}"
         assert out.strip(), shlex.join(argv)
         if argv[-1].endswith("RunAgent"):
             assert b"391" in out and b"FINAL_ANSWER" in out
+        if argv[-1].endswith("/Embed"):
+            assert b'"dimensions": 768' in out and out.count(b'"values"') == 2
         if argv[-1].endswith("/ListTools"):
             assert b'"name": "calculator"' in out and b'"provider": "builtin"' in out
 

@@ -119,6 +119,9 @@ async def test_streams_beyond_the_grace_end_unavailable_only_after_it(fake_ollam
             results = await asyncio.gather(*(rest_of(call) for call in calls))
         for texts, error, ended in results:
             assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+            # With the drain's details, not gRPC's bare cut.
+            details = rich_details(error)
+            assert details["ErrorInfo"].reason == "SHUTTING_DOWN" and "RetryInfo" in details
             # Cut only after the drain delay and the grace, and streaming all along.
             assert ended - signalled >= drain_delay + grace
             assert len(texts) >= (drain_delay + grace) / 0.05 / 2

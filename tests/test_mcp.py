@@ -107,6 +107,9 @@ async def test_list_tools_has_the_builtin_and_the_connected_mcp_tools(stub):
     assert add.provider == "local" and add.description == "Adds two integers."
     schema = json.loads(add.parameters_json_schema)
     assert schema["required"] == ["a", "b"] and schema["properties"]["a"]["type"] == "integer"
+    # An MCP server is a third party: a tool whose schema breaks the limits a caller's
+    # schema keeps is left out (its maxLength of 100,000 would reach the grammar).
+    assert not [name for name in tools if name.endswith("__hostile")]
     # Servers that are down have no tools, and nothing else is affected.
     assert not [name for name in tools if name.startswith(("down__", "crashing__"))]
 

@@ -546,3 +546,40 @@ async def test_serve_writes_json_logs_and_serves_metrics(fake_ollama):
     assert request.items() >= {"method": "Generate", "status": "OK", "model": MODEL,
                                "output_tokens": len(TOKENS), "worker": 0}.items()
     assert len(request["trace_id"]) == 32
+
+
+async def test_an_embed_call_is_an_embeddings_span_metrics_and_a_log_line(
+        stub, collector, gateway, fake_ollama, caplog):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    texts = ["a secret text", "another one"]
+    reply = await stub.Embed(pb.EmbedRequest(texts=texts), metadata=TRACEPARENT, timeout=5)
+    [server] = await collector.spans(f"{SERVICE}/Embed")
+    [client] = await collector.spans(f"embeddings {MODEL}")
+    assert client.kind == Span.SPAN_KIND_CLIENT and client.parent_span_id == server.span_id
+    assert attributes_of(client.attributes) == {
+        "gen_ai.operation.name": "embeddings",
+        "gen_ai.provider.name": "ollama",
+        "gen_ai.request.model": MODEL,
+        "agentloop.embeddings.texts": 2,
+        "server.address": "127.0.0.1",
+        "server.port": fake_ollama.port,
+        "gen_ai.response.model": MODEL,
+        "gen_ai.usage.input_tokens": reply.usage.input_tokens,
+        "gen_ai.embeddings.dimension.count": reply.dimensions,
+    }  # and no text of the request
+    samples = await scrape(gateway.metrics_port)
+    genai = {"gen_ai_operation_name": "embeddings", "gen_ai_provider_name": "ollama",
+             "gen_ai_request_model": MODEL, "gen_ai_response_model": MODEL}
+    assert total(samples, "gen_ai_client_operation_duration_seconds_count", **genai) == 1
+    assert total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="input",
+                 **genai) == reply.usage.input_tokens
+    assert total(samples, "rpc_server_call_duration_seconds_count", rpc_method="Embed",
+                 rpc_grpc_status_code="0") == 1
+    assert total(samples, "agentloop_embeddings_in_flight") == 0
+    assert total(samples, "agentloop_embeddings_queued") == 0
+    [record] = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    text = JsonFormatter().format(record)
+    assert json.loads(text).items() >= {
+        "method": "Embed", "status": "OK", "model": MODEL,
+        "input_tokens": reply.usage.input_tokens, "output_tokens": 0}.items()
+    assert "secret" not in text

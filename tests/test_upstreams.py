@@ -327,3 +327,18 @@ async def test_the_embedded_engine_is_a_pool_and_overflow_never_takes_local_only
             long.cancel()
             assert (await kept).upstream == "local"
             assert served_by(cloud) == 1
+
+
+async def test_embeddings_take_the_same_routes_and_fall_back_before_an_answer(tmp_path):
+    async with fakes(2) as (busy, spare):
+        busy.embed_scripts.extend([Script(status=503)] * 3)
+        document = {"upstreams": {"near": ollama_upstream(busy), "far": ollama_upstream(spare)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["near", "far"]}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            reply = await stub.Embed(pb.EmbedRequest(texts=["a cat", "a dog"]), timeout=10)
+            assert len(reply.embeddings) == 2
+            assert len(busy.embed_requests) == 1 and len(spare.embed_requests) == 1
+            local_only = (("x-agentloop-local-only", "true"),)
+            reply = await stub.Embed(pb.EmbedRequest(texts=["a cat"]), timeout=10,
+                                     metadata=local_only)
+            assert len(reply.embeddings) == 1 and len(spare.embed_requests) == 2

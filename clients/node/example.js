@@ -2,8 +2,8 @@
 // Calling agentloop from Node with @grpc/grpc-js and @grpc/proto-loader: the protos are
 // loaded at run time from protos/ (no generated code), the health proto from the
 // grpc-health-check package. It checks health, lists the server tools, calls Generate,
-// reads StreamGenerate, and runs StreamRunAgent with a tool written in JavaScript that the
-// agent may call.
+// reads StreamGenerate, embeds two texts with Embed, and runs StreamRunAgent with a tool
+// written in JavaScript that the agent may call.
 //
 //   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
 //                                [--session CONVERSATION_ID]
@@ -176,6 +176,14 @@ async function main() {
     const last = await streamGenerate(service, { prompt: values.prompt, options: { max_tokens: 64 } },
       metadata, deadline());
     console.log(` [${last.finish_reason}, first token after ${seconds(last.timings.time_to_first_token).toFixed(3)}s]`);
+
+    // Embed: one vector per text, in order (`values` is a packed float array on the wire).
+    const embedded = await unary(service, 'Embed', { texts: ['a cat sat on the mat', 'a kitten sat on the rug'] },
+      metadata, deadline());
+    const [cat, kitten] = embedded.embeddings.map((embedding) => embedding.values);
+    const cosine = cat.reduce((sum, value, index) => sum + value * kitten[index], 0);
+    console.log(`embed: ${embedded.embeddings.length} vectors of ${embedded.dimensions} dimensions, `
+      + `${embedded.usage.input_tokens} tokens, cosine ${cosine.toFixed(2)}`);
 
     const clientTools = Object.entries(CLIENT_TOOLS).map(([name, tool]) => ({
       name, description: tool.description, parameters_json_schema: JSON.stringify(tool.parameters),

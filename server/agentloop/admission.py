@@ -112,6 +112,7 @@ class Admission:
     def __init__(self, max_in_flight: int, max_queue: int, queue_timeout: float, *,
                  fair: bool = True, critical_reserve: int = 0,
                  tenants: Callable[[str], Tenant] | None = None,
+                 quotas: Admission | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
@@ -134,7 +135,9 @@ class Admission:
         self._callers: dict[str, _Caller] = {}
         self._heaps: dict[Priority, list[tuple[float, int, _Waiter]]] = {
             priority: [] for priority in Priority}
-        self._quotas: dict[str, _Quota] = {}
+        #: Each tenant's spending: shared with `quotas`' when given (Embed's slots are their
+        #: own, but a tenant's tokens and requests per minute are one budget).
+        self._quotas: dict[str, _Quota] = quotas._quotas if quotas is not None else {}
 
     @property
     def in_flight(self) -> int:

@@ -1,5 +1,5 @@
-"""The `agentloop` command line: `serve` runs the gateway; `health`, `generate`, `agent` and
-`models` call one (through agentloop_client).
+"""The `agentloop` command line: `serve` runs the gateway; `health`, `generate`, `agent`,
+`embed`, `tokens` and `models` call one (through agentloop_client).
 
 Expected failures print one line to stderr and exit non-zero; no tracebacks.
 """
@@ -443,6 +443,87 @@ def _describe_event(event: pb.StreamRunAgentResponse) -> str:
     return f"no answer: the run stopped ({reason})\n{summary}"
 
 
+# --- embed and tokens --------------------------------------------------------------------
+
+def _texts_argument(values: Sequence[str]) -> list[str]:
+    """The texts of the command line; a lone `-` reads one text per line from stdin."""
+    if list(values) == ["-"]:
+        return [line for line in sys.stdin.read().splitlines() if line.strip()]
+    return list(values)
+
+
+def _configure_embed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="+",
+                        help="the texts to embed; a lone - reads one text per line from stdin")
+    parser.add_argument("--model", default="", help="model name (default: the server's)")
+    parser.add_argument("--dimensions", type=int, default=0,
+                        help="shorter vectors (Matryoshka models only; default: the model's)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="cut a text longer than the model's context instead of failing")
+    parser.add_argument("--raw", action="store_true",
+                        help="do not normalize the vectors to length 1")
+    parser.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    _add_client_arguments(parser, timeout=DEFAULT_TIMEOUT)
+
+
+@_client_command
+def _run_embed(args: argparse.Namespace) -> int:
+    """One vector per text, one JSON array per line, in the texts' order."""
+    with _client(args) as client:
+        reply = client.embed(_texts_argument(args.texts), model=args.model,
+                             normalize=not args.raw, truncate=args.truncate,
+                             dimensions=args.dimensions)
+    if args.json:
+        print(_json_line(reply))
+        return 0
+    for embedding in reply.embeddings:
+        print(json.dumps([round(value, 7) for value in embedding.values]))
+    if sys.stderr.isatty():
+        print(f"[{len(reply.embeddings)} vectors of {reply.dimensions} dimensions from "
+              f"{reply.model}, {reply.usage.input_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+_ROLE_NAMES = ("system", "user", "assistant", "tool")
+
+
+def _chat_message(value: str) -> dict[str, str]:
+    role, sep, content = value.partition(":")
+    if not sep or role not in _ROLE_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"expected ROLE:TEXT with ROLE one of {', '.join(_ROLE_NAMES)}, got {value!r}")
+    return {"role": role, "content": content}
+
+
+def _configure_tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="*",
+                        help="texts counted one by one; a lone - reads one per line from stdin")
+    parser.add_argument("--message", action="append", default=[], type=_chat_message,
+                        dest="messages", metavar="ROLE:TEXT",
+                        help="a chat turn (repeatable, in order): the chat is counted whole, "
+                             "as generate sends it")
+    parser.add_argument("--system", default="", help="the chat's system prompt")
+    parser.add_argument("--model", default="", help="model name (default: the server's)")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _add_client_arguments(parser, timeout=30.0)
+
+
+@_client_command
+def _run_tokens(args: argparse.Namespace) -> int:
+    """One count per line (per text, or the chat's), then the total and the context."""
+    with _client(args) as client:
+        reply = client.count_tokens(_texts_argument(args.texts), messages=args.messages,
+                                    system=args.system, model=args.model)
+    if args.json:
+        print(_json_line(reply))
+        return 0
+    for count in reply.counts:
+        print(count)
+    room = f" of {reply.context_length} the context holds" if reply.context_length else ""
+    print(f"total {reply.total_tokens} tokens{room} ({reply.model})")
+    return 0
+
+
 # --- models ------------------------------------------------------------------------------
 
 def _configure_models(parser: argparse.ArgumentParser) -> None:
@@ -457,11 +538,12 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(_json_line(reply))
         return 0
-    rows = [("NAME", "SIZE", "LOADED", "FAMILY", "PARAMETERS", "QUANTIZATION")]
+    rows = [("NAME", "SIZE", "LOADED", "FAMILY", "PARAMETERS", "QUANTIZATION", "EMBEDS")]
     for model in reply.models:
         name = model.name + (" *" if model.name == reply.default_model else "")
+        embeds = (f"{model.embedding_dimensions or '?'} dimensions" if model.embeds else "no")
         rows.append((name, f"{model.size_bytes / 1e9:.1f} GB", "yes" if model.loaded else "no",
-                     model.family, model.parameter_size, model.quantization_level))
+                     model.family, model.parameter_size, model.quantization_level, embeds))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -482,6 +564,10 @@ COMMANDS: list[Command] = [
      _configure_generate, _run_generate),
     ("agent", "run the agent loop on a goal, showing each step as it happens",
      _configure_agent, _run_agent),
+    ("embed", "embed texts: one vector per text, one JSON array per line",
+     _configure_embed, _run_embed),
+    ("tokens", "count the tokens of texts or a chat, with the model's context length",
+     _configure_tokens, _run_tokens),
     ("models", "list the backend's models", _configure_models, _run_models),
 ]
 

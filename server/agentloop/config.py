@@ -261,6 +261,13 @@ class Settings:
         "next to each other, or mixing prompt chunks with generating slots, into passes",
         group="embedded",
     )
+    embedded_embed_share: float = _setting(
+        0.1,
+        "share of the embedded engine's time embeddings get while generations run (they "
+        "take all of it otherwise): one embedding step at a time, then generation steps "
+        "until the share is kept",
+        group="embedded", minimum=0.01, maximum=1,
+    )
     embedded_stall_timeout: float = _setting(
         30.0,
         "seconds the embedded engine's process may go without a heartbeat, without "
@@ -295,6 +302,13 @@ class Settings:
         0,
         "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
         "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
+        group="admission", minimum=0,
+    )
+    max_embed_in_flight: int = _setting(
+        0,
+        "Embed batches run at once per replica, in slots of their own so that embeddings "
+        "and generations never wait for each other (0 = the backend's parallelism); they "
+        "queue under --max-queue and --queue-timeout like generations",
         group="admission", minimum=0,
     )
     max_queue: int = _setting(
@@ -340,10 +354,51 @@ class Settings:
         "largest num_ctx (context window) a request may ask for: the engine allocates it",
         group="limits", minimum=1,
     )
+    max_texts: int = _setting(
+        256, "most texts in one Embed or CountTokens call", group="limits", minimum=1
+    )
+    max_text_bytes: int = _setting(
+        65536, "largest single text of an Embed or CountTokens call, in UTF-8 bytes",
+        group="limits", minimum=1,
+    )
+    max_texts_bytes: int = _setting(
+        1048576, "largest total of the texts of one Embed or CountTokens call, in UTF-8 bytes",
+        group="limits", minimum=1,
+    )
     max_message_bytes: int = _setting(
-        MAX_MESSAGE_BYTES,
-        "largest gRPC message the server accepts, in bytes (beyond: RESOURCE_EXHAUSTED)",
-        group="limits", minimum=1024,
+        0,
+        "largest gRPC message the server accepts once decompressed, in bytes (beyond: "
+        "RESOURCE_EXHAUSTED); 0 = the largest request the other limits allow (prompt, "
+        "images, schemas, stop strings: about 10.4 MiB with their defaults)",
+        group="limits", minimum=1024, unset=0,
+    )
+
+    # --- transport: what one connection and all calls together may hold ---
+    max_concurrent_streams: int = _setting(
+        256,
+        "most calls one client connection may have open at once (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS): gRPC clients queue their calls beyond it, streams "
+        "past it are refused",
+        group="transport", minimum=1,
+    )
+    first_message_timeout: float = _setting(
+        10.0,
+        "seconds a StreamRunAgent call may take to send its first message (start), then "
+        "DEADLINE_EXCEEDED",
+        group="transport", above=0,
+    )
+    send_stall_timeout: float = _setting(
+        30.0,
+        "seconds a stream's next message may wait for the client to read (HTTP/2 flow "
+        "control), then the call ends with RESOURCE_EXHAUSTED (SEND_STALLED); the "
+        "generation itself never waits for the client",
+        group="transport", above=0,
+    )
+    max_request_bytes_in_flight: int = _setting(
+        128 * 1024 * 1024,
+        "most decompressed request bytes all calls may hold at once; a call past it gets "
+        "RESOURCE_EXHAUSTED (limit: request_bytes)",
+        group="transport", minimum=1024 * 1024,
     )
 
     # --- agent loop ---
@@ -381,6 +436,18 @@ class Settings:
         "Prometheus /metrics listen address HOST:PORT (port 0 = any free port, empty = off); "
         "worker N of --workers serves on PORT+N",
         group="telemetry", check=parse_host_port,
+    )
+    metrics_threads: int = _setting(
+        4,
+        "most scrapes of /metrics served at once (one thread each); a connection past it is "
+        "closed at once",
+        group="telemetry", minimum=1,
+    )
+    metrics_timeout: float = _setting(
+        5.0,
+        "seconds a /metrics connection may wait on one read or write (a peer that sends or "
+        "reads nothing is dropped then)",
+        group="telemetry", above=0,
     )
     trace_content: bool = _setting(
         False,
@@ -478,6 +545,17 @@ class Settings:
     rate_burst: int = _setting(
         10, "calls a client may make at once before rate_limit applies", group="security",
         minimum=1,
+    )
+    refusal_rate: float = _setting(
+        1.0,
+        "calls without a valid API key a peer address may make per second (token bucket); "
+        "past refusal_burst, every call from that address is RESOURCE_EXHAUSTED until the "
+        "bucket refills, a valid key or not (key guessing slows to this rate)",
+        group="security", above=0,
+    )
+    refusal_burst: int = _setting(
+        20, "calls without a valid API key a peer address may make at once",
+        group="security", minimum=1,
     )
     tls_cert: str = _setting(
         "", "PEM certificate chain for TLS on the gRPC port; empty = plaintext", group="security",

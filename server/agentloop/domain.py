@@ -183,6 +183,9 @@ class ModelInfo:
     modified_at: float | None = None  # unix seconds
     expires_at: float | None = None  # unix seconds
     size_vram_bytes: int = 0
+    #: The model answers Embed, with vectors of this length (0: not known).
+    embeds: bool = False
+    embedding_dimensions: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +278,9 @@ class TokenCountRequest:
     system: str = ""
     deadline: float | None = None
     context: CallContext = CallContext()
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,6 +189,14 @@ class Shed(ResourceExhausted):
     reason = "SHED"
 
 
+class SendStalled(AgentLoopError):
+    """The client did not read a stream's next message in time. RESOURCE_EXHAUSTED is the
+    code gRPC gives to flow-control limits reached."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "SEND_STALLED"
+
+
 class ShuttingDown(RetryableError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
@@ -204,9 +212,23 @@ class EngineRestarting(RetryableError):
     reason = "ENGINE_RESTARTING"
 
 
+class Unimplemented(AgentLoopError):
+    """The backend cannot do what the call asks: no portable API for it (counting tokens on
+    Ollama or an OpenAI-compatible server)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNSUPPORTED_BY_BACKEND"
+
+
 class DeadlineExceeded(AgentLoopError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class FirstMessageTimeout(DeadlineExceeded):
+    """A client stream did not send its first message within the server's timeout."""
+
+    reason = "FIRST_MESSAGE_TIMEOUT"
 
 
 class Cancelled(AgentLoopError):
@@ -226,13 +248,6 @@ class FailedPrecondition(AgentLoopError):
         super().__init__(message, metadata=metadata)
         if reason:
             self.reason = reason
-
-
-class Unimplemented(AgentLoopError):
-    """The engine behind this call cannot do what was asked (no portable API for it)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_SUPPORTED_BY_ENGINE"
 
 
 class Unauthenticated(AgentLoopError):

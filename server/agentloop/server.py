@@ -33,14 +33,22 @@ from agentloop.config import (
 from agentloop.health import SERVICE_NAME, HealthReporter
 from agentloop.rpc.auth import ApiKeys, security_interceptors
 from agentloop.rpc.interceptors import (
+    CallsInFlight,
     DrainInterceptor,
     ErrorInterceptor,
     UndecodableRequestGuard,
 )
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
+from agentloop.rpc.transport import (
+    RequestBytes,
+    RequestBytesGuard,
+    SendStallGuard,
+    server_transport_options,
+)
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
+from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
@@ -55,6 +63,10 @@ if TYPE_CHECKING:
     from agentloop.services.mcp_tools import McpServers
 
 log = logging.getLogger(__name__)
+
+#: Seconds the calls still running when the shutdown grace ends get to send their
+#: SHUTTING_DOWN status before gRPC cuts them.
+SHUTDOWN_CUT_MARGIN = 0.25
 
 
 @dataclass
@@ -76,6 +88,10 @@ class RunningServer:
     keys: ApiKeys | None = None
     #: The task that re-reads the keys file when it changes.
     keys_watch: asyncio.Task[None] | None = None
+    #: Embed's admission slots (apart from the generations').
+    embed_admission: Admission | None = None
+    #: The AgentLoopService calls running (the shutdown ends the late ones).
+    calls: CallsInFlight = field(default_factory=CallsInFlight)
 
     def reload_keys(self) -> bool:
         """Read the keys file again (SIGHUP): new keys, tenants and limits at once."""
@@ -103,12 +119,23 @@ class RunningServer:
         if drain_delay > 0:
             # Time for load balancers and kube-proxy to see NOT_SERVING before we close.
             await asyncio.sleep(drain_delay)
-        await self.server.stop(grace)
+        await self._stop(grace)
         if self.mcp is not None:
             await self.mcp.close()
         await self.backend.close()
         await self.telemetry.shutdown()  # flush the last spans and metrics
         log.info("stopped")
+
+
+    async def _stop(self, grace: float) -> None:
+        """`server.stop(grace)`, but the calls still running when the grace ends are ended
+        with SHUTTING_DOWN (gRPC's own cut, a moment later, carries no details)."""
+        stopping = asyncio.create_task(self.server.stop(grace + SHUTDOWN_CUT_MARGIN))
+        await asyncio.wait({stopping}, timeout=grace)
+        if not stopping.done() and self.calls.running:
+            log.info("grace over: ending %d calls still running", self.calls.running)
+            await self.calls.cut(within=SHUTDOWN_CUT_MARGIN)
+        await stopping
 
 
 async def select_backend(settings: Settings) -> Backend:
@@ -163,7 +190,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # whose breach ends the connection with too_many_pings.
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        *server_transport_options(settings),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Several workers share the port on purpose; one worker must not share it by accident.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -232,22 +259,38 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     health = HealthReporter(backend, backend.default_model, settings.health_interval,
                             warm_up=settings.warm_up)
     backend.on_health_change = health.check_soon
-    telemetry = start_telemetry(settings, backend, admission, health, cache, backend)
+    # Embeddings run apart from generation slots (the embedded engine embeds on a context of
+    # its own): the same rules, slots of their own, so neither kind waits for the other.
+    embed_admission = Admission(settings.max_embed_in_flight or backend.parallelism,
+                                settings.max_queue, settings.queue_timeout,
+                                fair=settings.fair_queuing, tenants=keys.tenant,
+                                quotas=admission)
+    telemetry = start_telemetry(settings, backend, admission, health, cache, backend,
+                                embed_admission)
     admission.observer = telemetry
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
+    request_bytes = RequestBytes(settings.max_request_bytes_in_flight)
+    calls = CallsInFlight()
     server = grpc.aio.server(
-        # Telemetry first: its span and status cover what the others refuse or raise.
-        # Undecodable bytes are refused after the auth guards (who is asking comes first).
-        interceptors=[ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
-                      drain_gate, *guards, UndecodableRequestGuard(), ErrorInterceptor()],
+        # The calls in flight outermost (the shutdown ends the late ones), then the
+        # send-stall guard: it writes the stream the others produce.
+        # Telemetry next: its span and status cover what the others refuse or raise.
+        # Undecodable bytes are refused after the auth guards (who is asking comes first),
+        # and a refused call's bytes are never counted nor parsed.
+        interceptors=[calls, SendStallGuard(settings.send_stall_timeout),
+                      ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
+                      drain_gate, *guards, UndecodableRequestGuard(),
+                      RequestBytesGuard(request_bytes), ErrorInterceptor()],
         options=server_options(settings),
     )
     tools = default_tools()
     if mcp is not None:
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
-    add_services(server, AgentLoopServicer(settings, generation, agent), health, settings)
+    embeddings = EmbeddingService(backend, embed_admission, telemetry)
+    add_services(server, AgentLoopServicer(settings, generation, agent, embeddings), health,
+                 settings)
     port = add_port(server, settings)
     await server.start()
     await health.start()
@@ -257,7 +300,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                                 name="keys-watch") \
         if settings.api_keys_file and settings.api_keys_reload_interval > 0 else None
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp, keys, watch)
+                            telemetry, mcp, keys, watch, embed_admission, calls)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")

@@ -20,6 +20,7 @@ from agentloop_client.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 from agentloop_client.requests import ClientTool
 
@@ -38,5 +39,6 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "pb",
 ]

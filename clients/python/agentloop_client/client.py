@@ -34,6 +34,8 @@ from agentloop_client.requests import (
     MessageLike,
     OptionsLike,
     agent_fields,
+    count_tokens_request,
+    embed_request,
     generation_fields,
     start_agent_run,
     tool_call_target,
@@ -167,6 +169,48 @@ class AgentLoopClient:
         finally:
             outbox.put(None)  # ends the request stream (and its sending thread)
             call.cancel()
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        normalize: bool = True,
+        truncate: bool = False,
+        dimensions: int = 0,
+        timeout: float | None = None,
+        session: str | None = None,
+    ) -> pb.EmbedResponse:
+        """One vector per text, in order: `[list(e.values) for e in reply.embeddings]`.
+
+        A text longer than the model's context is refused (InvalidArgument naming
+        `texts[i]`) unless `truncate`; `dimensions` asks a Matryoshka model for shorter
+        vectors."""
+        request = embed_request(texts, model, normalize, truncate, dimensions)
+        try:
+            return self.stub.Embed(request, timeout=timeout,
+                                   metadata=session_metadata(session))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def count_tokens(
+        self,
+        texts: str | Sequence[str] = (),
+        *,
+        messages: Sequence[MessageLike] = (),
+        system: str = "",
+        model: str = "",
+        timeout: float | None = None,
+        session: str | None = None,
+    ) -> pb.CountTokensResponse:
+        """Tokens the model would see: one count per text, or one for a chat (`messages`
+        and `system` as `generate` takes them), with the model's `context_length`."""
+        request = count_tokens_request(texts, messages, system, model)
+        try:
+            return self.stub.CountTokens(request, timeout=timeout,
+                                         metadata=session_metadata(session))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         try:

@@ -79,6 +79,10 @@ class Unavailable(AgentLoopError):
     """The server or its backend is down, loading or draining; retry after `retry_delay`."""
 
 
+class Unimplemented(AgentLoopError):
+    """The server's backend cannot do this (e.g. CountTokens on Ollama)."""
+
+
 class DeadlineExceeded(AgentLoopError):
     """The call's deadline passed."""
 
@@ -93,6 +97,7 @@ _BY_CODE: dict[grpc.StatusCode, type[AgentLoopError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
 }

@@ -144,3 +144,20 @@ def tool_call_target(tools: Mapping[str, ClientTool], call: pb.AgentToolCall
     if not isinstance(arguments, dict):
         raise ValueError("the arguments are not a JSON object")
     return tool, arguments
+
+
+def texts_list(texts: str | Sequence[str]) -> list[str]:
+    """One text or several: a lone string is one text, not its characters."""
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def embed_request(texts: str | Sequence[str], model: str, normalize: bool, truncate: bool,
+                  dimensions: int) -> pb.EmbedRequest:
+    return pb.EmbedRequest(texts=texts_list(texts), model=model, normalize=normalize,
+                           truncate=truncate, dimensions=dimensions)
+
+
+def count_tokens_request(texts: str | Sequence[str], messages: Sequence[MessageLike],
+                         system: str, model: str) -> pb.CountTokensRequest:
+    return pb.CountTokensRequest(texts=texts_list(texts), messages=[message(m) for m in messages],
+                                 system=system, model=model)

@@ -7,7 +7,8 @@ is `python -m agentloop.backends.engine_child` over a socket pair rather than
 pipe of its own, apart from the protocol; and nothing forks a process that runs gRPC's
 threads. Here everything runs on the event loop: one reader task per child fans items out
 to per-request queues; a stream closed early sends `cancel` and returns, passing its
-admission slot on, once the child confirms the end (or is gone).
+admission slot on, once the child confirms the end (or is gone). Embed and CountTokens are
+jobs of one item each, served in the child by `llama_embedder`.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ from agentloop.backends.crash_ledger import CrashLedger, crash_cause
 from agentloop.config import Settings, SettingsError
 from agentloop.domain import (
     BackendHealth,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationEnd,
     GenerationRequest,
     ModelInfo,
     StreamItem,
+    TokenCount,
+    TokenCountRequest,
 )
 from agentloop.errors import (
     AgentLoopError,
@@ -142,12 +147,14 @@ def engine_config(settings: Settings, path: Path) -> EngineConfig:
         prefix_reuse=settings.embedded_prefix_reuse,
         batch_tokens=settings.embedded_batch_tokens,
         kv_unified=settings.embedded_kv_unified,
+        side_share=settings.embedded_embed_share,
     )
 
 
 # --- one child process -------------------------------------------------------------------
 
-_TERMINAL = (GenerationEnd, AgentLoopError)
+#: Items that end a job: a generation's end, an embed or count job's one answer, an error.
+_TERMINAL = (GenerationEnd, EmbeddingResult, TokenCount, AgentLoopError)
 
 
 @dataclass(eq=False)
@@ -155,7 +162,7 @@ class _Job:
     """One generation as the parent sees it: items arrive on `queue`, `done` once terminal."""
 
     id: int
-    request: GenerationRequest
+    request: GenerationRequest | None = None  # a generation's (crashes are blamed on it)
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -459,7 +466,7 @@ class EmbeddedBackend:
                 self._restart_delay = _RESTART_DELAY_FIRST  # it did healthy work
             if not child.kill_reason:  # it crashed (a hang is the watchdog's): suspects
                 self._crashes.blame(job.request for job in self._jobs.values()
-                                    if not job.done.is_set())
+                                    if job.request is not None and not job.done.is_set())
             failed = self._fail_jobs(self._restarting())
             log.warning("embedded engine: process %s; %d generation(s) failed, restarting "
                         "in %.1fs", child.describe_exit(returncode), failed, self._restart_delay)
@@ -595,19 +602,60 @@ class EmbeddedBackend:
     async def list_models(self) -> list[ModelInfo]:
         return [dataclasses.replace(self._info, loaded=self._child is not None)]
 
-    # --- generation ----------------------------------------------------------------------
+    # --- embeddings and token counts (llama_embedder in the child) ------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        if request.model and request.model != self._model:
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        result = await self._one_item("embed", request.model, request)
+        if not isinstance(result, EmbeddingResult):
+            raise BackendProtocolError("the embedded engine sent an unknown item")
+        return result
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        result = await self._one_item("count", request.model, request)
+        if not isinstance(result, TokenCount):
+            raise BackendProtocolError("the embedded engine sent an unknown item")
+        return result
+
+    async def _one_item(self, kind: str, model: str, request: object) -> object:
+        """Send a job that ends with one item and wait for it; leaving early (a cancelled
+        caller) cancels the job in the child."""
+        child = self._child_for(model)
+        job = _Job(next(self._ids))
+        if not self._running():
+            child.progressed_at = time.monotonic()  # the watchdog's clock starts now
+        self._jobs[job.id] = job
+        child.send((kind, job.id, request))
+        try:
+            item = await job.queue.get()
+        finally:
+            try:
+                if not job.done.is_set():
+                    child.send(("cancel", job.id))
+                    await asyncio.shield(job.done.wait())
+            finally:
+                self._jobs.pop(job.id, None)
+        if isinstance(item, AgentLoopError):
+            raise item
+        return item
+
+    def _child_for(self, model: str) -> _EngineProcess:
+        """The serving child, for a request naming `model`; raises what a caller sees."""
+        if model and model != self._model:
             raise ModelNotFound(
-                f"model {request.model!r} not found; the embedded engine serves {self._model!r}",
-                metadata={"model": request.model},
+                f"model {model!r} not found; the embedded engine serves {self._model!r}",
+                metadata={"model": model},
             )
         child = self._child
         if self._closed or not self._started:
             raise BackendUnavailable("the embedded engine is not loaded", retry_after=1.0)
         if child is None:
             raise self._restarting()
+        return child
+
+    # --- generation ----------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        child = self._child_for(request.model)
         if (refused := self._crashes.refused_for(request)) > 0:
             raise BackendRejected(
                 f"this request was in flight when the embedded engine's process died "

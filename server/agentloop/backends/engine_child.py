@@ -6,9 +6,10 @@ travels over the socket as frames of JSON messages checked against a table of ki
 (engine_wire.py: never pickle, which would let a child taken over through llama.cpp run
 code in the gateway):
 
-parent -> child: start, then submit, cancel, close
-child -> parent: beat while loading; ready or failed after the load; then delta, end and
-                 error (a job's output), stats, log
+parent -> child: start, then submit (a generation), embed and count (Embed and CountTokens,
+                 llama_embedder), cancel, close
+child -> parent: beat while loading; ready or failed after the load; then delta, end,
+                 embedding, token_count and error (a job's output), stats, log
 
 The engine's sinks only put messages on a queue; one writer thread sends whatever piled up
 as one frame, so a slow parent never blocks a decoding step. A heartbeat thread sends the
@@ -35,7 +36,7 @@ from typing import Any
 
 from agentloop.backends import engine_wire
 from agentloop.backends.engine_wire import HEADER_SIZE, Message, encode_error, frame_size
-from agentloop.domain import GenerationEnd
+from agentloop.domain import EmbeddingResult, GenerationEnd, TokenCount
 
 #: Raw output lines (stdout and stderr: llama.cpp, ggml, Python's last words) are logged
 #: by the parent under this logger at debug level.
@@ -125,6 +126,10 @@ def _sink_for(channel: _Channel) -> Callable[[int, object], None]:
             channel.post(("delta", job_id, item))
         elif isinstance(item, GenerationEnd):
             channel.post(("end", job_id, item))
+        elif isinstance(item, EmbeddingResult):
+            channel.post(("embedding", job_id, item))
+        elif isinstance(item, TokenCount):
+            channel.post(("token_count", job_id, item))
         else:
             channel.post(("error", job_id, encode_error(item if isinstance(
                 item, BaseException) else TypeError("not an item"))))
@@ -178,16 +183,25 @@ def serve(sock: socket.socket) -> int:
         channel.post(("failed", str(exc)))
         channel.close()
         return 2
-    channel.post(("ready", info, engine.context_size))
-    loaded.set()
     sink = _sink_for(channel)
+    # Embed and CountTokens: their commands, steps and tokenizer live in llama_embedder.
+    from agentloop.backends import llama_embedder
+
+    embedder = llama_embedder.Embedder(engine, sink)
+    engine.attach(embedder)
+    channel.post(("ready", llama_embedder.with_embedding_facts(info, engine),
+                  engine.context_size))
+    loaded.set()
     try:
         while (message := channel.receive()) is not None:
             command = message[0]
             if command == "submit":
                 engine.submit(message[1], message[2], sink)
+            elif command in llama_embedder.COMMANDS:
+                embedder.handle(message)
             elif command == "cancel":
                 engine.cancel(message[1])
+                embedder.cancel(message[1])
             elif command == "close":
                 break
     finally:

@@ -31,7 +31,15 @@ from functools import cache
 from typing import Any
 
 from agentloop.backends.engine_types import EngineConfig, EngineStats
-from agentloop.domain import GenerationEnd, GenerationRequest, ModelInfo
+from agentloop.domain import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationEnd,
+    GenerationRequest,
+    ModelInfo,
+    TokenCount,
+    TokenCountRequest,
+)
 from agentloop.errors import (
     AgentLoopError,
     BackendProtocolError,
@@ -71,6 +79,8 @@ class ErrorReport:
 PARENT_MESSAGES: dict[str, tuple[Any, ...]] = {
     "start": (EngineConfig, float, int),  # config, heartbeat seconds, log level
     "submit": (int, GenerationRequest),  # job id, request
+    "embed": (int, EmbeddingRequest),  # job id, request (llama_embedder)
+    "count": (int, TokenCountRequest),  # job id, request (llama_embedder)
     "cancel": (int,),  # job id
     "close": (),
 }
@@ -80,12 +90,14 @@ CHILD_MESSAGES: dict[str, tuple[Any, ...]] = {
     "failed": (str,),  # the load failed: why
     "delta": (int, str),  # job id, text
     "end": (int, GenerationEnd),  # job id, its report (terminal)
+    "embedding": (int, EmbeddingResult),  # job id, an embed job's answer (terminal)
+    "token_count": (int, TokenCount),  # job id, a count job's answer (terminal)
     "error": (int, ErrorReport),  # job id, its error (terminal)
     "stats": (EngineStats, int),  # load, progress count
     "log": (int, str, str, str, int, str),  # level, logger, text, path, line, function
 }
 #: The kinds that carry a job's output (progress, for the watchdog).
-JOB_ITEMS = frozenset({"delta", "end", "error"})
+JOB_ITEMS = frozenset({"delta", "end", "embedding", "token_count", "error"})
 
 # The errors a child may report, by name; anything else arrives as BackendProtocolError.
 _ERRORS: dict[str, type[AgentLoopError]] = {cls.__name__: cls for cls in (

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import llama_cpp
 import numpy as np
@@ -90,6 +91,20 @@ _CONVERTER_CHAR = r'char ::= [^"\\] |'
 _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 Sink = Callable[[int, object], None]
+
+
+class SideWork(Protocol):
+    """Work that shares the scheduler thread with generation (llama_embedder.Embedder):
+    its steps run between generation steps, so neither decodes while the other does."""
+
+    def step(self, generating: bool) -> bool:
+        """Run at most one step (bounded like a generation step); True when it decoded.
+        Never raises: a failure is its own jobs' to report."""
+        ...
+
+    def close(self) -> None:
+        """Fail what is left and free what it holds (before the model is freed)."""
+        ...
 
 
 # --- stop strings ------------------------------------------------------------------------
@@ -239,10 +254,35 @@ class Engine:
         self._piece = ctypes.create_string_buffer(256)
         self._candidates: np.ndarray | None = None
         self._token_ids: np.ndarray | None = None
+        self._side: SideWork | None = None
 
     @property
     def model_name(self) -> str:
         return self._model_name
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def model(self) -> _internals.LlamaModel:
+        """The loaded model (a side context of its own shares its weights)."""
+        assert self._model is not None, "the engine is not loaded"
+        return self._model
+
+    def attach(self, side: SideWork) -> None:
+        """Run `side`'s steps on the scheduler thread, between generation steps."""
+        self._side = side
+
+    def wake(self) -> None:
+        """The side work has something new: the scheduler looks at once."""
+        with self._lock:
+            self._wake()
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The tokens the model sees for a generation (its chat template applied);
+        raises BackendRejected when the template refuses the messages. Any thread."""
+        return self._prompt(request).tokens
 
     @property
     def context_size(self) -> int:
@@ -341,6 +381,8 @@ class Engine:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._builders = self._tokenizers = None
+        if self._side is not None:
+            self._side.close()  # its context goes before the model it shares
         for job in list(self._jobs.values()):  # submitted while closing, never scheduled
             self._end(job, _shutting_down())
         for built in [*self._grammars.values(), *self._retired]:
@@ -415,9 +457,12 @@ class Engine:
             try:
                 self._expire(now)
                 self._admit()
-                if any(slot.job is not None for slot in self._slots):
+                generating = any(slot.job is not None for slot in self._slots)
+                if generating:
                     self._step()
-                else:
+                if self._side is not None and self._side.step(generating):
+                    self._steps += 1
+                elif not generating:
                     self._idle(now)
             except Exception:
                 log.exception("the llama engine failed")

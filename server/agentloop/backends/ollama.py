@@ -9,7 +9,9 @@ request inside Ollama.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import logging
@@ -33,6 +35,8 @@ from agentloop.backends.http_wire import (
 from agentloop.config import Settings
 from agentloop.domain import (
     BackendHealth,
+    EmbeddingRequest,
+    EmbeddingResult,
     FinishReason,
     GenerationEnd,
     GenerationRequest,
@@ -40,6 +44,8 @@ from agentloop.domain import (
     OutputFormat,
     StreamItem,
     Timings,
+    TokenCount,
+    TokenCountRequest,
     Usage,
 )
 from agentloop.errors import (
@@ -49,14 +55,20 @@ from agentloop.errors import (
     BackendStreamFailed,
     BackendUnavailable,
     Cancelled,
+    InvalidArgument,
     ModelNotFound,
     ResourceExhausted,
+    Unimplemented,
 )
 
 log = logging.getLogger(__name__)
 
 _DONE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 _NS = 1e-9
+#: An /api/embed answer larger than this is parsed on a thread: the event loop keeps going.
+_PARSE_OFF_LOOP_BYTES = 256 * 1024
+#: Concurrent /api/show calls of one ListModels (which models embed, their dimension).
+_SHOW_CONCURRENCY = 8
 
 
 class OllamaBackend:
@@ -83,6 +95,9 @@ class OllamaBackend:
         self._client = self._pools[0]
         self._pool_turns = itertools.cycle(self._pools)
         self._address = url_address(settings.ollama_url)
+        #: (name, digest) -> (embeds, dimensions), from /api/show: a model's facts only change
+        #: with its digest, so ListModels asks once per model version.
+        self._embedding_facts: dict[tuple[str, str], tuple[bool, int]] = {}
 
     @property
     def default_model(self) -> str:
@@ -115,6 +130,39 @@ class OllamaBackend:
                     yield item
         except httpx.HTTPError as exc:
             raise transport_error(exc, before_headers=not answered) from None
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One /api/embed call for the whole batch. Ollama always returns unit vectors, so
+        a call asking for raw ones is refused rather than answered wrongly."""
+        if not request.normalize:
+            raise BackendRejected("the Ollama backend returns unit vectors only (Ollama "
+                                  "normalizes every embedding); leave normalize set",
+                                  field="normalize")
+        body: dict[str, Any] = {"model": request.model, "input": list(request.texts),
+                                "truncate": request.truncate, "keep_alive": self._keep_alive}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        answered = False
+        try:
+            pool = next(self._pool_turns)
+            async with pool.stream("POST", "/api/embed", json=body, headers=headers) as response:
+                answered = True
+                content = await response.aread()
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, before_headers=not answered) from None
+        if response.status_code != 200:
+            raise embed_error(response.status_code, content, request)
+        if len(content) > _PARSE_OFF_LOOP_BYTES:
+            return await asyncio.to_thread(parse_embeddings, content, request)
+        return parse_embeddings(content, request)
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        """Ollama has no tokenizer endpoint, and its prompt_eval_count after a generation
+        leaves out the tokens it found in its cache: no honest count can be had."""
+        raise Unimplemented("the Ollama backend cannot count tokens: Ollama's API has no "
+                            "tokenizer endpoint", metadata={"backend": self.name})
 
     async def warm_up(self) -> None:
         """Load the default model with keep_alive (an empty generate), pulling it first when
@@ -192,7 +240,33 @@ class OllamaBackend:
             if response.status_code != 200:
                 raise http_error(response.status_code, response.content, "")
         loaded = {m["name"]: m for m in running.json().get("models", [])}
-        return [_model_info(m, loaded.get(m["name"])) for m in tags.json().get("models", [])]
+        tagged = tags.json().get("models", [])
+        turns = asyncio.Semaphore(_SHOW_CONCURRENCY)
+        facts = await asyncio.gather(*(self._embedding_fact(m, turns) for m in tagged))
+        return [dataclasses.replace(_model_info(m, loaded.get(m["name"])), embeds=embeds,
+                                    embedding_dimensions=dimensions)
+                for m, (embeds, dimensions) in zip(tagged, facts, strict=True)]
+
+    async def _embedding_fact(self, tag: Mapping[str, Any],
+                              turns: asyncio.Semaphore) -> tuple[bool, int]:
+        """Does the model embed (its /api/show capabilities) and how long are its vectors
+        (`<architecture>.embedding_length`)? (False, 0) when Ollama does not say."""
+        key = (str(tag.get("name", "")), str(tag.get("digest", "")))
+        known = self._embedding_facts.get(key)
+        if known is not None:
+            return known
+        try:
+            async with turns:
+                response = await self._client.post("/api/show", json={"model": key[0]})
+            shown = response.json() if response.status_code == 200 else {}
+            embeds = "embedding" in (shown.get("capabilities") or ())
+            info = shown.get("model_info") or {}
+            length = info.get(f"{info.get('general.architecture', '')}.embedding_length")
+            fact = (embeds, int(length) if embeds and isinstance(length, int) else 0)
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+            return (False, 0)
+        self._embedding_facts[key] = fact
+        return fact
 
 
 def new_http_client(settings: Settings, max_connections: int | None = None,
@@ -325,6 +399,38 @@ def http_error(status: int, body: bytes, model: str) -> AgentLoopError:
     if status == 499:
         return Cancelled("the backend cancelled the request", metadata=meta)
     return BackendUnavailable(f"the backend failed ({status}): {message}", metadata=meta)
+
+
+def embed_error(status: int, body: bytes, request: EmbeddingRequest) -> AgentLoopError:
+    """Ollama's refusal of an input over the context (truncate off) names no input: the
+    field is the text when there is one, else `texts`."""
+    message = _error_message(body)
+    if status == 400 and "context length" in message:
+        field = "texts[0]" if len(request.texts) == 1 else "texts"
+        return InvalidArgument([(field, "longer than the model's context (set truncate to "
+                                        "cut it); Ollama does not say which text")
+                                if field == "texts" else
+                                (field, "longer than the model's context (set truncate to "
+                                        "cut it)")])
+    return http_error(status, body, request.model)
+
+
+def parse_embeddings(content: bytes, request: EmbeddingRequest) -> EmbeddingResult:
+    """/api/embed's answer: `embeddings` (one list of numbers per input) and
+    `prompt_eval_count`."""
+    try:
+        answer = json.loads(content)
+        vectors = tuple(tuple(map(float, vector)) for vector in answer["embeddings"])
+        tokens = int(answer.get("prompt_eval_count") or 0)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise BackendProtocolError("the backend sent malformed embeddings") from None
+    if len(vectors) != len(request.texts) or len({len(v) for v in vectors}) != 1:
+        raise BackendProtocolError("the backend sent another number or shape of embeddings")
+    if request.dimensions is not None and len(vectors[0]) != request.dimensions:
+        raise InvalidArgument([("dimensions", f"the model's vectors have {len(vectors[0])} "
+                                              "dimensions; ask for fewer")])
+    return EmbeddingResult(vectors=vectors, model=str(answer.get("model") or request.model),
+                           input_tokens=tokens)
 
 
 def _error_message(body: bytes) -> str:

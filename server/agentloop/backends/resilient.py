@@ -15,18 +15,36 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from typing import Protocol, TypeVar
 
 from agentloop.backends.base import Backend
 from agentloop.config import Settings
-from agentloop.domain import BackendHealth, GenerationEnd, GenerationRequest, ModelInfo, StreamItem
+from agentloop.domain import (
+    BackendHealth,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationEnd,
+    GenerationRequest,
+    ModelInfo,
+    StreamItem,
+    TokenCount,
+    TokenCountRequest,
+)
 from agentloop.errors import AgentLoopError, BackendUnavailable, CircuitOpen
 
 log = logging.getLogger(__name__)
 
 # The shortest RetryInfo a fail-fast answer carries: "now" would invite a busy loop.
 MIN_RETRY_AFTER = 0.1
+
+class _Deadlined(Protocol):
+    def time_left(self) -> float | None: ...
+
+
+Q = TypeVar("Q", bound=_Deadlined)
+R = TypeVar("R")
 
 
 class CircuitState(enum.Enum):
@@ -231,6 +249,43 @@ class ResilientBackend:
                 raise
             self.retries += 1
             await asyncio.sleep(delay)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        return await self._unary(self.inner.embed, request)
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        return await self._unary(self.inner.count_tokens, request)
+
+    async def _unary(self, call: Callable[[Q], Awaitable[R]], request: Q) -> R:
+        """A unary backend call (embed, count) under the same circuit and retries as a
+        generation: nothing reaches the caller before it succeeds, so an early failure
+        (one the backend marks retryable) may always be sent again."""
+        counted = False
+        for attempt in itertools.count():
+            probe = self.circuit.admit()
+            try:
+                result = await call(request)
+            except AgentLoopError as exc:
+                if is_backend_failure(exc) and (probe or not counted):
+                    counted = True
+                    self.circuit.record_failure()
+                else:
+                    self.circuit.release_probe(probe)
+                delay = retry_delay(exc, attempt, self._settings, request.time_left(),
+                                    self._random, False)
+                if delay is None:
+                    raise
+                log.info("retry %d in %.2fs after: %s", attempt + 1, delay, exc.message)
+            except BaseException:  # cancelled by the caller: no verdict
+                self.circuit.release_probe(probe)
+                raise
+            else:
+                self.circuit.record_success()
+                return result
+            self.retries += 1
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
 
 def retry_delay(exc: AgentLoopError, attempt: int, settings: Settings, time_left: float | None,
                 rng: random.Random, delivered: bool) -> float | None:

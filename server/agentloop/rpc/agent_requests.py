@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
 
 from agentloop.config import Settings
-from agentloop.errors import InvalidArgument
+from agentloop.errors import AgentLoopError, InvalidArgument
+from agentloop.rpc.coalesce import Backlog
 from agentloop.rpc.requests import (
     Violations,
     chat_messages,
@@ -188,7 +189,7 @@ class ToolResultReader:
     def __init__(self, requests: AsyncIterator[pb.StreamRunAgentRequest]) -> None:
         self.calls = ClientToolCalls()
         self._requests = requests
-        self._error: InvalidArgument | None = None
+        self._error: AgentLoopError | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ToolResultReader:
@@ -204,7 +205,7 @@ class ToolResultReader:
         try:
             async for message in self._requests:
                 self._route(message)
-        except InvalidArgument as exc:
+        except AgentLoopError as exc:  # a protocol error, or a message over a bound
             self._error = exc
         self.calls.close()
 
@@ -218,25 +219,31 @@ class ToolResultReader:
         except WrongCallId as exc:
             raise InvalidArgument([("tool_result.call_id", str(exc))]) from None
 
-    async def watch(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def watch(self, events: AsyncIterator[T], key: Callable[[T], Hashable | None],
+                    merge: Callable[[list[T]], T]) -> AsyncIterator[T]:
         """Pass the events on until they end or a client message breaks the protocol.
 
         The events are produced in one task of their own, so a protocol error stops a run
         even in the middle of a model call (the cancel closes it upstream), and the run's
-        context (its spans, its timeouts) stays in the one task that entered it."""
+        context (its spans, its timeouts) stays in the one task that entered it. Events
+        with a `key` come during a model call: they never wait for the client (consecutive
+        ones are merged), so a client that reads slowly or never does not hold a model call
+        open (`rpc.coalesce.Backlog`)."""
         assert self._task is not None
-        queue: asyncio.Queue[T | object] = asyncio.Queue(maxsize=1)
+        backlog: Backlog[T | object] = Backlog(
+            lambda event: None if event is _END else key(event),  # type: ignore[arg-type]
+            merge)  # type: ignore[arg-type]
 
         async def produce() -> None:
             async with aclosing(events):
                 async for event in events:
-                    await queue.put(event)
-            await queue.put(_END)
+                    await backlog.put(event)
+            await backlog.put(_END)
 
         producer = asyncio.create_task(produce())
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
+                getter = asyncio.ensure_future(backlog.get())
                 try:
                     waiting = {getter, producer}
                     if not self._task.done():

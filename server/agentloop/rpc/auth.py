@@ -119,10 +119,14 @@ def service_of(method: str) -> str:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED for calls without a valid API key, except to exempt services."""
 
-    def __init__(self, keys: ApiKeys, exempt: Iterable[str]) -> None:
+    def __init__(self, keys: ApiKeys, exempt: Iterable[str],
+                 refusals: TokenBuckets | None = None) -> None:
         self._keys = keys
         self._exempt = frozenset(exempt)
         self._refusals = RefusalLog()
+        # Calls without a valid key per peer address: past them, the peer is refused
+        # every call until its bucket refills, so guessing keys goes no faster.
+        self._refusal_buckets = refusals
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -135,16 +139,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         key = bearer_token(handler_call_details.invocation_metadata)
         tenant = self._keys.tenant_of(key) if key is not None else None
         if tenant is not None:
-            return with_tenant(handler, tenant)
+            if self._refusal_buckets is None:
+                return with_tenant(handler, tenant)
+            return guarded(with_tenant(handler, tenant), self._locked_out)
         why = "missing" if key is None else "invalid"
         method = handler_call_details.method
 
         def refuse(context: grpc.aio.ServicerContext) -> AgentLoopError:
+            if self._refusal_buckets is not None:
+                wait = self._refusal_buckets.take(peer_address(context))
+                if wait:
+                    return _too_many_refusals(wait)
             self._refusals.warn(method, context.peer(), why)
             return Unauthenticated(
                 f"{why} API key: send the metadata 'authorization: Bearer <key>'")
 
         return refused(handler, refuse)
+
+    def _locked_out(self, context: grpc.aio.ServicerContext) -> AgentLoopError | None:
+        assert self._refusal_buckets is not None
+        wait = self._refusal_buckets.wait(peer_address(context))
+        return _too_many_refusals(wait) if wait else None
+
+
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """The peer's address without its port (which changes per connection)."""
+    return context.peer().rpartition(":")[0]
+
+
+def _too_many_refusals(wait: float) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"too many calls without a valid API key from this address; retry in {wait:.2f}s",
+        retry_after=wait, metadata={"limit": "refusals"})
 
 
 class TokenBuckets:
@@ -157,6 +183,13 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(
             MAX_TRACKED_CLIENTS, burst / rate, clock)
+
+    def wait(self, client: str) -> float:
+        """The seconds until `client` has a token (0.0: it has one), taking none."""
+        now = self._clock()
+        tokens, last = self._buckets.get(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
 
     def take(self, client: str) -> float:
         """Take a token: 0.0 when there was one, else the seconds until there is one."""
@@ -202,7 +235,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         key = bearer_token(details.invocation_metadata) if self._by_api_key else None
         if key is not None:
             return "key:" + digest(key).hex()
-        return "peer:" + context.peer().rpartition(":")[0]
+        return "peer:" + peer_address(context)
 
 
 class RefusalLog:
@@ -282,7 +315,9 @@ def security_interceptors(settings: Settings,
     interceptors: list[grpc.aio.ServerInterceptor] = []
     keys = keys if keys is not None else ApiKeys.from_settings(settings)
     if len(keys):
-        interceptors.append(AuthInterceptor(keys, parse_list(settings.auth_exempt)))
+        interceptors.append(AuthInterceptor(
+            keys, parse_list(settings.auth_exempt),
+            TokenBuckets(settings.refusal_rate, settings.refusal_burst)))
     if settings.rate_limit > 0:
         buckets = TokenBuckets(settings.rate_limit, settings.rate_burst)
         interceptors.append(RateLimitInterceptor(buckets, by_api_key=bool(len(keys))))

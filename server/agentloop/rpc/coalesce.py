@@ -1,27 +1,39 @@
-"""Coalescing text deltas for a stream whose consumer falls behind (StreamGenerate).
+"""What a stream holds for a consumer that falls behind: deltas joined, never a paused engine.
 
-A reader task pulls the generation's items as fast as the backend sends them; the stream
-sends what has piled up since its last message. Normally that is one delta per message.
-When the gRPC send path cannot keep up with the backend (a fast engine, a slow client),
-deltas pile up and go out joined as one message: sending a gRPC message costs far more than
-relaying a token, so fewer, larger messages are what lets one process relay tens of
-thousands of tokens per second. A backlog under `min_backlog` deltas is normal jitter and
-still goes out one delta per message. The reader stops at `max_backlog` pending items, so a
-slow client still pushes back on the backend.
+Two streams send what a generation produces to a client that may read slowly or never:
+
+- `coalesced` (StreamGenerate): a reader task pulls the generation's items as fast as the
+  backend sends them; the stream sends what has piled up since its last message. Normally
+  that is one delta per message. When the gRPC send path cannot keep up with the backend
+  (a fast engine, a slow client), deltas pile up and go out joined as one message: sending
+  a gRPC message costs far more than relaying a token, so fewer, larger messages are what
+  lets one process relay tens of thousands of tokens per second. A backlog under
+  `min_backlog` deltas is normal jitter and still goes out one delta per message.
+- `Backlog` (StreamRunAgent's events): a producer task puts events; the ones that come
+  while a model call is open never wait (consecutive ones are joined), the others wait
+  until the consumer took what came before.
+
+Neither ever pauses the generation for the client: the engine's work, not the client's
+reading speed, decides how long a generation holds its admission slot. What a lagging
+client leaves behind is the generation's own text (bounded by max_tokens), joined into a
+few pieces; a client that stops reading altogether is ended by the send-stall timeout
+(`rpc.transport.SendStallGuard`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import aclosing
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 End = TypeVar("End")
+T = TypeVar("T")
 
 MIN_BACKLOG = 8
-MAX_BACKLOG = 1024
+#: Pending items at which the backlog's deltas are joined into one (a client that lags).
+MAX_BACKLOG = 256
 
 
 async def coalesced(
@@ -30,11 +42,11 @@ async def coalesced(
 ) -> AsyncIterator[str | End]:
     """The items of `items` in order, text deltas that piled up joined into one.
 
-    Errors of `items` are raised after the deltas that came before them; leaving early
-    cancels the reader (which closes `items`) before returning."""
+    The reader never waits for the consumer: past `max_backlog` pending items, the
+    backlog's deltas are joined. Errors of `items` are raised after the deltas that came
+    before them; leaving early cancels the reader (which closes `items`) before returning."""
     backlog: deque[str | End] = deque()
     arrived = asyncio.Event()  # the reader added an item or finished
-    drained = asyncio.Event()  # the writer took an item
 
     async def read() -> None:
         try:
@@ -42,9 +54,8 @@ async def coalesced(
                 async for item in source:
                     backlog.append(item)
                     arrived.set()
-                    while len(backlog) >= max_backlog:
-                        drained.clear()
-                        await drained.wait()
+                    if len(backlog) >= max_backlog:
+                        _join_texts(backlog)
         finally:
             arrived.set()
 
@@ -60,7 +71,6 @@ async def coalesced(
                     while backlog and isinstance(backlog[0], str):
                         texts.append(backlog.popleft())  # type: ignore[arg-type]
                     item = "".join(texts)
-                drained.set()
                 yield item
             if reader.done():
                 reader.result()  # the reader's error, after the deltas that preceded it
@@ -69,3 +79,70 @@ async def coalesced(
         reader.cancel()
         # Wait for the reader to close `items`; its outcome was raised above if it counted.
         await asyncio.gather(reader, return_exceptions=True)
+
+
+def _join_texts(backlog: deque[str | End]) -> None:
+    """Join each run of consecutive deltas in `backlog` into one, in place."""
+    joined: list[str | End] = []
+    texts: list[str] = []
+    for item in backlog:
+        if isinstance(item, str):
+            texts.append(item)
+            continue
+        if texts:
+            joined.append("".join(texts))
+            texts = []
+        joined.append(item)
+    if texts:
+        joined.append("".join(texts))
+    backlog.clear()
+    backlog.extend(joined)
+
+
+class Backlog(Generic[T]):
+    """Events from one producer task to one consumer, bounded without pausing a model call.
+
+    An event with a `key` (one that comes while a model call is open, a piece of the
+    answer) never waits, and consecutive events of the same key are merged (`merge`) once
+    `MIN_BACKLOG` of them wait (as `coalesced` joins deltas). An event whose key is None
+    waits until the consumer took everything before it, so the producer is held between
+    model calls, never inside one."""
+
+    def __init__(self, key: Callable[[T], Hashable | None],
+                 merge: Callable[[list[T]], T]) -> None:
+        self._key = key
+        self._merge = merge
+        self._groups: deque[tuple[Hashable | None, list[T]]] = deque()
+        self._changed = asyncio.Event()  # an event was put or taken
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    async def put(self, event: T) -> None:
+        key = self._key(event)
+        while key is None and self._groups:
+            self._changed.clear()
+            await self._changed.wait()
+        if key is not None and self._groups and self._groups[-1][0] == key:
+            group = self._groups[-1][1]
+            group.append(event)
+            if len(group) >= MAX_BACKLOG:
+                group[:] = [self._merge(group)]
+        else:
+            self._groups.append((key, [event]))
+        self._changed.set()
+
+    async def get(self) -> T:
+        while not self._groups:
+            self._changed.clear()
+            await self._changed.wait()
+        _, events = self._groups[0]
+        if len(events) < MIN_BACKLOG:
+            event = events.pop(0)  # a short backlog is jitter: one event per message
+            if not events:
+                self._groups.popleft()
+        else:
+            self._groups.popleft()
+            event = self._merge(events)
+        self._changed.set()
+        return event

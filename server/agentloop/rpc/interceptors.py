@@ -68,23 +68,23 @@ def refused(
     handler: grpc.RpcMethodHandler,
     refuse: Callable[[grpc.aio.ServicerContext], AgentLoopError],
 ) -> grpc.RpcMethodHandler:
-    """The handler of a call refused before it is read: refuse's error, nothing parsed
-    (a request of millions of messages costs seconds to parse)."""
+    """The handler of a call refused before it is read: refuse's error, nothing received,
+    decompressed or parsed (a request of millions of messages costs seconds to parse, a
+    compressed one inflates). A unary request is received before its handler runs, so the
+    refusal takes the request-stream form, which reads only what it asks for: nothing."""
 
-    def wrap_unary(_behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_with(context, refuse(context))
+    async def unary(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort_with(context, refuse(context))
 
-        return unary
+    async def streaming(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort_with(context, refuse(context))
+        yield  # pragma: no cover (abort raises): makes this an async generator
 
-    def wrap_stream(_behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def streaming(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await abort_with(context, refuse(context))
-            yield  # pragma: no cover (abort raises): makes this an async generator
-
-        return streaming
-
-    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=_unread)
+    codecs = {"request_deserializer": _unread,
+              "response_serializer": handler.response_serializer}
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **codecs)
+    return grpc.stream_unary_rpc_method_handler(unary, **codecs)
 
 
 def _as_domain_error(exc: Exception, method: str) -> AgentLoopError:
@@ -146,6 +146,61 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         ):
             return handler
         return refused(handler, lambda _context: _shutting_down())
+
+
+class CallsInFlight(grpc.aio.ServerInterceptor):
+    """Tracks the AgentLoopService calls running, so that the ones still running when the
+    shutdown grace ends get UNAVAILABLE with SHUTTING_DOWN (and RetryInfo), as the drain
+    promises, rather than gRPC's bare cancel. Put it first: it sees every call's task."""
+
+    def __init__(self) -> None:
+        self._running: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    # No __len__: grpc takes an interceptor that tests false for the end of the chain.
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not is_service_method(handler_call_details.method):
+            return handler
+
+        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+                return behavior  # streams are coroutines once the send-stall guard wrote them
+
+            async def tracked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                task = asyncio.current_task()
+                assert task is not None
+                self._running[task] = context
+                try:
+                    return await behavior(request, context)
+                except asyncio.CancelledError:
+                    if task not in self._cut:
+                        raise
+                    await abort_with(context, _shutting_down())
+                finally:
+                    self._running.pop(task, None)
+                    self._cut.discard(task)
+
+            return tracked
+
+        return wrap_handler(handler, wrap, wrap)
+
+    async def cut(self, within: float) -> None:
+        """End every call still running with SHUTTING_DOWN; wait up to `within` seconds for
+        them to have sent it."""
+        tasks = list(self._running)
+        for task, context in self._running.items():
+            context.set_code(grpc.StatusCode.UNAVAILABLE)  # what telemetry inside records
+            self._cut.add(task)
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=within)
 
 
 def _shutting_down() -> ShuttingDown:

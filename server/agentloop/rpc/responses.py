@@ -5,11 +5,13 @@ from __future__ import annotations
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from agentloop.domain import (
+    EmbeddingResult,
     FinishReason,
     GenerationEnd,
     GenerationResult,
     ModelInfo,
     Timings,
+    TokenCount,
     Usage,
 )
 from agentloop.v1 import agentloop_pb2 as pb
@@ -97,4 +99,24 @@ def model_pb(model: ModelInfo) -> pb.Model:
         modify_time=timestamp(model.modified_at),
         expire_time=timestamp(model.expires_at),
         size_vram_bytes=model.size_vram_bytes,
+        embeds=model.embeds,
+        embedding_dimensions=model.embedding_dimensions,
+    )
+
+
+def embed_response(result: EmbeddingResult) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=vector) for vector in result.vectors],
+        model=result.model,
+        usage=pb.Usage(input_tokens=result.input_tokens),
+        dimensions=len(result.vectors[0]) if result.vectors else 0,
+    )
+
+
+def count_tokens_response(count: TokenCount) -> pb.CountTokensResponse:
+    return pb.CountTokensResponse(
+        counts=count.counts,
+        total_tokens=sum(count.counts),
+        context_length=count.context_length,
+        model=count.model,
     )

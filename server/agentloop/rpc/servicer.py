@@ -19,18 +19,23 @@ import grpc
 
 from agentloop.config import Settings
 from agentloop.domain import CallContext
+from agentloop.errors import FirstMessageTimeout
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
+from agentloop.rpc.embedding_requests import embedding_request, token_count_request
 from agentloop.rpc.requests import call_context, deadline_from, generation_request
 from agentloop.rpc.responses import (
+    count_tokens_response,
+    embed_response,
     generate_response,
     model_pb,
     stream_delta,
     stream_end,
     upstream_metadata,
 )
-from agentloop.services.agent import AgentService
+from agentloop.services.agent import AgentService, answer_delta_key, join_answer_deltas
+from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
@@ -42,11 +47,15 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     """Thin adapter from gRPC to the services."""
 
     def __init__(
-        self, settings: Settings, generation: GenerationService, agent: AgentService
+        self, settings: Settings, generation: GenerationService, agent: AgentService,
+        embeddings: EmbeddingService | None = None,
     ) -> None:
         self._settings = settings
         self._generation = generation
         self._agent = agent
+        self._embeddings = embeddings or EmbeddingService(generation.backend,
+                                                          generation.admission,
+                                                          generation.telemetry)
 
     def _context(self, context: grpc.aio.ServicerContext) -> CallContext:
         return call_context(context.invocation_metadata(), context.peer(), self._settings)
@@ -99,7 +108,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamRunAgentResponse]:
         requests = aiter(request_iterator)
-        start = await anext(requests, None)
+        start = await self._first_message(requests)
         run = await _read(
             start is not None and start.HasField("start") and bool(start.start.client_tools),
             start_agent_run, start, self._settings, self._agent.tools,
@@ -107,10 +116,25 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         )
         run = dataclasses.replace(run, context=self._context(context))
         async with ToolResultReader(requests) as reader:
-            events = reader.watch(self._agent.run(run, reader.calls))
+            events = reader.watch(self._agent.run(run, reader.calls), answer_delta_key,
+                                  join_answer_deltas)
             async with aclosing(events):
                 async for event in events:
                     yield agent_event_pb(event)
+
+    async def _first_message(
+        self, requests: AsyncIterator[pb.StreamRunAgentRequest]
+    ) -> pb.StreamRunAgentRequest | None:
+        """The call's first message, within first_message_timeout: a call that sends only
+        its headers must not be held (and cost memory) for as long as its connection lives."""
+        timeout = self._settings.first_message_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise FirstMessageTimeout(
+                f"no first message (start) within {timeout:g}s (first_message_timeout)"
+            ) from None
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -127,6 +151,22 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListToolsResponse:
         return list_tools_response(self._agent.tools)
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        embedding = embedding_request(request, self._settings, self._generation.default_model,
+                                      deadline_from(context.time_remaining()))
+        embedding = dataclasses.replace(embedding, context=self._context(context))
+        return embed_response(await self._embeddings.embed(embedding))
+
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        counting = token_count_request(request, self._settings, self._generation.default_model,
+                                       deadline_from(context.time_remaining()))
+        counting = dataclasses.replace(counting, context=self._context(context))
+        return count_tokens_response(await self._embeddings.count_tokens(counting))
 
 
 #: The one thread that reads requests carrying JSON Schemas. One: checking schemas is pure

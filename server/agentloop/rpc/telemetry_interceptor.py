@@ -119,6 +119,9 @@ class _ObservedRpc:
         if isinstance(exc, grpc.aio.AbortError):
             self.code = self._context.code() or grpc.StatusCode.UNKNOWN
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            if self._context.code() not in (None, grpc.StatusCode.OK):
+                self.code = self._context.code()  # closed by a guard outside that set it
+                return
             remaining = self._context.time_remaining()
             self.code = (grpc.StatusCode.DEADLINE_EXCEEDED
                          if remaining is not None and remaining <= 0

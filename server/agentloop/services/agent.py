@@ -149,6 +149,18 @@ AgentEvent = (
 )
 
 
+def answer_delta_key(event: AgentEvent) -> tuple[str, int] | None:
+    """Events that come while a model call is open (the answer's deltas) have a key: a
+    stream never makes them wait for its client, and joins those of one step
+    (`join_answer_deltas`) while the client lags."""
+    return ("answer", event.step) if isinstance(event, AnswerDelta) else None
+
+
+def join_answer_deltas(deltas: list[AgentEvent]) -> AgentEvent:
+    """Consecutive AnswerDeltas of one step as one."""
+    return AnswerDelta(deltas[0].step, "".join(d.text for d in deltas))  # type: ignore[union-attr]
+
+
 # --- client tools ---------------------------------------------------------------------------
 
 

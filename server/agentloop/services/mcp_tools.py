@@ -44,6 +44,7 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from agentloop.config import SettingsError
+from agentloop.schema_limits import SchemaRefused, parse_schema
 from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, Tool, ToolError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ _NOT_A_NAME_CHAR = re.compile(r"[^A-Za-z0-9_-]")
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
 #: Most tools/list pages read from one server (a server that never stops paging is cut).
 MAX_PAGES = 20
+#: A tool's description goes into every run's instructions: this much of it, no more.
+MAX_DESCRIPTION_CHARS = 1024
 _SERVER_KEYS = {"command", "args", "env", "cwd", "url", "headers", "timeout", "connect_timeout",
                 "refresh"}
 
@@ -280,19 +283,40 @@ class McpServer:
             cursor = page.next_cursor
             if cursor is None:
                 break
+        # Checked on a thread: within the limits a check is bounded, not free.
+        problems = await asyncio.to_thread(lambda: [schema_problem(remote) for remote in listed])
         available = []
-        for remote in listed:
+        for remote, problem in zip(listed, problems, strict=True):
             name = tool_name(self.name, remote.name)
             if name is None or name in available:
                 log.warning("MCP server %s: tool %r skipped (its name is too long or clashes)",
                             self.name, remote.name)
                 continue
+            if problem is not None:
+                log.warning("MCP server %s: tool %r skipped (its input schema: %s)",
+                            self.name, remote.name, problem)
+                continue
             schema = remote.input_schema if isinstance(remote.input_schema, dict) else ANY_OBJECT
-            self._known[name] = McpTool(name, remote.name, remote.description or remote.title
-                                        or "", dict(schema), self)
+            description = (remote.description or remote.title or "")[:MAX_DESCRIPTION_CHARS]
+            self._known[name] = McpTool(name, remote.name, description, dict(schema), self)
             available.append(name)
         self._available = tuple(available)
         self.listed.set()
+
+
+def schema_problem(remote: mcp_types.Tool) -> str | None:
+    """Why a tool's input schema may not reach an engine, or None. An MCP server is a third
+    party: its schemas pass the limits a caller's schema passes (schema_limits)."""
+    schema = remote.input_schema
+    if not isinstance(schema, dict):
+        return None  # no schema: any arguments object
+    try:
+        parse_schema(json.dumps(schema))
+    except SchemaRefused as exc:
+        return str(exc)[:300]
+    except (ValueError, RecursionError):  # not JSON-encodable, or nested past Python's stack
+        return "not a JSON Schema within the limits"
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -33,7 +33,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Tracer
 
 from agentloop.config import Settings
-from agentloop.domain import GenerationEnd, GenerationRequest, Priority
+from agentloop.domain import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationEnd,
+    GenerationRequest,
+    Priority,
+)
 from agentloop.telemetry import logs, tracing
 from agentloop.telemetry.metrics import (
     PRIORITY,
@@ -115,6 +121,15 @@ class Telemetry:
         if entry is not None and not entry.model:
             entry.model = request.model
         call = BackendCall(self, request)
+        with _observing(call):
+            yield call
+
+    @contextmanager
+    def embeddings_call(self, request: EmbeddingRequest) -> Iterator[EmbeddingsCall]:
+        """Observe one backend embedding call: the `embeddings {model}` span, the
+        gen_ai.client.* duration and input tokens, the request log's model and tokens.
+        Call `finish(result)` with the vectors; leaving by an exception fails it."""
+        call = EmbeddingsCall(self, request)
         with _observing(call):
             yield call
 
@@ -282,6 +297,45 @@ class BackendCall(Observed):
             time.perf_counter() - self._started, self._attributes | {tracing.ERROR_TYPE: kind})
 
 
+class EmbeddingsCall(Observed):
+    """One backend embedding call: its CLIENT span and the gen_ai.client.* metrics."""
+
+    __slots__ = ("_attributes", "_instruments", "_model_label", "_started")
+
+    def __init__(self, telemetry: Telemetry, request: EmbeddingRequest) -> None:
+        super().__init__(
+            tracing.start_embeddings_span(telemetry.tracer, request, telemetry.provider,
+                                          telemetry.address),
+            tracing.end_embeddings_span)
+        self._instruments = telemetry.instruments
+        self._model_label = telemetry.model_label
+        self._attributes = {tracing.OPERATION: tracing.EMBEDDINGS,
+                            tracing.PROVIDER: telemetry.provider,
+                            tracing.REQUEST_MODEL: telemetry.model_label(request.model)}
+        self._started = time.perf_counter()
+
+    def finish(self, result: EmbeddingResult) -> None:  # type: ignore[override]
+        if not self._open:
+            return
+        super().finish(result)
+        entry = logs.current_request()
+        if entry is not None:
+            entry.model = result.model
+            entry.input_tokens += result.input_tokens
+        attributes = self._attributes | {tracing.RESPONSE_MODEL: self._model_label(result.model)}
+        self._instruments.operation_duration.record(time.perf_counter() - self._started,
+                                                    attributes)
+        self._instruments.token_usage.record(result.input_tokens,
+                                             attributes | {"gen_ai.token.type": "input"})
+
+    def _fail(self, kind: str, description: str) -> None:
+        if not self._open:
+            return
+        super()._fail(kind, description)
+        self._instruments.operation_duration.record(
+            time.perf_counter() - self._started, self._attributes | {tracing.ERROR_TYPE: kind})
+
+
 @contextmanager
 def _observing(observed: Observed) -> Iterator[Any]:
     """Make the span current for the body; an exception or a missing result fails it."""
@@ -308,7 +362,8 @@ class Engine(Protocol):
 
 def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionState,
                     health: HealthState, cache: CacheCounts | None = None,
-                    retrying: RetryCounts | None = None) -> Telemetry:
+                    retrying: RetryCounts | None = None,
+                    embed_admission: AdmissionState | None = None) -> Telemetry:
     """Providers from the OTEL_* variables, the Prometheus endpoint, the server-state gauges.
 
     With OTEL_SDK_DISABLED=true the tracer and meters are no-ops and neither the exporters
@@ -316,12 +371,13 @@ def start_telemetry(settings: Settings, backend: Engine, admission: AdmissionSta
     resource = _resource()
     tracers = tracing.tracer_provider(resource)
     enabled = tracing.is_enabled(tracers)
-    prometheus = PrometheusEndpoint.start(settings.metrics_listen) \
+    prometheus = PrometheusEndpoint.start(settings.metrics_listen, settings.metrics_threads,
+                                          settings.metrics_timeout) \
         if enabled and settings.metrics_listen else None
     meters = meter_provider(resource, prometheus) if enabled else MeterProvider(resource=resource)
     meter = meters.get_meter(tracing.TRACER_NAME, _VERSION)
     provider = tracing.provider_name(backend.name)
-    observe_server_state(meter, admission, health, provider, cache, retrying)
+    observe_server_state(meter, admission, health, provider, cache, retrying, embed_admission)
     observe_engine_load(meter, backend, provider)
     observe_upstreams(meter, backend)
     engine = engine_process(backend)

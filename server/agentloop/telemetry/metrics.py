@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -26,7 +27,8 @@ from opentelemetry.sdk.environment_variables import OTEL_METRICS_EXEMPLAR_FILTER
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from agentloop.config import Settings, parse_host_port
 from agentloop.domain import BackendHealth
@@ -152,7 +154,8 @@ class Instruments:
 
 def observe_server_state(meter: Meter, admission: AdmissionState, health: HealthState,
                          provider: str, cache: CacheCounts | None = None,
-                         retrying: RetryCounts | None = None) -> None:
+                         retrying: RetryCounts | None = None,
+                         embed_admission: AdmissionState | None = None) -> None:
     """Observable gauges and counters over state the server keeps anyway: nothing here
     does I/O."""
     backend = {"gen_ai.provider.name": provider}
@@ -219,6 +222,21 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
         "agentloop.backend.circuit.open", [circuit_open],
         description="1 while the circuit breaker fails calls fast (open or half-open), "
                     "else 0.")
+    if embed_admission is not None:
+        embedding = embed_admission
+
+        def embeds_in_flight(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(embedding.in_flight)
+
+        def embeds_queued(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(embedding.queued)
+
+        meter.create_observable_gauge(
+            "agentloop.embeddings.in_flight", [embeds_in_flight], unit="{request}",
+            description="Embed batches holding an admission slot (slots of their own).")
+        meter.create_observable_gauge(
+            "agentloop.embeddings.queued", [embeds_queued], unit="{request}",
+            description="Embed batches waiting for one.")
     meter.create_observable_gauge(
         "agentloop.backend.ready", [ready],
         description="1 while the backend answers and has the model (readiness), else 0.")
@@ -336,16 +354,18 @@ class PrometheusEndpoint:
                          registry=self._registry)
 
     @classmethod
-    def start(cls, listen: str) -> PrometheusEndpoint | None:
+    def start(cls, listen: str, threads: int = 4,
+              timeout: float = 5.0) -> PrometheusEndpoint | None:
         """Bind `listen`; None (and a warning) when the port is taken: metrics must not stop
-        the server."""
+        the server. At most `threads` connections are served at once (one thread each; one
+        more is closed at once) and each gets `timeout` seconds per read and write."""
         host, port = parse_host_port(listen)
         registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes and friends (Linux /proc): what the memory alert
         # compares with the container's limit.
         ProcessCollector(registry=registry)
         try:
-            server, thread = start_http_server(port, host, registry=registry)
+            server, thread = _start_metrics_server(host, port, registry, threads, timeout)
         except OSError as exc:
             log.warning("no Prometheus endpoint: cannot listen on %s (%s)", listen, exc)
             return None
@@ -362,6 +382,63 @@ class PrometheusEndpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+class _BoundedWSGIServer(ThreadingWSGIServer):
+    """prometheus_client's threaded server with a cap on threads: a connection past
+    `max_threads` is closed at once (a scraper retries), so held connections cannot pile
+    up threads."""
+
+    daemon_threads = True
+    max_threads = 4
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A read or write timed out, or the peer went away: its own business.
+        log.debug("a /metrics connection from %s failed", client_address, exc_info=True)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log; `timeout` seconds per socket read and write (set per server)."""
+
+    timeout: float | None = 5.0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _start_metrics_server(host: str, port: int, registry: CollectorRegistry, threads: int,
+                          timeout: float) -> tuple[WSGIServer, threading.Thread]:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (_BoundedWSGIServer,),
+                        {"address_family": family, "max_threads": threads})
+    handler_class = type("MetricsHandler", (_QuietHandler,), {"timeout": timeout})
+    server = make_server(host, port, make_wsgi_app(registry), server_class,
+                         handler_class=handler_class)
+    thread = threading.Thread(target=server.serve_forever, name="agentloop-metrics",
+                              daemon=True)
+    thread.start()
+    return server, thread
 
 
 def for_worker(settings: Settings, worker: int) -> Settings:

@@ -22,6 +22,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from agentloop.domain import (
     AgentOutcome,
+    EmbeddingRequest,
+    EmbeddingResult,
     FinishReason,
     GenerationEnd,
     GenerationRequest,
@@ -42,6 +44,9 @@ ERROR_TYPE = "error.type"
 #: The operator's name of the upstream pool that served (or failed) a call: spans and
 #: metric labels (bounded: the pools file names them).
 UPSTREAM = "agentloop.upstream"
+#: gen_ai.operation.name of an Embed call's backend call.
+EMBEDDINGS = "embeddings"
+EMBEDDING_DIMENSIONS = "gen_ai.embeddings.dimension.count"
 
 #: Without OTEL_TRACES_SAMPLER: a call that comes with a sampled traceparent is always
 #: traced (its caller's trace goes on), one root call in ten otherwise. Tracing every call
@@ -161,6 +166,32 @@ def end_generation_span(span: Span, end: GenerationEnd, output: list[str] | None
             "role": "assistant", "parts": [_text_part("".join(output))],
             "finish_reason": finish_reason,
         }]))
+    span.end()
+
+
+def start_embeddings_span(tracer: Tracer, request: EmbeddingRequest, provider: str,
+                          address: tuple[str, int] | None) -> Span:
+    """The CLIENT span `embeddings {model}` of one backend call (no text goes in it)."""
+    attributes: dict[str, Any] = {
+        OPERATION: EMBEDDINGS,
+        PROVIDER: provider,
+        REQUEST_MODEL: request.model,
+        "agentloop.embeddings.texts": len(request.texts),
+    }
+    if request.dimensions is not None:
+        attributes[EMBEDDING_DIMENSIONS] = request.dimensions
+    if address is not None:
+        attributes["server.address"], attributes["server.port"] = address
+    return tracer.start_span(f"{EMBEDDINGS} {request.model}", kind=SpanKind.CLIENT,
+                             attributes=attributes)
+
+
+def end_embeddings_span(span: Span, result: EmbeddingResult) -> None:
+    span.set_attributes({
+        RESPONSE_MODEL: result.model,
+        INPUT_TOKENS: result.input_tokens,
+        EMBEDDING_DIMENSIONS: len(result.vectors[0]) if result.vectors else 0,
+    })
     span.end()
 
 

@@ -77,6 +77,16 @@ class AgentLoopServiceStub(object):
                 request_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/Embed',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/CountTokens',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class AgentLoopServiceServicer(object):
@@ -141,6 +151,23 @@ class AgentLoopServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed turns a batch of texts into vectors: one per text, in the request's
+        order. The call is admitted, limited and metered like a generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountTokens(self, request, context):
+        """CountTokens counts the tokens the model would see for texts or a chat, and
+        says how many its context holds, so a caller can check a prompt fits (or
+        split a document) before sending it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentLoopServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +200,16 @@ def add_AgentLoopServiceServicer_to_server(servicer, server):
                     servicer.ListTools,
                     request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsRequest.FromString,
                     response_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.EmbedRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.EmbedResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +387,60 @@ class AgentLoopService(object):
             '/agentloop.v1.AgentLoopService/ListTools',
             agentloop_dot_v1_dot_agentloop__pb2.ListToolsRequest.SerializeToString,
             agentloop_dot_v1_dot_agentloop__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/Embed',
+            agentloop_dot_v1_dot_agentloop__pb2.EmbedRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/CountTokens',
+            agentloop_dot_v1_dot_agentloop__pb2.CountTokensRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
