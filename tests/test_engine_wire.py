@@ -27,6 +27,8 @@ from agentloop.backends.engine_wire import (
 from agentloop.domain import (
     CallContext,
     ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
     FinishReason,
     GenerationEnd,
     GenerationRequest,
@@ -36,6 +38,8 @@ from agentloop.domain import (
     Role,
     SamplingOptions,
     Timings,
+    TokenCount,
+    TokenCountRequest,
     Usage,
 )
 
@@ -61,9 +65,13 @@ def roundtrip(messages: list[tuple], table) -> list[tuple]:
 
 def test_every_message_crosses_whole():
     config = EngineConfig("/m.gguf", 1024, 4, 2, prefix_reuse=False, batch_tokens=64)
-    parent = [("start", config, 0.25, 20), ("submit", 7, REQUEST), ("cancel", 7), ("close",)]
+    parent = [("start", config, 0.25, 20), ("submit", 7, REQUEST), ("cancel", 7), ("close",),
+              ("embed", 8, EmbeddingRequest("m", ("a", "b"), dimensions=64, deadline=1.5)),
+              ("count", 9, TokenCountRequest("m", messages=REQUEST.messages, system="s"))]
     end = GenerationEnd(FinishReason.LENGTH, Usage(5, 8, 3), Timings(load=0.0, eval=1.5), "m")
     child = [("delta", 7, "text"), ("end", 7, end),
+             ("embedding", 8, EmbeddingResult(((0.5, -1.0), (0.0, 2.0)), "m", 4)),
+             ("token_count", 9, TokenCount((3, 4), 1024, "m")),
              ("stats", EngineStats(4, 1, 1, 0, 10, 4096, steps=3, nodes=900), 12),
              ("log", 30, "agentloop.x", "line", "/p.py", 3, "f"), ("beat",)]
 
