@@ -501,7 +501,8 @@ def test_close_ends_every_job_and_leaves_no_thread():
     outcomes = jobs.wait(*ids)
     late = jobs.run(request(COUNTING, 2))
 
-    assert all(isinstance(outcome.end, ShuttingDown) for outcome in outcomes)
+    assert all(isinstance(outcome.end, ShuttingDown) for outcome in outcomes), [
+        outcome.end for outcome in outcomes]
     assert isinstance(late.end, BackendUnavailable)
     assert [t for t in engine_threads() if t not in before] == []
 
