@@ -342,3 +342,13 @@ async def test_embeddings_take_the_same_routes_and_fall_back_before_an_answer(tm
             reply = await stub.Embed(pb.EmbedRequest(texts=["a cat"]), timeout=10,
                                      metadata=local_only)
             assert len(reply.embeddings) == 1 and len(spare.embed_requests) == 2
+
+
+async def test_an_embedded_upstream_with_several_workers_is_refused(tmp_path):
+    document = {"upstreams": {"local": {"kind": "embedded"}},
+                "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+    settings = gateway_settings(upstreams=pools_file(tmp_path, document), workers=2,
+                                listen="127.0.0.1:50999")
+    with pytest.raises(SettingsError, match="--workers 1"):
+        async with running_gateway(settings):
+            pass

@@ -166,7 +166,12 @@ async def resilient_backend(settings: Settings,
     """The backend the services call, with retries and circuit breakers: the router over
     the pools file when --upstreams names one, else the one engine."""
     if backend is None and settings.upstreams:
-        router = Router(load_pools(settings.upstreams), settings)
+        pools = load_pools(settings.upstreams)
+        if settings.workers > 1 and any(u.kind == "embedded" for u in pools.upstreams.values()):
+            raise SettingsError(
+                f"--upstreams ({settings.upstreams}) has an `embedded` upstream, and --workers "
+                f"{settings.workers} would start one engine per worker: use --workers 1")
+        router = Router(pools, settings)
         log.info("engines: %d upstream pools from %s (--upstreams); --backend and "
                  "--ollama-url are not used", len(router.pools), settings.upstreams)
         return router
