@@ -123,8 +123,12 @@ async def under_flood(address: str, args: argparse.Namespace, key: str,
                       *extra: tuple[str, str]) -> dict[str, Any]:
     """Probes alone, then while A's flood waits; the flood's unfinished calls are cancelled
     once the probes are done."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    # Four connections (channels with the same target share one unless told not to): the
+    # flood stays under the server's streams per connection (--max-concurrent-streams).
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(4)]
     try:
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
         stubs = [pb_grpc.AgentLoopServiceStub(channel) for channel in channels]
         alone = await probe(stubs[0], key, args.probes, args.tokens, *extra)
         lengths = random.Random(7)

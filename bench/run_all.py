@@ -305,8 +305,8 @@ async def memory_phase(quick: bool) -> dict[str, Any]:
 
 
 def other_benchmarks(quick: bool) -> dict[str, Any]:
-    """bench_embedded.py, bench_telemetry.py, bench_workers.py, bench_affinity.py,
-    bench_tenants.py when present: their own JSON."""
+    """The other bench_*.py modules (embedded engine, telemetry, workers, affinity, tenants,
+    workloads, pools, OpenAI backend, embeddings, transport) when present: their own JSON."""
     found: dict[str, Any] = {}
     # Small settings: `make bench` must stay within 10 minutes on 2 cores (the embedded
     # engine's own workload: about 4 minutes on a quiet machine).
@@ -321,9 +321,17 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
                     "--micro-calls", "20000"] if quick else [],
         # The plan's five workloads and the engine's figures under mixed traffic.
         "workloads": ["--quick"] if quick else [],
+        # Upstream pools: balancing over endpoints and overflow (fake endpoints).
+        "pools": ["--capacity", "4", "--rounds", "2"] if quick else [],
+        # The OpenAI-compatible backend: what the gateway adds over calling it directly.
+        "openai": ["--quick"] if quick else [],
+        "embeddings": ["--batch", "8", "--rounds", "2", "--users", "3", "--embedders", "3",
+                       "--requests", "1", "--ollama-calls", "50"] if quick else [],
+        "transport": ["--hostile", "20", "--samples", "3"] if quick else [],
     }
     # bench_affinity starts three embedded engines and runs 144 generations.
-    timeouts = {"affinity": 900, "embedded": 1800, "tenants": 900, "workloads": 2400}
+    timeouts = {"affinity": 900, "embedded": 1800, "tenants": 900, "workloads": 2400,
+                "embeddings": 900, "transport": 900}
     for name, argv in runs.items():
         if not (ROOT / "bench" / f"bench_{name}.py").exists():
             continue

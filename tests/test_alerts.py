@@ -154,7 +154,7 @@ def test_the_dashboard_is_provisionable_and_documented() -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     rows = [panel["title"] for panel in board["panels"] if panel["type"] == "row"]
-    assert render.RESERVED_ROW in rows
+    assert render.POOLS_AND_TENANTS_ROW in rows
     docs = markdown_section("docs/observability.md", "### Dashboard")
     for panel in board["panels"]:
         if panel["type"] == "row":
@@ -476,6 +476,19 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
                                               backend=EmbeddedBackend(embedded_settings))
         stack.push_async_callback(stop, embedded_gateway)
         engine = engine_of(embedded_gateway)
+        # A third replica routes through a pools file: the upstream pools panels' series.
+        pool_fake = await stack.enter_async_context(FakeOllama())
+        pools_file = tmp_path / "pools.json"
+        pools_file.write_text(json.dumps({
+            "upstreams": {"local": {"kind": "ollama", "endpoints": [pool_fake.url]}},
+            "routes": [{"models": [ollama_settings.model], "pools": ["local"]}]}))
+        pools_gateway = await start_server(gateway_settings(
+            upstreams=str(pools_file), metrics_listen="127.0.0.1:0"))
+        stack.push_async_callback(stop, pools_gateway)
+        pools_channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(pools_gateway.address))
+        pools_stub = pb_grpc.AgentLoopServiceStub(pools_channel)
+        assert await call(pools_stub) == grpc.StatusCode.OK
         channel = await stack.enter_async_context(
             grpc.aio.insecure_channel(ollama_gateway.address))
         stub = pb_grpc.AgentLoopServiceStub(channel)
@@ -491,10 +504,13 @@ async def test_every_alert_fires_on_a_real_prometheus(tmp_path: Path) -> None:
         params = render.Params.load(time_scale=TIME_SCALE, scrape_interval=SCRAPE_INTERVAL,
                                     memory_limit_bytes=limit)
         rules = render.to_yaml(render.rules_file(params))
-        targets = [metrics_target(ollama_gateway), metrics_target(embedded_gateway)]
+        targets = [metrics_target(ollama_gateway), metrics_target(embedded_gateway),
+                   metrics_target(pools_gateway)]
         api = await stack.enter_async_context(running_prometheus(tmp_path, targets, rules))
         started = time.time()
         await quiet_baseline(api)
+        for _ in range(3):  # calls by upstream, after Prometheus saw the series
+            assert await call(pools_stub) == grpc.StatusCode.OK
         induced = time.monotonic()
 
         # 1. A burst on a slow upstream, memory ballast, an engine that dies.

@@ -272,9 +272,12 @@ async def test_dns_names_every_address_as_an_endpoint(tmp_path):
       "routes": [{"models": ["m"], "pools": ["a"]}]}, "http:// or https://"),
     ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"], "colour": 1}},
       "routes": [{"models": ["m"], "pools": ["a"]}]}, "unknown keys ['colour']"),
-    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"],
+    ({"upstreams": {"a": {"kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
                           "api_key_env": "AGENTLOOP_TEST_UNSET_KEY"}},
       "routes": [{"models": ["m"], "pools": ["a"]}]}, "is not set"),
+    ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"],
+                          "tls": {"verify": False}}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "are for `openai` upstreams"),
     ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"]}},
       "routes": [{"pattern": "(", "pools": ["a"]}]}, "not a valid RE2"),
 ])

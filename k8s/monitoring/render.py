@@ -472,10 +472,41 @@ def panel_rows(p: Params) -> list[tuple[str, list[Panel]]]:
                     "{{instance}} engine"),
                    (f"vector({p.memory_limit_bytes})", "limit")), "bytes"),
         ]),
+        (POOLS_AND_TENANTS_ROW, [
+            Panel("Calls by upstream", "Where calls were served: the operator's upstream "
+                  "pools (a pools file; empty without one), and how often a call spilled "
+                  "to the next pool of its route.",
+                  ((f"sum by (agentloop_upstream) (rate(gen_ai_client_operation_duration_"
+                    f"seconds_count{_dashboard_selector()[:-1]}, agentloop_upstream!=\"\"}}"
+                    f"[{RATE}]))", "{{agentloop_upstream}}"),
+                   (f"sum by (agentloop_upstream) (rate(agentloop_upstream_overflows_total"
+                    f"{sel}[{RATE}]))", "{{agentloop_upstream}} spilled")), "reqps"),
+            Panel("Upstream pools", "How busy each pool is: calls on its endpoints, calls "
+                  "waiting for one, and endpoints available (healthy, circuit closed).",
+                  ((f"sum by (agentloop_upstream) (agentloop_upstream_requests_in_flight"
+                    f"{sel})", "{{agentloop_upstream}} in flight"),
+                   (f"sum by (agentloop_upstream) (agentloop_upstream_requests_queued{sel})",
+                    "{{agentloop_upstream}} queued"),
+                   (f"min by (agentloop_upstream) (agentloop_upstream_endpoints_available"
+                    f"{sel})", "{{agentloop_upstream}} endpoints")), "short"),
+            Panel("Tokens by tenant", "What each tenant spends, input and output (callers "
+                  "without a key are `_default`).",
+                  ((f"sum by (agentloop_tenant, gen_ai_token_type) (rate({tokens}[{RATE}]))",
+                    "{{agentloop_tenant}} {{gen_ai_token_type}}"),), "short"),
+            Panel("Admission by tenant", "Who waits for a slot and who is refused: each "
+                  "tenant's queue wait P95 and refusals by reason (queue full, timeout, "
+                  "shed, quota).",
+                  ((f"histogram_quantile(0.95, sum by (agentloop_tenant, le) (rate("
+                    f"agentloop_admission_queue_wait_seconds_bucket{sel}[{RATE}])))",
+                    "{{agentloop_tenant}} wait P95"),
+                   (f"sum by (agentloop_tenant, agentloop_refusal_reason) (rate("
+                    f"agentloop_admission_refusals_total{sel}[{RATE}]))",
+                    "{{agentloop_tenant}} refused {{agentloop_refusal_reason}}")), "short"),
+        ]),
     ]
 
 
-RESERVED_ROW = "Upstream pools and tenants"
+POOLS_AND_TENANTS_ROW = "Upstream pools and tenants"
 
 
 def dashboard(p: Params) -> dict[str, Any]:
@@ -505,13 +536,6 @@ def dashboard(p: Params) -> dict[str, Any]:
             })
             next_id += 1
         y += 8
-    panels.append({"id": next_id, "type": "row", "title": RESERVED_ROW, "collapsed": True,
-                   "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": [{
-                       "id": next_id + 1, "type": "text", "title": "Reserved",
-                       "gridPos": {"h": 4, "w": 24, "x": 0, "y": y + 1},
-                       "options": {"mode": "markdown", "content":
-                                   "Panels by upstream pool and by tenant go here once the "
-                                   "metrics carry `upstream` and `tenant` labels."}}]})
     label = "agentloop_backend_ready"
     return {
         "uid": "agentloop",

@@ -152,6 +152,10 @@ def _upstream(name: Any, entry: Any, where: str) -> UpstreamConfig:
     if kind == "openai" and "remote" not in entry:
         raise bad("say whether an `openai` upstream is off the premises: `remote: true` or "
                   "`remote: false`")
+    if kind != "openai" and ({"api_key_env", "api_key_file", "tls"} & set(entry)):
+        raise bad("`api_key_env`, `api_key_file` and `tls` are for `openai` upstreams (Ollama "
+                  "takes no key: put a proxy with TLS and keys in front of it, and list the "
+                  "proxy as an `openai` upstream if it speaks that API)")
     remote = entry.get("remote", False)
     if not isinstance(remote, bool):
         raise bad("`remote` must be true or false")
