@@ -228,7 +228,9 @@ def test_cancel_ends_the_job_and_frees_its_slot(serial: Engine):
     long = jobs.submit(request("Once upon a time", 1000))
     queued = jobs.submit(request(COUNTING, 4))
     wait_for(lambda: len(jobs.outcomes[long].deltas) >= 3)
-    assert serial.stats().slots_in_use == 1 and serial.stats().waiting == 1
+    # The queued job waits once its prompt is tokenized (off the scheduler thread).
+    wait_for(lambda: serial.stats().waiting == 1)
+    assert serial.stats().slots_in_use == 1
 
     serial.cancel(long)
     cancelled, short = jobs.wait(long, queued)
