@@ -268,13 +268,8 @@ class Router:
         first_token_timeout = pool.config.first_token_timeout
         tried: list[Endpoint] = []
         for attempt in itertools.count():
-            try:
-                endpoint = await pool.acquire(request.context.session, tried, request.deadline,
-                                              may_overflow)
-            except (PoolOverflow, BackendUnavailable, ResourceExhausted) as exc:
-                raise _MoveOn(exc) from None
-            trace.get_current_span().set_attribute(tracing.UPSTREAM, pool.name)
-            tried.append(endpoint)
+            endpoint = await self._acquire(pool, request.context.session, request.deadline,
+                                           tried, may_overflow)
             delivered = False
             probe = False
             try:
@@ -298,20 +293,8 @@ class Router:
                         delivered = True
                         yield item
             except AgentLoopError as exc:
-                if is_backend_failure(exc):
-                    endpoint.breaker.record_failure()
-                else:
-                    endpoint.breaker.release_probe(probe)
-                if delivered:
-                    raise
-                delay = retry_delay(exc, attempt, self._settings, request.time_left(),
-                                    self._random, delivered)
-                if delay is None:
-                    if _moves_on(exc):
-                        raise _MoveOn(exc) from None
-                    raise
-                log.info("upstream %s: retry %d in %.2fs after: %s", pool.name, attempt + 1,
-                         delay, exc.message)
+                delay = self._verdict(pool, endpoint, exc, probe, attempt, request.deadline,
+                                      delivered)
             except BaseException:
                 endpoint.breaker.release_probe(probe)
                 raise
@@ -330,50 +313,73 @@ class Router:
         """One non-streamed call (embeddings, token counts) with the same routing, retries
         and fallback as a generation."""
         pools = self.pools_for(request.model, request.context.local_only)
-        last: AgentLoopError | None = None
         for index, pool in enumerate(pools):
-            upstream_request = dataclasses.replace(
-                request, model=self.upstream_model(pool, request.model))
-            tried: list[Endpoint] = []
-            for attempt in itertools.count():
-                try:
-                    endpoint = await pool.acquire(request.context.session, tried,
-                                                  request.deadline, index + 1 < len(pools))
-                except (PoolOverflow, BackendUnavailable, ResourceExhausted) as exc:
-                    last = exc
-                    break
-                tried.append(endpoint)
-                probe = False
-                try:
-                    probe = endpoint.breaker.admit()
-                    result = await call(endpoint.backend, upstream_request)
-                    endpoint.breaker.record_success()
-                    return dataclasses.replace(result, upstream=pool.name, model=request.model)
-                except AgentLoopError as exc:
-                    if is_backend_failure(exc):
-                        endpoint.breaker.record_failure()
-                    else:
-                        endpoint.breaker.release_probe(probe)
-                    time_left = None if request.deadline is None else \
-                        request.deadline - time.monotonic()
-                    delay = retry_delay(exc, attempt, self._settings, time_left,
-                                        self._random, False)
-                    if delay is None:
-                        if not _moves_on(exc):
-                            raise
-                        last = exc
-                        break
-                except BaseException:
-                    endpoint.breaker.release_probe(probe)
-                    raise
-                finally:
-                    pool.release(endpoint)
-                self.retries += 1
-                await asyncio.sleep(delay)
-            if index + 1 < len(pools) and last is not None:
-                _note_fallback(pool.name, pools[index + 1].name, last)
-        assert last is not None
-        raise last
+            more = index + 1 < len(pools)
+            try:
+                return await self._unary_in_pool(pool, request, call, more)
+            except _MoveOn as move:
+                if not more:
+                    raise move.error from None
+                _note_fallback(pool.name, pools[index + 1].name, move.error)
+        raise AssertionError("a route has at least one pool")
+
+    async def _unary_in_pool(self, pool: Pool, request: Any,
+                             call: Callable[[Backend, Any], Any], may_overflow: bool) -> Any:
+        upstream_request = dataclasses.replace(
+            request, model=self.upstream_model(pool, request.model))
+        tried: list[Endpoint] = []
+        for attempt in itertools.count():
+            endpoint = await self._acquire(pool, request.context.session, request.deadline,
+                                           tried, may_overflow)
+            probe = False
+            try:
+                probe = endpoint.breaker.admit()
+                result = await call(endpoint.backend, upstream_request)
+                endpoint.breaker.record_success()
+                return dataclasses.replace(result, upstream=pool.name, model=request.model)
+            except AgentLoopError as exc:
+                delay = self._verdict(pool, endpoint, exc, probe, attempt, request.deadline,
+                                      False)
+            except BaseException:
+                endpoint.breaker.release_probe(probe)
+                raise
+            finally:
+                pool.release(endpoint)
+            self.retries += 1
+            await asyncio.sleep(delay)
+
+    async def _acquire(self, pool: Pool, session: str, deadline: float | None,
+                       tried: list[Endpoint], may_overflow: bool) -> Endpoint:
+        """An endpoint of `pool` for the next attempt (added to `tried`); _MoveOn when the
+        pool is full, down or busy past its overflow limits."""
+        try:
+            endpoint = await pool.acquire(session, tried, deadline, may_overflow)
+        except (PoolOverflow, BackendUnavailable, ResourceExhausted) as exc:
+            raise _MoveOn(exc) from None
+        trace.get_current_span().set_attribute(tracing.UPSTREAM, pool.name)
+        tried.append(endpoint)
+        return endpoint
+
+    def _verdict(self, pool: Pool, endpoint: Endpoint, exc: AgentLoopError, probe: bool,
+                 attempt: int, deadline: float | None, delivered: bool) -> float:
+        """A failed attempt, told to its endpoint's breaker: the delay before retrying in the
+        pool, or raise: `exc` itself after the first item or when no pool can help, else
+        _MoveOn for the route's next pool."""
+        if is_backend_failure(exc):
+            endpoint.breaker.record_failure()
+        else:
+            endpoint.breaker.release_probe(probe)
+        if delivered:
+            raise exc
+        time_left = None if deadline is None else deadline - time.monotonic()
+        delay = retry_delay(exc, attempt, self._settings, time_left, self._random, False)
+        if delay is None:
+            if _moves_on(exc):
+                raise _MoveOn(exc) from None
+            raise exc
+        log.info("upstream %s: retry %d in %.2fs after: %s", pool.name, attempt + 1, delay,
+                 exc.message)
+        return delay
 
 
 def _moves_on(exc: AgentLoopError) -> bool:
