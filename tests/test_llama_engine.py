@@ -226,9 +226,10 @@ def test_a_long_prompt_is_evaluated_in_chunks_beside_a_running_stream(batched: E
 def test_cancel_ends_the_job_and_frees_its_slot(serial: Engine):
     jobs = Jobs(serial)
     long = jobs.submit(request("Once upon a time", 1000))
-    queued = jobs.submit(request(COUNTING, 4))
+    # Submitted once the long job holds the only slot: prompts are tokenized in parallel,
+    # and a job whose prompt is ready first would take the slot first.
     wait_for(lambda: len(jobs.outcomes[long].deltas) >= 3)
-    # The queued job waits once its prompt is tokenized (off the scheduler thread).
+    queued = jobs.submit(request(COUNTING, 4))
     wait_for(lambda: serial.stats().waiting == 1)
     assert serial.stats().slots_in_use == 1
 
