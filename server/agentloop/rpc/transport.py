@@ -129,21 +129,14 @@ class SendStallGuard(grpc.aio.ServerInterceptor):
             raise asyncio.CancelledError from None
 
     async def _write(self, response: Any, context: grpc.aio.ServicerContext) -> bool:
-        """Write one message; False when the client did not take it within the timeout."""
-        write = asyncio.ensure_future(context.write(response))
+        """Write one message; False when the client did not take it within the timeout.
+        A timer cancels the write where it waits: no task per message."""
         try:
-            await asyncio.wait({write}, timeout=self._timeout)
-        finally:
-            if not write.done():  # stalled, or the call is being cancelled
-                write.cancel()
-                await asyncio.wait({write})
-            stalled = write.cancelled()
-            # Read the write's outcome here, whatever ends this wait (a cancel while a
-            # write fails would otherwise log "Task exception was never retrieved").
-            failure = None if stalled else write.exception()
-        if failure is not None:
-            raise failure
-        return not stalled
+            async with asyncio.timeout(self._timeout):
+                await context.write(response)
+        except TimeoutError:
+            return False
+        return True
 
 
 # --- decompressed request bytes --------------------------------------------------------------
