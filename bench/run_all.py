@@ -84,6 +84,9 @@ def gateway(ollama_url: str) -> Iterator[tuple[str, psutil.Process]]:
         [str(BIN / "agentloop"), "serve", "--listen", "127.0.0.1:0", "--backend", "ollama",
          "--ollama-url", ollama_url, "--max-in-flight", "4096", "--max-queue", "4096",
          "--max-connections", "4096", "--log-level", "warning", "--drain-delay", "0",
+         # 1,000 streams share each load process's connection: past the default 256 per
+         # connection grpcio's clients race the limit and get REFUSED_STREAM.
+         "--max-concurrent-streams", "4096",
          "--shutdown-grace", "1", "--metrics-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=process_log(), text=True)
     try:

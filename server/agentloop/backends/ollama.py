@@ -1,6 +1,6 @@
-"""The Ollama backend: httpx to Ollama's HTTP API (the production sidecar).
+"""The Ollama backend: aiohttp to Ollama's HTTP API (the production sidecar).
 
-One shared `httpx.AsyncClient` pools connections. `/api/chat` serves chats and
+One aiohttp session pools connections (see http_wire). `/api/chat` serves chats and
 `/api/generate` raw prompts; the NDJSON stream is parsed line by line, the final chunk's
 counts and nanosecond durations become `Usage` and `Timings`. Leaving the stream early
 (a cancelled or timed-out client) closes the HTTP response at once, which cancels the
@@ -12,25 +12,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import itertools
 import json
 import logging
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
-import httpx
+import aiohttp
 from opentelemetry import propagate
 
 from agentloop.backends.http_wire import (
-    STREAMS_PER_POOL,
+    HTTP_FAILURES,
     byte_lines,
     clean,
-    client_pools,
+    http_session,
+    request_options,
     retryable,
     transport_error,
     url_address,
+    whole_call,
 )
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -79,21 +79,13 @@ class OllamaBackend:
     parallelism = 4
     default_max_tokens = 2048
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._model = settings.model
         self._keep_alive = _keep_alive_value(settings.keep_alive)
-        # httpcore scans its whole pool on every request and every response close, so the
-        # cost per generation grows with the connections open: beyond STREAMS_PER_POOL
-        # concurrent generations they spread over several pools that share max_connections
-        # (the first one also serves the control calls). At the default parallelism there
-        # is just the one.
-        pools = -(-max(settings.max_in_flight, self.parallelism) // STREAMS_PER_POOL)
-        share = max(1, settings.max_connections // pools)
-        tls = httpx.create_ssl_context()  # one for every pool: each costs about 1 MB
-        self._pools = client_pools(pools, lambda: new_http_client(settings, share, tls), client)
-        self._client = self._pools[0]
-        self._pool_turns = itertools.cycle(self._pools)
+        self._base = settings.ollama_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None  # made in the event loop
+        self._options = request_options(settings.ollama_url)
         self._address = url_address(settings.ollama_url)
         #: (name, digest) -> (embeds, dimensions), from /api/show: a model's facts only change
         #: with its digest, so ListModels asks once per model version.
@@ -111,8 +103,35 @@ class OllamaBackend:
         """Nothing to open: the pool connects lazily."""
 
     async def close(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _request(self, method: str, path: str, *, body: object = None,
+                 headers: dict[str, str] | None = None,
+                 timeout: float | None = None) -> Any:
+        """One request to Ollama (an async context manager for its response); the body as
+        JSON, a timeout for the whole call where given."""
+        if self._session is None:
+            settings = self._settings
+            self._session = http_session(
+                settings.ollama_url, connections=settings.max_connections,
+                connect_timeout=settings.connect_timeout, pool_timeout=settings.pool_timeout,
+                read_timeout=settings.read_timeout)
+        options = dict(self._options)
+        if body is not None:
+            options["data"] = json.dumps(body).encode()
+            headers = {**(headers or {}), "Content-Type": "application/json"}
+        if timeout is not None:
+            options["timeout"] = whole_call(timeout)
+        return self._session.request(method, self._base + path, headers=headers, **options)
+
+    async def _get_json(self, path: str, timeout: float | None = None,
+                        body: object = None) -> tuple[int, bytes]:
+        """A control call's status and whole body (GET, or POST with a body)."""
+        async with self._request("POST" if body is not None else "GET", path, body=body,
+                                 timeout=timeout) as response:
+            return response.status, await response.read()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self._keep_alive)
@@ -120,15 +139,15 @@ class OllamaBackend:
         propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
         answered = False
         try:
-            pool = next(self._pool_turns)
-            async with pool.stream("POST", path, json=body, headers=headers) as response:
+            # Leaving this block before the body's end closes the connection: Ollama stops.
+            async with self._request("POST", path, body=body, headers=headers) as response:
                 answered = True
-                if response.status_code != 200:
-                    await response.aread()
-                    raise http_error(response.status_code, response.content, request.model)
-                async for item in parse_stream(byte_lines(response.aiter_bytes()), request):
+                if response.status != 200:
+                    raise http_error(response.status, await response.read(), request.model)
+                async for item in parse_stream(byte_lines(response.content.iter_any()),
+                                               request):
                     yield item
-        except httpx.HTTPError as exc:
+        except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -146,14 +165,14 @@ class OllamaBackend:
         propagate.inject(headers)
         answered = False
         try:
-            pool = next(self._pool_turns)
-            async with pool.stream("POST", "/api/embed", json=body, headers=headers) as response:
+            async with self._request("POST", "/api/embed", body=body,
+                                     headers=headers) as response:
                 answered = True
-                content = await response.aread()
-        except httpx.HTTPError as exc:
+                status, content = response.status, await response.read()
+        except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
-        if response.status_code != 200:
-            raise embed_error(response.status_code, content, request)
+        if status != 200:
+            raise embed_error(status, content, request)
         if len(content) > _PARSE_OFF_LOOP_BYTES:
             return await asyncio.to_thread(parse_embeddings, content, request)
         return parse_embeddings(content, request)
@@ -170,21 +189,20 @@ class OllamaBackend:
         try:
             if self._settings.pull_model and not (await self.check_health(self._model)).ready:
                 await self._pull(self._model)
-            response = await self._client.post(
-                "/api/generate", json={"model": self._model, "keep_alive": self._keep_alive})
-        except httpx.HTTPError as exc:
+            status, content = await self._get_json(
+                "/api/generate", body={"model": self._model, "keep_alive": self._keep_alive})
+        except HTTP_FAILURES as exc:
             raise transport_error(exc) from None
-        if response.status_code != 200:
-            raise http_error(response.status_code, response.content, self._model)
+        if status != 200:
+            raise http_error(status, content, self._model)
 
     async def _pull(self, model: str) -> None:
         """Pull `model`, reading Ollama's progress lines until "success"."""
         log.info("pulling %s", model)
-        async with self._client.stream("POST", "/api/pull", json={"model": model}) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise http_error(response.status_code, response.content, model)
-            async for line in response.aiter_lines():
+        async with self._request("POST", "/api/pull", body={"model": model}) as response:
+            if response.status != 200:
+                raise http_error(response.status, await response.read(), model)
+            async for line in byte_lines(response.content.iter_any()):
                 try:
                     progress = json.loads(line) if line else {}
                 except ValueError:
@@ -199,21 +217,21 @@ class OllamaBackend:
     async def is_reachable(self) -> bool:
         """Does an Ollama server answer at the configured URL? (backend auto-selection)"""
         try:
-            response = await self._client.get("/api/version", timeout=self._settings.health_timeout)
-        except httpx.HTTPError:
+            status, _ = await self._get_json("/api/version", self._settings.health_timeout)
+        except HTTP_FAILURES:
             return False
-        return response.status_code == 200
+        return status == 200
 
     async def check_health(self, model: str) -> BackendHealth:
         timeout = self._settings.health_timeout
         try:
-            response = await self._client.get("/api/tags", timeout=timeout)
-        except httpx.HTTPError as exc:
+            status, content = await self._get_json("/api/tags", timeout)
+        except HTTP_FAILURES as exc:
             return BackendHealth(False, f"Ollama unreachable ({type(exc).__name__})")
-        if response.status_code != 200:
-            return BackendHealth(False, f"Ollama answered /api/tags with {response.status_code}")
+        if status != 200:
+            return BackendHealth(False, f"Ollama answered /api/tags with {status}")
         try:
-            names = {m["name"] for m in response.json().get("models", [])}
+            names = {m["name"] for m in json.loads(content).get("models", [])}
         except (ValueError, KeyError, TypeError, AttributeError):
             return BackendHealth(False, "Ollama sent a malformed model list")
         if not _model_listed(model, names):
@@ -224,23 +242,23 @@ class OllamaBackend:
     async def _loaded_models(self, timeout: float) -> tuple[ModelInfo, ...]:
         """What /api/ps shows (the memory gauges read it); empty when it does not answer."""
         try:
-            response = await self._client.get("/api/ps", timeout=timeout)
-            running = response.json().get("models", []) if response.status_code == 200 else []
+            status, content = await self._get_json("/api/ps", timeout)
+            running = json.loads(content).get("models", []) if status == 200 else []
             return tuple(_model_info(m, m) for m in running)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        except (*HTTP_FAILURES, ValueError, KeyError, TypeError, AttributeError):
             return ()
 
     async def list_models(self) -> list[ModelInfo]:
         try:
-            tags = await self._client.get("/api/tags")
-            running = await self._client.get("/api/ps")
-        except httpx.HTTPError as exc:
+            tags = await self._get_json("/api/tags")
+            running = await self._get_json("/api/ps")
+        except HTTP_FAILURES as exc:
             raise transport_error(exc) from None
-        for response in (tags, running):
-            if response.status_code != 200:
-                raise http_error(response.status_code, response.content, "")
-        loaded = {m["name"]: m for m in running.json().get("models", [])}
-        tagged = tags.json().get("models", [])
+        for status, content in (tags, running):
+            if status != 200:
+                raise http_error(status, content, "")
+        loaded = {m["name"]: m for m in json.loads(running[1]).get("models", [])}
+        tagged = json.loads(tags[1]).get("models", [])
         turns = asyncio.Semaphore(_SHOW_CONCURRENCY)
         facts = await asyncio.gather(*(self._embedding_fact(m, turns) for m in tagged))
         return [dataclasses.replace(_model_info(m, loaded.get(m["name"])), embeds=embeds,
@@ -257,35 +275,16 @@ class OllamaBackend:
             return known
         try:
             async with turns:
-                response = await self._client.post("/api/show", json={"model": key[0]})
-            shown = response.json() if response.status_code == 200 else {}
+                status, content = await self._get_json("/api/show", body={"model": key[0]})
+            shown = json.loads(content) if status == 200 else {}
             embeds = "embedding" in (shown.get("capabilities") or ())
             info = shown.get("model_info") or {}
             length = info.get(f"{info.get('general.architecture', '')}.embedding_length")
             fact = (embeds, int(length) if embeds and isinstance(length, int) else 0)
-        except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+        except (*HTTP_FAILURES, ValueError, TypeError, AttributeError):
             return (False, 0)
         self._embedding_facts[key] = fact
         return fact
-
-
-def new_http_client(settings: Settings, max_connections: int | None = None,
-                    tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:
-    """A connection pool: separate connect / read / pool timeouts, keep-alive connections."""
-    timeout = httpx.Timeout(
-        connect=settings.connect_timeout,
-        read=settings.read_timeout,
-        write=settings.connect_timeout,
-        pool=settings.pool_timeout,
-    )
-    size = max_connections or settings.max_connections
-    limits = httpx.Limits(
-        max_connections=size,
-        max_keepalive_connections=size,
-        keepalive_expiry=60.0,
-    )
-    return httpx.AsyncClient(base_url=settings.ollama_url, timeout=timeout, limits=limits,
-                             verify=tls or True)
 
 
 def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tuple[str, dict]:
