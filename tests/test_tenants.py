@@ -408,10 +408,59 @@ async def test_a_reserved_slot_takes_critical_calls_only():
     assert admission.in_flight == 0 and admission.queued == 0
 
 
-async def _hold(admission: Admission, priority: Priority, caller: str = "") -> None:
+async def test_a_caller_calling_back_to_back_keeps_its_slot_for_a_moment():
+    admission = Admission(1, 8, 30, anticipation=30.0)
+    held = admission.slot(context=CallContext(caller="a"))
+    await held.__aenter__()
+    flood = [asyncio.create_task(_hold(admission, Priority.STANDARD, "a")) for _ in range(3)]
+    await wait_until(lambda: admission.queued == 3)
+    first = asyncio.create_task(_hold(admission, Priority.STANDARD, "b", release=False))
+    await wait_until(lambda: admission.queued == 4)
+    await held.__aexit__(None, None, None)
+    await wait_until(lambda: first.done())  # a's first waiter, then b (the smaller tag)
+    await first.result().__aexit__(None, None, None)
+    # b's next call takes the slot it just freed, though a's calls wait: it would have
+    # got it anyway had it come in time (a's next tag is no earlier than b's).
+    assert admission.queued == 2 and admission._held
+    async with admission.slot(context=CallContext(caller="b")):
+        assert admission.queued == 2
+    # Now a's next tag is the earlier one: the slot b frees goes on at once.
+    assert not admission._held and admission.queued == 1
+    await asyncio.gather(*flood)
+    assert admission.in_flight == 0 and admission.queued == 0 and not admission._callers
+
+
+async def test_a_freed_slot_goes_on_when_the_caller_does_not_come_back_or_floods():
+    admission = Admission(1, 8, 30, anticipation=0.05)
+    first = admission.slot(context=CallContext(caller="b"))
+    await first.__aenter__()
+    other = asyncio.create_task(_hold(admission, Priority.STANDARD, "a"))
+    await wait_until(lambda: admission.queued == 1)
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(other, 5)  # b never came back: a got the slot
+    # A caller with calls of its own waiting keeps nothing: its waiter competes as usual.
+    held = admission.slot(context=CallContext(caller="b"))
+    await held.__aenter__()
+    mine = asyncio.create_task(_hold(admission, Priority.STANDARD, "b"))
+    theirs = asyncio.create_task(_hold(admission, Priority.STANDARD, "a"))
+    await wait_until(lambda: admission.queued == 2)
+    await held.__aexit__(None, None, None)
+    assert admission.queued == 1 and not admission._held
+    await asyncio.gather(mine, theirs)
+    assert admission.in_flight == 0 and admission.queued == 0 and not admission._callers
+
+
+async def _hold(admission: Admission, priority: Priority, caller: str = "", *,
+                release: bool = True) -> Any:
+    """Take a slot and give it back (or, with release=False, return it held)."""
     context = CallContext(priority=priority, caller=caller or priority.name)
-    async with admission.slot(context=context):
-        await asyncio.sleep(0)
+    slot = admission.slot(context=context)
+    await slot.__aenter__()
+    if not release:
+        return slot
+    await asyncio.sleep(0)
+    await slot.__aexit__(None, None, None)
+    return None
 
 
 # --- caches and telemetry -------------------------------------------------------------------

@@ -16,6 +16,14 @@ waits behind a standard or sheddable one, and when the queue is full the least i
 most served waiter is put out (sheddable first) to make room for a call that matters more.
 With `fair=False` the tags are arrival order: first come, first served within a priority.
 
+A caller that calls back to back (an agent's steps, a script's loop) frees its slot a
+moment before its next call arrives, and in that moment the slot goes to another caller's
+waiter: it then waits for the next slot to free, however little service it had. With
+`anticipation`, when such a caller's next call would get the slot anyway (its tag would be
+no later than the first waiter's), the slot stays its own for that many seconds
+(anticipatory scheduling): its next call takes it at once; if none comes, the slot goes to
+the next waiter then.
+
 Quotas (a named tenant's limits from the keys file) are checked before a call queues:
 generations at once (in flight or waiting), requests per minute, tokens per minute. Tokens
 are counted as they happen (`count_tokens`), so a stream may run past the budget (it
@@ -112,7 +120,7 @@ class Admission:
     def __init__(self, max_in_flight: int, max_queue: int, queue_timeout: float, *,
                  fair: bool = True, critical_reserve: int = 0,
                  tenants: Callable[[str], Tenant] | None = None,
-                 quotas: Admission | None = None,
+                 quotas: Admission | None = None, anticipation: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
@@ -123,6 +131,9 @@ class Admission:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.fair = fair
+        self.anticipation = anticipation if fair else 0.0
+        #: Slots held for callers' next calls (anticipation): caller key -> its timer.
+        self._held: dict[str, asyncio.TimerHandle] = {}
         #: The named tenant's current limits (the keys file, reloaded).
         self.tenants: Callable[[str], Tenant] = tenants or (lambda _name: DEFAULT_TENANT)
         self.observer: AdmissionObserver | None = None
@@ -179,6 +190,15 @@ class Admission:
             self._check_quota(tenant, caller)
         if caller is None:
             caller = self._callers[context.caller] = _Caller(context.caller)
+        held = self._held.pop(caller.key, None)
+        if held is not None:  # its slot, kept since its last call ended
+            held.cancel()
+            start = max(self._virtual, caller.finish)
+            self._virtual, caller.finish = start, start + 1.0 / tenant.weight
+            caller.in_flight += 1
+            if self.observer is not None:
+                self.observer.waited(tenant.label, context.priority, 0.0)
+            return caller
         if self._free_for(context.priority):
             self._in_flight += 1
             caller.in_flight += 1
@@ -303,9 +323,34 @@ class Admission:
     # --- giving a slot back ---------------------------------------------------------------
 
     def _release(self, caller: _Caller) -> None:
+        """Keep the slot for the caller's next call (anticipation), or pass it on."""
+        caller.in_flight -= 1
+        if self.anticipation and not caller.queued and self._queued \
+                and caller.key not in self._held and self._would_win(caller):
+            self._held[caller.key] = asyncio.get_running_loop().call_later(
+                self.anticipation, self._end_hold, caller)
+            return
+        self._pass_on(caller)
+
+    def _would_win(self, caller: _Caller) -> bool:
+        """Would the caller's next call (a standard one) take the slot before the first
+        waiter: its tag no later than theirs, and no critical call waiting?"""
+        if self._critical_waiting:
+            return False
+        heap = self._heaps[Priority.STANDARD]
+        while heap and (heap[0][2].gone or heap[0][2].future.done()):
+            heapq.heappop(heap)  # entries of waiters gone meanwhile
+        first = heap[0][0] if heap else float("inf")
+        return max(self._virtual, caller.finish) <= first
+
+    def _end_hold(self, caller: _Caller) -> None:
+        """The caller's next call did not come in time: the kept slot goes on."""
+        if self._held.pop(caller.key, None) is not None:
+            self._pass_on(caller)
+
+    def _pass_on(self, caller: _Caller) -> None:
         """Hand the slot straight to the next waiter (priority, then the smallest tag),
         else free it."""
-        caller.in_flight -= 1
         self._forget_if_idle(caller)
         for priority in _CLASSES:
             if priority is not Priority.CRITICAL and \
@@ -334,6 +379,6 @@ class Admission:
     def _forget_if_idle(self, caller: _Caller) -> None:
         # A caller with nothing queued starts again at the queue's virtual time: service
         # long past does not count, and callers (addresses) do not pile up.
-        if caller.in_flight == 0 and caller.queued == 0 and \
-                self._callers.get(caller.key) is caller:
+        if caller.in_flight == 0 and caller.queued == 0 and caller.key not in self._held \
+                and self._callers.get(caller.key) is caller:
             del self._callers[caller.key]

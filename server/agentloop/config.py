@@ -332,6 +332,14 @@ class Settings:
         "either way)",
         group="admission",
     )
+    fair_anticipation: float = _setting(
+        0.01,
+        "seconds a slot freed by a caller with no other call waiting stays that caller's, "
+        "while others wait and it holds no more than its share of the slots: a client "
+        "calling back to back keeps its place instead of waiting for the next slot to free "
+        "(with fair queuing; 0 = off)",
+        group="admission", minimum=0, maximum=1,
+    )
 
     # --- request limits ---
     max_tokens_cap: int = _setting(

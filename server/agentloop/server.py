@@ -257,7 +257,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     admission = Admission(
         settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout,
         fair=settings.fair_queuing, critical_reserve=settings.critical_reserve,
-        tenants=keys.tenant,
+        tenants=keys.tenant, anticipation=settings.fair_anticipation,
     )
     cache = ResponseCache(settings.cache_entries, settings.cache_ttl) \
         if settings.cache_entries else None
@@ -269,7 +269,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     embed_admission = Admission(settings.max_embed_in_flight or backend.parallelism,
                                 settings.max_queue, settings.queue_timeout,
                                 fair=settings.fair_queuing, tenants=keys.tenant,
-                                quotas=admission)
+                                quotas=admission, anticipation=settings.fair_anticipation)
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend,
                                 embed_admission)
     admission.observer = telemetry

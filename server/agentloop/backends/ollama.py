@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
@@ -109,7 +110,8 @@ class OllamaBackend:
 
     def _request(self, method: str, path: str, *, body: object = None,
                  headers: dict[str, str] | None = None,
-                 timeout: float | None = None) -> Any:
+                 timeout: float | None = None
+                 ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """One request to Ollama (an async context manager for its response); the body as
         JSON, a timeout for the whole call where given."""
         if self._session is None:
@@ -126,7 +128,7 @@ class OllamaBackend:
             options["timeout"] = whole_call(timeout)
         return self._session.request(method, self._base + path, headers=headers, **options)
 
-    async def _get_json(self, path: str, timeout: float | None = None,
+    async def _fetch(self, path: str, timeout: float | None = None,
                         body: object = None) -> tuple[int, bytes]:
         """A control call's status and whole body (GET, or POST with a body)."""
         async with self._request("POST" if body is not None else "GET", path, body=body,
@@ -189,7 +191,7 @@ class OllamaBackend:
         try:
             if self._settings.pull_model and not (await self.check_health(self._model)).ready:
                 await self._pull(self._model)
-            status, content = await self._get_json(
+            status, content = await self._fetch(
                 "/api/generate", body={"model": self._model, "keep_alive": self._keep_alive})
         except HTTP_FAILURES as exc:
             raise transport_error(exc) from None
@@ -217,7 +219,7 @@ class OllamaBackend:
     async def is_reachable(self) -> bool:
         """Does an Ollama server answer at the configured URL? (backend auto-selection)"""
         try:
-            status, _ = await self._get_json("/api/version", self._settings.health_timeout)
+            status, _ = await self._fetch("/api/version", self._settings.health_timeout)
         except HTTP_FAILURES:
             return False
         return status == 200
@@ -225,7 +227,7 @@ class OllamaBackend:
     async def check_health(self, model: str) -> BackendHealth:
         timeout = self._settings.health_timeout
         try:
-            status, content = await self._get_json("/api/tags", timeout)
+            status, content = await self._fetch("/api/tags", timeout)
         except HTTP_FAILURES as exc:
             return BackendHealth(False, f"Ollama unreachable ({type(exc).__name__})")
         if status != 200:
@@ -242,7 +244,7 @@ class OllamaBackend:
     async def _loaded_models(self, timeout: float) -> tuple[ModelInfo, ...]:
         """What /api/ps shows (the memory gauges read it); empty when it does not answer."""
         try:
-            status, content = await self._get_json("/api/ps", timeout)
+            status, content = await self._fetch("/api/ps", timeout)
             running = json.loads(content).get("models", []) if status == 200 else []
             return tuple(_model_info(m, m) for m in running)
         except (*HTTP_FAILURES, ValueError, KeyError, TypeError, AttributeError):
@@ -250,8 +252,8 @@ class OllamaBackend:
 
     async def list_models(self) -> list[ModelInfo]:
         try:
-            tags = await self._get_json("/api/tags")
-            running = await self._get_json("/api/ps")
+            tags = await self._fetch("/api/tags")
+            running = await self._fetch("/api/ps")
         except HTTP_FAILURES as exc:
             raise transport_error(exc) from None
         for status, content in (tags, running):
@@ -275,7 +277,7 @@ class OllamaBackend:
             return known
         try:
             async with turns:
-                status, content = await self._get_json("/api/show", body={"model": key[0]})
+                status, content = await self._fetch("/api/show", body={"model": key[0]})
             shown = json.loads(content) if status == 200 else {}
             embeds = "embedding" in (shown.get("capabilities") or ())
             info = shown.get("model_info") or {}

@@ -20,9 +20,9 @@ from typing import Any
 from opentelemetry import trace
 
 REQUEST_LOGGER = "agentloop.requests"
-#: Libraries that log every HTTP request at info, the background readiness checks
-#: included (one every --health-interval): shown at debug only.
-CHATTY_LOGGERS = ("httpx", "httpcore")
+#: Libraries that log every HTTP request at info (the MCP SDK's HTTP client): shown at
+#: debug only.
+CHATTY_LOGGERS = ("httpx2", "httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):
