@@ -483,7 +483,9 @@ async def test_a_client_tool_error_is_shown_to_the_model(stub, fake_ollama):
 
 @pytest.mark.parametrize("settings_overrides", [{"tool_timeout": 0.3}])
 async def test_a_silent_client_times_out_and_a_late_result_is_dropped(stub, fake_ollama):
-    fake_ollama.enqueue(CALL_LOOKUP, ANSWER)
+    # The answer takes a second to start: the late result arrives while the run goes on
+    # (once the call has ended, grpc refuses the write on the client's side).
+    fake_ollama.enqueue(CALL_LOOKUP, Script(tokens=ANSWER.tokens, first_token_delay=1.0))
     call = stub.StreamRunAgent(timeout=10)
     await call.write(start(client_tools=[LOOKUP]))
     events = []

@@ -334,8 +334,10 @@ class Admission:
 
     def _would_win(self, caller: _Caller) -> bool:
         """Would the caller's next call (a standard one) take the slot before the first
-        waiter: its tag no later than theirs, and no critical call waiting?"""
-        if self._critical_waiting:
+        waiter: its tag no later than theirs, no critical call waiting, and the slot not
+        one kept for critical calls?"""
+        if self._critical_waiting or \
+                self._in_flight > self.max_in_flight - self.critical_reserve:
             return False
         heap = self._heaps[Priority.STANDARD]
         while heap and (heap[0][2].gone or heap[0][2].future.done()):

@@ -541,8 +541,8 @@ class Engine:
                 self._end(job, error)
 
     def _admit(self) -> None:
-        """Give free slots to waiting jobs, first come first served (prompts tokenized and
-        grammars built)."""
+        """Give free slots to waiting jobs in arrival order among those ready (prompt
+        tokenized, grammar built): a short prompt may pass a long one queued before it."""
         for job in list(self._waiting):
             prepared = job.prepared
             if prepared is not None and prepared.done() and job.prompt is None:
