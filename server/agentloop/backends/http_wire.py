@@ -9,9 +9,11 @@ the fake in one process), and what the gateway adds to a first token is mostly i
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,38 +32,61 @@ from agentloop.errors import (
 HTTP_FAILURES = (aiohttp.ClientError, TimeoutError)
 
 
-def http_session(url: str, *, connections: int, connect_timeout: float, pool_timeout: float,
-                 read_timeout: float, headers: dict[str, str] | None = None,
-                 tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
-    """A connection pool to one upstream: at most `connections` open, kept alive for a
-    minute. `connect` covers the wait for a free connection and the connecting; each read
-    waits at most `read_timeout` (a slow prompt's first token included). Made in the
-    running event loop (aiohttp needs it)."""
-    connector = aiohttp.TCPConnector(
-        limit=connections, limit_per_host=0, keepalive_timeout=60.0,
-        ssl=(tls or ssl.create_default_context()) if url.startswith("https:") else False)
-    timeout = aiohttp.ClientTimeout(total=None, connect=pool_timeout + connect_timeout,
-                                    sock_connect=connect_timeout, sock_read=read_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
-                                 raise_for_status=False)
+class HttpUpstream:
+    """One upstream's connection pool and the requests to it (both HTTP backends).
 
+    At most `connections` open, kept alive for a minute. `connect` covers the wait for a
+    free connection and the connecting; each read waits at most `read_timeout` (a slow
+    prompt's first token included). The pool is made on first use: aiohttp needs the
+    running event loop. No redirect is followed (an upstream that redirects is
+    misconfigured, and a key must not follow it); HTTP(S)_PROXY and NO_PROXY are honoured
+    as httpx honoured them, looked up once here (aiohttp's trust_env looks them up on a
+    thread for every request)."""
 
-def request_options(url: str) -> dict[str, Any]:
-    """Every request's options: no redirects followed (an upstream that redirects is
-    misconfigured, and a key must not follow it), and the proxy HTTP(S)_PROXY and NO_PROXY
-    name for `url`, as httpx honoured them: found once here, where aiohttp's trust_env would
-    look it up on a thread for every request."""
-    options: dict[str, Any] = {"allow_redirects": False}
-    try:
-        proxy, auth = aiohttp.helpers.get_env_proxy_for_url(yarl.URL(url))
-    except LookupError:
-        return options
-    return {**options, "proxy": proxy, "proxy_auth": auth}
+    def __init__(self, url: str, *, connections: int, connect_timeout: float,
+                 pool_timeout: float, read_timeout: float,
+                 headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None,
+                 server_hostname: str = "") -> None:
+        self.base = url.rstrip("/")
+        self._connector: dict[str, Any] = {
+            "limit": connections, "limit_per_host": 0, "keepalive_timeout": 60.0,
+            "ssl": (tls or ssl.create_default_context()) if url.startswith("https:") else False}
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=pool_timeout + connect_timeout,
+                                              sock_connect=connect_timeout,
+                                              sock_read=read_timeout)
+        self._headers = headers
+        self._options: dict[str, Any] = {"allow_redirects": False}
+        if server_hostname:  # the name the certificate carries when `url` holds an address
+            self._options["server_hostname"] = server_hostname
+        try:
+            proxy, auth = aiohttp.helpers.get_env_proxy_for_url(yarl.URL(url))
+            self._options.update(proxy=proxy, proxy_auth=auth)
+        except LookupError:
+            pass
+        self._session: aiohttp.ClientSession | None = None
 
+    def request(self, method: str, path: str, *, body: object = None,
+                headers: dict[str, str] | None = None, timeout: float | None = None
+                ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """One request (an async context manager for its response; leaving it before the
+        body's end closes the connection): the body as JSON, a timeout for the whole call
+        where given."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(**self._connector), timeout=self._timeout,
+                headers=self._headers, raise_for_status=False)
+        options = dict(self._options)
+        if body is not None:
+            options["data"] = json.dumps(body).encode()
+            headers = {**(headers or {}), "Content-Type": "application/json"}
+        if timeout is not None:
+            options["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        return self._session.request(method, self.base + path, headers=headers, **options)
 
-def whole_call(seconds: float) -> aiohttp.ClientTimeout:
-    """A timeout for a call as a whole (health checks)."""
-    return aiohttp.ClientTimeout(total=seconds)
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def url_address(url: str) -> tuple[str, int]:

@@ -1,6 +1,6 @@
 """The Ollama backend: aiohttp to Ollama's HTTP API (the production sidecar).
 
-One aiohttp session pools connections (see http_wire). `/api/chat` serves chats and
+One `HttpUpstream` (aiohttp, see http_wire) pools connections. `/api/chat` serves chats and
 `/api/generate` raw prompts; the NDJSON stream is parsed line by line, the final chunk's
 counts and nanosecond durations become `Usage` and `Timings`. Leaving the stream early
 (a cancelled or timed-out client) closes the HTTP response at once, which cancels the
@@ -15,23 +15,19 @@ import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
-import aiohttp
 from opentelemetry import propagate
 
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
+    HttpUpstream,
     byte_lines,
     clean,
-    http_session,
-    request_options,
     retryable,
     transport_error,
     url_address,
-    whole_call,
 )
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -84,9 +80,10 @@ class OllamaBackend:
         self._settings = settings
         self._model = settings.model
         self._keep_alive = _keep_alive_value(settings.keep_alive)
-        self._base = settings.ollama_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None  # made in the event loop
-        self._options = request_options(settings.ollama_url)
+        self._http = HttpUpstream(
+            settings.ollama_url, connections=settings.max_connections,
+            connect_timeout=settings.connect_timeout, pool_timeout=settings.pool_timeout,
+            read_timeout=settings.read_timeout)
         self._address = url_address(settings.ollama_url)
         #: (name, digest) -> (embeds, dimensions), from /api/show: a model's facts only change
         #: with its digest, so ListModels asks once per model version.
@@ -104,35 +101,13 @@ class OllamaBackend:
         """Nothing to open: the pool connects lazily."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _request(self, method: str, path: str, *, body: object = None,
-                 headers: dict[str, str] | None = None,
-                 timeout: float | None = None
-                 ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        """One request to Ollama (an async context manager for its response); the body as
-        JSON, a timeout for the whole call where given."""
-        if self._session is None:
-            settings = self._settings
-            self._session = http_session(
-                settings.ollama_url, connections=settings.max_connections,
-                connect_timeout=settings.connect_timeout, pool_timeout=settings.pool_timeout,
-                read_timeout=settings.read_timeout)
-        options = dict(self._options)
-        if body is not None:
-            options["data"] = json.dumps(body).encode()
-            headers = {**(headers or {}), "Content-Type": "application/json"}
-        if timeout is not None:
-            options["timeout"] = whole_call(timeout)
-        return self._session.request(method, self._base + path, headers=headers, **options)
+        await self._http.close()
 
     async def _fetch(self, path: str, timeout: float | None = None,
-                        body: object = None) -> tuple[int, bytes]:
+                     body: object = None) -> tuple[int, bytes]:
         """A control call's status and whole body (GET, or POST with a body)."""
-        async with self._request("POST" if body is not None else "GET", path, body=body,
-                                 timeout=timeout) as response:
+        method = "POST" if body is not None else "GET"
+        async with self._http.request(method, path, body=body, timeout=timeout) as response:
             return response.status, await response.read()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
@@ -142,7 +117,7 @@ class OllamaBackend:
         answered = False
         try:
             # Leaving this block before the body's end closes the connection: Ollama stops.
-            async with self._request("POST", path, body=body, headers=headers) as response:
+            async with self._http.request("POST", path, body=body, headers=headers) as response:
                 answered = True
                 if response.status != 200:
                     raise http_error(response.status, await response.read(), request.model)
@@ -167,8 +142,8 @@ class OllamaBackend:
         propagate.inject(headers)
         answered = False
         try:
-            async with self._request("POST", "/api/embed", body=body,
-                                     headers=headers) as response:
+            async with self._http.request("POST", "/api/embed", body=body,
+                                          headers=headers) as response:
                 answered = True
                 status, content = response.status, await response.read()
         except HTTP_FAILURES as exc:
@@ -201,7 +176,7 @@ class OllamaBackend:
     async def _pull(self, model: str) -> None:
         """Pull `model`, reading Ollama's progress lines until "success"."""
         log.info("pulling %s", model)
-        async with self._request("POST", "/api/pull", body={"model": model}) as response:
+        async with self._http.request("POST", "/api/pull", body={"model": model}) as response:
             if response.status != 200:
                 raise http_error(response.status, await response.read(), model)
             async for line in byte_lines(response.content.iter_any()):

@@ -28,13 +28,11 @@ from opentelemetry import propagate
 
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
+    HttpUpstream,
     clean,
-    http_session,
-    request_options,
     retryable,
     transport_error,
     url_address,
-    whole_call,
 )
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -107,11 +105,14 @@ class OpenAIBackend:
         self.parallelism = spec.max_in_flight
         self._settings = settings
         self._model = settings.model
-        self._base = spec.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None  # made in the event loop
-        self._request_options = request_options(spec.url)
-        if spec.host:  # the name the certificate carries when `url` holds an address
-            self._request_options["server_hostname"] = spec.host
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        if spec.host:  # `url` holds a resolved address: the name is the Host and the SNI
+            headers["Host"] = spec.host
+        self._http = HttpUpstream(
+            spec.url, connections=max(1, spec.max_in_flight) + CONTROL_CONNECTIONS,
+            connect_timeout=spec.connect_timeout, pool_timeout=settings.pool_timeout,
+            read_timeout=spec.read_timeout, headers=headers, server_hostname=spec.host,
+            tls=tls_context(spec.tls) if spec.url.startswith("https:") else None)
         self._address = url_address(spec.url)
 
     @property
@@ -126,24 +127,7 @@ class OpenAIBackend:
         """Nothing to open: the pool connects lazily."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        """The endpoint's connection pool, made on first use (aiohttp needs the running
-        loop)."""
-        if self._session is None:
-            spec = self.spec
-            headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-            if spec.host:
-                headers["Host"] = spec.host
-            self._session = http_session(
-                spec.url, connections=max(1, spec.max_in_flight) + CONTROL_CONNECTIONS,
-                connect_timeout=spec.connect_timeout, pool_timeout=self._settings.pool_timeout,
-                read_timeout=spec.read_timeout, headers=headers,
-                tls=tls_context(spec.tls) if spec.url.startswith("https:") else None)
-        return self._session
+        await self._http.close()
 
     async def warm_up(self) -> None:
         """A no-op: an OpenAI-compatible server loads its models at its own start, and the
@@ -151,13 +135,13 @@ class OpenAIBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self.spec.dialect, self._settings)
-        headers = {"Content-Type": "application/json"}
+        headers: dict[str, str] = {}
         propagate.inject(headers)  # W3C traceparent: vLLM and TGI join the caller's trace
         answered = False
         try:
             # Leaving this block before the body's end closes the connection: vLLM aborts.
-            async with self._http().post(self._base + path, data=json.dumps(body).encode(),
-                                         headers=headers, **self._request_options) as response:
+            async with self._http.request("POST", path, body=body,
+                                          headers=headers) as response:
                 answered = True
                 if response.status != 200:
                     raise await self._refusal(response, request.model)
@@ -172,9 +156,7 @@ class OpenAIBackend:
         body: dict[str, Any] = {"model": request.model, "input": list(request.texts)}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        answer = await self._call("POST", "/embeddings", request.model,
-                                  data=json.dumps(body).encode(),
-                                  headers={"Content-Type": "application/json"})
+        answer = await self._call("POST", "/embeddings", request.model, body=body)
         try:  # a batch of long vectors is milliseconds of parsing: off the event loop
             vectors, tokens = await asyncio.to_thread(
                 parse_embeddings, answer, len(request.texts), request.normalize)
@@ -196,9 +178,8 @@ class OpenAIBackend:
 
     async def check_health(self, model: str) -> BackendHealth:
         try:
-            answer = await self._call(
-                "GET", "/models", "",
-                timeout=whole_call(self._settings.health_timeout))
+            answer = await self._call("GET", "/models", "",
+                                      timeout=self._settings.health_timeout)
             names = model_names(json.loads(answer))
         except AgentLoopError as exc:
             return BackendHealth(False, exc.message)
@@ -217,12 +198,13 @@ class OpenAIBackend:
         # What an OpenAI-compatible server lists, it serves: loaded.
         return [ModelInfo(name=name, loaded=True) for name in names]
 
-    async def _call(self, method: str, path: str, model: str, **kwargs: Any) -> bytes:
+    async def _call(self, method: str, path: str, model: str, *, body: object = None,
+                    timeout: float | None = None) -> bytes:
         """One request's whole answer (bounded); a refusal or failure raises AgentLoopError."""
         answered = False
         try:
-            async with self._http().request(method, self._base + path,
-                                            **self._request_options, **kwargs) as response:
+            async with self._http.request(method, path, body=body,
+                                          timeout=timeout) as response:
                 answered = True
                 if response.status != 200:
                     raise await self._refusal(response, model)
