@@ -91,14 +91,18 @@ def llama_server(binary: str) -> Iterator[str]:
         stop(proc)
 
 
-async def llama_call(client: httpx.AsyncClient, max_tokens: int, prompt: str,
-                     seed: int) -> Call:
-    """One streamed /completion with the gateway's default sampling."""
+def default_sampling() -> dict[str, float]:
+    """The gateway's default sampling, as llama-server's /completion fields."""
     settings = load_settings(environ={})
+    return {"temperature": settings.temperature, "top_p": settings.top_p,
+            "top_k": settings.top_k, "repeat_penalty": settings.repeat_penalty}
+
+
+async def llama_call(client: httpx.AsyncClient, sampling: dict[str, float], max_tokens: int,
+                     prompt: str, seed: int) -> Call:
+    """One streamed /completion with the gateway's default sampling."""
     body = {"prompt": prompt, "n_predict": max_tokens, "stream": True, "seed": seed,
-            "temperature": settings.temperature, "top_p": settings.top_p,
-            "top_k": settings.top_k, "repeat_penalty": settings.repeat_penalty,
-            "cache_prompt": True}
+            "cache_prompt": True, **sampling}
     started = time.perf_counter()
     first: float | None = None
     tokens = prompt_tokens = cached = 0
@@ -143,8 +147,10 @@ async def agentloop_round(address: str) -> dict[str, float]:
 
 
 async def llama_round(url: str) -> dict[str, float]:
+    sampling = default_sampling()
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as client:
-        return await workload(lambda n, prompt, seed: llama_call(client, n, prompt, seed))
+        return await workload(
+            lambda n, prompt, seed: llama_call(client, sampling, n, prompt, seed))
 
 
 def medians(rounds: list[dict[str, float]]) -> dict[str, float]:

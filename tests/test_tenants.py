@@ -450,6 +450,35 @@ async def test_a_freed_slot_goes_on_when_the_caller_does_not_come_back_or_floods
     assert admission.in_flight == 0 and admission.queued == 0 and not admission._callers
 
 
+async def test_a_kept_slot_goes_to_a_critical_call_and_never_to_a_sheddable_one():
+    async def keep_for_b(admission: Admission) -> asyncio.Task[Any]:
+        """b's call ends while a waits: the slot is kept for b; a's waiting call."""
+        first = admission.slot(context=CallContext(caller="b"))
+        await first.__aenter__()
+        standard = asyncio.create_task(_hold(admission, Priority.STANDARD, "a"))
+        await wait_until(lambda: admission.queued == 1)
+        await first.__aexit__(None, None, None)
+        assert admission._held
+        return standard
+
+    admission = Admission(1, 8, 30, anticipation=30.0)
+    standard = await keep_for_b(admission)
+    critical = asyncio.create_task(_hold(admission, Priority.CRITICAL, "c", release=False))
+    kept = await asyncio.wait_for(critical, 5)  # at once, not after the 30 s
+    assert not admission._held and admission.queued == 1
+    await kept.__aexit__(None, None, None)
+    await standard
+
+    # Half a second: a's own kept slot, once its call is done, times out for b's call.
+    admission = Admission(1, 8, 30, anticipation=0.5)
+    standard = await keep_for_b(admission)
+    sheddable = asyncio.create_task(_hold(admission, Priority.SHEDDABLE, "b", release=False))
+    await asyncio.wait_for(standard, 5)  # the standard waiter went first
+    held = await asyncio.wait_for(sheddable, 5)
+    await held.__aexit__(None, None, None)
+    assert admission.in_flight == 0 and admission.queued == 0 and not admission._callers
+
+
 async def _hold(admission: Admission, priority: Priority, caller: str = "", *,
                 release: bool = True) -> Any:
     """Take a slot and give it back (or, with release=False, return it held)."""

@@ -190,6 +190,10 @@ class Admission:
             self._check_quota(tenant, caller)
         if caller is None:
             caller = self._callers[context.caller] = _Caller(context.caller)
+        if caller.key in self._held and context.priority is Priority.SHEDDABLE:
+            # Kept for a standard call: a sheddable one does not pass the standard waiters.
+            self._end_hold(caller)
+            caller = self._callers.setdefault(caller.key, caller)
         held = self._held.pop(caller.key, None)
         if held is not None:  # its slot, kept since its last call ended
             held.cancel()
@@ -234,6 +238,9 @@ class Admission:
         self._critical_waiting += waiter.priority is Priority.CRITICAL
         heap = self._heaps[waiter.priority]
         heapq.heappush(heap, (start, waiter.seq, waiter))
+        if waiter.priority is Priority.CRITICAL:  # a critical call waits behind no kept slot
+            for key in list(self._held):
+                self._end_hold(self._callers[key])
         if len(heap) > 2 * self.max_queue + 16:  # entries of waiters gone meanwhile
             heap[:] = [entry for entry in heap if not entry[2].gone]
             heapq.heapify(heap)
@@ -346,8 +353,11 @@ class Admission:
         return max(self._virtual, caller.finish) <= first
 
     def _end_hold(self, caller: _Caller) -> None:
-        """The caller's next call did not come in time: the kept slot goes on."""
-        if self._held.pop(caller.key, None) is not None:
+        """The caller's next call did not come in time (or a critical call came): the kept
+        slot goes on."""
+        held = self._held.pop(caller.key, None)
+        if held is not None:
+            held.cancel()
             self._pass_on(caller)
 
     def _pass_on(self, caller: _Caller) -> None:
