@@ -64,6 +64,8 @@ def llama_server(binary: str) -> Iterator[str]:
     model = ensure_packaged_model(cache_dir(settings))
     port = free_port()
     threads = str(usable_cpus())
+    RESULTS.mkdir(exist_ok=True)
+    log_file = (RESULTS / "llama_server.log").open("wb")  # why, if it fails mid-round
     proc = subprocess.Popen(
         [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
          "-np", str(settings.embedded_slots),
@@ -71,7 +73,7 @@ def llama_server(binary: str) -> Iterator[str]:
          "-t", threads, "-tb", threads,
          "-b", str(settings.embedded_batch_tokens), "-ub", str(settings.embedded_batch_tokens),
          "--no-webui"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
         limit = time.monotonic() + 300
@@ -89,6 +91,7 @@ def llama_server(binary: str) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+        log_file.close()
 
 
 def default_sampling() -> dict[str, float]:
@@ -148,7 +151,11 @@ async def agentloop_round(address: str) -> dict[str, float]:
 
 async def llama_round(url: str) -> dict[str, float]:
     sampling = default_sampling()
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0)) as client:
+    # A connection per call: llama-server's HTTP library closes idle kept-alive
+    # connections, and a call sent on one just as it closes fails (loopback connects
+    # cost well under a millisecond).
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0),
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as client:
         return await workload(
             lambda n, prompt, seed: llama_call(client, sampling, n, prompt, seed))
 

@@ -3,13 +3,16 @@
 Two parts, in one run:
 
   engine     the engine driven directly in this process (no gateway), for what only the
-             engine can show: the time of one decoding step over 10 sequences (this
-             machine's ceiling, 10 / that time tokens/s, and floor, 80 x that time per
-             80-token answer); 3 streams on adjacent slots against 3 on slots apart
-             (llama.cpp splits a batch whose sequence ids are not consecutive); the longest
-             pause of a running stream while a 262,000-character prompt of `<` is tokenized;
-             the first token of an 8-token prompt sent behind nine 7,500-token prompts; how
-             much of a 700-token prefix is still cached after an unrelated call.
+             engine can show: for both KV layouts (one cache for all slots, one per slot),
+             alternated over rounds, the time of one decoding step over 10 sequences, 3
+             streams on slots {0, 2, 4} against 3 on {0, 1, 2} (with a cache per slot,
+             llama.cpp splits a step whose sequence ids are not consecutive into passes) and
+             3 streams beside 7 idle caches; on the default layout, the longest pause of a
+             running stream while a 262,000-character prompt of `<` is tokenized, the first
+             token of an 8-token prompt sent behind nine 7,500-token prompts, how much of a
+             700-token prefix is still cached after an unrelated call; and the 10-sequence
+             step again just before and after the gateway part (this machine's ceiling,
+             10 / that time tokens/s, and floor, 80 x that time per 80-token answer).
   workloads  the five workloads through the real gateway (`agentloop serve --backend
              embedded`, the defaults), requests arriving at random moments over a spread,
              not all at once:
@@ -17,7 +20,8 @@ Two parts, in one run:
                code        code generation, 200-500 tokens each
                longform    long-form content, 1,000+ tokens each
                multiturn   conversations whose every turn resends the ones before
-               concurrent  10 users x 80 tokens x 3 requests, users starting 0-2 s apart
+               concurrent  10 users x 80 tokens x 3 requests, users starting 0-2 s apart,
+                           in rounds, each between two measurements of the 10-sequence step
              each with latency P50/P95, first-token P95, tokens/s, cache hits (cached
              prompt tokens / prompt tokens) and the peak memory of the gateway plus its
              engine process, and whether its latency P95 is under 5 s, or why it cannot be
@@ -36,11 +40,12 @@ import asyncio
 import itertools
 import json
 import random
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,55 +136,85 @@ def until(condition, timeout: float = 600) -> None:
         time.sleep(0.005)
 
 
-def steps_per_s(engine: Engine, seconds: float, least: int = 5) -> float:
-    """Decoding steps per second over `seconds`, and over `least` steps at least."""
+def steps_per_s(engine: Engine, seconds: float, least: int = 5,
+                stopped: Callable[[], bool] = lambda: False) -> float | None:
+    """Decoding steps per second over `seconds`, and over `least` steps at least; over less
+    time when `stopped()` turns true (None if fewer than `least` steps were made by then)."""
     before, started = engine.stats().steps, time.perf_counter()
-    time.sleep(seconds)
-    until(lambda: engine.stats().steps - before >= least)
-    return (engine.stats().steps - before) / (time.perf_counter() - started)
+    while time.perf_counter() - started < seconds or engine.stats().steps - before < least:
+        if stopped():
+            break
+        time.sleep(0.01)
+    steps = engine.stats().steps - before
+    return steps / (time.perf_counter() - started) if steps >= least else None
 
 
-def slot_of(engine: Engine, job: int) -> int:
-    return next(slot.seq for slot in engine._slots if slot.job and slot.job.job_id == job)
+def streams_on(engine: Engine, slots: list[int], window: float, prompt: str = "Story"
+               ) -> float:
+    """Tokens/s of long streams on exactly `slots`: every slot gets one, then the others are
+    cancelled (a cancelled slot keeps its cache, idle). A stream may end on its own (the
+    model writes its end of text): the window ends there, or if that was too soon, the
+    measurement is taken again, other seeds."""
+    for attempt in range(5):
+        rate = streams_once(engine, slots, window, prompt, seeds=attempt * 100)
+        if rate is not None:
+            return rate
+    raise RuntimeError(f"streams on slots {slots} kept ending on their own")
 
 
-def decode_rates(engine: Engine, window: float) -> dict[str, float]:
-    """Step time over 10 sequences; 3 streams on adjacent slots vs 3 on slots apart."""
+def streams_once(engine: Engine, slots: list[int], window: float, prompt: str, seeds: int
+                 ) -> float | None:
     sink = Collector()
-    ten = [sink.submit(engine, engine_request(f"Story {i}: once upon a time", 100_000, i))
-           for i in range(10)]
-    until(lambda: all(sink.deltas[job] for job in ten))
-    step_10 = 1 / steps_per_s(engine, window)
-    for job in ten:
+    jobs = [sink.submit(engine, engine_request(f"{prompt} {i}: once upon a time", 100_000,
+                                               seeds + i))
+            for i in range(engine.config.slots)]
+    until(lambda: all(sink.deltas[job] or job in sink.ends for job in jobs))
+    placed = {slot.seq: job.job_id for slot in engine._slots
+              if (job := slot.job) is not None and job.job_id in sink.deltas}
+    kept = [placed[seq] for seq in slots if seq in placed]
+    for job in jobs:
+        if job not in kept:
+            engine.cancel(job)
+    until(lambda: engine.stats().slots_in_use <= len(kept))
+    # A stream that writes its end of text ends the window early (its slot goes idle).
+    steps = steps_per_s(engine, window, stopped=lambda: any(job in sink.ends for job in kept))
+    for job in kept:
         engine.cancel(job)
-    sink.wait(*ten)
-    # Fresh slots are taken in order: three new jobs sit side by side.
-    adjacent = [sink.submit(engine, engine_request(f"Tale {i}: long ago", 100_000, i))
-                for i in range(3)]
-    until(lambda: all(sink.deltas[job] for job in adjacent))
-    adjacent_slots = sorted(slot_of(engine, job) for job in adjacent)
-    adjacent_rate = 3 * steps_per_s(engine, window)
-    for job in adjacent:
-        engine.cancel(job)
-    sink.wait(*adjacent)
-    five = [sink.submit(engine, engine_request(f"Fable {i}: there was", 100_000, i))
-            for i in range(5)]
-    until(lambda: all(sink.deltas[job] for job in five))
-    by_slot = sorted(five, key=lambda job: slot_of(engine, job))
-    for job in (by_slot[1], by_slot[3]):
-        engine.cancel(job)
-    apart = [by_slot[0], by_slot[2], by_slot[4]]
-    until(lambda: engine.stats().slots_in_use == 3)
-    apart_slots = sorted(slot_of(engine, job) for job in apart)
-    apart_rate = 3 * steps_per_s(engine, window)
-    for job in apart:
-        engine.cancel(job)
-    sink.wait(*five)
+    sink.wait(*jobs)
+    return len(slots) * steps if steps is not None and len(kept) == len(slots) else None
+
+
+ADJACENT, APART = [0, 1, 2], [0, 2, 4]
+
+
+def step_over_10(engine: Engine, window: float) -> float:
+    """The time of one decoding step over 10 long streams."""
+    return 10 / streams_on(engine, list(range(10)), window)
+
+
+def decode_rates(engine: Engine, window: float) -> dict[str, Any]:
+    """Step time over 10 sequences; 3 streams on slots apart between two measurements of 3
+    on adjacent slots (their mean: the machine's drift during the three cancels out)."""
+    step_10 = step_over_10(engine, window)
+    before = streams_on(engine, ADJACENT, window)
+    apart = streams_on(engine, APART, window)
+    after = streams_on(engine, ADJACENT, window)
+    adjacent = (before + after) / 2
     return {"step_10_s": step_10, "ceiling_tokens_per_s": 10 / step_10,
             "floor_80_tokens_s": 80 * step_10,
-            "adjacent_slots": adjacent_slots, "adjacent_tokens_per_s": adjacent_rate,
-            "apart_slots": apart_slots, "apart_tokens_per_s": apart_rate,
-            "apart_over_adjacent": apart_rate / adjacent_rate}
+            "adjacent_slots": ADJACENT, "adjacent_tokens_per_s": adjacent,
+            "adjacent_each": [before, after],
+            "apart_slots": APART, "apart_tokens_per_s": apart,
+            "apart_over_adjacent": apart / adjacent}
+
+
+def beside_idle_caches(engine: Engine, window: float, tokens: int) -> dict[str, Any]:
+    """3 streams on adjacent slots with `tokens`-token prompts, while the other 7 slots keep
+    caches as long, idle (with one KV cache for all slots, attention passes over every
+    cached cell): their tokens/s."""
+    document = "Document: " + " ".join(f"word{n}" for n in range(max(1, tokens // 3)))
+    rate = streams_on(engine, ADJACENT, window, prompt=document)
+    return {"cached_tokens": engine.stats().cache_tokens, "tokens_per_s": rate}
 
 
 def angle_pause(engine: Engine, chars: int) -> dict[str, float]:
@@ -248,17 +283,28 @@ def open_engine(n_ctx: int, kv_unified: bool) -> Engine:
 
 
 def engine_part(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    # Both KV layouts, one after the other: which one the default should be.
-    for unified in (True, False):
-        log(f"engine: decode rates, kv_unified {unified}")
-        engine = open_engine(2048, unified)
-        try:
-            result["rates_unified" if unified else "rates"] = decode_rates(engine, args.window)
-        finally:
-            engine.close()
-    engine = open_engine(args.long_prompt_tokens + 512, load_settings(
-        environ={}).embedded_kv_unified)
+    result: dict[str, Any] = {"layouts": []}
+    # Both KV layouts, alternated over rounds (the machine's speed drifts): which one the
+    # default should be, and what splitting a step into passes costs.
+    for round_ in range(args.layout_rounds):
+        for unified in (False, True):
+            log(f"engine: decode rates, kv_unified {unified}, round {round_ + 1}")
+            # Room for the idle caches' prompts and the streams' answers after them.
+            engine = open_engine(4096, unified)
+            try:
+                rates = decode_rates(engine, args.window)
+                rates["beside_idle"] = beside_idle_caches(engine, args.window,
+                                                          args.idle_cache_tokens)
+            finally:
+                engine.close()
+            result["layouts"].append({"kv_unified": unified, **rates})
+    default = load_settings(environ={}).embedded_kv_unified
+    result["rates"] = median_rates([r for r in result["layouts"]
+                                    if r["kv_unified"] == default])
+    result["rates_other"] = median_rates([r for r in result["layouts"]
+                                          if r["kv_unified"] != default])
+    result["default_kv_unified"] = default
+    engine = open_engine(args.long_prompt_tokens + 512, default)
     try:
         log("engine: a prompt of <")
         result["angle"] = angle_pause(engine, args.angle_chars)
@@ -269,6 +315,32 @@ def engine_part(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         engine.close()
     return result
+
+
+def median_rates(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds of one layout."""
+    step_10 = statistics.median(r["step_10_s"] for r in rounds)
+    return {"kv_unified": rounds[0]["kv_unified"], "rounds": len(rounds),
+            "step_10_s": step_10, "ceiling_tokens_per_s": 10 / step_10,
+            "floor_80_tokens_s": 80 * step_10,
+            "adjacent_slots": rounds[0]["adjacent_slots"],
+            "apart_slots": rounds[0]["apart_slots"],
+            **{key: statistics.median(r[key] for r in rounds)
+               for key in ("adjacent_tokens_per_s", "apart_tokens_per_s",
+                           "apart_over_adjacent")},
+            "beside_idle_tokens_per_s": statistics.median(
+                r["beside_idle"]["tokens_per_s"] for r in rounds),
+            "idle_cached_tokens": rounds[0]["beside_idle"]["cached_tokens"]}
+
+
+def step_10_now(window: float) -> float:
+    """The time of one decoding step over 10 sequences, on the default layout, now: each
+    round of the concurrent workload is read against it taken just before and after."""
+    engine = open_engine(2048, load_settings(environ={}).embedded_kv_unified)
+    try:
+        return step_over_10(engine, window)
+    finally:
+        engine.close()
 
 
 # --- the five workloads through the gateway ---------------------------------------------------
@@ -437,9 +509,23 @@ async def workloads(address: str, process: psutil.Process, args: argparse.Namesp
         async def users() -> list[Call]:
             done = await arriving(args.users, 2.0, rng, user)
             return [c for calls in done for c in calls]
-        await measured(Workload("concurrent", 80), users())
+        # Read against this machine's limits, taken just before and after each round (the
+        # gateway idles meanwhile): its speed drifts by a tenth within minutes.
+        rounds = []
+        step = await asyncio.to_thread(step_10_now, args.window)
+        for round_ in range(args.concurrent_rounds):
+            name = "concurrent" if round_ == 0 else f"concurrent, round {round_ + 1}"
+            await measured(Workload(name, 80), users())
+            after = await asyncio.to_thread(step_10_now, args.window)
+            figures = summary(found[-1], single_rate)
+            mean = (step + after) / 2
+            rounds.append({**figures, "step_10_around_s": [step, after],
+                           "tokens_over_ceiling": figures["tokens_per_s"] * mean / 10,
+                           "p95_over_floor": figures["latency_p95_s"] / (80 * mean)})
+            step = after
     return {"single_stream_tokens_per_s": single_rate,
-            "workloads": {w.name: summary(w, single_rate) for w in found}}
+            "workloads": {w.name: summary(w, single_rate) for w in found},
+            "concurrent_rounds": rounds}
 
 
 def summary(work: Workload, single_rate: float) -> dict[str, Any]:
@@ -480,8 +566,8 @@ def tables(result: dict[str, Any]) -> str:
                     f"{w['tokens_per_s']:.0f} | {w['cache_hits']:.0%} | "
                     f"{w['peak_memory_mb']:.0f} | {w['p95_under_5s']} |")
     engine = result["engine"]
-    rates, concurrent = engine["rates"], result["gateway"]["workloads"].get("concurrent", {})
-    unified = engine["rates_unified"]
+    rates, other = engine["rates"], engine["rates_other"]
+    layout = {True: "one KV cache for all slots", False: "one KV cache per slot"}
     figures = [
         ("262,000-character prompt of `<`: longest pause of another stream (s)",
          f"{engine['angle']['longest_pause_s']:.2f}", f"< {GOALS['angle_pause_s']}"),
@@ -490,28 +576,37 @@ def tables(result: dict[str, Any]) -> str:
          f"{engine['short']['short_first_token_s']:.2f}", f"< {GOALS['short_first_token_s']}"),
         (f"{engine['prefix']['prefix_tokens']}-token prefix after an unrelated call: cached",
          f"{engine['prefix']['cached']:.0%}", f">= {GOALS['warm_prefix_cached']:.0%}"),
-        (f"3 streams on slots {rates['apart_slots']} / on {rates['adjacent_slots']}: tokens/s",
-         f"{rates['apart_over_adjacent']:.0%}", f">= {GOALS['apart_over_adjacent']:.0%}"),
-        ("the same with one KV cache for all slots (--embedded-kv-unified)",
-         f"{unified['apart_over_adjacent']:.0%}", f">= {GOALS['apart_over_adjacent']:.0%}"),
-        ("one KV cache for all slots: 10-sequence step, 3 adjacent streams' tokens/s "
-         "(one cache per slot)",
-         f"{unified['step_10_s']:.3f} s ({rates['step_10_s']:.3f} s), "
-         f"{unified['adjacent_tokens_per_s']:.0f} ({rates['adjacent_tokens_per_s']:.0f})",
-         "the default's choice"),
-        ("one decoding step over 10 sequences (s): ceiling tokens/s, floor of 80 tokens (s)",
-         f"{rates['step_10_s']:.3f}: {rates['ceiling_tokens_per_s']:.0f}, "
-         f"{rates['floor_80_tokens_s']:.1f}", "this machine's limits"),
     ]
-    if concurrent:
+    for r, note in ((rates, " (the default)"), (other, "")):
+        name = layout[r["kv_unified"]] + note
         figures += [
-            ("concurrent: first token P95 (s)", f"{concurrent['ttft_p95_s']:.2f}",
+            (f"{name}: 3 streams on slots {r['apart_slots']} / on {r['adjacent_slots']}: "
+             f"tokens/s (median of {r['rounds']})",
+             f"{r['apart_over_adjacent']:.0%}", f">= {GOALS['apart_over_adjacent']:.0%}"),
+            (f"{name}: 10-sequence step (s); 3 streams' tokens/s, alone / beside 7 idle "
+             f"caches ({r['idle_cached_tokens']:,} cached tokens)",
+             f"{r['step_10_s']:.3f}; {r['adjacent_tokens_per_s']:.0f} / "
+             f"{r['beside_idle_tokens_per_s']:.0f}", "the default's choice"),
+        ]
+    for index, r in enumerate(result["gateway"]["concurrent_rounds"]):
+        around = r["step_10_around_s"]
+        step = statistics.mean(around)
+        figures.append((
+            f"concurrent, round {index + 1}: one decoding step over 10 sequences just before / "
+            "after it (s): ceiling tokens/s, floor of 80 tokens (s), from their mean",
+            f"{around[0]:.3f} / {around[1]:.3f}: {10 / step:.0f}, {80 * step:.1f}",
+            "this machine's limits"))
+    if rounds := result["gateway"]["concurrent_rounds"]:
+        each = " / ".join
+        figures += [
+            ("concurrent: first token P95 (s), each round",
+             each(f"{r['ttft_p95_s']:.2f}" for r in rounds),
              f"< {GOALS['concurrent_ttft_p95_s']}"),
-            ("concurrent: tokens/s / ceiling",
-             f"{concurrent['tokens_per_s'] / rates['ceiling_tokens_per_s']:.0%}",
+            ("concurrent: tokens/s / ceiling, each round",
+             each(f"{r['tokens_over_ceiling']:.0%}" for r in rounds),
              f">= {GOALS['concurrent_tokens_over_ceiling']:.0%}"),
-            ("concurrent: latency P95 / floor",
-             f"{concurrent['latency_p95_s'] / rates['floor_80_tokens_s']:.2f}x",
+            ("concurrent: latency P95 / floor, each round",
+             each(f"{r['p95_over_floor']:.2f}x" for r in rounds),
              f"<= {GOALS['concurrent_p95_over_floor']}x"),
         ]
     lines = ["| figure | this run | goal |", "| --- | ---: | --- |"]
@@ -533,8 +628,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--spread", type=float, default=20.0,
                         help="seconds over which a workload's calls arrive")
+    parser.add_argument("--concurrent-rounds", type=int, default=2,
+                        help="rounds of the concurrent workload, each between two "
+                             "measurements of the 10-sequence step")
     parser.add_argument("--window", type=float, default=5.0,
                         help="seconds each decode rate is measured over")
+    parser.add_argument("--layout-rounds", type=int, default=2,
+                        help="rounds of the two KV layouts' decode rates, alternated")
+    parser.add_argument("--idle-cache-tokens", type=int, default=1500,
+                        help="tokens each idle slot holds beside 3 streams")
     parser.add_argument("--angle-chars", type=int, default=262_000)
     parser.add_argument("--long-prompts", type=int, default=9)
     parser.add_argument("--long-prompt-tokens", type=int, default=7500)
@@ -543,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
         args.qa, args.code, args.longform, args.long_tokens = 2, 1, 1, 40
         args.conversations, args.turns, args.users, args.requests = 1, 2, 2, 1
         args.spread, args.window, args.angle_chars = 1.0, 0.5, 20_000
+        args.layout_rounds, args.idle_cache_tokens, args.concurrent_rounds = 1, 100, 1
         args.long_prompts, args.long_prompt_tokens = 2, 300
         TOKENS_CAP[0] = 24
     command = ".venv/bin/python -m bench.bench_workloads" + (" --quick" if args.quick else "")

@@ -37,6 +37,7 @@ from agentloop.backends.llama_engine import (
     EngineConfig,
     grammar_for_schema,
 )
+from agentloop.config import load_settings
 from agentloop.domain import (
     CallContext,
     ChatMessage,
@@ -674,6 +675,47 @@ def test_sampling_keeps_at_most_the_top_k_limit_of_candidates(top_k: int):
     assert array.size <= TOP_K_MAX
 
 
+def nodes_per_step(engine: Engine, least: int = 40) -> float:
+    """Graph nodes computed per step, over `least` steps at least (the count read at either
+    end may include part of a step under way: many steps make that small)."""
+    before = engine.stats()
+    wait_for(lambda: engine.stats().steps - before.steps >= least)
+    after = engine.stats()
+    return (after.nodes - before.nodes) / (after.steps - before.steps)
+
+
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["one-cache", "cache-per-slot"])
+def test_a_step_over_slots_apart_is_one_pass_with_the_default_kv_layout(kv_unified: bool):
+    """llama.cpp splits a step into one pass per run of consecutive sequence ids when each
+    slot has its own KV cache: streams on slots {0, 2} cost two passes over the weights.
+    The default layout (one cache) keeps it one pass; a cache per slot shows the split."""
+    engine = open_engine(slots=3, kv_unified=kv_unified)
+    try:
+        jobs = Jobs(engine)
+        ids = [jobs.submit(request(f"Story {n}: once upon a time", 600)) for n in range(3)]
+        wait_for(lambda: all(jobs.outcomes[job].deltas for job in ids))
+        by_slot = {slot.seq: job.job_id for slot in engine._slots if (job := slot.job)}
+        engine.cancel(by_slot[1])
+        wait_for(lambda: engine.stats().slots_in_use == 2)
+        apart = nodes_per_step(engine)  # slots 0 and 2
+        ids.append(jobs.submit(request("Story 3: once upon a time", 600)))  # takes slot 1
+        wait_for(lambda: engine.stats().running == 3)
+        engine.cancel(by_slot[2])
+        wait_for(lambda: engine.stats().slots_in_use == 2)
+        adjacent = nodes_per_step(engine)  # slots 0 and 1
+        for job in ids:
+            engine.cancel(job)
+        jobs.wait(*ids)
+    finally:
+        engine.close()
+
+    assert load_settings(environ={}).embedded_kv_unified  # the default layout
+    if kv_unified:
+        assert apart < 1.2 * adjacent, (apart, adjacent)
+    else:
+        assert apart > 1.6 * adjacent, (apart, adjacent)  # two passes of one sequence each
+
+
 def test_progress_is_counted_inside_a_step(batched: Engine):
     before = batched.stats()
     Jobs(batched).run(request(COUNTING, 2))
@@ -684,8 +726,9 @@ def test_progress_is_counted_inside_a_step(batched: Engine):
     assert after.nodes - before.nodes >= 100 * steps > 0
 
 
-def test_one_shared_kv_cache_keeps_each_slot_to_its_share_and_serves_slots_apart():
-    engine = open_engine(slots=3, kv_unified=True)
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["one-cache", "cache-per-slot"])
+def test_each_kv_layout_keeps_each_slot_to_its_share_and_serves_slots_apart(kv_unified: bool):
+    engine = open_engine(slots=3, kv_unified=kv_unified)
     try:
         jobs = Jobs(engine)
         ids = [jobs.submit(request(prompt, 400)) for prompt in

@@ -254,11 +254,12 @@ class Settings:
         group="embedded", minimum=1,
     )
     embedded_kv_unified: bool = _setting(
-        False,
-        "one KV cache shared by the embedded engine's slots: every decoding step is one pass "
-        "over the weights, whichever slots are busy, but attention reads every slot's cache; "
-        "off, each slot has its own and llama.cpp splits a step over slots not numbered "
-        "next to each other, or mixing prompt chunks with generating slots, into passes",
+        True,
+        "one KV cache shared by the embedded engine's slots (each still keeps to its "
+        "--num-ctx share): every decoding step is one pass over the weights, whichever slots "
+        "are busy; off, each slot has its own and llama.cpp splits a step over slots not "
+        "numbered next to each other, or mixing prompt chunks with generating slots, into "
+        "passes (3 streams on slots 0, 2, 4 take three)",
         group="embedded",
     )
     embedded_embed_share: float = _setting(

@@ -17,7 +17,7 @@ class EngineConfig:
     threads: int
     prefix_reuse: bool = True
     batch_tokens: int = 512  # tokens per llama_decode step (prompt chunks + running sequences)
-    kv_unified: bool = False  # one KV cache for every slot (one pass per step) or one each
+    kv_unified: bool = True  # one KV cache for every slot (one pass per step) or one each
     #: Share of the scheduler's time side work (embeddings) gets while generations run.
     side_share: float = 0.1
 

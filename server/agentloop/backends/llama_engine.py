@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,9 @@ _GRAMMAR_BUILDERS = 2
 # Prompts are rendered and tokenized on their own threads (llama_tokenize releases the GIL):
 # two at a time, so a long one does not hold up the admission of a short one.
 _TOKENIZERS = 2
+#: How long the scheduler waits for new prompts to tokenize before a step: a short prompt
+#: is ready in well under this and joins the step at once instead of the one after it.
+_TOKENIZE_GRACE_S = 0.002
 # A free slot's cache is reused only when the shared prefix is at least this share of what
 # the slot holds: reusing a few tokens (BOS, a template's header) would throw away a warm
 # prefix that a conversation waiting on a tool call comes back for.
@@ -312,10 +316,13 @@ class Engine:
         params.n_batch = params.n_ubatch = config.batch_tokens
         params.n_seq_max = config.slots
         params.n_threads = params.n_threads_batch = config.threads
-        # One KV stream per sequence (slots never attend over each other's cache), unless
-        # asked for one shared stream: llama.cpp then decodes a step in one pass whichever
-        # slots are busy (with one stream each, a pass takes only consecutive sequence ids
-        # and the same number of tokens from each).
+        # One KV stream for all sequences by default: llama.cpp decodes a step in one pass
+        # whichever slots are busy (with one stream each, a pass takes only consecutive
+        # sequence ids and the same number of tokens from each, so slots {0, 2, 4} take
+        # three). Attention then spans every slot's cells, but flash attention (llama.cpp's
+        # "auto" turns it on for the CPU) skips most of the cells a sequence's mask hides: 7
+        # idle slots of 2,000 cached tokens each slow 3 streams by 0-10%, where slots apart
+        # with a stream each cost 10-18% (bench_workloads).
         params.kv_unified = config.kv_unified
         # Reusing a prefix longer than the sliding window needs the window's layers whole.
         params.swa_full = config.prefix_reuse
@@ -498,6 +505,9 @@ class Engine:
             job.prepared = self._tokenizers.submit(self._prepare, job)
             job.prepared.add_done_callback(self._prepared)
             self._waiting.append(job)
+        if new:
+            futures.wait([job.prepared for job in new if job.prepared is not None],
+                         timeout=_TOKENIZE_GRACE_S)
         return True
 
     def _prepare(self, job: _Job) -> _Prompt | None:
