@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import socket
 import struct
 
 import pytest
 
+from agentloop.backends import engine_child
 from agentloop.backends.engine_types import EngineConfig, EngineStats
 from agentloop.backends.engine_wire import (
     CHILD_MESSAGES,
@@ -110,3 +112,33 @@ def test_an_unknown_error_kind_arrives_as_a_protocol_error():
     error = decode_error(report)
 
     assert type(error).__name__ == "BackendProtocolError" and error.message == "bye"
+
+
+def read_frame(sock: socket.socket) -> list[tuple]:
+    def exactly(size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            assert chunk, "the socket closed mid-frame"
+            data += chunk
+        return data
+    return decode_frame(exactly(frame_size(exactly(HEADER_SIZE))), CHILD_MESSAGES)
+
+
+def test_a_decode_steps_items_leave_the_child_in_one_frame():
+    """The engine hands the child's sink a step's items at once (`many`): they go out as
+    one frame, so the parent wakes once per step, not once per token."""
+    ours, theirs = socket.socketpair()
+    channel = engine_child._Channel(ours)
+    sink = engine_child._Sink(channel)
+    end = GenerationEnd(finish_reason=FinishReason.LENGTH, usage=Usage(3, 1, 0),
+                        timings=Timings(), model="m")
+    try:
+        theirs.settimeout(10)
+        sink.many([(1, "a"), (2, "b"), (1, end)])
+        assert read_frame(theirs) == [("delta", 1, "a"), ("delta", 2, "b"), ("end", 1, end)]
+        sink(2, "c")
+        assert read_frame(theirs) == [("delta", 2, "c")]
+    finally:
+        channel.close()
+        theirs.close()

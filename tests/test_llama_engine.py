@@ -99,10 +99,10 @@ class Jobs:
             outcome.end = item
             outcome.done.set()
 
-    def submit(self, request: GenerationRequest) -> int:
+    def submit(self, request: GenerationRequest, sink: llama_engine.Sink | None = None) -> int:
         self._next += 1
         self.outcomes[self._next] = Outcome()
-        self.engine.submit(self._next, request, self.sink)
+        self.engine.submit(self._next, request, sink or self.sink)
         return self._next
 
     def wait(self, *job_ids: int) -> list[Outcome]:
@@ -202,6 +202,40 @@ def test_jobs_decoded_together_each_get_their_own_text_and_usage(batched: Engine
     assert outcomes[3].text.startswith(" F"), outcomes[3].text
     # 4 x 16 tokens in far fewer decoding steps than one per token: they shared the steps.
     assert steps <= 16 + 4, steps
+    assert idle(batched)
+
+
+class StepSink:
+    """A sink that takes a step's items in one call, as the engine's child's does: what
+    each call carried."""
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        self.calls: list[list[tuple[int, object]]] = []
+
+    def __call__(self, job_id: int, item: object) -> None:
+        self.many([(job_id, item)])
+
+    def many(self, items: list[tuple[int, object]]) -> None:
+        self.calls.append(list(items))
+        for job_id, item in items:
+            self.jobs.sink(job_id, item)
+
+
+def test_a_step_sink_gets_each_steps_tokens_in_one_call(batched: Engine):
+    jobs = Jobs(batched)
+    sink = StepSink(jobs)
+    steps_before = batched.stats().steps
+    ids = [jobs.submit(request(prompt, 16), sink)
+           for prompt in (COUNTING, "Once upon a time", "A, B, C, D, E,")]
+    outcomes = jobs.wait(*ids)
+    steps = batched.stats().steps - steps_before
+
+    assert all(end_of(outcome).usage.output_tokens == 16 for outcome in outcomes)
+    # 3 x 16 deltas and 3 ends in at most one call per step (a call per token would be 51).
+    assert len(sink.calls) <= steps <= 16 + 3, (len(sink.calls), steps)
+    # The steps all three decoded together: one call carried a token of each.
+    assert sum(len({job_id for job_id, _ in call}) == 3 for call in sink.calls) >= 12
     assert idle(batched)
 
 

@@ -11,8 +11,9 @@ parent -> child: start, then submit (a generation), embed and count (Embed and C
 child -> parent: beat while loading; ready or failed after the load; then delta, end,
                  embedding, token_count and error (a job's output), stats, log
 
-The engine's sinks only put messages on a queue; one writer thread sends whatever piled up
-as one frame, so a slow parent never blocks a decoding step. A heartbeat thread sends the
+The engine's sinks only put messages on a queue (a decoding step's items at once, after
+the step's sampling); one writer thread sends whatever piled up as one frame, so a slow
+parent never blocks a decoding step. A heartbeat thread sends the
 engine's stats every `heartbeat` seconds with a progress count (items sent plus decode
 steps plus graph nodes computed, so a long step counts too): the parent's watchdog reads
 silence or a standstill as a hang. The child ends when
@@ -31,7 +32,6 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from agentloop.backends import engine_wire
@@ -50,7 +50,7 @@ class _Channel:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._file = sock.makefile("rb")
-        self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[list[Message] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="engine-child-writer",
                                         daemon=True)
         self._writer.start()
@@ -67,7 +67,11 @@ class _Channel:
 
     def post(self, message: Message) -> None:
         """Queue a message for the writer thread; never blocks."""
-        self._outbox.put(message)
+        self._outbox.put([message])
+
+    def post_all(self, messages: list[Message]) -> None:
+        """Queue messages that go out in one frame (a decode step's); never blocks."""
+        self._outbox.put(messages)
 
     def close(self) -> None:
         """Send what is queued, then stop the writer."""
@@ -78,7 +82,7 @@ class _Channel:
     def _write(self) -> None:
         while True:
             first = self._outbox.get()
-            batch = [] if first is None else [first]
+            batch = [] if first is None else list(first)
             done = first is None
             while not done:  # everything that piled up goes out as one frame
                 try:
@@ -88,7 +92,7 @@ class _Channel:
                 if following is None:
                     done = True
                 else:
-                    batch.append(following)
+                    batch.extend(following)
             if batch:
                 self.sent_items += sum(1 for message in batch
                                        if message[0] in engine_wire.JOB_ITEMS)
@@ -120,20 +124,30 @@ class _LogRelay(logging.Handler):
             self.handleError(record)
 
 
-def _sink_for(channel: _Channel) -> Callable[[int, object], None]:
-    def sink(job_id: int, item: object) -> None:
-        if isinstance(item, str):
-            channel.post(("delta", job_id, item))
-        elif isinstance(item, GenerationEnd):
-            channel.post(("end", job_id, item))
-        elif isinstance(item, EmbeddingResult):
-            channel.post(("embedding", job_id, item))
-        elif isinstance(item, TokenCount):
-            channel.post(("token_count", job_id, item))
-        else:
-            channel.post(("error", job_id, encode_error(item if isinstance(
-                item, BaseException) else TypeError("not an item"))))
-    return sink
+class _Sink:
+    """Jobs' items to the parent; a decode step's items (`many`) in one frame."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self._channel = channel
+
+    def __call__(self, job_id: int, item: object) -> None:
+        self._channel.post(_message(job_id, item))
+
+    def many(self, items: list[tuple[int, object]]) -> None:
+        self._channel.post_all([_message(job_id, item) for job_id, item in items])
+
+
+def _message(job_id: int, item: object) -> Message:
+    if isinstance(item, str):
+        return ("delta", job_id, item)
+    if isinstance(item, GenerationEnd):
+        return ("end", job_id, item)
+    if isinstance(item, EmbeddingResult):
+        return ("embedding", job_id, item)
+    if isinstance(item, TokenCount):
+        return ("token_count", job_id, item)
+    return ("error", job_id, encode_error(item if isinstance(
+        item, BaseException) else TypeError("not an item")))
 
 
 def _heartbeat(engines: list[Any], loaded: threading.Event, channel: _Channel, every: float,
@@ -183,7 +197,7 @@ def serve(sock: socket.socket) -> int:
         channel.post(("failed", str(exc)))
         channel.close()
         return 2
-    sink = _sink_for(channel)
+    sink = _Sink(channel)
     # Embed and CountTokens: their commands, steps and tokenizer live in llama_embedder.
     from agentloop.backends import llama_embedder
 
