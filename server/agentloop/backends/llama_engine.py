@@ -437,8 +437,8 @@ class Engine:
     # --- the API the backend calls -------------------------------------------------------
 
     def submit(self, job_id: int, request: GenerationRequest, sink: Sink) -> None:
-        """Queue a job; never blocks. Its items arrive through `sink` (a `StepSink`: each
-        step's items of its jobs in one call) on engine threads."""
+        """Queue a job; never blocks. Its items arrive through `sink` on engine threads (a
+        `StepSink` gets each step's items of its jobs in one call)."""
         job = _Job(job_id, request, sink)
         with self._lock:
             if self._closed or self._thread is None:
