@@ -233,7 +233,6 @@ async def fixed_cost(calls_made: int = 3000) -> float:
     the span export included): the server interceptor around a handler that opens a backend
     call, finishes it and reports the generation, as the generation service does. The
     OTEL_* environment says which configuration."""
-    from agentloop.admission import Admission
     from agentloop.config import load_settings
     from agentloop.domain import (
         BackendHealth,
@@ -247,6 +246,7 @@ async def fixed_cost(calls_made: int = 3000) -> float:
     from agentloop.rpc.telemetry_interceptor import ServerTelemetry
     from agentloop.services.generation import resolve_options
     from agentloop.telemetry import start_telemetry
+    from agentloop.upstreams.admission import Admission
 
     class Engine:
         name, address = "ollama", ("127.0.0.1", 11434)

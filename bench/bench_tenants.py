@@ -46,11 +46,11 @@ from typing import Any
 
 import grpc
 
-from agentloop.admission import Admission
 from agentloop.domain import CallContext
 from agentloop.rpc.auth import with_tenant
 from agentloop.rpc.requests import call_context
 from agentloop.tenants import RESOLVED_TENANT, Tenant
+from agentloop.upstreams.admission import Admission
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from bench.bench_workers import wait_serving

@@ -342,9 +342,8 @@ def metrics_target(gateway: RunningServer) -> str:
 
 
 def engine_of(gateway: RunningServer) -> EmbeddedBackend:
-    backend: Any = gateway.backend
-    while not isinstance(backend, EmbeddedBackend):
-        backend = backend.inner
+    backend = gateway.backend.engine
+    assert isinstance(backend, EmbeddedBackend), backend
     return backend
 
 

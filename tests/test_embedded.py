@@ -57,10 +57,8 @@ def options(max_tokens: int, **extra: object) -> pb.GenerationOptions:
 
 
 def engine_of(running: RunningServer) -> EmbeddedBackend:
-    """The embedded engine inside the server's backend wrappers."""
-    backend = running.backend
-    while not isinstance(backend, EmbeddedBackend) and hasattr(backend, "inner"):
-        backend = backend.inner
+    """The embedded engine behind the server's router (a pool of one)."""
+    backend = running.backend.engine
     assert isinstance(backend, EmbeddedBackend), backend
     return backend
 

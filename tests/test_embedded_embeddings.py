@@ -93,7 +93,7 @@ async def test_a_long_text_over_several_steps_is_what_llama_cpp_embeds_in_one(st
     from llama_cpp import Llama
 
     [ours] = await vectors(stub, [LONG_TEXT])
-    engine = gateway.backend.inner
+    engine = gateway.backend.engine
     assert isinstance(engine, EmbeddedBackend)
     reference = await asyncio.to_thread(
         lambda: Llama(model_path=str(engine.model_path), embedding=True, pooling_type=1,

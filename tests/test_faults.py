@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from agentloop.admission import Admission
-from agentloop.backends.resilient import CircuitBreaker, CircuitState
 from agentloop.errors import CircuitOpen, ResourceExhausted
 from agentloop.server import RunningServer
+from agentloop.upstreams.admission import Admission
+from agentloop.upstreams.resilience import CircuitBreaker, CircuitState
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway
@@ -327,7 +327,7 @@ async def test_circuit_opens_fails_fast_and_a_probe_closes_it(fake_ollama):
     settings = fault_settings(fake_ollama, circuit_failure_threshold=3, warm_up=True,
                               circuit_reset_timeout=1.5, retry_attempts=0)
     async with running_gateway(settings) as running, client_stub(running.address) as stub:
-        circuit = running.backend.circuit
+        circuit = running.backend.engine_endpoint.breaker
         # Connections dropped before any answer: the backend itself fails, not a request.
         fake_ollama.enqueue(*[Script(reset_after=0)] * 3)
         for _ in range(3):
@@ -360,7 +360,7 @@ async def test_outage_opens_the_circuit_and_recovery_closes_it(fake_ollama):
                               circuit_reset_timeout=1.0, retry_attempts=0)
     async with running_gateway(settings) as running, client_stub(running.address) as stub:
         leaks = Leaks(running, fake_ollama)
-        circuit = running.backend.circuit
+        circuit = running.backend.engine_endpoint.breaker
         changes: list[CircuitState] = []
         tell_health = circuit.on_change
         circuit.on_change = lambda: (changes.append(circuit.state), tell_health())
@@ -390,7 +390,7 @@ async def test_request_failures_and_busy_answers_do_not_open_the_circuit(fake_ol
                               Script(malformed_after=1)] * 2)
         for _ in range(12):
             await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
-        assert running.backend.circuit.state is CircuitState.CLOSED
+        assert running.backend.engine_endpoint.breaker.state is CircuitState.CLOSED
 
 
 async def test_one_call_counts_once_towards_the_circuit_however_often_it_is_retried(
@@ -403,10 +403,11 @@ async def test_one_call_counts_once_towards_the_circuit_however_often_it_is_retr
         fake_ollama.enqueue(*[Script(reset_after=0)] * 3)
         await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
         assert len(generations(fake_ollama)) == 3
-        assert running.backend.circuit.state is CircuitState.CLOSED
+        assert running.backend.engine_endpoint.breaker.state is CircuitState.CLOSED
         fake_ollama.enqueue(*[Script(reset_after=0)] * 3)
         await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5))
-        assert running.backend.circuit.state is CircuitState.OPEN  # two calls: the threshold
+        breaker = running.backend.engine_endpoint.breaker
+        assert breaker.state is CircuitState.OPEN  # two calls: the threshold
 
 
 async def test_half_open_lets_one_probe_through_and_its_verdict_decides():

@@ -29,13 +29,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from agentloop.backends.ollama import parse_stream
-from agentloop.backends.resilient import CircuitState
 from agentloop.domain import GenerationRequest, RequestedOptions
 from agentloop.errors import BackendProtocolError
 from agentloop.schema_limits import MAX_DEPTH, MAX_REPETITION, load_json, parse_schema
 from agentloop.server import RunningServer
 from agentloop.services.generation import resolve_options
 from agentloop.telemetry import OTHER_MODEL
+from agentloop.upstreams.resilience import CircuitState
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
 from helpers import (
@@ -94,7 +94,7 @@ async def test_a_flood_of_failing_requests_leaves_the_replica_ready(gateway, stu
         # Mid-stream error lines for the same model count no more than 500s do.
         fake_ollama.model_scripts[BROKEN_MODEL] = Script(error_after=1) if round_ == 0 \
             else Script(status=500)
-    assert gateway.backend.circuit.state is CircuitState.CLOSED
+    assert gateway.backend.engine_endpoint.breaker.state is CircuitState.CLOSED
     assert await health_status(gateway.address) == SERVING
     assert gateway.health.ready
     reply = await stub.Generate(pb.GenerateRequest(prompt="still here"), timeout=5)

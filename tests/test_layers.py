@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("agentloop.backends",),
     # The routing layer: routes and pools above the backends, below the services.
     ("agentloop.upstreams",),
-    ("agentloop.services", "agentloop.admission", "agentloop.health"),
+    ("agentloop.services", "agentloop.health"),
     ("agentloop.rpc", "agentloop.v1"),
     ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__",
      "agentloop.settings_doc"),

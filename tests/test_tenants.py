@@ -19,7 +19,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentloop.admission import Admission
 from agentloop.backends.ollama import OllamaBackend
 from agentloop.domain import CallContext, GenerationRequest, Priority, StreamItem
 from agentloop.errors import ResourceExhausted, Shed
@@ -29,6 +28,7 @@ from agentloop.tenants import (
     TenantsFileError,
     parse_keys_text,
 )
+from agentloop.upstreams.admission import Admission
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import DEFAULT_MODEL, FakeOllama, Script, wait_until
 from helpers import TOKENS, client_stub, gateway_settings, rich_details, running_gateway

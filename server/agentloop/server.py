@@ -19,11 +19,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.backends.kinds import embedded_backend
 from agentloop.backends.ollama import OllamaBackend
-from agentloop.backends.resilient import ResilientBackend
 from agentloop.config import (
     EMBEDDED_WORKERS_PROBLEM,
     MAX_MESSAGE_BYTES,
@@ -50,14 +48,13 @@ from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
 from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
+from agentloop.services.quotas import Quotas
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
+from agentloop.upstreams.admission import AdmissionTotals, Work
 from agentloop.upstreams.config import load_pools
 from agentloop.upstreams.router import Router
 from agentloop.v1 import agentloop_pb2_grpc
-
-if TYPE_CHECKING:
-    pass
 
 if TYPE_CHECKING:
     from agentloop.services.mcp_tools import McpServers
@@ -76,10 +73,11 @@ class RunningServer:
     settings: Settings
     server: grpc.aio.Server
     port: int
-    backend: Backend
+    backend: Router
     health: HealthReporter
     drain_gate: DrainInterceptor
-    admission: Admission
+    #: Every pool's generation slots read as one.
+    admission: AdmissionTotals
     cache: ResponseCache | None = None
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
     #: The MCP tool servers, when --mcp-servers names any.
@@ -88,8 +86,8 @@ class RunningServer:
     keys: ApiKeys | None = None
     #: The task that re-reads the keys file when it changes.
     keys_watch: asyncio.Task[None] | None = None
-    #: Embed's admission slots (apart from the generations').
-    embed_admission: Admission | None = None
+    #: Every pool's Embed slots read as one (apart from the generations').
+    embed_admission: AdmissionTotals | None = None
     #: The AgentLoopService calls running (the shutdown ends the late ones).
     calls: CallsInFlight = field(default_factory=CallsInFlight)
 
@@ -161,10 +159,9 @@ async def select_backend(settings: Settings) -> Backend:
     return backend
 
 
-async def resilient_backend(settings: Settings,
-                            backend: Backend | None = None) -> ResilientBackend | Router:
-    """The backend the services call, with retries and circuit breakers: the router over
-    the pools file when --upstreams names one, else the one engine."""
+async def routed_backend(settings: Settings, backend: Backend | None = None) -> Router:
+    """The one path every call takes: the router over the pools file when --upstreams names
+    one, else over the single engine as a pool of one (`backend`, else the settings')."""
     if backend is None and settings.upstreams:
         pools = load_pools(settings.upstreams)
         if settings.workers > 1 and any(u.kind == "embedded" for u in pools.upstreams.values()):
@@ -175,7 +172,7 @@ async def resilient_backend(settings: Settings,
         log.info("engines: %d upstream pools from %s (--upstreams); --backend and "
                  "--ollama-url are not used", len(router.pools), settings.upstreams)
         return router
-    return ResilientBackend(backend or await select_backend(settings), settings)
+    return Router.for_engine(backend or await select_backend(settings), settings)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -251,29 +248,21 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
         from agentloop.services.mcp_tools import McpServers
 
         mcp = McpServers.from_file(settings.mcp_servers)  # a bad file stops the start here
-    backend = await resilient_backend(settings, backend)
+    backend = await routed_backend(settings, backend)
     settings = with_engine_defaults(settings, backend)
+    backend.tenants = keys.tenant
     await backend.start()
-    admission = Admission(
-        settings.max_in_flight or backend.parallelism, settings.max_queue, settings.queue_timeout,
-        fair=settings.fair_queuing, critical_reserve=settings.critical_reserve,
-        tenants=keys.tenant, anticipation=settings.fair_anticipation,
-    )
+    quotas = Quotas(tenants=keys.tenant)
+    admission, embed_admission = backend.admission(Work.GENERATE), backend.admission(Work.EMBED)
     cache = ResponseCache(settings.cache_entries, settings.cache_ttl) \
         if settings.cache_entries else None
     health = HealthReporter(backend, backend.default_model, settings.health_interval,
                             warm_up=settings.warm_up)
     backend.on_health_change = health.check_soon
-    # Embeddings run apart from generation slots (the embedded engine embeds on a context of
-    # its own): the same rules, slots of their own, so neither kind waits for the other.
-    embed_admission = Admission(settings.max_embed_in_flight or backend.parallelism,
-                                settings.max_queue, settings.queue_timeout,
-                                fair=settings.fair_queuing, tenants=keys.tenant,
-                                quotas=admission, anticipation=settings.fair_anticipation)
     telemetry = start_telemetry(settings, backend, admission, health, cache, backend,
                                 embed_admission)
-    admission.observer = telemetry
-    generation = GenerationService(backend, admission, cache, telemetry)
+    backend.observer = quotas.observer = telemetry
+    generation = GenerationService(backend, quotas, cache, telemetry)
     drain_gate = DrainInterceptor()
     request_bytes = RequestBytes(settings.max_request_bytes_in_flight)
     calls = CallsInFlight()
@@ -293,7 +282,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     if mcp is not None:
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
-    embeddings = EmbeddingService(backend, embed_admission, telemetry)
+    embeddings = EmbeddingService(backend, quotas, telemetry)
     add_services(server, AgentLoopServicer(settings, generation, agent, embeddings), health,
                  settings)
     port = add_port(server, settings)

@@ -54,7 +54,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self._generation = generation
         self._agent = agent
         self._embeddings = embeddings or EmbeddingService(generation.backend,
-                                                          generation.admission,
+                                                          generation.quotas,
                                                           generation.telemetry)
 
     def _context(self, context: grpc.aio.ServicerContext) -> CallContext:

@@ -1,44 +1,52 @@
 """The embeddings service: vectors and token counts, with the rules that hold whatever the
 engine.
 
-An embedding batch is work like a generation: it takes an admission slot (the server gives
-Embed an `Admission` of its own, so embedders and generations never wait for each other;
-it queues, times out and is refused by the same rules), and it is observed as one backend
-call (span, metrics, the request log). A token count is tokenization, not a model pass: it takes
-no slot, so a caller checking whether a prompt fits does not wait behind generations.
+An embedding batch is work like a generation: it counts against the tenant's limits (its
+input paid at admission), waits for a slot of its pool (slots of its own, so embedders and
+generations never wait for each other; it queues, times out and is refused by the same
+rules: upstreams/), and it is observed as one backend call (span, metrics, the request
+log). A token count costs no tokens but is a call all the same: the tenant's calls at once
+and requests per minute count it, and it waits for a count slot of its pool.
 """
 
 from __future__ import annotations
 
-from agentloop.admission import Admission
 from agentloop.backends.base import Backend
-from agentloop.domain import EmbeddingRequest, EmbeddingResult, TokenCount, TokenCountRequest
+from agentloop.domain import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    TokenCount,
+    TokenCountRequest,
+    Usage,
+)
 from agentloop.errors import BackendProtocolError
+from agentloop.services.quotas import Quotas, estimate_tokens
 from agentloop.telemetry import Telemetry
 
 
 class EmbeddingService:
-    """Runs Embed and CountTokens calls on a backend within the replica's admission limits."""
+    """Runs Embed and CountTokens calls on a backend within the tenants' limits."""
 
-    def __init__(self, backend: Backend, admission: Admission,
+    def __init__(self, backend: Backend, quotas: Quotas,
                  telemetry: Telemetry | None = None) -> None:
         self.backend = backend
-        self.admission = admission
+        self.quotas = quotas
         self.telemetry = telemetry or Telemetry.disabled()
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        """One vector per text, in order, within an admission slot; one observed call."""
-        async with self.admission.slot(request.deadline, context=request.context):
+        """One vector per text, in order; one observed call. A tenant's tokens per minute
+        count embedded tokens too."""
+        async with self.quotas.admit(request.context, estimate_tokens(*request.texts)) as meter:
             with self.telemetry.embeddings_call(request) as call:
                 result = await self.backend.embed(request)
                 check_result(request, result)
                 call.finish(result)
-            # A tenant's tokens per minute count embedded tokens too.
-            self.admission.count_tokens(request.context, result.input_tokens)
+            meter.settle(Usage(input_tokens=result.input_tokens))
         return result
 
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
-        count = await self.backend.count_tokens(request)
+        async with self.quotas.admit(request.context, tokens=False):
+            count = await self.backend.count_tokens(request)
         expected = len(request.texts) if request.texts else 1
         if len(count.counts) != expected:
             raise BackendProtocolError("the backend counted another number of texts")

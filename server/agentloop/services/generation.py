@@ -1,8 +1,9 @@
 """The generation service: one request in, a stream of deltas and a final report out.
 
-It applies the business rules that hold whatever the engine: admission control, the
-time to first token as the gateway sees it, the gateway's own total duration, and a
-deterministic close of the backend stream when the caller goes away.
+It applies the business rules that hold whatever the engine: the tenant's limits (its
+tokens counted as they are used), the time to first token as the gateway sees it, the
+gateway's own total duration, and a deterministic close of the backend stream when the
+caller goes away. Where the call waits for capacity is the router's (upstreams/).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TypeVar
 
-from agentloop.admission import Admission
 from agentloop.backends.base import Backend
 from agentloop.config import Settings
 from agentloop.domain import (
@@ -25,20 +25,21 @@ from agentloop.domain import (
 )
 from agentloop.errors import BackendProtocolError
 from agentloop.services.cache import ResponseCache, is_deterministic
+from agentloop.services.quotas import Quotas, estimate_tokens
 from agentloop.telemetry import Telemetry
 
 T = TypeVar("T")
 
 
 class GenerationService:
-    """Runs generations on a backend within the replica's admission limits."""
+    """Runs generations on a backend within the tenants' limits."""
 
     def __init__(
-        self, backend: Backend, admission: Admission, cache: ResponseCache | None = None,
+        self, backend: Backend, quotas: Quotas, cache: ResponseCache | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.backend = backend
-        self.admission = admission
+        self.quotas = quotas
         self.cache = cache
         self.telemetry = telemetry or Telemetry.disabled()
 
@@ -78,24 +79,20 @@ class GenerationService:
         raise BackendProtocolError("the backend ended without a final report")
 
     async def _from_backend(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        """The backend's items, generated within an admission slot; one observed call."""
-        context = request.context
-        admission = self.admission
-        async with admission.slot(request.deadline, context=context):
+        """The backend's items, within the tenant's limits; one observed call."""
+        estimate = estimate_tokens(request.system, request.prompt or "",
+                                   messages=request.messages)
+        async with self.quotas.admit(request.context, estimate) as meter:
             with self.telemetry.backend_call(request) as call:
                 async with aclosing(self.backend.stream(request)) as items:
-                    streamed = 0  # output tokens counted so far: about one per delta
                     async for item in items:
                         if isinstance(item, str):
-                            streamed += 1
-                            admission.count_tokens(context, 1)
+                            meter.add_output(1)  # about one token per delta
                             if call.output is not None:  # trace_content: answer into the span
                                 call.output.append(item)
                         else:
                             call.finish(item)
-                            # The end report's counts replace the estimate.
-                            admission.count_tokens(context, item.usage.input_tokens
-                                                   + item.usage.output_tokens - streamed)
+                            meter.settle(item.usage)  # the end report's counts
                         yield item
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:

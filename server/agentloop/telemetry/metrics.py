@@ -100,7 +100,7 @@ class CacheCounts(Protocol):
 
 
 class RetryCounts(Protocol):
-    """The backend's retry counter and circuit breaker (a `ResilientBackend` is one)."""
+    """The backend's retry counter and circuit breakers (the router is one)."""
 
     @property
     def retries(self) -> int: ...
@@ -265,10 +265,8 @@ _ENGINE_GAUGES = (
 
 def engine_process(backend: object) -> Any | None:
     """The engine that runs a process of its own and reports its load (the embedded
-    engine) behind the resilience wrapper or the router (the embedded upstream of a pools
+    engine) behind the router (the single engine, or the embedded upstream of a pools
     file), or None."""
-    while not hasattr(backend, "engine_stats") and hasattr(backend, "inner"):
-        backend = backend.inner
     pools: Any = getattr(backend, "pools", None)
     if isinstance(pools, dict):
         for pool in pools.values():

@@ -1,30 +1,32 @@
-"""One upstream pool: its endpoints, the pick of one for a call, and its queue.
+"""One upstream pool: its endpoints, the queues where calls wait for them, and the pick.
 
 An endpoint is one `Backend` (one URL, or the in-process engine) with its own circuit
-breaker, health and count of calls in flight. A pick takes the available endpoint with the
-fewest calls in flight under its cap; a call with a session takes the session's endpoint
-(rendezvous hashing: a session moves only when its endpoint leaves). When every endpoint
-is at its cap the call waits in the pool's queue, or spills to the route's next pool when
-the pool's overflow limits say so.
+breaker, health and calls in flight, and slots per kind of work (`admission.Work`). The
+pool's capacity of a kind is the slots of its available endpoints, and calls wait for it
+in that kind's fair queue (`admission.Admission`: tenants' weights, priorities, the critical
+reserve, shedding, anticipation), which the pool resizes whenever an endpoint joins, leaves,
+fails or comes back. A call holds one slot of the pool for all its attempts; each attempt
+picks an endpoint with room: the session's endpoint (rendezvous hashing: a session moves
+only when its endpoint leaves), else the one with the fewest calls in flight. When the pool
+has no available endpoint left, its waiters learn it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import logging
 import random
 import socket
-import time
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from agentloop.backends.base import Backend
-from agentloop.backends.resilient import CircuitBreaker, CircuitState
-from agentloop.domain import BackendHealth
-from agentloop.errors import BackendUnavailable, DeadlineExceeded, ResourceExhausted
+from agentloop.domain import BackendHealth, CallContext
+from agentloop.errors import AgentLoopError, BackendUnavailable, ResourceExhausted
+from agentloop.upstreams.admission import Admission, QueueTimeout, Work
 from agentloop.upstreams.config import UpstreamConfig
+from agentloop.upstreams.resilience import CircuitBreaker, CircuitState
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +42,47 @@ class PoolOverflow(ResourceExhausted):
 class Endpoint:
     """One endpoint of a pool and what the pick needs to know of it."""
 
-    __slots__ = ("backend", "breaker", "cap", "health", "in_flight", "key", "retired")
+    __slots__ = ("backend", "breaker", "busy", "caps", "gated", "health", "key", "retired")
 
-    def __init__(self, key: str, backend: Backend, breaker: CircuitBreaker, cap: int) -> None:
+    def __init__(self, key: str, backend: Backend, breaker: CircuitBreaker,
+                 caps: dict[Work, int], gated: bool = True) -> None:
         #: The endpoint's address (never shown to callers: logs at debug, hashing).
         self.key = key
         self.backend = backend
         self.breaker = breaker
-        self.cap = cap
-        self.in_flight = 0
+        #: Calls of each kind it serves at once, and serves now.
+        self.caps = caps
+        self.busy = dict.fromkeys(Work, 0)
+        #: Whether a failed health check takes it out of the pick (a single engine is
+        #: always tried: its own error says more than "unavailable").
+        self.gated = gated
         #: Unknown until the first check: taken as healthy, so a call is not refused early.
         self.health = BackendHealth(True, "not checked yet")
         #: DNS no longer lists it: it takes no new calls and closes when idle.
         self.retired = False
 
     @property
-    def available(self) -> bool:
-        return (self.health.ready and not self.retired
-                and self.breaker.state is not CircuitState.OPEN)
+    def cap(self) -> int:
+        return self.caps[Work.GENERATE]
 
     @property
-    def has_room(self) -> bool:
-        return self.in_flight < self.cap
+    def in_flight(self) -> int:
+        return sum(self.busy.values())
+
+    @property
+    def available(self) -> bool:
+        return ((self.health.ready or not self.gated) and not self.retired
+                and self.breaker.state is not CircuitState.OPEN)
+
+    def has_room(self, work: Work) -> bool:
+        return self.busy[work] < self.caps[work]
 
 
 class Pool:
-    """The endpoints of one upstream and the calls waiting for one of them."""
+    """The endpoints of one upstream and the calls waiting for them."""
 
-    def __init__(self, config: UpstreamConfig,
-                 new_endpoint: Callable[[str], Endpoint], queue_timeout: float) -> None:
+    def __init__(self, config: UpstreamConfig, new_endpoint: Callable[[str], Endpoint],
+                 new_queue: Callable[[Work], Admission]) -> None:
         self.config = config
         self.name = config.name
         self.remote = config.remote
@@ -76,24 +90,25 @@ class Pool:
         urls = config.endpoints or (("",) if config.kind == "embedded" else ())
         self.endpoints: list[Endpoint] = [new_endpoint(url) for url in urls]
         self._new_endpoint = new_endpoint
-        self._queue_timeout = queue_timeout
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Where calls of each kind wait for this pool's slots of that kind.
+        self.queues = {work: new_queue(work) for work in Work}
         self._dns_task: asyncio.Task[None] | None = None
         self._random = random.Random()
         #: Calls that spilled from this pool to the next one of their route.
         self.overflowed = 0
+        self.refresh()
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(queue.queued for queue in self.queues.values())
 
     @property
     def in_flight(self) -> int:
         return sum(e.in_flight for e in self.endpoints)
 
-    @property
-    def capacity(self) -> int:
-        return sum(e.cap for e in self.endpoints if not e.retired)
+    def capacity(self, work: Work = Work.GENERATE) -> int:
+        """The slots of `work` the pool's available endpoints have."""
+        return sum(e.caps[work] for e in self.endpoints if e.available)
 
     def live(self) -> list[Endpoint]:
         return [e for e in self.endpoints if not e.retired]
@@ -101,13 +116,63 @@ class Pool:
     def any_available(self) -> bool:
         return any(e.available for e in self.endpoints)
 
-    # --- the pick ----------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Capacity follows the endpoints: resize every queue; with none available, every
+        waiter hears it now (and moves on to the next pool or fails)."""
+        for work, queue in self.queues.items():
+            queue.resize(self.capacity(work))
+        if not self.any_available():
+            for queue in self.queues.values():
+                queue.fail_waiters(self.unavailable)
 
-    def pick(self, session: str, tried: Iterable[Endpoint] = ()) -> Endpoint | None:
-        """An available endpoint with room, or None. Endpoints this call already tried come
-        last; a session takes its own endpoint while it is available and has room."""
+    def unavailable(self) -> AgentLoopError:
+        """Why no call can be served here: a breaker's own error when one is open, else
+        the endpoints' health (reasons the backends give: no URL, no secret)."""
+        live = self.live()
+        open_breakers = [e.breaker for e in live if e.breaker.state is CircuitState.OPEN]
+        if live and len(open_breakers) == len(live):
+            return min((b.open_error() for b in open_breakers), key=lambda e: e.retry_after)
+        reasons = sorted({e.health.reason for e in live if not e.health.ready and
+                          e.health.reason})
+        why = f": {'; '.join(reasons)}" if reasons else (
+            ": it has no endpoints" if not live else "")
+        return BackendUnavailable(f"no endpoint of upstream {self.name!r} is available{why}",
+                                  retry_after=1.0, metadata={"upstream": self.name})
+
+    # --- a call's slot ---------------------------------------------------------------------
+
+    async def enter(self, work: Work, context: CallContext, deadline: float | None,
+                    may_overflow: bool) -> object:
+        """Take one of the pool's slots of `work` for one call (give it back with `leave`).
+        Raises PoolOverflow when the call should spill (only when `may_overflow`),
+        BackendUnavailable when no endpoint is available, ResourceExhausted (or
+        DeadlineExceeded, Shed) when none frees in time."""
+        if not self.any_available():
+            raise self.unavailable()
+        queue = self.queues[work]
+        overflow = self.config.overflow
+        if may_overflow and overflow.max_queue is not None and queue.queued \
+                and queue.queued >= overflow.max_queue:
+            self.overflowed += 1
+            raise PoolOverflow(f"upstream {self.name!r} is full", retry_after=1.0)
+        max_wait = overflow.max_wait if may_overflow else None
+        try:
+            return await queue.acquire(deadline, context, max_wait)
+        except QueueTimeout:
+            if max_wait is None or max_wait >= queue.queue_timeout:
+                raise
+            self.overflowed += 1
+            raise PoolOverflow(f"upstream {self.name!r} is busy", retry_after=1.0) from None
+
+    def leave(self, work: Work, ticket: object) -> None:
+        self.queues[work].release(ticket)  # type: ignore[arg-type]
+
+    def pick(self, work: Work, session: str, tried: Iterable[Endpoint] = ()) -> Endpoint | None:
+        """An available endpoint with room for `work`, or None. Endpoints this call already
+        tried come last; a session takes its own endpoint while it is available and has
+        room."""
         skip = set(tried)
-        candidates = [e for e in self.endpoints if e.available and e.has_room]
+        candidates = [e for e in self.endpoints if e.available and e.has_room(work)]
         fresh = [e for e in candidates if e not in skip] or candidates
         if not fresh:
             return None
@@ -116,101 +181,58 @@ class Pool:
                        key=lambda e: _rendezvous(session, e.key))
             if home in fresh:
                 return home
-        fewest = min(e.in_flight for e in fresh)
-        return self._random.choice([e for e in fresh if e.in_flight == fewest])
+        fewest = min(e.busy[work] for e in fresh)
+        return self._random.choice([e for e in fresh if e.busy[work] == fewest])
 
-    async def acquire(self, session: str, tried: Iterable[Endpoint], deadline: float | None,
-                      may_overflow: bool) -> Endpoint:
-        """Take an endpoint for one call (release it with `release`). Raises PoolOverflow when
-        the call should spill (only when `may_overflow`), BackendUnavailable when no endpoint
-        is available, ResourceExhausted or DeadlineExceeded when none frees in time."""
-        tried = tuple(tried)
-        endpoint = self.pick(session, tried) if not self._waiters else None
-        if endpoint is not None:
-            endpoint.in_flight += 1
-            return endpoint
-        if not self.any_available():
-            raise BackendUnavailable(f"no endpoint of upstream {self.name!r} is available",
-                                     retry_after=1.0, metadata={"upstream": self.name})
-        overflow = self.config.overflow
-        if may_overflow and overflow.max_queue is not None \
-                and len(self._waiters) >= overflow.max_queue:
-            self.overflowed += 1
-            raise PoolOverflow(f"upstream {self.name!r} is full", retry_after=1.0)
-        started = time.monotonic()
-        limit = self._queue_timeout
-        spill = may_overflow and overflow.max_wait is not None and overflow.max_wait < limit
-        if spill:
-            limit = overflow.max_wait  # type: ignore[assignment]
-        time_left = None if deadline is None else deadline - started
-        deadline_first = time_left is not None and time_left < limit
-        wait_until = started + (time_left if deadline_first else limit)  # type: ignore[operator]
-        while True:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout(max(wait_until - time.monotonic(), 0.0)):
-                    await waiter
-            except BaseException as exc:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken as it left: the turn passes on
-                if not isinstance(exc, TimeoutError):
-                    raise
-                if deadline_first:
-                    raise DeadlineExceeded("the deadline passed while waiting for an "
-                                           "upstream endpoint") from None
-                if spill:
-                    self.overflowed += 1
-                    raise PoolOverflow(f"upstream {self.name!r} is busy", retry_after=1.0) \
-                        from None
-                raise ResourceExhausted(
-                    f"no endpoint of upstream {self.name!r} freed within {limit:.1f}s",
-                    retry_after=1.0) from None
-            endpoint = self.pick(session, tried)
-            if endpoint is not None:
-                endpoint.in_flight += 1
-                self._wake()  # more room may be left for the next waiter
-                return endpoint
-            if not self.any_available():
-                raise BackendUnavailable(f"no endpoint of upstream {self.name!r} is available",
-                                         retry_after=1.0, metadata={"upstream": self.name})
+    def take(self, work: Work, session: str, tried: Iterable[Endpoint]) -> Endpoint:
+        """An endpoint for one attempt of a call holding a slot (give it back with
+        `give_back`); BackendUnavailable when the endpoints went away meanwhile."""
+        endpoint = self.pick(work, session, tried)
+        if endpoint is None:
+            raise self.unavailable()
+        endpoint.busy[work] += 1
+        return endpoint
 
-    def release(self, endpoint: Endpoint) -> None:
-        endpoint.in_flight -= 1
+    def give_back(self, work: Work, endpoint: Endpoint) -> None:
+        endpoint.busy[work] -= 1
         if endpoint.retired and endpoint.in_flight == 0:
             closing = asyncio.get_running_loop().create_task(endpoint.backend.close())
             _closing.add(closing)  # a reference until done: the loop keeps only weak ones
             closing.add_done_callback(_closing.discard)
-        self._wake()
-
-    def _wake(self) -> None:
-        """Let the first waiter look again (room freed, or an endpoint came back)."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     # --- health and membership ----------------------------------------------------------
 
-    async def check(self, model: str, timeout: float) -> None:
-        """Check every endpoint (concurrently); an endpoint whose breaker is open is not
-        asked, a half-open one's check is its probe."""
-        await asyncio.gather(*(self._check(e, model, timeout) for e in self.live()))
-        self._wake()
+    async def check(self, models: tuple[str, ...], timeout: float) -> None:
+        """Check every endpoint (concurrently) against the models of the routes that use
+        the pool; an endpoint whose breaker is open is not asked, a half-open one's check is
+        its probe. Nothing an upstream answers stops the check."""
+        results = await asyncio.gather(*(self._check(e, models, timeout) for e in self.live()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            if isinstance(result, Exception):
+                log.warning("upstream %s: a health check failed: %s", self.name,
+                            type(result).__name__)
+        self.refresh()
 
-    async def _check(self, endpoint: Endpoint, model: str, timeout: float) -> None:
+    async def _check(self, endpoint: Endpoint, models: tuple[str, ...],
+                     timeout: float) -> None:
         state = endpoint.breaker.state
         if state is CircuitState.OPEN:
             endpoint.health = BackendHealth(False, "circuit open after repeated failures")
             return
+        result = BackendHealth(False, "no model to check")
         try:
             async with asyncio.timeout(timeout * 2):
-                result = await endpoint.backend.check_health(model)
+                for model in models:  # ready when it serves one of its routes' models
+                    result = await endpoint.backend.check_health(model)
+                    if result.ready:
+                        break
         except TimeoutError:
             result = BackendHealth(False, "the health check timed out")
+        except Exception as exc:
+            result = BackendHealth(False, f"the health check failed ({type(exc).__name__})")
         if result.ready != endpoint.health.ready:
             log.info("upstream %s: an endpoint is %s%s", self.name,
                      "available" if result.ready else "unavailable",
@@ -236,8 +258,9 @@ class Pool:
         await asyncio.gather(*(e.backend.close() for e in self.endpoints),
                              return_exceptions=True)
 
-    async def resolve(self) -> None:
-        """Make the endpoints the addresses `dns` names now: new ones join, gone ones retire."""
+    async def resolve(self) -> list[Endpoint]:
+        """Make the endpoints the addresses `dns` names now: new ones join (returned, to be
+        started), gone ones retire."""
         host, _, port = self.config.dns.rpartition(":")
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
@@ -245,18 +268,19 @@ class Pool:
         except OSError as exc:
             log.warning("upstream %s: DNS lookup failed (%s); keeping %d endpoints",
                         self.name, type(exc).__name__, len(self.live()))
-            return
+            return []
         urls = {self._url(info[4][0], int(port)) for info in infos}
         known = {e.key: e for e in self.endpoints if not e.retired}
-        for url in sorted(urls - set(known)):
-            self.endpoints.append(self._new_endpoint(url))
+        joined = [self._new_endpoint(url) for url in sorted(urls - set(known))]
+        self.endpoints.extend(joined)
         for key, endpoint in known.items():
             if key not in urls:
                 endpoint.retired = True
                 if endpoint.in_flight == 0:
                     await endpoint.backend.close()
         self.endpoints = [e for e in self.endpoints if not e.retired or e.in_flight]
-        self._wake()
+        self.refresh()
+        return joined
 
     def _url(self, address: str, port: int) -> str:
         host = f"[{address}]" if ":" in address else address
@@ -265,7 +289,11 @@ class Pool:
     async def _resolve_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.dns_refresh)
-            await self.resolve()
+            try:
+                for endpoint in await self.resolve():
+                    await endpoint.backend.start()
+            except Exception:
+                log.exception("upstream %s: refreshing the endpoints failed", self.name)
 
 
 def dns_host(config: UpstreamConfig) -> str:

@@ -1,12 +1,16 @@
 """The routing layer: model names -> routes -> pools -> one endpoint per call.
 
-`Router` is a `Backend`, so nothing above it knows there are pools. For each call it finds
-the route of the model, walks the route's pools in order (skipping remote ones for a
-local-only call), takes an endpoint of the pool (pool.Pool.acquire), and streams from it.
+`Router` is a `Backend`, so nothing above it knows there are pools, and it is the one path
+every call takes: without a pools file the single engine (`--backend`, `--ollama-url`, the
+embedded engine) is a route table of one pool of one endpoint (`Router.for_engine`). For
+each call it finds the route of the model, walks the route's pools in order (skipping
+remote ones for a local-only call), waits for a slot in the pool's fair queue (the slots
+follow the pool's live endpoints: upstreams/pool.py), and streams from an endpoint.
 Retries (another endpoint of the same pool, with backoff) and fallback (the next pool)
 happen only before the first token: after that a failure is the caller's to see, and
-nothing is ever sent twice. Each endpoint has its own circuit breaker; readiness follows
-whether the default route can be served. docs/upstreams.md has the whole picture.
+nothing is ever sent twice. Each endpoint has its own circuit breaker (one failing call
+counts once however often it is retried); readiness follows whether the default route can
+be served. docs/upstreams.md has the whole picture.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
@@ -25,18 +29,11 @@ from opentelemetry import trace
 
 from agentloop.backends.base import Backend
 from agentloop.backends.kinds import backend_for
-from agentloop.backends.resilient import (
-    CircuitBreaker,
-    CircuitState,
-    is_backend_failure,
-    retry_delay,
-)
 from agentloop.config import Settings
 from agentloop.domain import (
     BackendHealth,
     EmbeddingRequest,
     EmbeddingResult,
-    GenerationEnd,
     GenerationRequest,
     ModelInfo,
     StreamItem,
@@ -51,11 +48,30 @@ from agentloop.errors import (
     ResourceExhausted,
 )
 from agentloop.telemetry import tracing
+from agentloop.tenants import DEFAULT_TENANT, Tenant
+from agentloop.upstreams.admission import (
+    Admission,
+    AdmissionObserver,
+    AdmissionTotals,
+    QueueBudget,
+    Work,
+)
 from agentloop.upstreams.config import PoolsConfig, RouteConfig, UpstreamConfig
-from agentloop.upstreams.pool import Endpoint, Pool, PoolOverflow, dns_host
-from agentloop.upstreams.spec import EndpointSpec
+from agentloop.upstreams.pool import Endpoint, Pool, dns_host
+from agentloop.upstreams.resilience import (
+    CircuitBreaker,
+    CircuitState,
+    is_backend_failure,
+    retry_delay,
+)
+from agentloop.upstreams.spec import DEFAULT_MAX_IN_FLIGHT, EndpointSpec
 
 log = logging.getLogger(__name__)
+
+#: Every model name: the single engine's route takes them all, and the engine says which
+#: it serves (NOT_FOUND for the others), as it did before there were pools.
+_ANY_MODEL = "(?s).*"
+
 
 class _MoveOn(Exception):
     """Internal: the pool refused the call before its first token; try the next pool."""
@@ -66,20 +82,25 @@ class _MoveOn(Exception):
 
 
 class Router:
-    """A Backend over the operator's pools and routes."""
-
-    name = "pools"
-    default_max_tokens = 2048
+    """A Backend over the operator's pools and routes (or the one engine's pool of one)."""
 
     def __init__(self, config: PoolsConfig, settings: Settings,
                  new_backend: Callable[[EndpointSpec, Settings], Backend] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, *, engine: Backend | None = None) -> None:
         self._config = config
         self._settings = settings
         self._new_backend = new_backend or backend_for
         self._random = rng or random.Random()
-        self.pools = {name: Pool(upstream, self._endpoint_maker(upstream),
-                                 settings.queue_timeout)
+        #: The single engine when there is no pools file: responses then name no upstream
+        #: and its health is the engine's own.
+        self._engine = engine
+        self.name = engine.name if engine is not None else "pools"
+        self.default_max_tokens = engine.default_max_tokens if engine is not None else 2048
+        #: Waiters of every queue together: the replica's guard on memory (--max-queue).
+        self.budget = QueueBudget(settings.max_queue)
+        self._tenants: Callable[[str], Tenant] = lambda _name: DEFAULT_TENANT
+        self._observer: AdmissionObserver | None = None
+        self.pools = {name: Pool(upstream, self._endpoint_maker(upstream), self._queue_maker())
                       for name, upstream in config.upstreams.items()}
         self.routes = config.routes
         self.retries = 0
@@ -89,28 +110,99 @@ class Router:
             raise ValueError(f"no route serves the default model {settings.model!r}")
         self._default_route = default
 
+    @classmethod
+    def for_engine(cls, engine: Backend, settings: Settings) -> Router:
+        """The single engine as a route table of one pool of one endpoint: its slots are
+        --max-in-flight (else the engine's parallelism) and --max-embed-in-flight."""
+        upstream = UpstreamConfig(name=engine.name, kind=engine.name, endpoints=("",),
+                                  max_in_flight=settings.max_in_flight or engine.parallelism)
+        route = RouteConfig(models=(settings.model,), pools=(engine.name,), pattern=_ANY_MODEL)
+        return cls(PoolsConfig({engine.name: upstream}, (route,)), settings,
+                   new_backend=lambda _spec, _settings: engine, engine=engine)
+
+    @property
+    def engine(self) -> Backend | None:
+        """The single engine when there is no pools file."""
+        return self._engine
+
+    @property
+    def engine_endpoint(self) -> Endpoint | None:
+        """The single engine's endpoint (its breaker, its health), None with a pools file."""
+        return next(iter(self.pools.values())).endpoints[0] if self._engine is not None \
+            else None
+
     @property
     def parallelism(self) -> int:
-        """Calls every pool's endpoints take at once (after `start`, DNS pools included):
-        the replica's admission default, so the pools' own queues decide where calls wait
-        and when they spill."""
-        return max(1, sum(pool.capacity for pool in self.pools.values()))
+        """Generations every pool's available endpoints take at once."""
+        return max(1, sum(pool.capacity() for pool in self.pools.values()))
+
+    # --- admission: the pools' queues --------------------------------------------------
+
+    def admission(self, work: Work = Work.GENERATE) -> AdmissionTotals:
+        """Every pool's queue of `work` read as one (the replica's gauges)."""
+        return AdmissionTotals(lambda: (pool.queues[work] for pool in self.pools.values()),
+                               self.budget)
+
+    def queues(self) -> Iterable[Admission]:
+        return (queue for pool in self.pools.values() for queue in pool.queues.values())
+
+    @property
+    def tenants(self) -> Callable[[str], Tenant]:
+        return self._tenants
+
+    @tenants.setter
+    def tenants(self, tenants: Callable[[str], Tenant]) -> None:
+        """The named tenants' current limits (their weights in every queue)."""
+        self._tenants = tenants
+        for queue in self.queues():
+            queue.tenants = tenants
+
+    @property
+    def observer(self) -> AdmissionObserver | None:
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: AdmissionObserver | None) -> None:
+        self._observer = observer
+        for queue in self.queues():
+            queue.observer = observer
+
+    def _queue_maker(self) -> Callable[[Work], Admission]:
+        settings = self._settings
+
+        def new_queue(work: Work) -> Admission:
+            queue = Admission(
+                0, self.budget, settings.queue_timeout, fair=settings.fair_queuing,
+                critical_reserve=settings.critical_reserve if work is Work.GENERATE else 0,
+                tenants=self._tenants, anticipation=settings.fair_anticipation)
+            queue.observer = self._observer
+            return queue
+
+        return new_queue
 
     # --- building ------------------------------------------------------------------------
 
     def _endpoint_maker(self, upstream: UpstreamConfig) -> Callable[[str], Endpoint]:
+        settings = self._settings
+
         def new_endpoint(url: str) -> Endpoint:
             spec = EndpointSpec(
                 upstream=upstream.name, kind=upstream.kind, url=url, api_key=upstream.api_key,
                 host=dns_host(upstream), tls=upstream.tls,
                 connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
-                max_in_flight=upstream.max_in_flight or 1, dialect=upstream.dialect)
-            backend = self._new_backend(spec, self._settings)
-            breaker = CircuitBreaker(self._settings.circuit_failure_threshold,
-                                     self._settings.circuit_reset_timeout)
+                max_in_flight=upstream.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
+                dialect=upstream.dialect)
+            backend = self._new_backend(spec, settings)
+            breaker = CircuitBreaker(settings.circuit_failure_threshold,
+                                     settings.circuit_reset_timeout)
             breaker.on_change = self._changed
-            cap = upstream.max_in_flight or backend.parallelism
-            return Endpoint(url or upstream.kind, backend, breaker, cap)
+            if hasattr(backend, "on_health_change"):
+                backend.on_health_change = self._changed
+            generate = upstream.max_in_flight or backend.parallelism
+            caps = {Work.GENERATE: generate, Work.COUNT: generate,
+                    Work.EMBED: settings.max_embed_in_flight or backend.parallelism}
+            return Endpoint(url or upstream.kind, backend, breaker, caps,
+                            gated=self._engine is None)
 
         return new_endpoint
 
@@ -123,12 +215,10 @@ class Router:
         """Hear breakers opening and closing and engines restarting: readiness checks at
         once."""
         self._on_change = listener
-        for pool in self.pools.values():
-            for endpoint in pool.endpoints:
-                if hasattr(endpoint.backend, "on_health_change"):
-                    endpoint.backend.on_health_change = listener
 
     def _changed(self) -> None:
+        for pool in self.pools.values():
+            pool.refresh()
         if self._on_change is not None:
             self._on_change()
 
@@ -141,11 +231,12 @@ class Router:
 
     @property
     def default_model(self) -> str:
-        return self._settings.model
+        return self._engine.default_model if self._engine is not None else self._settings.model
 
     @property
-    def address(self) -> None:
-        return None  # many: the span names the upstream instead
+    def address(self) -> tuple[str, int] | None:
+        # One engine: where it listens; many: the span names the upstream instead.
+        return self._engine.address if self._engine is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -156,7 +247,8 @@ class Router:
             pool.start_dns()
         await asyncio.gather(*(e.backend.start() for pool in self.pools.values()
                                for e in pool.endpoints))
-        self.on_health_change = self._on_change  # endpoints DNS brought
+        for pool in self.pools.values():  # the engines' own slots are known once started
+            pool.refresh()
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.stop() for pool in self.pools.values()))
@@ -166,7 +258,7 @@ class Router:
         one of them fails."""
         endpoints = [e for name in self._default_route.pools
                      for e in self.pools[name].live() if not self.pools[name].remote]
-        results = await asyncio.gather(*(e.backend.warm_up() for e in endpoints),
+        results = await asyncio.gather(*(_warm_up(e) for e in endpoints),
                                        return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if endpoints and len(errors) == len(endpoints):
@@ -175,11 +267,14 @@ class Router:
                 "warming up the default route failed")
 
     async def check_health(self, model: str) -> BackendHealth:
-        """Check every endpoint of every pool; ready when a pool of `model`'s route (the
-        default route for the default model) has an available endpoint."""
+        """Check every endpoint of every pool against the models of the routes that use it;
+        ready when a pool of `model`'s route (the default route for the default model) has
+        an available endpoint. One engine's health is its own answer."""
         timeout = self._settings.health_timeout
-        await asyncio.gather(*(pool.check(self._probe_model(pool), timeout)
+        await asyncio.gather(*(pool.check(self._probe_models(pool, model), timeout)
                                for pool in self.pools.values()))
+        if self.engine_endpoint is not None:
+            return self.engine_endpoint.health
         route = self.route_for(model)
         if route is None:
             return BackendHealth(False, f"no route serves {model!r}")
@@ -188,23 +283,27 @@ class Router:
         loaded = tuple(m for name in serving for e in self.pools[name].endpoints
                        for m in e.health.loaded)
         if not serving:
-            return BackendHealth(False, f"no endpoint of {', '.join(route.pools)} is available",
-                                 served=served)
+            return BackendHealth(False, "; ".join(
+                self.pools[name].unavailable().message for name in route.pools),
+                served=served)
         return BackendHealth(True, loaded=loaded, served=served)
 
-    def _probe_model(self, pool: Pool) -> str:
-        """The model a pool's health checks ask for: the default model where the default
-        route uses the pool, else the first model of a route that does."""
-        if pool.name in self._default_route.pools:
-            return self.upstream_model(pool, self.default_model)
-        for route in self.routes:
-            if pool.name in route.pools and route.models:
-                return self.upstream_model(pool, route.models[0])
-        return self.upstream_model(pool, self.default_model)
+    def _probe_models(self, pool: Pool, model: str) -> tuple[str, ...]:
+        """The models a pool's health checks ask for: those of the routes that use the pool
+        (the default model first where the default route does), as the upstream names them.
+        An endpoint serving any of them is available."""
+        if self._engine is not None:
+            return (model,)
+        names = [self.default_model] if pool.name in self._default_route.pools else []
+        names += [m for route in self.routes if pool.name in route.pools for m in route.models]
+        probes = dict.fromkeys(self.upstream_model(pool, name) for name in names)
+        return tuple(probes) or (self.upstream_model(pool, self.default_model),)
 
     async def list_models(self) -> list[ModelInfo]:
         """The models the routes name, each once, as the callers name them; loaded when an
-        available endpoint of its route says so."""
+        available endpoint of its route says so. One engine lists its own."""
+        if self._engine is not None:
+            return await self._engine.list_models()
         names = dict.fromkeys(m for route in self.routes for m in route.models)
         loaded = {m.name for pool in self.pools.values() for e in pool.endpoints
                   if e.available for m in e.health.loaded}
@@ -225,7 +324,7 @@ class Router:
         """The name the pool's upstream knows `model` by."""
         if model in pool.config.models:
             return pool.config.models[model]
-        if pool.config.kind == "embedded" and pool.endpoints:
+        if self._engine is None and pool.config.kind == "embedded" and pool.endpoints:
             return pool.endpoints[0].backend.default_model
         return model
 
@@ -247,131 +346,112 @@ class Router:
     # --- calls --------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        async with aclosing(self._serve(Work.GENERATE, request, _generation)) as items:
+            async for item in items:
+                yield item
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        return await _only(self._serve(Work.EMBED, request, _embedding))
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        return await _only(self._serve(Work.COUNT, request, _token_count))
+
+    async def _serve(self, work: Work, request: Any, call: _Call) -> AsyncIterator[Any]:
+        """The call on its route's pools in order: the next pool only when one refused it
+        before anything reached the caller."""
         pools = self.pools_for(request.model, request.context.local_only)
         for index, pool in enumerate(pools):
             more = index + 1 < len(pools)
             try:
-                async for item in self._stream_in_pool(pool, request, may_overflow=more):
-                    yield item
+                async with aclosing(self._serve_in_pool(pool, work, request, call, more)) \
+                        as items:
+                    async for item in items:
+                        yield item
                 return
             except _MoveOn as move:
                 if not more:
                     raise move.error from None
                 _note_fallback(pool.name, pools[index + 1].name, move.error)
 
-    async def _stream_in_pool(self, pool: Pool, request: GenerationRequest,
-                              may_overflow: bool) -> AsyncIterator[StreamItem]:
-        """The call on one endpoint of `pool`, retried on others before its first token;
-        raises _MoveOn when the pool refused it and another pool may take it."""
+    async def _serve_in_pool(self, pool: Pool, work: Work, request: Any, call: _Call,
+                             may_overflow: bool) -> AsyncIterator[Any]:
+        """The call within one slot of `pool`, on one endpoint, retried on others before its
+        first item; raises _MoveOn when the pool refused it and another pool may take it."""
         upstream_request = dataclasses.replace(
             request, model=self.upstream_model(pool, request.model))
-        first_token_timeout = pool.config.first_token_timeout
-        tried: list[Endpoint] = []
-        for attempt in itertools.count():
-            endpoint = await self._acquire(pool, request.context.session, request.deadline,
-                                           tried, may_overflow)
-            delivered = False
-            probe = False
-            try:
-                probe = endpoint.breaker.admit()
-                async with aclosing(endpoint.backend.stream(upstream_request)) as items:
-                    while True:
-                        try:
-                            if delivered or first_token_timeout is None:
-                                item = await anext(items)
-                            else:
-                                async with asyncio.timeout(first_token_timeout):
-                                    item = await anext(items)
-                        except StopAsyncIteration:
-                            return
-                        except TimeoutError:
-                            raise _first_token_timeout(pool.name, first_token_timeout) \
-                                from None
-                        if isinstance(item, GenerationEnd):
-                            endpoint.breaker.record_success()
-                            item = dataclasses.replace(item, upstream=pool.name)
-                        delivered = True
-                        yield item
-            except AgentLoopError as exc:
-                delay = self._verdict(pool, endpoint, exc, probe, attempt, request.deadline,
-                                      delivered)
-            except BaseException:
-                endpoint.breaker.release_probe(probe)
-                raise
-            finally:
-                pool.release(endpoint)
-            self.retries += 1
-            await asyncio.sleep(delay)
-
-    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        return await self._unary(request, lambda backend, r: backend.embed(r))
-
-    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
-        return await self._unary(request, lambda backend, r: backend.count_tokens(r))
-
-    async def _unary(self, request: Any, call: Callable[[Backend, Any], Any]) -> Any:
-        """One non-streamed call (embeddings, token counts) with the same routing, retries
-        and fallback as a generation."""
-        pools = self.pools_for(request.model, request.context.local_only)
-        for index, pool in enumerate(pools):
-            more = index + 1 < len(pools)
-            try:
-                return await self._unary_in_pool(pool, request, call, more)
-            except _MoveOn as move:
-                if not more:
-                    raise move.error from None
-                _note_fallback(pool.name, pools[index + 1].name, move.error)
-        raise AssertionError("a route has at least one pool")
-
-    async def _unary_in_pool(self, pool: Pool, request: Any,
-                             call: Callable[[Backend, Any], Any], may_overflow: bool) -> Any:
-        upstream_request = dataclasses.replace(
-            request, model=self.upstream_model(pool, request.model))
-        tried: list[Endpoint] = []
-        for attempt in itertools.count():
-            endpoint = await self._acquire(pool, request.context.session, request.deadline,
-                                           tried, may_overflow)
-            probe = False
-            try:
-                probe = endpoint.breaker.admit()
-                result = await call(endpoint.backend, upstream_request)
-                endpoint.breaker.record_success()
-                return dataclasses.replace(result, upstream=pool.name, model=request.model)
-            except AgentLoopError as exc:
-                delay = self._verdict(pool, endpoint, exc, probe, attempt, request.deadline,
-                                      False)
-            except BaseException:
-                endpoint.breaker.release_probe(probe)
-                raise
-            finally:
-                pool.release(endpoint)
-            self.retries += 1
-            await asyncio.sleep(delay)
-
-    async def _acquire(self, pool: Pool, session: str, deadline: float | None,
-                       tried: list[Endpoint], may_overflow: bool) -> Endpoint:
-        """An endpoint of `pool` for the next attempt (added to `tried`); _MoveOn when the
-        pool is full, down or busy past its overflow limits."""
+        first_item_timeout = pool.config.first_token_timeout if work is Work.GENERATE else None
         try:
-            endpoint = await pool.acquire(session, tried, deadline, may_overflow)
-        except (PoolOverflow, BackendUnavailable, ResourceExhausted) as exc:
+            ticket = await pool.enter(work, request.context, request.deadline, may_overflow)
+        except (BackendUnavailable, ResourceExhausted) as exc:
             raise _MoveOn(exc) from None
-        trace.get_current_span().set_attribute(tracing.UPSTREAM, pool.name)
-        tried.append(endpoint)
-        return endpoint
+        try:
+            tried: list[Endpoint] = []
+            counted: set[Endpoint] = set()  # a call counts once per endpoint's breaker
+            for attempt in itertools.count():
+                try:
+                    endpoint = pool.take(work, request.context.session, tried)
+                except BackendUnavailable as exc:
+                    raise _MoveOn(exc) from None
+                tried.append(endpoint)
+                if self._engine is None:
+                    trace.get_current_span().set_attribute(tracing.UPSTREAM, pool.name)
+                delivered = probe = False
+                try:
+                    probe = endpoint.breaker.admit()
+                    async with aclosing(call(endpoint.backend, upstream_request)) as items:
+                        while True:
+                            try:
+                                if delivered or first_item_timeout is None:
+                                    item = await anext(items)
+                                else:
+                                    async with asyncio.timeout(first_item_timeout):
+                                        item = await anext(items)
+                            except StopAsyncIteration:
+                                return
+                            except TimeoutError:
+                                raise _first_token_timeout(pool.name, first_item_timeout) \
+                                    from None
+                            if not isinstance(item, str):  # the call's end: it succeeded
+                                endpoint.breaker.record_success()
+                                item = self._served(pool, request, item)
+                            delivered = True
+                            yield item
+                except AgentLoopError as exc:
+                    delay = self._verdict(pool, endpoint, exc, probe, attempt, request,
+                                          delivered, counted)
+                except BaseException:  # cancelled or closed by the caller: no verdict
+                    endpoint.breaker.release_probe(probe)
+                    raise
+                finally:
+                    pool.give_back(work, endpoint)
+                self.retries += 1
+                await asyncio.sleep(delay)
+        finally:
+            pool.leave(work, ticket)
+
+    def _served(self, pool: Pool, request: Any, result: Any) -> Any:
+        """The end of a call as the caller sees it: the upstream that served it (none for
+        one engine) and the model by the caller's name for it, unless an engine stood in
+        for it under an alias (an `embedded` upstream, the single engine): then its own."""
+        if self._engine is not None:
+            return result
+        model = result.model if pool.config.kind == "embedded" else request.model
+        return dataclasses.replace(result, upstream=pool.name, model=model)
 
     def _verdict(self, pool: Pool, endpoint: Endpoint, exc: AgentLoopError, probe: bool,
-                 attempt: int, deadline: float | None, delivered: bool) -> float:
-        """A failed attempt, told to its endpoint's breaker: the delay before retrying in the
-        pool, or raise: `exc` itself after the first item or when no pool can help, else
-        _MoveOn for the route's next pool."""
-        if is_backend_failure(exc):
+                 attempt: int, request: Any, delivered: bool, counted: set[Endpoint]) -> float:
+        """A failed attempt, told to its endpoint's breaker (once per call, however often it
+        is retried: one call's retries must not open the circuit by themselves): the delay
+        before retrying in the pool, or raise: `exc` itself after the first item or when no
+        pool can help, else _MoveOn for the route's next pool."""
+        if is_backend_failure(exc) and (probe or endpoint not in counted):
+            counted.add(endpoint)
             endpoint.breaker.record_failure()
         else:
             endpoint.breaker.release_probe(probe)
         if delivered:
             raise exc
-        time_left = None if deadline is None else deadline - time.monotonic()
+        time_left = None if request.deadline is None else request.deadline - time.monotonic()
         delay = retry_delay(exc, attempt, self._settings, time_left, self._random, False)
         if delay is None:
             if _moves_on(exc):
@@ -380,6 +460,47 @@ class Router:
         log.info("upstream %s: retry %d in %.2fs after: %s", pool.name, attempt + 1, delay,
                  exc.message)
         return delay
+
+
+#: One attempt of a call on one backend: its items (a generation's deltas and end, or a
+#: unary call's one result).
+_Call = Callable[[Backend, Any], AsyncIterator[Any]]
+
+
+async def _generation(backend: Backend, request: GenerationRequest) -> AsyncIterator[Any]:
+    async with aclosing(backend.stream(request)) as items:
+        async for item in items:
+            yield item
+
+
+async def _embedding(backend: Backend, request: EmbeddingRequest) -> AsyncIterator[Any]:
+    yield await backend.embed(request)
+
+
+async def _token_count(backend: Backend, request: TokenCountRequest) -> AsyncIterator[Any]:
+    yield await backend.count_tokens(request)
+
+
+async def _only(items: AsyncIterator[Any]) -> Any:
+    """The one result of a unary call."""
+    async with aclosing(items) as results:
+        async for result in results:
+            return result
+    raise AssertionError("a unary call yields its result or raises")
+
+
+async def _warm_up(endpoint: Endpoint) -> None:
+    """Warm an endpoint under its breaker: refused while open; a half-open one's warm-up is
+    its probe."""
+    state = endpoint.breaker.state
+    if state is CircuitState.OPEN:
+        raise endpoint.breaker.open_error()
+    try:
+        await endpoint.backend.warm_up()
+    except AgentLoopError as exc:
+        if state is CircuitState.HALF_OPEN and is_backend_failure(exc):
+            endpoint.breaker.record_failure()
+        raise
 
 
 def _moves_on(exc: AgentLoopError) -> bool:

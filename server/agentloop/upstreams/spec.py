@@ -9,6 +9,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+#: Calls one endpoint of an HTTP upstream serves at once when the pools file does not say
+#: (Ollama's own default parallelism; an OpenAI-compatible server that batches more, such as
+#: vLLM, wants its `max_in_flight` set).
+DEFAULT_MAX_IN_FLIGHT = 4
+
 
 class SchemaStyle(enum.StrEnum):
     """How an OpenAI-compatible upstream takes a JSON Schema in `response_format`."""
@@ -66,5 +71,5 @@ class EndpointSpec:
     #: Longest silence while reading a response (between two chunks of a stream).
     read_timeout: float = 300.0
     #: Calls this endpoint serves at once; more wait in the pool's queue.
-    max_in_flight: int = 4
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     dialect: OpenAIDialect = OpenAIDialect()

@@ -1,5 +1,12 @@
-"""Admission control: generations in flight per replica, a bounded queue served fairly
-across tenants and by priority, and each tenant's quotas.
+"""Where calls wait for engine capacity: one fair queue per pool and kind of work.
+
+`Admission` is one fair queue over a number of slots: the slots of one kind of work
+(generations, embeddings, token counts) of one upstream pool, whose number follows the
+pool's live endpoints (`resize`). A single engine is a pool of one, so every call waits in
+a queue that sits beside what knows the capacity (upstreams/pool.py owns the queues). Each
+tenant's limits are checked once per call before it queues anywhere (services/quotas.py).
+What stays replica-wide is a guard on memory: `QueueBudget` caps the waiters of every queue
+together (`--max-queue`); request bytes and streams are the edge's (rpc/transport.py).
 
 Ollama often queues silently instead of answering 503, so the gateway keeps its own
 limits: a request beyond the queue, or one that waits longer than the queue timeout,
@@ -10,11 +17,14 @@ Who waits next is decided by start-time fair queuing (SFQ): a waiting call gets 
 start tag, max(the queue's virtual time, its caller's last finish tag), and its caller's
 finish tag moves on by 1/weight. A free slot goes to the smallest tag, so the caller that
 had the least service recently (weighted) goes first and a caller that floods the queue
-delays only itself: its tags run far ahead. Callers are tenants (`CallContext.caller`:
-the tenant, else the caller's address). Priorities come before tags: a critical call never
-waits behind a standard or sheddable one, and when the queue is full the least important,
-most served waiter is put out (sheddable first) to make room for a call that matters more.
-With `fair=False` the tags are arrival order: first come, first served within a priority.
+delays only itself: its tags run far ahead. Within one caller the tags grow with arrival,
+so a caller's own calls are served first come, first served. Callers are tenants
+(`CallContext.caller`: the tenant, else the caller's address). Priorities come before tags:
+a critical call never waits behind a standard or sheddable one, and when the queue is full
+the least important, most served waiter is put out (sheddable first) to make room for a
+call that matters more. With `fair=False` the tags are arrival order: first come, first
+served within a priority. A freed slot is handed to the waiter it goes to (never "woken to
+look again"), so nobody who arrives later passes a waiter.
 
 A caller that calls back to back (an agent's steps, a script's loop) frees its slot a
 moment before its next call arrives, and in that moment the slot goes to another caller's
@@ -23,30 +33,35 @@ waiter: it then waits for the next slot to free, however little service it had. 
 no later than the first waiter's), the slot stays its own for that many seconds
 (anticipatory scheduling): its next call takes it at once; if none comes, the slot goes to
 the next waiter then.
-
-Quotas (a named tenant's limits from the keys file) are checked before a call queues:
-generations at once (in flight or waiting), requests per minute, tokens per minute. Tokens
-are counted as they happen (`count_tokens`), so a stream may run past the budget (it
-finishes, nothing is cut); the tenant's next call is refused until the bucket refills.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import heapq
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from agentloop.domain import CallContext, Priority
-from agentloop.errors import DeadlineExceeded, QuotaExceeded, ResourceExhausted, Shed
+from agentloop.errors import AgentLoopError, DeadlineExceeded, ResourceExhausted, Shed
 from agentloop.tenants import DEFAULT_TENANT, Tenant
 
 _NO_CONTEXT = CallContext()
 #: Dispatch order: every critical waiter before any standard one, standard before sheddable.
 _CLASSES = (Priority.CRITICAL, Priority.STANDARD, Priority.SHEDDABLE)
+
+
+class Work(enum.StrEnum):
+    """The kinds of call that cost engine time, each with slots of its own in a pool: an
+    embedding batch or a token count never waits behind generations, nor they behind it."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
+    COUNT = "count"
 
 
 class AdmissionObserver(Protocol):
@@ -55,6 +70,25 @@ class AdmissionObserver(Protocol):
     def waited(self, tenant: str, priority: Priority, seconds: float) -> None: ...
 
     def refused(self, tenant: str, reason: str) -> None: ...
+
+
+class QueueTimeout(ResourceExhausted):
+    """No slot came within the queue's time (or the caller's `max_wait`)."""
+
+
+class QueueBudget:
+    """The waiters every queue of the replica may hold together (`--max-queue`): a guard on
+    memory, not on capacity."""
+
+    __slots__ = ("max_queue", "queued")
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.queued = 0
+
+    @property
+    def full(self) -> bool:
+        return self.queued >= self.max_queue
 
 
 @dataclass(slots=True, eq=False)
@@ -78,63 +112,27 @@ class _Waiter:
     gone: bool = False  # out of the queue: handed a slot, timed out, cancelled or put out
 
 
-@dataclass(slots=True)
-class _Quota:
-    """A named tenant's request and token buckets (each refills to its cap in a minute;
-    the token bucket may go below zero while a stream runs past it)."""
-
-    limits: Tenant
-    stamp: float
-    tokens: float = field(init=False)
-    requests: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens = float(self.limits.tokens_per_minute)
-        self.requests = float(self.limits.requests_per_minute)
-
-    def refill(self, now: float) -> None:
-        elapsed = max(0.0, now - self.stamp)
-        self.stamp = now
-        tpm, rpm = self.limits.tokens_per_minute, self.limits.requests_per_minute
-        if tpm:
-            self.tokens = min(float(tpm), self.tokens + elapsed * tpm / 60.0)
-        if rpm:
-            self.requests = min(float(rpm), self.requests + elapsed * rpm / 60.0)
-
-    def resize(self, limits: Tenant) -> None:
-        """New limits from a reloaded keys file: what was spent stays spent."""
-        old, self.limits = self.limits, limits
-        self.tokens = _carried(self.tokens, old.tokens_per_minute, limits.tokens_per_minute)
-        self.requests = _carried(self.requests, old.requests_per_minute,
-                                 limits.requests_per_minute)
-
-
-def _carried(level: float, old_cap: int, new_cap: int) -> float:
-    spent = old_cap - level if old_cap else 0.0
-    return min(float(new_cap), new_cap - spent)
-
-
 class Admission:
-    """Slots per replica; waiters served fairly across callers, by priority; quotas."""
+    """A number of slots (`resize` follows the capacity); waiters served fairly across
+    callers, by priority."""
 
-    def __init__(self, max_in_flight: int, max_queue: int, queue_timeout: float, *,
-                 fair: bool = True, critical_reserve: int = 0,
-                 tenants: Callable[[str], Tenant] | None = None,
-                 quotas: Admission | None = None, anticipation: float = 0.0,
+    def __init__(self, max_in_flight: int, max_queue: int | QueueBudget, queue_timeout: float,
+                 *, fair: bool = True, critical_reserve: int = 0,
+                 tenants: Callable[[str], Tenant] | None = None, anticipation: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
+        if max_in_flight < 0:
+            raise ValueError("max_in_flight must be >= 0")
         self.max_in_flight = max_in_flight
-        #: Slots only critical calls may take: a critical call finds one free at once
-        #: under a flood, instead of waiting for the next generation to end.
-        self.critical_reserve = min(critical_reserve, max_in_flight - 1)
-        self.max_queue = max_queue
+        #: Slots only critical calls may take (at most all but one): a critical call finds
+        #: one free at once under a flood, instead of waiting for the next call to end.
+        self.critical_reserve = critical_reserve
+        self.budget = max_queue if isinstance(max_queue, QueueBudget) else QueueBudget(max_queue)
         self.queue_timeout = queue_timeout
         self.fair = fair
         self.anticipation = anticipation if fair else 0.0
         #: Slots held for callers' next calls (anticipation): caller key -> its timer.
         self._held: dict[str, asyncio.TimerHandle] = {}
-        #: The named tenant's current limits (the keys file, reloaded).
+        #: The named tenant's current limits (the keys file, reloaded): its weight here.
         self.tenants: Callable[[str], Tenant] = tenants or (lambda _name: DEFAULT_TENANT)
         self.observer: AdmissionObserver | None = None
         self._clock = clock
@@ -146,9 +144,6 @@ class Admission:
         self._callers: dict[str, _Caller] = {}
         self._heaps: dict[Priority, list[tuple[float, int, _Waiter]]] = {
             priority: [] for priority in Priority}
-        #: Each tenant's spending: shared with `quotas`' when given (Embed's slots are their
-        #: own, but a tenant's tokens and requests per minute are one budget).
-        self._quotas: dict[str, _Quota] = quotas._quotas if quotas is not None else {}
 
     @property
     def in_flight(self) -> int:
@@ -158,36 +153,56 @@ class Admission:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def max_queue(self) -> int:
+        return self.budget.max_queue
+
+    @property
+    def _reserve(self) -> int:
+        return max(0, min(self.critical_reserve, self.max_in_flight - 1))
+
     def queued_by(self, caller: str) -> int:
         state = self._callers.get(caller)
         return state.queued if state is not None else 0
 
     @asynccontextmanager
-    async def slot(self, deadline: float | None = None, *,
-                   context: CallContext = _NO_CONTEXT) -> AsyncIterator[None]:
-        """Hold one slot for the body; raise ResourceExhausted (QuotaExceeded past a
-        tenant's limit, Shed when put out for a more important call) if none comes in time."""
-        caller = await self._acquire(deadline, context)
+    async def slot(self, deadline: float | None = None, *, context: CallContext = _NO_CONTEXT,
+                   max_wait: float | None = None) -> AsyncIterator[None]:
+        """Hold one slot for the body (see `acquire`)."""
+        caller = await self.acquire(deadline, context, max_wait)
         try:
             yield
         finally:
-            self._release(caller)
+            self.release(caller)
 
-    def count_tokens(self, context: CallContext, tokens: int) -> None:
-        """Spend a named tenant's tokens per minute as they happen (input and output)."""
-        if context.tenant:
-            quota = self._quotas.get(context.tenant)
-            if quota is not None and quota.limits.tokens_per_minute:
-                quota.refill(self._clock())
-                quota.tokens -= tokens
+    # --- capacity -------------------------------------------------------------------------
+
+    def resize(self, slots: int) -> None:
+        """The capacity changed (endpoints joined, left, came back): more slots go to the
+        waiters at once; fewer are taken back as calls end."""
+        self.max_in_flight = max(0, slots)
+        self._fill()
+
+    def fail_waiters(self, error: Callable[[], AgentLoopError]) -> None:
+        """Every waiter learns at once that no slot will come (the pool lost its last
+        endpoint), instead of after the queue timeout."""
+        for heap in self._heaps.values():
+            for _, _, waiter in heap:
+                if not waiter.gone and not waiter.future.done():
+                    self._leave(waiter)
+                    waiter.future.set_exception(error())
+            heap.clear()
 
     # --- taking a slot --------------------------------------------------------------------
 
-    async def _acquire(self, deadline: float | None, context: CallContext) -> _Caller:
+    async def acquire(self, deadline: float | None, context: CallContext = _NO_CONTEXT,
+                      max_wait: float | None = None) -> _Caller:
+        """Take one slot (give it back with `release`); raise QueueTimeout (or Shed when put
+        out for a more important call, ResourceExhausted when the queue is full,
+        DeadlineExceeded at the caller's deadline) if none comes in time. `max_wait` shortens
+        the queue timeout (a pool's overflow)."""
         tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
         caller = self._callers.get(context.caller)
-        if tenant.has_quota:
-            self._check_quota(tenant, caller)
         if caller is None:
             caller = self._callers[context.caller] = _Caller(context.caller)
         if caller.key in self._held and context.priority is Priority.SHEDDABLE:
@@ -200,41 +215,43 @@ class Admission:
             start = max(self._virtual, caller.finish)
             self._virtual, caller.finish = start, start + 1.0 / tenant.weight
             caller.in_flight += 1
-            if self.observer is not None:
-                self.observer.waited(tenant.label, context.priority, 0.0)
+            self._waited(tenant, context, 0.0)
             return caller
         if self._free_for(context.priority):
             self._in_flight += 1
             caller.in_flight += 1
-            if self.observer is not None:
-                self.observer.waited(tenant.label, context.priority, 0.0)
+            self._waited(tenant, context, 0.0)
             return caller
-        await self._wait(deadline, context, tenant, caller)
+        await self._wait(deadline, context, tenant, caller, max_wait)
         return caller
+
+    def _waited(self, tenant: Tenant, context: CallContext, seconds: float) -> None:
+        if self.observer is not None:
+            self.observer.waited(tenant.label, context.priority, seconds)
 
     def _free_for(self, priority: Priority) -> bool:
         """A slot is free for a call of this priority and nobody it must not pass waits."""
         if priority is Priority.CRITICAL:
             return self._in_flight < self.max_in_flight and not self._critical_waiting
-        return self._in_flight < self.max_in_flight - self.critical_reserve \
-            and not self._queued
+        return self._in_flight < self.max_in_flight - self._reserve and not self._queued
 
     async def _wait(self, deadline: float | None, context: CallContext, tenant: Tenant,
-                    caller: _Caller) -> None:
+                    caller: _Caller, max_wait: float | None) -> None:
         self._seq += 1
         start = max(self._virtual, caller.finish) if self.fair else float(self._seq)
         waiter = _Waiter(caller, context.priority, start, self._seq,
                          asyncio.get_running_loop().create_future(), tenant.label)
-        if self._queued >= self.max_queue and not self._make_room(waiter):
+        if self.budget.full and not self._make_room(waiter):
             self._forget_if_idle(caller)
             self._refused(tenant.label, "queue_full")
             raise ResourceExhausted(
-                f"too many requests: {self._in_flight} in flight and {self._queued} queued",
-                retry_after=1.0)
+                f"too many requests: {self._in_flight} in flight and {self.budget.queued} "
+                "queued", retry_after=1.0)
         if self.fair:
             caller.finish = start + 1.0 / tenant.weight
         caller.queued += 1
         self._queued += 1
+        self.budget.queued += 1
         self._critical_waiting += waiter.priority is Priority.CRITICAL
         heap = self._heaps[waiter.priority]
         heapq.heappush(heap, (start, waiter.seq, waiter))
@@ -244,10 +261,11 @@ class Admission:
         if len(heap) > 2 * self.max_queue + 16:  # entries of waiters gone meanwhile
             heap[:] = [entry for entry in heap if not entry[2].gone]
             heapq.heapify(heap)
+        limit = self.queue_timeout if max_wait is None else min(max_wait, self.queue_timeout)
         time_left = None if deadline is None else deadline - time.monotonic()
         # The caller's deadline, when it comes first, makes the wait DEADLINE_EXCEEDED.
-        deadline_first = time_left is not None and time_left < self.queue_timeout
-        wait = time_left if deadline_first else self.queue_timeout
+        deadline_first = time_left is not None and time_left < limit
+        wait = time_left if deadline_first else limit
         queued_at = time.perf_counter()
         try:
             async with asyncio.timeout(max(wait or 0.0, 0.0)):
@@ -255,7 +273,7 @@ class Admission:
         except BaseException as exc:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                self._release(caller)  # handed a slot meanwhile: pass it on
+                self.release(caller)  # handed a slot meanwhile: pass it on
             self._leave(waiter)
             self._forget_if_idle(caller)
             if isinstance(exc, TimeoutError) and deadline_first:
@@ -263,17 +281,16 @@ class Admission:
                 raise DeadlineExceeded("the deadline passed while waiting for a slot") from None
             if isinstance(exc, TimeoutError):
                 self._refused(tenant.label, "queue_timeout")
-                raise ResourceExhausted(
+                raise QueueTimeout(
                     f"no free slot within {wait:.1f}s ({self._in_flight} in flight)",
                     retry_after=1.0,
                 ) from None
             raise
-        if self.observer is not None:
-            self.observer.waited(tenant.label, context.priority, time.perf_counter() - queued_at)
+        self._waited(tenant, context, time.perf_counter() - queued_at)
 
     def _make_room(self, newcomer: _Waiter) -> bool:
-        """The queue is full: put out the least important, most served waiter if the
-        newcomer matters more (priority, then the smaller tag); False if it does not."""
+        """The queue is full: put out the least important, most served waiter of this queue
+        if the newcomer matters more (priority, then the smaller tag); False if it does not."""
         worst: _Waiter | None = None
         for priority in reversed(_CLASSES):
             # Not gone and not done: a waiter timed out but not yet woken has a done future.
@@ -292,44 +309,13 @@ class Admission:
             "service); retry later or on another replica", retry_after=1.0))
         return True
 
-    def _check_quota(self, tenant: Tenant, caller: _Caller | None) -> None:
-        """Refuse a named tenant past a limit, most immediate first; count the request."""
-        name = tenant.name
-        if tenant.max_concurrency and caller is not None \
-                and caller.in_flight + caller.queued >= tenant.max_concurrency:
-            self._over(tenant, "max_concurrency", 1.0,
-                       f"{tenant.max_concurrency} generations at once")
-        now = self._clock()
-        quota = self._quotas.get(name)
-        if quota is None:
-            quota = self._quotas[name] = _Quota(tenant, now)
-        elif quota.limits is not tenant:  # a reload made new limits
-            quota.resize(tenant)
-        quota.refill(now)
-        rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
-        if rpm and quota.requests < 1.0:
-            self._over(tenant, "requests_per_minute", (1.0 - quota.requests) * 60.0 / rpm,
-                       f"{rpm} requests per minute")
-        if tpm and quota.tokens <= 0.0:
-            self._over(tenant, "tokens_per_minute", (1.0 - quota.tokens) * 60.0 / tpm,
-                       f"{tpm} tokens per minute")
-        if rpm:
-            quota.requests -= 1.0
-
-    def _over(self, tenant: Tenant, limit: str, retry_after: float, what: str) -> None:
-        self._refused(tenant.label, limit)
-        raise QuotaExceeded(
-            tenant.name, limit,
-            f"tenant {tenant.name} is past its limit of {what} ({limit}); retry in "
-            f"{retry_after:.2f}s", retry_after=retry_after)
-
     def _refused(self, label: str, reason: str) -> None:
         if self.observer is not None:
             self.observer.refused(label, reason)
 
     # --- giving a slot back ---------------------------------------------------------------
 
-    def _release(self, caller: _Caller) -> None:
+    def release(self, caller: _Caller) -> None:
         """Keep the slot for the caller's next call (anticipation), or pass it on."""
         caller.in_flight -= 1
         if self.anticipation and not caller.queued and self._queued \
@@ -337,14 +323,14 @@ class Admission:
             self._held[caller.key] = asyncio.get_running_loop().call_later(
                 self.anticipation, self._end_hold, caller)
             return
-        self._pass_on(caller)
+        self._free(caller)
 
     def _would_win(self, caller: _Caller) -> bool:
         """Would the caller's next call (a standard one) take the slot before the first
         waiter: its tag no later than theirs, no critical call waiting, and the slot not
-        one kept for critical calls?"""
+        one kept for critical calls (nor one the capacity no longer has)?"""
         if self._critical_waiting or \
-                self._in_flight > self.max_in_flight - self.critical_reserve:
+                self._in_flight > self.max_in_flight - self._reserve:
             return False
         heap = self._heaps[Priority.STANDARD]
         while heap and (heap[0][2].gone or heap[0][2].future.done()):
@@ -358,27 +344,39 @@ class Admission:
         held = self._held.pop(caller.key, None)
         if held is not None:
             held.cancel()
-            self._pass_on(caller)
+            self._free(caller)
 
-    def _pass_on(self, caller: _Caller) -> None:
-        """Hand the slot straight to the next waiter (priority, then the smallest tag),
-        else free it."""
+    def _free(self, caller: _Caller) -> None:
         self._forget_if_idle(caller)
+        self._in_flight -= 1
+        self._fill()
+
+    def _fill(self) -> None:
+        """Hand free slots straight to the next waiters (priority, then the smallest tag)."""
+        while (waiter := self._next_waiter()) is not None:
+            self._leave(waiter)
+            waiter.caller.in_flight += 1
+            self._in_flight += 1
+            self._virtual = max(self._virtual, waiter.start)
+            waiter.future.set_result(None)
+
+    def _next_waiter(self) -> _Waiter | None:
         for priority in _CLASSES:
-            if priority is not Priority.CRITICAL and \
-                    self._in_flight > self.max_in_flight - self.critical_reserve:
-                break  # the slot that freed is one kept for critical calls
+            limit = self.max_in_flight if priority is Priority.CRITICAL \
+                else self.max_in_flight - self._reserve
+            if self._in_flight >= limit:
+                if priority is Priority.CRITICAL:
+                    return None
+                continue
             heap = self._heaps[priority]
             while heap:
-                _, _, waiter = heapq.heappop(heap)
+                waiter = heap[0][2]
                 if waiter.gone or waiter.future.done():
+                    heapq.heappop(heap)
                     continue
-                self._leave(waiter)
-                waiter.caller.in_flight += 1
-                self._virtual = max(self._virtual, waiter.start)
-                waiter.future.set_result(None)
-                return
-        self._in_flight -= 1
+                heapq.heappop(heap)
+                return waiter
+        return None
 
     def _leave(self, waiter: _Waiter) -> None:
         """Take a waiter out of the counts, once (its heap entry is skipped when popped)."""
@@ -386,6 +384,7 @@ class Admission:
             waiter.gone = True
             waiter.caller.queued -= 1
             self._queued -= 1
+            self.budget.queued -= 1
             self._critical_waiting -= waiter.priority is Priority.CRITICAL
 
     def _forget_if_idle(self, caller: _Caller) -> None:
@@ -394,3 +393,28 @@ class Admission:
         if caller.in_flight == 0 and caller.queued == 0 and caller.key not in self._held \
                 and self._callers.get(caller.key) is caller:
             del self._callers[caller.key]
+
+
+class AdmissionTotals:
+    """Several queues read as one (every pool's generation slots): what the replica-wide
+    gauges and the tests read."""
+
+    def __init__(self, queues: Callable[[], Iterable[Admission]], budget: QueueBudget) -> None:
+        self._queues = queues
+        self._budget = budget
+
+    @property
+    def in_flight(self) -> int:
+        return sum(queue.in_flight for queue in self._queues())
+
+    @property
+    def queued(self) -> int:
+        return sum(queue.queued for queue in self._queues())
+
+    @property
+    def max_in_flight(self) -> int:
+        return sum(queue.max_in_flight for queue in self._queues())
+
+    @property
+    def max_queue(self) -> int:
+        return self._budget.max_queue

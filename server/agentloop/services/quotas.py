@@ -1,0 +1,175 @@
+"""Each named tenant's limits, replica-wide and for every kind of call: calls at once,
+requests per minute, tokens per minute. Checked once per call, before it queues anywhere
+(where it then waits is the router's: upstreams/admission.py).
+
+Token quotas count what is used: a call's input is charged when it is admitted (an
+estimate from its text, `estimate_tokens`), its output as it streams, and the end report's
+counts settle the difference; a cancelled call has paid for its input. A call whose input
+alone is past what the tenant has left waits for the bucket (RESOURCE_EXHAUSTED with the
+time it refills); one whose input is past the whole per-minute budget is refused outright.
+A stream may run past the budget (it finishes, nothing is cut); the tenant's next call then
+waits until the bucket refills, at most a minute (the debt is bounded, whatever an upstream
+reports).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from agentloop.domain import CallContext, ChatMessage, Usage
+from agentloop.errors import QuotaExceeded
+from agentloop.tenants import DEFAULT_TENANT, Tenant
+from agentloop.upstreams.admission import AdmissionObserver
+
+#: Bytes of text per token when a call's input is estimated before the engine counts it
+#: (English and code run at about four).
+BYTES_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class _Quota:
+    """A named tenant's request and token buckets (each refills to its cap in a minute;
+    the token bucket may go below zero while a stream runs past it, by a minute at most)."""
+
+    limits: Tenant
+    stamp: float
+    tokens: float = field(init=False)
+    requests: float = field(init=False)
+    #: Calls of the tenant admitted and not yet ended, of every kind.
+    active: int = 0
+
+    def __post_init__(self) -> None:
+        self.tokens = float(self.limits.tokens_per_minute)
+        self.requests = float(self.limits.requests_per_minute)
+
+    def refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.stamp)
+        self.stamp = now
+        tpm, rpm = self.limits.tokens_per_minute, self.limits.requests_per_minute
+        if tpm:
+            self.tokens = min(float(tpm), self.tokens + elapsed * tpm / 60.0)
+        if rpm:
+            self.requests = min(float(rpm), self.requests + elapsed * rpm / 60.0)
+
+    def spend(self, tokens: float) -> None:
+        tpm = self.limits.tokens_per_minute
+        if tpm:
+            self.tokens = min(float(tpm), max(-float(tpm), self.tokens - tokens))
+
+    def resize(self, limits: Tenant) -> None:
+        """New limits from a reloaded keys file: what was spent stays spent."""
+        old, self.limits = self.limits, limits
+        self.tokens = _carried(self.tokens, old.tokens_per_minute, limits.tokens_per_minute)
+        self.requests = _carried(self.requests, old.requests_per_minute,
+                                 limits.requests_per_minute)
+
+
+def _carried(level: float, old_cap: int, new_cap: int) -> float:
+    spent = old_cap - level if old_cap else 0.0
+    return max(-float(new_cap), min(float(new_cap), new_cap - spent))
+
+
+class TokenMeter:
+    """One admitted call's tokens: its input paid at admission, its output as it streams,
+    settled against the end report."""
+
+    __slots__ = ("_charged_input", "_quota", "_quotas", "output")
+
+    def __init__(self, quotas: Quotas, quota: _Quota | None, input_tokens: int) -> None:
+        self._quotas = quotas
+        self._quota = quota
+        self._charged_input = input_tokens
+        #: Output tokens counted so far (about one per streamed delta).
+        self.output = 0
+
+    def add_output(self, tokens: int = 1) -> None:
+        self.output += tokens
+        self._spend(tokens)
+
+    def settle(self, usage: Usage) -> None:
+        """The end report's counts replace the estimates (where it reports any)."""
+        input_tokens = usage.input_tokens or self._charged_input
+        output = usage.output_tokens or self.output
+        self._spend(input_tokens - self._charged_input + output - self.output)
+        self._charged_input, self.output = input_tokens, output
+
+    def _spend(self, tokens: float) -> None:
+        if self._quota is not None and tokens:
+            self._quota.refill(self._quotas.clock())
+            self._quota.spend(tokens)
+
+
+class Quotas:
+    """Each named tenant's limits, replica-wide and across every kind of call (the default
+    tenant has none): calls at once, requests and tokens per minute."""
+
+    def __init__(self, tenants: Callable[[str], Tenant] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tenants: Callable[[str], Tenant] = tenants or (lambda _name: DEFAULT_TENANT)
+        self.observer: AdmissionObserver | None = None
+        self.clock = clock
+        self._book: dict[str, _Quota] = {}
+
+    @asynccontextmanager
+    async def admit(self, context: CallContext, input_tokens: int = 0, *,
+                    tokens: bool = True) -> AsyncIterator[TokenMeter]:
+        """Count one call against its tenant's limits for the body (QuotaExceeded past one),
+        its input paid now; `tokens=False` for a call that costs no tokens (a count)."""
+        tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
+        if not tenant.has_quota:
+            yield TokenMeter(self, None, input_tokens)
+            return
+        quota = self._check(tenant, input_tokens if tokens else 0)
+        quota.active += 1
+        meter = TokenMeter(self, quota if tokens else None, input_tokens)
+        meter._spend(input_tokens)
+        try:
+            yield meter
+        finally:
+            quota.active -= 1
+
+    def _check(self, tenant: Tenant, input_tokens: int) -> _Quota:
+        """Refuse a named tenant past a limit, most immediate first; count the request."""
+        now = self.clock()
+        quota = self._book.get(tenant.name)
+        if quota is None:
+            quota = self._book[tenant.name] = _Quota(tenant, now)
+        elif quota.limits is not tenant:  # a reload made new limits
+            quota.resize(tenant)
+        if tenant.max_concurrency and quota.active >= tenant.max_concurrency:
+            self._over(tenant, "max_concurrency", 1.0, f"{tenant.max_concurrency} calls at once")
+        quota.refill(now)
+        rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
+        if rpm and quota.requests < 1.0:
+            self._over(tenant, "requests_per_minute", (1.0 - quota.requests) * 60.0 / rpm,
+                       f"{rpm} requests per minute")
+        if tpm and input_tokens > tpm:
+            self._over(tenant, "tokens_per_minute", 60.0,
+                       f"{tpm} tokens per minute: this call's input alone is about "
+                       f"{input_tokens} tokens")
+        if tpm and quota.tokens < max(input_tokens, 1):
+            needed = max(input_tokens, 1) - quota.tokens
+            self._over(tenant, "tokens_per_minute", needed * 60.0 / tpm,
+                       f"{tpm} tokens per minute")
+        if rpm:
+            quota.requests -= 1.0
+        return quota
+
+    def _over(self, tenant: Tenant, limit: str, retry_after: float, what: str) -> None:
+        if self.observer is not None:
+            self.observer.refused(tenant.label, limit)
+        raise QuotaExceeded(
+            tenant.name, limit,
+            f"tenant {tenant.name} is past its limit of {what} ({limit}); retry in "
+            f"{retry_after:.2f}s", retry_after=retry_after)
+
+
+def estimate_tokens(*texts: str, messages: Iterable[ChatMessage] = ()) -> int:
+    """A call's input in tokens before the engine counts it: its text at BYTES_PER_TOKEN."""
+    size = sum(len(text.encode()) for text in texts)
+    size += sum(len(message.content.encode()) for message in messages)
+    return math.ceil(size / BYTES_PER_TOKEN)
