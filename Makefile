@@ -21,6 +21,21 @@ help:
 	@echo "make bench     run the benchmarks (writes bench/results/)"
 	@echo "make go-check  generate the Go stubs and compile them (Debian's Go packages)"
 
+# llama-cpp-python builds llama.cpp from source. pip's default build is native: it uses every
+# instruction the build machine has, AMX included, and on an AMX machine the engine dies with
+# SIGSEGV in ggml's CPU backend at its first decode. So it is built without -march=native,
+# with the x86-64 extensions this machine has (AVX2 always, AVX-512 where present) and never
+# AMX. The wheel is kept outside the clone under a name of its version and flags, so that a
+# fresh clone (CI) installs it again without building; pip prefers it to the sdist.
+LLAMA_CPP_VERSION := 0.3.36
+CPU_FLAGS := $(shell grep -m1 -o -w -E 'avx512(f|bw|vl|dq|cd|vbmi|_vnni|_bf16)|avx_vnni' /proc/cpuinfo 2>/dev/null)
+AVX512 := $(and $(filter avx512f,$(CPU_FLAGS)),$(filter avx512bw,$(CPU_FLAGS)),$(filter avx512vl,$(CPU_FLAGS)),$(filter avx512dq,$(CPU_FLAGS)),$(filter avx512cd,$(CPU_FLAGS)))
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF $(if $(filter avx_vnni,$(CPU_FLAGS)),-DGGML_AVX_VNNI=ON) \
+	$(if $(AVX512),-DGGML_AVX512=ON $(if $(filter avx512vbmi,$(CPU_FLAGS)),-DGGML_AVX512_VBMI=ON) \
+	$(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
+	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON))
+LLAMA_WHEELS := $(HOME)/.cache/agentloop/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(strip $(LLAMA_CMAKE_ARGS))' | md5sum | cut -c1-10)
+
 # The venv, with the client and the server (each its own distribution; the server's CLI
 # depends on the client), the embedded engine and the dev tools. The stamp tracks
 # pyproject.toml so a changed dependency list reinstalls. llama-cpp-python builds from
@@ -32,8 +47,12 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	@echo "Installing agentloop and its dependencies into $(VENV). The first time, pip builds"
 	@echo "llama-cpp-python from source: about 6 minutes on 2 cores at \"Building wheel for";
 	@echo "llama-cpp-python\" below;"
-	@echo "later installs reuse pip's cached wheel."
-	$(PY) -m pip install --progress-bar on -e clients/python -e '.[dev,embedded]'
+	@echo "later installs reuse that wheel ($(LLAMA_WHEELS))."
+	test -n "$$(ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl 2>/dev/null)" || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-deps --no-cache-dir \
+		--progress-bar on -w $(LLAMA_WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
+	$(PY) -m pip install --progress-bar on --find-links $(LLAMA_WHEELS) -e clients/python \
+		-e '.[dev,embedded]'
 	touch $@
 
 # Envoy's protos for tests/test_mesh.py, in a folder of their own that only the subprocess

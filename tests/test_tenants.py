@@ -49,6 +49,9 @@ tenants:
   narrow:
     keys: [narrow-key]
     max_concurrency: 1
+  budget:
+    keys: [budget-key]
+    tokens_per_minute: 1000
 """
 
 
@@ -283,6 +286,58 @@ async def test_past_max_concurrency_the_tenant_is_refused_and_others_run(fake_ol
                             timeout=5)
     assert rich_details(error)["QuotaFailure"].violations[0].quota_id == "max_concurrency"
     assert prompts(fake_ollama) == ["hold", "other", "again"]
+
+
+async def test_input_is_paid_at_admission_whatever_the_upstream_reports(fake_ollama,
+                                                                       tenants_file):
+    """Input past the whole budget is refused before it costs work: the same answer from an
+    upstream that reports usage and from one that reports none."""
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = tenant_settings(fake_ollama, tenants_file)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        errors = [await expect_error(stub.Generate(pb.GenerateRequest(prompt="x" * 65536),
+                                                   metadata=bearer("budget-key"), timeout=5))
+                  for _ in range(3)]
+    for error in errors:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(error)["QuotaFailure"].violations[0].quota_id == "tokens_per_minute"
+    assert fake_ollama.generation_requests == []
+
+
+async def test_a_cancelled_call_has_paid_for_its_input(fake_ollama, tenants_file):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = tenant_settings(fake_ollama, tenants_file)
+    prompt = "y" * 3600  # about 900 tokens of a budget of 1000
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        fake_ollama.enqueue(Script(tokens=TOKENS, hang_after=1))
+        first = stub.StreamGenerate(pb.StreamGenerateRequest(prompt=prompt),
+                                    metadata=bearer("budget-key"), timeout=30)
+        await first.read()
+        first.cancel()
+        await wait_until(lambda: running.admission.in_flight == 0)
+        error = await expect_error(stub.Generate(pb.GenerateRequest(prompt=prompt),
+                                                 metadata=bearer("budget-key"), timeout=5))
+    assert rich_details(error)["QuotaFailure"].violations[0].quota_id == "tokens_per_minute"
+    assert len(fake_ollama.generation_requests) == 1
+
+
+async def test_embeds_and_counts_count_towards_calls_at_once(fake_ollama, tenants_file):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = tenant_settings(fake_ollama, tenants_file)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        fake_ollama.enqueue(Script(tokens=TOKENS, hang_after=1))
+        holder = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"),
+                                     metadata=bearer("narrow-key"), timeout=30)
+        await holder.read()
+        refused = [await expect_error(call) for call in (
+            stub.Embed(pb.EmbedRequest(texts=["a"]), metadata=bearer("narrow-key"), timeout=5),
+            stub.CountTokens(pb.CountTokensRequest(texts=["a"]), metadata=bearer("narrow-key"),
+                             timeout=5))]
+        holder.cancel()
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(error)["QuotaFailure"].violations[0].quota_id == "max_concurrency"
+    assert fake_ollama.embed_requests == []
 
 
 # --- fair queuing and priorities ------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -355,3 +356,187 @@ async def test_an_embedded_upstream_with_several_workers_is_refused(tmp_path):
     with pytest.raises(SettingsError, match="--workers 1"):
         async with running_gateway(settings):
             pass
+
+
+# --- one path: calls wait in the pool's own fair queue ---------------------------------------
+
+def prompts(fake: FakeOllama) -> list[str]:
+    return [body.get("prompt", "") for body in fake.generation_requests]
+
+
+def caller(address: str) -> tuple[tuple[str, str], ...]:
+    return (("x-forwarded-for", address),)
+
+
+async def test_a_flooded_route_never_holds_what_another_route_needs(tmp_path):
+    async with fakes(2) as (x, y):
+        x.enqueue(Script(tokens=TOKENS, hang_after=1))
+        document = {"upstreams": {"x": ollama_upstream(x, max_in_flight=1),
+                                  "y": ollama_upstream(y, max_in_flight=1)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["x"]},
+                               {"models": ["other"], "pools": ["y"]}]}
+        y.models.append("other:latest")
+        async with pooled_gateway(tmp_path, document, queue_timeout=60) as (running, stub):
+            holder = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"), timeout=60)
+            await holder.read()
+            flood = [asyncio.ensure_future(stub.Generate(
+                pb.GenerateRequest(prompt=f"x{i}"), timeout=60)) for i in range(6)]
+            await wait_until(lambda: running.backend.pools["x"].queued == 6)
+            # Route y's pool is idle: its call is served while route x's holder still hangs.
+            reply = await stub.Generate(pb.GenerateRequest(prompt="y", model="other"),
+                                        timeout=10)
+            assert reply.upstream == "y" and x.active_streams == 1
+            holder.cancel()
+            await asyncio.gather(*flood)
+        assert prompts(x) == ["hold", *(f"x{i}" for i in range(6))], "first come, first served"
+
+
+async def test_waiters_of_a_full_endpoint_are_served_in_arrival_order(tmp_path):
+    """One endpoint of cap 1 beside a larger pool of another route: the larger pool's slots
+    never let more calls past than the endpoint takes, and its waiters keep their order."""
+    async with fakes(2) as (small, big):
+        small.enqueue(Script(tokens=TOKENS, hang_after=1))
+        big.models.append("other:latest")
+        document = {"upstreams": {"small": ollama_upstream(small, max_in_flight=1),
+                                  "big": ollama_upstream(big, max_in_flight=8)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["small"]},
+                               {"models": ["other"], "pools": ["big"]}]}
+        async with pooled_gateway(tmp_path, document, fair_queuing=False) as (running, stub):
+            holder = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"), timeout=60)
+            await holder.read()
+            waiters = []
+            for i in range(10):  # each queued before the next arrives
+                waiters.append(asyncio.ensure_future(stub.Generate(
+                    pb.GenerateRequest(prompt=f"w{i}"), timeout=60)))
+                await wait_until(lambda n=i + 1: running.backend.pools["small"].queued == n)
+            holder.cancel()
+            await asyncio.gather(*waiters)
+        assert prompts(small) == ["hold", *(f"w{i}" for i in range(10))]
+
+
+async def test_a_tenant_flooding_a_pool_delays_only_itself(tmp_path):
+    async with fakes(1) as (fake,):
+        fake.enqueue(*[Script(tokens=TOKENS, hang_after=1)] * 4)
+        document = {"upstreams": {"local": ollama_upstream(fake, max_in_flight=4)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document, queue_timeout=60,
+                                  client_address_header="x-forwarded-for") as (running, stub):
+            holders = [stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"),
+                                           metadata=caller("10.0.0.1"), timeout=60)
+                       for _ in range(4)]
+            for held in holders:
+                await held.read()
+            flood = [asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt=f"a{i}"),
+                                                         metadata=caller("10.0.0.1"),
+                                                         timeout=60)) for i in range(20)]
+            await wait_until(lambda: running.admission.queued == 20)
+            other = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt="b"),
+                                                        metadata=caller("10.0.0.2"),
+                                                        timeout=60))
+            await wait_until(lambda: running.admission.queued == 21)
+            holders[0].cancel()  # one slot frees: it goes to the caller with less service
+            await other
+            for held in holders[1:]:
+                held.cancel()
+            await asyncio.gather(*flood)
+        order = prompts(fake)
+        # b waits behind one of the flood's twenty (a0's tag equals its own, and came first).
+        assert order.index("b") == 5, order
+
+
+async def test_a_pool_that_loses_its_last_endpoint_tells_its_waiters_at_once(tmp_path):
+    async with fakes(2) as (local, backup):
+        local.enqueue(Script(tokens=TOKENS, hang_after=1))
+        document = {"upstreams": {"local": ollama_upstream(local, max_in_flight=1),
+                                  "backup": ollama_upstream(backup, max_in_flight=1)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]},
+                               {"models": ["spill"], "pools": ["local", "backup"]}]}
+        backup.models.append("spill:latest")
+        local.models.append("spill:latest")
+        async with pooled_gateway(tmp_path, document, queue_timeout=120) as (running, stub):
+            holder = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"), timeout=120)
+            await holder.read()
+            stays = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt="stays"),
+                                                        timeout=120))
+            moves = asyncio.ensure_future(stub.Generate(
+                pb.GenerateRequest(prompt="moves", model="spill"), timeout=120))
+            await wait_until(lambda: running.backend.pools["local"].queued == 2)
+            local.models.clear()  # the next health check finds its models gone
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await asyncio.wait_for(stays, timeout=10)  # not the queue's 120 s
+            assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "is not pulled" in lost.value.details(), lost.value.details()
+            assert "127.0.0.1" not in lost.value.details()
+            reply = await asyncio.wait_for(moves, timeout=10)
+            assert reply.upstream == "backup"
+            assert local.active_streams == 1, "the call in flight goes on"
+            holder.cancel()
+
+
+async def test_a_dns_pool_capacity_follows_its_endpoints(tmp_path):
+    """From no address to three: the pool's slots are there at the next refresh."""
+    port = free_port()
+    answers: list[str] = []
+    started: list[FakeOllama] = []
+    try:
+        for address in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            fake = FakeOllama(default_script=Script(tokens=TOKENS, token_delay=0.2))
+            await fake.start(address, port)
+            started.append(fake)
+        document = {"upstreams": {"local": {"kind": "ollama", "dns": f"models.invalid:{port}",
+                                            "max_in_flight": 2, "dns_refresh": 3600}},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document) as (running, stub):
+            pool = running.backend.pools["local"]
+
+            async def resolver(_host: str, _port: int) -> list[str]:
+                return list(answers)
+
+            pool.resolver = resolver
+            await pool.resolve()
+            assert pool.capacity() == 0 and running.admission.max_in_flight == 0
+            with pytest.raises(grpc.aio.AioRpcError) as none:
+                await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+            assert none.value.code() == grpc.StatusCode.UNAVAILABLE
+            answers[:] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            await pool.resolve()  # one refresh
+            assert pool.capacity() == 6 and running.admission.max_in_flight == 6
+            calls = [asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt="hi"),
+                                                         timeout=30)) for _ in range(6)]
+            await wait_until(lambda: sum(f.active_streams for f in started) == 6)
+            assert running.admission.queued == 0
+            await asyncio.gather(*calls)
+            answers[:] = ["127.0.0.1"]
+            await pool.resolve()
+            assert pool.capacity() == 2
+    finally:
+        for fake in started:
+            await fake.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_embeddings_and_counts_have_slots_of_their_own(tmp_path):
+    async with fakes(1) as (fake,):
+        fake.enqueue(Script(tokens=TOKENS, hang_after=1))
+        fake.embed_scripts.append(Script(hang_before_headers=True))
+        document = {"upstreams": {"local": ollama_upstream(fake, max_in_flight=1)},
+                    "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document, max_embed_in_flight=1) as (running,
+                                                                                 stub):
+            embedding = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(texts=["slow"]),
+                                                         timeout=60))
+            await wait_until(lambda: running.embed_admission.in_flight == 1)
+            holder = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"), timeout=60)
+            await holder.read()  # the embedding's slot is not a generation's
+            second = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(texts=["later"]),
+                                                      timeout=60))
+            await wait_until(lambda: running.embed_admission.queued == 1)
+            assert running.admission.queued == 0
+            embedding.cancel()
+            await second
+            holder.cancel()

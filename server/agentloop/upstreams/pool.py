@@ -18,7 +18,7 @@ import hashlib
 import logging
 import random
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from agentloop.backends.base import Backend
@@ -93,6 +93,8 @@ class Pool:
         #: Where calls of each kind wait for this pool's slots of that kind.
         self.queues = {work: new_queue(work) for work in Work}
         self._dns_task: asyncio.Task[None] | None = None
+        #: The addresses a name has now (the system's resolver; a test may name its own).
+        self.resolver: Callable[[str, int], Awaitable[list[str]]] = _addresses
         self._random = random.Random()
         #: Calls that spilled from this pool to the next one of their route.
         self.overflowed = 0
@@ -263,13 +265,12 @@ class Pool:
         started), gone ones retire."""
         host, _, port = self.config.dns.rpartition(":")
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, int(port), type=socket.SOCK_STREAM)
+            addresses = await self.resolver(host, int(port))
         except OSError as exc:
             log.warning("upstream %s: DNS lookup failed (%s); keeping %d endpoints",
                         self.name, type(exc).__name__, len(self.live()))
             return []
-        urls = {self._url(info[4][0], int(port)) for info in infos}
+        urls = {self._url(address, int(port)) for address in addresses}
         known = {e.key: e for e in self.endpoints if not e.retired}
         joined = [self._new_endpoint(url) for url in sorted(urls - set(known))]
         self.endpoints.extend(joined)
@@ -294,6 +295,11 @@ class Pool:
                     await endpoint.backend.start()
             except Exception:
                 log.exception("upstream %s: refreshing the endpoints failed", self.name)
+
+
+async def _addresses(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
 
 
 def dns_host(config: UpstreamConfig) -> str:
