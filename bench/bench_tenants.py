@@ -18,7 +18,8 @@ isolation and the digit oracle on the embedded engine, and the admission path's 
   a key of the victim's own tenant (one cache scope): digits recovered, calls, seconds.
 - admission cost (in process): `Admission.slot` entered and left, free slot, with tenants
   off (no tenant) and on (a named tenant with a weight, requests and tokens per minute, a
-  concurrency limit, tokens counted twice per call), plus `call_context` off and on and
+  concurrency limit, input paid at admission, output counted and settled), plus
+  `call_context` off and on and
   the auth interceptor's handler that carries the tenant; microseconds per call.
 
     .venv/bin/python -m bench.bench_tenants [--flood 400] [--probes 20] [--rounds 1]
@@ -46,9 +47,10 @@ from typing import Any
 
 import grpc
 
-from agentloop.domain import CallContext
+from agentloop.domain import CallContext, Usage
 from agentloop.rpc.auth import with_tenant
 from agentloop.rpc.requests import call_context
+from agentloop.services.quotas import Quotas
 from agentloop.tenants import RESOLVED_TENANT, Tenant
 from agentloop.upstreams.admission import Admission
 from agentloop.v1 import agentloop_pb2 as pb
@@ -235,14 +237,15 @@ async def embedded_part(args: argparse.Namespace, keys: str) -> dict[str, Any]:
 
 # --- the admission path's cost --------------------------------------------------------------
 
-async def per_call(admission: Admission, context: CallContext, calls: int,
+async def per_call(admission: Admission, quotas: Quotas, context: CallContext, calls: int,
                    tokens: bool) -> float:
     started = time.perf_counter()
     for _ in range(calls):
-        async with admission.slot(None, context=context):
+        async with quotas.admit(context, 20 if tokens else 0) as meter, \
+                admission.slot(None, context=context):
             if tokens:
-                admission.count_tokens(context, 1)
-                admission.count_tokens(context, 20)
+                meter.add_output(1)
+                meter.settle(Usage(input_tokens=20, output_tokens=1))
     return (time.perf_counter() - started) / calls * 1e6
 
 
@@ -261,8 +264,10 @@ async def admission_cost(calls: int) -> dict[str, float]:
     named = CallContext(tenant="team", caller="team")
     results = {}
     for _ in range(2):  # the second round is the one reported (warm)
-        results = {"slot_off_us": await per_call(off, CallContext(), calls, tokens=False),
-                   "slot_on_us": await per_call(on, named, calls, tokens=True)}
+        results = {"slot_off_us": await per_call(off, Quotas(), CallContext(), calls,
+                                                 tokens=False),
+                   "slot_on_us": await per_call(on, Quotas(lambda _name: limits), named, calls,
+                                                tokens=True)}
     metadata = [("authorization", "Bearer x"), ("x-agentloop-priority", "critical"),
                 ("user-agent", "grpc-python")]
     results["call_context_off_us"] = timed(

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agentloop.domain import CallContext, ChatMessage, Usage
@@ -114,23 +113,12 @@ class Quotas:
         self.clock = clock
         self._book: dict[str, _Quota] = {}
 
-    @asynccontextmanager
-    async def admit(self, context: CallContext, input_tokens: int = 0, *,
-                    tokens: bool = True) -> AsyncIterator[TokenMeter]:
-        """Count one call against its tenant's limits for the body (QuotaExceeded past one),
-        its input paid now; `tokens=False` for a call that costs no tokens (a count)."""
-        tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
-        if not tenant.has_quota:
-            yield TokenMeter(self, None, input_tokens)
-            return
-        quota = self._check(tenant, input_tokens if tokens else 0)
-        quota.active += 1
-        meter = TokenMeter(self, quota if tokens else None, input_tokens)
-        meter._spend(input_tokens)
-        try:
-            yield meter
-        finally:
-            quota.active -= 1
+    def admit(self, context: CallContext, input_tokens: int = 0, *,
+              tokens: bool = True) -> _Admitted:
+        """Count one call against its tenant's limits for the body of `async with` (which
+        gives its TokenMeter), its input paid on entry (QuotaExceeded past a limit);
+        `tokens=False` for a call that costs no tokens (a count)."""
+        return _Admitted(self, context, input_tokens, tokens)
 
     def _check(self, tenant: Tenant, input_tokens: int) -> _Quota:
         """Refuse a named tenant past a limit, most immediate first; count the request."""
@@ -166,6 +154,35 @@ class Quotas:
             tenant.name, limit,
             f"tenant {tenant.name} is past its limit of {what} ({limit}); retry in "
             f"{retry_after:.2f}s", retry_after=retry_after)
+
+
+class _Admitted:
+    """One call's place in its tenant's limits, from `async with` entry to exit."""
+
+    __slots__ = ("_context", "_input", "_quota", "_quotas", "_tokens")
+
+    def __init__(self, quotas: Quotas, context: CallContext, input_tokens: int,
+                 tokens: bool) -> None:
+        self._quotas = quotas
+        self._context = context
+        self._input = input_tokens
+        self._tokens = tokens
+        self._quota: _Quota | None = None
+
+    async def __aenter__(self) -> TokenMeter:
+        quotas, context = self._quotas, self._context
+        tenant = quotas.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
+        if not tenant.has_quota:
+            return TokenMeter(quotas, None, self._input)
+        quota = self._quota = quotas._check(tenant, self._input if self._tokens else 0)
+        quota.active += 1
+        meter = TokenMeter(quotas, quota if self._tokens else None, self._input)
+        meter._spend(self._input)
+        return meter
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._quota is not None:
+            self._quota.active -= 1
 
 
 def estimate_tokens(*texts: str, messages: Iterable[ChatMessage] = ()) -> int:

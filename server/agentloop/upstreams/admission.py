@@ -202,6 +202,19 @@ class Admission:
         DeadlineExceeded at the caller's deadline) if none comes in time. `max_wait` shortens
         the queue timeout (a pool's overflow)."""
         tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
+        caller = self._taken(tenant, context)
+        if caller is None:
+            caller = self._callers.setdefault(context.caller, _Caller(context.caller))
+            await self._wait(deadline, context, tenant, caller, max_wait)
+        return caller
+
+    def try_acquire(self, context: CallContext = _NO_CONTEXT) -> _Caller | None:
+        """A slot without waiting (the caller's kept one, or a free one nobody waits for),
+        else None."""
+        tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
+        return self._taken(tenant, context)
+
+    def _taken(self, tenant: Tenant, context: CallContext) -> _Caller | None:
         caller = self._callers.get(context.caller)
         if caller is None:
             caller = self._callers[context.caller] = _Caller(context.caller)
@@ -222,8 +235,8 @@ class Admission:
             caller.in_flight += 1
             self._waited(tenant, context, 0.0)
             return caller
-        await self._wait(deadline, context, tenant, caller, max_wait)
-        return caller
+        self._forget_if_idle(caller)
+        return None
 
     def _waited(self, tenant: Tenant, context: CallContext, seconds: float) -> None:
         if self.observer is not None:
@@ -353,7 +366,7 @@ class Admission:
 
     def _fill(self) -> None:
         """Hand free slots straight to the next waiters (priority, then the smallest tag)."""
-        while (waiter := self._next_waiter()) is not None:
+        while self._queued and (waiter := self._next_waiter()) is not None:
             self._leave(waiter)
             waiter.caller.in_flight += 1
             self._in_flight += 1

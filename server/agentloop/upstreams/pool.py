@@ -72,7 +72,7 @@ class Endpoint:
     @property
     def available(self) -> bool:
         return ((self.health.ready or not self.gated) and not self.retired
-                and self.breaker.state is not CircuitState.OPEN)
+                and (self.breaker.closed or self.breaker.state is not CircuitState.OPEN))
 
     def has_room(self, work: Work) -> bool:
         return self.busy[work] < self.caps[work]
@@ -143,6 +143,13 @@ class Pool:
 
     # --- a call's slot ---------------------------------------------------------------------
 
+    def try_enter(self, work: Work, context: CallContext) -> object | None:
+        """A slot of `work` for one call when one is free for it now (no one it must not
+        pass is waiting), else None: then `enter` waits for one."""
+        if not self.any_available():
+            return None
+        return self.queues[work].try_acquire(context)
+
     async def enter(self, work: Work, context: CallContext, deadline: float | None,
                     may_overflow: bool) -> object:
         """Take one of the pool's slots of `work` for one call (give it back with `leave`).
@@ -173,6 +180,9 @@ class Pool:
         """An available endpoint with room for `work`, or None. Endpoints this call already
         tried come last; a session takes its own endpoint while it is available and has
         room."""
+        if len(self.endpoints) == 1:  # a pool of one (the single engine): nothing to weigh
+            [only] = self.endpoints
+            return only if only.available and only.has_room(work) else None
         skip = set(tried)
         candidates = [e for e in self.endpoints if e.available and e.has_room(work)]
         fresh = [e for e in candidates if e not in skip] or candidates

@@ -51,6 +51,11 @@ class CircuitBreaker:
         self._half_open_timer: asyncio.TimerHandle | None = None
 
     @property
+    def closed(self) -> bool:
+        """CLOSED, without reading the clock (the path every call takes)."""
+        return self._opened_at is None
+
+    @property
     def state(self) -> CircuitState:
         if self._opened_at is None:
             return CircuitState.CLOSED
@@ -69,6 +74,8 @@ class CircuitBreaker:
 
     def admit(self) -> bool:
         """Let a call through or raise CircuitOpen; True when the call is the half-open probe."""
+        if self._opened_at is None:
+            return False
         state = self.state
         if state is CircuitState.CLOSED:
             return False
@@ -78,6 +85,8 @@ class CircuitBreaker:
         raise self.open_error()
 
     def record_success(self) -> None:
+        if self._opened_at is None and not self._failures:
+            return  # closed with no failures to forget: nothing changes
         if self.state is CircuitState.OPEN:
             return  # a call admitted before the circuit opened says nothing about now
         self._failures = 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import random
 import time
@@ -345,10 +344,8 @@ class Router:
 
     # --- calls --------------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        async with aclosing(self._serve(Work.GENERATE, request, _generation)) as items:
-            async for item in items:
-                yield item
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        return self._serve(Work.GENERATE, request, _generation)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         return await _only(self._serve(Work.EMBED, request, _embedding))
@@ -356,10 +353,17 @@ class Router:
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
         return await _only(self._serve(Work.COUNT, request, _token_count))
 
-    async def _serve(self, work: Work, request: Any, call: _Call) -> AsyncIterator[Any]:
+    def _serve(self, work: Work, request: Any, call: _Call) -> AsyncIterator[Any]:
         """The call on its route's pools in order: the next pool only when one refused it
-        before anything reached the caller."""
+        before anything reached the caller. (No route, or none for a local-only call,
+        raises here.)"""
         pools = self.pools_for(request.model, request.context.local_only)
+        if len(pools) == 1:
+            return self._serve_in_pool(pools[0], work, request, call, more=False)
+        return self._fall_back(pools, work, request, call)
+
+    async def _fall_back(self, pools: list[Pool], work: Work, request: Any,
+                         call: _Call) -> AsyncIterator[Any]:
         for index, pool in enumerate(pools):
             more = index + 1 < len(pools)
             try:
@@ -369,62 +373,57 @@ class Router:
                         yield item
                 return
             except _MoveOn as move:
-                if not more:
-                    raise move.error from None
                 _note_fallback(pool.name, pools[index + 1].name, move.error)
 
     async def _serve_in_pool(self, pool: Pool, work: Work, request: Any, call: _Call,
-                             may_overflow: bool) -> AsyncIterator[Any]:
+                             more: bool) -> AsyncIterator[Any]:
         """The call within one slot of `pool`, on one endpoint, retried on others before its
-        first item; raises _MoveOn when the pool refused it and another pool may take it."""
-        upstream_request = dataclasses.replace(
-            request, model=self.upstream_model(pool, request.model))
+        first item; raises _MoveOn when the pool refused it and `more` pools may take it."""
+        model = self.upstream_model(pool, request.model)
+        upstream_request = request if model == request.model else dataclasses.replace(
+            request, model=model)
         first_item_timeout = pool.config.first_token_timeout if work is Work.GENERATE else None
+        ticket = pool.try_enter(work, request.context)  # a free slot: no wait, no task
+        if ticket is None:
+            try:
+                ticket = await pool.enter(work, request.context, request.deadline, more)
+            except (BackendUnavailable, ResourceExhausted) as exc:
+                raise _move_on(exc, more) from None
         try:
-            ticket = await pool.enter(work, request.context, request.deadline, may_overflow)
-        except (BackendUnavailable, ResourceExhausted) as exc:
-            raise _MoveOn(exc) from None
-        try:
-            tried: list[Endpoint] = []
-            counted: set[Endpoint] = set()  # a call counts once per endpoint's breaker
-            for attempt in itertools.count():
+            tried: list[Endpoint] = []  # a call counts once towards each one's breaker
+            attempt = 0
+            while True:
                 try:
                     endpoint = pool.take(work, request.context.session, tried)
                 except BackendUnavailable as exc:
-                    raise _MoveOn(exc) from None
-                tried.append(endpoint)
+                    raise _move_on(exc, more) from None
                 if self._engine is None:
                     trace.get_current_span().set_attribute(tracing.UPSTREAM, pool.name)
                 delivered = probe = False
                 try:
                     probe = endpoint.breaker.admit()
-                    async with aclosing(call(endpoint.backend, upstream_request)) as items:
-                        while True:
-                            try:
-                                if delivered or first_item_timeout is None:
-                                    item = await anext(items)
-                                else:
-                                    async with asyncio.timeout(first_item_timeout):
-                                        item = await anext(items)
-                            except StopAsyncIteration:
-                                return
-                            except TimeoutError:
-                                raise _first_token_timeout(pool.name, first_item_timeout) \
-                                    from None
+                    items = call(endpoint.backend, upstream_request)
+                    if first_item_timeout is not None:
+                        items = _first_within(items, first_item_timeout, pool.name)
+                    async with aclosing(items):
+                        async for item in items:
                             if not isinstance(item, str):  # the call's end: it succeeded
                                 endpoint.breaker.record_success()
                                 item = self._served(pool, request, item)
                             delivered = True
                             yield item
+                    return
                 except AgentLoopError as exc:
                     delay = self._verdict(pool, endpoint, exc, probe, attempt, request,
-                                          delivered, counted)
+                                          delivered, tried, more)
                 except BaseException:  # cancelled or closed by the caller: no verdict
                     endpoint.breaker.release_probe(probe)
                     raise
                 finally:
                     pool.give_back(work, endpoint)
+                    tried.append(endpoint)
                 self.retries += 1
+                attempt += 1
                 await asyncio.sleep(delay)
         finally:
             pool.leave(work, ticket)
@@ -439,13 +438,13 @@ class Router:
         return dataclasses.replace(result, upstream=pool.name, model=model)
 
     def _verdict(self, pool: Pool, endpoint: Endpoint, exc: AgentLoopError, probe: bool,
-                 attempt: int, request: Any, delivered: bool, counted: set[Endpoint]) -> float:
+                 attempt: int, request: Any, delivered: bool, tried: list[Endpoint],
+                 more: bool) -> float:
         """A failed attempt, told to its endpoint's breaker (once per call, however often it
         is retried: one call's retries must not open the circuit by themselves): the delay
         before retrying in the pool, or raise: `exc` itself after the first item or when no
         pool can help, else _MoveOn for the route's next pool."""
-        if is_backend_failure(exc) and (probe or endpoint not in counted):
-            counted.add(endpoint)
+        if is_backend_failure(exc) and (probe or endpoint not in tried):
             endpoint.breaker.record_failure()
         else:
             endpoint.breaker.release_probe(probe)
@@ -454,9 +453,7 @@ class Router:
         time_left = None if request.deadline is None else request.deadline - time.monotonic()
         delay = retry_delay(exc, attempt, self._settings, time_left, self._random, False)
         if delay is None:
-            if _moves_on(exc):
-                raise _MoveOn(exc) from None
-            raise exc
+            raise _move_on(exc, more) if _moves_on(exc) else exc
         log.info("upstream %s: retry %d in %.2fs after: %s", pool.name, attempt + 1, delay,
                  exc.message)
         return delay
@@ -467,10 +464,25 @@ class Router:
 _Call = Callable[[Backend, Any], AsyncIterator[Any]]
 
 
-async def _generation(backend: Backend, request: GenerationRequest) -> AsyncIterator[Any]:
-    async with aclosing(backend.stream(request)) as items:
+async def _first_within(items: AsyncIterator[Any], seconds: float,
+                        upstream: str) -> AsyncIterator[Any]:
+    """`items`, failing over (UNAVAILABLE, before anything reached the caller) when the
+    first takes longer than `seconds`."""
+    async with aclosing(items):  # type: ignore[type-var]
+        try:
+            async with asyncio.timeout(seconds):
+                first = await anext(items)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _first_token_timeout(upstream, seconds) from None
+        yield first
         async for item in items:
             yield item
+
+
+def _generation(backend: Backend, request: GenerationRequest) -> AsyncIterator[Any]:
+    return backend.stream(request)
 
 
 async def _embedding(backend: Backend, request: EmbeddingRequest) -> AsyncIterator[Any]:
@@ -501,6 +513,11 @@ async def _warm_up(endpoint: Endpoint) -> None:
         if state is CircuitState.HALF_OPEN and is_backend_failure(exc):
             endpoint.breaker.record_failure()
         raise
+
+
+def _move_on(exc: AgentLoopError, more: bool) -> Exception:
+    """What a pool's refusal raises: _MoveOn while the route has more pools, else itself."""
+    return _MoveOn(exc) if more else exc
 
 
 def _moves_on(exc: AgentLoopError) -> bool:
