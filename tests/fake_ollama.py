@@ -164,8 +164,9 @@ RawAnswer = bytes | Iterable[bytes]
 
 
 def raw_answers(owner: Any) -> Any:
-    """A middleware answering the paths in `owner.answers` with their raw answer; counts the
-    chunks it wrote (a bytes answer is one) in `owner.raw_chunks_sent`."""
+    """A middleware answering the paths in `owner.answers` with their raw answer and the
+    status `owner.raw_status`; counts the chunks it wrote (a bytes answer is one) in
+    `owner.raw_chunks_sent`."""
     @web.middleware
     async def answer_raw(request: web.Request, handler: Any) -> web.StreamResponse:
         answer = owner.answers.get(request.path)
@@ -174,8 +175,10 @@ def raw_answers(owner: Any) -> Any:
         await request.read()
         if isinstance(answer, bytes):
             owner.raw_chunks_sent += 1
-            return web.Response(body=answer, content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            return web.Response(status=owner.raw_status, body=answer,
+                                content_type="application/json")
+        resp = web.StreamResponse(status=owner.raw_status,
+                                  headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         with contextlib.suppress(ConnectionError):
@@ -299,9 +302,9 @@ class FakeOllama:
     `embed_scripts` (a queue) scripts their faults: `status`, `first_token_delay`,
     `reset_after=0`, `hang_before_headers`.
 
-    A hostile Ollama: `answers` {path: RawAnswer} answers those paths with raw bytes
-    (`raw_chunks_sent` counts the chunks written); `tokens_sent` counts the token chunks
-    every generation wrote.
+    A hostile Ollama: `answers` {path: RawAnswer} answers those paths with raw bytes and the
+    status `raw_status` (`raw_chunks_sent` counts the chunks written); `tokens_sent` counts
+    the token chunks every generation wrote.
     """
 
     def __init__(
@@ -330,6 +333,7 @@ class FakeOllama:
         self.embed_requests: list[dict[str, Any]] = []
         self.embed_scripts: deque[Script] = deque()
         self.answers: dict[str, RawAnswer] = {}
+        self.raw_status = 200
         self.raw_chunks_sent = 0
         self.tokens_sent = 0
         self._queue: deque[Script] = deque()

@@ -138,7 +138,7 @@ class FakeOpenAI:
     `per_token` (embeddings as one vector per word, as a model without pooling gives).
 
     A hostile upstream: `answers` {path: RawAnswer} answers those paths (e.g. "/v1/models")
-    with raw bytes.
+    with raw bytes and the status `raw_status`.
 
     Observed: `requests` [(path, body)] for every POST, `generation_requests` [body],
     `headers` of the last request, `disconnects` (generations the client abandoned),
@@ -158,6 +158,7 @@ class FakeOpenAI:
         self.crlf = False
         self.per_token = False
         self.answers: dict[str, bytes | Iterable[bytes]] = {}
+        self.raw_status = 200
         self.raw_chunks_sent = 0
         self.tokens_sent = 0
         self.requests: list[tuple[str, Any]] = []

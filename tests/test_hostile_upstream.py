@@ -248,9 +248,11 @@ async def test_a_model_list_of_the_wrong_shape_is_unavailable(fake, answer):
 @pytest.mark.parametrize("answer", [
     # A vector far beyond what one text can have: refused before it is parsed.
     json.dumps({"data": [{"index": 0, "embedding": [0.5] * 400_000}]}).encode(),
-    b'{"data": [{"index": 0, "embedding": [1e999, "x"]}]}',
+    b'{"data": [{"index": 0, "embedding": [0.5, "x"]}]}',
+    b'{"data": [{"index": 0, "embedding": [0.5, 1e999]}]}',
+    b'{"data": [{"index": 0, "embedding": [0.5, NaN]}]}',
     b'{"data": [{"index": 0, "embedding": 7}]}',
-], ids=["too-large", "not-numbers", "not-a-list"])
+], ids=["too-large", "not-numbers", "infinite", "nan", "not-a-list"])
 async def test_embeddings_beyond_their_bounds_are_unavailable(stub, fake, answer):
     fake.answers["/v1/embeddings"] = answer
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -396,10 +398,37 @@ async def test_ollama_model_lists_of_the_wrong_shape(ollama_stub, fake_ollama, p
     await stub.ListModels(pb.ListModelsRequest(), timeout=10)
 
 
-async def test_an_ollama_embedding_beyond_its_bound_is_unavailable(ollama_stub, fake_ollama):
+@pytest.mark.parametrize("answer", [
+    json.dumps({"model": "gemma3n:e2b", "embeddings": [[0.5] * 400_000]}).encode(),
+    b'{"model": "gemma3n:e2b", "embeddings": [[0.5, 1e999]]}',
+    b'{"model": "gemma3n:e2b", "embeddings": [[0.5, NaN]]}',
+], ids=["too-large", "infinite", "nan"])
+async def test_ollama_embeddings_beyond_their_bounds_are_unavailable(ollama_stub, fake_ollama,
+                                                                     answer):
     stub, _ = ollama_stub
-    fake_ollama.answers["/api/embed"] = json.dumps(
-        {"model": "gemma3n:e2b", "embeddings": [[0.5] * 400_000]}).encode()
+    fake_ollama.answers["/api/embed"] = answer
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Embed(pb.EmbedRequest(texts=["one text"]), timeout=10)
     assert_protocol_error(caught.value)
+
+
+#: An error body of 64 MiB: the gateway reads its first bytes, never the rest.
+ERROR_CHUNKS = 1024
+
+
+async def test_an_error_body_is_read_no_further_than_its_first_bytes(ollama_stub, fake_ollama,
+                                                                    fake):
+    stub, _ = ollama_stub
+    fake_ollama.raw_status = fake.raw_status = 500
+    fake_ollama.answers["/api/chat"] = (b"x" * 65536 for _ in range(ERROR_CHUNKS))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(pb.GenerateRequest(**chat()), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    fake.answers["/v1/chat/completions"] = (b"x" * 65536 for _ in range(ERROR_CHUNKS))
+    async with openai_gateway(fake) as gateway, client_stub(gateway.address) as openai_stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await openai_stub.Generate(pb.GenerateRequest(**chat()), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Each side wrote a few chunks before it saw the gateway leave (socket buffers hold some).
+    assert fake_ollama.raw_chunks_sent < ERROR_CHUNKS // 4
+    assert fake.raw_chunks_sent < ERROR_CHUNKS // 4

@@ -26,11 +26,13 @@ MAX_NDJSON_LINE_BYTES = 4 << 20
 MAX_CONTROL_ANSWER_BYTES = 4 << 20
 #: Answers larger than this are parsed on a thread: the event loop keeps serving.
 PARSE_OFF_LOOP_BYTES = 256 << 10
-#: An embeddings answer: a head, then at most this much per text asked (8192 numbers of 32
-#: bytes each: a long pooled vector, or one vector per token of a short text from a server
-#: without pooling), and never more than MAX_EMBEDDINGS_ANSWER_BYTES.
+#: An embeddings answer: a head, then per text asked a vector of 8192 numbers of 32 bytes
+#: each, and 4 KiB per character of the text (a server without pooling answers a vector per
+#: token: 640 numbers of 25 bytes for a token of about 4 characters on Gemma 3 270M); never
+#: more than MAX_EMBEDDINGS_ANSWER_BYTES.
 EMBEDDINGS_HEAD_BYTES = 64 << 10
 EMBEDDING_BYTES_PER_TEXT = 8192 * 32
+EMBEDDING_BYTES_PER_CHAR = 4 << 10
 MAX_EMBEDDINGS_ANSWER_BYTES = 64 << 20
 #: The most of an error body read (Ollama's message, cleaned; OpenAI's only logged).
 ERROR_BODY_BYTES = 16 << 10
@@ -126,7 +128,17 @@ def usage(request: GenerationRequest, input_tokens: object, output_tokens: objec
                  cached_input_tokens=count(cached_tokens, prompt))
 
 
-def embeddings_answer_bytes(texts: int) -> int:
+def finite(vector: tuple[float, ...]) -> bool:
+    """Every number of a vector finite: NaN and infinities fail, and so does a vector whose
+    sum leaves a float's range."""
+    try:
+        return math.isfinite(math.fsum(vector))
+    except (ValueError, OverflowError):  # inf - inf; an overflow on the way
+        return False
+
+
+def embeddings_answer_bytes(texts: tuple[str, ...]) -> int:
     """The largest embeddings answer read for a batch of `texts`."""
-    return min(EMBEDDINGS_HEAD_BYTES + EMBEDDING_BYTES_PER_TEXT * texts,
-               MAX_EMBEDDINGS_ANSWER_BYTES)
+    return min(EMBEDDINGS_HEAD_BYTES + sum(
+        EMBEDDING_BYTES_PER_TEXT + EMBEDDING_BYTES_PER_CHAR * len(text) for text in texts),
+        MAX_EMBEDDINGS_ANSWER_BYTES)

@@ -162,7 +162,7 @@ class OllamaBackend:
                 answered = True
                 status = response.status
                 content = await (read_head(response) if status != 200 else read_body(
-                    response, bounds.embeddings_answer_bytes(len(request.texts))))
+                    response, bounds.embeddings_answer_bytes(request.texts)))
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
         if status != 200:
@@ -457,6 +457,8 @@ def parse_embeddings(content: bytes, request: EmbeddingRequest) -> EmbeddingResu
     try:
         answer = json.loads(content)
         vectors = tuple(tuple(map(float, vector)) for vector in answer["embeddings"])
+        if not all(map(bounds.finite, vectors)):
+            raise ValueError("numbers beyond a float's range")
         tokens = bounds.count(answer.get("prompt_eval_count"),
                               bounds.texts_tokens(request.texts))
     except MALFORMED:

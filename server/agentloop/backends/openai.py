@@ -165,7 +165,7 @@ class OpenAIBackend:
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
         answer = await self._call("POST", "/embeddings", request.model, body=body,
-                                  limit=bounds.embeddings_answer_bytes(len(request.texts)))
+                                  limit=bounds.embeddings_answer_bytes(request.texts))
         try:  # a batch of long vectors is milliseconds of parsing: off the event loop
             vectors, tokens = await asyncio.to_thread(
                 parse_embeddings, answer, len(request.texts), request.normalize)
@@ -534,6 +534,8 @@ def parse_embeddings(raw: bytes, expected: int, normalize: bool
     if [entry["index"] for entry in entries] != list(range(expected)):
         raise ValueError("one vector per text, indexed in order")
     vectors = [pooled(entry["embedding"]) for entry in entries]
+    if not all(map(bounds.finite, vectors)):
+        raise ValueError("numbers beyond a float's range")
     if normalize:
         vectors = [unit_vector(vector) for vector in vectors]
     return vectors, (answer.get("usage") or {}).get("prompt_tokens")
