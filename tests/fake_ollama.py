@@ -109,6 +109,12 @@ class Script:
     malformed_after: int | None = None  # N tokens, then a line that is not JSON, then end
     truncate_final: bool = False  # end the stream without the done:true chunk
     done_reason: str | None = None  # override the final chunk's done_reason
+    # A hostile Ollama's answers:
+    overrun: bool = False  # stream every token, whatever num_predict asks
+    final_fields: dict[str, Any] | None = None  # set on the final chunk (counts, durations)
+    before_final: bytes = b""  # raw bytes written before the final chunk
+    after_done: bytes = b""  # raw bytes written after the final chunk
+    hang_after_done: bool = False  # then keep the response open until the client goes away
 
     def token_list(self) -> list[str]:
         """The tokens this script streams (before num_predict is applied)."""
@@ -150,6 +156,41 @@ def _dumps(obj: Any) -> bytes:
 def _json_str(text: str) -> bytes:
     """A token as a JSON string literal; cached because streams repeat the same tokens."""
     return json.dumps(text).encode()
+
+
+#: A scripted raw answer for a path (`answers`): bytes, sent whole with a Content-Length, or
+#: chunks, sent one by one without one (an endless iterator: until the client goes away).
+RawAnswer = bytes | Iterable[bytes]
+
+
+def raw_answers(owner: Any) -> Any:
+    """A middleware answering the paths in `owner.answers` with their raw answer and the
+    status `owner.raw_status`; counts the chunks it wrote (a bytes answer is one) in
+    `owner.raw_chunks_sent`."""
+    @web.middleware
+    async def answer_raw(request: web.Request, handler: Any) -> web.StreamResponse:
+        answer = owner.answers.get(request.path)
+        if answer is None:
+            return await handler(request)
+        await request.read()
+        if isinstance(answer, bytes):
+            owner.raw_chunks_sent += 1
+            return web.Response(status=owner.raw_status, body=answer,
+                                content_type="application/json")
+        resp = web.StreamResponse(status=owner.raw_status,
+                                  headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for chunk in answer:
+                if _client_gone(request):
+                    break
+                await resp.write(chunk)
+                owner.raw_chunks_sent += 1
+                await asyncio.sleep(0)
+        return resp
+
+    return answer_raw
 
 
 def _rfc3339(moment: datetime | None = None) -> str:
@@ -260,6 +301,10 @@ class FakeOllama:
     cut (`truncate`, the default) or refused with 400. `embed_requests` records the bodies;
     `embed_scripts` (a queue) scripts their faults: `status`, `first_token_delay`,
     `reset_after=0`, `hang_before_headers`.
+
+    A hostile Ollama: `answers` {path: RawAnswer} answers those paths with raw bytes and the
+    status `raw_status` (`raw_chunks_sent` counts the chunks written); `tokens_sent` counts
+    the token chunks every generation wrote.
     """
 
     def __init__(
@@ -287,6 +332,10 @@ class FakeOllama:
         self.embed_context = EMBED_CONTEXT
         self.embed_requests: list[dict[str, Any]] = []
         self.embed_scripts: deque[Script] = deque()
+        self.answers: dict[str, RawAnswer] = {}
+        self.raw_status = 200
+        self.raw_chunks_sent = 0
+        self.tokens_sent = 0
         self._queue: deque[Script] = deque()
         self._host = "127.0.0.1"
         self._port = 0
@@ -300,7 +349,8 @@ class FakeOllama:
         """Listen on host:port (0 picks a free port; `port` tells which)."""
         if self._runner is not None:
             raise RuntimeError("FakeOllama is already running")
-        app = web.Application(client_max_size=64 * 1024 * 1024)  # base64 images are big
+        app = web.Application(client_max_size=64 * 1024 * 1024,  # base64 images are big
+                              middlewares=[raw_answers(self)])
         app.router.add_get("/", self._root)
         app.router.add_get("/api/version", self._version)
         app.router.add_get("/api/tags", self._tags)
@@ -682,7 +732,7 @@ class FakeOllama:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         limit = options.get("num_predict")
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 \
-                and len(tokens) >= limit:
+                and len(tokens) >= limit and not script.overrun:
             tokens, reason = tokens[:limit], "length"
         reason = script.done_reason or reason
 
@@ -720,10 +770,18 @@ class FakeOllama:
                 return resp
             if script.truncate_final:
                 return resp
+            if script.before_final:
+                await resp.write(script.before_final)
             final = self._final(kind, name, body, "", len(sent), reason, started, loaded_at,
                                 first_at)
+            final.update(script.final_fields or {})
             await resp.write(_dumps(final) + b"\n")
             self.completed += 1
+            if script.after_done:
+                await resp.write(script.after_done)
+            if script.hang_after_done:
+                await _until_gone(request)
+                raise ClientGone
             return resp
         except ConnectionError as exc:
             raise ClientGone from exc
@@ -758,6 +816,7 @@ class FakeOllama:
                 await asyncio.sleep(0)
                 prefix = head + _rfc3339().encode() + middle
             await resp.write(prefix + _json_str(token) + suffix)
+            self.tokens_sent += 1
 
     async def _answer_whole(
         self,

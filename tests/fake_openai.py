@@ -48,6 +48,7 @@ from fake_ollama import (
     _json_str,
     _sleep_until,
     _until_gone,
+    raw_answers,
 )
 
 __all__ = ["DEFAULT_MODEL", "FakeOpenAI", "Script", "main"]
@@ -85,6 +86,13 @@ class Script:
     truncate: bool = False  # end the stream without its finish chunk and [DONE]
     finish_reason: str | None = None  # override the finish reason
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    # A hostile upstream's answers:
+    overrun: bool = False  # stream every token, whatever max_tokens asks
+    usage: dict[str, Any] | None = None  # the usage object sent instead of the fake's count
+    timings: dict[str, Any] | None = None  # llama.cpp's `timings`, on the finish chunk
+    before_finish: bytes = b""  # raw bytes written before the finish chunk
+    after_done: bytes = b""  # raw bytes written after `data: [DONE]`
+    hang_after_done: bool = False  # then keep the response open until the client goes away
 
     def token_list(self) -> list[str]:
         return list(DEFAULT_TOKENS if self.tokens is None else self.tokens)
@@ -129,9 +137,13 @@ class FakeOpenAI:
     llama-cpp-python does), `crlf` (CRLF line ends, as sse-starlette writes them),
     `per_token` (embeddings as one vector per word, as a model without pooling gives).
 
+    A hostile upstream: `answers` {path: RawAnswer} answers those paths (e.g. "/v1/models")
+    with raw bytes and the status `raw_status`.
+
     Observed: `requests` [(path, body)] for every POST, `generation_requests` [body],
     `headers` of the last request, `disconnects` (generations the client abandoned),
-    `active_streams`, `completed` (generations that sent [DONE])."""
+    `active_streams`, `completed` (generations that sent [DONE]), `tokens_sent` (token
+    events written, every generation), `raw_chunks_sent` (chunks of `answers` written)."""
 
     def __init__(self, models: Iterable[str] | None = None,
                  default_script: Script | None = None) -> None:
@@ -145,6 +157,10 @@ class FakeOpenAI:
         self.matryoshka = True
         self.crlf = False
         self.per_token = False
+        self.answers: dict[str, bytes | Iterable[bytes]] = {}
+        self.raw_status = 200
+        self.raw_chunks_sent = 0
+        self.tokens_sent = 0
         self.requests: list[tuple[str, Any]] = []
         self.generation_requests: list[dict[str, Any]] = []
         self.headers: Mapping[str, str] = {}
@@ -166,7 +182,7 @@ class FakeOpenAI:
         """Listen on host:port (0 picks a free port), over TLS with a server context."""
         if self._runner is not None:
             raise RuntimeError("FakeOpenAI is already running")
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[raw_answers(self)])
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completion)
@@ -341,7 +357,7 @@ class FakeOpenAI:
             raise ClientGone
         tokens, reason = script.token_list(), "stop"
         limit = body.get("max_tokens")
-        if isinstance(limit, int) and 0 < limit <= len(tokens):
+        if isinstance(limit, int) and 0 < limit <= len(tokens) and not script.overrun:
             tokens, reason = tokens[:limit], "length"
         reason = script.finish_reason or reason
         fault, cut = None, len(tokens)
@@ -354,6 +370,8 @@ class FakeOpenAI:
                  "total_tokens": _prompt_tokens(body) + len(sent)}
         if script.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": script.cached_tokens}
+        if script.usage is not None:
+            usage = script.usage
         if body.get("stream") is not True:
             return self._whole(body, "".join(sent), reason, usage, chat)
 
@@ -379,16 +397,25 @@ class FakeOpenAI:
             return resp
         if script.truncate:
             return resp
+        if script.before_finish:
+            await resp.write(script.before_finish)
         last = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat else
                 "text_completion", "created": int(time.time()), "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": reason,
                              **({"delta": {}} if chat else {"text": ""})}]}
+        if script.timings is not None:
+            last["timings"] = script.timings
         await resp.write(b"data: " + _dumps(last) + end)
         options = body.get("stream_options")
         if self.stream_usage and isinstance(options, dict) and options.get("include_usage"):
             await resp.write(b"data: " + _dumps({**last, "choices": [], "usage": usage}) + end)
         await resp.write(b"data: [DONE]" + end)
         self.completed += 1
+        if script.after_done:
+            await resp.write(script.after_done)
+        if script.hang_after_done:
+            await _until_gone(request)
+            raise ClientGone
         return resp
 
     async def _stream_tokens(self, request: web.Request, resp: web.StreamResponse, model: str,
@@ -415,6 +442,7 @@ class FakeOpenAI:
             if _client_gone(request):
                 raise ClientGone
             await resp.write(head + middle + _json_str(token) + tail)
+            self.tokens_sent += 1
 
     def _whole(self, body: Mapping[str, Any], text: str, reason: str, usage: dict[str, Any],
                chat: bool) -> web.Response:

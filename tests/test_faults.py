@@ -137,7 +137,7 @@ FAULTS = [
      "BACKEND_STREAM_FAILED", 1, 2),
     (Script(tokens=TOKENS, error_after=2), 1, grpc.StatusCode.UNAVAILABLE,
      "BACKEND_STREAM_FAILED", 1, 2),
-    (Script(tokens=TOKENS, malformed_after=2), 1, grpc.StatusCode.INTERNAL,
+    (Script(tokens=TOKENS, malformed_after=2), 1, grpc.StatusCode.UNAVAILABLE,
      "BACKEND_PROTOCOL_ERROR", 1, 2),
     (Script(tokens=TOKENS, truncate_final=True), 1, grpc.StatusCode.UNAVAILABLE,
      "BACKEND_STREAM_FAILED", 1, 4),

@@ -187,7 +187,7 @@ async def test_unreachable_backend_is_unavailable_with_retry_info(stub, fake_oll
 @pytest.mark.parametrize(("script", "code"), [
     (Script(tokens=TOKENS, error_after=2), grpc.StatusCode.UNAVAILABLE),
     (Script(tokens=TOKENS, reset_after=2), grpc.StatusCode.UNAVAILABLE),
-    (Script(tokens=TOKENS, malformed_after=2), grpc.StatusCode.INTERNAL),
+    (Script(tokens=TOKENS, malformed_after=2), grpc.StatusCode.UNAVAILABLE),
     (Script(tokens=TOKENS, truncate_final=True), grpc.StatusCode.UNAVAILABLE),
 ])
 async def test_mid_stream_failures_end_the_stream_with_a_status(stub, fake_ollama, script, code):

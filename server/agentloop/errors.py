@@ -154,6 +154,14 @@ class BackendProtocolError(AgentLoopError):
     reason = "BACKEND_PROTOCOL_ERROR"
 
 
+class UpstreamProtocolError(BackendProtocolError, RetryableError):
+    """An upstream (Ollama, an OpenAI-compatible server) sent what breaks its protocol or
+    its bounds (bad JSON, a line or an answer beyond any size). Its answer is not the
+    gateway's fault: UNAVAILABLE, as any other failure of the upstream, never INTERNAL."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class ResourceExhausted(RetryableError):
     """Too much in flight here or at the backend: go elsewhere or come back later."""
 

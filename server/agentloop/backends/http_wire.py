@@ -9,6 +9,7 @@ the fake in one process), and what the gateway adds to a first token is mostly i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import ssl
@@ -21,10 +22,17 @@ import aiohttp
 import aiohttp.helpers
 import yarl
 
+from agentloop.backends.bounds import (
+    END_GRACE_SECONDS,
+    END_TRAILER_BYTES,
+    ERROR_BODY_BYTES,
+    MAX_NDJSON_LINE_BYTES,
+)
 from agentloop.errors import (
     AgentLoopError,
     BackendStreamFailed,
     BackendUnavailable,
+    UpstreamProtocolError,
 )
 
 #: What a call to an upstream can fail with: aiohttp's errors, and the end of a call's
@@ -95,16 +103,69 @@ def url_address(url: str) -> tuple[str, int]:
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
-async def byte_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def byte_lines(chunks: AsyncIterator[bytes],
+                     max_line: int = MAX_NDJSON_LINE_BYTES) -> AsyncIterator[bytes]:
     """Split a streamed body into lines: no text decoding layers (json.loads reads UTF-8
-    bytes itself)."""
+    bytes itself). A line longer than `max_line` fails the stream (UNAVAILABLE)."""
     pending = b""
     async for chunk in chunks:
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
+            if len(line) > max_line:
+                raise line_too_long()
             yield line
+        if len(pending) > max_line:
+            raise line_too_long()
     if pending:
         yield pending
+
+
+def line_too_long() -> UpstreamProtocolError:
+    return UpstreamProtocolError("the upstream sent a line beyond any answer's size")
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A whole answer of at most `limit` bytes: a larger Content-Length is refused before a
+    byte is read, a body growing past it is dropped as it does (UNAVAILABLE)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise answer_too_large()
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise answer_too_large()
+    return bytes(body)
+
+
+def answer_too_large() -> UpstreamProtocolError:
+    return UpstreamProtocolError("the upstream's answer is beyond any size")
+
+
+async def read_head(response: aiohttp.ClientResponse, limit: int = ERROR_BODY_BYTES) -> bytes:
+    """At most the first `limit` bytes of a body (an error's): the rest is never read (the
+    connection is dropped with the response)."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
+async def read_trailer(rest: AsyncIterator[object]) -> None:
+    """After a stream's last chunk: read what is left, so that the connection goes back to
+    the pool, for END_GRACE_SECONDS at most. An upstream still sending then (comments,
+    keep-alives, more chunks) or past END_TRAILER_BYTES is left: leaving the response
+    drops its connection."""
+    read = 0
+    try:
+        async with asyncio.timeout(END_GRACE_SECONDS):
+            async for item in rest:
+                read += len(item) if isinstance(item, bytes) else 1
+                if read > END_TRAILER_BYTES:
+                    return
+    except (AgentLoopError, *HTTP_FAILURES):  # the answer is whole: what follows is not
+        pass
 
 
 def transport_error(exc: BaseException, before_headers: bool = False) -> AgentLoopError:

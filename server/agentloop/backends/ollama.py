@@ -14,17 +14,28 @@ import base64
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 from opentelemetry import propagate
 
+from agentloop.backends import bounds
+from agentloop.backends.bounds import (
+    EVENT_SLACK,
+    MALFORMED,
+    MAX_CONTROL_ANSWER_BYTES,
+    PARSE_OFF_LOOP_BYTES,
+)
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
     HttpUpstream,
     byte_lines,
     clean,
+    read_body,
+    read_head,
+    read_trailer,
     retryable,
     transport_error,
     url_address,
@@ -47,7 +58,6 @@ from agentloop.domain import (
 )
 from agentloop.errors import (
     AgentLoopError,
-    BackendProtocolError,
     BackendRejected,
     BackendStreamFailed,
     BackendUnavailable,
@@ -56,14 +66,15 @@ from agentloop.errors import (
     ModelNotFound,
     ResourceExhausted,
     Unimplemented,
+    UpstreamProtocolError,
 )
 
 log = logging.getLogger(__name__)
 
 _DONE_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 _NS = 1e-9
-#: An /api/embed answer larger than this is parsed on a thread: the event loop keeps going.
-_PARSE_OFF_LOOP_BYTES = 256 * 1024
+#: The longest model name taken from an answer (a longer one: the request's name is kept).
+_MAX_NAME_CHARS = 256
 #: Concurrent /api/show calls of one ListModels (which models embed, their dimension).
 _SHOW_CONCURRENCY = 8
 
@@ -105,24 +116,28 @@ class OllamaBackend:
 
     async def _fetch(self, path: str, timeout: float | None = None,
                      body: object = None) -> tuple[int, bytes]:
-        """A control call's status and whole body (GET, or POST with a body)."""
+        """A control call's status and body (GET, or POST with a body): an answer of at most
+        MAX_CONTROL_ANSWER_BYTES (UpstreamProtocolError beyond), an error's first bytes."""
         method = "POST" if body is not None else "GET"
         async with self._http.request(method, path, body=body, timeout=timeout) as response:
-            return response.status, await response.read()
+            if response.status != 200:
+                return response.status, await read_head(response)
+            return response.status, await read_body(response, MAX_CONTROL_ANSWER_BYTES)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self._keep_alive)
         headers: dict[str, str] = {}
         propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
         answered = False
+        started = time.monotonic()
         try:
             # Leaving this block before the body's end closes the connection: Ollama stops.
             async with self._http.request("POST", path, body=body, headers=headers) as response:
                 answered = True
                 if response.status != 200:
-                    raise http_error(response.status, await response.read(), request.model)
+                    raise http_error(response.status, await read_head(response), request.model)
                 async for item in parse_stream(byte_lines(response.content.iter_any()),
-                                               request):
+                                               request, started=started):
                     yield item
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
@@ -145,12 +160,14 @@ class OllamaBackend:
             async with self._http.request("POST", "/api/embed", body=body,
                                           headers=headers) as response:
                 answered = True
-                status, content = response.status, await response.read()
+                status = response.status
+                content = await (read_head(response) if status != 200 else read_body(
+                    response, bounds.embeddings_answer_bytes(request.texts)))
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
         if status != 200:
             raise embed_error(status, content, request)
-        if len(content) > _PARSE_OFF_LOOP_BYTES:
+        if len(content) > PARSE_OFF_LOOP_BYTES:
             return await asyncio.to_thread(parse_embeddings, content, request)
         return parse_embeddings(content, request)
 
@@ -178,12 +195,15 @@ class OllamaBackend:
         log.info("pulling %s", model)
         async with self._http.request("POST", "/api/pull", body={"model": model}) as response:
             if response.status != 200:
-                raise http_error(response.status, await response.read(), model)
-            async for line in byte_lines(response.content.iter_any()):
+                raise http_error(response.status, await read_head(response), model)
+            async for line in byte_lines(response.content.iter_any(), MAX_CONTROL_ANSWER_BYTES):
                 try:
                     progress = json.loads(line) if line else {}
-                except ValueError:
-                    raise BackendProtocolError("the backend sent malformed pull progress") from None
+                    if not isinstance(progress, dict):
+                        raise ValueError("not an object")
+                except (ValueError, RecursionError):
+                    raise UpstreamProtocolError(
+                        "the backend sent malformed pull progress") from None
                 if "error" in progress:
                     why = clean(progress["error"])
                     raise BackendUnavailable(f"pulling {model!r} failed: {why}")
@@ -195,7 +215,7 @@ class OllamaBackend:
         """Does an Ollama server answer at the configured URL? (backend auto-selection)"""
         try:
             status, _ = await self._fetch("/api/version", self._settings.health_timeout)
-        except HTTP_FAILURES:
+        except (*HTTP_FAILURES, AgentLoopError):
             return False
         return status == 200
 
@@ -205,11 +225,13 @@ class OllamaBackend:
             status, content = await self._fetch("/api/tags", timeout)
         except HTTP_FAILURES as exc:
             return BackendHealth(False, f"Ollama unreachable ({type(exc).__name__})")
+        except AgentLoopError as exc:
+            return BackendHealth(False, exc.message)
         if status != 200:
             return BackendHealth(False, f"Ollama answered /api/tags with {status}")
         try:
-            names = {m["name"] for m in json.loads(content).get("models", [])}
-        except (ValueError, KeyError, TypeError, AttributeError):
+            names = await _parsed(content, _tag_names)
+        except MALFORMED:
             return BackendHealth(False, "Ollama sent a malformed model list")
         if not _model_listed(model, names):
             return BackendHealth(False, f"model {model!r} is not pulled")
@@ -220,9 +242,9 @@ class OllamaBackend:
         """What /api/ps shows (the memory gauges read it); empty when it does not answer."""
         try:
             status, content = await self._fetch("/api/ps", timeout)
-            running = json.loads(content).get("models", []) if status == 200 else []
+            running = (await _parsed(content, _models)) if status == 200 else []
             return tuple(_model_info(m, m) for m in running)
-        except (*HTTP_FAILURES, ValueError, KeyError, TypeError, AttributeError):
+        except (*HTTP_FAILURES, AgentLoopError, *MALFORMED):
             return ()
 
     async def list_models(self) -> list[ModelInfo]:
@@ -234,13 +256,16 @@ class OllamaBackend:
         for status, content in (tags, running):
             if status != 200:
                 raise http_error(status, content, "")
-        loaded = {m["name"]: m for m in json.loads(running[1]).get("models", [])}
-        tagged = json.loads(tags[1]).get("models", [])
+        try:
+            loaded = {m["name"]: m for m in await _parsed(running[1], _models)}
+            tagged = await _parsed(tags[1], _models)
+            infos = [_model_info(m, loaded.get(m["name"])) for m in tagged]
+        except MALFORMED:
+            raise UpstreamProtocolError("the backend sent a malformed model list") from None
         turns = asyncio.Semaphore(_SHOW_CONCURRENCY)
         facts = await asyncio.gather(*(self._embedding_fact(m, turns) for m in tagged))
-        return [dataclasses.replace(_model_info(m, loaded.get(m["name"])), embeds=embeds,
-                                    embedding_dimensions=dimensions)
-                for m, (embeds, dimensions) in zip(tagged, facts, strict=True)]
+        return [dataclasses.replace(info, embeds=embeds, embedding_dimensions=dimensions)
+                for info, (embeds, dimensions) in zip(infos, facts, strict=True)]
 
     async def _embedding_fact(self, tag: Mapping[str, Any],
                               turns: asyncio.Semaphore) -> tuple[bool, int]:
@@ -253,12 +278,13 @@ class OllamaBackend:
         try:
             async with turns:
                 status, content = await self._fetch("/api/show", body={"model": key[0]})
-            shown = json.loads(content) if status == 200 else {}
+            shown = (await _parsed(content, json.loads)) if status == 200 else {}
             embeds = "embedding" in (shown.get("capabilities") or ())
             info = shown.get("model_info") or {}
             length = info.get(f"{info.get('general.architecture', '')}.embedding_length")
-            fact = (embeds, int(length) if embeds and isinstance(length, int) else 0)
-        except (*HTTP_FAILURES, ValueError, TypeError, AttributeError):
+            fact = (embeds, bounds.count(length, bounds.MAX_EMBEDDING_DIMENSIONS)
+                    if embeds else 0)
+        except (*HTTP_FAILURES, AgentLoopError, *MALFORMED):
             return (False, 0)
         self._embedding_facts[key] = fact
         return fact
@@ -305,19 +331,33 @@ def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tup
 
 
 async def parse_stream(
-    lines: AsyncIterator[bytes], request: GenerationRequest
+    lines: AsyncIterator[bytes], request: GenerationRequest, *, started: float | None = None
 ) -> AsyncIterator[StreamItem]:
-    """Turn Ollama's NDJSON lines into deltas and one final `GenerationEnd`."""
+    """Turn Ollama's NDJSON lines into deltas and one final `GenerationEnd`.
+
+    Ollama is held to the request: past num_predict (max_tokens) chunks with text, past
+    max_tokens + EVENT_SLACK lines, or past the answer's characters (bounds.answer_chars),
+    the answer ends with LENGTH and the caller leaves the response (its connection dropped,
+    which stops Ollama). `started` (time.monotonic()) is when the request went out: no
+    duration Ollama reports is believed beyond the call's own."""
+    started = time.monotonic() if started is None else started
     delta_key = "message" if request.is_chat else "response"
+    max_tokens = request.options.max_tokens
+    deltas_left, chars_left = max_tokens, bounds.answer_chars(max_tokens)
+    lines_left = max_tokens + EVENT_SLACK
     async for line in lines:
+        lines_left -= 1
+        if lines_left < 0:
+            yield _cut(request)
+            return
         if not line.strip():
             continue
         try:
             chunk = json.loads(line)
         except (ValueError, RecursionError):  # RecursionError: a line nested too deep
-            raise BackendProtocolError("the backend sent a malformed stream") from None
+            raise UpstreamProtocolError("the backend sent a malformed stream") from None
         if not isinstance(chunk, dict):
-            raise BackendProtocolError("the backend sent a malformed stream")
+            raise UpstreamProtocolError("the backend sent a malformed stream")
         if "error" in chunk:
             raise BackendStreamFailed(
                 f"the backend failed mid-stream: {clean(chunk['error'])}",
@@ -326,38 +366,58 @@ async def parse_stream(
         piece = chunk.get(delta_key)
         text = piece.get("content", "") if isinstance(piece, dict) else piece
         if text:
+            if not isinstance(text, str):
+                raise UpstreamProtocolError("the backend sent a malformed stream")
+            deltas_left -= 1
+            if deltas_left < 0:
+                yield _cut(request)
+                return
+            if len(text) >= chars_left:
+                yield text[:chars_left]
+                yield _cut(request)
+                return
+            chars_left -= len(text)
             yield text
         if chunk.get("done"):
             # Read the body's end first: a response read to its end returns its connection
             # to the pool, one closed early costs a new connection on the next request.
-            async for _ in lines:
-                pass
-            yield _end_of(chunk, request.model)
+            await read_trailer(lines)
+            yield _end_of(chunk, request, time.monotonic() - started)
             return
     raise BackendStreamFailed(
         "the backend closed the stream before its final chunk", metadata={"model": request.model}
     )
 
 
-def _end_of(chunk: Mapping[str, Any], model: str) -> GenerationEnd:
+def _end_of(chunk: Mapping[str, Any], request: GenerationRequest,
+            wall: float) -> GenerationEnd:
+    """The final chunk's report: counts bounded by what the request can have cost,
+    nanosecond durations by the call's own time (`wall` seconds)."""
     def seconds(key: str) -> float | None:
-        value = chunk.get(key)
-        return value * _NS if isinstance(value, int | float) else None
+        return bounds.seconds(chunk.get(key), _NS, wall)
 
+    reason = chunk.get("done_reason", "stop")
+    model = chunk.get("model")
     return GenerationEnd(
-        finish_reason=_DONE_REASONS.get(chunk.get("done_reason", "stop"), FinishReason.STOP),
-        usage=Usage(
-            input_tokens=int(chunk.get("prompt_eval_count") or 0),
-            output_tokens=int(chunk.get("eval_count") or 0),
-        ),
+        finish_reason=_DONE_REASONS.get(reason, FinishReason.STOP) if isinstance(reason, str)
+        else FinishReason.STOP,
+        usage=bounds.usage(request, chunk.get("prompt_eval_count"), chunk.get("eval_count")),
         timings=Timings(
             total=seconds("total_duration"),
             load=seconds("load_duration"),
             prompt_eval=seconds("prompt_eval_duration"),
             eval=seconds("eval_duration"),
         ),
-        model=str(chunk.get("model") or model),
+        model=model if isinstance(model, str) and model and len(model) <= _MAX_NAME_CHARS
+        else request.model,
     )
+
+
+def _cut(request: GenerationRequest) -> GenerationEnd:
+    """The end of an answer the gateway cut at its length bound (Ollama sent more than
+    num_predict): LENGTH, and no counts or durations (Ollama's final chunk never came)."""
+    return GenerationEnd(finish_reason=FinishReason.LENGTH, usage=Usage(), timings=Timings(),
+                         model=request.model)
 
 
 def http_error(status: int, body: bytes, model: str) -> AgentLoopError:
@@ -397,16 +457,21 @@ def parse_embeddings(content: bytes, request: EmbeddingRequest) -> EmbeddingResu
     try:
         answer = json.loads(content)
         vectors = tuple(tuple(map(float, vector)) for vector in answer["embeddings"])
-        tokens = int(answer.get("prompt_eval_count") or 0)
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        raise BackendProtocolError("the backend sent malformed embeddings") from None
+        if not all(map(bounds.finite, vectors)):
+            raise ValueError("numbers beyond a float's range")
+        tokens = bounds.count(answer.get("prompt_eval_count"),
+                              bounds.texts_tokens(request.texts))
+    except MALFORMED:
+        raise UpstreamProtocolError("the backend sent malformed embeddings") from None
     if len(vectors) != len(request.texts) or len({len(v) for v in vectors}) != 1:
-        raise BackendProtocolError("the backend sent another number or shape of embeddings")
+        raise UpstreamProtocolError("the backend sent another number or shape of embeddings")
     if request.dimensions is not None and len(vectors[0]) != request.dimensions:
         raise InvalidArgument([("dimensions", f"the model's vectors have {len(vectors[0])} "
                                               "dimensions; ask for fewer")])
-    return EmbeddingResult(vectors=vectors, model=str(answer.get("model") or request.model),
-                           input_tokens=tokens)
+    model = answer.get("model")
+    return EmbeddingResult(vectors=vectors, input_tokens=tokens,
+                           model=model if isinstance(model, str) and model
+                           and len(model) <= _MAX_NAME_CHARS else request.model)
 
 
 def _error_message(body: bytes) -> str:
@@ -426,25 +491,46 @@ def _model_listed(model: str, names: set[str]) -> bool:
     return model in names or (":" not in model and f"{model}:latest" in names)
 
 
-def _timestamp(text: str | None) -> float | None:
-    if not text:
+def _timestamp(text: object) -> float | None:
+    if not text or not isinstance(text, str):
         return None
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
+
+
+async def _parsed(content: bytes, parse: Callable[[bytes], Any]) -> Any:
+    """An answer parsed, on a thread when it is large (raises what MALFORMED names)."""
+    if len(content) > PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse, content)
+    return parse(content)
+
+
+def _models(content: bytes) -> list[Mapping[str, Any]]:
+    """The `models` of /api/tags or /api/ps: objects, each with a name."""
+    models = json.loads(content).get("models", [])
+    if not isinstance(models, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) for m in models):
+        raise ValueError("models: a list of objects with a name")
+    return models
+
+
+def _tag_names(content: bytes) -> set[str]:
+    return {m["name"] for m in _models(content)}
 
 
 def _model_info(tag: Mapping[str, Any], running: Mapping[str, Any] | None) -> ModelInfo:
     details = tag.get("details") or {}
     return ModelInfo(
         name=tag["name"],
-        size_bytes=int(tag.get("size") or 0),
+        size_bytes=bounds.count(tag.get("size"), bounds.MAX_REPORTED_BYTES),
         loaded=running is not None,
         family=str(details.get("family", "")),
         parameter_size=str(details.get("parameter_size", "")),
         quantization_level=str(details.get("quantization_level", "")),
         modified_at=_timestamp(tag.get("modified_at")),
         expires_at=_timestamp(running.get("expires_at")) if running else None,
-        size_vram_bytes=int(running.get("size_vram") or 0) if running else 0,
+        size_vram_bytes=bounds.count(running.get("size_vram"), bounds.MAX_REPORTED_BYTES)
+        if running else 0,
     )

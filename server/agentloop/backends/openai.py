@@ -26,10 +26,21 @@ from typing import Any
 import aiohttp
 from opentelemetry import propagate
 
+from agentloop.backends import bounds
+from agentloop.backends.bounds import (
+    EVENT_SLACK,
+    MALFORMED,
+    MAX_CONTROL_ANSWER_BYTES,
+    MAX_EVENT_BYTES,
+    PARSE_OFF_LOOP_BYTES,
+)
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
     HttpUpstream,
     clean,
+    read_body,
+    read_head,
+    read_trailer,
     retryable,
     transport_error,
     url_address,
@@ -54,7 +65,6 @@ from agentloop.domain import (
 )
 from agentloop.errors import (
     AgentLoopError,
-    BackendProtocolError,
     BackendRejected,
     BackendStreamFailed,
     BackendUnavailable,
@@ -63,6 +73,7 @@ from agentloop.errors import (
     ResourceExhausted,
     Unimplemented,
     UpstreamCredentialsRefused,
+    UpstreamProtocolError,
 )
 from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle, TlsSpec
 
@@ -70,12 +81,6 @@ log = logging.getLogger(__name__)
 
 #: Connections kept beside the generations' for health checks, model lists and embeddings.
 CONTROL_CONNECTIONS = 2
-#: The most of an error body read (its text is only logged at debug level).
-ERROR_BODY_BYTES = 16384
-#: The longest Server-Sent Event, and the largest whole answer (a model list, a batch of
-#: embeddings), read from an upstream: beyond them it breaks its protocol.
-MAX_EVENT_BYTES = 1 << 20
-MAX_ANSWER_BYTES = 64 << 20
 #: Bounds on a Retry-After the upstream sends (RetryInfo): "now" invites a busy loop.
 RETRY_AFTER_MIN, RETRY_AFTER_MAX, RETRY_AFTER_DEFAULT = 0.1, 3600.0, 1.0
 #: The name a JSON Schema travels under in `response_format` (OpenAI requires one).
@@ -90,6 +95,8 @@ _FINISH_REASONS = {
 }
 _DATA = b"data:"
 _DONE = b"[DONE]"
+#: An open event larger than this is cleared of its comment lines before it grows further.
+_COMMENTS_SHED_AT = 64 << 10
 _IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
                 (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
 
@@ -138,6 +145,7 @@ class OpenAIBackend:
         headers: dict[str, str] = {}
         propagate.inject(headers)  # W3C traceparent: vLLM and TGI join the caller's trace
         answered = False
+        started = time.monotonic()
         try:
             # Leaving this block before the body's end closes the connection: vLLM aborts.
             async with self._http.request("POST", path, body=body,
@@ -147,7 +155,7 @@ class OpenAIBackend:
                     raise await self._refusal(response, request.model)
                 async for item in parse_stream(sse_events(response.content.iter_any()),
                                                request, self.spec.upstream,
-                                               chat=path != "/completions"):
+                                               chat=path != "/completions", started=started):
                     yield item
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
@@ -156,18 +164,21 @@ class OpenAIBackend:
         body: dict[str, Any] = {"model": request.model, "input": list(request.texts)}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        answer = await self._call("POST", "/embeddings", request.model, body=body)
+        answer = await self._call("POST", "/embeddings", request.model, body=body,
+                                  limit=bounds.embeddings_answer_bytes(request.texts))
         try:  # a batch of long vectors is milliseconds of parsing: off the event loop
             vectors, tokens = await asyncio.to_thread(
                 parse_embeddings, answer, len(request.texts), request.normalize)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise BackendProtocolError("the upstream sent malformed embeddings") from None
+        except MALFORMED:
+            raise UpstreamProtocolError("the upstream sent malformed embeddings") from None
         if request.dimensions is not None and any(len(v) != request.dimensions
                                                   for v in vectors):
             raise InvalidArgument([("dimensions", "the upstream's model has no vectors of "
                                                   f"{request.dimensions} dimensions")])
         return EmbeddingResult(vectors=tuple(vectors), model=request.model,
-                               input_tokens=tokens, upstream=self.spec.upstream)
+                               input_tokens=bounds.count(tokens,
+                                                         bounds.texts_tokens(request.texts)),
+                               upstream=self.spec.upstream)
 
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
         """The OpenAI API has no tokenizer endpoint, and the engines' own differ (vLLM's and
@@ -178,29 +189,33 @@ class OpenAIBackend:
 
     async def check_health(self, model: str) -> BackendHealth:
         try:
-            answer = await self._call("GET", "/models", "",
-                                      timeout=self._settings.health_timeout)
-            names = model_names(json.loads(answer))
+            names = await self._model_names(timeout=self._settings.health_timeout)
         except AgentLoopError as exc:
             return BackendHealth(False, exc.message)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            return BackendHealth(False, "the upstream sent a malformed model list")
         if model not in names:
             return BackendHealth(False, f"model {model!r} is not served by the upstream")
         return BackendHealth(True, served=tuple(sorted(names)))
 
     async def list_models(self) -> list[ModelInfo]:
-        answer = await self._call("GET", "/models", "")
-        try:
-            names = model_names(json.loads(answer))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise BackendProtocolError("the upstream sent a malformed model list") from None
+        names = await self._model_names()
         # What an OpenAI-compatible server lists, it serves: loaded.
         return [ModelInfo(name=name, loaded=True) for name in names]
 
+    async def _model_names(self, timeout: float | None = None) -> list[str]:
+        """GET /models, bounded, parsed off the event loop when large."""
+        answer = await self._call("GET", "/models", "", timeout=timeout,
+                                  limit=MAX_CONTROL_ANSWER_BYTES)
+        try:
+            if len(answer) > PARSE_OFF_LOOP_BYTES:
+                return await asyncio.to_thread(model_names, answer)
+            return model_names(answer)
+        except MALFORMED:
+            raise UpstreamProtocolError("the upstream sent a malformed model list") from None
+
     async def _call(self, method: str, path: str, model: str, *, body: object = None,
-                    timeout: float | None = None) -> bytes:
-        """One request's whole answer (bounded); a refusal or failure raises AgentLoopError."""
+                    timeout: float | None = None, limit: int) -> bytes:
+        """One request's whole answer (at most `limit` bytes); a refusal or failure raises
+        AgentLoopError."""
         answered = False
         try:
             async with self._http.request(method, path, body=body,
@@ -208,25 +223,16 @@ class OpenAIBackend:
                 answered = True
                 if response.status != 200:
                     raise await self._refusal(response, model)
-                body = bytearray()
-                async for chunk in response.content.iter_any():
-                    body += chunk
-                    if len(body) > MAX_ANSWER_BYTES:
-                        raise BackendProtocolError("the upstream's answer is beyond any size")
-                return bytes(body)
+                return await read_body(response, limit)
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
 
     async def _refusal(self, response: aiohttp.ClientResponse, model: str) -> AgentLoopError:
         """The error for a non-200 answer, its body read (capped) for the debug log only."""
-        body = b""
-        async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) >= ERROR_BODY_BYTES:
-                break
+        body = await read_head(response)
         error = http_error(response.status, response.headers, model, self.spec.upstream)
         log.debug("upstream %s answered %d: %s", self.spec.upstream, response.status,
-                  clean(body[:ERROR_BODY_BYTES].decode(errors="replace")))
+                  clean(body.decode(errors="replace")))
         return error
 
 
@@ -333,7 +339,9 @@ def data_url(image: bytes) -> str:
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Split a Server-Sent Events body into events (the lines between blank lines), line
-    ends made LF: one step per event rather than per line, no text decoding."""
+    ends made LF: one step per event rather than per line, no text decoding. An event
+    still open past MAX_EVENT_BYTES sheds its comment lines (keep-alives an upstream may
+    send without end); one still beyond that fails the stream."""
     pending = b""
     async for chunk in chunks:
         buffer = pending + chunk
@@ -344,13 +352,22 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *events, pending = buffer.split(b"\n\n")
         pending += carry
-        if len(pending) > MAX_EVENT_BYTES:
-            raise BackendProtocolError("the upstream sent an event beyond any answer's size")
+        if len(pending) > _COMMENTS_SHED_AT:
+            pending = without_comments(pending)
+            if len(pending) > MAX_EVENT_BYTES:
+                raise UpstreamProtocolError(
+                    "the upstream sent an event beyond any answer's size")
         for event in events:
             yield event
     pending = pending.replace(b"\r", b"\n")
     if pending.strip():
         yield pending
+
+
+def without_comments(pending: bytes) -> bytes:
+    """An open event without its whole comment lines (the last line may still be growing)."""
+    *lines, last = pending.split(b"\n")
+    return b"\n".join([line for line in lines if not line.startswith(b":")] + [last])
 
 
 def event_data(event: bytes) -> tuple[bytes | None, bool]:
@@ -368,10 +385,22 @@ def event_data(event: bytes) -> tuple[bytes | None, bool]:
 
 
 async def parse_stream(events: AsyncIterator[bytes], request: GenerationRequest, upstream: str,
-                       *, chat: bool = True) -> AsyncIterator[StreamItem]:
+                       *, chat: bool = True, started: float | None = None
+                       ) -> AsyncIterator[StreamItem]:
     """Turn Server-Sent Events into deltas and one final `GenerationEnd`: `[DONE]` ends the
-    stream, an error object (or an `event: error`) fails it."""
-    end = _EndReport()
+    stream, an error object (or an `event: error`) fails it.
+
+    The upstream is held to the request: past max_tokens deltas with text, past
+    max_tokens + EVENT_SLACK events (with data, or without), or past the answer's
+    characters (bounds.answer_chars),
+    the answer ends with LENGTH and the caller leaves the response (its connection
+    dropped). `started` (time.monotonic()) is when the request went out: no duration the
+    upstream reports is believed beyond the call's own."""
+    end = _EndReport(request, time.monotonic() if started is None else started)
+    max_tokens = request.options.max_tokens
+    deltas_left, chars_left = max_tokens, bounds.answer_chars(max_tokens)
+    # Events with data and events without (comments, keep-alives), each bounded.
+    data_left = quiet_left = max_tokens + EVENT_SLACK
     async for event in events:
         if event.startswith(_DATA) and b"\n" not in event:  # one data line: most events
             data: bytes | None = event[5:].strip()
@@ -379,15 +408,31 @@ async def parse_stream(events: AsyncIterator[bytes], request: GenerationRequest,
         else:
             data, failed = event_data(event)
             if data is None:
+                quiet_left -= 1
+                if quiet_left < 0:
+                    yield end.report(request, upstream, cut=True)
+                    return
                 continue
             data = data.strip()
+        data_left -= 1
+        if data_left < 0:
+            yield end.report(request, upstream, cut=True)
+            return
         if data == _DONE:
-            async for _ in events:  # read to the end: the connection goes back to the pool
-                pass
+            await read_trailer(events)  # the body's end: the connection goes back to the pool
             yield end.report(request, upstream)
             return
         text = end.take(data, chat, failed, request.model, upstream)
         if text:
+            deltas_left -= 1
+            if deltas_left < 0:
+                yield end.report(request, upstream, cut=True)
+                return
+            if len(text) >= chars_left:
+                yield text[:chars_left]
+                yield end.report(request, upstream, cut=True)
+                return
+            chars_left -= len(text)
             yield text
     if end.reason is not None:  # finished, and only the [DONE] is missing
         yield end.report(request, upstream)
@@ -397,12 +442,15 @@ async def parse_stream(events: AsyncIterator[bytes], request: GenerationRequest,
 
 
 class _EndReport:
-    """What a stream's chunks said about its end: the finish reason, usage, timings."""
+    """What a stream's chunks said about its end: the finish reason, usage, timings (each
+    bounded by what the request can have cost)."""
 
-    __slots__ = ("reason", "timings", "usage")
+    __slots__ = ("reason", "request", "started", "timings", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, request: GenerationRequest, started: float) -> None:
         self.reason: str | None = None
+        self.request = request
+        self.started = started
         self.usage = Usage()
         self.timings = Timings()
 
@@ -411,9 +459,9 @@ class _EndReport:
         try:
             chunk = json.loads(data)
         except (ValueError, RecursionError):  # RecursionError: a chunk nested too deep
-            raise BackendProtocolError("the upstream sent a malformed stream") from None
+            raise UpstreamProtocolError("the upstream sent a malformed stream") from None
         if not isinstance(chunk, dict):
-            raise BackendProtocolError("the upstream sent a malformed stream")
+            raise UpstreamProtocolError("the upstream sent a malformed stream")
         if failed or "error" in chunk:
             raise BackendStreamFailed("the upstream failed mid-stream",
                                       metadata={"model": model, "upstream": upstream})
@@ -425,67 +473,59 @@ class _EndReport:
                 text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                 reason = choice.get("finish_reason")
             except (TypeError, AttributeError, KeyError, IndexError):
-                raise BackendProtocolError("the upstream sent a malformed stream") from None
+                raise UpstreamProtocolError("the upstream sent a malformed stream") from None
             if reason:
                 self.reason = str(reason)
             if text and not isinstance(text, str):
-                raise BackendProtocolError("the upstream sent a malformed stream")
+                raise UpstreamProtocolError("the upstream sent a malformed stream")
         usage = chunk.get("usage")
         if usage:
-            self.usage = usage_of(usage)
+            self.usage = usage_of(usage, self.request)
         timings = chunk.get("timings")  # llama.cpp's server: its own measures
         if timings:
-            self.timings = timings_of(timings)
+            self.timings = timings_of(timings, time.monotonic() - self.started)
         return text or ""
 
-    def report(self, request: GenerationRequest, upstream: str) -> GenerationEnd:
-        reason = FinishReason.STOP if self.reason is None else _FINISH_REASONS.get(
-            self.reason, FinishReason.UNSPECIFIED)
+    def report(self, request: GenerationRequest, upstream: str,
+               cut: bool = False) -> GenerationEnd:
+        """The end; `cut`: the gateway ended the answer at its length bound."""
+        reason = FinishReason.LENGTH if cut else FinishReason.STOP if self.reason is None \
+            else _FINISH_REASONS.get(self.reason, FinishReason.UNSPECIFIED)
         return GenerationEnd(finish_reason=reason, usage=self.usage, timings=self.timings,
                              model=request.model, upstream=upstream)
 
 
-def usage_of(usage: object) -> Usage:
-    """OpenAI's usage; cached prompt tokens where the upstream reports them."""
+def usage_of(usage: object, request: GenerationRequest) -> Usage:
+    """OpenAI's usage, cached prompt tokens where the upstream reports them; each count
+    bounded by what the request can have cost (bounds.usage)."""
     if not isinstance(usage, dict):
         return Usage()
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-    return Usage(input_tokens=_count(usage.get("prompt_tokens")),
-                 output_tokens=_count(usage.get("completion_tokens")),
-                 cached_input_tokens=_count(cached))
+    return bounds.usage(request, usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                        cached)
 
 
-def timings_of(timings: object) -> Timings:
-    """llama.cpp's server's milliseconds for the prompt and the generation."""
+def timings_of(timings: object, most: float) -> Timings:
+    """llama.cpp's server's milliseconds for the prompt and the generation, each at most
+    `most` seconds (the call's own time so far)."""
     if not isinstance(timings, dict):
         return Timings()
-    return Timings(prompt_eval=_seconds(timings.get("prompt_ms")),
-                   eval=_seconds(timings.get("predicted_ms")))
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _seconds(milliseconds: object) -> float | None:
-    if isinstance(milliseconds, int | float) and not isinstance(milliseconds, bool) \
-            and math.isfinite(milliseconds) and milliseconds >= 0:
-        return milliseconds / 1000
-    return None
+    return Timings(prompt_eval=bounds.seconds(timings.get("prompt_ms"), 1e-3, most),
+                   eval=bounds.seconds(timings.get("predicted_ms"), 1e-3, most))
 
 
 # --- models and embeddings ----------------------------------------------------------------
 
 
-def model_names(listing: Any) -> list[str]:
+def model_names(raw: bytes) -> list[str]:
     """The ids of GET /models."""
-    return [str(entry["id"]) for entry in listing["data"]]
+    return [str(entry["id"]) for entry in json.loads(raw)["data"]]
 
 
 def parse_embeddings(raw: bytes, expected: int, normalize: bool
-                     ) -> tuple[list[tuple[float, ...]], int]:
-    """The vectors of POST /embeddings in input order, and the prompt tokens.
+                     ) -> tuple[list[tuple[float, ...]], object]:
+    """The vectors of POST /embeddings in input order, and the prompt tokens as reported.
 
     An upstream serving a model without pooling (llama-cpp-python's server) answers one
     vector per token: those are averaged, as llama.cpp's mean pooling does."""
@@ -494,9 +534,11 @@ def parse_embeddings(raw: bytes, expected: int, normalize: bool
     if [entry["index"] for entry in entries] != list(range(expected)):
         raise ValueError("one vector per text, indexed in order")
     vectors = [pooled(entry["embedding"]) for entry in entries]
+    if not all(map(bounds.finite, vectors)):
+        raise ValueError("numbers beyond a float's range")
     if normalize:
         vectors = [unit_vector(vector) for vector in vectors]
-    return vectors, _count((answer.get("usage") or {}).get("prompt_tokens"))
+    return vectors, (answer.get("usage") or {}).get("prompt_tokens")
 
 
 def pooled(embedding: list[Any]) -> tuple[float, ...]:
