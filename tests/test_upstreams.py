@@ -240,10 +240,16 @@ async def test_routes_map_names_aliases_and_patterns_to_upstream_names(tmp_path)
             "routes": [{"models": [DEFAULT_MODEL, "small"], "pools": ["local"]},
                        {"pattern": "qwen3:.*", "pools": ["local"]}]}
         async with pooled_gateway(tmp_path, document) as (_running, stub):
-            await stub.Generate(pb.GenerateRequest(prompt="hi", model="small"), timeout=10)
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi", model="small"),
+                                        timeout=10)
             await stub.Generate(pb.GenerateRequest(prompt="hi", model="qwen3:8b"), timeout=10)
             sent = [body["model"] for body in fake.generation_requests]
             assert sent == [DEFAULT_MODEL, "qwen3:8b"]
+            # The upstream's name for it stays the upstream's: the caller's comes back.
+            assert reply.model == "small" and reply.upstream == "local"
+            streamed = [r async for r in stub.StreamGenerate(pb.StreamGenerateRequest(
+                prompt="hi", model="small"), timeout=10)]
+            assert streamed[-1].model == "small"
             models = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
             assert [m.name for m in models.models] == [DEFAULT_MODEL, "small"]
 

@@ -289,7 +289,11 @@ class Router:
                                 from None
                         if isinstance(item, GenerationEnd):
                             endpoint.breaker.record_success()
-                            item = dataclasses.replace(item, upstream=pool.name)
+                            # A name the pool maps is the caller's model under the
+                            # upstream's name for it: the caller's name comes back.
+                            item = dataclasses.replace(
+                                item, upstream=pool.name, model=request.model
+                                if request.model in pool.config.models else item.model)
                         delivered = True
                         yield item
             except AgentLoopError as exc:
