@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentloop.config import SettingsError
 from agentloop.upstreams.config import parse_pools
+from agentloop.upstreams.spec import CompletionsFormat, OpenAIDialect
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import DEFAULT_MODEL, FakeOllama, Script, wait_until
 from helpers import client_stub, gateway_settings, rich_details, running_gateway
@@ -286,11 +287,27 @@ async def test_dns_names_every_address_as_an_endpoint(tmp_path):
       "routes": [{"models": ["m"], "pools": ["a"]}]}, "are for `openai` upstreams"),
     ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"]}},
       "routes": [{"pattern": "(", "pools": ["a"]}]}, "not a valid RE2"),
+    ({"upstreams": {"a": {"kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
+                          "dialect": {"completions_format": "regex"}}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "`dialect.completions_format` must be"),
+    ({"upstreams": {"a": {"kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
+                          "dialect": {"stop_limit": -1}}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "`dialect.stop_limit` must be"),
 ])
 def test_a_bad_pools_file_is_refused_naming_what_is_wrong(document, complaint):
     with pytest.raises(SettingsError) as refused:
         parse_pools(document, "pools")
     assert complaint in str(refused.value)
+
+
+def test_a_dialect_spells_how_completions_take_a_format_and_how_many_stops():
+    config = parse_pools({"upstreams": {"a": {
+        "kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
+        "dialect": {"completions_format": "grammar", "stop_limit": 0,
+                    "strict_schema": False}}},
+        "routes": [{"models": ["m"], "pools": ["a"]}]}, "pools")
+    assert config.upstreams["a"].dialect == OpenAIDialect(
+        completions_format=CompletionsFormat.GRAMMAR, stop_limit=0, strict_schema=False)
 
 
 def test_an_api_key_never_appears_in_the_parsed_config(monkeypatch):
