@@ -135,7 +135,10 @@ class FakeOpenAI:
     {"top_k", "repeat_penalty"}), `api_key` (required as a bearer token when set),
     `matryoshka` (honours `dimensions`; without it `dimensions` is ignored, as
     llama-cpp-python does), `crlf` (CRLF line ends, as sse-starlette writes them),
-    `per_token` (embeddings as one vector per word, as a model without pooling gives).
+    `per_token` (embeddings as one vector per word, as a model without pooling gives),
+    `stop_limit` (the most stop strings taken, 4 as at OpenAI; 0: no limit), `tool_pairing`
+    (a `tool` turn must name, in `tool_call_id`, a call of an earlier assistant turn's
+    `tool_calls`, as OpenAI requires; off: any `tool_call_id` will do, as llama-cpp-python).
 
     A hostile upstream: `answers` {path: RawAnswer} answers those paths (e.g. "/v1/models")
     with raw bytes and the status `raw_status`.
@@ -161,6 +164,8 @@ class FakeOpenAI:
         self.raw_status = 200
         self.raw_chunks_sent = 0
         self.tokens_sent = 0
+        self.stop_limit = 4
+        self.tool_pairing = True
         self.requests: list[tuple[str, Any]] = []
         self.generation_requests: list[dict[str, Any]] = []
         self.headers: Mapping[str, str] = {}
@@ -319,10 +324,35 @@ class FakeOpenAI:
             return None
         return _error(400, "Invalid parameter: response_format")
 
+    def _stop_error(self, body: Mapping[str, Any]) -> web.Response | None:
+        stop = body.get("stop")
+        if self.stop_limit and isinstance(stop, list) and len(stop) > self.stop_limit:
+            return _error(400, f"'stop' takes at most {self.stop_limit} sequences")
+        return None
+
+    def _tool_turn_error(self, body: Mapping[str, Any]) -> web.Response | None:
+        """Refuse a tool turn without a `tool_call_id` (or, with `tool_pairing`, one that
+        answers no call of an earlier assistant turn)."""
+        calls: set[str] = set()
+        for message in body.get("messages") or ():
+            if not isinstance(message, Mapping):
+                continue
+            calls.update(call["id"] for call in message.get("tool_calls") or ()
+                         if isinstance(call, Mapping) and isinstance(call.get("id"), str))
+            if message.get("role") != "tool":
+                continue
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or (self.tool_pairing and call_id not in calls):
+                return _error(400, "messages with role 'tool' must be a response to a "
+                                   "preceding message with 'tool_calls'")
+        return None
+
     async def _generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body, error = await self._read(request, CHAT_KEYS if chat else COMPLETION_KEYS)
+        if error is None:
+            error = self._stop_error(body)
         if error is None and chat:
-            error = self._format_error(body)
+            error = self._format_error(body) or self._tool_turn_error(body)
         if error is not None:
             return error
         self.generation_requests.append(body)

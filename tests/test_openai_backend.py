@@ -17,8 +17,10 @@ from typing import Any
 
 import grpc
 import pytest
+from llama_cpp import llama_grammar
 from test_security import Pki
 
+from agentloop.backends.constraints import grammar_for_schema
 from agentloop.backends.openai import OpenAIBackend, parse_stream, retry_after, sse_events
 from agentloop.domain import (
     CallContext,
@@ -36,7 +38,13 @@ from agentloop.errors import (
     Unimplemented,
 )
 from agentloop.server import RunningServer
-from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle, TlsSpec
+from agentloop.upstreams.spec import (
+    CompletionsFormat,
+    EndpointSpec,
+    OpenAIDialect,
+    SchemaStyle,
+    TlsSpec,
+)
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from fake_ollama import wait_until
@@ -53,7 +61,9 @@ from helpers import (
 TOKENS = ["Hello", ",", " world", "!"]
 UPSTREAM = "fake-pool"
 LLAMA_CPP = OpenAIDialect(schema_style=SchemaStyle.JSON_OBJECT, stream_usage=False,
-                          sampling_extras=True, repeat_penalty_field="repeat_penalty")
+                          sampling_extras=True, repeat_penalty_field="repeat_penalty",
+                          completions_format=CompletionsFormat.GRAMMAR, strict_schema=False,
+                          stop_limit=0)
 
 
 def endpoint(fake: FakeOpenAI, **fields: Any) -> EndpointSpec:
@@ -184,16 +194,187 @@ async def test_images_travel_as_data_urls(stub, fake):
     assert image["image_url"]["url"].startswith("data:image/png;base64,iVBORw0KGgo")
 
 
+def schema_format(schema: dict[str, Any]) -> pb.ResponseFormat:
+    return pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA,
+                             json_schema=json.dumps(schema))
+
+
+#: A schema OpenAI's strict mode takes: every object closed, every property required.
+STRICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"},
+                   "tags": {"type": "array", "maxItems": 3, "items": {
+                       "type": "object", "properties": {"label": {"type": "string"}},
+                       "required": ["label"], "additionalProperties": False}},
+                   "age": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}},
+    "required": ["name", "tags", "age"],
+    "additionalProperties": False,
+}
+
+
 async def test_json_and_schema_formats_in_the_openai_dialect(stub, fake):
     await stub.Generate(chat(format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON)),
                         timeout=10)
     assert fake.requests[-1][1]["response_format"] == {"type": "json_object"}
-    await stub.Generate(chat(format=pb.ResponseFormat(
-        type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(PERSON_SCHEMA))),
-        timeout=10)
+    await stub.Generate(chat(format=schema_format(STRICT_SCHEMA)), timeout=10)
     assert fake.requests[-1][1]["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "output", "schema": PERSON_SCHEMA, "strict": True}}
+        "json_schema": {"name": "output", "schema": STRICT_SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("schema", [
+    PERSON_SCHEMA,  # maxLength: a keyword strict mode does not take
+    {"anyOf": [STRICT_SCHEMA, {"type": "object", "properties": {}, "required": [],
+                               "additionalProperties": False}]},  # not an object root
+    {**STRICT_SCHEMA, "required": ["name", "tags"]},  # an optional property
+    {**STRICT_SCHEMA, "additionalProperties": True},  # an open object
+    {**STRICT_SCHEMA, "properties": {**STRICT_SCHEMA["properties"], "tags": {
+        "type": "array", "items": {"type": "object", "properties": {"x": {"type": "string"}},
+                                   "required": ["x"]}}}},  # a nested open object
+], ids=["unknown-keyword", "anyOf-root", "optional-property", "open-root", "open-nested"])
+async def test_strict_is_sent_false_for_a_schema_strict_mode_refuses(stub, fake, schema):
+    """OpenAI refuses `strict: true` with these (the agent's action schema is an anyOf):
+    the schema goes with `strict: false`, which OpenAI takes."""
+    await stub.Generate(chat(format=schema_format(schema)), timeout=10)
+    assert fake.requests[-1][1]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": schema,
+                                               "strict": False}}
+
+
+@pytest.mark.parametrize("dialect", [OpenAIDialect(strict_schema=False)])
+async def test_strict_is_left_out_where_the_dialect_says(stub, fake, dialect):
+    await stub.Generate(chat(format=schema_format(STRICT_SCHEMA)), timeout=10)
+    assert fake.requests[-1][1]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": STRICT_SCHEMA}}
+
+
+# How each dialect's /completions takes a raw prompt's format, and the keys it accepts.
+RAW_FORMAT_DIALECTS = {
+    "vllm": (OpenAIDialect(completions_format=CompletionsFormat.RESPONSE_FORMAT),
+             {"response_format"}),
+    "llama.cpp": (dataclasses.replace(LLAMA_CPP, completions_format=CompletionsFormat.JSON_SCHEMA),
+                  {"json_schema", "top_k", "repeat_penalty"}),
+    "llama-cpp-python": (LLAMA_CPP, {"grammar", "top_k", "repeat_penalty"}),
+}
+
+
+@pytest.mark.parametrize("name", list(RAW_FORMAT_DIALECTS))
+async def test_a_raw_prompt_with_a_format_carries_it_to_completions(fake, name):
+    """The format reaches /completions in the field the dialect's engine honours there
+    (llama-cpp-python's ignores `response_format`: it gets a grammar), never dropped."""
+    dialect, fake.extras = RAW_FORMAT_DIALECTS[name]
+    async with gateway_on(fake, dialect=dialect) as gateway, \
+            client_stub(gateway.address) as stub:
+        for form in (schema_format(PERSON_SCHEMA),
+                     pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON)):
+            await stub.Generate(pb.GenerateRequest(prompt="A person:", format=form), timeout=10)
+    (schema_path, schema_body), (json_path, json_body) = fake.requests
+    assert schema_path == json_path == "/v1/completions"
+    carried = {key: (schema_body.get(key), json_body.get(key))
+               for key in ("response_format", "json_schema", "grammar")}
+    expected = {
+        "vllm": {"response_format": (
+            {"type": "json_schema", "json_schema": {"name": "output", "schema": PERSON_SCHEMA,
+                                                    "strict": False}},
+            {"type": "json_object"})},
+        "llama.cpp": {"json_schema": (PERSON_SCHEMA, {})},
+        "llama-cpp-python": {"grammar": (grammar_for_schema(json.dumps(PERSON_SCHEMA)),
+                                         llama_grammar.JSON_GBNF)},
+    }[name]
+    assert carried == {key: expected.get(key, (None, None)) for key in carried}
+    assert schema_body["prompt"] == "A person:" and "messages" not in schema_body
+
+
+async def test_a_raw_prompt_with_a_format_is_refused_where_completions_takes_none(stub, fake):
+    """OpenAI's legacy Completions has no response_format: the call is refused naming
+    `format`, before anything is sent, instead of coming back unconstrained."""
+    for form in (schema_format(PERSON_SCHEMA),
+                 pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(pb.GenerateRequest(prompt="A person:", format=form),
+                                timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_fields(caught.value) == {"format"}
+    assert not fake.requests
+    # As a chat the same format is honoured.
+    await stub.Generate(chat(format=schema_format(PERSON_SCHEMA)), timeout=10)
+    assert fake.requests[-1][0] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("dialect", [LLAMA_CPP])
+async def test_a_schema_the_grammar_converter_cannot_express_is_refused_naming_it(
+        stub, fake, dialect):
+    fake.extras = {"grammar", "top_k", "repeat_penalty"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(pb.GenerateRequest(prompt="A person:", format=schema_format(
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "abc"}}})),
+            timeout=10)  # the converter takes only patterns anchored with ^ and $
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(caught.value) == {"format.json_schema"}
+    assert not fake.requests
+
+
+async def test_stop_strings_beyond_the_limit_are_cut_by_the_gateway(stub, fake):
+    """OpenAI takes 4 stop strings: the first 4 go to the upstream, the gateway cuts the
+    stream at the others itself (one split across two deltas here) and closes the
+    upstream's request there."""
+    stops = ["<a>", "<b>", "<c>", "<d>", "STOP", "<f>"]
+    fake.enqueue(Script(tokens=["one", " two", " ST", "OP", " three"] + [" more"] * 200,
+                        token_delay=0.01))
+    replies = [r async for r in stub.StreamGenerate(pb.StreamGenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, content="Count")],
+        options=pb.GenerationOptions(stop=stops)), timeout=10)]
+    assert "".join(r.text for r in replies) == "one two "
+    assert replies[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert fake.requests[-1][1]["stop"] == stops[:4]
+    await wait_until(lambda: fake.disconnects == 1 and fake.active_streams == 0)
+
+
+@pytest.mark.parametrize("dialect", [OpenAIDialect(stop_limit=0)])
+async def test_every_stop_string_goes_where_the_upstream_has_no_limit(stub, fake, dialect):
+    fake.stop_limit = 0
+    stops = [f"<{n}>" for n in range(16)]
+    reply = await stub.Generate(chat(options=pb.GenerationOptions(stop=stops)), timeout=10)
+    assert reply.text == "".join(TOKENS)
+    assert fake.requests[-1][1]["stop"] == stops
+
+
+def action_text(tool: str, **arguments: Any) -> str:
+    return json.dumps({"thought": "look it up", "tool": tool, "arguments": arguments})
+
+
+async def test_a_tool_turn_answers_the_call_of_the_turn_before_it(stub, fake):
+    """A tool result carries the id of the assistant turn's call (the agent's action form
+    read as `tool_calls`), as OpenAI requires; ids follow the turns' places."""
+    call = action_text("calculator", expression="17*23")
+    messages = [pb.Message(role=pb.ROLE_USER, content="What is 17*23?"),
+                pb.Message(role=pb.ROLE_ASSISTANT, content=call),
+                pb.Message(role=pb.ROLE_TOOL, content="391")]
+    await stub.Generate(pb.GenerateRequest(messages=messages), timeout=10)
+    assert fake.requests[-1][1]["messages"] == [
+        {"role": "user", "content": "What is 17*23?"},
+        {"role": "assistant", "content": call, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "17*23"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "391"},
+    ]
+
+
+async def test_a_tool_turn_that_answers_no_call(stub, fake):
+    """After free text there is no call to answer: the tool turn still gets an id of its
+    own (llama-cpp-python requires one), and OpenAI's refusal of it is the caller's
+    INVALID_ARGUMENT."""
+    messages = [pb.Message(role=pb.ROLE_USER, content="Hi"),
+                pb.Message(role=pb.ROLE_ASSISTANT, content="Let me check."),
+                pb.Message(role=pb.ROLE_TOOL, content="391")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(pb.GenerateRequest(messages=messages), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fake.tool_pairing = False
+    await stub.Generate(pb.GenerateRequest(messages=messages), timeout=10)
+    assert fake.requests[-1][1]["messages"][1:] == [
+        {"role": "assistant", "content": "Let me check."},
+        {"role": "tool", "tool_call_id": "call_2", "content": "391"}]
 
 
 @pytest.mark.parametrize("dialect", [LLAMA_CPP])
@@ -243,6 +424,8 @@ async def test_the_agent_loop_runs_unchanged(stub, fake):
     first = fake.generation_requests[0]
     assert first["response_format"]["type"] == "json_schema"
     assert "anyOf" in first["response_format"]["json_schema"]["schema"]
+    # OpenAI refuses `strict: true` for an anyOf root.
+    assert first["response_format"]["json_schema"]["strict"] is False
 
 
 async def test_list_models_and_readiness_follow_the_model_list(fake):

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentloop.config import SettingsError
 from agentloop.upstreams.config import parse_pools
+from agentloop.upstreams.spec import CompletionsFormat, OpenAIDialect
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import DEFAULT_MODEL, FakeOllama, Script, wait_until
 from helpers import client_stub, gateway_settings, rich_details, running_gateway
@@ -241,10 +242,16 @@ async def test_routes_map_names_aliases_and_patterns_to_upstream_names(tmp_path)
             "routes": [{"models": [DEFAULT_MODEL, "small"], "pools": ["local"]},
                        {"pattern": "qwen3:.*", "pools": ["local"]}]}
         async with pooled_gateway(tmp_path, document) as (_running, stub):
-            await stub.Generate(pb.GenerateRequest(prompt="hi", model="small"), timeout=10)
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi", model="small"),
+                                        timeout=10)
             await stub.Generate(pb.GenerateRequest(prompt="hi", model="qwen3:8b"), timeout=10)
             sent = [body["model"] for body in fake.generation_requests]
             assert sent == [DEFAULT_MODEL, "qwen3:8b"]
+            # The upstream's name for it stays the upstream's: the caller's comes back.
+            assert reply.model == "small" and reply.upstream == "local"
+            streamed = [r async for r in stub.StreamGenerate(pb.StreamGenerateRequest(
+                prompt="hi", model="small"), timeout=10)]
+            assert streamed[-1].model == "small"
             models = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
             assert [m.name for m in models.models] == [DEFAULT_MODEL, "small"]
 
@@ -281,11 +288,27 @@ async def test_dns_names_every_address_as_an_endpoint(tmp_path):
       "routes": [{"models": ["m"], "pools": ["a"]}]}, "are for `openai` upstreams"),
     ({"upstreams": {"a": {"kind": "ollama", "endpoints": ["http://x"]}},
       "routes": [{"pattern": "(", "pools": ["a"]}]}, "not a valid RE2"),
+    ({"upstreams": {"a": {"kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
+                          "dialect": {"completions_format": "regex"}}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "`dialect.completions_format` must be"),
+    ({"upstreams": {"a": {"kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
+                          "dialect": {"stop_limit": -1}}},
+      "routes": [{"models": ["m"], "pools": ["a"]}]}, "`dialect.stop_limit` must be"),
 ])
 def test_a_bad_pools_file_is_refused_naming_what_is_wrong(document, complaint):
     with pytest.raises(SettingsError) as refused:
         parse_pools(document, "pools")
     assert complaint in str(refused.value)
+
+
+def test_a_dialect_spells_how_completions_take_a_format_and_how_many_stops():
+    config = parse_pools({"upstreams": {"a": {
+        "kind": "openai", "remote": False, "endpoints": ["http://x/v1"],
+        "dialect": {"completions_format": "grammar", "stop_limit": 0,
+                    "strict_schema": False}}},
+        "routes": [{"models": ["m"], "pools": ["a"]}]}, "pools")
+    assert config.upstreams["a"].dialect == OpenAIDialect(
+        completions_format=CompletionsFormat.GRAMMAR, stop_limit=0, strict_schema=False)
 
 
 def test_an_api_key_never_appears_in_the_parsed_config(monkeypatch):

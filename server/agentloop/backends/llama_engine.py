@@ -36,6 +36,7 @@ import numpy as np
 from llama_cpp import _internals, llama_chat_format, llama_grammar
 from llama_cpp._logger import set_verbose
 
+from agentloop.backends.constraints import grammar_for_schema, split_on_stops
 from agentloop.backends.engine_types import EngineConfig, EngineStats
 from agentloop.config import SettingsError
 from agentloop.domain import (
@@ -91,10 +92,6 @@ _MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 _NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
 _LIKELY_TOKENS = 1024  # candidates a grammar is applied to before the whole vocabulary
 _PENALTY_LAST_N = 64  # tokens the repeat penalty looks back on (llama-cpp-python's default)
-# The schema converter lets a JSON string hold raw control characters, which JSON forbids
-# (a model then writes raw newlines and never closes the string): the JSON grammar's rule.
-_CONVERTER_CHAR = r'char ::= [^"\\] |'
-_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 Sink = Callable[[int, object], None]
 
@@ -120,29 +117,6 @@ class SideWork(Protocol):
     def close(self) -> None:
         """Fail what is left and free what it holds (before the model is freed)."""
         ...
-
-
-# --- stop strings ------------------------------------------------------------------------
-
-def split_on_stops(pending: str, stops: Sequence[str]) -> tuple[int, bool]:
-    """How much of the unsent text may go out now, and whether a stop string was found.
-
-    Returns (end, stopped): send `pending[:end]`. With `stopped`, `end` is where the first
-    stop string begins; otherwise the text after `end` is a possible start of a stop string
-    and waits for the next token.
-    """
-    if not stops:
-        return len(pending), False
-    found = [index for index in (pending.find(stop) for stop in stops) if index >= 0]
-    if found:
-        return min(found), True
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(pending)), hold, -1):
-            if pending.endswith(stop[:size]):
-                hold = size
-                break
-    return len(pending) - hold, False
 
 
 # --- jobs and slots ----------------------------------------------------------------------
@@ -973,12 +947,6 @@ class Engine:
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-def grammar_for_schema(schema: str) -> str:
-    """GBNF for a JSON schema (llama-cpp-python's converter), strings as strict as JSON's."""
-    text = llama_grammar.json_schema_to_gbnf(schema)
-    return text.replace(_CONVERTER_CHAR, _JSON_CHAR)
-
 
 def _sampler_chain(opts: SamplingOptions, n_vocab: int) -> int:
     """The job's sampler chain: what llama-cpp-python builds for the same options.

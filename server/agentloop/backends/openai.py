@@ -4,8 +4,10 @@ OpenAI HTTP API (vLLM, SGLang, TGI, llama.cpp's server, llama-cpp-python's serve
 `/chat/completions` serves chats, `/completions` raw prompts where the endpoint's dialect
 has it. Every generation streams: the Server-Sent Events body is split into lines here (no
 text decoding layer) and each event's data parsed once. Where engines differ (how a JSON
-Schema is asked for, whether streams report usage, sampling extras, `cache_salt`) the
-endpoint's `OpenAIDialect` says. Leaving the stream early closes the HTTP response at once,
+Schema is asked for in a chat and for a raw prompt, `strict`, how many stop strings they
+take, whether streams report usage, sampling extras, `cache_salt`) the endpoint's
+`OpenAIDialect` says; a constraint an upstream cannot take is enforced here (stop strings)
+or refused, never dropped. Leaving the stream early closes the HTTP response at once,
 which makes vLLM abort the request. Nothing an upstream sends as text (error messages,
 bodies) reaches a caller or an info log line: statuses and our own words only.
 """
@@ -15,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import functools
 import json
 import logging
 import math
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -34,6 +39,7 @@ from agentloop.backends.bounds import (
     MAX_EVENT_BYTES,
     PARSE_OFF_LOOP_BYTES,
 )
+from agentloop.backends.constraints import grammar_for_schema, json_grammar, split_on_stops
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
     HttpUpstream,
@@ -56,6 +62,7 @@ from agentloop.domain import (
     GenerationRequest,
     ModelInfo,
     OutputFormat,
+    ResponseFormat,
     Role,
     StreamItem,
     Timings,
@@ -64,10 +71,12 @@ from agentloop.domain import (
     Usage,
 )
 from agentloop.errors import (
+    FORMAT_SCHEMA_FIELD,
     AgentLoopError,
     BackendRejected,
     BackendStreamFailed,
     BackendUnavailable,
+    FailedPrecondition,
     InvalidArgument,
     ModelNotFound,
     ResourceExhausted,
@@ -75,7 +84,14 @@ from agentloop.errors import (
     UpstreamCredentialsRefused,
     UpstreamProtocolError,
 )
-from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect, SchemaStyle, TlsSpec
+from agentloop.schema_limits import load_json
+from agentloop.upstreams.spec import (
+    CompletionsFormat,
+    EndpointSpec,
+    OpenAIDialect,
+    SchemaStyle,
+    TlsSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +157,14 @@ class OpenAIBackend:
         health check (GET /models) already says whether the model is there."""
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        path, body = build_request_body(request, self.spec.dialect, self._settings)
+        dialect = self.spec.dialect
+        grammar = None
+        if dialect.completions_format is CompletionsFormat.GRAMMAR \
+                and request.format.kind is not OutputFormat.TEXT \
+                and takes_completions(request, dialect):
+            grammar = await completion_grammar(request.format)
+        path, body = build_request_body(request, dialect, self._settings, grammar)
+        local_stops = request.options.stop[len(body.get("stop", ())):]
         headers: dict[str, str] = {}
         propagate.inject(headers)  # W3C traceparent: vLLM and TGI join the caller's trace
         answered = False
@@ -153,9 +176,12 @@ class OpenAIBackend:
                 answered = True
                 if response.status != 200:
                     raise await self._refusal(response, request.model)
-                async for item in parse_stream(sse_events(response.content.iter_any()),
-                                               request, self.spec.upstream,
-                                               chat=path != "/completions", started=started):
+                items = parse_stream(sse_events(response.content.iter_any()), request,
+                                     self.spec.upstream, chat=path != "/completions",
+                                     started=started)
+                if local_stops:  # those beyond the upstream's limit
+                    items = cut_at_stops(items, local_stops, request, self.spec.upstream)
+                async for item in items:
                     yield item
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
@@ -251,30 +277,34 @@ def tls_context(tls: TlsSpec) -> ssl.SSLContext:
 # --- the request ------------------------------------------------------------------------
 
 
-def build_request_body(request: GenerationRequest, dialect: OpenAIDialect,
-                       settings: Settings) -> tuple[str, dict[str, Any]]:
+def takes_completions(request: GenerationRequest, dialect: OpenAIDialect) -> bool:
+    """Does the request go to `/completions` (a raw prompt, no system, the dialect has it)?"""
+    return request.prompt is not None and dialect.completions and not request.system
+
+
+def build_request_body(request: GenerationRequest, dialect: OpenAIDialect, settings: Settings,
+                       grammar: str | None = None) -> tuple[str, dict[str, Any]]:
     """The path and JSON body for a generation; raises InvalidArgument for what the
-    upstream cannot take (see sampling_fields)."""
+    upstream cannot take (see sampling_fields, completion_format). `grammar` is the GBNF
+    of the request's format where the dialect's `/completions` takes one."""
     body: dict[str, Any] = {"model": request.model, "stream": True,
                             **sampling_fields(request, dialect, settings)}
     if dialect.stream_usage:
         body["stream_options"] = {"include_usage": True}
-    if request.format.kind is OutputFormat.JSON:
-        body["response_format"] = {"type": "json_object"}
-    elif request.format.kind is OutputFormat.JSON_SCHEMA:
-        body["response_format"] = schema_format(request.format.json_schema or {},
-                                                dialect.schema_style)
     if dialect.cache_salt and request.context.cache_scope:
         body["cache_salt"] = request.context.cache_scope
-    if request.prompt is not None and dialect.completions and not request.system:
+    if takes_completions(request, dialect):
         body["prompt"] = request.prompt
+        body.update(completion_format(request.format, dialect, grammar))
         return "/completions", body
+    if request.format.kind is not OutputFormat.TEXT:
+        body["response_format"] = response_format(request.format, dialect)
     # A chat, or a prompt the upstream only takes as one user turn (Completions has no
     # system either).
     turns = request.messages if request.is_chat else (
         ChatMessage(Role.USER, request.prompt or ""),)
     messages = [{"role": "system", "content": request.system}] if request.system else []
-    messages += [chat_message(turn) for turn in turns]
+    messages += chat_messages(turns)
     body["messages"] = messages
     return "/chat/completions", body
 
@@ -294,8 +324,8 @@ def sampling_fields(request: GenerationRequest, dialect: OpenAIDialect,
                               "max_tokens": opts.max_tokens}
     if opts.seed is not None:
         fields["seed"] = opts.seed
-    if opts.stop:
-        fields["stop"] = list(opts.stop)
+    if opts.stop:  # those beyond the upstream's limit are cut here (cut_at_stops)
+        fields["stop"] = list(opts.stop[:dialect.stop_limit or None])
     if dialect.sampling_extras:
         fields["top_k"] = opts.top_k
         fields[dialect.repeat_penalty_field] = opts.repeat_penalty
@@ -310,12 +340,146 @@ def sampling_fields(request: GenerationRequest, dialect: OpenAIDialect,
     return fields
 
 
-def schema_format(schema: Mapping[str, Any], style: SchemaStyle) -> dict[str, Any]:
-    """`response_format` for a JSON Schema, as the upstream takes it."""
-    if style is SchemaStyle.JSON_OBJECT:
+def response_format(form: ResponseFormat, dialect: OpenAIDialect) -> dict[str, Any]:
+    """`response_format` for JSON mode or a JSON Schema, as the upstream takes it."""
+    if form.kind is OutputFormat.JSON:
+        return {"type": "json_object"}
+    schema = form.json_schema or {}
+    if dialect.schema_style is SchemaStyle.JSON_OBJECT:
         return {"type": "json_object", "schema": schema}
-    return {"type": "json_schema",
-            "json_schema": {"name": SCHEMA_NAME, "schema": schema, "strict": True}}
+    wrapper: dict[str, Any] = {"name": SCHEMA_NAME, "schema": schema}
+    if dialect.strict_schema:
+        wrapper["strict"] = strict_mode_takes(schema)
+    return {"type": "json_schema", "json_schema": wrapper}
+
+
+def completion_format(form: ResponseFormat, dialect: OpenAIDialect,
+                      grammar: str | None) -> dict[str, Any]:
+    """The fields that carry a raw prompt's format to `/completions`, per the dialect; a
+    format the upstream would ignore there is refused rather than dropped."""
+    if form.kind is OutputFormat.TEXT:
+        return {}
+    style = dialect.completions_format
+    if style is CompletionsFormat.RESPONSE_FORMAT:
+        return {"response_format": response_format(form, dialect)}
+    if style is CompletionsFormat.JSON_SCHEMA:  # llama.cpp's server: {} is any JSON value
+        schema = form.json_schema if form.kind is OutputFormat.JSON_SCHEMA else None
+        return {"json_schema": schema or {}}
+    if style is CompletionsFormat.GRAMMAR and grammar is not None:
+        return {"grammar": grammar}
+    raise InvalidArgument([("format", "this model's upstream cannot constrain a raw prompt's "
+                                      "output: send the prompt as `messages`, or leave "
+                                      "`format` unset")])
+
+
+#: Keywords OpenAI's strict mode takes (its "supported schemas"); any other one in a schema
+#: makes it refuse `strict: true`.
+_STRICT_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "anyOf", "enum",
+    "const", "description", "title", "$ref", "$defs", "definitions", "pattern", "format",
+    "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum", "minItems",
+    "maxItems",
+})
+
+
+def strict_mode_takes(schema: Mapping[str, Any]) -> bool:
+    """Does OpenAI's strict mode take this schema? An object at the root (not `anyOf`),
+    every object closed (`additionalProperties: false`) with all its properties required,
+    and only the keywords it knows. Walked without recursion: schemas are bounded, but a
+    caller's nesting is not this function's to trust."""
+    if schema.get("type") != "object" or "anyOf" in schema:
+        return False
+    pending: list[Any] = [schema]
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, Mapping) or not set(node) <= _STRICT_KEYWORDS:
+            return False
+        properties = node.get("properties")
+        if properties is not None or node.get("type") == "object":
+            if not isinstance(properties, Mapping) or node.get("additionalProperties") \
+                    is not False or not isinstance(node.get("required"), list) \
+                    or set(node["required"]) != set(properties):
+                return False
+            pending += properties.values()
+        for key in ("$defs", "definitions"):
+            if isinstance(node.get(key), Mapping):
+                pending += node[key].values()
+        if isinstance(node.get("anyOf"), list):
+            pending += node["anyOf"]
+        if "items" in node:
+            pending.append(node["items"])
+    return True
+
+
+async def completion_grammar(form: ResponseFormat) -> str:
+    """The GBNF for a format, written on a thread (a large schema is milliseconds of
+    converting, and the converter's first use imports llama-cpp-python); a schema the
+    converter cannot express is refused naming it."""
+    text = "" if form.kind is OutputFormat.JSON else json.dumps(form.json_schema or {})
+    try:
+        return await asyncio.to_thread(_grammar_of, text)
+    except ImportError:  # a pools file is checked for it at start; a spec made in code not
+        raise FailedPrecondition("this model's upstream takes a grammar, and the gateway "
+                                 "has no grammar converter (llama-cpp-python)") from None
+    except RecursionError:
+        raise BackendRejected("this model's upstream cannot enforce this JSON schema: it has "
+                              "too many parts for the grammar converter",
+                              field=FORMAT_SCHEMA_FIELD) from None
+    except Exception as exc:  # the converter raises plain Exceptions
+        raise BackendRejected(f"this model's upstream cannot enforce this JSON schema: "
+                              f"{clean(exc)}", field=FORMAT_SCHEMA_FIELD) from None
+
+
+@functools.lru_cache(maxsize=32)
+def _grammar_of(schema: str) -> str:
+    """GBNF for a schema's text ("" for JSON mode); the agent loop sends one schema per
+    step of a run, so recent ones are kept."""
+    return grammar_for_schema(schema) if schema else json_grammar()
+
+
+def chat_messages(turns: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The turns as OpenAI's messages. A tool result carries a `tool_call_id`: the turn
+    before it, where that is a tool call in the agent's action form (`{"tool": ...,
+    "arguments": {...}}`), gets it as its `tool_calls`; ids follow the turns' places, so a
+    conversation's earlier turns read the same on every call (the upstream's prefix cache)."""
+    messages: list[dict[str, Any]] = []
+    for index, turn in enumerate(turns):
+        message = chat_message(turn)
+        if turn.role is Role.TOOL:
+            call_id = f"call_{index}"
+            earlier = turns[index - 1] if index else None
+            call = tool_call(earlier.content) if earlier is not None \
+                and earlier.role is Role.ASSISTANT else None
+            if call is not None and "tool_calls" not in messages[-1]:
+                call_id = f"call_{index - 1}"
+                messages[-1]["tool_calls"] = [{"id": call_id, "type": "function",
+                                               "function": {"name": call[0],
+                                                            "arguments": call[1]}}]
+            message["tool_call_id"] = call_id
+        messages.append(message)
+    return messages
+
+
+#: A function's name as OpenAI takes it in `tool_calls`.
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def tool_call(content: str) -> tuple[str, str] | None:
+    """The tool's name and its arguments as JSON, where `content` is a tool call in the
+    agent's action form; None otherwise."""
+    if not content.lstrip().startswith("{"):
+        return None
+    try:
+        action = load_json(content)
+    except ValueError:
+        return None
+    if not isinstance(action, dict):
+        return None
+    name, arguments = action.get("tool"), action.get("arguments")
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name) \
+            or not isinstance(arguments, dict):
+        return None
+    return name, json.dumps(arguments, ensure_ascii=False)
 
 
 def chat_message(message: ChatMessage) -> dict[str, Any]:
@@ -493,6 +657,31 @@ class _EndReport:
             else _FINISH_REASONS.get(self.reason, FinishReason.UNSPECIFIED)
         return GenerationEnd(finish_reason=reason, usage=self.usage, timings=self.timings,
                              model=request.model, upstream=upstream)
+
+
+async def cut_at_stops(items: AsyncGenerator[StreamItem], stops: Sequence[str],
+                       request: GenerationRequest, upstream: str
+                       ) -> AsyncIterator[StreamItem]:
+    """The stream cut at the first of `stops` (those the upstream could not take): text
+    that may begin one is held back until it does not. At a stop the upstream's request is
+    closed at once, and the end reports no usage (the upstream's never came)."""
+    pending = ""
+    async with aclosing(items):
+        async for item in items:
+            if not isinstance(item, str):
+                if pending:
+                    yield pending
+                yield item
+                return
+            pending += item
+            end, stopped = split_on_stops(pending, stops)
+            if end:
+                yield pending[:end]
+            pending = pending[end:]
+            if stopped:
+                yield GenerationEnd(finish_reason=FinishReason.STOP, usage=Usage(),
+                                    timings=Timings(), model=request.model, upstream=upstream)
+                return
 
 
 def usage_of(usage: object, request: GenerationRequest) -> Usage:

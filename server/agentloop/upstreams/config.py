@@ -9,6 +9,7 @@ never appear in a message or a log line.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import re2
 import yaml
 
 from agentloop.config import SettingsError
-from agentloop.upstreams.spec import OpenAIDialect, SchemaStyle, TlsSpec
+from agentloop.upstreams.spec import CompletionsFormat, OpenAIDialect, SchemaStyle, TlsSpec
 
 KINDS = ("ollama", "openai", "embedded")
 #: Upstream names become span attributes and metric labels: short, plain, operator-chosen.
@@ -299,6 +300,19 @@ def _dialect(entry: Any, kind: str, bad: Any) -> OpenAIDialect:
             if value not in tuple(SchemaStyle):
                 raise bad(f"`dialect.schema_style` must be one of {', '.join(SchemaStyle)}")
             values[key] = SchemaStyle(value)
+        elif key == "completions_format":
+            if value not in tuple(CompletionsFormat):
+                raise bad("`dialect.completions_format` must be one of "
+                          f"{', '.join(CompletionsFormat)}")
+            if value == CompletionsFormat.GRAMMAR and importlib.util.find_spec("llama_cpp") \
+                    is None:
+                raise bad("`dialect.completions_format: grammar` needs llama-cpp-python's "
+                          "grammar converter: pip install 'agentloop[embedded]'")
+            values[key] = CompletionsFormat(value)
+        elif key == "stop_limit":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad("`dialect.stop_limit` must be a whole number >= 0 (0: no limit)")
+            values[key] = value
         elif key == "repeat_penalty_field":
             if value not in ("repetition_penalty", "repeat_penalty"):
                 raise bad("`dialect.repeat_penalty_field` must be repetition_penalty (vLLM, "

@@ -159,8 +159,11 @@ class Pool:
         if not self.any_available():
             raise self.unavailable()
         queue = self.queues[work]
+        ticket = queue.try_acquire(context)
+        if ticket is not None:
+            return ticket
         overflow = self.config.overflow
-        if may_overflow and overflow.max_queue is not None and queue.queued \
+        if may_overflow and overflow.max_queue is not None \
                 and queue.queued >= overflow.max_queue:
             self.overflowed += 1
             raise PoolOverflow(f"upstream {self.name!r} is full", retry_after=1.0)

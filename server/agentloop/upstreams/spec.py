@@ -24,6 +24,21 @@ class SchemaStyle(enum.StrEnum):
     JSON_OBJECT = "json_object"
 
 
+class CompletionsFormat(enum.StrEnum):
+    """How an OpenAI-compatible upstream's `/completions` takes a JSON Schema or JSON mode
+    for a raw prompt (its chat endpoint takes `response_format`: see `SchemaStyle`)."""
+
+    #: It takes none (OpenAI's legacy Completions): a raw prompt with a format is refused.
+    NONE = "none"
+    #: `response_format`, as its chat endpoint takes it (vLLM, SGLang).
+    RESPONSE_FORMAT = "response_format"
+    #: A `json_schema` field holding the schema (llama.cpp's server).
+    JSON_SCHEMA = "json_schema"
+    #: A GBNF `grammar` the gateway writes from the schema (llama-cpp-python's server, whose
+    #: `/completions` ignores `response_format`).
+    GRAMMAR = "grammar"
+
+
 @dataclass(frozen=True, slots=True)
 class OpenAIDialect:
     """Where OpenAI-compatible engines differ (../shared/openai-contract.md, "Dialects")."""
@@ -33,6 +48,16 @@ class OpenAIDialect:
     stream_usage: bool = True
     #: `/completions` serves a raw `prompt`; without it a prompt is sent as one user turn.
     completions: bool = True
+    #: How `/completions` takes a schema or JSON mode. The default refuses: an upstream
+    #: that ignores `response_format` there would drop the constraint without a word.
+    completions_format: CompletionsFormat = CompletionsFormat.NONE
+    #: `strict` in a `json_schema` response format: true when the schema keeps to OpenAI's
+    #: strict mode (an object root, every object closed with all its properties required),
+    #: false otherwise. Off: `strict` is not sent (engines that enforce any schema).
+    strict_schema: bool = True
+    #: The most stop strings the upstream takes (OpenAI: 4; 0: no limit). The gateway cuts
+    #: the stream at the others itself.
+    stop_limit: int = 4
     #: `top_k` and the repeat penalty are accepted at the top level of the body.
     sampling_extras: bool = False
     #: The repeat penalty's name there: vLLM and SGLang `repetition_penalty`, llama.cpp's
