@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -19,10 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agentloop.config import SettingsError
-from agentloop.rpc.auth import ApiKeys, AuthInterceptor, RefusalLog, TokenBuckets
+from agentloop.rpc.auth import ApiKeys, RefusalLog, TokenBuckets
+from agentloop.rpc.edge import Edge
+from agentloop.rpc.transport import RequestBytes
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from fake_ollama import FakeOllama, Script
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, bad_fields, client_stub, gateway_settings, rich_details, running_gateway
 
 KEY_FILE_TEXT = "# team A\nkey-from-file-1\n\n  key-from-file-2  # rotated 2026-11\n"
@@ -357,24 +359,134 @@ def test_tls_settings_go_together(pki):
 
 async def test_a_call_without_a_valid_key_is_refused_before_its_request_is_parsed():
     # Millions of messages in a request cost seconds to parse: a caller without a key
-    # must not get that far. The refusing handler reads the request's bytes as nothing.
+    # must not get that far. The edge decides before it reads a byte of the request.
     parsed: list[bytes] = []
 
     def parse(data: bytes) -> pb.GenerateRequest:
         parsed.append(data)
         return pb.GenerateRequest.FromString(data)
 
-    async def continuation(_details: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: None,
-                                                   request_deserializer=parse)
+    async def generate(request: pb.GenerateRequest, _context: Any) -> pb.GenerateResponse:
+        return pb.GenerateResponse(text=request.prompt)
 
-    interceptor = AuthInterceptor(ApiKeys(["right-key"]), exempt=())
-    details = SimpleNamespace(method="/agentloop.v1.AgentLoopService/Generate",
-                              invocation_metadata=(("authorization", "Bearer wrong-key"),))
-    handler = await interceptor.intercept_service(continuation, details)
-    assert handler.request_deserializer(pb.GenerateRequest(prompt="x").SerializeToString()) \
-        is None
-    assert parsed == []
-    details.invocation_metadata = (("authorization", "Bearer right-key"),)
-    handler = await interceptor.intercept_service(continuation, details)
-    assert handler.request_deserializer(b"").prompt == "" and len(parsed) == 1
+    server = grpc.aio.server(interceptors=[Edge(RequestBytes(1 << 20), ApiKeys(["right-key"]))])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "agentloop.v1.AgentLoopService", {"Generate": grpc.unary_unary_rpc_method_handler(
+            generate, request_deserializer=parse,
+            response_serializer=pb.GenerateResponse.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with client_stub(f"127.0.0.1:{port}") as stub:
+            error = await expect_error(stub.Generate(pb.GenerateRequest(prompt="x"),
+                                                     metadata=bearer("wrong-key"), timeout=5))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED and parsed == []
+            reply = await stub.Generate(pb.GenerateRequest(prompt="x"),
+                                        metadata=bearer("right-key"), timeout=5)
+        assert reply.text == "x" and len(parsed) == 1
+    finally:
+        await server.stop(None)
+
+
+# --- the edge gives back what it took ------------------------------------------------------
+
+EDGE_BUDGET = 1 << 20
+
+
+def generate_of_size(size: int) -> pb.GenerateRequest:
+    """A GenerateRequest whose serialized form is exactly `size` bytes (size >= 3)."""
+    for prompt_chars in range(size - 2, 0, -1):
+        request = pb.GenerateRequest(prompt="x" * prompt_chars)
+        if request.ByteSize() == size:
+            return request
+    raise AssertionError(size)
+
+
+def sizes_summing_to(total: int, count: int) -> list[int]:
+    """`count` sizes from tiny to large, summing to `total` exactly."""
+    sizes = [3 + (index * index * 97) % 20_000 for index in range(count - 1)]
+    return [*sizes, total - sum(sizes)]
+
+
+async def health_status(address: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return reply.status
+
+
+async def test_refused_calls_of_every_kind_give_their_bytes_back(fake_ollama):
+    # Before: a call refused by the rate limit, or with a valid key from a locked-out
+    # address, kept its request bytes in the budget for good. Once they filled it, every
+    # call, probes included, was RESOURCE_EXHAUSTED until a restart.
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = gateway_settings(
+        ollama_url=fake_ollama.url, api_keys="alpha,beta,gamma", rate_limit=0.01,
+        rate_burst=1, refusal_burst=2, refusal_rate=10.0, auth_exempt="grpc.health.v1.Health",
+        max_request_bytes_in_flight=EDGE_BUDGET, max_prompt_bytes=EDGE_BUDGET,
+        max_message_bytes=EDGE_BUDGET + 1024)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        await stub.Generate(generate_of_size(64), metadata=bearer("alpha"), timeout=5)
+        # Rate-limited (alpha's bucket is empty): half the budget, in calls of every size.
+        for size in sizes_summing_to(EDGE_BUDGET // 2, 12):
+            error = await expect_error(stub.Generate(generate_of_size(size),
+                                                     metadata=bearer("alpha"), timeout=5))
+            assert rich_details(error)["ErrorInfo"].metadata["limit"] == "rate"
+        streamed = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="y" * 5000),
+                                       metadata=bearer("alpha"), timeout=5)
+        assert (await expect_error(streamed)).code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Bad keys until the address is locked out, then valid keys from it: the rest.
+        for size in (3, EDGE_BUDGET):
+            error = await expect_error(stub.Generate(generate_of_size(size),
+                                                     metadata=bearer("guess"), timeout=5))
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+        for size in sizes_summing_to(EDGE_BUDGET - EDGE_BUDGET // 2, 9):
+            error = await expect_error(stub.Generate(generate_of_size(size),
+                                                     metadata=bearer("beta"), timeout=5))
+            assert rich_details(error)["ErrorInfo"].metadata["limit"] == "refusals"
+        # Past the message cap: gRPC refuses it before any handler.
+        error = await expect_error(stub.Generate(generate_of_size(EDGE_BUDGET + 2048),
+                                                 metadata=bearer("gamma"), timeout=5))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for service in ("readiness", "liveness"):
+            assert await health_status(running.address, service) == \
+                health_pb2.HealthCheckResponse.SERVING
+        # Once the lock-out is over, a call as large as the whole budget gets through.
+        codes: list[grpc.StatusCode] = []
+
+        async def served() -> bool:
+            try:
+                await stub.Generate(generate_of_size(EDGE_BUDGET), metadata=bearer("gamma"),
+                                    timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+                assert rich_details(exc)["ErrorInfo"].metadata["limit"] == "refusals", codes
+                return False
+            return True
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not await served():
+            assert loop.time() < deadline, codes
+    assert len(fake_ollama.generation_requests) == 2
+
+
+async def test_probes_are_never_refused_by_the_byte_budget_but_are_small(fake_ollama):
+    fake_ollama.default_script = Script(hang_before_headers=True)
+    settings = gateway_settings(ollama_url=fake_ollama.url, max_prompt_bytes=EDGE_BUDGET,
+                                max_request_bytes_in_flight=EDGE_BUDGET)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        held = stub.StreamGenerate(generate_of_size(EDGE_BUDGET - 5), timeout=20)
+        await wait_until(lambda: len(fake_ollama.generation_requests) == 1, timeout=10)
+        error = await expect_error(stub.Generate(generate_of_size(16), timeout=5))
+        assert rich_details(error)["ErrorInfo"].metadata["limit"] == "request_bytes"
+        # The budget is full to 5 bytes; a probe's request is larger and still answered.
+        for service in ("readiness", "liveness"):
+            assert await health_status(running.address, service) == \
+                health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            error = await expect_error(health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="x" * 5000), timeout=5))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(error)["ErrorInfo"].metadata["limit"] == "probe_message_bytes"
+        held.cancel()

@@ -31,7 +31,8 @@ from agentloop.config import (
     SettingsError,
 )
 from agentloop.health import SERVICE_NAME, HealthReporter
-from agentloop.rpc.auth import ApiKeys, security_interceptors
+from agentloop.rpc.auth import ApiKeys
+from agentloop.rpc.edge import Edge
 from agentloop.rpc.interceptors import (
     CallsInFlight,
     DrainInterceptor,
@@ -40,12 +41,7 @@ from agentloop.rpc.interceptors import (
 )
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
-from agentloop.rpc.transport import (
-    RequestBytes,
-    RequestBytesGuard,
-    SendStallGuard,
-    server_transport_options,
-)
+from agentloop.rpc.transport import RequestBytes, SendStallGuard, server_transport_options
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
 from agentloop.services.embeddings import EmbeddingService
@@ -245,7 +241,6 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
     keys = ApiKeys.from_settings(settings)
-    guards = security_interceptors(settings, keys)
     mcp = None
     if settings.mcp_servers:  # the MCP SDK loads only when there are servers
         from agentloop.services.mcp_tools import McpServers
@@ -275,18 +270,17 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     admission.observer = telemetry
     generation = GenerationService(backend, admission, cache, telemetry)
     drain_gate = DrainInterceptor()
-    request_bytes = RequestBytes(settings.max_request_bytes_in_flight)
+    edge = Edge.from_settings(settings, keys, RequestBytes(settings.max_request_bytes_in_flight))
     calls = CallsInFlight()
     server = grpc.aio.server(
         # The calls in flight outermost (the shutdown ends the late ones), then the
         # send-stall guard: it writes the stream the others produce.
         # Telemetry next: its span and status cover what the others refuse or raise.
-        # Undecodable bytes are refused after the auth guards (who is asking comes first),
-        # and a refused call's bytes are never counted nor parsed.
+        # The edge (keys, refusals, rate, request bytes, tenant) before any other work: a
+        # refused call's bytes are never read; undecodable bytes are refused inside it.
         interceptors=[calls, SendStallGuard(settings.send_stall_timeout),
                       ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
-                      drain_gate, *guards, UndecodableRequestGuard(),
-                      RequestBytesGuard(request_bytes), ErrorInterceptor()],
+                      drain_gate, edge, UndecodableRequestGuard(), ErrorInterceptor()],
         options=server_options(settings),
     )
     tools = default_tools()

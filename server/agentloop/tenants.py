@@ -248,7 +248,7 @@ class KeysFile:
         return True
 
 
-#: The tenant the auth interceptor resolved for the call being handled (None: keys off).
+#: The tenant the edge (rpc.edge) resolved for the call being handled (None: keys off).
 #: Each RPC runs in its own task, so the value is the call's own.
 RESOLVED_TENANT: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar(
     "agentloop_tenant", default=None)

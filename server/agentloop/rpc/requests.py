@@ -84,7 +84,7 @@ _PRIORITY_NAMES = {p.name.lower(): p for p in Priority}
 
 def call_context(metadata: Any, peer: str = "", settings: Settings | None = None) -> CallContext:
     """Who is calling and how the call may be served: the call's metadata, its peer and the
-    tenant the auth interceptor resolved (agentloop.tenants.RESOLVED_TENANT)."""
+    tenant the edge resolved (agentloop.tenants.RESOLVED_TENANT)."""
     session = cache_key = address = ""
     local_only = False
     priority = Priority.STANDARD
