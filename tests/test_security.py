@@ -490,3 +490,21 @@ async def test_probes_are_never_refused_by_the_byte_budget_but_are_small(fake_ol
         assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert rich_details(error)["ErrorInfo"].metadata["limit"] == "probe_message_bytes"
         held.cancel()
+
+
+# --- the metadata the gateway reads fails closed ----------------------------------------------
+
+@pytest.mark.parametrize(("metadata", "field"), [
+    ((("x-agentloop-priority", "critical"), ("x-agentloop-priority", "sheddable")),
+     "x-agentloop-priority"),
+    ((("x-agentloop-priority", "high"),), "x-agentloop-priority"),
+    ((("x-agentloop-cache-key", "a"), ("x-agentloop-cache-key", "b")), "x-agentloop-cache-key"),
+    ((("x-agentloop-cache-key", "k" * 129),), "x-agentloop-cache-key"),
+    ((("x-agentloop-session", "a"), ("x-agentloop-session", "b")), "x-agentloop-session"),
+])
+async def test_repeated_or_unknown_metadata_values_are_refused_naming_the_header(
+        stub, fake_ollama, metadata, field):
+    error = await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata,
+                                             timeout=5))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and bad_fields(error) == {field}
+    assert fake_ollama.generation_requests == []

@@ -232,6 +232,56 @@ async def test_local_only_is_refused_where_only_remote_upstreams_serve(tmp_path)
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+LOCAL_ONLY = "x-agentloop-local-only"
+
+
+@pytest.mark.parametrize("metadata", [
+    ((LOCAL_ONLY, "on"),), ((LOCAL_ONLY, "y"),), ((LOCAL_ONLY, "yes"),),
+    ((LOCAL_ONLY, "enabled"),), ((LOCAL_ONLY, "t"),), ((LOCAL_ONLY, "true,true"),),
+    ((LOCAL_ONLY, ""),), ((LOCAL_ONLY, "true"), (LOCAL_ONLY, "false")),
+    ((LOCAL_ONLY, "false"), (LOCAL_ONLY, "false")),
+])
+async def test_an_unclear_local_only_header_is_refused_and_nothing_leaves(tmp_path, metadata):
+    # Before: anything but 1, true or yes read as "not local-only" (the last of repeated
+    # headers won): `on`, `y`, `enabled`... sent the call to the remote pool.
+    async with fakes(1) as (cloud,):
+        document = {
+            "upstreams": {"cloud": ollama_upstream(cloud, remote=True)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["cloud"], "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            for call in (stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10,
+                                       metadata=metadata),
+                         stub.RunAgent(pb.RunAgentRequest(goal="hi"), timeout=10,
+                                       metadata=metadata)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                [violation] = rich_details(refused.value)["BadRequest"].field_violations
+                assert violation.field == LOCAL_ONLY
+            assert served_by(cloud) == 0
+
+
+@pytest.mark.parametrize(("value", "local_only"), [
+    ("true", True), (" TRUE ", True), ("1", True), ("false", False), ("False", False),
+    ("0", False)])
+async def test_the_local_only_header_takes_exactly_its_documented_values(
+        tmp_path, value, local_only):
+    async with fakes(1) as (cloud,):
+        document = {
+            "upstreams": {"cloud": ollama_upstream(cloud, remote=True)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["cloud"], "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            call = stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10,
+                                 metadata=((LOCAL_ONLY, value),))
+            if local_only:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert rich_details(refused.value)["ErrorInfo"].reason == "LOCAL_ONLY"
+            else:
+                assert (await call).upstream == "cloud"
+            assert served_by(cloud) == (0 if local_only else 1)
+
+
 async def test_routes_map_names_aliases_and_patterns_to_upstream_names(tmp_path):
     async with fakes(1) as (fake,):
         fake.models.append("qwen3:8b")
