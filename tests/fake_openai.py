@@ -129,9 +129,10 @@ class FakeOpenAI:
     llama-cpp-python does), `crlf` (CRLF line ends, as sse-starlette writes them),
     `per_token` (embeddings as one vector per word, as a model without pooling gives).
 
-    Observed: `requests` [(path, body)] for every POST, `generation_requests` [body],
-    `headers` of the last request, `disconnects` (generations the client abandoned),
-    `active_streams`, `completed` (generations that sent [DONE])."""
+    Observed: `requests` [(path, body)] for every POST, `generation_requests` [body] and
+    `generation_headers` [headers], `headers` of the last request, `disconnects`
+    (generations the client abandoned), `active_streams`, `completed` (generations that
+    sent [DONE])."""
 
     def __init__(self, models: Iterable[str] | None = None,
                  default_script: Script | None = None) -> None:
@@ -147,6 +148,7 @@ class FakeOpenAI:
         self.per_token = False
         self.requests: list[tuple[str, Any]] = []
         self.generation_requests: list[dict[str, Any]] = []
+        self.generation_headers: list[dict[str, str]] = []
         self.headers: Mapping[str, str] = {}
         self.disconnects = 0
         self.active_streams = 0
@@ -310,6 +312,7 @@ class FakeOpenAI:
         if error is not None:
             return error
         self.generation_requests.append(body)
+        self.generation_headers.append(dict(request.headers))
         script = self._queue.popleft() if self._queue else self.default_script
         task = asyncio.current_task()
         if task is not None:

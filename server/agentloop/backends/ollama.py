@@ -18,14 +18,13 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from opentelemetry import propagate
-
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
     HttpUpstream,
     byte_lines,
     clean,
     retryable,
+    trace_headers,
     transport_error,
     url_address,
 )
@@ -76,8 +75,11 @@ class OllamaBackend:
     parallelism = 4
     default_max_tokens = 2048
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, remote: bool = False,
+                 propagate_trace: bool = True) -> None:
         self._settings = settings
+        # Where the operator lets calls carry trace headers (a local sidecar: yes).
+        self._trace = (propagate_trace, remote)
         self._model = settings.model
         self._keep_alive = _keep_alive_value(settings.keep_alive)
         self._http = HttpUpstream(
@@ -112,8 +114,7 @@ class OllamaBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self._keep_alive)
-        headers: dict[str, str] = {}
-        propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
+        headers = trace_headers(*self._trace)  # Ollama's side joins the caller's trace
         answered = False
         try:
             # Leaving this block before the body's end closes the connection: Ollama stops.
@@ -138,8 +139,7 @@ class OllamaBackend:
                                 "truncate": request.truncate, "keep_alive": self._keep_alive}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        headers: dict[str, str] = {}
-        propagate.inject(headers)
+        headers = trace_headers(*self._trace)
         answered = False
         try:
             async with self._http.request("POST", "/api/embed", body=body,

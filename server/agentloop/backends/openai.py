@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import email.utils
 import json
 import logging
@@ -24,13 +25,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
-from opentelemetry import propagate
 
 from agentloop.backends.http_wire import (
     HTTP_FAILURES,
     HttpUpstream,
     clean,
     retryable,
+    trace_headers,
     transport_error,
     url_address,
 )
@@ -135,8 +136,8 @@ class OpenAIBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self.spec.dialect, self._settings)
-        headers: dict[str, str] = {}
-        propagate.inject(headers)  # W3C traceparent: vLLM and TGI join the caller's trace
+        # W3C traceparent where the operator allows it: vLLM and TGI join the caller's trace.
+        headers = trace_headers(self.spec.propagate_trace, self.spec.remote)
         answered = False
         try:
             # Leaving this block before the body's end closes the connection: vLLM aborts.
@@ -148,7 +149,9 @@ class OpenAIBackend:
                 async for item in parse_stream(sse_events(response.content.iter_any()),
                                                request, self.spec.upstream,
                                                chat=path != "/completions"):
-                    yield item
+                    # Cached tokens would tell a caller about other scopes' prompts unless
+                    # the upstream keeps its prefix cache apart per scope (the salt we send).
+                    yield item if self.spec.dialect.cache_salt else without_cached_tokens(item)
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
 
@@ -228,6 +231,14 @@ class OpenAIBackend:
         log.debug("upstream %s answered %d: %s", self.spec.upstream, response.status,
                   clean(body[:ERROR_BODY_BYTES].decode(errors="replace")))
         return error
+
+
+def without_cached_tokens(item: StreamItem) -> StreamItem:
+    """The item, its end's `cached_input_tokens` reported as 0."""
+    if isinstance(item, str) or not item.usage.cached_input_tokens:
+        return item
+    return dataclasses.replace(item, usage=dataclasses.replace(item.usage,
+                                                               cached_input_tokens=0))
 
 
 def tls_context(tls: TlsSpec) -> ssl.SSLContext:

@@ -104,7 +104,8 @@ class Router:
                 upstream=upstream.name, kind=upstream.kind, url=url, api_key=upstream.api_key,
                 host=dns_host(upstream), tls=upstream.tls,
                 connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
-                max_in_flight=upstream.max_in_flight or 1, dialect=upstream.dialect)
+                max_in_flight=upstream.max_in_flight or 1, dialect=upstream.dialect,
+                remote=upstream.remote, propagate_trace=upstream.propagate_trace)
             backend = self._new_backend(spec, self._settings)
             breaker = CircuitBreaker(self._settings.circuit_failure_threshold,
                                      self._settings.circuit_reset_timeout)
