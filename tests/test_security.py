@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import itertools
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from agentloop import tenants
 from agentloop.config import SettingsError
 from agentloop.rpc.auth import ApiKeys, RefusalLog, TokenBuckets
 from agentloop.rpc.edge import Edge
@@ -142,6 +145,69 @@ async def test_a_key_file_without_keys_stops_the_start(tmp_path: Path):
     with pytest.raises(SettingsError, match="AGENTLOOP_API_KEYS_FILE"):
         async with running_gateway(gateway_settings(api_keys_file=str(empty))):
             pass
+
+
+def slow_reads(monkeypatch: pytest.MonkeyPatch, which: int = 1
+               ) -> tuple[threading.Event, threading.Event]:
+    """Make the keys file's `which`-th reading wait after it has read the file, until the
+    test says go: (reading, go)."""
+    read = tenants.read_keys_file
+    reading, go = threading.Event(), threading.Event()
+    count = itertools.count(1)
+
+    def read_slowly(*args: Any) -> Any:
+        keys = read(*args)
+        if next(count) == which:
+            reading.set()
+            assert go.wait(30), "the test never let the reading go on"
+        return keys
+
+    monkeypatch.setattr(tenants, "read_keys_file", read_slowly)
+    return reading, go
+
+
+def test_an_older_reading_of_the_keys_file_never_lands_over_a_newer_one(tmp_path, monkeypatch):
+    # Before: the watch thread's slow reading of the old file landed after SIGHUP's reading
+    # of the new one, whose stamp was already recorded: a removed key stayed valid until
+    # the file changed again.
+    path = tmp_path / "keys"
+    path.write_text("kept-key\nrevoked-key\n")
+    keys = ApiKeys([], str(path))
+    reading, go = slow_reads(monkeypatch)
+    watch = threading.Thread(target=keys.reload)
+    watch.start()
+    try:
+        assert reading.wait(30)  # the watch has read the old file, not applied it yet
+        path.write_text("kept-key\n")
+        keys.reload()  # SIGHUP's, meanwhile
+    finally:
+        go.set()
+        watch.join(30)
+    assert keys.accepts("kept-key") and not keys.accepts("revoked-key")
+    assert not keys.changed()
+
+
+async def test_a_keys_reload_reads_the_file_off_the_event_loop(fake_ollama, key_file,
+                                                               monkeypatch):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = gateway_settings(ollama_url=fake_ollama.url, api_keys_file=str(key_file),
+                                api_keys_reload_interval=0)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        reading, go = slow_reads(monkeypatch)
+        key_file.write_text("new-key\n")
+        reload = asyncio.ensure_future(running.reload_keys())
+        try:
+            assert await asyncio.to_thread(reading.wait, 30)
+            # The reading waits; the event loop serves on, with the keys in force.
+            await stub.ListModels(pb.ListModelsRequest(), metadata=bearer("key-from-file-1"),
+                                  timeout=5)
+        finally:
+            go.set()
+        assert await reload
+        await stub.ListModels(pb.ListModelsRequest(), metadata=bearer("new-key"), timeout=5)
+        error = await expect_error(stub.ListModels(pb.ListModelsRequest(),
+                                                   metadata=bearer("key-from-file-1"), timeout=5))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize(("overrides", "named"), [

@@ -89,9 +89,10 @@ class RunningServer:
     #: The AgentLoopService calls running (the shutdown ends the late ones).
     calls: CallsInFlight = field(default_factory=CallsInFlight)
 
-    def reload_keys(self) -> bool:
-        """Read the keys file again (SIGHUP): new keys, tenants and limits at once."""
-        return self.keys is not None and self.keys.reload()
+    async def reload_keys(self) -> bool:
+        """Read the keys file again (SIGHUP) on a thread, never on the event loop: new keys,
+        tenants and limits at once (one reading at a time: agentloop.tenants.KeysFile)."""
+        return self.keys is not None and await asyncio.to_thread(self.keys.reload)
 
     @property
     def address(self) -> str:
@@ -324,8 +325,16 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running: RunningServer | None = None
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_keys() -> None:
+        if running is not None:
+            reload = asyncio.create_task(running.reload_keys(), name="keys-reload")
+            reloads.add(reload)  # the loop keeps only a weak reference
+            reload.add_done_callback(reloads.discard)
+
     # From the start too: SIGHUP's default action would end the process.
-    loop.add_signal_handler(signal.SIGHUP, lambda: running is not None and running.reload_keys())
+    loop.add_signal_handler(signal.SIGHUP, reload_keys)
     running = await start_server(settings, backend)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())
