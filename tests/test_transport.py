@@ -226,6 +226,10 @@ async def peak_rss(process: psutil.Process) -> AsyncIterator[list[float]]:
 async def test_ten_thousand_header_only_streams_cost_little_memory(fake_ollama):
     # Before: 10,000 StreamRunAgent calls that never sent their first message were all
     # held for as long as their connection lived: 174-228 MB more, kept after they closed.
+    # Its parent reads nothing of the gateway's stderr (asyncio buffers 128 KiB, then stops
+    # reading): on a loaded machine more of the calls get past the stream limit, time out
+    # and log, and before logs were written by a thread of their own the gateway froze on
+    # the full pipe and never stopped (test_a_gateway_whose_stderr_nobody_reads_...).
     async with served(fake_ollama, "--first-message-timeout", "1") as (gateway, address):
         start = mib(gateway)
         async with peak_rss(gateway) as samples:
