@@ -19,8 +19,8 @@ isolation and the digit oracle on the embedded engine, and the admission path's 
 - admission cost (in process): `Admission.slot` entered and left, free slot, with tenants
   off (no tenant) and on (a named tenant with a weight, requests and tokens per minute, a
   concurrency limit, input paid at admission, output counted and settled), plus
-  `call_context` off and on and
-  the auth interceptor's handler that carries the tenant; microseconds per call.
+  `call_context` off and on and the edge's handler that carries the tenant; microseconds
+  per call.
 
     .venv/bin/python -m bench.bench_tenants [--flood 400] [--probes 20] [--rounds 1]
 
@@ -48,7 +48,7 @@ from typing import Any
 import grpc
 
 from agentloop.domain import CallContext, Usage
-from agentloop.rpc.auth import with_tenant
+from agentloop.rpc.edge import admitted
 from agentloop.rpc.requests import call_context
 from agentloop.services.quotas import Quotas
 from agentloop.tenants import RESOLVED_TENANT, Tenant
@@ -278,9 +278,10 @@ async def admission_cost(calls: int) -> dict[str, float]:
             lambda: call_context(metadata, "ipv4:127.0.0.1:5555"), calls)
     finally:
         RESOLVED_TENANT.reset(token)
-    # With keys, the auth interceptor hands the call's tenant on in a wrapped handler.
+    # With keys, the edge hands the call's tenant on in the handler it wraps per call.
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
-    results["tenant_handler_us"] = timed(lambda: with_tenant(handler, limits), calls)
+    results["tenant_handler_us"] = timed(
+        lambda: admitted(handler, lambda _context: None, limits, None), calls)
     results["added_us"] = (results["slot_on_us"] - results["slot_off_us"]
                            + results["call_context_on_us"] - results["call_context_off_us"]
                            + results["tenant_handler_us"])

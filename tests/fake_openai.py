@@ -143,10 +143,11 @@ class FakeOpenAI:
     A hostile upstream: `answers` {path: RawAnswer} answers those paths (e.g. "/v1/models")
     with raw bytes and the status `raw_status`.
 
-    Observed: `requests` [(path, body)] for every POST, `generation_requests` [body],
-    `headers` of the last request, `disconnects` (generations the client abandoned),
-    `active_streams`, `completed` (generations that sent [DONE]), `tokens_sent` (token
-    events written, every generation), `raw_chunks_sent` (chunks of `answers` written)."""
+    Observed: `requests` [(path, body)] for every POST, `generation_requests` [body] and
+    `generation_headers` [headers], `headers` of the last request, `disconnects`
+    (generations the client abandoned), `active_streams`, `completed` (generations that
+    sent [DONE]), `tokens_sent` (token events written, every generation), `raw_chunks_sent`
+    (chunks of `answers` written)."""
 
     def __init__(self, models: Iterable[str] | None = None,
                  default_script: Script | None = None) -> None:
@@ -168,6 +169,7 @@ class FakeOpenAI:
         self.tool_pairing = True
         self.requests: list[tuple[str, Any]] = []
         self.generation_requests: list[dict[str, Any]] = []
+        self.generation_headers: list[dict[str, str]] = []
         self.headers: Mapping[str, str] = {}
         self.disconnects = 0
         self.active_streams = 0
@@ -356,6 +358,7 @@ class FakeOpenAI:
         if error is not None:
             return error
         self.generation_requests.append(body)
+        self.generation_headers.append(dict(request.headers))
         script = self._queue.popleft() if self._queue else self.default_script
         task = asyncio.current_task()
         if task is not None:

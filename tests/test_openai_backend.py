@@ -135,7 +135,7 @@ async def test_a_chat_streams_through_chat_completions_with_usage(stub, fake):
     last = replies[-1]
     assert last.finish_reason == pb.FINISH_REASON_STOP and last.model == DEFAULT_MODEL
     assert (last.usage.input_tokens, last.usage.output_tokens,
-            last.usage.cached_input_tokens) == (4, 4, 2)
+            last.usage.cached_input_tokens) == (4, 4, 0)  # no cache_salt: cached not told
     path, body = fake.requests[-1]
     assert path == "/v1/chat/completions"
     assert body == {

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import itertools
 import logging
+import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -18,11 +20,14 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from agentloop import tenants
 from agentloop.config import SettingsError
-from agentloop.rpc.auth import ApiKeys, AuthInterceptor, RefusalLog, TokenBuckets
+from agentloop.rpc.auth import ApiKeys, RefusalLog, TokenBuckets
+from agentloop.rpc.edge import Edge
+from agentloop.rpc.transport import RequestBytes
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
-from fake_ollama import FakeOllama, Script
+from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, bad_fields, client_stub, gateway_settings, rich_details, running_gateway
 
 KEY_FILE_TEXT = "# team A\nkey-from-file-1\n\n  key-from-file-2  # rotated 2026-11\n"
@@ -140,6 +145,69 @@ async def test_a_key_file_without_keys_stops_the_start(tmp_path: Path):
     with pytest.raises(SettingsError, match="AGENTLOOP_API_KEYS_FILE"):
         async with running_gateway(gateway_settings(api_keys_file=str(empty))):
             pass
+
+
+def slow_reads(monkeypatch: pytest.MonkeyPatch, which: int = 1
+               ) -> tuple[threading.Event, threading.Event]:
+    """Make the keys file's `which`-th reading wait after it has read the file, until the
+    test says go: (reading, go)."""
+    read = tenants.read_keys_file
+    reading, go = threading.Event(), threading.Event()
+    count = itertools.count(1)
+
+    def read_slowly(*args: Any) -> Any:
+        keys = read(*args)
+        if next(count) == which:
+            reading.set()
+            assert go.wait(30), "the test never let the reading go on"
+        return keys
+
+    monkeypatch.setattr(tenants, "read_keys_file", read_slowly)
+    return reading, go
+
+
+def test_an_older_reading_of_the_keys_file_never_lands_over_a_newer_one(tmp_path, monkeypatch):
+    # Before: the watch thread's slow reading of the old file landed after SIGHUP's reading
+    # of the new one, whose stamp was already recorded: a removed key stayed valid until
+    # the file changed again.
+    path = tmp_path / "keys"
+    path.write_text("kept-key\nrevoked-key\n")
+    keys = ApiKeys([], str(path))
+    reading, go = slow_reads(monkeypatch)
+    watch = threading.Thread(target=keys.reload)
+    watch.start()
+    try:
+        assert reading.wait(30)  # the watch has read the old file, not applied it yet
+        path.write_text("kept-key\n")
+        keys.reload()  # SIGHUP's, meanwhile
+    finally:
+        go.set()
+        watch.join(30)
+    assert keys.accepts("kept-key") and not keys.accepts("revoked-key")
+    assert not keys.changed()
+
+
+async def test_a_keys_reload_reads_the_file_off_the_event_loop(fake_ollama, key_file,
+                                                               monkeypatch):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = gateway_settings(ollama_url=fake_ollama.url, api_keys_file=str(key_file),
+                                api_keys_reload_interval=0)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        reading, go = slow_reads(monkeypatch)
+        key_file.write_text("new-key\n")
+        reload = asyncio.ensure_future(running.reload_keys())
+        try:
+            assert await asyncio.to_thread(reading.wait, 30)
+            # The reading waits; the event loop serves on, with the keys in force.
+            await stub.ListModels(pb.ListModelsRequest(), metadata=bearer("key-from-file-1"),
+                                  timeout=5)
+        finally:
+            go.set()
+        assert await reload
+        await stub.ListModels(pb.ListModelsRequest(), metadata=bearer("new-key"), timeout=5)
+        error = await expect_error(stub.ListModels(pb.ListModelsRequest(),
+                                                   metadata=bearer("key-from-file-1"), timeout=5))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize(("overrides", "named"), [
@@ -357,24 +425,152 @@ def test_tls_settings_go_together(pki):
 
 async def test_a_call_without_a_valid_key_is_refused_before_its_request_is_parsed():
     # Millions of messages in a request cost seconds to parse: a caller without a key
-    # must not get that far. The refusing handler reads the request's bytes as nothing.
+    # must not get that far. The edge decides before it reads a byte of the request.
     parsed: list[bytes] = []
 
     def parse(data: bytes) -> pb.GenerateRequest:
         parsed.append(data)
         return pb.GenerateRequest.FromString(data)
 
-    async def continuation(_details: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: None,
-                                                   request_deserializer=parse)
+    async def generate(request: pb.GenerateRequest, _context: Any) -> pb.GenerateResponse:
+        return pb.GenerateResponse(text=request.prompt)
 
-    interceptor = AuthInterceptor(ApiKeys(["right-key"]), exempt=())
-    details = SimpleNamespace(method="/agentloop.v1.AgentLoopService/Generate",
-                              invocation_metadata=(("authorization", "Bearer wrong-key"),))
-    handler = await interceptor.intercept_service(continuation, details)
-    assert handler.request_deserializer(pb.GenerateRequest(prompt="x").SerializeToString()) \
-        is None
-    assert parsed == []
-    details.invocation_metadata = (("authorization", "Bearer right-key"),)
-    handler = await interceptor.intercept_service(continuation, details)
-    assert handler.request_deserializer(b"").prompt == "" and len(parsed) == 1
+    server = grpc.aio.server(interceptors=[Edge(RequestBytes(1 << 20), ApiKeys(["right-key"]))])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "agentloop.v1.AgentLoopService", {"Generate": grpc.unary_unary_rpc_method_handler(
+            generate, request_deserializer=parse,
+            response_serializer=pb.GenerateResponse.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with client_stub(f"127.0.0.1:{port}") as stub:
+            error = await expect_error(stub.Generate(pb.GenerateRequest(prompt="x"),
+                                                     metadata=bearer("wrong-key"), timeout=5))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED and parsed == []
+            reply = await stub.Generate(pb.GenerateRequest(prompt="x"),
+                                        metadata=bearer("right-key"), timeout=5)
+        assert reply.text == "x" and len(parsed) == 1
+    finally:
+        await server.stop(None)
+
+
+# --- the edge gives back what it took ------------------------------------------------------
+
+EDGE_BUDGET = 1 << 20
+
+
+def generate_of_size(size: int) -> pb.GenerateRequest:
+    """A GenerateRequest whose serialized form is exactly `size` bytes (size >= 3)."""
+    for prompt_chars in range(size - 2, 0, -1):
+        request = pb.GenerateRequest(prompt="x" * prompt_chars)
+        if request.ByteSize() == size:
+            return request
+    raise AssertionError(size)
+
+
+def sizes_summing_to(total: int, count: int) -> list[int]:
+    """`count` sizes from tiny to large, summing to `total` exactly."""
+    sizes = [3 + (index * index * 97) % 20_000 for index in range(count - 1)]
+    return [*sizes, total - sum(sizes)]
+
+
+async def health_status(address: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return reply.status
+
+
+async def test_refused_calls_of_every_kind_give_their_bytes_back(fake_ollama):
+    # Before: a call refused by the rate limit, or with a valid key from a locked-out
+    # address, kept its request bytes in the budget for good. Once they filled it, every
+    # call, probes included, was RESOURCE_EXHAUSTED until a restart.
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = gateway_settings(
+        ollama_url=fake_ollama.url, api_keys="alpha,beta,gamma", rate_limit=0.01,
+        rate_burst=1, refusal_burst=2, refusal_rate=10.0, auth_exempt="grpc.health.v1.Health",
+        max_request_bytes_in_flight=EDGE_BUDGET, max_prompt_bytes=EDGE_BUDGET,
+        max_message_bytes=EDGE_BUDGET + 1024)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        await stub.Generate(generate_of_size(64), metadata=bearer("alpha"), timeout=5)
+        # Rate-limited (alpha's bucket is empty): half the budget, in calls of every size.
+        for size in sizes_summing_to(EDGE_BUDGET // 2, 12):
+            error = await expect_error(stub.Generate(generate_of_size(size),
+                                                     metadata=bearer("alpha"), timeout=5))
+            assert rich_details(error)["ErrorInfo"].metadata["limit"] == "rate"
+        streamed = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="y" * 5000),
+                                       metadata=bearer("alpha"), timeout=5)
+        assert (await expect_error(streamed)).code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Bad keys until the address is locked out, then valid keys from it: the rest.
+        for size in (3, EDGE_BUDGET):
+            error = await expect_error(stub.Generate(generate_of_size(size),
+                                                     metadata=bearer("guess"), timeout=5))
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+        for size in sizes_summing_to(EDGE_BUDGET - EDGE_BUDGET // 2, 9):
+            error = await expect_error(stub.Generate(generate_of_size(size),
+                                                     metadata=bearer("beta"), timeout=5))
+            assert rich_details(error)["ErrorInfo"].metadata["limit"] == "refusals"
+        # Past the message cap: gRPC refuses it before any handler.
+        error = await expect_error(stub.Generate(generate_of_size(EDGE_BUDGET + 2048),
+                                                 metadata=bearer("gamma"), timeout=5))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for service in ("readiness", "liveness"):
+            assert await health_status(running.address, service) == \
+                health_pb2.HealthCheckResponse.SERVING
+        # Once the lock-out is over, a call as large as the whole budget gets through.
+        codes: list[grpc.StatusCode] = []
+
+        async def served() -> bool:
+            try:
+                await stub.Generate(generate_of_size(EDGE_BUDGET), metadata=bearer("gamma"),
+                                    timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+                assert rich_details(exc)["ErrorInfo"].metadata["limit"] == "refusals", codes
+                return False
+            return True
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not await served():
+            assert loop.time() < deadline, codes
+    assert len(fake_ollama.generation_requests) == 2
+
+
+async def test_probes_are_never_refused_by_the_byte_budget_but_are_small(fake_ollama):
+    fake_ollama.default_script = Script(hang_before_headers=True)
+    settings = gateway_settings(ollama_url=fake_ollama.url, max_prompt_bytes=EDGE_BUDGET,
+                                max_request_bytes_in_flight=EDGE_BUDGET)
+    async with running_gateway(settings) as running, client_stub(running.address) as stub:
+        held = stub.StreamGenerate(generate_of_size(EDGE_BUDGET - 5), timeout=20)
+        await wait_until(lambda: len(fake_ollama.generation_requests) == 1, timeout=10)
+        error = await expect_error(stub.Generate(generate_of_size(16), timeout=5))
+        assert rich_details(error)["ErrorInfo"].metadata["limit"] == "request_bytes"
+        # The budget is full to 5 bytes; a probe's request is larger and still answered.
+        for service in ("readiness", "liveness"):
+            assert await health_status(running.address, service) == \
+                health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            error = await expect_error(health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="x" * 5000), timeout=5))
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(error)["ErrorInfo"].metadata["limit"] == "probe_message_bytes"
+        held.cancel()
+
+
+# --- the metadata the gateway reads fails closed ----------------------------------------------
+
+@pytest.mark.parametrize(("metadata", "field"), [
+    ((("x-agentloop-priority", "critical"), ("x-agentloop-priority", "sheddable")),
+     "x-agentloop-priority"),
+    ((("x-agentloop-priority", "high"),), "x-agentloop-priority"),
+    ((("x-agentloop-cache-key", "a"), ("x-agentloop-cache-key", "b")), "x-agentloop-cache-key"),
+    ((("x-agentloop-cache-key", "k" * 129),), "x-agentloop-cache-key"),
+    ((("x-agentloop-session", "a"), ("x-agentloop-session", "b")), "x-agentloop-session"),
+])
+async def test_repeated_or_unknown_metadata_values_are_refused_naming_the_header(
+        stub, fake_ollama, metadata, field):
+    error = await expect_error(stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata,
+                                             timeout=5))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and bad_fields(error) == {field}
+    assert fake_ollama.generation_requests == []

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,8 +19,9 @@ import h2.errors
 import httpx
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raw_h2 import RawGrpcConnection, raw_connection
-from test_cli_serve import start_serve, stop
+from test_cli_serve import BIN, start_serve, stop
 
 from agentloop.rpc.transport import request_message_cap
 from agentloop.server import RunningServer, start_server
@@ -223,6 +226,10 @@ async def peak_rss(process: psutil.Process) -> AsyncIterator[list[float]]:
 async def test_ten_thousand_header_only_streams_cost_little_memory(fake_ollama):
     # Before: 10,000 StreamRunAgent calls that never sent their first message were all
     # held for as long as their connection lived: 174-228 MB more, kept after they closed.
+    # Its parent reads nothing of the gateway's stderr (asyncio buffers 128 KiB, then stops
+    # reading): on a loaded machine more of the calls get past the stream limit, time out
+    # and log, and before logs were written by a thread of their own the gateway froze on
+    # the full pipe and never stopped (test_a_gateway_whose_stderr_nobody_reads_...).
     async with served(fake_ollama, "--first-message-timeout", "1") as (gateway, address):
         start = mib(gateway)
         async with peak_rss(gateway) as samples:
@@ -240,6 +247,43 @@ async def test_ten_thousand_header_only_streams_cost_little_memory(fake_ollama):
     assert refused + timed_out == 10_000 and refused > 0
     assert max(samples) - start < 50, (start, max(samples))
     assert after - start < 20, (start, after)
+
+
+async def test_a_gateway_whose_stderr_nobody_reads_keeps_serving_and_stops(fake_ollama):
+    # Before: log lines were written to stderr on the event loop; once its reader stalled
+    # (a full pipe: the 10,000-stream test's parent reads nothing past its buffer), the
+    # gateway froze, liveness too, and never stopped. Each call logs a line: 300 calls
+    # overfill a pipe of 4 KiB that nobody reads.
+    unread, stderr = os.pipe()
+    fcntl.fcntl(stderr, fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "agentloop"), "serve", "--listen", "127.0.0.1:0", "--backend", "ollama",
+            "--ollama-url", fake_ollama.url, "--drain-delay", "0", "--metrics-listen", "",
+            stdout=asyncio.subprocess.PIPE, stderr=stderr)
+        os.close(stderr)
+        assert proc.stdout is not None
+        try:
+            banner = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            address = banner.split()[3]
+            async with client_stub(address) as stub:
+                for _ in range(300):
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            async with grpc.aio.insecure_channel(address) as channel:
+                for service in ("liveness", "readiness"):
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=10)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            try:
+                code = await stop(proc)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise
+        assert code == 0
+    finally:
+        os.close(unread)
 
 
 async def test_compressed_bombs_stay_bounded(fake_ollama):

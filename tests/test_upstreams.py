@@ -24,6 +24,9 @@ from agentloop.upstreams.config import parse_pools
 from agentloop.upstreams.spec import CompletionsFormat, OpenAIDialect
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import DEFAULT_MODEL, FakeOllama, Script, wait_until
+from fake_openai import DEFAULT_MODEL as OPENAI_MODEL
+from fake_openai import FakeOpenAI
+from fake_openai import Script as OpenAIScript
 from helpers import client_stub, gateway_settings, rich_details, running_gateway
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -232,6 +235,129 @@ async def test_local_only_is_refused_where_only_remote_upstreams_serve(tmp_path)
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await stub.Generate(pb.GenerateRequest(prompt="hi", model="nope"), timeout=10)
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+LOCAL_ONLY = "x-agentloop-local-only"
+
+
+@pytest.mark.parametrize("metadata", [
+    ((LOCAL_ONLY, "on"),), ((LOCAL_ONLY, "y"),), ((LOCAL_ONLY, "yes"),),
+    ((LOCAL_ONLY, "enabled"),), ((LOCAL_ONLY, "t"),), ((LOCAL_ONLY, "true,true"),),
+    ((LOCAL_ONLY, ""),), ((LOCAL_ONLY, "true"), (LOCAL_ONLY, "false")),
+    ((LOCAL_ONLY, "false"), (LOCAL_ONLY, "false")),
+])
+async def test_an_unclear_local_only_header_is_refused_and_nothing_leaves(tmp_path, metadata):
+    # Before: anything but 1, true or yes read as "not local-only" (the last of repeated
+    # headers won): `on`, `y`, `enabled`... sent the call to the remote pool.
+    async with fakes(1) as (cloud,):
+        document = {
+            "upstreams": {"cloud": ollama_upstream(cloud, remote=True)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["cloud"], "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            for call in (stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10,
+                                       metadata=metadata),
+                         stub.RunAgent(pb.RunAgentRequest(goal="hi"), timeout=10,
+                                       metadata=metadata)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                [violation] = rich_details(refused.value)["BadRequest"].field_violations
+                assert violation.field == LOCAL_ONLY
+            assert served_by(cloud) == 0
+
+
+@pytest.mark.parametrize(("value", "local_only"), [
+    ("true", True), (" TRUE ", True), ("1", True), ("false", False), ("False", False),
+    ("0", False)])
+async def test_the_local_only_header_takes_exactly_its_documented_values(
+        tmp_path, value, local_only):
+    async with fakes(1) as (cloud,):
+        document = {
+            "upstreams": {"cloud": ollama_upstream(cloud, remote=True)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["cloud"], "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            call = stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10,
+                                 metadata=((LOCAL_ONLY, value),))
+            if local_only:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert rich_details(refused.value)["ErrorInfo"].reason == "LOCAL_ONLY"
+            else:
+                assert (await call).upstream == "cloud"
+            assert served_by(cloud) == (0 if local_only else 1)
+
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACED = (("traceparent", f"00-{CALLER_TRACE}-00f067aa0ba902b7-01"),
+          ("baggage", "user=alice,case=4711"))
+
+
+@pytest.mark.parametrize(("remote", "propagate_trace", "traced", "baggage"), [
+    (False, None, True, True),   # local: what the process's propagators carry
+    (False, False, False, False),
+    (True, None, False, False),  # remote: nothing unless the operator says so
+    (True, True, True, False),   # ... and then the trace context, never the baggage
+])
+async def test_upstreams_get_trace_headers_as_the_operator_says(
+        tmp_path, remote, propagate_trace, traced, baggage):
+    # Before: every upstream, a remote one too, got the caller's trace and baggage.
+    openai = FakeOpenAI(default_script=OpenAIScript(tokens=TOKENS))
+    await openai.start()
+    try:
+        async with fakes(1) as (ollama,):
+            extra = {} if propagate_trace is None else {"propagate_trace": propagate_trace}
+            document = {
+                "upstreams": {
+                    "ollama": ollama_upstream(ollama, remote=remote, **extra),
+                    "openai": {"kind": "openai", "endpoints": [openai.url], "remote": remote,
+                               **extra}},
+                "routes": [{"models": [DEFAULT_MODEL], "pools": ["ollama"],
+                            "allow_remote": remote},
+                           {"models": [OPENAI_MODEL], "pools": ["openai"],
+                            "allow_remote": remote}]}
+            async with pooled_gateway(tmp_path, document) as (_running, stub):
+                for model in (DEFAULT_MODEL, OPENAI_MODEL):
+                    await stub.Generate(pb.GenerateRequest(prompt="hi", model=model),
+                                        metadata=TRACED, timeout=10)
+            got = [{k.lower(): v for k, v in ollama.headers.items()},
+                   {k.lower(): v for k, v in openai.generation_headers[-1].items()}]
+    finally:
+        await openai.stop()
+    for headers in got:
+        assert ("traceparent" in headers) is traced, headers
+        if traced:
+            assert headers["traceparent"].split("-")[1] == CALLER_TRACE
+        assert ("baggage" in headers) is baggage, headers
+
+
+@pytest.mark.parametrize(("dialect", "cached"), [
+    ({}, 0), ({"cache_salt": False, "schema_style": "json_object"}, 0),
+    ({"cache_salt": True}, 3)])
+async def test_cached_tokens_are_told_only_where_the_upstream_keeps_scopes_apart(
+        tmp_path, dialect, cached):
+    # Before: an upstream sharing one prefix cache across callers (llama.cpp's server,
+    # llama-cpp-python's, any dialect without cache_salt) told each caller how much of
+    # its prompt another caller had sent: an oracle for the others' prompts.
+    openai = FakeOpenAI(default_script=OpenAIScript(tokens=TOKENS, cached_tokens=3))
+    openai.extras = {"cache_salt"}
+    await openai.start()
+    try:
+        document = {
+            "upstreams": {"openai": {"kind": "openai", "endpoints": [openai.url],
+                                     "remote": False, "dialect": dialect}},
+            "routes": [{"models": [OPENAI_MODEL], "pools": ["openai"]}]}
+        async with pooled_gateway(tmp_path, document, model=OPENAI_MODEL) as (_running, stub):
+            # A prompt of more tokens than the cached count (the gateway bounds a cached
+            # count by the prompt's).
+            prompt = "a shared prefix of several words"
+            reply = await stub.Generate(pb.GenerateRequest(prompt=prompt), timeout=10)
+            streamed = [r async for r in stub.StreamGenerate(
+                pb.StreamGenerateRequest(prompt=prompt), timeout=10)]
+    finally:
+        await openai.stop()
+    assert reply.usage.input_tokens >= 3
+    assert reply.usage.cached_input_tokens == streamed[-1].usage.cached_input_tokens == cached
+    assert ("cache_salt" in openai.generation_requests[-1]) is bool(cached)
 
 
 async def test_routes_map_names_aliases_and_patterns_to_upstream_names(tmp_path):

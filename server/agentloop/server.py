@@ -29,7 +29,8 @@ from agentloop.config import (
     SettingsError,
 )
 from agentloop.health import SERVICE_NAME, HealthReporter
-from agentloop.rpc.auth import ApiKeys, security_interceptors
+from agentloop.rpc.auth import ApiKeys
+from agentloop.rpc.edge import Edge
 from agentloop.rpc.interceptors import (
     CallsInFlight,
     DrainInterceptor,
@@ -38,12 +39,7 @@ from agentloop.rpc.interceptors import (
 )
 from agentloop.rpc.servicer import AgentLoopServicer
 from agentloop.rpc.telemetry_interceptor import ServerTelemetry
-from agentloop.rpc.transport import (
-    RequestBytes,
-    RequestBytesGuard,
-    SendStallGuard,
-    server_transport_options,
-)
+from agentloop.rpc.transport import RequestBytes, SendStallGuard, server_transport_options
 from agentloop.services.agent import AgentService
 from agentloop.services.cache import ResponseCache
 from agentloop.services.embeddings import EmbeddingService
@@ -91,9 +87,10 @@ class RunningServer:
     #: The AgentLoopService calls running (the shutdown ends the late ones).
     calls: CallsInFlight = field(default_factory=CallsInFlight)
 
-    def reload_keys(self) -> bool:
-        """Read the keys file again (SIGHUP): new keys, tenants and limits at once."""
-        return self.keys is not None and self.keys.reload()
+    async def reload_keys(self) -> bool:
+        """Read the keys file again (SIGHUP) on a thread, never on the event loop: new keys,
+        tenants and limits at once (one reading at a time: agentloop.tenants.KeysFile)."""
+        return self.keys is not None and await asyncio.to_thread(self.keys.reload)
 
     @property
     def address(self) -> str:
@@ -242,7 +239,6 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
 async def start_server(settings: Settings, backend: Backend | None = None) -> RunningServer:
     """Build and start everything; the caller owns the returned server's shutdown."""
     keys = ApiKeys.from_settings(settings)
-    guards = security_interceptors(settings, keys)
     mcp = None
     if settings.mcp_servers:  # the MCP SDK loads only when there are servers
         from agentloop.services.mcp_tools import McpServers
@@ -264,18 +260,17 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     backend.observer = quotas.observer = telemetry
     generation = GenerationService(backend, quotas, cache, telemetry)
     drain_gate = DrainInterceptor()
-    request_bytes = RequestBytes(settings.max_request_bytes_in_flight)
+    edge = Edge.from_settings(settings, keys, RequestBytes(settings.max_request_bytes_in_flight))
     calls = CallsInFlight()
     server = grpc.aio.server(
         # The calls in flight outermost (the shutdown ends the late ones), then the
         # send-stall guard: it writes the stream the others produce.
         # Telemetry next: its span and status cover what the others refuse or raise.
-        # Undecodable bytes are refused after the auth guards (who is asking comes first),
-        # and a refused call's bytes are never counted nor parsed.
+        # The edge (keys, refusals, rate, request bytes, tenant) before any other work: a
+        # refused call's bytes are never read; undecodable bytes are refused inside it.
         interceptors=[calls, SendStallGuard(settings.send_stall_timeout),
                       ServerTelemetry(telemetry.tracer, telemetry.instruments.rpc_duration),
-                      drain_gate, *guards, UndecodableRequestGuard(),
-                      RequestBytesGuard(request_bytes), ErrorInterceptor()],
+                      drain_gate, edge, UndecodableRequestGuard(), ErrorInterceptor()],
         options=server_options(settings),
     )
     tools = default_tools()
@@ -319,8 +314,16 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running: RunningServer | None = None
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_keys() -> None:
+        if running is not None:
+            reload = asyncio.create_task(running.reload_keys(), name="keys-reload")
+            reloads.add(reload)  # the loop keeps only a weak reference
+            reload.add_done_callback(reloads.discard)
+
     # From the start too: SIGHUP's default action would end the process.
-    loop.add_signal_handler(signal.SIGHUP, lambda: running is not None and running.reload_keys())
+    loop.add_signal_handler(signal.SIGHUP, reload_keys)
     running = await start_server(settings, backend)
     # The banner invites calls, so it waits for readiness (a warm-up, a model to pull).
     stopped = asyncio.create_task(stop.wait())

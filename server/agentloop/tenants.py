@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,8 +206,19 @@ def _count(where: str, limit: str, value: Any) -> int:
     return value
 
 
+#: Readings of the keys file one reload makes at most when the file keeps changing while
+#: it is read; past them the stamp stays old, so the next watch tick or SIGHUP reads again.
+MAX_READS_PER_RELOAD = 5
+
+
 class KeysFile:
-    """The keys file, read again when it changes (`changed`) or on demand (`reload`)."""
+    """The keys file, read again when it changes (`changed`) or on demand (`reload`).
+
+    One reading at a time: a reload asked for while one runs (the watch thread and SIGHUP
+    at once) makes the running one read again when it is done, and returns at once. A
+    reading is applied only if the file's stamp (time, size, inode) is the same after the
+    read as before it, so an older reading never lands over a newer file: a key removed
+    from the file never comes back."""
 
     def __init__(self, path: str, extra_keys: Iterable[str] = ()) -> None:
         self.path = path
@@ -215,6 +227,9 @@ class KeysFile:
         self._stamp = self._stat()
         self.current = read_keys_file(path, self._extra) if path else parse_keys_text(
             "", extra_digests=self._extra)
+        self._state = threading.Lock()
+        self._reloading = False
+        self._again = False
 
     def _stat(self) -> tuple[int, int, int] | None:
         if not self.path:
@@ -231,14 +246,48 @@ class KeysFile:
         return self._stat() != self._stamp
 
     def reload(self) -> bool:
-        """Read the file again; on a bad file keep the keys in force and log why."""
-        self._stamp = self._stat()
+        """Read the file again and apply it (True when new keys were applied); on a bad
+        file keep the keys in force and log why. Blocks on a file read: call it off the
+        event loop."""
+        with self._state:
+            if self._reloading:
+                self._again = True  # the running reload reads once more, after this
+                return False
+            self._reloading = True
+        applied = False
+        try:
+            for _ in range(MAX_READS_PER_RELOAD):
+                with self._state:
+                    self._again = False
+                outcome = self._read_and_apply()
+                applied = applied or outcome is True
+                with self._state:
+                    if outcome is not None and not self._again:
+                        self._reloading = False
+                        return applied
+            log.warning("keys file %s changed while it was read, %d times: read again on "
+                        "its next change or SIGHUP", self.path, MAX_READS_PER_RELOAD)
+            return applied
+        finally:
+            with self._state:
+                self._reloading = False
+
+    def _read_and_apply(self) -> bool | None:
+        """One reading: True applied, False refused (a bad file), None when the file
+        changed while it was read (nothing applied)."""
+        before = self._stat()
         try:
             keys = read_keys_file(self.path, self._extra)
         except (OSError, ValueError) as exc:
+            if self._stat() != before:
+                return None
+            self._stamp = before
             log.warning("keys file %s not reloaded, the previous keys stay in force: %s",
                         self.path, exc)
             return False
+        if self._stat() != before:
+            return None  # this reading may be older than the file: never applied
+        self._stamp = before
         if not len(keys):
             log.warning("keys file %s not reloaded: it has no key", self.path)
             return False
@@ -248,7 +297,7 @@ class KeysFile:
         return True
 
 
-#: The tenant the auth interceptor resolved for the call being handled (None: keys off).
+#: The tenant the edge (rpc.edge) resolved for the call being handled (None: keys off).
 #: Each RPC runs in its own task, so the value is the call's own.
 RESOLVED_TENANT: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar(
     "agentloop_tenant", default=None)

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import aiohttp.helpers
 import yarl
+from opentelemetry import propagate
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agentloop.backends.bounds import (
     END_GRACE_SECONDS,
@@ -197,3 +199,17 @@ _URL_OR_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+|\b\d{1,3}(?:\.\d{1,3}){
 def clean(message: object) -> str:
     """Keep backend messages short, single-line and free of internal addresses."""
     return _URL_OR_ADDRESS.sub("<address>", " ".join(str(message).split()))[:300]
+
+
+_W3C_TRACE_CONTEXT = TraceContextTextMapPropagator()
+
+
+def trace_headers(propagate_trace: bool, remote: bool) -> dict[str, str]:
+    """The trace headers an upstream call carries (the current span is its parent): none
+    unless the operator's pools file lets this upstream have them (`propagate_trace`); a
+    remote upstream gets the W3C trace context alone (`traceparent`, `tracestate`), never
+    the caller's baggage; a local one what the process's propagators carry."""
+    headers: dict[str, str] = {}
+    if propagate_trace:
+        (_W3C_TRACE_CONTEXT if remote else propagate).inject(headers)
+    return headers

@@ -34,7 +34,8 @@ def backend_for(spec: EndpointSpec, settings: Settings) -> Backend:
         return OllamaBackend(dataclasses.replace(
             settings, ollama_url=spec.url, connect_timeout=spec.connect_timeout,
             read_timeout=spec.read_timeout, max_in_flight=spec.max_in_flight,
-            max_connections=max(spec.max_in_flight * 2, 8)))
+            max_connections=max(spec.max_in_flight * 2, 8)),
+            remote=spec.remote, propagate_trace=spec.propagate_trace)
     if spec.kind == "openai":
         from agentloop.backends.openai import OpenAIBackend
 

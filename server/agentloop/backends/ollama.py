@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from opentelemetry import propagate
-
 from agentloop.backends import bounds
 from agentloop.backends.bounds import (
     EVENT_SLACK,
@@ -37,6 +35,7 @@ from agentloop.backends.http_wire import (
     read_head,
     read_trailer,
     retryable,
+    trace_headers,
     transport_error,
     url_address,
 )
@@ -87,8 +86,11 @@ class OllamaBackend:
     parallelism = 4
     default_max_tokens = 2048
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, remote: bool = False,
+                 propagate_trace: bool = True) -> None:
         self._settings = settings
+        # Where the operator lets calls carry trace headers (a local sidecar: yes).
+        self._trace = (propagate_trace, remote)
         self._model = settings.model
         self._keep_alive = _keep_alive_value(settings.keep_alive)
         self._http = HttpUpstream(
@@ -126,8 +128,7 @@ class OllamaBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         path, body = build_request_body(request, self._keep_alive)
-        headers: dict[str, str] = {}
-        propagate.inject(headers)  # W3C traceparent: Ollama's side joins the caller's trace
+        headers = trace_headers(*self._trace)  # Ollama's side joins the caller's trace
         answered = False
         started = time.monotonic()
         try:
@@ -153,8 +154,7 @@ class OllamaBackend:
                                 "truncate": request.truncate, "keep_alive": self._keep_alive}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        headers: dict[str, str] = {}
-        propagate.inject(headers)
+        headers = trace_headers(*self._trace)
         answered = False
         try:
             async with self._http.request("POST", "/api/embed", body=body,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import email.utils
 import functools
 import json
@@ -29,7 +30,6 @@ from contextlib import aclosing
 from typing import Any
 
 import aiohttp
-from opentelemetry import propagate
 
 from agentloop.backends import bounds
 from agentloop.backends.bounds import (
@@ -48,6 +48,7 @@ from agentloop.backends.http_wire import (
     read_head,
     read_trailer,
     retryable,
+    trace_headers,
     transport_error,
     url_address,
 )
@@ -165,8 +166,8 @@ class OpenAIBackend:
             grammar = await completion_grammar(request.format)
         path, body = build_request_body(request, dialect, self._settings, grammar)
         local_stops = request.options.stop[len(body.get("stop", ())):]
-        headers: dict[str, str] = {}
-        propagate.inject(headers)  # W3C traceparent: vLLM and TGI join the caller's trace
+        # W3C traceparent where the operator allows it: vLLM and TGI join the caller's trace.
+        headers = trace_headers(self.spec.propagate_trace, self.spec.remote)
         answered = False
         started = time.monotonic()
         try:
@@ -182,7 +183,9 @@ class OpenAIBackend:
                 if local_stops:  # those beyond the upstream's limit
                     items = cut_at_stops(items, local_stops, request, self.spec.upstream)
                 async for item in items:
-                    yield item
+                    # Cached tokens would tell a caller about other scopes' prompts unless
+                    # the upstream keeps its prefix cache apart per scope (the salt we send).
+                    yield item if self.spec.dialect.cache_salt else without_cached_tokens(item)
         except HTTP_FAILURES as exc:
             raise transport_error(exc, before_headers=not answered) from None
 
@@ -260,6 +263,14 @@ class OpenAIBackend:
         log.debug("upstream %s answered %d: %s", self.spec.upstream, response.status,
                   clean(body.decode(errors="replace")))
         return error
+
+
+def without_cached_tokens(item: StreamItem) -> StreamItem:
+    """The item, its end's `cached_input_tokens` reported as 0."""
+    if isinstance(item, str) or not item.usage.cached_input_tokens:
+        return item
+    return dataclasses.replace(item, usage=dataclasses.replace(item.usage,
+                                                               cached_input_tokens=0))
 
 
 def tls_context(tls: TlsSpec) -> ssl.SSLContext:

@@ -80,30 +80,42 @@ MAX_CACHE_KEY_CHARS = 128
 #: Longest client address kept from a trusted proxy's header.
 MAX_ADDRESS_CHARS = 64
 _PRIORITY_NAMES = {p.name.lower(): p for p in Priority}
+#: What x-agentloop-local-only may say (trimmed, any case); anything else is refused: a
+#: privacy switch read as "off" because it was spelled `on` sent calls off the premises.
+_LOCAL_ONLY_VALUES = {"true": True, "1": True, "false": False, "0": False}
+#: The headers read once per call: sent twice, the call is refused (which one counted
+#: would be a guess, and a guess must not decide where a call goes or what it shares).
+_ONCE_HEADERS = (SESSION_HEADER, LOCAL_ONLY_HEADER, PRIORITY_HEADER, CACHE_KEY_HEADER)
 
 
 def call_context(metadata: Any, peer: str = "", settings: Settings | None = None) -> CallContext:
     """Who is calling and how the call may be served: the call's metadata, its peer and the
-    tenant the auth interceptor resolved (agentloop.tenants.RESOLVED_TENANT)."""
-    session = cache_key = address = ""
-    local_only = False
-    priority = Priority.STANDARD
+    tenant the edge resolved (agentloop.tenants.RESOLVED_TENANT). A header the gateway
+    reads that is repeated or holds a value outside its documented set is INVALID_ARGUMENT
+    naming it."""
+    headers: dict[str, str] = {}
+    violations: Violations = []
+    address = ""
     address_header = settings.client_address_header if settings is not None else ""
     for key, value in metadata or ():
         if not isinstance(value, str):
             continue
-        if key == SESSION_HEADER:
-            session = value[:MAX_SESSION_CHARS]
-        elif key == LOCAL_ONLY_HEADER:
-            local_only = value.strip().lower() in ("1", "true", "yes")
-        elif key == PRIORITY_HEADER:
-            priority = priority_of(value)
-        elif key == CACHE_KEY_HEADER:
-            cache_key = value[:MAX_CACHE_KEY_CHARS]
+        if key in _ONCE_HEADERS:
+            if key in headers and (key, _TWICE) not in violations:
+                violations.append((key, _TWICE))
+            headers[key] = value
         elif address_header and key == address_header:
             # The last entry is the one the trusted proxy added; earlier ones are the
             # caller's to invent (X-Forwarded-For).
             address = value.rpartition(",")[2].strip()[:MAX_ADDRESS_CHARS]
+    local_only = _local_only(headers.get(LOCAL_ONLY_HEADER), violations)
+    priority = _priority(headers.get(PRIORITY_HEADER), violations)
+    cache_key = headers.get(CACHE_KEY_HEADER, "")
+    if len(cache_key) > MAX_CACHE_KEY_CHARS:  # cut, two keys could share a scope
+        violations.append((CACHE_KEY_HEADER, f"at most {MAX_CACHE_KEY_CHARS} characters"))
+    if violations:
+        raise InvalidArgument(violations)
+    session = headers.get(SESSION_HEADER, "")[:MAX_SESSION_CHARS]
     tenant = resolved_tenant()
     if tenant.name:
         caller = tenant.name
@@ -119,11 +131,26 @@ def call_context(metadata: Any, peer: str = "", settings: Settings | None = None
         cache_scope=cache_scope(scope_base, cache_key), caller=caller)
 
 
-def priority_of(text: str) -> Priority:
+_TWICE = "sent more than once: send it once"
+
+
+def _local_only(text: str | None, violations: Violations) -> bool:
+    if text is None:
+        return False
+    local_only = _LOCAL_ONLY_VALUES.get(text.strip().lower())
+    if local_only is None:
+        violations.append((LOCAL_ONLY_HEADER, "must be true or 1 (local only), or false or 0"))
+        return True
+    return local_only
+
+
+def _priority(text: str | None, violations: Violations) -> Priority:
+    if text is None:
+        return Priority.STANDARD
     priority = _PRIORITY_NAMES.get(text.strip().lower())
     if priority is None:
-        raise InvalidArgument([(PRIORITY_HEADER,
-                                f"must be one of {', '.join(_PRIORITY_NAMES)}")])
+        violations.append((PRIORITY_HEADER, f"must be one of {', '.join(_PRIORITY_NAMES)}"))
+        return Priority.STANDARD
     return priority
 
 

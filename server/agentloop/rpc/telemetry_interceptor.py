@@ -134,7 +134,7 @@ class _ObservedRpc:
         code = self.code or self._context.code() or grpc.StatusCode.OK
         status = code.value[0]
         span = self.span
-        tenant = tenant_label(resolved_tenant().name)  # resolved by the auth interceptor
+        tenant = tenant_label(resolved_tenant().name)  # resolved by the edge (rpc.edge)
         span.set_attribute("agentloop.tenant", tenant)
         span.set_attribute("rpc.grpc.status_code", status)
         if code is not grpc.StatusCode.OK:

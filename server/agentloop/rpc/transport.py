@@ -12,9 +12,12 @@ keeps each of those bounded:
   read (HTTP/2 flow control), then the call ends with RESOURCE_EXHAUSTED (SEND_STALLED).
   The generation never waits for the client in the first place (`rpc.coalesce`): this
   only bounds how long a stream that nobody reads is kept.
-- `RequestBytesGuard`: decompressed request bytes held by all calls together stay within
-  `max_request_bytes_in_flight`; a call past it gets RESOURCE_EXHAUSTED before its bytes
-  are parsed.
+- `RequestBytes`: decompressed request bytes held by all calls together stay within
+  `max_request_bytes_in_flight`; the edge (`rpc.edge`) counts each AgentLoopService
+  message against it before parsing it, until its call ends; a call past it gets
+  RESOURCE_EXHAUSTED, its bytes unparsed. gRPC inflates a compressed message before any
+  handler sees it, stopping at the message cap: the cap bounds what one message inflates
+  to, the budget what all calls hold after that.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -159,126 +162,7 @@ class RequestBytes:
         self.in_flight -= size
 
 
-class _Held:
-    """A parsed request and the budget bytes it holds until its call ends."""
-
-    __slots__ = ("message", "size")
-
-    def __init__(self, message: Any, size: int) -> None:
-        self.message = message
-        self.size = size
-
-
-class _OverBudget:
-    """What the deserializer hands on for a request refused by the budget (unparsed)."""
-
-
-_OVER_BUDGET = _OverBudget()
-
-
-def _over_budget(budget: RequestBytes) -> ResourceExhausted:
+def over_budget(budget: RequestBytes) -> ResourceExhausted:
     return ResourceExhausted(
         f"the server holds too many request bytes at once ({budget.budget} in flight at "
         "most); retry shortly", retry_after=1.0, metadata={"limit": "request_bytes"})
-
-
-class RequestBytesGuard(grpc.aio.ServerInterceptor):
-    """Every request's decompressed bytes count against `RequestBytes` from before they are
-    parsed until their call ends; past the budget the call is RESOURCE_EXHAUSTED and its
-    bytes are dropped unparsed. Applies to every method (a health check can be sent
-    compressed too).
-
-    gRPC inflates a compressed message before any handler sees it (and hides grpc-encoding
-    from the invocation metadata), stopping at the message cap: the cap bounds what one
-    message inflates to, this budget what all calls hold after that."""
-
-    def __init__(self, budget: RequestBytes) -> None:
-        self._budget = budget
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        return _counting(handler, self._budget)
-
-
-def _counting(handler: grpc.RpcMethodHandler, budget: RequestBytes) -> grpc.RpcMethodHandler:
-    """The handler of an uncompressed call: each message counted once received, before
-    it is parsed, until the call ends."""
-    parse = handler.request_deserializer
-
-    def deserialize(data: bytes) -> Any:
-        size = len(data)
-        if not budget.take(size):
-            return _OVER_BUDGET
-        try:
-            return _Held(parse(data), size)
-        except BaseException:
-            budget.give_back(size)
-            raise
-
-    streaming_requests = handler.request_streaming
-
-    def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            held = _Holding(budget)
-            try:
-                return await behavior(held.unwrap(request, streaming_requests), context)
-            except ResourceExhausted as exc:
-                if exc.metadata.get("limit") != "request_bytes":
-                    raise
-                await abort_with(context, exc)
-            finally:
-                held.release()
-
-        return unary
-
-    def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        if not inspect.isasyncgenfunction(behavior):
-            return wrap_unary(behavior)  # it streams with context.write (health Watch)
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            held = _Holding(budget)
-            try:
-                async for response in behavior(held.unwrap(request, streaming_requests),
-                                               context):
-                    yield response
-            except ResourceExhausted as exc:
-                if exc.metadata.get("limit") != "request_bytes":
-                    raise
-                await abort_with(context, exc)
-            finally:
-                held.release()
-
-        return streaming
-
-    return wrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=deserialize)
-
-
-class _Holding:
-    """The budget bytes one call holds, given back when it ends."""
-
-    def __init__(self, budget: RequestBytes) -> None:
-        self._budget = budget
-        self.size = 0
-
-    def unwrap(self, request: Any, streaming: bool) -> Any:
-        return self._each(request) if streaming else self._one(request)
-
-    def _one(self, request: Any) -> Any:
-        if request is _OVER_BUDGET:
-            raise _over_budget(self._budget)
-        if isinstance(request, _Held):
-            self.size += request.size
-            return request.message
-        return request  # what another guard put in its place (undecodable bytes)
-
-    async def _each(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for request in requests:
-            yield self._one(request)
-
-    def release(self) -> None:
-        self._budget.give_back(self.size)
-        self.size = 0

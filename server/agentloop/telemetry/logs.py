@@ -6,6 +6,11 @@ current when it was logged, so a log line leads to its trace. The request log (l
 reports besides method, status and duration (model, tokens) is gathered on a
 `RequestLog` that the generation service fills in as the RPC goes. No line carries prompt
 or answer text.
+
+The lines are written by a thread of their own (`StderrWriter`): a reader of stderr that
+stalls (a full pipe, a log collector that stopped reading) must never stall the event
+loop, whose health checks, calls and shutdown go on; lines past `MAX_QUEUED_LINES`
+waiting are dropped and counted, and the next line written says how many.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import queue
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +33,10 @@ REQUEST_LOGGER = "agentloop.requests"
 #: Libraries that log every HTTP request at info (the MCP SDK's HTTP client): shown at
 #: debug only.
 CHATTY_LOGGERS = ("httpx2", "httpx", "httpcore")
+#: Log lines waiting for stderr at most (a few MB): past them, new lines are dropped.
+MAX_QUEUED_LINES = 10_000
+#: Seconds the process waits at exit for the lines still queued to be written.
+EXIT_FLUSH_SECONDS = 2.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,9 +67,59 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class StderrWriter(logging.Handler):
+    """Formats each record where it is logged (its span is current there) and queues the
+    line; a daemon thread writes the queue to the file descriptor. A full queue drops the
+    line (counted) instead of waiting: logging never blocks the caller."""
+
+    def __init__(self, fd: int | None = None, capacity: int = MAX_QUEUED_LINES) -> None:
+        super().__init__()
+        self._fd = sys.stderr.fileno() if fd is None else fd
+        self._lines: queue.Queue[bytes] = queue.Queue(capacity)
+        self._dropped = 0
+        threading.Thread(target=self._write_lines, name="agentloop-log-writer",
+                         daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self._dropped += 1  # racy by a count at worst: only ever reported
+
+    def _write_lines(self) -> None:
+        while True:
+            line = self._lines.get()
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                line = json.dumps({
+                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "level": "warning", "logger": __name__,
+                    "message": f"{dropped} log lines dropped: stderr was not read in time",
+                }).encode() + b"\n" + line
+            try:
+                while line:
+                    line = line[os.write(self._fd, line):]
+            except OSError:
+                pass  # stderr closed: nothing else can report it
+            self._lines.task_done()
+
+    def flush(self) -> None:
+        """Wait a moment for the queued lines (at exit); never for a stalled reader."""
+        deadline = time.monotonic() + EXIT_FLUSH_SECONDS
+        with self._lines.all_tasks_done:
+            while self._lines.unfinished_tasks and (left := deadline - time.monotonic()) > 0:
+                self._lines.all_tasks_done.wait(left)
+
+
 def setup_logging(level: str, worker: int | None = None) -> None:
-    """JSON lines on stderr at `level` for the whole process (replaces other handlers)."""
-    handler = logging.StreamHandler()
+    """JSON lines on stderr at `level` for the whole process (replaces other handlers),
+    written by a thread of their own."""
+    handler = StderrWriter()
     handler.setFormatter(JsonFormatter(worker))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for name in CHATTY_LOGGERS:

@@ -29,7 +29,7 @@ UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _UPSTREAM_KEYS = {
     "kind", "endpoints", "dns", "scheme", "path", "remote", "api_key_env", "api_key_file",
     "tls", "connect_timeout", "read_timeout", "first_token_timeout", "max_in_flight",
-    "overflow", "dialect", "models", "dns_refresh",
+    "overflow", "dialect", "models", "dns_refresh", "propagate_trace",
 }
 _ROUTE_KEYS = {"models", "pattern", "pools", "allow_remote"}
 _TLS_KEYS = {f.name for f in dataclasses.fields(TlsSpec)}
@@ -60,6 +60,8 @@ class UpstreamConfig:
     dns_refresh: float = 10.0
     #: Off the premises: only routes with `allow_remote` may use it, never a local-only call.
     remote: bool = False
+    #: Calls carry the W3C trace context (traceparent); default: local upstreams only.
+    propagate_trace: bool = True
     api_key: str = dataclasses.field(default="", repr=False)
     tls: TlsSpec = dataclasses.field(default_factory=TlsSpec)
     connect_timeout: float = 2.0
@@ -160,6 +162,11 @@ def _upstream(name: Any, entry: Any, where: str) -> UpstreamConfig:
     remote = entry.get("remote", False)
     if not isinstance(remote, bool):
         raise bad("`remote` must be true or false")
+    # A trace id and span ids say which calls belong together: off the premises only
+    # when the operator says so.
+    propagate_trace = entry.get("propagate_trace", not remote)
+    if not isinstance(propagate_trace, bool):
+        raise bad("`propagate_trace` must be true or false")
     scheme = entry.get("scheme", "http")
     if scheme not in ("http", "https"):
         raise bad("`scheme` must be http or https")
@@ -171,7 +178,8 @@ def _upstream(name: Any, entry: Any, where: str) -> UpstreamConfig:
         name=name, kind=kind, endpoints=tuple(u.rstrip("/") for u in endpoints), dns=dns,
         scheme=scheme, path=_text(entry, "path", bad).rstrip("/"),
         dns_refresh=_seconds(entry, "dns_refresh", 10.0, bad) or 10.0,
-        remote=remote, api_key=_api_key(entry, bad), tls=_tls(entry.get("tls", {}), bad),
+        remote=remote, propagate_trace=propagate_trace, api_key=_api_key(entry, bad),
+        tls=_tls(entry.get("tls", {}), bad),
         connect_timeout=_seconds(entry, "connect_timeout", 2.0, bad) or 2.0,
         read_timeout=_seconds(entry, "read_timeout", 300.0, bad) or 300.0,
         first_token_timeout=_seconds(entry, "first_token_timeout", None, bad),

@@ -190,7 +190,8 @@ class Router:
                 host=dns_host(upstream), tls=upstream.tls,
                 connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
                 max_in_flight=upstream.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
-                dialect=upstream.dialect)
+                dialect=upstream.dialect, remote=upstream.remote,
+                propagate_trace=upstream.propagate_trace)
             backend = self._new_backend(spec, settings)
             breaker = CircuitBreaker(settings.circuit_failure_threshold,
                                      settings.circuit_reset_timeout)

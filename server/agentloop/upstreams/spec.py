@@ -98,3 +98,7 @@ class EndpointSpec:
     #: Calls this endpoint serves at once; more wait in the pool's queue.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     dialect: OpenAIDialect = OpenAIDialect()
+    #: Off the premises (the pools file's `remote`): never the caller's baggage.
+    remote: bool = False
+    #: Calls carry the W3C trace context (`traceparent`): the pools file's `propagate_trace`.
+    propagate_trace: bool = True
