@@ -21,6 +21,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("agentloop.backends",),
     # The routing layer: routes and pools above the backends, below the services.
     ("agentloop.upstreams",),
+    # The run store: below the services that drive runs.
+    ("agentloop.runs",),
     ("agentloop.services", "agentloop.health"),
     ("agentloop.rpc", "agentloop.v1"),
     ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__",

@@ -439,6 +439,73 @@ class Settings:
         group="agent", check=check_readable_file,
     )
 
+    # --- background runs (StartAgentRun & co., docs/agent.md) ---
+    run_store: str = _setting(
+        "~/.local/state/agentloop/runs.db",
+        "where background agent runs, their events and webhook deliveries are kept: a SQLite "
+        "file (WAL; created if missing) or :memory: (lost at exit)", group="runs",
+        required=True,
+    )
+    run_store_max_bytes: int = _setting(
+        0, "largest size of the SQLite run store, in bytes; past it new runs are "
+        "RESOURCE_EXHAUSTED (RUN_STORE_FULL); 0 = no limit but the disk's", group="runs",
+        minimum=0,
+    )
+    run_max_running: int = _setting(
+        8, "background runs this replica runs at once; more wait, queued", group="runs",
+        minimum=1,
+    )
+    run_max_queued: int = _setting(
+        1000, "background runs that may wait queued on this replica; past it new runs are "
+        "RESOURCE_EXHAUSTED (RUN_LIMIT)", group="runs", minimum=0,
+    )
+    run_max_active_per_tenant: int = _setting(
+        100, "background runs one tenant may have queued or running (all replicas of the "
+        "store); past it its new runs are RESOURCE_EXHAUSTED (RUN_LIMIT)", group="runs",
+        minimum=1,
+    )
+    run_default_timeout: float = _setting(
+        3600.0, "seconds a background run may take when its request sets no timeout (waits "
+        "for client tools included)", group="runs", minimum=1, maximum="run_max_timeout",
+    )
+    run_max_timeout: float = _setting(
+        86400.0, "most seconds a background run may ask to take", group="runs", above=0,
+    )
+    run_max_events: int = _setting(
+        10000, "most events stored per run; answer deltas past the room the steps need are "
+        "dropped (the finished event carries the whole answer)", group="runs", minimum=100,
+    )
+    run_max_event_bytes: int = _setting(
+        65536, "largest stored event, in bytes; its longest text is cut to fit", group="runs",
+        minimum=4096,
+    )
+    run_event_flush_interval: float = _setting(
+        0.05, "seconds a run's events may wait to be written together (answer deltas are "
+        "joined meanwhile); tool calls and the end are written at once", group="runs",
+        minimum=0,
+    )
+    run_ttl_completed: float = _setting(
+        7 * 86400.0, "seconds a completed run is kept, then deleted with its events",
+        group="runs", above=0,
+    )
+    run_ttl_failed: float = _setting(
+        7 * 86400.0, "seconds a failed or expired run is kept", group="runs", above=0,
+    )
+    run_ttl_cancelled: float = _setting(
+        86400.0, "seconds a cancelled run is kept", group="runs", above=0,
+    )
+    run_sweep_interval: float = _setting(
+        60.0, "seconds between sweeps deleting runs past their TTL", group="runs", above=0,
+    )
+    run_lease: float = _setting(
+        30.0, "seconds a replica's claim on a run it runs holds without renewal (renewed "
+        "every third of it); a run whose lease lapsed is taken over", group="runs", above=0,
+    )
+    run_watch_poll_interval: float = _setting(
+        0.25, "seconds between reads of the store when watching a run another replica runs",
+        group="runs", above=0,
+    )
+
     # --- telemetry (OpenTelemetry itself follows the standard OTEL_* variables) ---
     metrics_listen: str = _setting(
         "127.0.0.1:9464",

@@ -258,6 +258,32 @@ class FailedPrecondition(AgentLoopError):
             self.reason = reason
 
 
+class RunNotFound(AgentLoopError):
+    """No run of the caller's tenant has this id (another tenant's run is not found either)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "RUN_NOT_FOUND"
+
+
+class RunStoreUnavailable(RetryableError):
+    """The run store does not answer: no new run is accepted until it does."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "RUN_STORE_UNAVAILABLE"
+
+
+class RunStoreFull(ResourceExhausted):
+    """The run store has no room (a full disk, or its size limit): no new run is accepted."""
+
+    reason = "RUN_STORE_FULL"
+
+
+class RunLimitReached(ResourceExhausted):
+    """Too many runs queued or running (for the tenant or on this replica)."""
+
+    reason = "RUN_LIMIT"
+
+
 class Unauthenticated(AgentLoopError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

@@ -85,6 +85,9 @@ class AgentRun:
     deadline: float | None = None
     #: Who is calling: every model call of the run carries it.
     context: CallContext = field(default_factory=CallContext)
+    #: Seconds a client tool call may wait for its result (None: the tool_timeout setting);
+    #: a background run waits up to its deadline.
+    client_tool_timeout: float | None = None
 
 
 # --- events (what StreamRunAgent sends, in this order per step) ---------------------------
@@ -607,9 +610,12 @@ class AgentService:
         left = self._time_left(run)
         return left is None or left > state.longest_step
 
-    def _tool_time(self, run: AgentRun) -> float:
+    def _tool_time(self, run: AgentRun, client: bool = False) -> float:
+        limit = self._tool_timeout
+        if client and run.client_tool_timeout is not None:
+            limit = run.client_tool_timeout
         left = self._time_left(run)
-        return self._tool_timeout if left is None else max(0.0, min(self._tool_timeout, left))
+        return limit if left is None else max(0.0, min(limit, left))
 
     async def _next_action(
         self, run: AgentRun, state: _RunState, step: int, answer_only: bool
@@ -721,7 +727,8 @@ class AgentService:
         with self._telemetry.tool_call(action.tool, call_id, client_call is not None,
                                        arguments_json) as span:
             if client_call is not None:
-                observation = await self._client_tool(client_call, self._tool_time(run))
+                observation = await self._client_tool(client_call,
+                                                      self._tool_time(run, client=True))
             else:
                 observation = await self._server_tool_result(action, self._tool_time(run))
             span.finish(observation.is_error, observation.text)

@@ -1,0 +1,1 @@
+"""Background agent runs as records: the run store (SQLite by default)."""
