@@ -37,6 +37,8 @@ def gateway_settings(**overrides: Any) -> Settings:
         "warm_up": False,
         # No fixed Prometheus port: test_telemetry.py asks for port 0 where it scrapes.
         "metrics_listen": "",
+        # Background runs in memory: test_runs.py names a file where it restarts a gateway.
+        "run_store": ":memory:",
     }
     values.update(overrides)
     return load_settings(environ={}, **values)

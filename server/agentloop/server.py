@@ -45,6 +45,7 @@ from agentloop.services.cache import ResponseCache
 from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
 from agentloop.services.quotas import Quotas
+from agentloop.services.runs import RunManager, open_store
 from agentloop.services.tools import default_tools
 from agentloop.telemetry import Telemetry, start_telemetry
 from agentloop.upstreams.admission import AdmissionTotals, Work
@@ -86,6 +87,7 @@ class RunningServer:
     embed_admission: AdmissionTotals | None = None
     #: The AgentLoopService calls running (the shutdown ends the late ones).
     calls: CallsInFlight = field(default_factory=CallsInFlight)
+    runs: RunManager | None = None
 
     async def reload_keys(self) -> bool:
         """Read the keys file again (SIGHUP) on a thread, never on the event loop: new keys,
@@ -115,6 +117,8 @@ class RunningServer:
             # Time for load balancers and kube-proxy to see NOT_SERVING before we close.
             await asyncio.sleep(drain_delay)
         await self._stop(grace)
+        if self.runs is not None:  # runs still going stay active: a replica takes them over
+            await self.runs.close()
         if self.mcp is not None:
             await self.mcp.close()
         await self.backend.close()
@@ -278,8 +282,10 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
     embeddings = EmbeddingService(backend, quotas, telemetry)
-    add_services(server, AgentLoopServicer(settings, generation, agent, embeddings), health,
-                 settings)
+    runs = RunManager(agent, open_store(settings), settings)
+    await runs.start()
+    add_services(server, AgentLoopServicer(settings, generation, agent, embeddings, runs),
+                 health, settings)
     port = add_port(server, settings)
     await server.start()
     await health.start()
@@ -289,7 +295,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                                 name="keys-watch") \
         if settings.api_keys_file and settings.api_keys_reload_interval > 0 else None
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp, keys, watch, embed_admission, calls)
+                            telemetry, mcp, keys, watch, embed_admission, calls, runs)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from agentloop.config import Settings
@@ -71,12 +72,49 @@ def start_agent_run(
     """Validate the first message of a StreamRunAgent call, which must be `start`."""
     if message is None or message.WhichOneof("kind") != "start":
         raise InvalidArgument([("start", "the first message must start the run")])
-    start = message.start
+    return _start(message.start, "start", settings, registry, default_model, deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundRun:
+    """A validated StartAgentRunRequest."""
+
+    run: AgentRun
+    #: Seconds the run may take.
+    timeout: float
+    webhook_url: str = ""
+
+
+def start_background_run(
+    message: pb.StartAgentRunRequest, settings: Settings, registry: ToolRegistry,
+    default_model: str,
+) -> BackgroundRun:
+    """Validate a StartAgentRunRequest (its run under `run.`, as StreamRunAgent's `start`)."""
+    violations: Violations = []
+    timeout = settings.run_default_timeout
+    if message.HasField("timeout"):
+        timeout = message.timeout.ToTimedelta().total_seconds()
+        if not 0 < timeout <= settings.run_max_timeout:
+            violations.append(("timeout", f"must be above 0s and at most "
+                                          f"{settings.run_max_timeout:g}s (run_max_timeout)"))
+    if message.webhook_url:
+        violations.append(("webhook_url", "this server sends no webhooks yet"))
+    try:
+        run = _start(message.run, "run", settings, registry, default_model, None)
+    except InvalidArgument as exc:
+        raise InvalidArgument([*exc.violations, *violations]) from None
+    if violations:
+        raise InvalidArgument(violations)
+    return BackgroundRun(run, timeout, message.webhook_url)
+
+
+def _start(start: pb.StartAgentRun, prefix: str, settings: Settings, registry: ToolRegistry,
+           default_model: str, deadline: float | None) -> AgentRun:
     violations: Violations = []
     client_tools = _client_tools(start.client_tools, registry, violations)
     run = _agent_run(start, client_tools, settings, registry, default_model, deadline, violations)
     if violations:
-        raise InvalidArgument([(f"start.{name}", why) for name, why in violations])
+        raise InvalidArgument([(f"{prefix}.{name}", why) for name, why in violations])
     return run
 
 

@@ -21,7 +21,7 @@ from agentloop.services.agent import (
 from agentloop.services.tools import BUILTIN, Tool, ToolRegistry
 from agentloop.v1 import agentloop_pb2 as pb
 
-_STOP_REASONS = {
+STOP_REASONS = {
     StopReason.FINAL_ANSWER: pb.AGENT_STOP_REASON_FINAL_ANSWER,
     StopReason.MAX_STEPS: pb.AGENT_STOP_REASON_MAX_STEPS,
     StopReason.DEADLINE: pb.AGENT_STOP_REASON_DEADLINE,
@@ -47,7 +47,7 @@ def step_pb(step: AgentStep) -> pb.AgentStep:
 def run_agent_response(outcome: AgentOutcome) -> pb.RunAgentResponse:
     return pb.RunAgentResponse(
         final_answer=outcome.final_answer,
-        stop_reason=_STOP_REASONS[outcome.stop_reason],
+        stop_reason=STOP_REASONS[outcome.stop_reason],
         steps=[step_pb(step) for step in outcome.steps],
         usage=usage_pb(outcome.usage),
         model=outcome.model,
@@ -87,7 +87,7 @@ def agent_event_pb(event: AgentEvent) -> pb.StreamRunAgentResponse:
         case RunFinished(outcome):
             return pb.StreamRunAgentResponse(finished=pb.AgentFinished(
                 final_answer=outcome.final_answer,
-                stop_reason=_STOP_REASONS[outcome.stop_reason],
+                stop_reason=STOP_REASONS[outcome.stop_reason],
                 usage=usage_pb(outcome.usage),
                 steps=len(outcome.steps),
                 duration=duration(outcome.duration),

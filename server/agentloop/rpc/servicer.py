@@ -19,8 +19,20 @@ import grpc
 
 from agentloop.config import Settings
 from agentloop.domain import CallContext
-from agentloop.errors import FirstMessageTimeout
-from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
+from agentloop.errors import (
+    AgentLoopError,
+    FailedPrecondition,
+    FirstMessageTimeout,
+    InvalidArgument,
+    Unimplemented,
+)
+from agentloop.rpc.agent_requests import (
+    ToolResultReader,
+    client_tool_result,
+    run_agent_request,
+    start_agent_run,
+    start_background_run,
+)
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
 from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.embedding_requests import embedding_request, token_count_request
@@ -34,13 +46,28 @@ from agentloop.rpc.responses import (
     stream_end,
     upstream_metadata,
 )
-from agentloop.services.agent import AgentService, answer_delta_key, join_answer_deltas
+from agentloop.rpc.run_responses import (
+    STATUSES_OF_PB,
+    run_event_pb,
+    run_pb,
+    stream_event_pb,
+)
+from agentloop.services.agent import (
+    AgentRun,
+    AgentService,
+    answer_delta_key,
+    join_answer_deltas,
+)
 from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
+from agentloop.services.runs import RunEnded, RunManager
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+#: The initial metadata naming the background run a StreamRunAgent with
+#: continue_on_disconnect follows.
+RUN_ID_HEADER = "x-agentloop-run-id"
 
 
 class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
@@ -48,9 +75,10 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
 
     def __init__(
         self, settings: Settings, generation: GenerationService, agent: AgentService,
-        embeddings: EmbeddingService | None = None,
+        embeddings: EmbeddingService | None = None, runs: RunManager | None = None,
     ) -> None:
         self._settings = settings
+        self._runs_manager = runs
         self._generation = generation
         self._agent = agent
         self._embeddings = embeddings or EmbeddingService(generation.backend,
@@ -115,12 +143,111 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             self._generation.default_model, deadline_from(context.time_remaining()),
         )
         run = dataclasses.replace(run, context=self._context(context))
+        if start is not None and start.start.continue_on_disconnect:
+            async with aclosing(self._continued_run(run, requests, context)) as events:
+                async for reply in events:
+                    yield reply
+            return
         async with ToolResultReader(requests) as reader:
             events = reader.watch(self._agent.run(run, reader.calls), answer_delta_key,
                                   join_answer_deltas)
             async with aclosing(events):
                 async for event in events:
                     yield agent_event_pb(event)
+
+    async def _continued_run(
+        self, run: AgentRun, requests: AsyncIterator[pb.StreamRunAgentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamRunAgentResponse]:
+        """StreamRunAgent as a background run: the stream follows the run, which goes on
+        when the stream drops; its id goes out first, in the initial metadata."""
+        runs = self._runs
+        tenant = run.context.tenant
+        run_id = await runs.start_run(dataclasses.replace(run, deadline=None))
+        await context.send_initial_metadata(((RUN_ID_HEADER, run_id),))
+        problems: list[AgentLoopError] = []
+
+        async def forward_results() -> None:
+            try:
+                async for message in requests:
+                    if message.WhichOneof("kind") != "tool_result":
+                        raise InvalidArgument([("start", "after start, only tool results "
+                                                              "may be sent")])
+                    await runs.submit_tool_result(tenant, run_id,
+                                                  client_tool_result(message.tool_result))
+            except AgentLoopError as exc:
+                problems.append(exc)
+
+        forwarder = asyncio.create_task(forward_results())
+        try:
+            async with aclosing(runs.watch(tenant, run_id)) as events:
+                async for event in events:
+                    if problems:
+                        raise problems[0]
+                    reply = stream_event_pb(event)
+                    if reply is not None:
+                        yield reply
+                    elif isinstance(event.body, RunEnded) and event.body.error:
+                        raise FailedPrecondition(
+                            f"run {run_id} {event.body.status.value}: {event.body.error}",
+                            reason=f"RUN_{event.body.status.name}")
+        finally:
+            forwarder.cancel()
+
+    @property
+    def _runs(self) -> RunManager:
+        if self._runs_manager is None:
+            raise Unimplemented("this server keeps no background runs")
+        return self._runs_manager
+
+    async def StartAgentRun(
+        self, request: pb.StartAgentRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartAgentRunResponse:
+        started = await _read(
+            bool(request.run.client_tools), start_background_run, request, self._settings,
+            self._agent.tools, self._generation.default_model)
+        caller = self._context(context)
+        run_id = await self._runs.start_run(dataclasses.replace(started.run, context=caller),
+                                            timeout=started.timeout,
+                                            webhook_url=started.webhook_url)
+        return pb.StartAgentRunResponse(run=run_pb(await self._runs.get(caller.tenant, run_id)))
+
+    async def GetAgentRun(
+        self, request: pb.GetAgentRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAgentRunResponse:
+        view = await self._runs.get(self._context(context).tenant, request.run_id)
+        return pb.GetAgentRunResponse(run=run_pb(view))
+
+    async def ListAgentRuns(
+        self, request: pb.ListAgentRunsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAgentRunsResponse:
+        statuses = [STATUSES_OF_PB[s] for s in request.statuses if s in STATUSES_OF_PB]
+        views, token = await self._runs.list(self._context(context).tenant, statuses,
+                                             request.page_size, request.page_token)
+        return pb.ListAgentRunsResponse(runs=[run_pb(v) for v in views], next_page_token=token)
+
+    async def CancelAgentRun(
+        self, request: pb.CancelAgentRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelAgentRunResponse:
+        view = await self._runs.cancel(self._context(context).tenant, request.run_id)
+        return pb.CancelAgentRunResponse(run=run_pb(view))
+
+    async def WatchAgentRun(
+        self, request: pb.WatchAgentRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchAgentRunResponse]:
+        events = self._runs.watch(self._context(context).tenant, request.run_id,
+                                  request.after_sequence)
+        async with aclosing(events):
+            async for event in events:
+                yield run_event_pb(event)
+
+    async def SubmitToolResult(
+        self, request: pb.SubmitToolResultRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitToolResultResponse:
+        result = client_tool_result(request.tool_result)
+        view = await self._runs.submit_tool_result(self._context(context).tenant,
+                                                   request.run_id, result)
+        return pb.SubmitToolResultResponse(run=run_pb(view))
 
     async def _first_message(
         self, requests: AsyncIterator[pb.StreamRunAgentRequest]

@@ -23,6 +23,7 @@ keeps each of those bounded:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -113,7 +114,9 @@ class SendStallGuard(grpc.aio.ServerInterceptor):
                         # Alone, before the first message: headers are not flow-controlled,
                         # and a status sent after a stalled first write must not send them
                         # a second time (gRPC would refuse the whole status).
-                        await context.send_initial_metadata(())
+                        with contextlib.suppress(cygrpc.UsageError):
+                            # (unless the handler sent headers of its own: a run's id)
+                            await context.send_initial_metadata(())
                         headers_sent = True
                     if not await self._write(response, context):
                         # The code for telemetry inside, which sees the stream closed.

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -262,6 +263,10 @@ _RUN_COLUMNS = tuple(f.name for f in dataclasses.fields(RunRecord))
 _DELIVERY_COLUMNS = tuple(f.name for f in dataclasses.fields(DeliveryRecord))
 #: Page size of SQLite's database file (its default): max_bytes / this = max_page_count.
 _PAGE_BYTES = 4096
+#: New runs are refused past this share of max_bytes, or with less free disk than
+#: DISK_RESERVE: the rest is kept for the runs accepted already (their events and ends).
+FILL_LIMIT = 0.75
+DISK_RESERVE = 64 * 1024 * 1024
 
 
 def _run(row: Sequence[Any]) -> RunRecord:
@@ -318,6 +323,8 @@ class SqliteRunStore:
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        except RuntimeError:  # the thread was shut down: the store is closed
+            raise RunStoreUnavailable("the run store is closed", retry_after=5.0) from None
         finally:
             self.observe(operation, time.perf_counter() - started)
 
@@ -352,13 +359,15 @@ class SqliteRunStore:
                 self._db.close()
                 self._db = None
 
-        await asyncio.get_running_loop().run_in_executor(self._thread, close)
+        with contextlib.suppress(RuntimeError):  # closed already: the thread is gone
+            await asyncio.get_running_loop().run_in_executor(self._thread, close)
         self._thread.shutdown(wait=False)
 
     async def create(self, run: RunRecord, max_active_per_tenant: int) -> None:
         values = [v.value if isinstance(v, enum.Enum) else v for v in dataclasses.astuple(run)]
 
         def create(db: sqlite3.Connection) -> None:
+            self._check_room(db)
             db.execute("BEGIN IMMEDIATE")  # the count and the insert as one: no two slip in
             (active,), = db.execute(
                 "SELECT count(*) FROM runs WHERE tenant = ? AND status IN (?, ?, ?)",
@@ -371,6 +380,21 @@ class SqliteRunStore:
                        f"({', '.join('?' * len(_RUN_COLUMNS))})", values)
 
         await self._call("create", create)
+
+    def _check_room(self, db: sqlite3.Connection) -> None:
+        """RunStoreFull when a new run would eat into the room kept for accepted ones."""
+        if self._max_bytes:
+            (pages,), = db.execute("PRAGMA page_count").fetchall()
+            if pages * _PAGE_BYTES > FILL_LIMIT * self._max_bytes:
+                raise RunStoreFull(
+                    f"the run store holds {pages * _PAGE_BYTES} bytes of its "
+                    f"{self._max_bytes} (run_store_max_bytes): no new runs until the sweep "
+                    "makes room", retry_after=30.0)
+        if self.path != ":memory:":
+            free = shutil.disk_usage(Path(self.path).parent).free
+            if free < DISK_RESERVE:
+                raise RunStoreFull(f"the run store's disk has {free} bytes free: no new runs "
+                                   "until room is made", retry_after=30.0)
 
     async def get(self, run_id: str, tenant: str | None = None) -> RunRecord | None:
         def get(db: sqlite3.Connection) -> RunRecord | None:

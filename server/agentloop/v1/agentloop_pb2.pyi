@@ -34,6 +34,25 @@ class AgentStopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_STOP_REASON_TOOL_ERROR: _ClassVar[AgentStopReason]
     AGENT_STOP_REASON_MODEL_ERROR: _ClassVar[AgentStopReason]
     AGENT_STOP_REASON_CANCELLED: _ClassVar[AgentStopReason]
+
+class AgentRunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_RUN_STATUS_UNSPECIFIED: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_QUEUED: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_RUNNING: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_WAITING_FOR_TOOL: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_COMPLETED: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_FAILED: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_CANCELLED: _ClassVar[AgentRunStatus]
+    AGENT_RUN_STATUS_EXPIRED: _ClassVar[AgentRunStatus]
+
+class WebhookDeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _ClassVar[WebhookDeliveryState]
+    WEBHOOK_DELIVERY_STATE_PENDING: _ClassVar[WebhookDeliveryState]
+    WEBHOOK_DELIVERY_STATE_DELIVERED: _ClassVar[WebhookDeliveryState]
+    WEBHOOK_DELIVERY_STATE_FAILED: _ClassVar[WebhookDeliveryState]
+    WEBHOOK_DELIVERY_STATE_DISABLED: _ClassVar[WebhookDeliveryState]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -49,6 +68,19 @@ AGENT_STOP_REASON_DEADLINE: AgentStopReason
 AGENT_STOP_REASON_TOOL_ERROR: AgentStopReason
 AGENT_STOP_REASON_MODEL_ERROR: AgentStopReason
 AGENT_STOP_REASON_CANCELLED: AgentStopReason
+AGENT_RUN_STATUS_UNSPECIFIED: AgentRunStatus
+AGENT_RUN_STATUS_QUEUED: AgentRunStatus
+AGENT_RUN_STATUS_RUNNING: AgentRunStatus
+AGENT_RUN_STATUS_WAITING_FOR_TOOL: AgentRunStatus
+AGENT_RUN_STATUS_COMPLETED: AgentRunStatus
+AGENT_RUN_STATUS_FAILED: AgentRunStatus
+AGENT_RUN_STATUS_CANCELLED: AgentRunStatus
+AGENT_RUN_STATUS_EXPIRED: AgentRunStatus
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState
+WEBHOOK_DELIVERY_STATE_PENDING: WebhookDeliveryState
+WEBHOOK_DELIVERY_STATE_DELIVERED: WebhookDeliveryState
+WEBHOOK_DELIVERY_STATE_FAILED: WebhookDeliveryState
+WEBHOOK_DELIVERY_STATE_DISABLED: WebhookDeliveryState
 
 class Message(_message.Message):
     __slots__ = ("role", "content", "images")
@@ -251,7 +283,7 @@ class RunAgentResponse(_message.Message):
     def __init__(self, final_answer: _Optional[str] = ..., stop_reason: _Optional[_Union[AgentStopReason, str]] = ..., steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StartAgentRun(_message.Message):
-    __slots__ = ("goal", "system", "messages", "tools", "max_steps", "options", "model", "client_tools")
+    __slots__ = ("goal", "system", "messages", "tools", "max_steps", "options", "model", "client_tools", "continue_on_disconnect")
     GOAL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +292,7 @@ class StartAgentRun(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     goal: str
     system: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
@@ -268,7 +301,8 @@ class StartAgentRun(_message.Message):
     options: GenerationOptions
     model: str
     client_tools: _containers.RepeatedCompositeFieldContainer[ClientTool]
-    def __init__(self, goal: _Optional[str] = ..., system: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[str]] = ..., max_steps: _Optional[int] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., model: _Optional[str] = ..., client_tools: _Optional[_Iterable[_Union[ClientTool, _Mapping]]] = ...) -> None: ...
+    continue_on_disconnect: bool
+    def __init__(self, goal: _Optional[str] = ..., system: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[str]] = ..., max_steps: _Optional[int] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., model: _Optional[str] = ..., client_tools: _Optional[_Iterable[_Union[ClientTool, _Mapping]]] = ..., continue_on_disconnect: bool = ...) -> None: ...
 
 class ClientToolResult(_message.Message):
     __slots__ = ("call_id", "output", "error")
@@ -501,3 +535,167 @@ class CountTokensResponse(_message.Message):
     context_length: int
     model: str
     def __init__(self, counts: _Optional[_Iterable[int]] = ..., total_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("webhook_id", "event_type", "state", "attempts", "last_status_code", "last_error", "last_attempt_time")
+    WEBHOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ATTEMPT_TIME_FIELD_NUMBER: _ClassVar[int]
+    webhook_id: str
+    event_type: str
+    state: WebhookDeliveryState
+    attempts: int
+    last_status_code: int
+    last_error: str
+    last_attempt_time: _timestamp_pb2.Timestamp
+    def __init__(self, webhook_id: _Optional[str] = ..., event_type: _Optional[str] = ..., state: _Optional[_Union[WebhookDeliveryState, str]] = ..., attempts: _Optional[int] = ..., last_status_code: _Optional[int] = ..., last_error: _Optional[str] = ..., last_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AgentRun(_message.Message):
+    __slots__ = ("id", "status", "create_time", "update_time", "end_time", "expire_time", "steps", "final_answer", "stop_reason", "usage", "model", "error", "waiting_call", "last_sequence", "webhook_deliveries", "cancel_requested")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    WAITING_CALL_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: AgentRunStatus
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    expire_time: _timestamp_pb2.Timestamp
+    steps: _containers.RepeatedCompositeFieldContainer[AgentStep]
+    final_answer: str
+    stop_reason: AgentStopReason
+    usage: Usage
+    model: str
+    error: str
+    waiting_call: AgentToolCall
+    last_sequence: int
+    webhook_deliveries: _containers.RepeatedCompositeFieldContainer[WebhookDelivery]
+    cancel_requested: bool
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[AgentRunStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., final_answer: _Optional[str] = ..., stop_reason: _Optional[_Union[AgentStopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[str] = ..., waiting_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., last_sequence: _Optional[int] = ..., webhook_deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ..., cancel_requested: bool = ...) -> None: ...
+
+class StartAgentRunRequest(_message.Message):
+    __slots__ = ("run", "timeout", "webhook_url")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    run: StartAgentRun
+    timeout: _duration_pb2.Duration
+    webhook_url: str
+    def __init__(self, run: _Optional[_Union[StartAgentRun, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., webhook_url: _Optional[str] = ...) -> None: ...
+
+class StartAgentRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: AgentRun
+    def __init__(self, run: _Optional[_Union[AgentRun, _Mapping]] = ...) -> None: ...
+
+class GetAgentRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class GetAgentRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: AgentRun
+    def __init__(self, run: _Optional[_Union[AgentRun, _Mapping]] = ...) -> None: ...
+
+class ListAgentRunsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "statuses")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    statuses: _containers.RepeatedScalarFieldContainer[AgentRunStatus]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[AgentRunStatus, str]]] = ...) -> None: ...
+
+class ListAgentRunsResponse(_message.Message):
+    __slots__ = ("runs", "next_page_token")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[AgentRun]
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[AgentRun, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelAgentRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class CancelAgentRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: AgentRun
+    def __init__(self, run: _Optional[_Union[AgentRun, _Mapping]] = ...) -> None: ...
+
+class WatchAgentRunRequest(_message.Message):
+    __slots__ = ("run_id", "after_sequence")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    after_sequence: int
+    def __init__(self, run_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class AgentRunEnded(_message.Message):
+    __slots__ = ("status", "error")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    status: AgentRunStatus
+    error: str
+    def __init__(self, status: _Optional[_Union[AgentRunStatus, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class WatchAgentRunResponse(_message.Message):
+    __slots__ = ("sequence", "step_started", "thought", "tool_call", "tool_result", "finished", "answer_delta", "answer_withdrawn", "run_ended")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_STARTED_FIELD_NUMBER: _ClassVar[int]
+    THOUGHT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_DELTA_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    RUN_ENDED_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    step_started: AgentStepStarted
+    thought: AgentThought
+    tool_call: AgentToolCall
+    tool_result: AgentToolResult
+    finished: AgentFinished
+    answer_delta: AgentAnswerDelta
+    answer_withdrawn: AgentAnswerWithdrawn
+    run_ended: AgentRunEnded
+    def __init__(self, sequence: _Optional[int] = ..., step_started: _Optional[_Union[AgentStepStarted, _Mapping]] = ..., thought: _Optional[_Union[AgentThought, _Mapping]] = ..., tool_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[AgentToolResult, _Mapping]] = ..., finished: _Optional[_Union[AgentFinished, _Mapping]] = ..., answer_delta: _Optional[_Union[AgentAnswerDelta, _Mapping]] = ..., answer_withdrawn: _Optional[_Union[AgentAnswerWithdrawn, _Mapping]] = ..., run_ended: _Optional[_Union[AgentRunEnded, _Mapping]] = ...) -> None: ...
+
+class SubmitToolResultRequest(_message.Message):
+    __slots__ = ("run_id", "tool_result")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    tool_result: ClientToolResult
+    def __init__(self, run_id: _Optional[str] = ..., tool_result: _Optional[_Union[ClientToolResult, _Mapping]] = ...) -> None: ...
+
+class SubmitToolResultResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: AgentRun
+    def __init__(self, run: _Optional[_Union[AgentRun, _Mapping]] = ...) -> None: ...

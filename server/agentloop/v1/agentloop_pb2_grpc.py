@@ -87,6 +87,36 @@ class AgentLoopServiceStub(object):
                 request_serializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.StartAgentRun = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/StartAgentRun',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.StartAgentRunRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.StartAgentRunResponse.FromString,
+                _registered_method=True)
+        self.GetAgentRun = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/GetAgentRun',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.GetAgentRunRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.GetAgentRunResponse.FromString,
+                _registered_method=True)
+        self.ListAgentRuns = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/ListAgentRuns',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListAgentRunsRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListAgentRunsResponse.FromString,
+                _registered_method=True)
+        self.CancelAgentRun = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/CancelAgentRun',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.CancelAgentRunRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.CancelAgentRunResponse.FromString,
+                _registered_method=True)
+        self.WatchAgentRun = channel.unary_stream(
+                '/agentloop.v1.AgentLoopService/WatchAgentRun',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.WatchAgentRunRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.WatchAgentRunResponse.FromString,
+                _registered_method=True)
+        self.SubmitToolResult = channel.unary_unary(
+                '/agentloop.v1.AgentLoopService/SubmitToolResult',
+                request_serializer=agentloop_dot_v1_dot_agentloop__pb2.SubmitToolResultRequest.SerializeToString,
+                response_deserializer=agentloop_dot_v1_dot_agentloop__pb2.SubmitToolResultResponse.FromString,
+                _registered_method=True)
 
 
 class AgentLoopServiceServicer(object):
@@ -168,6 +198,57 @@ class AgentLoopServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartAgentRun(self, request, context):
+        """StartAgentRun starts a background agent run and returns at once with its
+        id: the run goes on whether or not anyone watches, and is kept in the run
+        store (see docs/agent.md, "Background runs").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgentRun(self, request, context):
+        """GetAgentRun returns a run of the caller's tenant: its status, steps,
+        answer, usage, error and webhook deliveries. Any other id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgentRuns(self, request, context):
+        """ListAgentRuns lists the caller's tenant's runs, newest first, a page at a
+        time, optionally only those of some statuses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelAgentRun(self, request, context):
+        """CancelAgentRun cancels a run: its engine call is cancelled at once and it
+        stops before its next step. Cancelling a run that has ended changes
+        nothing (the call is idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAgentRun(self, request, context):
+        """WatchAgentRun streams a run's events after a sequence number: those
+        recorded already, then the new ones as they come, until the run ends.
+        Every watcher sees the same events in the same order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitToolResult(self, request, context):
+        """SubmitToolResult answers the call to a client tool a background run waits
+        for (status AGENT_RUN_STATUS_WAITING_FOR_TOOL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentLoopServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +291,36 @@ def add_AgentLoopServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensRequest.FromString,
                     response_serializer=agentloop_dot_v1_dot_agentloop__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'StartAgentRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartAgentRun,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.StartAgentRunRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.StartAgentRunResponse.SerializeToString,
+            ),
+            'GetAgentRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgentRun,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.GetAgentRunRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.GetAgentRunResponse.SerializeToString,
+            ),
+            'ListAgentRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgentRuns,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.ListAgentRunsRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.ListAgentRunsResponse.SerializeToString,
+            ),
+            'CancelAgentRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelAgentRun,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.CancelAgentRunRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.CancelAgentRunResponse.SerializeToString,
+            ),
+            'WatchAgentRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgentRun,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.WatchAgentRunRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.WatchAgentRunResponse.SerializeToString,
+            ),
+            'SubmitToolResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitToolResult,
+                    request_deserializer=agentloop_dot_v1_dot_agentloop__pb2.SubmitToolResultRequest.FromString,
+                    response_serializer=agentloop_dot_v1_dot_agentloop__pb2.SubmitToolResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +552,168 @@ class AgentLoopService(object):
             '/agentloop.v1.AgentLoopService/CountTokens',
             agentloop_dot_v1_dot_agentloop__pb2.CountTokensRequest.SerializeToString,
             agentloop_dot_v1_dot_agentloop__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartAgentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/StartAgentRun',
+            agentloop_dot_v1_dot_agentloop__pb2.StartAgentRunRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.StartAgentRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/GetAgentRun',
+            agentloop_dot_v1_dot_agentloop__pb2.GetAgentRunRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.GetAgentRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgentRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/ListAgentRuns',
+            agentloop_dot_v1_dot_agentloop__pb2.ListAgentRunsRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.ListAgentRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelAgentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/CancelAgentRun',
+            agentloop_dot_v1_dot_agentloop__pb2.CancelAgentRunRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.CancelAgentRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/WatchAgentRun',
+            agentloop_dot_v1_dot_agentloop__pb2.WatchAgentRunRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.WatchAgentRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitToolResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentloop.v1.AgentLoopService/SubmitToolResult',
+            agentloop_dot_v1_dot_agentloop__pb2.SubmitToolResultRequest.SerializeToString,
+            agentloop_dot_v1_dot_agentloop__pb2.SubmitToolResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

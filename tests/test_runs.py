@@ -1,0 +1,405 @@
+"""Background agent runs through real channels against the fake Ollama: StartAgentRun returns
+at once and the run outlives its caller; Get, List (paged, newest first, by status), Cancel
+(the engine call closed at once, idempotent), Watch (replay after any sequence number, then
+live; two watchers, one order), client tools that wait for SubmitToolResult (or fail at the
+run's deadline), tenants that see only their runs, the limits, a full or missing store, events
+written in batches, StreamRunAgent that goes on when its stream drops, and a restart that
+loses no queued run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from agentloop.v1 import agentloop_pb2 as pb
+from fake_ollama import FakeOllama, Script, wait_until
+from helpers import client_stub, gateway_settings, rich_details, running_gateway
+
+GOAL = "What is 17*23? Use the calculator."
+FINAL = {pb.AGENT_RUN_STATUS_COMPLETED, pb.AGENT_RUN_STATUS_FAILED,
+         pb.AGENT_RUN_STATUS_CANCELLED, pb.AGENT_RUN_STATUS_EXPIRED}
+
+
+def action(**fields: Any) -> Script:
+    text = json.dumps(fields)
+    return Script(tokens=[text[i:i + 7] for i in range(0, len(text), 7)])
+
+
+CALCULATE = action(tool="calculator", arguments={"expression": "17*23"}, thought="multiply")
+ANSWER = action(final_answer="391", thought="done")
+
+
+def start_request(goal: str = GOAL, **fields: Any) -> pb.StartAgentRunRequest:
+    client_tools = fields.pop("client_tools", ())
+    return pb.StartAgentRunRequest(run=pb.StartAgentRun(goal=goal, max_steps=4,
+                                                        client_tools=client_tools), **fields)
+
+
+async def wait_for_status(stub, run_id: str, statuses: set[int], metadata=(),
+                          timeout: float = 10.0) -> pb.AgentRun:
+    """Poll GetAgentRun until the run has one of `statuses`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        run = (await stub.GetAgentRun(pb.GetAgentRunRequest(run_id=run_id), metadata=metadata,
+                                      timeout=5)).run
+        if run.status in statuses:
+            return run
+        if loop.time() > end:
+            raise TimeoutError(f"run {run_id} stayed {pb.AgentRunStatus.Name(run.status)}")
+        await asyncio.sleep(0.02)
+
+
+async def watch(stub, run_id: str, after: int = 0, metadata=()) -> list[pb.WatchAgentRunResponse]:
+    call = stub.WatchAgentRun(pb.WatchAgentRunRequest(run_id=run_id, after_sequence=after),
+                              metadata=metadata, timeout=10)
+    return [event async for event in call]
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def gateway(fake_ollama: FakeOllama, settings_overrides):
+    settings = gateway_settings(ollama_url=fake_ollama.url, **settings_overrides)
+    async with running_gateway(settings) as running:
+        yield running
+
+
+# --- a run outlives its caller ----------------------------------------------------------------
+
+
+async def test_a_run_started_and_left_completes_with_its_steps(gateway, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, ANSWER)
+    async with client_stub(gateway.address) as stub:
+        started = (await stub.StartAgentRun(start_request(), timeout=5)).run
+    # The caller is gone (its channel closed); the run goes on.
+    assert started.id.startswith("run_") and len(started.id) >= 28
+    assert started.status in (pb.AGENT_RUN_STATUS_QUEUED, pb.AGENT_RUN_STATUS_RUNNING)
+    async with client_stub(gateway.address) as stub:
+        run = await wait_for_status(stub, started.id, FINAL)
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
+    assert run.final_answer == "391"
+    assert run.stop_reason == pb.AGENT_STOP_REASON_FINAL_ANSWER
+    assert [s.tool for s in run.steps] == ["calculator", ""]
+    assert run.steps[0].observation == "391"
+    assert run.usage.output_tokens > 0 and run.end_time.seconds > 0
+    assert run.last_sequence > 0 and not run.error
+
+
+async def test_ids_are_unguessable_and_unknown_ids_are_not_found(stub, fake_ollama):
+    fake_ollama.enqueue(ANSWER, ANSWER)
+    first = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    second = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    assert first != second
+    for call in (stub.GetAgentRun(pb.GetAgentRunRequest(run_id="run_nope"), timeout=5),
+                 stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id="run_nope"), timeout=5)):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert rich_details(raised.value)["ErrorInfo"].reason == "RUN_NOT_FOUND"
+
+
+async def test_a_bad_start_names_the_field(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.StartAgentRun(pb.StartAgentRunRequest(
+            run=pb.StartAgentRun(goal=" "),
+            timeout=duration_pb2.Duration(seconds=10 ** 7)), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {v.field for v in rich_details(raised.value)["BadRequest"].field_violations}
+    assert fields == {"run.goal", "timeout"}
+
+
+# --- watching -------------------------------------------------------------------------------
+
+
+async def test_watching_replays_after_any_sequence_number(stub, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, ANSWER)
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    everything = await watch(stub, run_id)
+    kinds = [e.WhichOneof("event") for e in everything]
+    assert [e.sequence for e in everything] == list(range(1, len(everything) + 1))
+    assert kinds[0] == "step_started" and kinds[-2:] == ["finished", "run_ended"]
+    assert {"tool_call", "tool_result", "thought", "answer_delta"} <= set(kinds)
+    assert everything[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
+    for after in range(len(everything)):
+        assert await watch(stub, run_id, after) == everything[after:]
+    run = (await stub.GetAgentRun(pb.GetAgentRunRequest(run_id=run_id), timeout=5)).run
+    assert run.last_sequence == len(everything)
+
+
+async def test_two_live_watchers_see_the_same_events_in_the_same_order(stub, fake_ollama):
+    slow = Script(tokens=CALCULATE.tokens, token_delay=0.02)
+    fake_ollama.enqueue(slow, Script(tokens=ANSWER.tokens, token_delay=0.02))
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    first, second = await asyncio.gather(watch(stub, run_id), watch(stub, run_id))
+    assert first == second
+    assert first[-1].WhichOneof("event") == "run_ended"
+    # And a watcher after the end replays the same.
+    assert await watch(stub, run_id) == first
+
+
+@pytest.mark.parametrize("settings_overrides", [{"run_event_flush_interval": 30.0}])
+async def test_answer_deltas_are_joined_not_written_one_by_one(stub, fake_ollama):
+    answer = "word " * 200
+    text = json.dumps({"final_answer": answer})
+    fake_ollama.enqueue(Script(tokens=[text[i:i + 3] for i in range(0, len(text), 3)]))
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    events = await watch(stub, run_id)
+    deltas = [e.answer_delta.text for e in events if e.WhichOneof("event") == "answer_delta"]
+    # Hundreds of pieces from the engine; one event (and no commit) per step's answer.
+    assert len(deltas) == 1 and deltas[0] == answer
+    assert len(events) <= 5
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+
+async def test_cancel_closes_the_engine_call_at_once_and_is_idempotent(stub, fake_ollama):
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    await wait_until(lambda: fake_ollama.generation_requests, timeout=5)
+    disconnects = fake_ollama.disconnects
+    run = (await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)).run
+    assert run.status == pb.AGENT_RUN_STATUS_CANCELLED and "cancel" in run.error
+    await wait_until(lambda: fake_ollama.disconnects > disconnects, timeout=5)
+    again = (await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)).run
+    assert again.status == pb.AGENT_RUN_STATUS_CANCELLED and again.end_time == run.end_time
+    events = await watch(stub, run_id)
+    assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_CANCELLED
+
+
+# --- client tools ---------------------------------------------------------------------------
+
+LOOKUP = pb.ClientTool(name="lookup", description="Looks a word up.",
+                       parameters_json_schema='{"type": "object"}')
+
+
+async def test_a_client_tool_waits_for_its_result_by_run_id(stub, fake_ollama):
+    fake_ollama.enqueue(action(tool="lookup", arguments={"word": "x"}),
+                        action(final_answer="found it"))
+    run_id = (await stub.StartAgentRun(start_request(client_tools=[LOOKUP]), timeout=5)).run.id
+    run = await wait_for_status(stub, run_id, {pb.AGENT_RUN_STATUS_WAITING_FOR_TOOL})
+    assert run.waiting_call.tool == "lookup" and run.waiting_call.call_id == "call_1"
+    assert json.loads(run.waiting_call.arguments_json) == {"word": "x"}
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitToolResult(pb.SubmitToolResultRequest(
+            run_id=run_id, tool_result=pb.ClientToolResult(call_id="call_9", output="?")),
+            timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await stub.SubmitToolResult(pb.SubmitToolResultRequest(
+        run_id=run_id, tool_result=pb.ClientToolResult(call_id="call_1", output="a letter")),
+        timeout=5)
+    run = await wait_for_status(stub, run_id, FINAL)
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "found it"
+    assert run.steps[0].observation == "a letter"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitToolResult(pb.SubmitToolResultRequest(
+            run_id=run_id, tool_result=pb.ClientToolResult(call_id="call_1", output="x")),
+            timeout=5)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_client_tool_unanswered_past_the_deadline_fails_the_run(stub, fake_ollama):
+    fake_ollama.enqueue(action(tool="lookup", arguments={"word": "x"}))
+    run_id = (await stub.StartAgentRun(start_request(
+        client_tools=[LOOKUP], timeout=duration_pb2.Duration(seconds=1)), timeout=5)).run.id
+    run = await wait_for_status(stub, run_id, FINAL)
+    assert run.status == pb.AGENT_RUN_STATUS_FAILED
+    assert "deadline" in run.error and "call_1" in run.error and "lookup" in run.error
+
+
+# --- tenants --------------------------------------------------------------------------------
+
+TENANTS = """\
+tenants:
+  acme:
+    keys: [acme-key]
+  globex:
+    keys: [globex-key]
+"""
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def test_a_tenant_sees_only_its_own_runs(fake_ollama, tmp_path):
+    keys = tmp_path / "tenants.yaml"
+    keys.write_text(TENANTS)
+    fake_ollama.enqueue(ANSWER)
+    settings = gateway_settings(ollama_url=fake_ollama.url, api_keys_file=str(keys))
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        acme, globex = bearer("acme-key"), bearer("globex-key")
+        run_id = (await stub.StartAgentRun(start_request(), metadata=acme, timeout=5)).run.id
+        await wait_for_status(stub, run_id, FINAL, metadata=acme)
+        for call in (
+            stub.GetAgentRun(pb.GetAgentRunRequest(run_id=run_id), metadata=globex, timeout=5),
+            stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), metadata=globex,
+                                timeout=5),
+            stub.SubmitToolResult(pb.SubmitToolResultRequest(
+                run_id=run_id, tool_result=pb.ClientToolResult(call_id="call_1", output="x")),
+                metadata=globex, timeout=5),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await watch(stub, run_id, metadata=globex)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await stub.ListAgentRuns(pb.ListAgentRunsRequest(), metadata=globex, timeout=5)
+        assert list(listed.runs) == []
+        listed = await stub.ListAgentRuns(pb.ListAgentRunsRequest(), metadata=acme, timeout=5)
+        assert [r.id for r in listed.runs] == [run_id]
+
+
+# --- listing --------------------------------------------------------------------------------
+
+
+async def test_list_is_newest_first_paged_and_filtered_by_status(stub, fake_ollama):
+    fake_ollama.enqueue(*[ANSWER] * 5)
+    ids = []
+    for _ in range(5):
+        run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_for_status(stub, run_id, FINAL)
+        ids.append(run_id)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    hanging = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    await wait_for_status(stub, hanging, {pb.AGENT_RUN_STATUS_RUNNING})
+    seen, token = [], ""
+    while True:
+        page = await stub.ListAgentRuns(pb.ListAgentRunsRequest(page_size=2, page_token=token),
+                                        timeout=5)
+        assert len(page.runs) <= 2 and not any(r.steps for r in page.runs)
+        seen += [r.id for r in page.runs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [hanging, *reversed(ids)]
+    running = await stub.ListAgentRuns(pb.ListAgentRunsRequest(
+        statuses=[pb.AGENT_RUN_STATUS_RUNNING]), timeout=5)
+    assert [r.id for r in running.runs] == [hanging]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.ListAgentRuns(pb.ListAgentRunsRequest(page_token="garbage"), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=hanging), timeout=5)
+
+
+# --- limits and the store -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings_overrides", [{"run_max_running": 1,
+                                                  "run_max_active_per_tenant": 2}])
+async def test_runs_queue_past_the_replica_and_stop_at_the_tenants_limit(stub, fake_ollama):
+    fake_ollama.enqueue(Script(hang_before_headers=True), ANSWER)
+    first = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    second = (await stub.StartAgentRun(start_request(), timeout=5)).run
+    assert second.status == pb.AGENT_RUN_STATUS_QUEUED
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.StartAgentRun(start_request(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_details(raised.value)["ErrorInfo"].reason == "RUN_LIMIT"
+    assert "run_max_active_per_tenant" in raised.value.details()
+    # The first one cancelled, the queued one runs.
+    await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=first), timeout=5)
+    run = await wait_for_status(stub, second.id, FINAL)
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED
+
+
+async def test_a_full_store_refuses_new_runs_and_keeps_the_accepted_ones(fake_ollama, tmp_path):
+    path = tmp_path / "runs.db"
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=str(path),
+                                run_store_max_bytes=96 * 1024)
+    fake_ollama.default_script = ANSWER
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        accepted = []
+        big = "y" * 20000
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            for _ in range(100):
+                started = await stub.StartAgentRun(start_request(goal=big), timeout=5)
+                accepted.append(started.run.id)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(raised.value)["ErrorInfo"].reason == "RUN_STORE_FULL"
+        assert accepted
+        for run_id in accepted:
+            await wait_for_status(stub, run_id, FINAL)
+
+
+async def test_a_store_that_cannot_open_makes_new_runs_unavailable(fake_ollama, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    settings = gateway_settings(ollama_url=fake_ollama.url,
+                                run_store=str(tmp_path / "a-file" / "runs.db"))
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.StartAgentRun(start_request(), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert rich_details(raised.value)["ErrorInfo"].reason == "RUN_STORE_UNAVAILABLE"
+        # The rest of the gateway serves as before.
+        fake_ollama.enqueue(ANSWER)
+        reply = await stub.RunAgent(pb.RunAgentRequest(goal=GOAL), timeout=5)
+        assert reply.final_answer == "391"
+
+
+# --- StreamRunAgent that goes on --------------------------------------------------------------
+
+
+async def test_a_stream_that_drops_leaves_its_run_going(stub, fake_ollama):
+    fake_ollama.enqueue(Script(tokens=CALCULATE.tokens, first_token_delay=0.3), ANSWER)
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(
+        goal=GOAL, continue_on_disconnect=True)))
+    metadata = dict(await call.initial_metadata())
+    run_id = metadata["x-agentloop-run-id"]
+    first = await call.read()
+    assert first.WhichOneof("event") == "step_started"
+    call.cancel()  # the stream drops mid-run
+    run = await wait_for_status(stub, run_id, FINAL)
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "391"
+
+
+async def test_a_continued_stream_sends_what_a_plain_one_does(stub, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, ANSWER)
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(
+        goal=GOAL, continue_on_disconnect=True)))
+    await call.done_writing()
+    kinds = [reply.WhichOneof("event") async for reply in call]
+    assert kinds[0] == "step_started" and kinds[-1] == "finished"
+    assert "tool_call" in kinds and "tool_result" in kinds
+
+
+# --- a restart ------------------------------------------------------------------------------
+
+
+async def test_a_restart_loses_no_queued_run(fake_ollama, tmp_path):
+    path = tmp_path / "runs.db"
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=str(path),
+                                run_max_running=1, run_lease=0.3)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        started = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_for_status(stub, started, {pb.AGENT_RUN_STATUS_RUNNING})
+        queued = [(await stub.StartAgentRun(start_request(), timeout=5)).run.id
+                  for _ in range(3)]
+    with sqlite3.connect(path) as db:
+        statuses = dict(db.execute("SELECT id, status FROM runs").fetchall())
+    assert statuses[started] == "running"
+    assert all(statuses[run_id] == "queued" for run_id in queued)
+    fake_ollama.enqueue(ANSWER, ANSWER, ANSWER)
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        for run_id in queued:
+            run = await wait_for_status(stub, run_id, FINAL)
+            assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
+        interrupted = await wait_for_status(stub, started, FINAL)
+        assert interrupted.status == pb.AGENT_RUN_STATUS_FAILED
+        assert "INTERRUPTED" in interrupted.error
+        events = await watch(stub, started)
+        assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_FAILED
