@@ -11,7 +11,10 @@ variable.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -127,6 +130,26 @@ def check_readable_file(path: str) -> None:
 def check_api_keys(text: str) -> None:
     if any(any(c.isspace() or c == "#" for c in key) for key in parse_list(text)):
         raise ValueError("an API key must not contain spaces or #")
+
+
+def parse_webhook_secrets(text: str) -> list[bytes]:
+    """The keys of whsec_<base64> secrets (24 bytes or more); an error never shows one."""
+    keys = []
+    for index, item in enumerate(parse_list(text)):
+        try:
+            encoded = item.removeprefix("whsec_")
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"secret {index + 1} is not whsec_<base64>") from None
+        if len(key) < 24:
+            raise ValueError(f"secret {index + 1} is shorter than 24 bytes")
+        keys.append(key)
+    return keys
+
+
+def _check_networks(text: str) -> None:
+    for item in parse_list(text):
+        ipaddress.ip_network(item, strict=False)  # its ValueError names the bad one
 
 
 def check_header_name(text: str) -> None:
@@ -506,6 +529,36 @@ class Settings:
         group="runs", above=0,
     )
 
+    webhook_url_prefixes: str = _setting(
+        "", "comma-separated URL prefixes a run's webhook_url must start with (e.g. "
+        "https://hooks.example.com/agentloop/); empty = no webhooks", group="runs",
+    )
+    webhook_secrets: str = _setting(
+        "", "comma-separated Standard Webhooks secrets (whsec_<base64>, 24 bytes or more) "
+        "signing every webhook, each signature in the one header (rotation: add the new, then "
+        "drop the old); needed with webhook_url_prefixes", group="runs",
+        check=parse_webhook_secrets, repr=False,
+    )
+    webhook_allowed_networks: str = _setting(
+        "", "comma-separated CIDRs a webhook may go to although not public (e.g. "
+        "10.0.0.0/8 for a receiver in the cluster); other private, loopback and link-local "
+        "addresses are refused", group="runs", check=_check_networks,
+    )
+    webhook_timeout: float = _setting(
+        10.0, "seconds one webhook attempt may take", group="runs", above=0,
+    )
+    webhook_retry_for: float = _setting(
+        3600.0, "seconds after a run's end its webhook is retried for, then given up",
+        group="runs", minimum=0,
+    )
+    webhook_backoff: float = _setting(
+        1.0, "seconds before a webhook's first retry; doubled each time (with jitter)",
+        group="runs", above=0,
+    )
+    webhook_backoff_max: float = _setting(
+        300.0, "longest wait between webhook retries, in seconds", group="runs", above=0,
+    )
+
     # --- telemetry (OpenTelemetry itself follows the standard OTEL_* variables) ---
     metrics_listen: str = _setting(
         "127.0.0.1:9464",
@@ -685,6 +738,11 @@ def _cross_field_problems(s: Settings) -> list[tuple[str, str]]:
     if bool(s.tls_cert) != bool(s.tls_key):
         problems.append(("tls_key" if s.tls_cert else "tls_cert",
                          "tls_cert and tls_key go together"))
+    if s.webhook_url_prefixes and not s.webhook_secrets:
+        problems.append(("webhook_secrets", "webhooks (webhook_url_prefixes) need a secret"))
+    if s.webhook_backoff_max < s.webhook_backoff:
+        problems.append(("webhook_backoff_max", f"must be >= webhook_backoff "
+                                                f"({s.webhook_backoff})"))
     if s.tls_client_ca and not s.tls_cert:
         problems.append(("tls_client_ca", "mutual TLS needs tls_cert and tls_key too"))
     return problems

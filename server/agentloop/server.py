@@ -47,6 +47,7 @@ from agentloop.services.generation import GenerationService
 from agentloop.services.quotas import Quotas
 from agentloop.services.runs import RunManager, open_store
 from agentloop.services.tools import default_tools
+from agentloop.services.webhooks import WebhookSender
 from agentloop.telemetry import Telemetry, start_telemetry
 from agentloop.upstreams.admission import AdmissionTotals, Work
 from agentloop.upstreams.config import load_pools
@@ -282,7 +283,8 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
         tools.add_provider(mcp)
     agent = AgentService(generation, tools, settings)
     embeddings = EmbeddingService(backend, quotas, telemetry)
-    runs = RunManager(agent, open_store(settings), settings)
+    store = open_store(settings)
+    runs = RunManager(agent, store, settings, webhooks=WebhookSender(store, settings))
     await runs.start()
     add_services(server, AgentLoopServicer(settings, generation, agent, embeddings, runs),
                  health, settings)

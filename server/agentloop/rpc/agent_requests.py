@@ -26,6 +26,7 @@ from agentloop.rpc.requests import (
 from agentloop.services.agent import AgentRun, ClientToolCalls, ClientToolResult, WrongCallId
 from agentloop.services.generation import resolve_options
 from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, ClientTool, ToolRegistry
+from agentloop.services.webhooks import url_problem as webhook_url_problem
 from agentloop.v1 import agentloop_pb2 as pb
 
 MAX_CLIENT_TOOLS = 64
@@ -97,8 +98,8 @@ def start_background_run(
         if not 0 < timeout <= settings.run_max_timeout:
             violations.append(("timeout", f"must be above 0s and at most "
                                           f"{settings.run_max_timeout:g}s (run_max_timeout)"))
-    if message.webhook_url:
-        violations.append(("webhook_url", "this server sends no webhooks yet"))
+    if message.webhook_url and (problem := webhook_url_problem(message.webhook_url, settings)):
+        violations.append(("webhook_url", problem))
     try:
         run = _start(message.run, "run", settings, registry, default_model, None)
     except InvalidArgument as exc:

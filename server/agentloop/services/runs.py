@@ -85,6 +85,7 @@ from agentloop.services.agent import (
     WrongCallId,
 )
 from agentloop.services.tools import ClientTool
+from agentloop.services.webhooks import WebhookSender, delivery_for
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ class _LocalRun:
     def __init__(self, record: RunRecord, settings: Settings) -> None:
         self.id = record.id
         self.tenant = record.tenant
+        self.webhook_url = record.webhook_url
         self.next_seq = record.last_seq + 1
         self.written_seq = record.last_seq
         self.events: list[RunEvent] = []
@@ -365,9 +367,10 @@ class RunManager:
     """
 
     def __init__(self, agent: AgentService, store: RunStore, settings: Settings,
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, webhooks: WebhookSender | None = None) -> None:
         self.agent = agent
         self.store = store
+        self.webhooks = webhooks
         self.settings = settings
         self.replica = replica or replica_name()
         self._local: dict[str, _LocalRun] = {}
@@ -391,6 +394,8 @@ class RunManager:
         start the sweep and the lease keeper."""
         with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
             await self._ensure_open()
+            if self.webhooks is not None:
+                await self.webhooks.resume()
         self._background = [
             asyncio.create_task(sweep_forever(self.store, self.ttls,
                                               self.settings.run_sweep_interval),
@@ -408,6 +413,8 @@ class RunManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.webhooks is not None:  # pending deliveries stay pending: resumed at a start
+            await self.webhooks.close()
         if self._local:  # their leases end now: a replica restarted here takes them at once
             with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
                 await self.store.renew(self.replica, list(self._local), time.time())
@@ -655,6 +662,24 @@ class RunManager:
         local.ended = True
         self._local.pop(local.id, None)
         local._notify()
+        if local.webhook_url and self.webhooks is not None:
+            await self._announce(local, status, error, summary)
+
+    async def _announce(self, local: _LocalRun, status: RunStatus, error: str,
+                        summary: RunSummary | None) -> None:
+        """The run's end to its webhook (recorded, then delivered in the background)."""
+        assert self.webhooks is not None
+        data: dict[str, Any] = {"id": local.id, "status": status.value, "error": error}
+        if summary is not None:
+            data.update(final_answer=summary.final_answer, stop_reason=summary.stop_reason.name,
+                        usage={"input_tokens": summary.usage.input_tokens,
+                               "output_tokens": summary.usage.output_tokens},
+                        model=summary.model, steps=summary.steps)
+        delivery = delivery_for(local.id, local.webhook_url, f"agent_run.{status.value}", data)
+        try:
+            await self.webhooks.send(delivery)
+        except (RunStoreUnavailable, RunStoreFull) as exc:
+            log.warning("run %s: webhook not recorded (%s)", local.id, exc.message)
 
     # --- leases ---
 
