@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint generate docs monitoring bench clean go-tools go-check \
-	prometheus-tools
+	prometheus-tools postgres-tools
 
 help:
 	@echo "make run       set up and serve on 127.0.0.1:50051 (Ollama if reachable, else embedded)"
@@ -91,7 +91,7 @@ lint: install
 	$(NODE_BIN)/buf format --exit-code --diff
 	$(BIN)/ruff check server clients tests bench protos
 
-test: install lint go-tools prometheus-tools
+test: install lint go-tools prometheus-tools postgres-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Go stubs (buf.gen.go.yaml): Debian packages the Go toolchain, both protoc plugins and the
@@ -120,6 +120,19 @@ prometheus-tools:
 		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(PROMETHEUS_PACKAGES); } \
 		|| echo "prometheus-tools: apt-get could not install $(PROMETHEUS_PACKAGES); the alert tests are skipped"; \
 	else echo "prometheus-tools: no apt-get as root; the alert tests are skipped"; fi
+
+# PostgreSQL (initdb, pg_ctl, the server) from Debian's postgresql package, installed like the
+# packages above; the run store's tests start their own server in a temporary directory as
+# the `postgres` user the package creates, and skip, saying why, without it.
+# (Where systemd runs, Debian also starts its own cluster on :5432; the tests do not use it.)
+POSTGRES_PACKAGES := postgresql
+postgres-tools:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq --no-install-recommends $(POSTGRES_PACKAGES) \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(POSTGRES_PACKAGES); } \
+		|| echo "postgres-tools: apt-get could not install $(POSTGRES_PACKAGES); the PostgreSQL tests are skipped"; \
+	else echo "postgres-tools: no apt-get as root; the PostgreSQL tests are skipped"; fi
 
 go-check: install go-tools
 	$(PY) -m pytest -q tests/test_buf.py -k go

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from postgres_server import pg_server  # noqa: F401 (a fixture: one server per session)
 
 from agentloop.server import RunningServer
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc

@@ -1,5 +1,6 @@
-"""The run store on a real SQLite file: WAL, the tenant check, pages newest first, events in
-batches with sequence numbers, leases, the retention sweep, and a full store refusing with
+"""The run store on a real SQLite file and on a real PostgreSQL, behind one interface: the
+tenant check, pages newest first, events in batches with sequence numbers, leases, the
+retention sweep; SQLite's WAL file, its thread, and a full store refusing with
 RUN_STORE_FULL."""
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+from postgres_server import fresh_database
 
 from agentloop.errors import RunLimitReached, RunStoreFull, RunStoreUnavailable
+from agentloop.runs.postgres import PostgresRunStore
 from agentloop.runs.store import (
     DeliveryRecord,
     DeliveryState,
@@ -18,6 +21,7 @@ from agentloop.runs.store import (
     Page,
     RunRecord,
     RunStatus,
+    RunStore,
     SqliteRunStore,
 )
 
@@ -28,8 +32,23 @@ def record(run_id: str, tenant: str = "acme", created: float = 1000.0,
                      request=b'{"goal": "x"}')
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request, tmp_path) -> AsyncIterator[RunStore]:
+    """Each store the server has, behind the one interface (SQLite, a real PostgreSQL)."""
+    if request.param == "sqlite":
+        store: RunStore = SqliteRunStore(tmp_path / "runs.db")
+    else:
+        server = request.getfixturevalue("pg_server")
+        store = PostgresRunStore(await fresh_database(server))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 @pytest.fixture
-async def store(tmp_path) -> AsyncIterator[SqliteRunStore]:
+async def sqlite_store(tmp_path) -> AsyncIterator[SqliteRunStore]:
     store = SqliteRunStore(tmp_path / "runs.db")
     await store.open()
     try:
@@ -38,7 +57,8 @@ async def store(tmp_path) -> AsyncIterator[SqliteRunStore]:
         await store.close()
 
 
-async def test_the_file_is_in_wal_mode_and_survives_reopening(tmp_path, store):
+async def test_the_file_is_in_wal_mode_and_survives_reopening(tmp_path, sqlite_store):
+    store = sqlite_store
     await store.create(record("run_a"), max_active_per_tenant=10)
     with sqlite3.connect(tmp_path / "runs.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -51,7 +71,8 @@ async def test_the_file_is_in_wal_mode_and_survives_reopening(tmp_path, store):
         await again.close()
 
 
-async def test_calls_run_off_the_event_loop_thread(store):
+async def test_calls_run_off_the_event_loop_thread(sqlite_store):
+    store = sqlite_store
     seen: list[str] = []
     store.observe = lambda operation, seconds: seen.append(threading.current_thread().name)
     await store.get("nothing")

@@ -466,8 +466,9 @@ class Settings:
     run_store: str = _setting(
         "~/.local/state/agentloop/runs.db",
         "where background agent runs, their events and webhook deliveries are kept: a SQLite "
-        "file (WAL; created if missing) or :memory: (lost at exit)", group="runs",
-        required=True,
+        "file (WAL; created if missing), :memory: (lost at exit), or a postgresql:// URL "
+        "that replicas share (from a Secret: it may hold a password, and is never logged)",
+        group="runs", required=True, repr=False,
     )
     run_store_max_bytes: int = _setting(
         0, "largest size of the SQLite run store, in bytes; past it new runs are "

@@ -355,7 +355,11 @@ def replica_name() -> str:
 
 
 def open_store(settings: Settings) -> RunStore:
-    """The store the settings name."""
+    """The store the settings name: PostgreSQL for a postgresql:// URL, else SQLite."""
+    if settings.run_store.startswith(("postgresql://", "postgres://")):
+        from agentloop.runs.postgres import PostgresRunStore  # asyncpg loads only for it
+
+        return PostgresRunStore(settings.run_store)
     return SqliteRunStore(settings.run_store, max_bytes=settings.run_store_max_bytes)
 
 
