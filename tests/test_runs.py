@@ -379,27 +379,32 @@ async def test_a_continued_stream_sends_what_a_plain_one_does(stub, fake_ollama)
 # --- a restart ------------------------------------------------------------------------------
 
 
-async def test_a_restart_loses_no_queued_run(fake_ollama, tmp_path):
+async def test_a_restart_loses_no_run(fake_ollama, tmp_path):
     path = tmp_path / "runs.db"
     settings = gateway_settings(ollama_url=fake_ollama.url, run_store=str(path),
                                 run_max_running=1, run_lease=0.3)
-    fake_ollama.enqueue(Script(hang_before_headers=True))
+    fake_ollama.enqueue(CALCULATE, Script(hang_before_headers=True))
     async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
         started = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
-        await wait_for_status(stub, started, {pb.AGENT_RUN_STATUS_RUNNING})
+        await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=5)
         queued = [(await stub.StartAgentRun(start_request(), timeout=5)).run.id
                   for _ in range(3)]
     with sqlite3.connect(path) as db:
         statuses = dict(db.execute("SELECT id, status FROM runs").fetchall())
     assert statuses[started] == "running"
     assert all(statuses[run_id] == "queued" for run_id in queued)
-    fake_ollama.enqueue(ANSWER, ANSWER, ANSWER)
+    fake_ollama.enqueue(ANSWER, ANSWER, ANSWER, ANSWER)
     async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
         for run_id in queued:
             run = await wait_for_status(stub, run_id, FINAL)
             assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
-        interrupted = await wait_for_status(stub, started, FINAL)
-        assert interrupted.status == pb.AGENT_RUN_STATUS_FAILED
-        assert "INTERRUPTED" in interrupted.error
+        # The started run goes on after its last recorded step: step 2, asked again.
+        resumed = await wait_for_status(stub, started, FINAL)
+        assert resumed.status == pb.AGENT_RUN_STATUS_COMPLETED, resumed.error
+        assert resumed.final_answer == "391"
+        assert [(s.index, s.tool) for s in resumed.steps] == [(1, "calculator"), (2, "")]
         events = await watch(stub, started)
-        assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_FAILED
+    kinds = [e.WhichOneof("event") for e in events]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert kinds.count("step_started") == 2 and kinds.count("tool_call") == 1
+    assert kinds.count("tool_result") == 1 and kinds[-1] == "run_ended"

@@ -88,6 +88,25 @@ class AgentRun:
     #: Seconds a client tool call may wait for its result (None: the tool_timeout setting);
     #: a background run waits up to its deadline.
     client_tool_timeout: float | None = None
+    #: Where a run taken over from another replica goes on (None: from the start).
+    resume: Resume | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A run's recorded progress, for the replica that takes it over: its finished steps,
+    and how far the step after them had come (its events already recorded are not sent
+    again)."""
+
+    steps: tuple[AgentStep, ...]
+    usage: Usage = field(default_factory=Usage)
+    #: The next step's StepStarted was recorded.
+    step_started: bool = False
+    #: Characters of the next step's answer deltas recorded: withdrawn before it goes on.
+    answer_chars: int = 0
+    #: The next step's tool call, recorded without its result: it runs (again) at once.
+    pending_call: ToolCalled | None = None
+    pending_thought: str = ""
 
 
 # --- events (what StreamRunAgent sends, in this order per step) ---------------------------
@@ -400,6 +419,33 @@ def observation_message(tool: str, text: str, is_error: bool, repeated: bool = F
     return f"Result of {tool}: {text}\nNow give the final answer, using this result."
 
 
+def _reply_text(action: Action) -> str:
+    """A recorded action as the model's reply (the conversation of a resumed run)."""
+    if action.final_answer is not None:
+        return json.dumps({"final_answer": action.final_answer, "thought": action.thought},
+                          ensure_ascii=False)
+    return json.dumps({"tool": action.tool, "arguments": action.arguments,
+                       "thought": action.thought}, ensure_ascii=False)
+
+
+def _replay(state: _RunState, resume: Resume) -> int:
+    """Put a resumed run's recorded steps into its state; the number of the next step."""
+    for step in resume.steps:
+        arguments = json.loads(step.arguments_json) if step.arguments_json else {}
+        action = Action(step.thought, tool=step.tool, arguments=arguments)
+        is_error = bool(step.error)
+        state.conversation += (
+            ChatMessage(Role.ASSISTANT, _reply_text(action)),
+            ChatMessage(Role.USER, observation_message(step.tool, step.observation, is_error)),
+        )
+        state.results.setdefault((step.tool, json.dumps(arguments, sort_keys=True)),
+                                 _Observation(step.observation, is_error))
+        state.longest_step = max(state.longest_step, step.duration)
+    state.steps = list(resume.steps)
+    state.usage = resume.usage
+    return len(resume.steps) + 1
+
+
 def cap_observation(text: str, limit: int) -> tuple[str, bool]:
     """Cut an observation to `limit` UTF-8 bytes, saying so in the text; (text, truncated)."""
     data = text.encode()
@@ -524,31 +570,47 @@ class AgentService:
             conversation=(*run.messages, ChatMessage(Role.USER, run.goal)),
             model=run.model,
         )
+        resume = run.resume
+        first = 1
+        if resume is not None:
+            first = _replay(state, resume)
         stop, answer = StopReason.MAX_STEPS, ""
-        for index in range(1, run.max_steps + 1):
+        for index in range(first, run.max_steps + 1):
+            resumed = resume if resume is not None and index == first else None
             if not self._time_for_a_step(run, state):
                 stop = StopReason.DEADLINE
                 break
-            yield StepStarted(index)
+            if resumed is None or not resumed.step_started:
+                yield StepStarted(index)
+            if resumed is not None and resumed.answer_chars:
+                yield AnswerWithdrawn(index, resumed.answer_chars)
             step_started = time.monotonic()
             # The last step, and the one after a repeated call, may only answer: the
             # engine constrains the reply to the final-answer form.
             answer_only = state.answer_next or index == run.max_steps
-            try:
-                action = None
-                async with aclosing(self._next_action(run, state, index, answer_only)) as replies:
-                    async for item in replies:
-                        if isinstance(item, AnswerDelta | AnswerWithdrawn):
-                            yield item
-                        else:
-                            action = item
-                assert action is not None
-            except _StepFailed as failure:
-                state.steps.append(
-                    AgentStep(index, time.monotonic() - step_started, error=str(failure)))
-                stop = failure.stop_reason
-                break
-            yield ThoughtFormed(index, action.thought)
+            pending = resumed.pending_call if resumed is not None else None
+            if pending is not None:
+                assert resumed is not None
+                action = Action(resumed.pending_thought, tool=pending.tool,
+                                arguments=json.loads(pending.arguments_json))
+                state.conversation += (ChatMessage(Role.ASSISTANT, _reply_text(action)),)
+            else:
+                try:
+                    action = None
+                    async with aclosing(self._next_action(run, state, index,
+                                                          answer_only)) as replies:
+                        async for item in replies:
+                            if isinstance(item, AnswerDelta | AnswerWithdrawn):
+                                yield item
+                            else:
+                                action = item
+                    assert action is not None
+                except _StepFailed as failure:
+                    state.steps.append(
+                        AgentStep(index, time.monotonic() - step_started, error=str(failure)))
+                    stop = failure.stop_reason
+                    break
+                yield ThoughtFormed(index, action.thought)
             if action.final_answer is not None:
                 state.steps.append(
                     AgentStep(index, time.monotonic() - step_started, thought=action.thought))
@@ -563,7 +625,9 @@ class AgentService:
             client_call = None
             if earlier is None and problem is None and action.tool not in run.tools:
                 client_call = calls.expect(call_id)  # before the client can hear of the call
-            yield ToolCalled(index, call_id, action.tool, arguments_json, client_call is not None)
+            if pending is None:  # (a resumed call was recorded by the replica before)
+                yield ToolCalled(index, call_id, action.tool, arguments_json,
+                                 client_call is not None)
             tool_started = time.monotonic()
             if earlier is not None:
                 # A small model tends to repeat a call rather than use its result: the

@@ -77,6 +77,7 @@ from agentloop.services.agent import (
     AnswerWithdrawn,
     ClientToolCalls,
     ClientToolResult,
+    Resume,
     RunFinished,
     StepStarted,
     ThoughtFormed,
@@ -84,7 +85,7 @@ from agentloop.services.agent import (
     ToolReturned,
     WrongCallId,
 )
-from agentloop.services.tools import ClientTool
+from agentloop.services.tools import ClientTool, is_idempotent
 from agentloop.services.webhooks import WebhookSender, delivery_for
 
 log = logging.getLogger(__name__)
@@ -419,6 +420,9 @@ class RunManager:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.webhooks is not None:  # pending deliveries stay pending: resumed at a start
             await self.webhooks.close()
+        for local in list(self._local.values()):  # what a taking-over replica goes on from
+            with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
+                await self.store.append_events(local.id, local.unwritten())
         if self._local:  # their leases end now: a replica restarted here takes them at once
             with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
                 await self.store.renew(self.replica, list(self._local), time.time())
@@ -563,7 +567,13 @@ class RunManager:
             queued = False
             self._queued -= 1
             try:
-                await self._set(local, status=RunStatus.RUNNING)
+                pending = run.resume.pending_call if run.resume is not None else None
+                if pending is not None and pending.client_tool:  # it waits for it again
+                    local.waiting = pending
+                    await self._set(local, status=RunStatus.WAITING_FOR_TOOL,
+                                    waiting_call=pending.call_id)
+                else:
+                    await self._set(local, status=RunStatus.RUNNING)
                 left = None if deadline is None else max(0.0, deadline - time.time())
                 run = dataclasses.replace(
                     run, deadline=None if left is None else time.monotonic() + left,
@@ -622,7 +632,9 @@ class RunManager:
 
     async def _record(self, local: _LocalRun, body: RunEventBody) -> None:
         if local.add(body):
-            await self._write(local, must=False)
+            # A tool call is written before the tool runs, whatever it takes: a replica that
+            # takes the run over must know the call was made.
+            await self._write(local, must=isinstance(body, ToolCalled))
 
     async def _write(self, local: _LocalRun, must: bool) -> None:
         """Write the run's unwritten events; with `must`, until the store takes them."""
@@ -714,24 +726,69 @@ class RunManager:
                 local.task.cancel()
 
     async def _adopt_orphans(self) -> None:
-        """Runs whose replica stopped: a queued one runs here; a started one fails with a
-        reason (its loop's state is not resumable yet)."""
+        """Take over runs whose replica stopped: a queued one starts here, a started one goes
+        on after its last recorded step (or fails, saying why it cannot)."""
         if not self._open:
             return
         now = time.time()
         for record in await self.store.orphans(now, limit=16):
-            if record.id in self._local:
+            if record.id in self._local or not await self.store.claim(
+                    record.id, self.replica, now + self.settings.run_lease, now):
                 continue
-            if not await self.store.claim(record.id, self.replica,
-                                          now + self.settings.run_lease, now):
-                continue
+            run = decode_request(record.request)
             if record.status is RunStatus.QUEUED:
-                self._launch(record, decode_request(record.request))
+                self._launch(record, run)
                 continue
-            local = _LocalRun(record, self.settings)
-            await self._end(local, RunStatus.FAILED,
-                            "INTERRUPTED: the replica running it stopped after its last "
-                            "recorded step", None, ())
+            log.info("run %s: taken over from %s", record.id, record.lease_owner or "nobody")
+            point = await self._resume_point(record)
+            if isinstance(point, Resume):
+                self._launch(record, dataclasses.replace(run, resume=point))
+            else:
+                await self._end(_LocalRun(record, self.settings), point.status, point.error,
+                                None, ())
+
+    async def _resume_point(self, record: RunRecord) -> Resume | RunEnded:
+        """Where a started run goes on, from its recorded events; or how it must end."""
+        events: list[RunEvent] = []
+        while batch := await self.store.events(record.id, events[-1].seq if events else 0,
+                                               WATCH_BATCH):
+            events += [decode_event(e) for e in batch]
+        steps: list[AgentStep] = []
+        step: StepStarted | None = None
+        thought, call, chars = "", None, 0
+        for event in events:
+            body = event.body
+            if isinstance(body, RunEnded | RunSummary):
+                # It had ended; only its status was not written.
+                return body if isinstance(body, RunEnded) else RunEnded(
+                    RunStatus.COMPLETED if body.stop_reason in _COMPLETING
+                    else RunStatus.FAILED, "")
+            if isinstance(body, StepStarted):
+                step, thought, call, chars = body, "", None, 0
+            elif isinstance(body, AnswerDelta):
+                chars += len(body.text)
+            elif isinstance(body, AnswerWithdrawn):
+                chars = 0
+            elif isinstance(body, ThoughtFormed):
+                thought = body.thought
+            elif isinstance(body, ToolCalled):
+                call = body
+            elif isinstance(body, ToolReturned) and step is not None and call is not None:
+                steps.append(AgentStep(
+                    step.step, body.duration, thought=thought, tool=body.tool,
+                    arguments_json=call.arguments_json, observation=body.observation,
+                    observation_truncated=body.observation_truncated,
+                    error=body.observation if body.is_error else ""))
+                step, call = None, None
+        if call is not None and not call.client_tool:
+            tool = self.agent.tools[call.tool] if call.tool in self.agent.tools else None
+            if not is_idempotent(tool):
+                return RunEnded(RunStatus.FAILED, (
+                    f"INTERRUPTED: the replica running it stopped while {call.tool} "
+                    f"({call.call_id}) ran; its result was not recorded, and {call.tool} is "
+                    "not declared idempotent, so it is not run a second time"))
+        return Resume(tuple(steps), step_started=step is not None, answer_chars=chars,
+                      pending_call=call, pending_thought=thought)
 
     # --- views ---
 

@@ -53,6 +53,12 @@ class Tool(ToolDescription, Protocol):
         ...
 
 
+def is_idempotent(tool: object) -> bool:
+    """Is the tool declared safe to run twice (`idempotent = True`)? A run taken over by
+    another replica runs a call whose result was not recorded again only then."""
+    return getattr(tool, "idempotent", False) is True
+
+
 @dataclass(frozen=True, slots=True)
 class ClientTool:
     """A tool the client runs (StreamRunAgent): the server only knows its description."""
@@ -153,6 +159,8 @@ class Calculator:
     """Arithmetic on numbers, parsed with `ast` (never `eval`), with bounded sizes."""
 
     name = "calculator"
+    #: Running it again gives the same result: a run taken over may call it again.
+    idempotent = True
     # No example expression here, and no description of the argument: a small model
     # copies either into the call instead of the user's expression.
     description = (
@@ -234,6 +242,7 @@ class CurrentTime:
     """The current date and time in UTC."""
 
     name = "current_time"
+    idempotent = True
     description = (
         "Returns the current date and time in UTC, in ISO 8601."
     )
