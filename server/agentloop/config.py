@@ -147,6 +147,30 @@ def parse_webhook_secrets(text: str) -> list[bytes]:
     return keys
 
 
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def parse_store_keys(text: str) -> list[tuple[str, bytes]]:
+    """The run store's `ID:BASE64` keys (32 bytes each), by line or comma; the first seals.
+    An error names a bad key by its position or id, never by its value."""
+    keys: list[tuple[str, bytes]] = []
+    items = [item.strip() for line in text.splitlines() for item in line.split(",")]
+    for index, item in enumerate(i for i in items if i and not i.startswith("#")):
+        key_id, sep, encoded = item.partition(":")
+        if not sep or not _KEY_ID.fullmatch(key_id):
+            raise ValueError(f"key {index + 1} is not ID:BASE64 (ID: [A-Za-z0-9_-]{{1,32}})")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"key {key_id} is not base64") from None
+        if len(key) != 32:
+            raise ValueError(f"key {key_id} is {len(key)} bytes; AES-256 needs 32")
+        if any(known == key_id for known, _ in keys):
+            raise ValueError(f"key id {key_id} is listed twice")
+        keys.append((key_id, key))
+    return keys
+
+
 def _check_networks(text: str) -> None:
     for item in parse_list(text):
         ipaddress.ip_network(item, strict=False)  # its ValueError names the bad one
@@ -469,6 +493,17 @@ class Settings:
         "file (WAL; created if missing), :memory: (lost at exit), or a postgresql:// URL "
         "that replicas share (from a Secret: it may hold a password, and is never logged)",
         group="runs", required=True, repr=False,
+    )
+    run_store_keys: str = _setting(
+        "", "encrypt runs at rest (AES-256-GCM): ID:BASE64 keys of 32 bytes, comma-separated; "
+        "the first encrypts, all decrypt (rotation: put the new one first). Prompts, answers, "
+        "steps, tool arguments and results, errors, events and webhook bodies are encrypted; "
+        "ids, tenants, statuses and times stay in clear. Empty (and no key file) = nothing is "
+        "encrypted", group="runs", check=parse_store_keys, repr=False,
+    )
+    run_store_key_file: str = _setting(
+        "", "file of run store keys, one ID:BASE64 per line, read before run_store_keys",
+        group="runs", check=check_readable_file,
     )
     run_store_max_bytes: int = _setting(
         0, "largest size of the SQLite run store, in bytes; past it new runs are "

@@ -38,7 +38,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from agentloop.config import Settings
+from agentloop.config import Settings, SettingsError
 from agentloop.domain import (
     AgentStep,
     CallContext,
@@ -58,6 +58,7 @@ from agentloop.errors import (
     RunStoreFull,
     RunStoreUnavailable,
 )
+from agentloop.runs.sealing import SealedStore, Sealer, load_keys
 from agentloop.runs.store import (
     FINAL,
     DeliveryRecord,
@@ -357,11 +358,23 @@ def replica_name() -> str:
 
 def open_store(settings: Settings) -> RunStore:
     """The store the settings name: PostgreSQL for a postgresql:// URL, else SQLite."""
+    store: RunStore
     if settings.run_store.startswith(("postgresql://", "postgres://")):
         from agentloop.runs.postgres import PostgresRunStore  # asyncpg loads only for it
 
-        return PostgresRunStore(settings.run_store)
-    return SqliteRunStore(settings.run_store, max_bytes=settings.run_store_max_bytes)
+        store = PostgresRunStore(settings.run_store)
+    else:
+        store = SqliteRunStore(settings.run_store, max_bytes=settings.run_store_max_bytes)
+    try:
+        keys = load_keys(settings.run_store_keys, settings.run_store_key_file)
+    except ValueError as exc:  # the key file's (the variable's was checked with the settings)
+        raise SettingsError(f"--run-store-key-file / AGENTLOOP_RUN_STORE_KEY_FILE: {exc}") \
+            from None
+    if keys:
+        log.info("run store: encrypted at rest, sealing under key %s (%d keys)", keys[0][0],
+                 len(keys))
+        store = SealedStore(store, Sealer(keys))
+    return store
 
 
 class RunManager:
@@ -705,8 +718,11 @@ class RunManager:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
+                await self._ensure_open()  # a store that was down at the start, back now
                 await self._renew()
                 await self._adopt_orphans()
+                if self.webhooks is not None:
+                    await self.webhooks.resume()
 
     async def _renew(self) -> None:
         ids = [run_id for run_id, local in self._local.items() if not local.ended]

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 MAX_URL_CHARS = 2048
 #: Deliveries in flight at once per replica (the others wait their turn).
 MAX_CONCURRENT_DELIVERIES = 16
+#: Seconds past the longest wait between attempts after which a pending delivery is taken up.
+STALE_MARGIN = 10.0
 #: Bytes of a receiver's answer read (and ignored) at most.
 MAX_ANSWER_BYTES = 4096
 
@@ -157,9 +159,17 @@ class WebhookSender:
         return self._session
 
     async def resume(self) -> None:
-        """Take up the deliveries a stopped replica left pending."""
+        """Take up the deliveries a stopped replica left pending: those no replica tried for
+        longer than the longest wait between two attempts (a replica that tries them still
+        would have; a receiver drops the rare repeat by its webhook-id)."""
+        stale = time.time() - (self._settings.webhook_backoff_max
+                               + self._settings.webhook_timeout + STALE_MARGIN)
+        mine = {task.get_name() for task in self._tasks}
         for delivery in await self._store.pending_deliveries(limit=1000):
-            self._spawn(delivery)
+            if f"webhook-{delivery.webhook_id}" in mine:
+                continue
+            if (delivery.last_attempt or delivery.created) < stale:
+                self._spawn(delivery)
 
     async def send(self, delivery: DeliveryRecord) -> None:
         """Record a new message, then deliver it in the background."""
