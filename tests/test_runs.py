@@ -408,3 +408,24 @@ async def test_a_restart_loses_no_run(fake_ollama, tmp_path):
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert kinds.count("step_started") == 2 and kinds.count("tool_call") == 1
     assert kinds.count("tool_result") == 1 and kinds[-1] == "run_ended"
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings_overrides", [{"metrics_listen": "127.0.0.1:0"}])
+async def test_runs_are_counted_by_status_with_the_store_latency(gateway, stub, fake_ollama):
+    from test_telemetry import scrape, total
+
+    fake_ollama.enqueue(ANSWER)
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    await wait_for_status(stub, run_id, FINAL)
+    samples = await scrape(gateway.metrics_port)
+    names = {s.name for s in samples}
+    ended = next(n for n in names if n.startswith("agentloop_runs_ended"))
+    assert total(samples, ended, agentloop_run_status="completed") == 1
+    stored = next(n for n in names if n.startswith("agentloop_run_store_operation_duration")
+                  and n.endswith("_count"))
+    assert total(samples, stored, agentloop_run_store_operation="append_events") >= 1
+    active = next(n for n in names if n.startswith("agentloop_runs_active"))
+    assert total(samples, active, agentloop_run_status="queued") == 0

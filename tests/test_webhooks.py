@@ -19,6 +19,7 @@ import grpc
 import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
+from test_telemetry import scrape, total
 
 from agentloop.config import SettingsError
 from agentloop.services.webhooks import address_problem, sign
@@ -122,10 +123,14 @@ async def test_a_failing_receiver_gets_the_same_message_until_it_takes_it(fake_o
                                                                           receiver):
     receiver.plan = ["500", "reset", "hang"]
     fake_ollama.enqueue(ANSWER)
-    async with running_gateway(webhook_settings(fake_ollama, receiver)) as gateway, \
-            client_stub(gateway.address) as stub:
+    settings = webhook_settings(fake_ollama, receiver, metrics_listen="127.0.0.1:0")
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
         run_id = await start(stub, receiver.url)
         delivery = await settled(stub, run_id)
+        samples = await scrape(gateway.metrics_port)
+    attempts = next(s.name for s in samples if s.name.startswith("agentloop_webhook_attempts"))
+    assert total(samples, attempts, agentloop_webhook_outcome="retry") == 3
+    assert total(samples, attempts, agentloop_webhook_outcome="delivered") == 1
     assert delivery.state == pb.WEBHOOK_DELIVERY_STATE_DELIVERED
     assert delivery.attempts == 4 and delivery.last_status_code == 200
     assert delivery.event_type == "agent_run.completed"

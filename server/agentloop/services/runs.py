@@ -389,6 +389,11 @@ class RunManager:
         self.agent = agent
         self.store = store
         self.webhooks = webhooks
+        self._telemetry = agent.generation.telemetry
+        store.observe = self._telemetry.run_store_call  # type: ignore[attr-defined]
+        if webhooks is not None:
+            webhooks.observe = self._telemetry.webhook_attempt
+        self._telemetry.observe_runs(self)
         self.settings = settings
         self.replica = replica or replica_name()
         self._local: dict[str, _LocalRun] = {}
@@ -691,6 +696,7 @@ class RunManager:
         local.ended = True
         self._local.pop(local.id, None)
         local._notify()
+        self._telemetry.run_ended(status.value)
         if local.webhook_url and self.webhooks is not None:
             await self._announce(local, status, error, summary)
 
@@ -819,6 +825,9 @@ class RunManager:
         steps = _decode_steps(record.steps)
         return RunView(record, record.answer.decode(), steps, waiting, deliveries)
 
-    @property
-    def active_here(self) -> int:
-        return len(self._local)
+    def active_by_status(self) -> dict[str, int]:
+        """Runs on this replica by status: queued (the queue's depth), running, waiting."""
+        waiting = sum(1 for local in self._local.values() if local.waiting is not None)
+        running = max(0, len(self._local) - self._queued - waiting)
+        return {RunStatus.QUEUED.value: self._queued, RunStatus.RUNNING.value: running,
+                RunStatus.WAITING_FOR_TOOL.value: waiting}

@@ -44,16 +44,21 @@ from agentloop.telemetry import logs, tracing
 from agentloop.telemetry.metrics import (
     PRIORITY,
     REFUSAL_REASON,
+    RUN_STATUS,
+    RUN_STORE_OPERATION,
     TENANT,
+    WEBHOOK_OUTCOME,
     AdmissionState,
     CacheCounts,
     HealthState,
     Instruments,
     PrometheusEndpoint,
     RetryCounts,
+    RunsState,
     engine_process,
     meter_provider,
     observe_engine_load,
+    observe_runs,
     observe_server_state,
     observe_upstreams,
 )
@@ -223,6 +228,20 @@ class Telemetry:
 
     def refused(self, tenant: str, reason: str) -> None:
         self.instruments.refusals.add(1, {TENANT: tenant, REFUSAL_REASON: reason})
+
+    def run_ended(self, status: str) -> None:
+        self.instruments.runs_ended.add(1, {RUN_STATUS: status})
+
+    def webhook_attempt(self, outcome: str) -> None:
+        self.instruments.webhook_attempts.add(1, {WEBHOOK_OUTCOME: outcome})
+
+    def run_store_call(self, operation: str, seconds: float) -> None:
+        self.instruments.run_store_duration.record(seconds, {RUN_STORE_OPERATION: operation})
+
+    def observe_runs(self, runs: RunsState) -> None:
+        """Gauges over the run manager's counts (nothing when telemetry is off)."""
+        if self._meter_provider is not None:
+            observe_runs(self._meter_provider.get_meter(tracing.TRACER_NAME, _VERSION), runs)
 
     def model_label(self, model: str) -> str:
         """A model name as a metric label: callers choose the names they send, so a name

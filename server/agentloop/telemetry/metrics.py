@@ -146,10 +146,47 @@ class Instruments:
             description="Generations admission refused, by agentloop.tenant and "
                         "agentloop.refusal.reason (queue_full, queue_timeout, deadline, shed, "
                         "max_concurrency, requests_per_minute, tokens_per_minute).")
+        self.runs_ended = meter.create_counter(
+            "agentloop.runs.ended", unit="{run}",
+            description="Background agent runs that ended here, by agentloop.run.status "
+                        "(completed, failed, cancelled, expired).")
+        self.webhook_attempts = meter.create_counter(
+            "agentloop.webhook.attempts", unit="{attempt}",
+            description="Webhook delivery attempts, by agentloop.webhook.outcome (delivered, "
+                        "retry, failed: retries ran out, disabled: 410).")
+        self.run_store_duration = meter.create_histogram(
+            "agentloop.run_store.operation.duration", unit="s",
+            description="Duration of run store operations, by agentloop.run_store.operation "
+                        "(append_events is one batch of a run's events).",
+            explicit_bucket_boundaries_advisory=_QUEUE_WAIT_BUCKETS)
         self.time_per_output_token = meter.create_histogram(
             "gen_ai.server.time_per_output_token", unit="s",
             description="Time per output token after the first, for successful generations.",
             explicit_bucket_boundaries_advisory=_TIME_PER_OUTPUT_TOKEN_BUCKETS)
+
+
+RUN_STATUS = "agentloop.run.status"
+WEBHOOK_OUTCOME = "agentloop.webhook.outcome"
+RUN_STORE_OPERATION = "agentloop.run_store.operation"
+
+
+class RunsState(Protocol):
+    """What the run manager counts anyway."""
+
+    def active_by_status(self) -> dict[str, int]: ...
+
+
+def observe_runs(meter: Meter, runs: RunsState) -> None:
+    """Background runs on this replica by status (queued is the queue's depth)."""
+
+    def active(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {RUN_STATUS: status})
+                for status, count in runs.active_by_status().items()]
+
+    meter.create_observable_gauge(
+        "agentloop.runs.active", [active], unit="{run}",
+        description="Background runs on this replica by agentloop.run.status (queued, "
+                    "running, waiting_for_tool).")
 
 
 def observe_server_state(meter: Meter, admission: AdmissionState, health: HealthState,
