@@ -429,3 +429,48 @@ async def test_runs_are_counted_by_status_with_the_store_latency(gateway, stub, 
     assert total(samples, stored, agentloop_run_store_operation="append_events") >= 1
     active = next(n for n in names if n.startswith("agentloop_runs_active"))
     assert total(samples, active, agentloop_run_status="queued") == 0
+
+
+# --- the Python client ----------------------------------------------------------------------
+
+
+async def test_the_client_starts_watches_through_a_restart_and_cancels(fake_ollama, tmp_path):
+    from agentloop.server import start_server
+    from agentloop_client import AsyncAgentLoopClient
+    from test_replicas import free_port
+
+    port = free_port()
+    settings = gateway_settings(ollama_url=fake_ollama.url, listen=f"127.0.0.1:{port}",
+                                run_store=str(tmp_path / "runs.db"), run_lease=0.3)
+    fake_ollama.enqueue(CALCULATE, Script(hang_before_headers=True), ANSWER)
+    first = await start_server(settings)
+    second = None
+    try:
+        async with AsyncAgentLoopClient(f"127.0.0.1:{port}", timeout=30) as client:
+            run = await client.start_agent_run(GOAL, max_steps=4, run_timeout=60)
+            assert run.status in (pb.AGENT_RUN_STATUS_QUEUED, pb.AGENT_RUN_STATUS_RUNNING)
+            events: list[pb.WatchAgentRunResponse] = []
+
+            async def follow() -> None:
+                async for event in client.watch_agent_run(run.id, retry_delay=0.1):
+                    events.append(event)
+
+            watching = asyncio.create_task(follow())
+            await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=10)
+            await first.shutdown(grace=0.2, drain_delay=0.0)  # the watch drops mid-run
+            second = await start_server(settings)  # takes the run over, on the same port
+            await asyncio.wait_for(watching, 30)
+            assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+            assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
+            kinds = [e.WhichOneof("event") for e in events]
+            assert kinds.count("tool_call") == 1 and kinds.count("step_started") == 2
+            done = await client.get_agent_run(run.id)
+            assert done.final_answer == "391"
+            listed = [r.id async for r in client.list_agent_runs(page_size=1)]
+            assert listed == [run.id]
+            again = await client.cancel_agent_run(run.id)  # ended: nothing changes
+            assert again.status == pb.AGENT_RUN_STATUS_COMPLETED
+    finally:
+        await first.shutdown(grace=0.0, drain_delay=0.0)
+        if second is not None:
+            await second.shutdown(grace=0.0, drain_delay=0.0)

@@ -10,6 +10,7 @@ Create it inside the event loop that uses it. Leaving an `async for` early cance
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -33,6 +34,7 @@ from agentloop_client.requests import (
     MessageLike,
     OptionsLike,
     agent_fields,
+    background_run_request,
     count_tokens_request,
     embed_request,
     generation_fields,
@@ -166,6 +168,102 @@ class AsyncAgentLoopClient:
             raise error_from_rpc(exc) from None
         finally:
             call.cancel()
+
+    # --- background runs ---
+
+    async def start_agent_run(
+        self,
+        goal: str,
+        *,
+        client_tools: Sequence[ClientTool] = (),
+        system: str = "",
+        messages: Sequence[MessageLike] = (),
+        tools: Sequence[str] = (),
+        max_steps: int = 0,
+        options: OptionsLike | None = None,
+        model: str = "",
+        run_timeout: float | None = None,
+        webhook_url: str = "",
+        timeout: float | None = None,
+        session: str | None = None,
+    ) -> pb.AgentRun:
+        """Start a background run; returns at once (its `id` names it from then on). The
+        run goes on without this client; calls to `client_tools` wait for
+        `submit_tool_result` (see `run_client_tools`)."""
+        request = background_run_request(
+            agent_fields(goal, system, messages, tools, max_steps, options, model),
+            client_tools, run_timeout, webhook_url)
+        reply = await self._call(self.stub.StartAgentRun, request, timeout, session)
+        return reply.run
+
+    async def get_agent_run(self, run_id: str, *, timeout: float | None = None
+                            ) -> pb.AgentRun:
+        reply = await self._call(self.stub.GetAgentRun, pb.GetAgentRunRequest(run_id=run_id),
+                                 timeout)
+        return reply.run
+
+    async def list_agent_runs(self, statuses: Sequence[int] = (), *, page_size: int = 0,
+                              timeout: float | None = None
+                              ) -> AsyncGenerator[pb.AgentRun, None]:
+        """The tenant's runs, newest first, page after page (`statuses`: AgentRunStatus
+        values; empty = all)."""
+        token = ""
+        while True:
+            page = await self._call(self.stub.ListAgentRuns, pb.ListAgentRunsRequest(
+                page_size=page_size, page_token=token, statuses=statuses), timeout)
+            for run in page.runs:
+                yield run
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def cancel_agent_run(self, run_id: str, *, timeout: float | None = None
+                               ) -> pb.AgentRun:
+        """Cancel a run (idempotent); the run as it is after the cancel."""
+        reply = await self._call(self.stub.CancelAgentRun,
+                                 pb.CancelAgentRunRequest(run_id=run_id), timeout)
+        return reply.run
+
+    async def submit_tool_result(self, run_id: str, call_id: str, output: Any = None,
+                                 error: BaseException | None = None, *,
+                                 timeout: float | None = None) -> pb.AgentRun:
+        """Answer the client tool call a background run waits for."""
+        result = tool_result(call_id, output, error).tool_result
+        reply = await self._call(self.stub.SubmitToolResult, pb.SubmitToolResultRequest(
+            run_id=run_id, tool_result=result), timeout)
+        return reply.run
+
+    async def watch_agent_run(
+        self, run_id: str, after_sequence: int = 0, *, resume: bool = True,
+        retry_delay: float = 0.5, timeout: float | None = None,
+    ) -> AsyncGenerator[pb.WatchAgentRunResponse, None]:
+        """The run's events after `after_sequence`, then the new ones, until it ends. With
+        `resume`, a dropped stream (UNAVAILABLE: a replica going away, a broken connection)
+        is opened again after the last event received: nothing is missed or repeated."""
+        seen = after_sequence
+        while True:
+            call = self.stub.WatchAgentRun(pb.WatchAgentRunRequest(
+                run_id=run_id, after_sequence=seen), timeout=timeout)
+            try:
+                async for event in call:
+                    seen = event.sequence
+                    yield event
+                    if event.HasField("run_ended"):
+                        return
+                return
+            except grpc.RpcError as exc:
+                if not resume or exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(exc) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(retry_delay)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None,
+                    session: str | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout, metadata=session_metadata(session))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
     async def embed(
         self,

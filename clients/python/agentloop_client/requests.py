@@ -123,6 +123,16 @@ def start_agent_run(fields: dict[str, Any], client_tools: Sequence[ClientTool]
         **fields, client_tools=[tool.to_proto() for tool in client_tools]))
 
 
+def background_run_request(fields: dict[str, Any], client_tools: Sequence[ClientTool],
+                           run_timeout: float | None, webhook_url: str
+                           ) -> pb.StartAgentRunRequest:
+    request = pb.StartAgentRunRequest(run=start_agent_run(fields, client_tools).start,
+                                      webhook_url=webhook_url)
+    if run_timeout is not None:
+        request.timeout.FromNanoseconds(int(run_timeout * 1e9))
+    return request
+
+
 def tool_result(call_id: str, output: Any = None, error: BaseException | None = None
                 ) -> pb.StreamRunAgentRequest:
     """The answer to a client tool call: its output, or the error it raised."""
