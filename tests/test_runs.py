@@ -435,9 +435,10 @@ async def test_runs_are_counted_by_status_with_the_store_latency(gateway, stub, 
 
 
 async def test_the_client_starts_watches_through_a_restart_and_cancels(fake_ollama, tmp_path):
+    from test_replicas import free_port
+
     from agentloop.server import start_server
     from agentloop_client import AsyncAgentLoopClient
-    from test_replicas import free_port
 
     port = free_port()
     settings = gateway_settings(ollama_url=fake_ollama.url, listen=f"127.0.0.1:{port}",
