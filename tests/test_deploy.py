@@ -34,7 +34,7 @@ from agentloop.upstreams.config import parse_pools
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
-OVERLAYS = ("gpu", "cpu", "pools")
+OVERLAYS = ("gpu", "cpu", "pools", "runs")
 GATEWAY = "agentloop"
 SIDECAR = "ollama"
 API_KEYS_SECRET = "agentloop-api-keys"
@@ -284,7 +284,7 @@ def test_overlay_builds_the_whole_service(overlay: str) -> None:
     kinds = sorted(d["kind"] for d in docs)
     expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
                 "PodDisruptionBudget", "Service", "Service", "ServiceAccount"]
-    if overlay == "gpu":
+    if overlay in ("gpu", "runs"):  # runs: the gpu overlay with a shared run store
         expected.append("PersistentVolumeClaim")
     if overlay == "pools":
         expected.append("ConfigMap")  # the pools file
@@ -686,3 +686,17 @@ def test_pools_overlay_routes_to_the_vllm_service_it_deploys() -> None:
     assert int(args["max-num-seqs"]) == vllm.max_in_flight, "the gateway's cap per " \
         "endpoint is what vLLM batches"
     assert int(engine["resources"]["limits"]["nvidia.com/gpu"]) == 1
+
+
+def test_runs_overlay_takes_the_run_store_from_the_operators_secret() -> None:
+    docs = documents("runs")
+    gateway = container(pod_spec(docs), GATEWAY)
+    env = {item["name"]: item for item in gateway["env"]}
+    url = env["AGENTLOOP_RUN_STORE"]["valueFrom"]["secretKeyRef"]
+    assert (url["name"], url["key"]) == ("agentloop-run-store", "url")
+    assert url.get("optional") is not True  # a pod never falls back to a store of its own
+    webhooks = env["AGENTLOOP_WEBHOOK_SECRETS"]["valueFrom"]["secretKeyRef"]
+    assert webhooks["optional"] is True
+    # The other overlays keep each pod's runs on its writable /tmp.
+    for overlay in ("gpu", "cpu", "pools"):
+        assert config(documents(overlay))["AGENTLOOP_RUN_STORE"].startswith("/tmp/")

@@ -11,6 +11,7 @@ import base64
 import datetime
 import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from agentloop.config import SettingsError
 from agentloop.services.webhooks import address_problem, sign
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
-from helpers import bad_fields, client_stub, gateway_settings, running_gateway
+from helpers import ROOT, bad_fields, client_stub, gateway_settings, running_gateway
 
 OLD_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"n" * 32).decode()
@@ -234,3 +235,29 @@ def test_signatures_follow_the_spec_and_secrets_stay_out_of_messages():
 ])
 def test_only_public_addresses_pass_by_default(address, allowed):
     assert (address_problem(ipaddress.ip_address(address), []) is None) is allowed
+
+
+async def test_the_receiver_in_the_docs_verifies_and_takes_a_delivery(fake_ollama):
+    text = (ROOT / "docs/agent.md").read_text(encoding="utf-8")
+    (source,) = re.findall(r"^```python webhook-receiver\n(.*?)^```", text, re.S | re.M)
+    source = source.replace('"whsec_..."', repr(NEW_SECRET))
+    source = source.replace("web.run_app(app, port=8080)\n", "")
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "docs/agent.md receiver", "exec"), namespace)
+    runner = web.AppRunner(namespace["app"], shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        url = f"http://127.0.0.1:{port}/hooks/agentloop"
+        receiver = Receiver(NEW_SECRET, url=url)
+        fake_ollama.enqueue(ANSWER)
+        async with running_gateway(webhook_settings(fake_ollama, receiver)) as gateway, \
+                client_stub(gateway.address) as stub:
+            delivery = await settled(stub, await start(stub, url))
+        assert delivery.state == pb.WEBHOOK_DELIVERY_STATE_DELIVERED
+        assert delivery.last_status_code == 204
+        assert namespace["seen"] == {delivery.webhook_id}
+    finally:
+        await runner.cleanup()
