@@ -475,3 +475,13 @@ async def test_the_client_starts_watches_through_a_restart_and_cancels(fake_olla
         await first.shutdown(grace=0.0, drain_delay=0.0)
         if second is not None:
             await second.shutdown(grace=0.0, drain_delay=0.0)
+
+
+async def test_a_running_run_shows_its_finished_steps(stub, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, Script(hang_before_headers=True))
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=5)
+    run = (await stub.GetAgentRun(pb.GetAgentRunRequest(run_id=run_id), timeout=5)).run
+    assert run.status == pb.AGENT_RUN_STATUS_RUNNING
+    assert [(s.index, s.tool, s.observation) for s in run.steps] == [(1, "calculator", "391")]
+    await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)

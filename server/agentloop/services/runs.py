@@ -60,6 +60,7 @@ from agentloop.errors import (
 )
 from agentloop.runs.sealing import SealedStore, Sealer, load_keys
 from agentloop.runs.store import (
+    ACTIVE,
     FINAL,
     DeliveryRecord,
     EventRecord,
@@ -342,6 +343,53 @@ class _LocalRun:
             return None
         start = bisect.bisect_right(self.events, seq, key=lambda e: e.seq)
         return self.events[start:]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a run's recorded events say it did: its finished steps and the step after."""
+
+    steps: tuple[AgentStep, ...]
+    step_started: bool = False
+    thought: str = ""
+    #: The unfinished step's tool call (recorded, its result not).
+    call: ToolCalled | None = None
+    answer_chars: int = 0
+    #: How the run ended, if its end was recorded.
+    ended: RunEnded | None = None
+
+
+def replay_events(events: Iterable[RunEvent]) -> Progress:
+    """A run's progress from its events, in order."""
+    steps: list[AgentStep] = []
+    step: StepStarted | None = None
+    thought, call, chars = "", None, 0
+    ended: RunEnded | None = None
+    for event in events:
+        body = event.body
+        if isinstance(body, RunSummary):
+            ended = RunEnded(RunStatus.COMPLETED if body.stop_reason in _COMPLETING
+                             else RunStatus.FAILED)
+        elif isinstance(body, RunEnded):
+            ended = body
+        elif isinstance(body, StepStarted):
+            step, thought, call, chars = body, "", None, 0
+        elif isinstance(body, AnswerDelta):
+            chars += len(body.text)
+        elif isinstance(body, AnswerWithdrawn):
+            chars = 0
+        elif isinstance(body, ThoughtFormed):
+            thought = body.thought
+        elif isinstance(body, ToolCalled):
+            call = body
+        elif isinstance(body, ToolReturned) and step is not None and call is not None:
+            steps.append(AgentStep(
+                step.step, body.duration, thought=thought, tool=body.tool,
+                arguments_json=call.arguments_json, observation=body.observation,
+                observation_truncated=body.observation_truncated,
+                error=body.observation if body.is_error else ""))
+            step, call = None, None
+    return Progress(tuple(steps), step is not None, thought, call, chars, ended)
 
 
 # --- the manager -----------------------------------------------------------------------------
@@ -771,37 +819,10 @@ class RunManager:
 
     async def _resume_point(self, record: RunRecord) -> Resume | RunEnded:
         """Where a started run goes on, from its recorded events; or how it must end."""
-        events: list[RunEvent] = []
-        while batch := await self.store.events(record.id, events[-1].seq if events else 0,
-                                               WATCH_BATCH):
-            events += [decode_event(e) for e in batch]
-        steps: list[AgentStep] = []
-        step: StepStarted | None = None
-        thought, call, chars = "", None, 0
-        for event in events:
-            body = event.body
-            if isinstance(body, RunEnded | RunSummary):
-                # It had ended; only its status was not written.
-                return body if isinstance(body, RunEnded) else RunEnded(
-                    RunStatus.COMPLETED if body.stop_reason in _COMPLETING
-                    else RunStatus.FAILED, "")
-            if isinstance(body, StepStarted):
-                step, thought, call, chars = body, "", None, 0
-            elif isinstance(body, AnswerDelta):
-                chars += len(body.text)
-            elif isinstance(body, AnswerWithdrawn):
-                chars = 0
-            elif isinstance(body, ThoughtFormed):
-                thought = body.thought
-            elif isinstance(body, ToolCalled):
-                call = body
-            elif isinstance(body, ToolReturned) and step is not None and call is not None:
-                steps.append(AgentStep(
-                    step.step, body.duration, thought=thought, tool=body.tool,
-                    arguments_json=call.arguments_json, observation=body.observation,
-                    observation_truncated=body.observation_truncated,
-                    error=body.observation if body.is_error else ""))
-                step, call = None, None
+        progress = replay_events(await self._all_events(record.id))
+        if progress.ended is not None:
+            return progress.ended  # it had ended; only its status was not written
+        call = progress.call
         if call is not None and not call.client_tool:
             tool = self.agent.tools[call.tool] if call.tool in self.agent.tools else None
             if not is_idempotent(tool):
@@ -809,8 +830,19 @@ class RunManager:
                     f"INTERRUPTED: the replica running it stopped while {call.tool} "
                     f"({call.call_id}) ran; its result was not recorded, and {call.tool} is "
                     "not declared idempotent, so it is not run a second time"))
-        return Resume(tuple(steps), step_started=step is not None, answer_chars=chars,
-                      pending_call=call, pending_thought=thought)
+        return Resume(progress.steps, step_started=progress.step_started,
+                      answer_chars=progress.answer_chars, pending_call=call,
+                      pending_thought=progress.thought)
+
+    async def _all_events(self, run_id: str) -> list[RunEvent]:
+        local = self._local.get(run_id)
+        if local is not None and (kept := local.after(0)) is not None:
+            return list(kept)
+        events: list[RunEvent] = []
+        while batch := await self.store.events(run_id, events[-1].seq if events else 0,
+                                               WATCH_BATCH):
+            events += [decode_event(e) for e in batch]
+        return events
 
     # --- views ---
 
@@ -823,6 +855,8 @@ class RunManager:
             return RunView(record, final_answer=record.answer.decode(), waiting_call=waiting)
         deliveries = tuple(await self.store.deliveries(record.id))
         steps = _decode_steps(record.steps)
+        if record.status in ACTIVE:  # the steps so far, from the events
+            steps = replay_events(await self._all_events(record.id)).steps
         return RunView(record, record.answer.decode(), steps, waiting, deliveries)
 
     def active_by_status(self) -> dict[str, int]:
