@@ -197,3 +197,11 @@ async def test_a_store_that_cannot_open_is_unavailable(tmp_path):
     with pytest.raises(RunStoreUnavailable):
         await store.get("run_a")
     await store.close()
+
+
+async def test_tool_results_are_left_once_and_taken_once(store):
+    await store.create(record("run_a"), max_active_per_tenant=10)
+    await store.put_tool_result("run_a", "call_1", b"first")
+    await store.put_tool_result("run_a", "call_1", b"second")  # the first one stays
+    assert await store.take_tool_results(["run_a", "run_b"]) == [("run_a", "call_1", b"first")]
+    assert await store.take_tool_results(["run_a"]) == []

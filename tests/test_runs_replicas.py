@@ -217,3 +217,30 @@ async def test_a_store_that_goes_away_refuses_new_runs_with_unavailable(fake_oll
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "password" not in raised.value.details() and "127.0.0.1" not in \
             raised.value.details()
+
+
+async def test_a_tool_result_submitted_through_another_replica_reaches_the_run(
+        fake_ollama, pg_server):
+    url = await fresh_database(pg_server)
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url,
+                                run_watch_poll_interval=0.05)
+    lookup = pb.ClientTool(name="lookup", description="Looks a word up.")
+    fake_ollama.enqueue(Script(tokens=[json.dumps({"tool": "lookup",
+                                                   "arguments": {"word": "x"}})]), ANSWER)
+    async with running_gateway(settings) as a, running_gateway(settings) as b, \
+            client_stub(a.address) as on_a, client_stub(b.address) as on_b:
+        run_id = (await on_a.StartAgentRun(pb.StartAgentRunRequest(run=pb.StartAgentRun(
+            goal="look x up", client_tools=[lookup])), timeout=5)).run.id
+        waiting = await until_status(on_b, run_id, {pb.AGENT_RUN_STATUS_WAITING_FOR_TOOL})
+        assert waiting.waiting_call.call_id == "call_1"
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await on_b.SubmitToolResult(pb.SubmitToolResultRequest(
+                run_id=run_id, tool_result=pb.ClientToolResult(call_id="call_7", output="?")),
+                timeout=5)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await on_b.SubmitToolResult(pb.SubmitToolResultRequest(
+            run_id=run_id, tool_result=pb.ClientToolResult(call_id="call_1", output="a letter")),
+            timeout=5)
+        run = await until_status(on_b, run_id, FINAL)
+        assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
+        assert run.steps[0].observation == "a letter"

@@ -79,6 +79,12 @@ CREATE TABLE IF NOT EXISTS agentloop_run_deliveries (
     last_attempt DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS agentloop_run_deliveries_by_run ON agentloop_run_deliveries (run_id);
+CREATE TABLE IF NOT EXISTS agentloop_run_tool_results (
+    run_id TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    payload BYTEA NOT NULL,
+    PRIMARY KEY (run_id, call_id)
+);
 CREATE INDEX IF NOT EXISTS agentloop_run_deliveries_by_state
     ON agentloop_run_deliveries (state);
 """
@@ -318,6 +324,27 @@ class PostgresRunStore:
 
         return await self._call("pending_deliveries", pending)
 
+    async def put_tool_result(self, run_id: str, call_id: str, payload: bytes) -> None:
+        async def put(db: asyncpg.Connection) -> None:
+            await db.execute("INSERT INTO agentloop_run_tool_results (run_id, call_id, payload) "
+                             "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                             run_id, call_id, payload)
+
+        await self._call("put_tool_result", put)
+
+    async def take_tool_results(self, run_ids: Sequence[str]
+                                ) -> list[tuple[str, str, bytes]]:
+        if not run_ids:
+            return []
+
+        async def take(db: asyncpg.Connection) -> list[tuple[str, str, bytes]]:
+            rows = await db.fetch("DELETE FROM agentloop_run_tool_results WHERE "
+                                  "run_id = ANY($1) RETURNING run_id, call_id, payload",
+                                  list(run_ids))
+            return [(r["run_id"], r["call_id"], bytes(r["payload"])) for r in rows]
+
+        return await self._call("take_tool_results", take)
+
     async def sweep(self, now: float, ttls: Mapping[RunStatus, float]) -> int:
         async def sweep(db: asyncpg.Connection) -> int:
             deleted = 0
@@ -329,6 +356,8 @@ class PostgresRunStore:
                     await db.execute("DELETE FROM agentloop_run_events WHERE run_id = ANY($1)",
                                      ids)
                     await db.execute("DELETE FROM agentloop_run_deliveries WHERE "
+                                     "run_id = ANY($1)", ids)
+                    await db.execute("DELETE FROM agentloop_run_tool_results WHERE "
                                      "run_id = ANY($1)", ids)
                     await db.execute("DELETE FROM agentloop_runs WHERE id = ANY($1)", ids)
                 deleted += len(ids)

@@ -201,5 +201,14 @@ class SealedStore:
     async def pending_deliveries(self, limit: int) -> list[DeliveryRecord]:
         return [self._open_delivery(d) for d in await self.inner.pending_deliveries(limit)]
 
+    async def put_tool_result(self, run_id: str, call_id: str, payload: bytes) -> None:
+        await self.inner.put_tool_result(run_id, call_id, self._sealer.seal(
+            payload, f"{run_id}:tool_result:{call_id}"))
+
+    async def take_tool_results(self, run_ids: Sequence[str]
+                                ) -> list[tuple[str, str, bytes]]:
+        return [(run_id, call_id, self._sealer.open(payload, f"{run_id}:tool_result:{call_id}"))
+                for run_id, call_id, payload in await self.inner.take_tool_results(run_ids)]
+
     async def sweep(self, now: float, ttls: Mapping[RunStatus, float]) -> int:
         return await self.inner.sweep(now, ttls)

@@ -202,6 +202,14 @@ class RunStore(Protocol):
 
     async def pending_deliveries(self, limit: int) -> list[DeliveryRecord]: ...
 
+    async def put_tool_result(self, run_id: str, call_id: str, payload: bytes) -> None:
+        """Leave a client tool's result for the replica running the run (the first one
+        left for a call stays)."""
+
+    async def take_tool_results(self, run_ids: Sequence[str]
+                                ) -> list[tuple[str, str, bytes]]:
+        """The results left for these runs, (run id, call id, payload), removed as taken."""
+
     async def sweep(self, now: float, ttls: Mapping[RunStatus, float]) -> int:
         """Delete final runs older than their status's TTL, with their events and
         deliveries; the number of runs deleted."""
@@ -256,6 +264,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_attempt REAL
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_run ON deliveries (run_id);
+CREATE TABLE IF NOT EXISTS tool_results (
+    run_id TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (run_id, call_id)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state);
 """
 
@@ -535,6 +549,27 @@ class SqliteRunStore:
 
         return await self._call("pending_deliveries", pending)
 
+    async def put_tool_result(self, run_id: str, call_id: str, payload: bytes) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO tool_results (run_id, call_id, payload) "
+                       "VALUES (?, ?, ?)", (run_id, call_id, payload))
+
+        await self._call("put_tool_result", put)
+
+    async def take_tool_results(self, run_ids: Sequence[str]
+                                ) -> list[tuple[str, str, bytes]]:
+        if not run_ids:
+            return []
+        marks = ", ".join("?" * len(run_ids))
+
+        def take(db: sqlite3.Connection) -> list[tuple[str, str, bytes]]:
+            rows = db.execute(f"SELECT run_id, call_id, payload FROM tool_results WHERE "
+                              f"run_id IN ({marks})", tuple(run_ids)).fetchall()
+            db.execute(f"DELETE FROM tool_results WHERE run_id IN ({marks})", tuple(run_ids))
+            return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+        return await self._call("take_tool_results", take)
+
     async def sweep(self, now: float, ttls: Mapping[RunStatus, float]) -> int:
         def sweep(db: sqlite3.Connection) -> int:
             deleted = 0
@@ -545,6 +580,7 @@ class SqliteRunStore:
                 for run_id in ids:
                     db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
                     db.execute("DELETE FROM deliveries WHERE run_id = ?", (run_id,))
+                    db.execute("DELETE FROM tool_results WHERE run_id = ?", (run_id,))
                     db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
                 deleted += len(ids)
             return deleted

@@ -472,6 +472,7 @@ class RunManager:
                                               self.settings.run_sweep_interval),
                                 name="runs-sweep"),
             asyncio.create_task(self._keep_leases(), name="runs-leases"),
+            asyncio.create_task(self._collect_results(), name="runs-tool-results"),
         ]
 
     async def close(self) -> None:
@@ -566,19 +567,47 @@ class RunManager:
 
     async def submit_tool_result(self, tenant: str, run_id: str,
                                  result: ClientToolResult) -> RunView:
+        """Hand a client tool's result to the run waiting for it, on this replica or,
+        through the store, on the one running it."""
         view = await self.get(tenant, run_id, details=False)
-        local = self._local.get(run_id)
-        if view.status is not RunStatus.WAITING_FOR_TOOL or local is None \
-                or local.waiting is None:
+        if view.status is not RunStatus.WAITING_FOR_TOOL:
             raise FailedPrecondition(
                 f"run {run_id} waits for no tool result (status {view.status.value})",
                 reason="RUN_NOT_WAITING")
+        local = self._local.get(run_id)
+        if local is None:  # another replica runs it: it takes the result from the store
+            if result.call_id != view.record.waiting_call:
+                raise InvalidArgument([("tool_result.call_id",
+                                        f"run {run_id} waits for {view.record.waiting_call}")])
+            await self.store.put_tool_result(run_id, result.call_id, json.dumps(
+                {"output": result.output, "error": result.error}).encode())
+            return view
         try:
             local.calls.deliver(result)
             local.answered.add(result.call_id)
         except WrongCallId as exc:
             raise InvalidArgument([("tool_result.call_id", str(exc))]) from None
         return await self.get(tenant, run_id)
+
+    async def _collect_results(self) -> None:
+        """Results of client tools left in the store (by another replica) for the runs
+        waiting here."""
+        while True:
+            await asyncio.sleep(self.settings.run_watch_poll_interval)
+            waiting = [run_id for run_id, local in self._local.items()
+                       if local.waiting is not None]
+            if not waiting:
+                continue
+            with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
+                for run_id, call_id, payload in await self.store.take_tool_results(waiting):
+                    local = self._local.get(run_id)
+                    if local is None:
+                        continue
+                    value = json.loads(payload)
+                    with contextlib.suppress(WrongCallId):  # answered here meanwhile
+                        local.calls.deliver(ClientToolResult(call_id, value.get("output"),
+                                                             value.get("error")))
+                        local.answered.add(call_id)
 
     async def watch(self, tenant: str, run_id: str, after_seq: int = 0
                     ) -> AsyncIterator[RunEvent]:
@@ -849,14 +878,20 @@ class RunManager:
     async def _view(self, record: RunRecord, details: bool) -> RunView:
         waiting = None
         local = self._local.get(record.id)
-        if record.status is RunStatus.WAITING_FOR_TOOL and local is not None:
-            waiting = local.waiting
+        if record.status is RunStatus.WAITING_FOR_TOOL:
+            # Here, the call itself; on another replica's run, its id (details: its events).
+            waiting = local.waiting if local is not None else ToolCalled(
+                0, record.waiting_call, "", "", True)
         if not details:
             return RunView(record, final_answer=record.answer.decode(), waiting_call=waiting)
         deliveries = tuple(await self.store.deliveries(record.id))
         steps = _decode_steps(record.steps)
         if record.status in ACTIVE:  # the steps so far, from the events
-            steps = replay_events(await self._all_events(record.id)).steps
+            progress = replay_events(await self._all_events(record.id))
+            steps = progress.steps
+            if waiting is not None and progress.call is not None \
+                    and progress.call.call_id == record.waiting_call:
+                waiting = progress.call
         return RunView(record, record.answer.decode(), steps, waiting, deliveries)
 
     def active_by_status(self) -> dict[str, int]:
