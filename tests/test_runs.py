@@ -485,3 +485,51 @@ async def test_a_running_run_shows_its_finished_steps(stub, fake_ollama):
     assert run.status == pb.AGENT_RUN_STATUS_RUNNING
     assert [(s.index, s.tool, s.observation) for s in run.steps] == [(1, "calculator", "391")]
     await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)
+
+
+# --- conversations that go on ---------------------------------------------------------------
+
+
+def said(fake: FakeOllama) -> list[tuple[str, str]]:
+    """(role, content) of the last generation's chat, the system prompt left out."""
+    return [(m["role"], m["content"]) for m in fake.generation_requests[-1]["messages"]
+            if m["role"] != "system"]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_prompt_bytes": 3000}])
+async def test_a_run_continues_a_stored_conversation(gateway, stub, fake_ollama):
+    from agentloop.services.runs import decode_request
+
+    fake_ollama.enqueue(ANSWER)
+    first = (await stub.StartAgentRun(start_request("x" * 1500), timeout=5)).run.id
+    await wait_for_status(stub, first, FINAL)
+    fake_ollama.enqueue(action(final_answer="782"))
+    second = (await stub.StartAgentRun(pb.StartAgentRunRequest(
+        run=pb.StartAgentRun(goal="And doubled?"), previous_run_id=first), timeout=5)).run.id
+    run = await wait_for_status(stub, second, FINAL)
+    assert run.final_answer == "782"
+    turns = said(fake_ollama)
+    assert turns[:3] == [("user", "x" * 1500), ("assistant", "391"), ("user", "And doubled?")]
+    # The conversation's affinity: its runs carry one session, the first run's id.
+    stored = await gateway.runs.store.get(second)
+    assert decode_request(stored.request).context.session == first
+    # Past the limits: refused, naming the field, or trimmed when asked.
+    long_goal = "y" * 1490
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.StartAgentRun(pb.StartAgentRunRequest(
+            run=pb.StartAgentRun(goal=long_goal), previous_run_id=second), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "trim_conversation" in raised.value.details()
+    fake_ollama.enqueue(ANSWER)
+    third = (await stub.StartAgentRun(pb.StartAgentRunRequest(
+        run=pb.StartAgentRun(goal=long_goal), previous_run_id=second, trim_conversation=True),
+        timeout=5)).run.id
+    await wait_for_status(stub, third, FINAL)
+    turns = said(fake_ollama)
+    assert ("user", "x" * 1500) not in turns and ("user", long_goal) in turns
+    assert ("user", "And doubled?") in turns
+    for missing in ("run_nope", third.replace("run_", "run_x")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.StartAgentRun(pb.StartAgentRunRequest(
+                run=pb.StartAgentRun(goal="hi"), previous_run_id=missing), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND

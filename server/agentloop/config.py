@@ -561,7 +561,8 @@ class Settings:
         "every third of it); a run whose lease lapsed is taken over", group="runs", above=0,
     )
     run_watch_poll_interval: float = _setting(
-        0.25, "seconds between reads of the store when watching a run another replica runs",
+        0.25, "seconds between reads of the store when watching a run another replica runs "
+        "(and for client tool results submitted through another replica)",
         group="runs", above=0,
     )
 

@@ -238,8 +238,9 @@ class AsyncAgentLoopClient:
         retry_delay: float = 0.5, timeout: float | None = None,
     ) -> AsyncGenerator[pb.WatchAgentRunResponse, None]:
         """The run's events after `after_sequence`, then the new ones, until it ends. With
-        `resume`, a dropped stream (UNAVAILABLE: a replica going away, a broken connection)
-        is opened again after the last event received: nothing is missed or repeated."""
+        `resume`, a dropped stream (UNAVAILABLE: a replica going away, a broken connection;
+        or a stream that ended before the run did) is opened again after the last event
+        received: nothing is missed or repeated."""
         seen = after_sequence
         while True:
             call = self.stub.WatchAgentRun(pb.WatchAgentRunRequest(
@@ -250,7 +251,8 @@ class AsyncAgentLoopClient:
                     yield event
                     if event.HasField("run_ended"):
                         return
-                return
+                if not resume:
+                    return
             except grpc.RpcError as exc:
                 if not resume or exc.code() is not grpc.StatusCode.UNAVAILABLE:
                     raise error_from_rpc(exc) from None

@@ -84,6 +84,9 @@ class BackgroundRun:
     #: Seconds the run may take.
     timeout: float
     webhook_url: str = ""
+    #: The earlier run whose conversation this one continues ("" = none).
+    previous_run_id: str = ""
+    trim_conversation: bool = False
 
 
 def start_background_run(
@@ -106,7 +109,8 @@ def start_background_run(
         raise InvalidArgument([*exc.violations, *violations]) from None
     if violations:
         raise InvalidArgument(violations)
-    return BackgroundRun(run, timeout, message.webhook_url)
+    return BackgroundRun(run, timeout, message.webhook_url, message.previous_run_id[:128],
+                         message.trim_conversation)
 
 
 def _start(start: pb.StartAgentRun, prefix: str, settings: Settings, registry: ToolRegistry,

@@ -209,7 +209,9 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         caller = self._context(context)
         run_id = await self._runs.start_run(dataclasses.replace(started.run, context=caller),
                                             timeout=started.timeout,
-                                            webhook_url=started.webhook_url)
+                                            webhook_url=started.webhook_url,
+                                            previous_run_id=started.previous_run_id,
+                                            trim_conversation=started.trim_conversation)
         return pb.StartAgentRunResponse(run=run_pb(await self._runs.get(caller.tenant, run_id)))
 
     async def GetAgentRun(

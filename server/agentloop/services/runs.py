@@ -57,6 +57,7 @@ from agentloop.errors import (
     RunNotFound,
     RunStoreFull,
     RunStoreUnavailable,
+    ShuttingDown,
 )
 from agentloop.runs.sealing import SealedStore, Sealer, load_keys
 from agentloop.runs.store import (
@@ -484,6 +485,8 @@ class RunManager:
         tasks = [*self._background, *(r.task for r in self._local.values() if r.task)]
         for task in tasks:
             task.cancel()
+        for local in self._local.values():  # its watchers hear SHUTTING_DOWN at once
+            local._notify()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.webhooks is not None:  # pending deliveries stay pending: resumed at a start
             await self.webhooks.close()
@@ -506,9 +509,13 @@ class RunManager:
     # --- the doors' interface ---
 
     async def start_run(self, run: AgentRun, *, timeout: float | None = None,
-                        webhook_url: str = "") -> str:
-        """Store a new run and start (or queue) it; its id. `run.context` says whose it is."""
+                        webhook_url: str = "", previous_run_id: str = "",
+                        trim_conversation: bool = False) -> str:
+        """Store a new run and start (or queue) it; its id. `run.context` says whose it is;
+        `previous_run_id` names a completed run of the tenant whose conversation it goes on."""
         await self._ensure_open()
+        if previous_run_id:
+            run = await self._continued(run, previous_run_id, trim_conversation)
         if self._queued >= self.settings.run_max_queued:
             raise RunLimitReached(
                 f"this replica has {self._queued} runs queued; the limit is "
@@ -523,6 +530,40 @@ class RunManager:
         await self.store.create(record, self.settings.run_max_active_per_tenant)
         self._launch(record, run)
         return record.id
+
+    async def _continued(self, run: AgentRun, previous_run_id: str, trim: bool) -> AgentRun:
+        """The run with the earlier run's conversation before its own messages, and the
+        conversation's session (affinity: its turns land where their prefix is cached)."""
+        earlier = await self.store.get(previous_run_id, run.context.tenant)
+        if earlier is None:
+            raise RunNotFound(f"no run {previous_run_id[:64]!r} (previous_run_id)")
+        if earlier.status is not RunStatus.COMPLETED:
+            raise FailedPrecondition(
+                f"run {previous_run_id} is {earlier.status.value}: only a completed run's "
+                "conversation goes on", reason="RUN_NOT_COMPLETED")
+        before = decode_request(earlier.request)
+        history = [*before.messages, ChatMessage(Role.USER, before.goal),
+                   ChatMessage(Role.ASSISTANT, earlier.answer.decode())]
+        messages = [*history, *run.messages]
+        own = len(run.goal.encode()) + len(run.system.encode())
+
+        def size(turns: list[ChatMessage]) -> int:
+            return own + sum(len(m.content.encode()) for m in turns)
+
+        limit, most = self.settings.max_prompt_bytes, self.settings.max_messages
+        while (size(messages) > limit or len(messages) > most) and trim \
+                and len(messages) > len(run.messages):
+            messages = messages[1:]  # the oldest turn first
+        if size(messages) > limit or len(messages) > most:
+            raise InvalidArgument([("previous_run_id", (
+                f"the conversation would be {size(messages)} bytes in {len(messages)} "
+                f"messages; the limits are {limit} bytes (max_prompt_bytes) and {most} "
+                "messages (max_messages): set trim_conversation to drop its oldest turns"))])
+        context = run.context
+        if not context.session:
+            context = dataclasses.replace(context, session=before.context.session
+                                          or previous_run_id)
+        return dataclasses.replace(run, messages=tuple(messages), context=context)
 
     async def get(self, tenant: str, run_id: str, *, details: bool = True) -> RunView:
         await self._ensure_open()
@@ -617,6 +658,9 @@ class RunManager:
         await self.get(tenant, run_id, details=False)  # NOT_FOUND for another tenant's run
         cursor = after_seq
         while True:
+            if self._closing:  # the watcher goes on through another replica
+                raise ShuttingDown("this replica is stopping: watch again after the last "
+                                   "sequence number received", retry_after=0.5)
             local = self._local.get(run_id)
             changed = local.changed() if local is not None else None
             batch = local.after(cursor) if local is not None else None
