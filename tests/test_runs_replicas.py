@@ -244,3 +244,27 @@ async def test_a_tool_result_submitted_through_another_replica_reaches_the_run(
         run = await until_status(on_b, run_id, FINAL)
         assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
         assert run.steps[0].observation == "a letter"
+
+
+async def test_a_replica_that_lost_its_lease_stops_the_run_without_ending_it(fake_ollama,
+                                                                            tmp_path):
+    path = tmp_path / "runs.db"
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=str(path), run_lease=0.3)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_until(lambda: fake_ollama.generation_requests, timeout=5)
+        other = SqliteRunStore(path)
+        await other.open()
+        try:
+            # Another replica took it over (as if this one had stalled past its lease).
+            assert await other.claim(run_id, "replica-b", until=time.time() + 600,
+                                     now=time.time() + 600)
+            await wait_until(lambda: not gateway.runs._local, timeout=5)
+            await wait_until(lambda: fake_ollama.disconnects, timeout=5)  # its call closed
+            record = await other.get(run_id)
+            events = await other.events(run_id, 0, 100)
+        finally:
+            await other.close()
+    assert record.status is RunStatus.RUNNING and record.lease_owner == "replica-b"
+    assert "run_ended" not in [e.kind for e in events]

@@ -270,6 +270,8 @@ class _LocalRun:
         self.calls = ClientToolCalls()
         self.task: asyncio.Task[None] | None = None
         self.cancel_requested = False
+        #: Another replica took the run over (this one's lease lapsed): it records the end.
+        self.lost = False
         self.waiting: ToolCalled | None = None
         #: The last client tool call whose result never came, and the calls answered.
         self.unanswered: ToolCalled | None = None
@@ -748,7 +750,8 @@ class RunManager:
         finally:
             if queued:
                 self._queued -= 1
-            if not self._closing or local.cancel_requested:
+            # A replica that stops, or lost the lease, leaves the run to the one taking over.
+            if local.cancel_requested or not (self._closing or local.lost):
                 await self._end(local, status, error, summary, steps)
 
     def _why(self, local: _LocalRun, steps: tuple[AgentStep, ...], summary: RunSummary) -> str:
@@ -863,6 +866,7 @@ class RunManager:
             if run_id not in ours:
                 log.warning("run %s: lease lost to another replica; stopping here", run_id)
                 self._local.pop(run_id, None)
+                local.lost = True
                 local.task.cancel()
             elif ours[run_id] and not local.cancel_requested:
                 local.cancel_requested = True
