@@ -331,6 +331,9 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
         "embeddings": ["--batch", "8", "--rounds", "2", "--users", "3", "--embedders", "3",
                        "--requests", "1", "--ollama-calls", "50"] if quick else [],
         "transport": ["--hostile", "20", "--samples", "3"] if quick else [],
+        # Background runs: callers that leave, resume, the store's cost, webhooks, a queue.
+        "runs": ["--runs", "20", "--tokens", "200", "--queued", "200", "--events", "500"]
+        if quick else [],
     }
     # bench_affinity starts three embedded engines and runs 144 generations.
     timeouts = {"affinity": 900, "embedded": 1800, "tenants": 900, "workloads": 2400,
