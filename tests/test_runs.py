@@ -533,3 +533,32 @@ async def test_a_run_continues_a_stored_conversation(gateway, stub, fake_ollama)
             await stub.StartAgentRun(pb.StartAgentRunRequest(
                 run=pb.StartAgentRun(goal="hi"), previous_run_id=missing), timeout=5)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_every_replica_s_spans_of_a_run_are_one_trace_linked_to_its_caller():
+    from opentelemetry.metrics import NoOpMeter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentloop.telemetry import Telemetry
+    from agentloop.telemetry.metrics import Instruments
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(provider.get_tracer("test"), Instruments(NoOpMeter("test")))
+    with provider.get_tracer("test").start_as_current_span("StartAgentRun") as caller:
+        with telemetry.background_run("run_abc", "replica-a", resumed=False):
+            pass
+    with telemetry.background_run("run_abc", "replica-b", resumed=True):
+        pass
+    with telemetry.background_run("run_other", "replica-b", resumed=False):
+        pass
+    spans = {(s.attributes["agentloop.run.id"], s.attributes["agentloop.replica"]): s
+             for s in exporter.get_finished_spans() if s.name == "agent_run"}
+    first, second = spans["run_abc", "replica-a"], spans["run_abc", "replica-b"]
+    assert first.context.trace_id == second.context.trace_id
+    assert spans["run_other", "replica-b"].context.trace_id != first.context.trace_id
+    assert [link.context.span_id for link in first.links] == [caller.get_span_context().span_id]
+    assert second.attributes["agentloop.run.resumed"] is True

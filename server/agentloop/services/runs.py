@@ -719,17 +719,19 @@ class RunManager:
                 run = dataclasses.replace(
                     run, deadline=None if left is None else time.monotonic() + left,
                     client_tool_timeout=left)
-                async with aclosing(self.agent.run(run, local.calls)) as events:
-                    async for event in events:
-                        if isinstance(event, RunFinished):
-                            outcome = event.outcome
-                            steps = outcome.steps
-                            summary = RunSummary(outcome.final_answer, outcome.stop_reason,
-                                                 outcome.usage, len(outcome.steps),
-                                                 outcome.duration, outcome.model)
-                            await self._record(local, summary)
-                        else:
-                            await self._on_event(local, event)
+                with self._telemetry.background_run(local.id, self.replica,
+                                                    run.resume is not None):
+                    async with aclosing(self.agent.run(run, local.calls)) as events:
+                        async for event in events:
+                            if isinstance(event, RunFinished):
+                                outcome = event.outcome
+                                steps = outcome.steps
+                                summary = RunSummary(outcome.final_answer, outcome.stop_reason,
+                                                     outcome.usage, len(outcome.steps),
+                                                     outcome.duration, outcome.model)
+                                await self._record(local, summary)
+                            else:
+                                await self._on_event(local, event)
                 if summary is None:
                     raise RuntimeError("the agent loop ended without its outcome")
                 status = (RunStatus.COMPLETED if summary.stop_reason in _COMPLETING

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -162,6 +163,26 @@ class Telemetry:
         span = tracing.start_agent_span(self.tracer, model, self.provider)
         with _observing(Observed(span, tracing.end_agent_span)) as run:
             yield run
+
+    @contextmanager
+    def background_run(self, run_id: str, replica: str, resumed: bool) -> Iterator[None]:
+        """The `agent_run` span around a background run's stint on this replica. Its trace
+        id comes from the run id, so the spans of every replica that works on the run (the
+        one that starts it, any that takes it over) are one trace; it links to the caller's
+        span (StartAgentRun's) when there is one."""
+        digest = hashlib.sha256(run_id.encode()).digest()
+        parent = trace.NonRecordingSpan(trace.SpanContext(
+            trace_id=int.from_bytes(digest[:16], "big") or 1,
+            span_id=int.from_bytes(digest[16:24], "big") or 1, is_remote=True,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED)))
+        caller = trace.get_current_span().get_span_context()
+        links = [trace.Link(caller)] if caller.is_valid else []
+        with self.tracer.start_as_current_span(
+                "agent_run", context=trace.set_span_in_context(parent), links=links,
+                kind=trace.SpanKind.INTERNAL,
+                attributes={"agentloop.run.id": run_id, "agentloop.run.resumed": resumed,
+                            "agentloop.replica": replica}):
+            yield
 
     @contextmanager
     def tool_call(self, name: str, call_id: str, client_tool: bool,
