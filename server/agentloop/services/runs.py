@@ -290,7 +290,7 @@ class _LocalRun:
         """An event set when the next change comes (take it before reading the events)."""
         return self._changed
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -311,11 +311,11 @@ class _LocalRun:
                 self._pending_delta, self._delta_since = body, now
             if now - self._delta_since >= self._flush_interval:
                 self._release_delta()
-                self._notify()
+                self.notify()
             return False
         self._release_delta()
         self._append(body)
-        self._notify()
+        self.notify()
         durable = isinstance(body, ToolCalled | ToolReturned | RunSummary | RunEnded)
         return durable or now - self._last_write >= self._flush_interval
 
@@ -488,7 +488,7 @@ class RunManager:
         for task in tasks:
             task.cancel()
         for local in self._local.values():  # its watchers hear SHUTTING_DOWN at once
-            local._notify()
+            local.notify()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.webhooks is not None:  # pending deliveries stay pending: resumed at a start
             await self.webhooks.close()
@@ -821,7 +821,7 @@ class RunManager:
                 await asyncio.sleep(STORE_RETRY)
         local.ended = True
         self._local.pop(local.id, None)
-        local._notify()
+        local.notify()
         self._telemetry.run_ended(status.value)
         if local.webhook_url and self.webhooks is not None:
             await self._announce(local, status, error, summary)
