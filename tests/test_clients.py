@@ -348,6 +348,8 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
         Script(tokens=TOKENS),  # StreamGenerate
         action(thought="Reverse it.", tool="reverse_text", arguments={"text": "agentloop"}),
         action(thought="Got it.", final_answer="pooltnega"),
+        action(tool="calculator", arguments={"expression": "17*23"}),  # the background run
+        action(final_answer="391"),
     )
     proc = await asyncio.create_subprocess_exec(
         NODE, str(ROOT / "clients/node/example.js"), "--address", gateway.address,
@@ -373,7 +375,13 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
     assert "agent: result: pooltnega" in lines
     assert "agent: AGENT_STOP_REASON_FINAL_ANSWER pooltnega" in lines
     # The JavaScript tool's output is what the model saw next.
-    assert observations(fake_ollama) == ["Result of reverse_text: pooltnega"]
+    assert observations(fake_ollama)[0] == "Result of reverse_text: pooltnega"
+    assert "run: started, AGENT_RUN_STATUS_QUEUED" in lines \
+        or "run: started, AGENT_RUN_STATUS_RUNNING" in lines
+    assert any(re.fullmatch(r"run: AGENT_RUN_STATUS_COMPLETED after \d+ events", line)
+               for line in lines), lines
+    assert "run: answer 391 in 2 steps" in lines
+    assert "run: cancelled after its end, still AGENT_RUN_STATUS_COMPLETED" in lines
 
 
 # --- grpcurl: the examples of the README and docs/api.md ---------------------------------

@@ -2,8 +2,9 @@
 // Calling agentloop from Node with @grpc/grpc-js and @grpc/proto-loader: the protos are
 // loaded at run time from protos/ (no generated code), the health proto from the
 // grpc-health-check package. It checks health, lists the server tools, calls Generate,
-// reads StreamGenerate, embeds two texts with Embed, and runs StreamRunAgent with a tool
-// written in JavaScript that the agent may call.
+// reads StreamGenerate, embeds two texts with Embed, runs StreamRunAgent with a tool
+// written in JavaScript that the agent may call, and runs a background run (start, watch
+// with resume, get, cancel).
 //
 //   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
 //                                [--session CONVERSATION_ID]
@@ -137,6 +138,36 @@ function runAgent(client, start, metadata, deadline) {
   });
 }
 
+// A background run: StartAgentRun returns at once with the run's id; WatchAgentRun follows
+// it from the last sequence number seen (again after a dropped stream: nothing is missed or
+// repeated) until run_ended; GetAgentRun reads it; CancelAgentRun stops one (idempotent).
+async function backgroundRun(client, goal, metadata, deadline) {
+  const { run } = await unary(client, 'StartAgentRun', { run: { goal, tools: ['calculator'] } },
+    metadata, deadline());
+  console.log(`run: started, ${run.status}`);
+  let seen = 0;
+  let ended = null;
+  while (!ended) {
+    try {
+      const call = client.WatchAgentRun({ run_id: run.id, after_sequence: seen }, metadata,
+        { deadline: deadline() });
+      for await (const message of call) {
+        seen = Number(message.sequence);
+        if (message.event === 'run_ended') ended = message.run_ended;
+      }
+    } catch (error) {
+      if (error.code !== grpc.status.UNAVAILABLE) throw error;
+    }
+  }
+  console.log(`run: ${ended.status} after ${seen} events`);
+  const { run: done } = await unary(client, 'GetAgentRun', { run_id: run.id }, metadata, deadline());
+  console.log(`run: answer ${done.final_answer} in ${done.steps.length} steps`);
+  const { run: again } = await unary(client, 'CancelAgentRun', { run_id: run.id }, metadata,
+    deadline());
+  console.log(`run: cancelled after its end, still ${again.status}`);
+  return done;
+}
+
 function runClientTool(call) {
   const tool = CLIENT_TOOLS[call.tool];
   try {
@@ -190,7 +221,10 @@ async function main() {
     }));
     const finished = await runAgent(service, { goal: values.goal, client_tools: clientTools }, metadata,
       deadline());
-    return finished && finished.stop_reason === 'AGENT_STOP_REASON_FINAL_ANSWER' ? 0 : 1;
+    const background = await backgroundRun(service, 'What is 17*23? Use the calculator.', metadata,
+      deadline);
+    return finished && finished.stop_reason === 'AGENT_STOP_REASON_FINAL_ANSWER'
+      && background.status === 'AGENT_RUN_STATUS_COMPLETED' ? 0 : 1;
   } catch (error) {
     const code = Object.keys(grpc.status).find((name) => grpc.status[name] === error.code) || error.code;
     console.error(`example.js: ${code}: ${error.details || error.message}`);
