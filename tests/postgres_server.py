@@ -23,9 +23,20 @@ import pytest
 class PostgresServer:
     host: str
     port: int
+    #: pg_ctl and its arguments to start and stop this server (a test may stop it a while).
+    control: tuple[str, ...] = ()
+    start_options: tuple[str, ...] = ()
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+
+    def stop(self) -> None:
+        subprocess.run([*self.control, "-m", "fast", "stop"], check=True, capture_output=True,
+                       timeout=60)
+
+    def start(self) -> None:
+        subprocess.run([*self.control, *self.start_options, "start"], check=True,
+                       capture_output=True, timeout=120)
 
 
 def _binaries() -> str | None:
@@ -69,11 +80,12 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         subprocess.run([*as_postgres, f"{bin_dir}/initdb", "-D", data, "-A", "trust", "-U",
                         "postgres", "--no-sync"], check=True, capture_output=True, timeout=120)
-        subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", data, "-w", "-t", "60", "-l",
-                        os.path.join(root, "log"), "-o",
-                        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                        "start"], check=True, capture_output=True, timeout=120)
-        yield PostgresServer("127.0.0.1", port)
+        server = PostgresServer(
+            "127.0.0.1", port, (*as_postgres, f"{bin_dir}/pg_ctl", "-D", data, "-w", "-t", "60"),
+            ("-l", os.path.join(root, "log"), "-o",
+             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"))
+        server.start()
+        yield server
     finally:
         subprocess.run([*as_postgres, f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate",
                         "stop"], capture_output=True, timeout=60, check=False)

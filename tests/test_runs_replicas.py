@@ -28,7 +28,7 @@ from agentloop.services.agent import (
     ToolCalled,
 )
 from agentloop.services.generation import resolve_options
-from agentloop.services.runs import RunManager, encode_event, encode_request
+from agentloop.services.runs import RunEnded, RunManager, encode_event, encode_request
 from agentloop.services.tools import ToolRegistry
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
@@ -268,3 +268,30 @@ async def test_a_replica_that_lost_its_lease_stops_the_run_without_ending_it(fak
             await other.close()
     assert record.status is RunStatus.RUNNING and record.lease_owner == "replica-b"
     assert "run_ended" not in [e.kind for e in events]
+
+
+async def test_a_store_down_mid_run_loses_no_run_accepted(fake_ollama):
+    from postgres_server import postgres_server
+
+    with postgres_server() as server:  # a server of its own: this test stops it a while
+        url = await fresh_database(server)
+        settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url)
+        fake_ollama.enqueue(CALCULATE, Script(tokens=ANSWER.tokens, first_token_delay=1.0))
+        async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+            run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+            await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=10)
+            await asyncio.to_thread(server.stop)  # the answer comes while the store is down
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.StartAgentRun(start_request(), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            local = gateway.runs._local[run_id]
+            # The run has its answer and its end, which wait in memory for the store.
+            await wait_until(lambda: any(isinstance(e.body, RunEnded) for e in local.events),
+                             timeout=10)
+            await asyncio.to_thread(server.start)
+            run = await until_status(stub, run_id, FINAL)
+            events = [e async for e in stub.WatchAgentRun(
+                pb.WatchAgentRunRequest(run_id=run_id), timeout=10)]
+        assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "391"
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
