@@ -88,6 +88,9 @@ async def test_a_run_on_one_replica_is_watched_listed_and_cancelled_through_anot
 
 async def test_a_replica_killed_mid_run_is_taken_over_after_its_last_step(fake_ollama,
                                                                           pg_server):
+    """Three gateways on one PostgreSQL: A (its own process) runs the run, C watches it
+    live; A is SIGKILLed mid-run; B or C takes it over and finishes it, every step recorded
+    once, and C's watch sees every event once, in order, to the end."""
     url = await fresh_database(pg_server)
     fake_ollama.enqueue(CALCULATE, Script(hang_before_headers=True), ANSWER)
     port = free_port()
@@ -96,33 +99,43 @@ async def test_a_replica_killed_mid_run_is_taken_over_after_its_last_step(fake_o
         "--ollama-url", fake_ollama.url, "--warm-up", "false", "--run-store", url,
         "--run-lease", "1", "--run-event-flush-interval", "0",
         stdout=asyncio.subprocess.PIPE)
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url, run_lease=1.0,
+                                run_watch_poll_interval=0.05)
     try:
         assert killed.stdout is not None
         line = await asyncio.wait_for(killed.stdout.readline(), 60)
         assert line.startswith(b"agentloop serving on"), line
-        async with client_stub(f"127.0.0.1:{port}") as on_a:
+        async with running_gateway(settings) as b, running_gateway(settings) as c, \
+                client_stub(f"127.0.0.1:{port}") as on_a, client_stub(b.address) as on_b, \
+                client_stub(c.address) as on_c:
             run_id = (await on_a.StartAgentRun(start_request(), timeout=5)).run.id
+            watching = asyncio.ensure_future(read_all(on_c, run_id))
             await wait_until(lambda: len(fake_ollama.generation_requests) == 2, timeout=10)
-        killed.send_signal(signal.SIGKILL)
-        await killed.wait()
+            killed.send_signal(signal.SIGKILL)
+            await killed.wait()
+            run = await until_status(on_b, run_id, FINAL)
+            watched = await asyncio.wait_for(watching, 30)
+            events = [e async for e in on_b.WatchAgentRun(
+                pb.WatchAgentRunRequest(run_id=run_id), timeout=10)]
     finally:
         if killed.returncode is None:
             killed.kill()
             await killed.wait()
-    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url, run_lease=1.0)
-    async with running_gateway(settings) as b, client_stub(b.address) as on_b:
-        run = await until_status(on_b, run_id, FINAL)
-        assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
-        assert run.final_answer == "391"
-        assert [(s.index, s.tool) for s in run.steps] == [(1, "calculator"), (2, "")]
-        events = [e async for e in on_b.WatchAgentRun(pb.WatchAgentRunRequest(run_id=run_id),
-                                                      timeout=10)]
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED, run.error
+    assert run.final_answer == "391"
+    assert [(s.index, s.tool) for s in run.steps] == [(1, "calculator"), (2, "")]
     kinds = [e.WhichOneof("event") for e in events]
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     # Every step recorded once: the calculator ran on the killed replica only.
     assert kinds.count("step_started") == 2
     assert kinds.count("tool_call") == 1 and kinds.count("tool_result") == 1
     assert kinds[-2:] == ["finished", "run_ended"]
+    assert watched == events  # the live watch on C, across the takeover
+
+
+async def read_all(stub, run_id: str) -> list[pb.WatchAgentRunResponse]:
+    return [e async for e in stub.WatchAgentRun(pb.WatchAgentRunRequest(run_id=run_id),
+                                                timeout=30)]
 
 
 def free_port() -> int:
