@@ -562,3 +562,21 @@ def test_every_replica_s_spans_of_a_run_are_one_trace_linked_to_its_caller():
     assert spans["run_other", "replica-b"].context.trace_id != first.context.trace_id
     assert [link.context.span_id for link in first.links] == [caller.get_span_context().span_id]
     assert second.attributes["agentloop.run.resumed"] is True
+
+
+async def test_a_continued_stream_answers_its_client_tools(stub, fake_ollama):
+    fake_ollama.enqueue(action(tool="lookup", arguments={"word": "x"}),
+                        action(final_answer="found it"))
+    call = stub.StreamRunAgent(timeout=10)
+    await call.write(pb.StreamRunAgentRequest(start=pb.StartAgentRun(
+        goal="look x up", client_tools=[LOOKUP], continue_on_disconnect=True)))
+    kinds = []
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        kinds.append(reply.WhichOneof("event"))
+        if reply.HasField("tool_call") and reply.tool_call.client_tool:
+            await call.write(pb.StreamRunAgentRequest(tool_result=pb.ClientToolResult(
+                call_id=reply.tool_call.call_id, output="a letter")))
+        if reply.HasField("finished"):
+            assert reply.finished.final_answer == "found it"
+    assert kinds[-1] == "finished" and "tool_result" in kinds
+    assert "Result of lookup: a letter" in json.dumps(fake_ollama.generation_requests[-1])

@@ -613,11 +613,13 @@ class RunManager:
         """Hand a client tool's result to the run waiting for it, on this replica or,
         through the store, on the one running it."""
         view = await self.get(tenant, run_id, details=False)
-        if view.status is not RunStatus.WAITING_FOR_TOOL:
+        local = self._local.get(run_id)
+        waiting = local.waiting is not None if local is not None \
+            else view.status is RunStatus.WAITING_FOR_TOOL
+        if not waiting:
             raise FailedPrecondition(
                 f"run {run_id} waits for no tool result (status {view.status.value})",
                 reason="RUN_NOT_WAITING")
-        local = self._local.get(run_id)
         if local is None:  # another replica runs it: it takes the result from the store
             if result.call_id != view.record.waiting_call:
                 raise InvalidArgument([("tool_result.call_id",
@@ -764,11 +766,12 @@ class RunManager:
         return f"{summary.stop_reason.name}: {last_error}".rstrip(": ")
 
     async def _on_event(self, local: _LocalRun, event: AgentEvent) -> None:
-        await self._record(local, event)
         if isinstance(event, ToolCalled) and event.client_tool:
+            # Waiting before anyone hears of the call: a result may come at once.
             local.waiting = event
             await self._set(local, status=RunStatus.WAITING_FOR_TOOL, waiting_call=event.call_id)
-        elif isinstance(event, ToolReturned) and local.waiting is not None:
+        await self._record(local, event)
+        if isinstance(event, ToolReturned) and local.waiting is not None:
             if local.waiting.call_id not in local.answered:
                 local.unanswered = local.waiting
             local.waiting = None
