@@ -580,3 +580,15 @@ async def test_a_continued_stream_answers_its_client_tools(stub, fake_ollama):
             assert reply.finished.final_answer == "found it"
     assert kinds[-1] == "finished" and "tool_result" in kinds
     assert "Result of lookup: a letter" in json.dumps(fake_ollama.generation_requests[-1])
+
+
+@pytest.mark.parametrize("settings_overrides", [{"run_max_running": 1}])
+async def test_a_run_queued_past_its_deadline_expires(stub, fake_ollama):
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    first = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    queued = (await stub.StartAgentRun(start_request(timeout=duration_pb2.Duration(seconds=1)),
+                                       timeout=5)).run.id
+    run = await wait_for_status(stub, queued, FINAL)
+    assert run.status == pb.AGENT_RUN_STATUS_EXPIRED and "queued" in run.error
+    assert (await watch(stub, queued))[-1].run_ended.status == pb.AGENT_RUN_STATUS_EXPIRED
+    await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=first), timeout=5)
