@@ -261,3 +261,49 @@ async def test_the_receiver_in_the_docs_verifies_and_takes_a_delivery(fake_ollam
         assert namespace["seen"] == {delivery.webhook_id}
     finally:
         await runner.cleanup()
+
+
+async def test_each_step_can_have_its_webhook_and_410_stops_the_rest(fake_ollama, receiver):
+    calculate = Script(tokens=[json.dumps({"tool": "calculator",
+                                           "arguments": {"expression": "17*23"}})])
+    fake_ollama.enqueue(calculate, ANSWER, calculate, ANSWER)
+    async with running_gateway(webhook_settings(fake_ollama, receiver)) as gateway, \
+            client_stub(gateway.address) as stub:
+        request = pb.StartAgentRunRequest(run=pb.StartAgentRun(goal="17*23?"),
+                                          webhook_url=receiver.url, webhook_each_step=True)
+        run_id = (await stub.StartAgentRun(request, timeout=5)).run.id
+        await wait_until(lambda: len(receiver.received) == 2, timeout=10)
+        types = [r["body"]["type"] for r in receiver.received]
+        assert types == ["agent_run.step", "agent_run.completed"]
+        step = receiver.received[0]["body"]["data"]
+        assert (step["id"], step["step"], step["tool"], step["observation"]) == (
+            run_id, 1, "calculator", "391")
+        # A receiver answering 410 to the step's message gets nothing more for the run.
+        receiver.received.clear()
+        receiver.plan = ["410"]
+        second = (await stub.StartAgentRun(request, timeout=5)).run.id
+        found: list[pb.WebhookDelivery] = []
+
+        async def both_settled() -> bool:
+            found[:] = await deliveries(stub, second)
+            return len(found) == 2 and all(
+                d.state != pb.WEBHOOK_DELIVERY_STATE_PENDING for d in found)
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while not await both_settled():
+            assert loop.time() < end, found
+            await asyncio.sleep(0.02)
+    assert [(d.event_type, d.state, d.attempts) for d in found] == [
+        ("agent_run.step", pb.WEBHOOK_DELIVERY_STATE_DISABLED, 1),
+        ("agent_run.completed", pb.WEBHOOK_DELIVERY_STATE_DISABLED, 0)]
+    assert len(receiver.received) == 1
+
+
+async def test_each_step_needs_a_webhook_url(fake_ollama, receiver):
+    async with running_gateway(webhook_settings(fake_ollama, receiver)) as gateway, \
+            client_stub(gateway.address) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.StartAgentRun(pb.StartAgentRunRequest(
+                run=pb.StartAgentRun(goal="x"), webhook_each_step=True), timeout=5)
+        assert bad_fields(raised.value) == {"webhook_each_step"}

@@ -87,6 +87,7 @@ class BackgroundRun:
     #: The earlier run whose conversation this one continues ("" = none).
     previous_run_id: str = ""
     trim_conversation: bool = False
+    webhook_each_step: bool = False
 
 
 def start_background_run(
@@ -103,6 +104,8 @@ def start_background_run(
                                           f"{settings.run_max_timeout:g}s (run_max_timeout)"))
     if message.webhook_url and (problem := webhook_url_problem(message.webhook_url, settings)):
         violations.append(("webhook_url", problem))
+    if message.webhook_each_step and not message.webhook_url:
+        violations.append(("webhook_each_step", "needs a webhook_url"))
     try:
         run = _start(message.run, "run", settings, registry, default_model, None)
     except InvalidArgument as exc:
@@ -110,7 +113,7 @@ def start_background_run(
     if violations:
         raise InvalidArgument(violations)
     return BackgroundRun(run, timeout, message.webhook_url, message.previous_run_id[:128],
-                         message.trim_conversation)
+                         message.trim_conversation, message.webhook_each_step)
 
 
 def _start(start: pb.StartAgentRun, prefix: str, settings: Settings, registry: ToolRegistry,

@@ -211,7 +211,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
                                             timeout=started.timeout,
                                             webhook_url=started.webhook_url,
                                             previous_run_id=started.previous_run_id,
-                                            trim_conversation=started.trim_conversation)
+                                            trim_conversation=started.trim_conversation,
+                                            webhook_each_step=started.webhook_each_step)
         return pb.StartAgentRunResponse(run=run_pb(await self._runs.get(caller.tenant, run_id)))
 
     async def GetAgentRun(

@@ -183,10 +183,11 @@ def decode_event(record: EventRecord) -> RunEvent:
 # --- runs' requests and results as stored ---------------------------------------------------
 
 
-def encode_request(run: AgentRun) -> bytes:
+def encode_request(run: AgentRun, *, webhook_each_step: bool = False) -> bytes:
     """A run's request as stored: everything needed to run it again on any replica."""
     context = run.context
     return json.dumps({
+        "webhook_each_step": webhook_each_step,
         "goal": run.goal, "model": run.model, "max_steps": run.max_steps,
         "tools": list(run.tools), "system": run.system,
         "options": {**dataclasses.asdict(run.options), "stop": list(run.options.stop)},
@@ -264,6 +265,8 @@ class _LocalRun:
         self.id = record.id
         self.tenant = record.tenant
         self.webhook_url = record.webhook_url
+        self.webhook_each_step = bool(record.webhook_url) and json.loads(record.request).get(
+            "webhook_each_step", False)
         self.next_seq = record.last_seq + 1
         self.written_seq = record.last_seq
         self.events: list[RunEvent] = []
@@ -512,7 +515,7 @@ class RunManager:
 
     async def start_run(self, run: AgentRun, *, timeout: float | None = None,
                         webhook_url: str = "", previous_run_id: str = "",
-                        trim_conversation: bool = False) -> str:
+                        trim_conversation: bool = False, webhook_each_step: bool = False) -> str:
         """Store a new run and start (or queue) it; its id. `run.context` says whose it is;
         `previous_run_id` names a completed run of the tenant whose conversation it goes on."""
         await self._ensure_open()
@@ -526,7 +529,8 @@ class RunManager:
         timeout = timeout or self.settings.run_default_timeout
         record = RunRecord(
             id=new_run_id(), tenant=run.context.tenant, status=RunStatus.QUEUED, created=now,
-            updated=now, request=encode_request(run), deadline=now + timeout,
+            updated=now, request=encode_request(run, webhook_each_step=webhook_each_step),
+            deadline=now + timeout,
             model=run.model, lease_owner=self.replica,
             lease_expires=now + self.settings.run_lease, webhook_url=webhook_url)
         await self.store.create(record, self.settings.run_max_active_per_tenant)
@@ -771,6 +775,12 @@ class RunManager:
             local.waiting = event
             await self._set(local, status=RunStatus.WAITING_FOR_TOOL, waiting_call=event.call_id)
         await self._record(local, event)
+        if isinstance(event, ToolReturned) and local.webhook_each_step \
+                and self.webhooks is not None:
+            await self._send_webhook(local, "agent_run.step", {
+                "id": local.id, "step": event.step, "call_id": event.call_id,
+                "tool": event.tool, "is_error": event.is_error,
+                "observation": event.observation})
         if isinstance(event, ToolReturned) and local.waiting is not None:
             if local.waiting.call_id not in local.answered:
                 local.unanswered = local.waiting
@@ -839,7 +849,12 @@ class RunManager:
                         usage={"input_tokens": summary.usage.input_tokens,
                                "output_tokens": summary.usage.output_tokens},
                         model=summary.model, steps=summary.steps)
-        delivery = delivery_for(local.id, local.webhook_url, f"agent_run.{status.value}", data)
+        await self._send_webhook(local, f"agent_run.{status.value}", data)
+
+    async def _send_webhook(self, local: _LocalRun, event_type: str,
+                            data: dict[str, Any]) -> None:
+        assert self.webhooks is not None
+        delivery = delivery_for(local.id, local.webhook_url, event_type, data)
         try:
             await self.webhooks.send(delivery)
         except (RunStoreUnavailable, RunStoreFull) as exc:

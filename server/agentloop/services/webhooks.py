@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from cachetools import LRUCache
 
 from agentloop.config import Settings, parse_list, parse_webhook_secrets
 from agentloop.runs.store import DeliveryRecord, DeliveryState, RunStore
@@ -48,6 +50,8 @@ MAX_URL_CHARS = 2048
 MAX_CONCURRENT_DELIVERIES = 16
 #: Seconds past the longest wait between attempts after which a pending delivery is taken up.
 STALE_MARGIN = 10.0
+#: Runs whose URL answered 410 remembered in memory (older ones: read from the store).
+DISABLED_RUNS_KEPT = 10_000
 #: Bytes of a receiver's answer read (and ignored) at most.
 MAX_ANSWER_BYTES = 4096
 
@@ -142,6 +146,8 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
+        #: Runs whose URL answered 410 (the most recent; the store has them all).
+        self._disabled_runs: LRUCache[str, bool] = LRUCache(maxsize=DISABLED_RUNS_KEPT)
         #: Called with each attempt's outcome ("delivered", "failed", "retry", "disabled").
         self.observe: Callable[[str], None] = lambda outcome: None
 
@@ -172,7 +178,16 @@ class WebhookSender:
                 self._spawn(delivery)
 
     async def send(self, delivery: DeliveryRecord) -> None:
-        """Record a new message, then deliver it in the background."""
+        """Record a new message, then deliver it in the background; a run whose URL answered
+        410 gets its later messages recorded as disabled, not sent."""
+        if delivery.run_id in self._disabled_runs or any(
+                d.state is DeliveryState.DISABLED
+                for d in await self._store.deliveries(delivery.run_id)):
+            self._disabled_runs[delivery.run_id] = True
+            delivery = dataclasses.replace(delivery, state=DeliveryState.DISABLED,
+                                           last_error="the URL answered 410 Gone before")
+            await self._store.save_delivery(delivery)
+            return
         await self._store.save_delivery(delivery)
         self._spawn(delivery)
 
@@ -198,6 +213,7 @@ class WebhookSender:
                 state, outcome = DeliveryState.DELIVERED, "delivered"
             elif status == 410:
                 state, outcome = DeliveryState.DISABLED, "disabled"
+                self._disabled_runs[delivery.run_id] = True
             else:
                 delay = self._backoff(delivery.attempts + 1)
                 state, outcome = ((DeliveryState.PENDING, "retry") if now + delay < give_up

@@ -591,18 +591,20 @@ class AgentRun(_message.Message):
     def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[AgentRunStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., final_answer: _Optional[str] = ..., stop_reason: _Optional[_Union[AgentStopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[str] = ..., waiting_call: _Optional[_Union[AgentToolCall, _Mapping]] = ..., last_sequence: _Optional[int] = ..., webhook_deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ..., cancel_requested: bool = ...) -> None: ...
 
 class StartAgentRunRequest(_message.Message):
-    __slots__ = ("run", "timeout", "webhook_url", "previous_run_id", "trim_conversation")
+    __slots__ = ("run", "timeout", "webhook_url", "previous_run_id", "trim_conversation", "webhook_each_step")
     RUN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TRIM_CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_EACH_STEP_FIELD_NUMBER: _ClassVar[int]
     run: StartAgentRun
     timeout: _duration_pb2.Duration
     webhook_url: str
     previous_run_id: str
     trim_conversation: bool
-    def __init__(self, run: _Optional[_Union[StartAgentRun, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., webhook_url: _Optional[str] = ..., previous_run_id: _Optional[str] = ..., trim_conversation: bool = ...) -> None: ...
+    webhook_each_step: bool
+    def __init__(self, run: _Optional[_Union[StartAgentRun, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., webhook_url: _Optional[str] = ..., previous_run_id: _Optional[str] = ..., trim_conversation: bool = ..., webhook_each_step: bool = ...) -> None: ...
 
 class StartAgentRunResponse(_message.Message):
     __slots__ = ("run",)
