@@ -57,9 +57,11 @@ DEFAULT_MODEL = "gemma-3-270m"
 #: Keys every generation may carry (OpenAI's own); anything else must be allowed in `extras`.
 CHAT_KEYS = frozenset({
     "model", "messages", "stream", "stream_options", "temperature", "top_p", "max_tokens",
-    "max_completion_tokens", "seed", "stop", "response_format", "n", "user",
+    "max_completion_tokens", "seed", "stop", "response_format", "n", "user", "tools",
+    "tool_choice",
 })
-COMPLETION_KEYS = (CHAT_KEYS - {"messages", "response_format"}) | {"prompt"}
+COMPLETION_KEYS = (CHAT_KEYS - {"messages", "response_format", "tools", "tool_choice"}) | {
+    "prompt"}
 EMBEDDING_KEYS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
 MID_STREAM_ERROR = {"message": "the engine failed", "type": "server_error", "code": 500}
 MALFORMED_EVENT = b'data: {"choices": this is not JSON\n\n'
@@ -93,6 +95,11 @@ class Script:
     before_finish: bytes = b""  # raw bytes written before the finish chunk
     after_done: bytes = b""  # raw bytes written after `data: [DONE]`
     hang_after_done: bool = False  # then keep the response open until the client goes away
+    # Function calling: after the tokens, these calls ({"name", "arguments": JSON text,
+    # "id"?}), streamed as `delta.tool_calls` pieces (the id and name, then the arguments in
+    # `argument_pieces` pieces); finish_reason "tool_calls".
+    tool_calls: list[dict[str, Any]] | None = None
+    argument_pieces: int = 3
 
     def token_list(self) -> list[str]:
         return list(DEFAULT_TOKENS if self.tokens is None else self.tokens)
@@ -354,7 +361,8 @@ class FakeOpenAI:
         if error is None:
             error = self._stop_error(body)
         if error is None and chat:
-            error = self._format_error(body) or self._tool_turn_error(body)
+            error = self._format_error(body) or self._tool_turn_error(body) \
+                or _tools_error(body)
         if error is not None:
             return error
         self.generation_requests.append(body)
@@ -392,6 +400,9 @@ class FakeOpenAI:
         limit = body.get("max_tokens")
         if isinstance(limit, int) and 0 < limit <= len(tokens) and not script.overrun:
             tokens, reason = tokens[:limit], "length"
+        calls = script.tool_calls if chat else None
+        if calls:
+            reason = "tool_calls"
         reason = script.finish_reason or reason
         fault, cut = None, len(tokens)
         for name in ("reset_after", "hang_after", "error_after", "malformed_after"):
@@ -406,7 +417,7 @@ class FakeOpenAI:
         if script.usage is not None:
             usage = script.usage
         if body.get("stream") is not True:
-            return self._whole(body, "".join(sent), reason, usage, chat)
+            return self._whole(body, "".join(sent), reason, usage, chat, calls)
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
@@ -432,6 +443,13 @@ class FakeOpenAI:
             return resp
         if script.before_finish:
             await resp.write(script.before_finish)
+        for index, call in enumerate(calls or ()):
+            for piece in _call_pieces(index, call, script.argument_pieces):
+                await resp.write(b"data: " + _dumps({
+                    "id": "cmpl-fake", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": None,
+                                 "delta": {"tool_calls": [piece]}}]}) + end)
         last = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat else
                 "text_completion", "created": int(time.time()), "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": reason,
@@ -478,17 +496,65 @@ class FakeOpenAI:
             self.tokens_sent += 1
 
     def _whole(self, body: Mapping[str, Any], text: str, reason: str, usage: dict[str, Any],
-               chat: bool) -> web.Response:
+               chat: bool, calls: list[dict[str, Any]] | None = None) -> web.Response:
         """`"stream": false`: one JSON object."""
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if calls:
+                choice["message"]["tool_calls"] = [
+                    {"id": call.get("id", f"call_{index}"), "type": "function",
+                     "function": {"name": call["name"], "arguments": call["arguments"]}}
+                    for index, call in enumerate(calls)]
         else:
             choice["text"] = text
         self.completed += 1
         return _json({"id": "cmpl-fake", "object": "chat.completion" if chat else
                       "text_completion", "created": int(time.time()), "model": body["model"],
                       "choices": [choice], "usage": usage})
+
+
+def _call_pieces(index: int, call: Mapping[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """One scripted call as OpenAI streams it: the id and name first, then the arguments'
+    text in `pieces` parts, each `{"index", ...}`."""
+    arguments: str = call["arguments"]
+    size = max(1, -(-len(arguments) // max(1, pieces)))
+    first = {"index": index, "id": call.get("id", f"call_{index}"), "type": "function",
+             "function": {"name": call["name"], "arguments": ""}}
+    return [first, *({"index": index, "function": {"arguments": arguments[at:at + size]}}
+                     for at in range(0, len(arguments), size))]
+
+
+def _tools_error(body: Mapping[str, Any]) -> web.Response | None:
+    """Refuse tools and a tool_choice out of OpenAI's shapes: tools [{"type": "function",
+    "function": {"name", "description"?, "parameters"?}}]; tool_choice "auto", "none",
+    "required" or {"type": "function", "function": {"name": a declared tool}}; assistant
+    tool_calls with string arguments."""
+    tools = body.get("tools")
+    names: set[str] = set()
+    if tools is not None:
+        if not isinstance(tools, list) or not tools:
+            return _error(400, "Invalid parameter: tools")
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if tool.get("type") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str) \
+                    or not isinstance(function.get("parameters", {}), dict):
+                return _error(400, "Invalid parameter: tools")
+            names.add(function["name"])
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if tools is None:
+            return _error(400, "'tool_choice' is only allowed when 'tools' are specified")
+        named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if choice not in ("auto", "none", "required") and named not in names:
+            return _error(400, "Invalid parameter: tool_choice")
+    for message in body.get("messages") or ():
+        for call in (message.get("tool_calls") or ()) if isinstance(message, dict) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+                return _error(400, "Invalid parameter: messages.tool_calls")
+    return None
 
 
 # --------------------------------------------------------------------- command line

@@ -58,8 +58,10 @@ from agentloop.errors import (
 if importlib.util.find_spec("llama_cpp") is None:  # the engine's child needs the extra
     raise ImportError("No module named 'llama_cpp'")
 
+from agentloop.backends.constraints import unenforced_keyword
 from agentloop.backends.engine_types import EngineConfig, EngineStats
 from agentloop.backends.llama_engine import model_name_for
+from agentloop.tool_calls import read_calls
 
 log = logging.getLogger(__name__)
 raw_output = logging.getLogger(engine_child.RAW_OUTPUT_LOGGER)
@@ -654,7 +656,20 @@ class EmbeddedBackend:
 
     # --- generation ----------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """The engine's answer; where tools may be called, the engine writes under the
+        call grammar and the answer is read into text or a tool call (tool_calls)."""
+        if not request.offers_tools:
+            return self._engine_stream(request)
+        for index, tool in enumerate(request.tools):
+            if (keyword := unenforced_keyword(tool.parameters)) is not None:
+                raise BackendRejected(
+                    f"the embedded engine cannot hold a tool's arguments to `{keyword}` (its "
+                    "grammar would be looser than the schema): leave it out, or use an "
+                    "upstream that takes tools", field=f"tools[{index}].parameters_json_schema")
+        return read_calls(self._engine_stream(request), request)
+
+    async def _engine_stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         child = self._child_for(request.model)
         if (refused := self._crashes.refused_for(request)) > 0:
             raise BackendRejected(

@@ -12,6 +12,8 @@ from agentloop.domain import (
     ModelInfo,
     Timings,
     TokenCount,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from agentloop.v1 import agentloop_pb2 as pb
@@ -23,6 +25,7 @@ _FINISH_REASONS = {
     FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -66,7 +69,17 @@ def generate_response(result: GenerationResult) -> pb.GenerateResponse:
         usage=usage_pb(end.usage),
         timings=timings_pb(end.timings),
         upstream=end.upstream,
+        tool_calls=tool_calls_pb(end.tool_calls),
     )
+
+
+def tool_calls_pb(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls]
+
+
+def stream_tool_call_delta(delta: ToolCallDelta) -> pb.StreamGenerateResponse:
+    return pb.StreamGenerateResponse(tool_call_deltas=[pb.ToolCallDelta(
+        index=delta.index, id=delta.id, name=delta.name, arguments_json=delta.arguments_json)])
 
 
 def stream_delta(text: str) -> pb.StreamGenerateResponse:
@@ -80,6 +93,7 @@ def stream_end(end: GenerationEnd) -> pb.StreamGenerateResponse:
         usage=usage_pb(end.usage),
         timings=timings_pb(end.timings),
         upstream=end.upstream,
+        tool_calls=tool_calls_pb(end.tool_calls),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agentloop.config import Settings
-from agentloop.domain import CallContext
+from agentloop.domain import CallContext, ToolCallDelta
 from agentloop.errors import FirstMessageTimeout
 from agentloop.rpc.agent_requests import ToolResultReader, run_agent_request, start_agent_run
 from agentloop.rpc.agent_responses import agent_event_pb, list_tools_response, run_agent_response
@@ -32,6 +32,7 @@ from agentloop.rpc.responses import (
     model_pb,
     stream_delta,
     stream_end,
+    stream_tool_call_delta,
     upstream_metadata,
 )
 from agentloop.services.agent import AgentService, answer_delta_key, join_answer_deltas
@@ -88,6 +89,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             async for item in items:
                 if isinstance(item, str):
                     yield stream_delta(item)
+                elif isinstance(item, ToolCallDelta):
+                    yield stream_tool_call_delta(item)
                 else:
                     context.set_trailing_metadata(upstream_metadata(item))
                     yield stream_end(item)

@@ -38,6 +38,7 @@ from agentloop.domain import (
     StreamItem,
     TokenCount,
     TokenCountRequest,
+    ToolCallDelta,
 )
 from agentloop.errors import (
     AgentLoopError,
@@ -408,7 +409,8 @@ class Router:
                         items = _first_within(items, first_item_timeout, pool.name)
                     async with aclosing(items):
                         async for item in items:
-                            if not isinstance(item, str):  # the call's end: it succeeded
+                            # Anything but a delta is the call's end: it succeeded.
+                            if not isinstance(item, str | ToolCallDelta):
                                 endpoint.breaker.record_success()
                                 item = self._served(pool, request, item)
                             delivered = True
