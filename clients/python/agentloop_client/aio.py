@@ -32,6 +32,8 @@ from agentloop_client.requests import (
     FormatLike,
     MessageLike,
     OptionsLike,
+    ToolChoiceLike,
+    ToolLike,
     agent_fields,
     count_tokens_request,
     embed_request,
@@ -70,11 +72,14 @@ class AsyncAgentLoopClient:
         model: str = "",
         options: OptionsLike | None = None,
         format: FormatLike = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike = None,
         timeout: float | None = None,
         session: str | None = None,
     ) -> pb.GenerateResponse:
         request = pb.GenerateRequest(
-            **generation_fields(prompt, messages, system, model, options, format))
+            **generation_fields(prompt, messages, system, model, options, format, tools,
+                              tool_choice))
         try:
             return await self.stub.Generate(
                 request, timeout=timeout, metadata=session_metadata(session))
@@ -90,11 +95,14 @@ class AsyncAgentLoopClient:
         model: str = "",
         options: OptionsLike | None = None,
         format: FormatLike = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike = None,
         timeout: float | None = None,
         session: str | None = None,
     ) -> AsyncGenerator[pb.StreamGenerateResponse, None]:
         request = pb.StreamGenerateRequest(
-            **generation_fields(prompt, messages, system, model, options, format))
+            **generation_fields(prompt, messages, system, model, options, format, tools,
+                              tool_choice))
         call = self.stub.StreamGenerate(
             request, timeout=timeout, metadata=session_metadata(session))
         try:
