@@ -65,7 +65,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         generation = await _read(
-            bool(request.format.json_schema), generation_request,
+            bool(request.format.json_schema) or bool(request.tools), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
@@ -79,7 +79,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         generation = await _read(
-            bool(request.format.json_schema), generation_request,
+            bool(request.format.json_schema) or bool(request.tools), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
