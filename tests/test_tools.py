@@ -6,9 +6,11 @@ model calls a tool, the test answers it, and the model finishes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -16,6 +18,7 @@ import pytest
 
 from agentloop.backends.openai import OpenAIBackend
 from agentloop.domain import ToolCallDelta
+from agentloop.rpc.coalesce import coalesced
 from agentloop.server import RunningServer
 from agentloop.tool_calls import CallReader
 from agentloop.upstreams.spec import EndpointSpec, OpenAIDialect
@@ -325,3 +328,28 @@ def test_call_reader_passes_text_through_and_a_cut_call_is_no_call() -> None:
     cut = CallReader()
     cut.feed('{"tool": "get_weather", "arguments": {"city": "Ro')
     assert cut.finish() == ([], ())
+
+
+# --- a reader that falls behind -----------------------------------------------------------
+
+async def test_a_lagging_reader_gets_a_calls_pieces_joined() -> None:
+    """Pieces of one call's arguments pile up joined (as text deltas do), never one message
+    per piece for a reader that falls behind; a new call's first piece stays apart."""
+    pieces = [ToolCallDelta(0, "call_a", "get_weather")] + [
+        ToolCallDelta(0, arguments_json=str(n % 10)) for n in range(2000)] + [
+        ToolCallDelta(1, "call_b", "get_time", "{}")]
+
+    async def source() -> AsyncIterator[object]:
+        for piece in pieces:
+            yield piece
+
+    out = []
+    async with aclosing(coalesced(source(), max_backlog=64)) as items:
+        async for item in items:
+            out.append(item)
+            await asyncio.sleep(0.001)  # a slow reader: the rest piles up meanwhile
+    assert len(out) < 200
+    assert (out[0].id, out[0].name) == ("call_a", "get_weather") and out[-1] == pieces[-1]
+    assert sum(1 for d in out if d.id) == 2
+    assert "".join(d.arguments_json for d in out if d.index == 0) == "".join(
+        str(n % 10) for n in range(2000))
