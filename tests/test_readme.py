@@ -52,6 +52,7 @@ def action(**fields: object) -> Script:
 def answering(fake_ollama: FakeOllama) -> FakeOllama:
     """A fake model whose every reply is a final answer, for text and agent calls alike."""
     fake_ollama.default_script = action(thought="Done.", final_answer="391")
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
     return fake_ollama
 
 
@@ -80,11 +81,16 @@ async def test_python_snippet_runs(page: str, source: str, gateway: RunningServe
                                    answering: FakeOllama, tmp_path: Path) -> None:
     compile(source, f"{page} python block", "exec")  # a SyntaxError fails here
     assert README_ADDRESS in source
+    if "tool_calls" in source:  # function calling: the model calls the snippet's tool once
+        answering.enqueue(Script(tokens=[], tool_calls=[
+            {"name": "get_weather", "arguments": {"city": "Paris"}}]))
     script = tmp_path / "snippet.py"
     script.write_text(source.replace(README_ADDRESS, gateway.address))
     result = await run([sys.executable, str(script)], tmp_path)
     assert result.returncode == 0, f"{page}:\n{source}\n{result.stderr}"
     assert result.stdout.strip(), source
+    if "tool_calls" in source:  # and the tool's result went back by the call's id
+        assert answering.generation_requests[-1]["messages"][-1]["role"] == "tool"
 
 
 async def test_command_line_snippet_runs(gateway: RunningServer, answering: FakeOllama,
