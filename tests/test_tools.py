@@ -351,3 +351,16 @@ async def test_a_lagging_reader_gets_a_calls_pieces_joined() -> None:
     assert sum(1 for d in out if d.id) == 2
     assert "".join(d.arguments_json for d in out if d.index == 0) == "".join(
         str(n % 10) for n in range(2000))
+
+
+async def test_an_undeclared_call_fails_before_any_piece_of_it_is_sent(openai: FakeOpenAI) -> None:
+    openai.enqueue(OpenAIScript(tokens=["Sure."], tool_calls=[{**OSLO, "name": "rm_rf"}]))
+    async with openai_gateway(openai) as running, client_stub(running.address) as stub:
+        call = stub.StreamGenerate(streamed())
+        replies = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for reply in call:
+                replies.append(reply)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "".join(r.text for r in replies) == "Sure."
+    assert not any(r.tool_call_deltas for r in replies)

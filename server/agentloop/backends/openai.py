@@ -665,7 +665,8 @@ class _EndReport:
     """What a stream's chunks said about its end: the finish reason, usage, timings (each
     bounded by what the request can have cost)."""
 
-    __slots__ = ("calls", "deltas", "reason", "request", "started", "timings", "usage")
+    __slots__ = ("calls", "deltas", "offered", "reason", "request", "started", "timings",
+                 "usage")
 
     def __init__(self, request: GenerationRequest, started: float) -> None:
         self.reason: str | None = None
@@ -673,6 +674,7 @@ class _EndReport:
         self.calls: dict[int, list[str]] = {}
         #: The tool-call deltas of the last chunk taken, for the stream to send.
         self.deltas: list[ToolCallDelta] = []
+        self.offered = {tool.name for tool in offered_tools(request)}
         self.request = request
         self.started = started
         self.usage = Usage()
@@ -735,6 +737,9 @@ class _EndReport:
             else:
                 call_id = ""  # an id or a name said once counts
             name = name if not known[1] else ""
+            if name and name not in self.offered:  # before any piece of it reaches a caller
+                raise UpstreamProtocolError(
+                    f"the upstream called a tool the request did not offer ({name[:64]!r})")
             known[1] = known[1] or name
             known[2] += arguments
             if call_id or name or arguments:
