@@ -338,6 +338,15 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
     _add_generation_arguments(parser)
     parser.add_argument("--format", default=None,
                         help="text, json, or a JSON Schema (inline, or @FILE)")
+    parser.add_argument("--tool", action="append", default=[], dest="tools",
+                        metavar="NAME[=SCHEMA]",
+                        help="a function the model may call, with the JSON Schema of its "
+                             "arguments (inline, or @FILE; none: any object); repeatable. "
+                             "The prompt goes as a user message; calls print as lines "
+                             "`tool call ID NAME ARGUMENTS`")
+    parser.add_argument("--tool-choice", default=None, metavar="auto|none|required|NAME",
+                        help="whether the model may, must or must not call the tools, or "
+                             "which one it must call (default: auto)")
     _add_client_arguments(parser, timeout=DEFAULT_TIMEOUT)
 
 
@@ -350,16 +359,37 @@ def _response_format(value: str | None) -> str | None:
     return value
 
 
+def _tools(values: list[str]) -> list[pb.ToolDefinition]:
+    """`--tool NAME[=SCHEMA]` values as tool definitions (the server checks them)."""
+    tools = []
+    for value in values:
+        name, _, schema = value.partition("=")
+        tools.append(pb.ToolDefinition(name=name,
+                                       parameters_json_schema=_response_format(schema) or ""))
+    return tools
+
+
+def _tool_choice(value: str | None) -> str | dict[str, str] | None:
+    if value is None or value in ("auto", "none", "required"):
+        return value
+    return {"name": value}
+
+
 @_client_command
 def _run_generate(args: argparse.Namespace) -> int:
     """Stream the completion to stdout as the tokens arrive."""
     prompt = _text_argument(args.prompt)
     progress = _Progress(sys.stderr)
     last: pb.StreamGenerateResponse | None = None
+    tools = _tools(args.tools)
     with _client(args) as client:
+        # Tools need a chat: the prompt goes as its one user message.
+        chat = {"messages": [{"role": "user", "content": prompt}]} if tools else {
+            "prompt": prompt}
         responses = client.stream_generate(
-            prompt, system=args.system, model=args.model, options=_options(args),
-            format=_response_format(args.format))
+            **chat, system=args.system, model=args.model, options=_options(args),
+            format=_response_format(args.format), tools=tools,
+            tool_choice=_tool_choice(args.tool_choice))
         progress.show("waiting for the first token")
         try:
             for last in responses:
@@ -370,6 +400,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             progress.clear()
     if not args.json:
         sys.stdout.write("\n")
+        for call in last.tool_calls if last is not None else ():
+            print(f"tool call {call.id} {call.name} {call.arguments_json}")
         if last is not None and sys.stderr.isatty():
             print(f"[{pb.FinishReason.Name(last.finish_reason).removeprefix('FINISH_REASON_')}"
                   f", {last.usage.output_tokens} tokens in "
