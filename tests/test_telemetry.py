@@ -232,6 +232,17 @@ async def test_a_stream_is_one_chat_span_covering_the_whole_stream(stub, collect
     assert attributes["gen_ai.usage.output_tokens"] == replies[-1].usage.output_tokens == 4
 
 
+async def test_a_tool_call_answer_is_named_in_the_span(stub, collector, fake_ollama):
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
+    fake_ollama.enqueue(Script(tokens=[], tool_calls=[{"name": "lookup", "arguments": {}}]))
+    reply = await stub.Generate(pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, content="hi")],
+        tools=[pb.ToolDefinition(name="lookup")]), timeout=5)
+    assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    [client] = await collector.spans(f"chat {MODEL}")
+    assert attributes_of(client.attributes)["gen_ai.response.finish_reasons"] == ["tool_calls"]
+
+
 async def test_a_backend_failure_mid_stream_sets_error_type(stub, collector, fake_ollama):
     fake_ollama.enqueue(Script(tokens=TOKENS, error_after=2))
     with pytest.raises(grpc.aio.AioRpcError) as failure:
