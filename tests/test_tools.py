@@ -364,3 +364,15 @@ async def test_an_undeclared_call_fails_before_any_piece_of_it_is_sent(openai: F
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "".join(r.text for r in replies) == "Sure."
     assert not any(r.tool_call_deltas for r in replies)
+
+
+async def test_an_upstream_id_too_long_to_send_back_is_replaced(openai: FakeOpenAI) -> None:
+    openai.enqueue(OpenAIScript(tokens=[], tool_calls=[{**OSLO, "id": "x" * 65}]))
+    async with openai_gateway(openai) as running, client_stub(running.address) as stub:
+        reply = await stub.Generate(generate())
+        [call] = reply.tool_calls
+        assert call.id.startswith("call_") and len(call.id) <= 64
+        # The round trip takes it back.
+        chat = [*ASK, pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id=call.id, content="ok")]
+        await stub.Generate(generate(messages=chat))

@@ -33,6 +33,8 @@ from agentloop.schema_limits import first_error, load_json
 
 #: Tool calls one answer may carry (as many as a request may declare tools).
 MAX_CALLS = 64
+#: The longest tool-call id a tool turn may send back (rpc.requests checks it there).
+MAX_CALL_ID_CHARS = 64
 #: The call's keys in the JSON object an engine without a tool format writes.
 TOOL_KEY, ARGUMENTS_KEY = "tool", "arguments"
 #: The text before a call's arguments, as the grammar lets the model write it.

@@ -70,6 +70,7 @@ from agentloop.errors import (
     UpstreamProtocolError,
 )
 from agentloop.tool_calls import (
+    MAX_CALL_ID_CHARS,
     MAX_CALLS,
     arguments_text,
     call_names,
@@ -436,7 +437,7 @@ def _tool_calls(raw: object, made: int, request: GenerationRequest) -> tuple[Too
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise UpstreamProtocolError("the backend sent malformed tool calls")
         call_id = item.get("id")
-        if not isinstance(call_id, str) or not call_id or len(call_id) > 64:
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_CALL_ID_CHARS:
             call_id = new_call_id()
         calls.append(ToolCall(call_id, function["name"],
                               arguments_text(function.get("arguments", {}))))

@@ -90,6 +90,7 @@ from agentloop.errors import (
 )
 from agentloop.schema_limits import load_json
 from agentloop.tool_calls import (
+    MAX_CALL_ID_CHARS,
     MAX_CALLS,
     check_calls,
     new_call_id,
@@ -731,8 +732,11 @@ class _EndReport:
             if not all(isinstance(part, str) for part in (call_id, name, arguments)):
                 raise UpstreamProtocolError("the upstream sent malformed tool calls")
             known = self.calls.get(index)
-            if known is None:  # a call's first piece: its id (made up where none came)
-                known = self.calls[index] = [call_id or new_call_id(), "", ""]
+            if known is None:  # a call's first piece: its id (made up where none came, or
+                # one too long for a tool turn to send back)
+                if not 0 < len(call_id) <= MAX_CALL_ID_CHARS:
+                    call_id = new_call_id()
+                known = self.calls[index] = [call_id, "", ""]
                 call_id = known[0]
             else:
                 call_id = ""  # an id or a name said once counts

@@ -38,7 +38,7 @@ from agentloop.schema_limits import (
 from agentloop.services.generation import resolve_options
 from agentloop.services.tools import ANY_OBJECT, TOOL_NAME
 from agentloop.tenants import resolved_tenant
-from agentloop.tool_calls import calls_schema
+from agentloop.tool_calls import MAX_CALL_ID_CHARS, calls_schema
 from agentloop.v1 import agentloop_pb2 as pb
 
 MAX_STOP_SEQUENCES = 16
@@ -70,7 +70,7 @@ MAX_TOOLS = 64
 #: The schemas of all of a request's tools together: they become one grammar.
 MAX_TOOLS_SCHEMA_BYTES = 2 * MAX_SCHEMA_BYTES
 #: Longest tool-call id kept (OpenAI's are about 30 characters).
-MAX_TOOL_CALL_ID_CHARS = 64
+MAX_TOOL_CALL_ID_CHARS = MAX_CALL_ID_CHARS
 #: Tool calls one assistant turn may carry.
 MAX_TOOL_CALLS_PER_TURN = 64
 
