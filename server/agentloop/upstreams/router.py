@@ -33,6 +33,7 @@ from agentloop.domain import (
     BackendHealth,
     EmbeddingRequest,
     EmbeddingResult,
+    GenerationEnd,
     GenerationRequest,
     ModelInfo,
     StreamItem,
@@ -393,9 +394,10 @@ class Router:
         try:
             tried: list[Endpoint] = []  # a call counts once towards each one's breaker
             attempt = 0
+            prefix = pool.prefix_of(work, upstream_request)
             while True:
                 try:
-                    endpoint = pool.take(work, request.context.session, tried)
+                    endpoint = pool.take(work, request.context.session, tried, prefix)
                 except BackendUnavailable as exc:
                     raise _move_on(exc, more) from None
                 if self._engine is None:
@@ -410,6 +412,8 @@ class Router:
                         async for item in items:
                             if not isinstance(item, str):  # the call's end: it succeeded
                                 endpoint.breaker.record_success()
+                                if isinstance(item, GenerationEnd):
+                                    pool.learn(endpoint, prefix, item)
                                 item = self._served(pool, request, item)
                             delivered = True
                             yield item
