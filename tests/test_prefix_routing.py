@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from test_upstreams import pooled_gateway
 
@@ -130,6 +131,26 @@ async def test_the_load_bound_wins_over_the_cache(tmp_path):
             assert picks.for_load >= 1
             # Within the bound the cache held: the home took one more before the load won.
             assert served.count(home) >= 3
+
+
+async def test_the_cached_share_and_the_picks_are_on_the_metrics(tmp_path):
+    async with caching_fakes(2) as fakes:
+        async with pooled_gateway(tmp_path, pool_document(fakes), model=DEFAULT_MODEL,
+                                  metrics_listen="127.0.0.1:0") as (running, stub):
+            system = system_prompt("seen")
+            for _ in range(3):
+                await stub.Generate(ask(system), timeout=10)
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{running.metrics_port}/metrics") as response:
+                text = await response.text()
+    series = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("agentloop_upstream_") and 'agentloop_upstream="vllm"' in line}
+    prompt = series["agentloop_upstream_prompt_tokens_total"]
+    cached = series["agentloop_upstream_prompt_tokens_cached_total"]
+    assert prompt == sum(f.kv_cache.prompt_tokens for f in fakes if f.kv_cache)
+    assert 0 < cached == sum(f.kv_cache.cached_tokens for f in fakes if f.kv_cache)
+    assert series["agentloop_upstream_picks_cache_total"] == 2
+    assert series["agentloop_upstream_picks_load_total"] == 0
 
 
 async def test_an_engine_that_lost_its_cache_corrects_the_index(tmp_path):

@@ -307,8 +307,9 @@ def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
 
 def observe_upstreams(meter: Meter, backend: object) -> None:
     """Per upstream pool (the router's `pools`, when there is a pools file): calls in flight
-    and queued, endpoints available, and calls that spilled to the next pool. Labels are
-    the operator's upstream names."""
+    and queued, endpoints available, calls that spilled to the next pool, prompt tokens and
+    those served from the engines' caches, and the cache-aware picks (upstreams/
+    prefix_index.py). Labels are the operator's upstream names."""
     pools: Any = getattr(backend, "pools", None)
     if not isinstance(pools, dict):
         return
@@ -333,6 +334,23 @@ def observe_upstreams(meter: Meter, backend: object) -> None:
         "agentloop.upstream.overflows", [reader(lambda p: p.overflowed)], unit="{request}",
         description="Calls that spilled from an upstream pool to the next pool of their route "
                     "(its queue past the overflow limits).")
+    meter.create_observable_counter(
+        "agentloop.upstream.prompt_tokens", [reader(lambda p: p.prefixes.prompt_tokens)],
+        unit="{token}", description="Prompt tokens of the generations an upstream pool's "
+                                    "endpoints served.")
+    meter.create_observable_counter(
+        "agentloop.upstream.prompt_tokens.cached",
+        [reader(lambda p: p.prefixes.cached_tokens)], unit="{token}",
+        description="Of those, the tokens the engines said they served from their prefix "
+                    "caches (engines that say: vLLM, SGLang, llama.cpp's servers).")
+    meter.create_observable_counter(
+        "agentloop.upstream.picks.cache", [reader(lambda p: p.prefixes.for_cache)],
+        unit="{request}", description="Picks that sent a call to the endpoint expected to "
+                                      "hold the longest prefix of its prompt.")
+    meter.create_observable_counter(
+        "agentloop.upstream.picks.load", [reader(lambda p: p.prefixes.for_load)],
+        unit="{request}", description="Picks where the load bound overrode an endpoint "
+                                      "holding more of the prompt's prefix.")
 
 
 class PrometheusEndpoint:
