@@ -57,7 +57,9 @@ class PrefixRouting:
     enabled: bool = True
     #: How much busier (calls in flight over its slots) the endpoint holding the prefix may
     #: be than the least-loaded one and still be picked for it: past it, the load wins.
-    load_bound: float = 0.25
+    #: Half its slots: a tighter bound copies hot prefixes to more engines, and the copies
+    #: evict other prefixes (bench/fleet_sizing.py --cache shows the trade).
+    load_bound: float = 0.5
     #: Prefix blocks (256 bytes of prompt each) remembered per endpoint, least recently
     #: used forgotten first: 16,384 is about 4 MB of prompt text, about a million tokens.
     index_blocks: int = 16384
