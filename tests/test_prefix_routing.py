@@ -22,7 +22,13 @@ from agentloop.config import SettingsError
 from agentloop.domain import CallContext, ChatMessage, GenerationRequest, Role, SamplingOptions
 from agentloop.rpc.requests import cache_scope
 from agentloop.upstreams.config import PrefixRouting, parse_pools
-from agentloop.upstreams.prefix_index import BLOCK_BYTES, PrefixIndex, PrefixPicks, prefix_of
+from agentloop.upstreams.prefix_index import (
+    BLOCK_BYTES,
+    MAX_BLOCKS,
+    PrefixIndex,
+    PrefixPicks,
+    prefix_of,
+)
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import wait_until
 from fake_openai import DEFAULT_MODEL, FakeOpenAI, KVCache, Script
@@ -258,3 +264,11 @@ def test_prefix_routing_defaults():
     document = {"upstreams": {"u": {"kind": "ollama", "endpoints": ["http://a:1"]}},
                 "routes": [{"models": ["m"], "pools": ["u"]}]}
     assert parse_pools(document, "t").upstreams["u"].prefix_routing == PrefixRouting()
+
+
+def test_a_huge_prompt_is_hashed_only_as_far_as_the_bound():
+    small = prefix_of(generation(system_prompt("big", 20_000)))
+    huge = prefix_of(generation(system_prompt("big", 2_000_000)))
+    assert small is not None and huge is not None
+    assert len(huge.hashes) == MAX_BLOCKS and huge.hashes == small.hashes[:MAX_BLOCKS]
+    assert huge.size > 100 * small.size

@@ -69,7 +69,7 @@ class Prefix:
 
 def prefix_of(request: GenerationRequest) -> Prefix | None:
     """The prompt's blocks, None when it has no whole block (nothing worth placing)."""
-    text = render(request)
+    text, size = render(request, MAX_BLOCKS * BLOCK_BYTES)
     if len(text) < BLOCK_BYTES:
         return None
     head = hashlib.blake2b(f"{request.context.cache_scope}\0{request.model}".encode(),
@@ -82,19 +82,30 @@ def prefix_of(request: GenerationRequest) -> Prefix | None:
         digest = hashlib.blake2b(text[start:start + BLOCK_BYTES], digest_size=8,
                                  key=digest).digest()
         hashes.append(int.from_bytes(digest, "big"))
-    return Prefix(tuple(hashes), len(text))
+    return Prefix(tuple(hashes), size)
 
 
-def render(request: GenerationRequest) -> bytes:
+def render(request: GenerationRequest, most: int) -> tuple[bytes, int]:
     """The prompt as the engine reads it, near enough: the system text, then each turn's
-    role and content (images by their count: their bytes are not worth hashing here)."""
-    parts = [b"system\x1f", request.system.encode(), b"\x1e"] if request.system else []
+    role and content (images by their count: their bytes are not worth hashing here). Its
+    first `most` bytes only are encoded (a caller's prompt may be megabytes), and the
+    whole one's size (the rest counted in characters)."""
+    texts = [("system", request.system, 0)] if request.system else []
     if request.prompt is not None:
-        parts += [b"prompt\x1f", request.prompt.encode()]
-    for message in request.messages:
-        parts += [message.role.value.encode(), b"\x1f", message.content.encode(),
-                  b"\x1d" * len(message.images), b"\x1e"]
-    return b"".join(parts)
+        texts.append(("prompt", request.prompt, 0))
+    texts += [(m.role.value, m.content, len(m.images)) for m in request.messages]
+    parts: list[bytes] = []
+    encoded = size = 0
+    for role, content, images in texts:
+        if encoded >= most:
+            size += len(role) + len(content) + images + 2
+            continue
+        head = content[:most - encoded]  # characters: at least as many bytes
+        part = b"".join((role.encode(), b"\x1f", head.encode(), b"\x1d" * images, b"\x1e"))
+        parts.append(part)
+        encoded += len(part)
+        size += len(part) + len(content) - len(head)
+    return b"".join(parts)[:most], size
 
 
 class PrefixIndex:
