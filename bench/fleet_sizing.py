@@ -143,6 +143,8 @@ class CacheOutcome:
     ttft_p50: float
     ttft_p95: float
     cached_share: float
+    #: The busiest endpoint's calls over the mean.
+    busiest: float = 1.0
 
 
 class _Engine:
@@ -151,11 +153,13 @@ class _Engine:
     def __init__(self, key: str, capacity: int) -> None:
         self.key = key
         self.in_flight = 0
+        self.served = 0
         self.capacity = capacity
         self.blocks: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     def serve(self, prompt: int, blocks: int) -> int:
         """Blocks of the prompt it held; it holds them all from now on."""
+        self.served += 1
         held = 0
         while held < blocks and (prompt, held) in self.blocks:
             held += 1
@@ -180,15 +184,15 @@ def _prefixes(workload: Workload) -> list[Prefix | None]:
 
 def simulate_cache(load: Load, workload: Workload, endpoints: int, cache_aware: bool,
                    prefill_rate: float, cache_share: float, answers: int = 3000,
-                   seed: int = 7, prefixes: list[Prefix | None] | None = None
-                   ) -> CacheOutcome:
+                   seed: int = 7, prefixes: list[Prefix | None] | None = None,
+                   load_bound: float = PrefixRouting().load_bound) -> CacheOutcome:
     """`load.users` closed-loop callers on `endpoints` engines with prefix caches; the
     first tenth of the answers is warm-up and not counted."""
     rng = random.Random(seed)
     capacity = max(1, int(workload.working_set_tokens / BLOCK_TOKENS * cache_share))
     engines = [_Engine(f"e{n}", capacity) for n in range(endpoints)]
     now = 0.0
-    picks = PrefixPicks(PrefixRouting(), clock=lambda: now)
+    picks = PrefixPicks(PrefixRouting(load_bound=load_bound), clock=lambda: now)
     prefixes = prefixes if prefixes is not None else _prefixes(workload)
     weights = workload.weights()
     blocks = workload.prompt_tokens // BLOCK_TOKENS
@@ -243,20 +247,22 @@ def simulate_cache(load: Load, workload: Workload, endpoints: int, cache_aware: 
         if queue:
             queued_at, waiting = queue.pop(0)
             start(waiting, queued_at)
+    served = [e.served for e in engines]
     return CacheOutcome(endpoints, percentile(ttfts, 0.5), percentile(ttfts, 0.95),
-                        cached_tokens / prompt_tokens if prompt_tokens else 0.0)
+                        cached_tokens / prompt_tokens if prompt_tokens else 0.0,
+                        max(served) * len(served) / max(1, sum(served)))
 
 
 def smallest_cached_fleet(load: Load, workload: Workload, cache_aware: bool,
-                          prefill_rate: float, cache_share: float,
-                          target: float) -> CacheOutcome | None:
+                          prefill_rate: float, cache_share: float, target: float,
+                          load_bound: float) -> CacheOutcome | None:
     """The fewest endpoints whose P95 time to first token is within `target`; None when
     even one endpoint per user misses it (every cache too small for the misses' share)."""
     prefixes = _prefixes(workload)
 
     def run(endpoints: int) -> CacheOutcome:
         return simulate_cache(load, workload, endpoints, cache_aware, prefill_rate,
-                              cache_share, prefixes=prefixes)
+                              cache_share, prefixes=prefixes, load_bound=load_bound)
 
     low, high = 1, max(1, -(-load.users // load.slots))
     while run(high).ttft_p95 > target:
@@ -278,6 +284,9 @@ def cache_main(args: argparse.Namespace
                ) -> list[tuple[int, CacheOutcome | None, CacheOutcome | None]]:
     workload = Workload(prompts=args.prompts, prompt_tokens=args.prompt_tokens,
                         tenants=args.tenants)
+    if args.endpoints:
+        fixed_fleet(args, workload)
+        return []
     rows = []
     # Default goal: half a miss's time to first token, so that the 95th percentile call
     # must find its prefix cached.
@@ -292,12 +301,27 @@ def cache_main(args: argparse.Namespace
         load = Load(args.users * scale, args.tokens, args.think, args.slots, args.rate,
                     args.first_token)
         fewest = smallest_cached_fleet(load, workload, False, args.prefill_rate,
-                                       args.cache_share, target)
+                                       args.cache_share, target, args.load_bound)
         aware = smallest_cached_fleet(load, workload, True, args.prefill_rate,
-                                      args.cache_share, target)
+                                      args.cache_share, target, args.load_bound)
         rows.append((scale, fewest, aware))
         print(f"| {scale}x | {load.users} | {_fleet(fewest)} | {_fleet(aware)} |")
     return rows
+
+
+def fixed_fleet(args: argparse.Namespace, workload: Workload) -> None:
+    """`--endpoints N`: that fleet under each pick (and each `--load-bound` given)."""
+    load = Load(args.users, args.tokens, args.think, args.slots, args.rate, args.first_token)
+    prefixes = _prefixes(workload)
+    print("| pick | cached share | TTFT P50 / P95 | busiest / mean calls |")
+    print("| --- | ---: | --- | ---: |")
+    for cache_aware, bound in [(False, 0.0)] + [(True, b) for b in args.bounds]:
+        outcome = simulate_cache(load, workload, args.endpoints, cache_aware,
+                                 args.prefill_rate, args.cache_share, prefixes=prefixes,
+                                 load_bound=bound)
+        name = f"cache-aware, load_bound {bound:g}" if cache_aware else "fewest in flight"
+        print(f"| {name} | {outcome.cached_share:.1%} | {outcome.ttft_p50:.2f} / "
+              f"{outcome.ttft_p95:.2f} s | {outcome.busiest:.2f}x |")
 
 
 def _fleet(outcome: CacheOutcome | None) -> str:
@@ -332,6 +356,12 @@ def main(argv: list[str] | None = None) -> list[tuple[int, Outcome]]:
                              "miss's: first token plus the whole prompt's prefill)")
     parser.add_argument("--scales", type=lambda text: [int(x) for x in text.split(",")],
                         default=[1, 10, 100], help="loads to size for, as multiples")
+    parser.add_argument("--load-bound", type=float, default=PrefixRouting().load_bound)
+    parser.add_argument("--endpoints", type=int, default=0,
+                        help="simulate this many endpoints instead of sizing a fleet")
+    parser.add_argument("--bounds", type=lambda text: [float(x) for x in text.split(",")],
+                        default=[PrefixRouting().load_bound],
+                        help="with --endpoints: the load bounds to compare")
     args = parser.parse_args(argv)
     if args.cache:
         cache_main(args)
