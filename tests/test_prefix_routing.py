@@ -19,7 +19,17 @@ import pytest
 from test_upstreams import pooled_gateway
 
 from agentloop.config import SettingsError
-from agentloop.domain import CallContext, ChatMessage, GenerationRequest, Role, SamplingOptions
+from agentloop.domain import (
+    CallContext,
+    ChatMessage,
+    FinishReason,
+    GenerationEnd,
+    GenerationRequest,
+    Role,
+    SamplingOptions,
+    Timings,
+    Usage,
+)
 from agentloop.rpc.requests import cache_scope
 from agentloop.upstreams.config import PrefixRouting, parse_pools
 from agentloop.upstreams.prefix_index import (
@@ -272,3 +282,34 @@ def test_a_huge_prompt_is_hashed_only_as_far_as_the_bound():
     assert small is not None and huge is not None
     assert len(huge.hashes) == MAX_BLOCKS and huge.hashes == small.hashes[:MAX_BLOCKS]
     assert huge.size > 100 * small.size
+
+
+def test_an_engine_that_never_reports_cached_tokens_is_never_corrected():
+    # Ollama says nothing of its cache: its zeros are silence, not misses.
+    endpoints = [_Endpoint("http://a:1"), _Endpoint("http://b:1")]
+    picks = PrefixPicks(PrefixRouting())
+    older = prefix_of(generation(system_prompt("older")))
+    assert older is not None
+    home = picks.choose(endpoints, [0.0, 0.0], older)
+    for name in ("one", "two", "three"):
+        prefix = prefix_of(generation(system_prompt(name)))
+        assert prefix is not None
+        picks.choose([home], [0.0], prefix)
+        picks.learn(home.key, prefix, _end(1000, cached=0))
+    again = prefix_of(generation(system_prompt("three")))
+    assert again is not None
+    picks.choose([home], [0.0], again)
+    picks.learn(home.key, again, _end(1000, cached=0))
+    assert picks.corrected == 0
+    assert picks.index(home.key).match(older.hashes, _now()) == len(older.hashes)
+    # Once it has reported a hit, a zero where a hit was expected is a miss.
+    picks.learn(home.key, again, _end(1000, cached=900))
+    picks.choose([home], [0.0], again)
+    picks.learn(home.key, again, _end(1000, cached=0))
+    assert picks.corrected > 0
+    assert picks.index(home.key).match(older.hashes, _now()) == 0
+
+
+def _end(tokens: int, cached: int) -> GenerationEnd:
+    return GenerationEnd(FinishReason.STOP, Usage(tokens, 1, 0), Timings(), DEFAULT_MODEL,
+                         engine_cached_tokens=cached)

@@ -12,11 +12,11 @@ hashing on its first block among the endpoints within the bound, so replicas tha
 nothing still send one prefix to one endpoint.
 
 A prompt is rendered (the system text, each turn's role and content, or the raw prompt) and
-cut into blocks of `BLOCK_BYTES`; each block's hash is keyed by the one before it, the first
-by the call's cache scope and model, so a hash names a whole prefix and tenants never share
-an entry. Hashes are blake2b: the same on every replica, whatever each one saw. An index is
-a least-recently-used map of block hashes, bounded by `index_blocks` and aging out after
-`max_age` seconds, as the engines' caches age.
+cut into blocks of `BLOCK_BYTES`; each block's hash is that of the whole prompt up to the
+block's end, keyed by the call's cache scope and model, so a hash names a whole prefix and
+tenants never share an entry. Hashes are blake2b: the same on every replica, whatever
+each one saw. An index is a least-recently-used map of block hashes, bounded by
+`index_blocks` and aging out after `max_age` seconds, as the engines' caches age.
 
 What an engine reports beats the guess (`learn`): its `cached_tokens` tell how much of the
 prompt it really had. Where it had less than half of what the index expected, the engine
@@ -72,16 +72,17 @@ def prefix_of(request: GenerationRequest) -> Prefix | None:
     text, size = render(request, MAX_BLOCKS * BLOCK_BYTES)
     if len(text) < BLOCK_BYTES:
         return None
-    head = hashlib.blake2b(f"{request.context.cache_scope}\0{request.model}".encode(),
-                           digest_size=16).digest()
-    blocks = min(len(text) // BLOCK_BYTES, MAX_BLOCKS)
+    scope = hashlib.blake2b(f"{request.context.cache_scope}\0{request.model}".encode(),
+                            digest_size=16).digest()
+    # One running hash keyed by the scope: block i's hash is that of every byte up to its
+    # end, so it names the whole prefix (one update and one copy a block).
+    running = hashlib.blake2b(digest_size=8, key=scope)
+    view = memoryview(text)
     hashes: list[int] = []
-    digest = head
-    for index in range(blocks):
-        start = index * BLOCK_BYTES
-        digest = hashlib.blake2b(text[start:start + BLOCK_BYTES], digest_size=8,
-                                 key=digest).digest()
-        hashes.append(int.from_bytes(digest, "big"))
+    for start in range(0, min(len(text) // BLOCK_BYTES, MAX_BLOCKS) * BLOCK_BYTES,
+                       BLOCK_BYTES):
+        running.update(view[start:start + BLOCK_BYTES])
+        hashes.append(int.from_bytes(running.copy().digest(), "big"))
     return Prefix(tuple(hashes), size)
 
 
