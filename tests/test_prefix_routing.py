@@ -132,7 +132,8 @@ async def test_tenants_scopes_never_share_an_entry(tmp_path):
 
 
 async def test_the_load_bound_wins_over_the_cache(tmp_path):
-    async with caching_fakes(2, token_delay=0.05) as fakes:
+    # Each call holds its endpoint about 1.5 s: the six are all in flight together.
+    async with caching_fakes(2, token_delay=0.5) as fakes:
         document = pool_document(fakes, max_in_flight=4,
                                  prefix_routing={"load_bound": 0.25})
         async with pooled_gateway(tmp_path, document, model=DEFAULT_MODEL) as (running, stub):
