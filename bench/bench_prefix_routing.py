@@ -50,6 +50,7 @@ from agentloop.upstreams.config import PrefixRouting
 from agentloop.upstreams.prefix_index import PrefixPicks, prefix_of
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from bench.fleet_sizing import BLOCK_TOKENS, index_blocks_for
 from bench.prefix_workload import Call, Workload
 from bench.processes import TESTS
 
@@ -57,7 +58,6 @@ sys.path.insert(0, str(TESTS))
 from fake_openai import DEFAULT_MODEL, FakeOpenAI, KVCache, Script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_routing.json"
-BLOCK_TOKENS = 16
 #: The window the share after a restart is read over, and how close it must come back to
 #: the share of the BEFORE calls before the restart.
 WINDOW = 20
@@ -73,8 +73,7 @@ def percentile(values: list[float], q: float) -> float:
 @contextlib.asynccontextmanager
 async def caching_endpoints(args: argparse.Namespace, workload: Workload
                             ) -> AsyncIterator[list[FakeOpenAI]]:
-    # Each cache holds a third of the working set (the system prompts, in blocks).
-    capacity = math.ceil(workload.working_set_tokens / BLOCK_TOKENS / 3)
+    capacity = cache_blocks(workload)
     fakes = []
     try:
         for _ in range(args.endpoints):
@@ -107,12 +106,21 @@ async def gateway(document: dict[str, Any]) -> AsyncIterator[tuple[RunningServer
             await running.shutdown(grace=1.0, drain_delay=0.0)
 
 
-def pool_document(fakes: list[FakeOpenAI], args: argparse.Namespace,
+def cache_blocks(workload: Workload) -> int:
+    """Each fake engine's cache: a third of the working set, in its 16-token blocks."""
+    return math.ceil(workload.working_set_tokens / BLOCK_TOKENS / 3)
+
+
+def pool_document(fakes: list[FakeOpenAI], args: argparse.Namespace, workload: Workload,
                   enabled: bool) -> dict[str, Any]:
+    # The index sized to what an engine's cache holds, as docs/upstreams.md advises.
+    index_blocks = args.index_blocks or index_blocks_for(
+        workload, cache_blocks(workload) * BLOCK_TOKENS)
     return {"upstreams": {"pool": {
         "kind": "openai", "remote": False, "endpoints": [f.url for f in fakes],
         "max_in_flight": args.slots, "dialect": {"cache_salt": True},
-        "prefix_routing": {"enabled": enabled, "load_bound": args.load_bound}}},
+        "prefix_routing": {"enabled": enabled, "load_bound": args.load_bound,
+                           "index_blocks": index_blocks}}},
         "routes": [{"models": [DEFAULT_MODEL], "pools": ["pool"]}]}
 
 
@@ -137,7 +145,7 @@ async def one_call(stub: Any, workload: Workload, call: Call) -> dict[str, Any]:
 async def run_policy(args: argparse.Namespace, workload: Workload, calls: list[Call],
                      enabled: bool, restart_at: int | None) -> dict[str, Any]:
     async with caching_endpoints(args, workload) as fakes, \
-            gateway(pool_document(fakes, args, enabled)) as (running, stub):
+            gateway(pool_document(fakes, args, workload, enabled)) as (running, stub):
         done: list[dict[str, Any]] = []
         pending = iter(range(len(calls)))
         restarted = asyncio.Event()
@@ -284,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prefill-per-token", type=float, default=0.0002,
                         help="seconds per uncached prompt token (2,000 tokens: 0.4 s)")
     parser.add_argument("--load-bound", type=float, default=PrefixRouting().load_bound)
+    parser.add_argument("--index-blocks", type=int, default=0,
+                        help="prefix_routing.index_blocks (0: sized to a fake's cache)")
     parser.add_argument("--warmup", type=int, default=100,
                         help="first calls not counted in the share and the latencies")
     parser.add_argument("--pick-iterations", type=int, default=2000)

@@ -16,8 +16,9 @@ bench/prefix_workload.py (K long system prompts, Zipf popularity, tenants): each
 LRU of 16-token blocks holding `--cache-share` of the working set, the prompt's uncached
 part prefilled at `--prefill-rate` tokens/s before the first token, and the pick either
 fewest-in-flight or the gateway's own cache-aware pick (upstreams/prefix_index.py, the same
-code). It prints, at 1x, 10x and 100x the load, the endpoints each pick needs for a P95
-time to first token within `--ttft-target`:
+code, its `index_blocks` sized to the engine's cache). It prints, at 1x, 10x and 100x the
+load, the endpoints each pick needs for a P95 time to first token within `--ttft-target`
+(or with `--endpoints N`, that fleet under each pick and each of `--bounds`):
 
     .venv/bin/python -m bench.fleet_sizing --cache --users 16 --tokens 20 --slots 8 \
         --rate 12.5 --first-token 0.05 --prefill-rate 1000
@@ -43,7 +44,7 @@ from agentloop.domain import (
     Usage,
 )
 from agentloop.upstreams.config import PrefixRouting
-from agentloop.upstreams.prefix_index import Prefix, PrefixPicks, prefix_of
+from agentloop.upstreams.prefix_index import BLOCK_BYTES, Prefix, PrefixPicks, prefix_of
 from bench.prefix_workload import Workload
 
 BLOCK_TOKENS = 16
@@ -171,6 +172,12 @@ class _Engine:
         return held
 
 
+def index_blocks_for(workload: Workload, cache_tokens: int) -> int:
+    """The `index_blocks` that cover an engine cache of `cache_tokens` on this workload."""
+    bytes_per_token = len(workload.system(0).encode()) / workload.prompt_tokens
+    return max(1, round(cache_tokens * bytes_per_token / BLOCK_BYTES))
+
+
 def _prefixes(workload: Workload) -> list[Prefix | None]:
     """Each system prompt's blocks as the gateway's pick hashes them (the tenant's scope)."""
     options = SamplingOptions(temperature=0.8, top_p=0.95, top_k=40, max_tokens=16,
@@ -192,7 +199,9 @@ def simulate_cache(load: Load, workload: Workload, endpoints: int, cache_aware: 
     capacity = max(1, int(workload.working_set_tokens / BLOCK_TOKENS * cache_share))
     engines = [_Engine(f"e{n}", capacity) for n in range(endpoints)]
     now = 0.0
-    picks = PrefixPicks(PrefixRouting(load_bound=load_bound), clock=lambda: now)
+    # The index sized to what an engine's cache holds, as docs/upstreams.md advises.
+    picks = PrefixPicks(PrefixRouting(load_bound=load_bound, index_blocks=index_blocks_for(
+        workload, capacity * BLOCK_TOKENS)), clock=lambda: now)
     prefixes = prefixes if prefixes is not None else _prefixes(workload)
     weights = workload.weights()
     blocks = workload.prompt_tokens // BLOCK_TOKENS
