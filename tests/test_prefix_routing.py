@@ -170,12 +170,40 @@ async def test_the_cached_share_and_the_picks_are_on_the_metrics(tmp_path):
     assert series["agentloop_upstream_picks_load_total"] == 0
 
 
+async def test_an_endpoint_that_leaves_and_comes_back_is_not_expected_to_hold_anything(
+        tmp_path):
+    # Before: back after a restart, the endpoint was still the prefix's first choice (its
+    # index said so, and it is the prefix's home): a miss on an empty cache while the
+    # endpoint that served the prefix meanwhile held it.
+    async with caching_fakes(2) as fakes:
+        async with pooled_gateway(tmp_path, pool_document(fakes), model=DEFAULT_MODEL,
+                                  retry_attempts=2) as (running, stub):
+            pool = running.backend.pools["vllm"]
+            system = system_prompt("away")
+            await stub.Generate(ask(system), timeout=10)
+            [home] = holder(fakes, system)
+            other = 1 - home
+            gone = fakes[home]
+            endpoint = next(e for e in pool.endpoints if e.key == gone.url)
+            await gone.stop()
+            await wait_until(lambda: not endpoint.available, timeout=5)
+            await stub.Generate(ask(system, "meanwhile"), timeout=10)
+            assert holder(fakes, system).count(other) == 1
+            gone.kv_cache.clear()  # it restarted
+            await gone.start(port=int(gone.url.rsplit(":", 1)[1].split("/")[0]))
+            await wait_until(lambda: endpoint.available, timeout=5)
+            reply = await stub.Generate(ask(system, "back"), timeout=10)
+            assert holder(fakes, system).count(other) == 2, "it went back to an empty cache"
+            assert reply.usage.input_tokens > 0
+
+
 async def test_an_engine_that_lost_its_cache_corrects_the_index(tmp_path):
     # Before: the index kept claiming the restarted engine held every prefix it had served,
     # whatever the engine reported.
     async with caching_fakes(2) as fakes:
+        # No health check sees the restart: only the engine's report tells.
         async with pooled_gateway(tmp_path, pool_document(fakes), model=DEFAULT_MODEL,
-                                  retry_attempts=2) as (running, stub):
+                                  retry_attempts=2, health_interval=3600) as (running, stub):
             pool = running.backend.pools["vllm"]
             systems = [system_prompt(f"doc{n}") for n in range(3)]
             for system in systems:

@@ -124,10 +124,16 @@ class Pool:
         return any(e.available for e in self.endpoints)
 
     def refresh(self) -> None:
-        """Capacity follows the endpoints: resize every queue; with none available, every
-        waiter hears it now (and moves on to the next pool or fails)."""
+        """Capacity follows the endpoints: resize every queue; an endpoint out of the pick
+        forgets where prefixes are cached; with none available, every waiter hears it now
+        (and moves on to the next pool or fails)."""
         for work, queue in self.queues.items():
             queue.resize(self.capacity(work))
+        for endpoint in self.endpoints:
+            # Out of the pick (down, circuit open): when it comes back its engine has most
+            # likely restarted, its cache empty, and its prefixes went elsewhere meanwhile.
+            if not endpoint.available:
+                self.prefixes.forget(endpoint.key)
         if not self.any_available():
             for queue in self.queues.values():
                 queue.fail_waiters(self.unavailable)
@@ -215,7 +221,7 @@ class Pool:
                        key=lambda e: _rendezvous(session, e.key))
             if home in fresh:
                 return home
-        if prefix is not None and len(fresh) > 1:
+        if prefix is not None:  # even with one left: the index learns where it went
             loads = [e.busy[work] / max(1, e.caps[work]) for e in fresh]
             return self.prefixes.choose(fresh, loads, prefix)
         fewest = min(e.busy[work] for e in fresh)

@@ -190,6 +190,12 @@ class PrefixPicks:
                                                      self.settings.max_age)
         return index
 
+    def forget(self, key: str) -> None:
+        """An endpoint's engine holds nothing we know of (it went away)."""
+        index = self._indexes.get(key)
+        if index is not None:
+            index.clear()
+
     def drop(self, keys: set[str]) -> None:
         """Endpoints that left the pool: their indexes go with them."""
         for key in set(self._indexes) - keys:
