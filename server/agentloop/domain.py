@@ -270,10 +270,6 @@ class EmbeddingResult:
     input_tokens: int = 0
     #: The operator's name of the upstream that served the call ("" for a single engine).
     upstream: str = ""
-    #: Prompt tokens the engine said it served from its cache where the caller is not told
-    #: (`usage.cached_input_tokens` is 0 then): the pool's prefix index learns from it;
-    #: nothing shows it to a caller.
-    engine_cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
