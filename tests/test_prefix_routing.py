@@ -342,3 +342,20 @@ def test_an_engine_that_never_reports_cached_tokens_is_never_corrected():
 def _end(tokens: int, cached: int) -> GenerationEnd:
     return GenerationEnd(FinishReason.STOP, Usage(tokens, 1, 0), Timings(), DEFAULT_MODEL,
                          engine_cached_tokens=cached)
+
+
+async def test_a_sessions_prompt_draws_calls_without_one_to_its_endpoint(tmp_path):
+    # Before: a session's calls were placed by the session alone and the index never
+    # heard of them: the same system prompt without a session went to its own home.
+    async with caching_fakes(3) as fakes:
+        async with pooled_gateway(tmp_path, pool_document(fakes), model=DEFAULT_MODEL) \
+                as (running, stub):
+            picks = running.backend.pools["vllm"].prefixes
+            system = system_prompt("agent")
+            for n in range(3):  # sessions land on different endpoints
+                await stub.Generate(ask(system, f"turn {n}"), timeout=10,
+                                    metadata=(("x-agentloop-session", f"s{n}"),))
+            session_homes = set(holder(fakes, system))
+            await stub.Generate(ask(system, "no session"), timeout=10)
+            assert picks.for_cache == 1
+            assert set(holder(fakes, system)) == session_homes

@@ -192,9 +192,9 @@ class Pool:
 
     def prefix_of(self, work: Work, request: GenerationRequest) -> Prefix | None:
         """A generation's prompt blocks where the pick weighs them (several endpoints,
-        `prefix_routing` on, no session: a session has its own endpoint), else None."""
+        `prefix_routing` on), else None."""
         if work is not Work.GENERATE or len(self.endpoints) < 2 \
-                or not self.config.prefix_routing.enabled or request.context.session:
+                or not self.config.prefix_routing.enabled:
             return None
         return prefix_of(request)
 
@@ -220,6 +220,8 @@ class Pool:
             home = max((e for e in self.endpoints if e.available),
                        key=lambda e: _rendezvous(session, e.key))
             if home in fresh:
+                if prefix is not None:  # its engine holds the prompt too
+                    self.prefixes.placed(home.key, prefix)
                 return home
         if prefix is not None:  # even with one left: the index learns where it went
             loads = [e.busy[work] / max(1, e.caps[work]) for e in fresh]

@@ -227,11 +227,21 @@ class PrefixPicks:
         if max(matched) > best:
             self.for_load += 1
         endpoint = candidates[chosen]
-        index = self.index(endpoint.key)
-        prefix.expected = matched[chosen]
-        prefix.stamps = index.stamps(prefix.hashes[:prefix.expected])
-        index.insert(prefix.hashes, now)
+        self._place(endpoint.key, prefix, matched[chosen], now)
         return endpoint
+
+    def placed(self, key: str, prefix: Prefix) -> None:
+        """A call went to that endpoint for another reason (its session's): the engine
+        holds its prompt from now on all the same."""
+        now = self._clock()
+        self._place(key, prefix, self.index(key).match(prefix.hashes, now), now)
+
+    def _place(self, key: str, prefix: Prefix, matched: int, now: float) -> None:
+        """The prompt goes to that endpoint, which was expected to hold `matched` blocks."""
+        index = self.index(key)
+        prefix.expected = matched
+        prefix.stamps = index.stamps(prefix.hashes[:matched])
+        index.insert(prefix.hashes, now)
 
     def learn(self, key: str, prefix: Prefix | None, end: GenerationEnd) -> None:
         """An engine's report of a call it served: the pool's counts, and the index
