@@ -301,19 +301,21 @@ class Settings:
     # --- admission control ---
     max_in_flight: int = _setting(
         0,
-        "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
-        "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
+        "generations the single engine runs at once (0 = its parallelism: 4 for Ollama, "
+        "--embedded-slots for embedded; match OLLAMA_NUM_PARALLEL); with --upstreams each "
+        "upstream's max_in_flight says it per endpoint",
         group="admission", minimum=0,
     )
     max_embed_in_flight: int = _setting(
         0,
-        "Embed batches run at once per replica, in slots of their own so that embeddings "
-        "and generations never wait for each other (0 = the backend's parallelism); they "
-        "queue under --max-queue and --queue-timeout like generations",
+        "Embed batches run at once per engine endpoint, in slots of their own so that "
+        "embeddings and generations never wait for each other (0 = the backend's "
+        "parallelism); they queue under --max-queue and --queue-timeout like generations",
         group="admission", minimum=0,
     )
     max_queue: int = _setting(
-        64, "generations that may wait for a slot; beyond it RESOURCE_EXHAUSTED", group="admission",
+        64, "calls that may wait for a slot, in all the replica's queues together; beyond it "
+        "RESOURCE_EXHAUSTED", group="admission",
         minimum=0,
     )
     queue_timeout: float = _setting(
@@ -322,8 +324,8 @@ class Settings:
     )
     critical_reserve: int = _setting(
         0,
-        "admission slots only critical calls may take (kept free under a flood of other "
-        "calls, so a critical call starts at once); at most max_in_flight - 1",
+        "slots of each pool only critical calls may take (kept free under a flood of other "
+        "calls, so a critical call starts at once); at most the pool's slots - 1",
         group="admission", minimum=0,
     )
     fair_queuing: bool = _setting(

@@ -205,19 +205,20 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
                     "generation in flight).")
     meter.create_observable_gauge(
         "agentloop.requests.in_flight", [in_flight], unit="{request}",
-        description="Generations holding an admission slot.")
+        description="Generations holding a slot of their pool (every pool's together).")
     meter.create_observable_gauge(
         "agentloop.requests.queued", [queued], unit="{request}",
-        description="Generations waiting for an admission slot.")
+        description="Generations waiting for a slot, in every pool's queue.")
     # The limits beside the gauges, so a rule or a panel reads "near the cap" without
     # knowing this replica's settings.
     meter.create_observable_gauge(
         "agentloop.requests.in_flight.limit", [in_flight_limit], unit="{request}",
-        description="Generations that may hold an admission slot at once (max_in_flight).")
+        description="Generations that may hold a slot at once: the available endpoints' "
+                    "slots of every pool.")
     meter.create_observable_gauge(
         "agentloop.requests.queued.limit", [queue_limit], unit="{request}",
-        description="Generations that may wait for a slot (max_queue); beyond it "
-                    "RESOURCE_EXHAUSTED.")
+        description="Calls that may wait in all the replica's queues together (max_queue); "
+                    "beyond it RESOURCE_EXHAUSTED.")
     meter.create_observable_gauge(
         "agentloop.backend.circuit.open", [circuit_open],
         description="1 while the circuit breaker fails calls fast (open or half-open), "
