@@ -245,13 +245,31 @@ async def test_a_port_in_use_is_one_line_before_loading_anything(tmp_path: Path)
 async def test_version_and_suggestions_for_typos():
     version = await _agentloop("--version")
     assert version.returncode == 0 and version.stdout.startswith("agentloop 0."), version
+    # The suggestion first, then one short usage line (the whole usage is --help's).
     flag = await _agentloop("generate", "hi", "--temprature", "0")
     assert flag.returncode == 2
-    assert "unrecognized arguments: --temprature 0 (did you mean: --temprature -> " \
-           "--temperature?)" in flag.stderr
-    assert flag.stderr.startswith("usage: agentloop generate"), flag.stderr
+    assert flag.stderr.splitlines() == [
+        "agentloop generate: error: unrecognized arguments: --temprature 0 (did you mean "
+        "--temperature?)",
+        "usage: agentloop generate [options] prompt (agentloop generate --help lists them)"]
+    flags = await _agentloop("serve", "--listn", "x", "--reflecton", "true")
+    assert flags.returncode == 2 and len(flags.stderr.splitlines()) == 2, flags.stderr
+    assert flags.stderr.startswith(
+        "agentloop serve: error: unrecognized arguments: --listn x --reflecton true (did you "
+        "mean --listen for --listn, --reflection for --reflecton?)\n"), flags.stderr
     command = await _agentloop("generat", "hi")
     assert command.returncode == 2 and "did you mean 'generate'?" in command.stderr
+    assert len(command.stderr.splitlines()) == 2, command.stderr
+
+
+async def test_a_bad_value_names_the_flag_and_the_variable():
+    for args, env in ((["--reflection", "maybe"], {}), ([], {"AGENTLOOP_REFLECTION": "maybe"})):
+        result = await asyncio.to_thread(
+            subprocess.run, [AGENTLOOP, "serve", *args], capture_output=True, text=True,
+            timeout=60, env={**os.environ, **env})
+        assert result.returncode == 2
+        assert result.stderr == ("agentloop: invalid setting: --reflection / "
+                                 "AGENTLOOP_REFLECTION: expected true or false, got 'maybe'\n")
 
 
 def test_make_run_shows_the_first_build(tmp_path: Path):
