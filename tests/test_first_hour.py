@@ -198,11 +198,16 @@ async def _agentloop(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_banner_waits_for_readiness_and_the_log_stays_quiet(fake_ollama: FakeOllama):
     fake_ollama.models = ["other:1b"]  # the default model is missing: NOT_SERVING
+    fake_ollama.default_script = Script(tokens=TOKENS)
     address = f"127.0.0.1:{_free_port()}"
+    # As `make run` serves: from a venv that is not on PATH.
+    env = {**os.environ, "PATH": os.pathsep.join(
+        entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+        if entry and Path(entry).resolve() != Path(AGENTLOOP).parent.resolve())}
     proc = await asyncio.create_subprocess_exec(
         AGENTLOOP, "serve", "--listen", address, "--ollama-url", fake_ollama.url,
         "--model", "absent:1b", "--health-interval", "0.05", "--drain-delay", "0",
-        "--metrics-listen", "", "--warm-up", "false",
+        "--metrics-listen", "", "--warm-up", "false", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -217,6 +222,14 @@ async def test_banner_waits_for_readiness_and_the_log_stays_quiet(fake_ollama: F
         fake_ollama.models.append("absent:1b")
         line = (await asyncio.wait_for(banner, 30)).decode()
         assert line.startswith(f"agentloop serving on {address} "), line
+        # The banner's command runs as printed in a shell like the server's.
+        command = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        assert command.startswith("try: "), command
+        tried = await asyncio.to_thread(
+            subprocess.run, ["bash", "-c", command.removeprefix("try: ")], env=env,
+            capture_output=True, text=True, timeout=60)
+        assert tried.returncode == 0, f"{command}\n{tried.stderr}"
+        assert '"text": "Hello"' in tried.stdout, tried.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
