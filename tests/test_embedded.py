@@ -258,10 +258,32 @@ async def test_an_unknown_model_is_not_found(gateway: RunningServer):
     async with client_stub(gateway.address) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(pb.GenerateRequest(
-                model="gemma3n:e2b", prompt=PROMPT, options=options(4)), timeout=30)
+                model="llama3:8b", prompt=PROMPT, options=options(4)), timeout=30)
 
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert rich_details(caught.value)["ErrorInfo"].reason == "MODEL_NOT_FOUND"
+    assert caught.value.details() == ("model 'llama3:8b' not found; the embedded engine serves "
+                                      "'gemma-3-270m-q4_k_m' (also as 'gemma3n:e2b')")
+
+
+async def test_the_production_model_name_is_served_by_the_gguf(gateway: RunningServer):
+    """A caller written against production (`gemma3n:e2b`, the --model default) runs
+    unchanged; every reply names the model that served."""
+    served = "gemma-3-270m-q4_k_m"
+    async with client_stub(gateway.address) as stub:
+        reply = await stub.Generate(pb.GenerateRequest(
+            model="gemma3n:e2b", prompt=PROMPT, options=options(2)), timeout=60)
+        last = [message async for message in stub.StreamGenerate(pb.StreamGenerateRequest(
+            model="gemma3n:e2b", prompt=PROMPT, options=options(2)), timeout=60)][-1]
+        counted = await stub.CountTokens(pb.CountTokensRequest(
+            model="gemma3n:e2b", texts=[PROMPT]), timeout=60)
+        embedded = await stub.Embed(pb.EmbedRequest(model="gemma3n:e2b", texts=[PROMPT]),
+                                    timeout=60)
+
+    assert reply.text and reply.usage.output_tokens >= 1
+    assert (reply.model, last.model, counted.model, embedded.model) == (served,) * 4
+    assert counted.total_tokens > 0 and embedded.dimensions > 0
+    await engine_idle(engine_of(gateway))
 
 
 async def test_list_models_reports_the_gguf(gateway: RunningServer):
@@ -273,8 +295,12 @@ async def test_list_models_reports_the_gguf(gateway: RunningServer):
 
     assert listed.backend == "embedded"
     assert listed.default_model == "gemma-3-270m-q4_k_m"
-    [model] = listed.models
+    # The GGUF, then --model's name for it, with the same facts.
+    model, alias = listed.models
     assert model.name == listed.default_model
+    assert alias.name == "gemma3n:e2b"
+    alias.name = model.name
+    assert alias == model
     assert model.size_bytes == backend.model_path.stat().st_size > 200_000_000
     assert model.loaded
     assert model.family == "gemma3"

@@ -163,7 +163,8 @@ class Settings:
         choices=BACKEND_CHOICES,
     )
     model: str = _setting(
-        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)",
+        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama); the "
+        "embedded engine answers to it as another name of its GGUF",
         required=True,
     )
     workers: int = _setting(
