@@ -93,8 +93,14 @@ async def test_generate_returns_text_with_real_token_counts(gateway: RunningServ
     assert reply.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     if reply.finish_reason == pb.FINISH_REASON_LENGTH:
         assert reply.usage.output_tokens == 16
-    assert reply.timings.eval_duration.ToNanoseconds() > 0
-    assert reply.timings.prompt_eval_duration.ToNanoseconds() > 0
+    timings = reply.timings
+    assert timings.eval_duration.ToNanoseconds() > 0
+    assert timings.prompt_eval_duration.ToNanoseconds() > 0
+    # The model loaded before the call (this module's first): no load inside it, and the
+    # parts add up to no more than the total.
+    assert timings.load_duration.ToNanoseconds() == 0
+    assert (timings.prompt_eval_duration.ToNanoseconds() + timings.eval_duration.ToNanoseconds()
+            <= timings.total_duration.ToNanoseconds())
     await engine_idle(engine_of(gateway))
 
 

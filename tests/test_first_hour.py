@@ -1,7 +1,7 @@
 """What a newcomer and an operator meet first: long calls survive connection age and
 keepalive, agent runs are never repeated by client retries, per-engine defaults, a quiet
 log and a banner that waits for readiness, and the command line's first contact (port in
-use, --version, flag suggestions, `make run`'s progress)."""
+use, --version, flag suggestions, `make run`'s progress), and timings that add up."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ import pytest
 
 from agentloop.cli import _describe_error as describe_error
 from agentloop.config import Settings, load_settings
+from agentloop.domain import Timings
+from agentloop.rpc.responses import within_total
 from agentloop.server import server_options, with_engine_defaults
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from agentloop_client import AsyncAgentLoopClient, Unavailable
 from agentloop_client.channel import DEFAULT_KEEPALIVE
 from fake_ollama import FakeOllama, Script
-from helpers import TOKENS, gateway_settings, running_gateway
+from helpers import TOKENS, client_stub, gateway_settings, running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
@@ -295,3 +297,40 @@ def test_make_run_shows_the_first_build(tmp_path: Path):
     assert install and "--quiet" not in install[0] and "-q " not in install[0]
     assert "llama-cpp-python from source" in result.stdout
     assert os.path.basename(install[0].split()[0]) == "python"
+
+
+# --- 6. the timings of one call add up ------------------------------------------------------
+
+def _parts_within_total(timings: pb.Timings) -> bool:
+    total = timings.total_duration.ToNanoseconds()
+    parts = (timings.load_duration, timings.prompt_eval_duration, timings.eval_duration)
+    return (sum(part.ToNanoseconds() for part in parts) <= total
+            and timings.time_to_first_token.ToNanoseconds() <= total)
+
+
+async def test_the_parts_of_a_calls_timings_never_exceed_its_total(fake_ollama: FakeOllama):
+    # A cached answer replays at once, with the engine's timings of the call that made it.
+    fake_ollama.default_script = Script(tokens=TOKENS, first_token_delay=0.2, token_delay=0.1)
+    settings = gateway_settings(ollama_url=fake_ollama.url, cache_entries=8)
+    request = pb.GenerateRequest(prompt="hi", options=pb.GenerationOptions(temperature=0))
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        first = await stub.Generate(request, timeout=30)
+        replayed = await stub.Generate(request, timeout=30)
+        streamed = [reply async for reply in stub.StreamGenerate(pb.StreamGenerateRequest(
+            prompt="hi", options=pb.GenerationOptions(temperature=0)), timeout=30)]
+    assert len(fake_ollama.generation_requests) == 1, "the others came from the cache"
+    assert first.timings.eval_duration.ToNanoseconds() > 0
+    for timings in (first.timings, replayed.timings, streamed[-1].timings):
+        assert _parts_within_total(timings), timings
+
+
+def test_timings_are_cut_to_the_total_in_the_order_they_happen():
+    cut = within_total(Timings(total=1.0, load=0.25, prompt_eval=0.5, eval=0.5,
+                               time_to_first_token=2.0))
+    assert cut == Timings(total=1.0, load=0.25, prompt_eval=0.5, eval=0.25,
+                          time_to_first_token=1.0)
+    assert within_total(Timings(total=0.5, load=3.0, eval=1.0)) == Timings(
+        total=0.5, load=0.5, eval=0.0)
+    kept = Timings(total=2.0, load=0.0, prompt_eval=0.5, eval=1.0, time_to_first_token=0.6)
+    assert within_total(kept) == kept
+    assert within_total(Timings(eval=3.0)) == Timings(eval=3.0)  # no total: nothing to cut by
