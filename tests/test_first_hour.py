@@ -198,14 +198,18 @@ async def _agentloop(*args: str) -> subprocess.CompletedProcess[str]:
                                    text=True, timeout=60)
 
 
+def _path_without_the_venv() -> str:
+    """PATH without this venv's commands: `make run` calls .venv/bin/agentloop by path."""
+    venv = Path(AGENTLOOP).parent.resolve()
+    return os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if entry and Path(entry).resolve() != venv)
+
+
 async def test_banner_waits_for_readiness_and_the_log_stays_quiet(fake_ollama: FakeOllama):
     fake_ollama.models = ["other:1b"]  # the default model is missing: NOT_SERVING
     fake_ollama.default_script = Script(tokens=TOKENS)
     address = f"127.0.0.1:{_free_port()}"
-    # As `make run` serves: from a venv that is not on PATH.
-    env = {**os.environ, "PATH": os.pathsep.join(
-        entry for entry in os.environ.get("PATH", "").split(os.pathsep)
-        if entry and Path(entry).resolve() != Path(AGENTLOOP).parent.resolve())}
+    env = {**os.environ, "PATH": _path_without_the_venv()}  # as `make run` serves
     proc = await asyncio.create_subprocess_exec(
         AGENTLOOP, "serve", "--listen", address, "--ollama-url", fake_ollama.url,
         "--model", "absent:1b", "--health-interval", "0.05", "--drain-delay", "0",
