@@ -2,7 +2,9 @@
 real gateway in front of the fake Ollama: the Python (sync and asyncio) and Node snippets, the
 `agentloop` command lines, the grpcurl agent examples and the printed grpcurl error
 (tests/test_clients.py runs the grpcurl lines of "Calling it" and docs/api.md). Only the
-address changes: the docs' 127.0.0.1:50051 becomes the test gateway's."""
+address changes: the docs' 127.0.0.1:50051 becomes the test gateway's. Command lines run in
+a shell as a newcomer's is after `make run`: the venv's commands are not on PATH until the
+README's activation line puts them there."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
          for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 README_ADDRESS = "127.0.0.1:50051"
 BIN = Path(sys.executable).parent
+VENV = BIN.parent
 
 
 def code_blocks(language: str) -> list[tuple[str, str]]:
@@ -46,6 +49,27 @@ def action(**fields: object) -> Script:
     """A model reply in the agent's action format (tests/test_cli.py has the same)."""
     text = json.dumps(fields)
     return Script(tokens=[text[i:i + 7] for i in range(0, len(text), 7)])
+
+
+def newcomer_env() -> dict[str, str]:
+    """The environment of a newcomer's second terminal: PATH without this venv's commands."""
+    env = {name: value for name, value in os.environ.items() if name != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(
+        entry for entry in env.get("PATH", "").split(os.pathsep)
+        if entry and Path(entry).resolve() != BIN.resolve())
+    return env
+
+
+def activation(venv: str) -> str:
+    """The README's line that puts the venv's commands on PATH (before its snippets), with
+    `.venv` read as `venv`."""
+    section = markdown_section("README.md", "## Calling it")
+    lines = [line.split("#")[0].strip()
+             for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+             for line in block.splitlines() if line.startswith("source ")]
+    assert lines, "the README says how to put grpcurl and agentloop on PATH, before its snippets"
+    assert lines[0] == "source .venv/bin/activate", lines[0]
+    return lines[0].replace(".venv", shlex.quote(venv), 1)
 
 
 @pytest.fixture
@@ -87,13 +111,33 @@ async def test_python_snippet_runs(page: str, source: str, gateway: RunningServe
     assert result.stdout.strip(), source
 
 
+@pytest.mark.skipif(not (BIN / "activate").exists(), reason="the tests do not run in a venv")
+def test_the_readme_puts_its_commands_on_the_path() -> None:
+    """After `make run` a new shell finds neither grpcurl nor agentloop; after the README's
+    line, run from the repository as printed, it finds the venv's, and its python has the
+    client."""
+    probe = ("command -v grpcurl; command -v agentloop; "
+             "python -c 'import sys, agentloop_client; print(sys.prefix)'")
+
+    def shell(script: str) -> list[Path]:
+        result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=newcomer_env(),
+                                capture_output=True, text=True, timeout=60)
+        return [Path(line).resolve() for line in result.stdout.splitlines()]
+
+    ours = [(BIN / "grpcurl").resolve(), (BIN / "agentloop").resolve(), VENV.resolve()]
+    assert not set(shell(probe)) & set(ours), "the control: a new shell has none of the venv's"
+    assert shell(f"{activation(os.path.relpath(VENV, ROOT))} && {{ {probe}; }}") == ours
+
+
 async def test_command_line_snippet_runs(gateway: RunningServer, answering: FakeOllama,
                                          tmp_path: Path) -> None:
-    env = {"AGENTLOOP_ADDRESS": gateway.address, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {"AGENTLOOP_ADDRESS": gateway.address, "PATH": newcomer_env()["PATH"]}
+    activate = activation(str(VENV))  # the snippets run in tmp_path, not the repository
     lines = [line for block in blocks("sh") if block.startswith("agentloop ")
              for line in block.splitlines() if line.strip()]
     for line in lines:
-        result = await run(["bash", "-o", "pipefail", "-c", line], tmp_path, env=env)
+        result = await run(["bash", "-o", "pipefail", "-c", f"{activate} && {line}"], tmp_path,
+                           env=env)
         assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
         assert "Traceback" not in result.stderr
         if "agentloop" in line:

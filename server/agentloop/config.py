@@ -105,6 +105,20 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT); port 0 means any free port."""
     host, sep, port = text.rpartition(":")
@@ -149,7 +163,8 @@ class Settings:
         choices=BACKEND_CHOICES,
     )
     model: str = _setting(
-        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)",
+        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama); the "
+        "embedded engine answers to it as another name of its GGUF",
         required=True,
     )
     workers: int = _setting(
@@ -639,9 +654,10 @@ def flag_name(field_name: str) -> str:
 
 
 def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
-    types: dict[str, type] = {"bool": bool, "int": int, "float": float}
-    kind = f.type if isinstance(f.type, type) else types.get(str(f.type), str)
-    return parse_bool if kind is bool else kind
+    parsers: dict[str, Callable[[str], Any]] = {
+        "bool": parse_bool, "int": parse_int, "float": parse_float}
+    kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+    return parsers.get(kind, str)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -671,18 +687,18 @@ def load_settings(
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         convert = _converter(f)
-        raw, source = None, ""
+        raw = None
         if f.name in overrides:
             values[f.name] = overrides[f.name]
             continue
         if cli_values.get(f.name) is not None:
-            raw, source = cli_values[f.name], flag_name(f.name)
+            raw = cli_values[f.name]
         elif env_name(f.name) in environ:
-            raw, source = environ[env_name(f.name)], env_name(f.name)
+            raw = environ[env_name(f.name)]
         if raw is None:
             continue
         try:
             values[f.name] = convert(raw) if isinstance(raw, str) else raw
-        except ValueError as exc:
-            raise SettingsError(f"{source}: {exc}") from None
+        except ValueError as exc:  # named as every bad value is: the flag and the variable
+            raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)}: {exc}") from None
     return Settings(**values)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shlex
+import shutil
 import signal
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -341,7 +345,17 @@ def ready_banner(running: RunningServer) -> str:
     return (
         f"agentloop serving on {running.address} (backend {running.backend.name}, "
         f"model {running.backend.default_model})\n"
-        f"  try: grpcurl -plaintext -d '{{\"prompt\":\"The capital of France is\","
-        f"\"options\":{{\"max_tokens\":16}}}}' {running.address} "
+        f"  try: {runnable('grpcurl')} -plaintext -d '{{\"prompt\":\"The capital of France "
+        f"is\",\"options\":{{\"max_tokens\":16}}}}' {running.address} "
         f"{SERVICE_NAME}/StreamGenerate"
     )
+
+
+def runnable(command: str) -> str:
+    """A command of this server's environment as a shell runs it: its name when PATH finds
+    one, else its full path (`make run` serves from a venv the newcomer's shell has not
+    activated)."""
+    installed = Path(sys.executable).parent / command
+    if installed.exists() and not shutil.which(command):
+        return shlex.quote(str(installed))
+    return command
