@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from fake_ollama import EMBEDDING_LENGTH, FakeOllama, Script, wait_until
 from fake_openai import DEFAULT_MODEL as OPENAI_MODEL
 from fake_openai import FakeOpenAI
 from fake_openai import Script as OpenAIScript
-from helpers import TOKENS, client_stub, gateway_settings, running_gateway
+from helpers import ROOT, TOKENS, client_stub, gateway_settings, running_gateway
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
@@ -471,3 +472,24 @@ async def test_metrics_say_which_door_a_call_came_through(fake_ollama):
     first_token = "gen_ai_server_time_to_first_token_seconds_count"
     assert count(first_token, agentloop_door="http") == 1
     assert count(first_token, agentloop_door="grpc") == 1
+
+
+# --- the Node SDK -------------------------------------------------------------------------
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+async def test_the_node_sdk_chats_and_streams(door):
+    proc = await asyncio.create_subprocess_exec(
+        NODE, str(ROOT / "tests/openai_door.mjs"), f"http://{door.http_address}/v1", cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode() + out.decode()
+    assert out.decode().splitlines() == ["chat: Hello, world! [stop, 4 tokens]",
+                                         "stream: Hello, world! [4 tokens]"]
