@@ -9,6 +9,7 @@ import base64
 import json
 import shutil
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_security import Pki
 
 from agentloop.backends.openai import OpenAIBackend
 from agentloop.http.door import body_cap
@@ -325,6 +327,70 @@ async def test_headers_mirror_the_grpc_metadata(door, fake_ollama):
     assert reply.choices[0].message.content == "Hello, world!"
 
 
+async def test_a_tenants_quota_is_one_whichever_door(fake_ollama, tmp_path):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    keys = tmp_path / "tenants.yaml"
+    keys.write_text("tenants:\n  batch:\n    keys: [batch-key]\n    requests_per_minute: 1\n")
+    settings = gateway_settings(ollama_url=fake_ollama.url, http_listen="127.0.0.1:0",
+                                api_keys_file=str(keys))
+    async with running_gateway(settings) as running:
+        async with sdk(running, key="batch-key") as client:
+            await client.chat.completions.create(
+                model="gemma3n:e2b", messages=[{"role": "user", "content": "Hi"}])
+            with pytest.raises(openai.RateLimitError) as caught:
+                await client.chat.completions.create(
+                    model="gemma3n:e2b", messages=[{"role": "user", "content": "Hi"}])
+        assert caught.value.code == "quota_exceeded"
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+        async with client_stub(running.address) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5,
+                                    metadata=(("authorization", "Bearer batch-key"),))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(fake_ollama.generation_requests) == 1
+
+
+async def test_unknown_routes_and_methods(door):
+    async with httpx.AsyncClient(base_url=f"http://{door.http_address}") as raw:
+        unknown = await raw.post("/v1/responses", json={})
+        wrong_method = await raw.get("/v1/chat/completions")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+
+
+async def test_tls_with_the_grpc_ports_certificate(fake_ollama, tmp_path):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    pki = Pki(tmp_path)
+    settings = gateway_settings(ollama_url=fake_ollama.url, http_listen="127.0.0.1:0",
+                                tls_cert=str(tmp_path / "server.pem"),
+                                tls_key=str(tmp_path / "server.key"))
+    async with running_gateway(settings) as running:
+        verified = ssl.create_default_context(cafile=str(pki.ca))
+        async with openai.AsyncOpenAI(
+                base_url=f"https://{running.http_address}/v1", api_key="unused", max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(verify=verified)) as client:
+            reply = await client.chat.completions.create(
+                model="gemma3n:e2b", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content == "Hello, world!"
+        async with sdk(running) as plaintext:
+            with pytest.raises(openai.APIConnectionError):
+                await plaintext.models.list()
+
+
+async def test_a_draining_door_refuses_new_requests_with_503(fake_ollama):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = gateway_settings(ollama_url=fake_ollama.url, http_listen="127.0.0.1:0")
+    async with running_gateway(settings) as running, sdk(running) as client:
+        draining = asyncio.create_task(running.shutdown(grace=0.5, drain_delay=5.0))
+        await wait_until(lambda: running.drain_gate.draining)
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.models.list()
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+    assert caught.value.status_code == 503 and caught.value.code == "shutting_down"
+    assert caught.value.response.headers["retry-after"] == "1"
+
+
 # --- bounded like the gRPC edge ----------------------------------------------------------
 
 
@@ -368,6 +434,32 @@ async def test_json_nested_past_the_limit_is_refused(door):
         answer = await raw.post(f"http://{door.http_address}/v1/chat/completions",
                                 content=f'{{"messages": {deep}}}')
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+
+
+async def test_bodies_arriving_hold_the_request_byte_budget_of_both_doors(fake_ollama):
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    budget = 1024 * 1024
+    settings = gateway_settings(ollama_url=fake_ollama.url, http_listen="127.0.0.1:0",
+                                max_request_bytes_in_flight=budget, http_body_timeout=30)
+    async with running_gateway(settings) as running:
+        _reader, writer = await raw_connection(running)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: " + str(2 * budget).encode() + b"\r\n\r\n"
+                     + b" " * (budget - 100))
+        await writer.drain()
+        await wait_until(lambda: running.http.budget.in_flight >= budget - 100)
+        async with sdk(running) as client:
+            with pytest.raises(openai.RateLimitError) as caught:
+                await client.chat.completions.create(
+                    model="gemma3n:e2b", messages=[{"role": "user", "content": "x" * 200}])
+        assert "request bytes" in caught.value.message
+        async with client_stub(running.address) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(pb.GenerateRequest(prompt="x" * 200), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        writer.close()
+        # The slow body's bytes are given back when its call ends.
+        await wait_until(lambda: running.http.budget.in_flight == 0)
 
 
 async def test_a_slow_body_is_408(tight_door):

@@ -27,7 +27,6 @@ the engine call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -131,6 +130,14 @@ class UnknownRoute(ModelNotFound):
     reason = "UNKNOWN_URL"
 
 
+class WrongMethod(InvalidArgument):
+    http_status = 405
+
+    def __init__(self, method: str, allow: str) -> None:
+        super().__init__([("method", f"{method} is not served here; use {allow}")])
+        self.allow = allow
+
+
 class SendStalled:
     """What a stalled stream's status is recorded as (the client never reads it)."""
 
@@ -208,8 +215,7 @@ class HttpDoor:
         call = _Call()
         try:
             if route is None:
-                raise UnknownRoute(f"no route {request.method} {request.path} "
-                                   f"(this door serves {', '.join(sorted(set(ROUTES.values())))})")
+                raise _no_route(request)
             response = await self._serve(request, route, call)
         except asyncio.CancelledError:
             call.status = CLIENT_CLOSED
@@ -217,8 +223,11 @@ class HttpDoor:
         except Exception as exc:
             error = _domain_error(exc, route or request.path)
             call.status = _status_of(error)
+            headers = error_headers(error)
+            if isinstance(error, WrongMethod):
+                headers["Allow"] = error.allow
             response = web.json_response(error_body(error, call.rename, call.status),
-                                         status=call.status, headers=error_headers(error))
+                                         status=call.status, headers=headers)
             if not request.content.at_eof():
                 response.force_close()  # an unread body is not read (nor lingered on)
         finally:
@@ -456,8 +465,7 @@ class _ObservedRequest:
         if request_log.isEnabledFor(logging.INFO):
             self._write_log(status, duration, tenant)
         logs.end_request(self._log_token)
-        with contextlib.suppress(ValueError):  # a cancelled handler ends in another context
-            otel_context.detach(self._context_token)
+        otel_context.detach(self._context_token)  # the handler's task: its own context
 
     def _write_log(self, status: int, duration: float, tenant: str) -> None:
         fields: dict[str, Any] = {"method": f"{self.method} {self.route}", "status": status,
@@ -488,6 +496,14 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         context.load_verify_locations(settings.tls_client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _no_route(request: web.BaseRequest) -> AgentLoopError:
+    allowed = [method for method, path in ROUTES if path == request.path]
+    if allowed:
+        return WrongMethod(request.method, ", ".join(allowed))
+    return UnknownRoute(f"no route {request.method} {request.path} (this door serves "
+                        f"{', '.join(sorted(set(ROUTES.values())))})")
 
 
 def _drop(request: web.BaseRequest) -> None:
