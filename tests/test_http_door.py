@@ -428,6 +428,15 @@ async def test_a_body_over_the_cap_is_413_before_it_is_read(door):
     assert door.http.budget.in_flight == 0
 
 
+async def test_a_compressed_body_is_refused_unread(door):
+    async with httpx.AsyncClient() as raw:
+        answer = await raw.post(f"http://{door.http_address}/v1/chat/completions",
+                                content=b"\x1f\x8b" + b"\0" * 64,
+                                headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 415
+    assert answer.json()["error"]["param"] == "content-encoding"
+
+
 async def test_json_nested_past_the_limit_is_refused(door):
     deep = "[" * 200 + "]" * 200
     async with httpx.AsyncClient() as raw:

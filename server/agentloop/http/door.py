@@ -52,10 +52,11 @@ from agentloop.errors import (
     InvalidArgument,
     ModelNotFound,
     ResourceExhausted,
+    SendStalled,
     ShuttingDown,
     internal_error,
 )
-from agentloop.http.errors import error_body, error_headers, http_status
+from agentloop.http.errors import HTTP_STATUS, error_body, error_headers, http_status
 from agentloop.http.requests import (
     GenerationCall,
     Rename,
@@ -138,10 +139,14 @@ class WrongMethod(InvalidArgument):
         self.allow = allow
 
 
-class SendStalled:
-    """What a stalled stream's status is recorded as (the client never reads it)."""
+class CompressedBody(InvalidArgument):
+    """A compressed body would be inflated before its size could be bounded."""
 
-    http_status = 429
+    http_status = 415
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__([("content-encoding", f"{encoding[:40]!r} bodies are not taken: "
+                                               "send the body uncompressed")])
 
 
 class _Stalled(Exception):
@@ -275,6 +280,9 @@ class HttpDoor:
         cap = self._body_cap
         if request.content_length is not None and request.content_length > cap:
             raise BodyTooLarge(cap)
+        encoding = request.headers.get("Content-Encoding", "identity")
+        if encoding.strip().lower() != "identity":
+            raise CompressedBody(encoding)
         budget = self._edge.budget
         pieces: list[bytes] = []
         timeout = self._settings.http_body_timeout
@@ -360,7 +368,7 @@ class HttpDoor:
                     await self._send(response, error_body(error, call.rename, call.status))
         except _Stalled:
             # The generation is closed; the client reads nothing, so it gets nothing more.
-            call.status = SendStalled.http_status
+            call.status = HTTP_STATUS[SendStalled.code]  # recorded: the client reads nothing
             _drop(request)
             return response
         except _ClientGone:
