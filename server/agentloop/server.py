@@ -366,10 +366,14 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
 
 
 def ready_banner(running: RunningServer) -> str:
-    return (
+    banner = (
         f"agentloop serving on {running.address} (backend {running.backend.name}, "
         f"model {running.backend.default_model})\n"
         f"  try: grpcurl -plaintext -d '{{\"prompt\":\"The capital of France is\","
         f"\"options\":{{\"max_tokens\":16}}}}' {running.address} "
         f"{SERVICE_NAME}/StreamGenerate"
     )
+    if running.http_address is not None:
+        scheme = "https" if running.settings.tls_cert else "http"
+        banner += f"\n  OpenAI-compatible API: {scheme}://{running.http_address}/v1"
+    return banner
