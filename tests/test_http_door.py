@@ -207,7 +207,8 @@ async def test_a_bad_option_is_a_400_naming_the_param(door):
     # Function calling is issue 33's item 1: refused, never silently dropped.
     ({"messages": [{"role": "user", "content": "Hi"}],
       "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"}, "tools"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"},
+     "tool_choice"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
      "messages[0].role"),
 ])
@@ -220,6 +221,14 @@ async def test_what_the_door_refuses_names_its_param(door, body, param):
     assert error["param"] == param, error
     assert error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
+
+
+async def test_asking_for_no_tool_call_without_tools_is_answered(door):
+    async with sdk(door) as client:
+        reply = await client.chat.completions.create(
+            model="gemma3n:e2b", messages=[{"role": "user", "content": "Hi"}],
+            tool_choice="none", parallel_tool_calls=False, user="u-1")
+    assert reply.choices[0].message.content == "Hello, world!"
 
 
 async def test_an_unknown_model_is_a_404(door):

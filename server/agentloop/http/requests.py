@@ -150,12 +150,17 @@ class _Body:
 def refuse_tools(body: _Body) -> None:
     """Where function calling will map (issue 33, item 1): tools and tool_choice onto
     Generate's tools, assistant tool_calls and tool turns onto its messages. Until then a
-    request that offers tools is refused: answering it without them would be a lie."""
-    for name in TOOL_FIELDS:
-        if body.fields.get(name) not in (None, [], {}):
-            body.bad("tools" if name != "functions" else name,
-                     "function calling is not supported by this gateway yet")
-            return
+    request that offers tools, or asks for a tool call, is refused: answering it without
+    them would be a lie. A choice that asks for no tool call (`none`, or `auto` with no
+    tools) and `parallel_tool_calls` change nothing without tools."""
+    for name in ("tools", "functions"):
+        if body.fields.get(name) not in (None, []):
+            body.bad(name, "function calling is not supported by this gateway yet")
+    for name in ("tool_choice", "function_call"):
+        if body.fields.get(name) not in (None, "none", "auto"):
+            body.bad(name, "function calling is not supported by this gateway yet")
+    if not isinstance(body.fields.get("parallel_tool_calls", False), bool):
+        body.bad("parallel_tool_calls", "must be true or false")
 
 
 def chat_call(data: Any, settings: Settings) -> GenerationCall:
