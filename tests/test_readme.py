@@ -16,18 +16,21 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from agentloop.server import RunningServer
 from fake_ollama import FakeOllama, Script
-from helpers import ROOT, markdown_section
+from helpers import ROOT, TOKENS, gateway_settings, markdown_section, running_gateway
 
 #: The README first, then every page of docs/, by path relative to the repository.
 PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
          for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 README_ADDRESS = "127.0.0.1:50051"
+#: Where the docs' OpenAI SDK snippets find the HTTP door (--http-listen).
+HTTP_README_ADDRESS = "127.0.0.1:8080"
 BIN = Path(sys.executable).parent
 VENV = BIN.parent
 
@@ -73,6 +76,15 @@ def activation(venv: str) -> str:
 
 
 @pytest.fixture
+async def gateway(fake_ollama: FakeOllama) -> AsyncIterator[RunningServer]:
+    """conftest's gateway with the HTTP door on too, for the OpenAI SDK snippets."""
+    fake_ollama.default_script = Script(tokens=TOKENS)
+    settings = gateway_settings(ollama_url=fake_ollama.url, http_listen="127.0.0.1:0")
+    async with running_gateway(settings) as running:
+        yield running
+
+
+@pytest.fixture
 def answering(fake_ollama: FakeOllama) -> FakeOllama:
     """A fake model whose every reply is a final answer, for text and agent calls alike."""
     fake_ollama.default_script = action(thought="Done.", final_answer="391")
@@ -91,6 +103,8 @@ def test_the_docs_have_the_snippets_this_module_runs() -> None:
     assert {"README.md", "docs/clients.md", "docs/agent.md"} <= pages
     assert len(PYTHON_SNIPPETS) >= 6
     assert any("AsyncAgentLoopClient" in block for block in blocks("python"))
+    assert any("from openai import OpenAI" in block for page, block in PYTHON_SNIPPETS
+               if page == "README.md")
     assert [page for page, _ in code_blocks("js")] == ["README.md"]
     assert {page for page, block in code_blocks("sh") if block.startswith("agentloop ")} == {
         "README.md", "docs/clients.md"}
@@ -103,9 +117,11 @@ def test_the_docs_have_the_snippets_this_module_runs() -> None:
 async def test_python_snippet_runs(page: str, source: str, gateway: RunningServer,
                                    answering: FakeOllama, tmp_path: Path) -> None:
     compile(source, f"{page} python block", "exec")  # a SyntaxError fails here
-    assert README_ADDRESS in source
+    assert README_ADDRESS in source or HTTP_README_ADDRESS in source
+    assert gateway.http_address is not None
     script = tmp_path / "snippet.py"
-    script.write_text(source.replace(README_ADDRESS, gateway.address))
+    script.write_text(source.replace(README_ADDRESS, gateway.address)
+                      .replace(HTTP_README_ADDRESS, gateway.http_address))
     result = await run([sys.executable, str(script)], tmp_path)
     assert result.returncode == 0, f"{page}:\n{source}\n{result.stderr}"
     assert result.stdout.strip(), source

@@ -157,6 +157,12 @@ class Settings:
         "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 = any free port)",
         required=True, check=parse_host_port,
     )
+    http_listen: str = _setting(
+        "", "listen address HOST:PORT of the OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/embeddings, /v1/models) on the same services, keys, TLS and "
+        "limits as the gRPC port (port 0 = any free port); empty = off",
+        check=parse_host_port,
+    )
     backend: str = _setting(
         "auto",
         "engine: ollama, embedded, or auto (Ollama if it answers at start, else embedded)",
@@ -420,6 +426,23 @@ class Settings:
         "generation itself never waits for the client",
         group="transport", above=0,
     )
+    http_idle_timeout: float = _setting(
+        30.0,
+        "seconds an HTTP API connection may go without a request, the request line and "
+        "headers included, before it is closed (slow or silent clients hold nothing)",
+        group="transport", above=0,
+    )
+    http_body_timeout: float = _setting(
+        30.0,
+        "seconds an HTTP API request body may take to arrive once its headers did, then 408",
+        group="transport", above=0,
+    )
+    http_connections_per_peer: int = _setting(
+        64,
+        "most HTTP API connections one peer address may hold open at once; more are "
+        "answered 429 and closed",
+        group="transport", minimum=1,
+    )
     max_request_bytes_in_flight: int = _setting(
         128 * 1024 * 1024,
         "most decompressed request bytes all calls may hold at once; a call past it gets "
@@ -584,7 +607,8 @@ class Settings:
         group="security", minimum=1,
     )
     tls_cert: str = _setting(
-        "", "PEM certificate chain for TLS on the gRPC port; empty = plaintext", group="security",
+        "", "PEM certificate chain for TLS on the gRPC port and the HTTP API port; empty = "
+        "plaintext", group="security",
         check=check_readable_file,
     )
     tls_key: str = _setting(
@@ -625,6 +649,9 @@ def _cross_field_problems(s: Settings) -> list[tuple[str, str]]:
     problems = []
     if s.workers > 1 and s.listen.endswith(":0"):
         problems.append(("workers", "several workers need a fixed port in --listen, not port 0"))
+    if s.workers > 1 and s.http_listen.endswith(":0"):
+        problems.append(("workers", "several workers need a fixed port in --http-listen, "
+                                    "not port 0"))
     if s.workers > 1 and s.backend == "embedded":
         problems.append(("workers", EMBEDDED_WORKERS_PROBLEM))
     if s.embedded_batch_tokens < s.embedded_slots:

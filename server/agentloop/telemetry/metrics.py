@@ -43,6 +43,8 @@ CACHE_RESULTS = ("hits", "misses", "coalesced")
 #: The operator's tenant name (callers without one: tenants.DEFAULT_TENANT_LABEL).
 TENANT = "agentloop.tenant"
 PRIORITY = "agentloop.priority"
+#: The way a call came in: "grpc" (AgentLoopService) or "http" (the OpenAI-compatible door).
+DOOR = "agentloop.door"
 REFUSAL_REASON = "agentloop.refusal.reason"
 
 # Bucket boundaries the GenAI semantic conventions advise.
@@ -117,6 +119,12 @@ class Instruments:
             "rpc.server.call.duration", unit="s",
             description="Duration of AgentLoopService RPCs, by method and status code "
                         "(its count is the number of RPCs).",
+            explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
+        self.http_duration = meter.create_histogram(
+            "http.server.request.duration", unit="s",
+            description="Duration of the HTTP door's requests (agentloop.door http), by "
+                        "http.route and http.response.status_code (its count is the "
+                        "requests).",
             explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}",
