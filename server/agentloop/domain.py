@@ -63,6 +63,8 @@ class CallContext:
     #: Whom admission's fair queue tells apart: the named tenant, else the caller's address
     #: (the peer, or a trusted proxy's header). Never a metric label: not bounded.
     caller: str = ""
+    #: The door the call came through: "grpc", or "http" (the OpenAI-compatible API).
+    door: str = "grpc"
 
 
 @dataclass(frozen=True, slots=True)
