@@ -244,3 +244,10 @@ async def test_embed_and_tokens_failures_are_one_line(gateway):
 async def test_health_reads_the_address_from_the_environment(gateway):
     code, out, _ = await cli("health", env={"AGENTLOOP_ADDRESS": gateway.address})
     assert (code, out) == (0, "SERVING\n")
+
+
+async def test_an_unknown_health_service_names_the_ones_there_are(gateway):
+    code, out, err = await cli("health", "--service", "bogus", "--address", gateway.address)
+    assert (code, out) == (1, "")
+    assert err == ("agentloop: NOT_FOUND: no health service named 'bogus'; this server has '' "
+                   "(the whole server), agentloop.v1.AgentLoopService, liveness, readiness\n")

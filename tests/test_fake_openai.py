@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
-from fake_openai import DEFAULT_MODEL, FakeOpenAI, Script
+from fake_openai import DEFAULT_MODEL, FakeOpenAI, KVCache, Script
 
 TOKENS = ["Hi", " there", "!"]
 
@@ -111,3 +111,28 @@ async def test_the_official_client_reads_tool_calls_streamed_and_whole(client, f
         await client.chat.completions.create(
             model=DEFAULT_MODEL, messages=ask, tools=tools,
             tool_choice={"type": "function", "function": {"name": "other"}})
+
+
+async def test_the_kv_cache_model_reports_cached_prefixes_per_salt_and_forgets_on_restart(
+        client, fake):
+    fake.kv_cache = KVCache(capacity=8, block_tokens=4)
+    fake.extras = {"cache_salt"}
+    system = " ".join(f"w{i}" for i in range(16))  # 4 blocks
+
+    async def cached(turn: str, salt: str = "a") -> int:
+        answer = await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "system", "content": system},
+                                           {"role": "user", "content": turn}],
+            extra_body={"cache_salt": salt})
+        assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+        return answer.usage.prompt_tokens_details.cached_tokens or 0
+
+    assert await cached("one two") == 0
+    assert await cached("three four") == 16, "the shared system prompt is cached"
+    assert await cached("three four", salt="b") == 0, "another salt shares nothing"
+    assert len(fake.kv_cache) == 8  # two salts' 4 blocks fill it
+    assert await cached("five six", salt="c") == 0  # evicts salt a's blocks, tail first
+    assert await cached("one two") == 0
+    await fake.restart()
+    assert await cached("one two") == 0, "a restarted engine's cache is empty"
+    assert fake.kv_cache.hits == 1

@@ -22,7 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # The routing layer: routes and pools above the backends, below the services.
     ("agentloop.upstreams",),
     ("agentloop.services", "agentloop.health"),
-    ("agentloop.rpc", "agentloop.v1"),
+    # The doors: the gRPC servicer and the OpenAI-compatible HTTP API.
+    ("agentloop.rpc", "agentloop.v1", "agentloop.http"),
     ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__",
      "agentloop.settings_doc"),
 )

@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that suggests the command meant by a mistyped one."""
+    """argparse whose errors come first, with a suggestion, and one short usage line after
+    (the full usage, some 70 lines for `serve`, only on --help)."""
 
     def error(self, message: str) -> NoReturn:
         invalid = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -73,18 +74,31 @@ class _Parser(argparse.ArgumentParser):
             matches = difflib.get_close_matches(invalid.group(1), choices, n=1)
             if matches:
                 message += f"; did you mean {matches[0]!r}?"
-        super().error(message)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n{_short_usage(self)}\n")
+
+
+def _short_usage(parser: argparse.ArgumentParser) -> str:
+    """`usage: agentloop generate [options] prompt (--help lists them)`: the positionals only."""
+    formatter = parser.formatter_class(prog=parser.prog, width=10_000)
+    formatter.add_usage(None, [a for a in parser._actions if not a.option_strings], [])
+    positionals = formatter.format_help().strip().removeprefix(f"usage: {parser.prog}")
+    return f"usage: {parser.prog} [options]{positionals} ({parser.prog} --help lists them)"
 
 
 def _did_you_mean(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
-    """` (did you mean: --x -> --y?)` for the mistyped flags among `unknown`, else ''."""
+    """` (did you mean --y?)` for the mistyped flags among `unknown`, else ''."""
     flags = [option for action in parser._actions for option in action.option_strings]
     hints = []
     for word in unknown:
         if word.startswith("-"):
-            matches = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1)
-            hints += [f"{word.split('=', 1)[0]} -> {matches[0]}"] if matches else []
-    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+            typed = word.split("=", 1)[0]
+            matches = difflib.get_close_matches(typed, flags, n=1)
+            hints += [(typed, matches[0])] if matches else []
+    if len(hints) == 1:
+        return f" (did you mean {hints[0][1]}?)"
+    if hints:
+        return f" (did you mean {', '.join(f'{meant} for {typed}' for typed, meant in hints)}?)"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:

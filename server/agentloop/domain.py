@@ -116,6 +116,8 @@ class CallContext:
     #: Whom admission's fair queue tells apart: the named tenant, else the caller's address
     #: (the peer, or a trusted proxy's header). Never a metric label: not bounded.
     caller: str = ""
+    #: The door the call came through: "grpc", or "http" (the OpenAI-compatible API).
+    door: str = "grpc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,10 @@ class GenerationEnd:
     upstream: str = ""
     #: The tools the model called, whole and in order (finish_reason TOOL_CALLS).
     tool_calls: tuple[ToolCall, ...] = ()
+    #: Prompt tokens the engine said it served from its cache where the caller is not told
+    #: (`usage.cached_input_tokens` is 0 then): the pool's prefix index learns from it;
+    #: nothing shows it to a caller.
+    engine_cached_tokens: int = 0
 
 
 #: What a generation stream yields: text deltas and tool-call deltas, then exactly one

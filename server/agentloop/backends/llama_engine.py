@@ -191,7 +191,6 @@ class _Slot:
     decoder: codecs.IncrementalDecoder | None = None
     admitted_at: float = 0.0
     first_at: float | None = None
-    load: float = 0.0
 
     @property
     def prefilling(self) -> bool:
@@ -267,7 +266,6 @@ class Engine:
         self._steps = 0
         self._building: dict[str, float] = {}  # grammar key -> when its build began
         self._load_seconds = 0.0
-        self._load_reported = False
         self._piece = ctypes.create_string_buffer(256)
         self._candidates: np.ndarray | None = None
         self._token_ids: np.ndarray | None = None
@@ -654,8 +652,6 @@ class Engine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.admitted_at = time.perf_counter()
         slot.first_at = None
-        slot.load = 0.0 if self._load_reported else self._load_seconds
-        self._load_reported = True
 
     def _truncate(self, slot: _Slot, keep: int) -> None:
         """Drop the slot's cached tokens from `keep` on (all of them if that cannot be)."""
@@ -835,7 +831,8 @@ class Engine:
             finish_reason=reason,
             usage=Usage(input_tokens=len(slot.prompt), output_tokens=slot.produced,
                         cached_input_tokens=slot.reused),
-            timings=Timings(load=slot.load, prompt_eval=first_at - slot.admitted_at,
+            # No call waits for a load: the model loads before the engine takes any job.
+            timings=Timings(load=0.0, prompt_eval=first_at - slot.admitted_at,
                             eval=ended - first_at),
             model=self._model_name,
         ))

@@ -277,11 +277,14 @@ class OpenAIBackend:
 
 
 def without_cached_tokens(item: StreamItem) -> StreamItem:
-    """The item, its end's `cached_input_tokens` reported as 0."""
+    """The item, its end's `cached_input_tokens` reported as 0 (kept for the pool's prefix
+    index alone, in `engine_cached_tokens`)."""
     if not isinstance(item, GenerationEnd) or not item.usage.cached_input_tokens:
         return item
+    cached = item.usage.cached_input_tokens
     return dataclasses.replace(item, usage=dataclasses.replace(item.usage,
-                                                               cached_input_tokens=0))
+                                                               cached_input_tokens=0),
+                               engine_cached_tokens=cached)
 
 
 def tls_context(tls: TlsSpec) -> ssl.SSLContext:

@@ -118,7 +118,8 @@ _LOCAL_ONLY_VALUES = {"true": True, "1": True, "false": False, "0": False}
 _ONCE_HEADERS = (SESSION_HEADER, LOCAL_ONLY_HEADER, PRIORITY_HEADER, CACHE_KEY_HEADER)
 
 
-def call_context(metadata: Any, peer: str = "", settings: Settings | None = None) -> CallContext:
+def call_context(metadata: Any, peer: str = "", settings: Settings | None = None,
+                 door: str = "grpc") -> CallContext:
     """Who is calling and how the call may be served: the call's metadata, its peer and the
     tenant the edge resolved (agentloop.tenants.RESOLVED_TENANT). A header the gateway
     reads that is repeated or holds a value outside its documented set is INVALID_ARGUMENT
@@ -158,7 +159,7 @@ def call_context(metadata: Any, peer: str = "", settings: Settings | None = None
         tenant=tenant.name, session=session,
         local_only=local_only or not tenant.allow_remote,
         priority=min(priority, tenant.max_priority),
-        cache_scope=cache_scope(scope_base, cache_key), caller=caller)
+        cache_scope=cache_scope(scope_base, cache_key), caller=caller, door=door)
 
 
 _TWICE = "sent more than once: send it once"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from agentloop.domain import (
@@ -50,7 +52,29 @@ def usage_pb(usage: Usage) -> pb.Usage:
                     cached_input_tokens=usage.cached_input_tokens)
 
 
+def within_total(timings: Timings) -> Timings:
+    """The engine's parts cut to fit the gateway's total, in the order they happen (load,
+    prompt evaluation, evaluation): an engine's own clock, a generation joined midway or a
+    cached answer replayed in a millisecond would otherwise report parts longer than the
+    call."""
+    if timings.total is None:
+        return timings
+    total = left = max(0.0, timings.total)
+    parts: dict[str, float] = {}
+    for name in ("load", "prompt_eval", "eval"):
+        value = getattr(timings, name)
+        if value is not None:
+            parts[name] = min(max(0.0, value), left)
+            left -= parts[name]
+    first = timings.time_to_first_token
+    if first is not None:
+        parts["time_to_first_token"] = min(max(0.0, first), total)
+    return dataclasses.replace(timings, total=total, **parts)
+
+
 def timings_pb(timings: Timings) -> pb.Timings:
+    """The timings of one call, whose parts never add up to more than its total."""
+    timings = within_total(timings)
     return pb.Timings(
         total_duration=duration(timings.total),
         load_duration=duration(timings.load),

@@ -64,7 +64,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        generation = await _read(
+        generation = await read_request(
             bool(request.format.json_schema) or bool(request.tools), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
@@ -78,7 +78,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
-        generation = await _read(
+        generation = await read_request(
             bool(request.format.json_schema) or bool(request.tools), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
@@ -112,7 +112,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     ) -> AsyncIterator[pb.StreamRunAgentResponse]:
         requests = aiter(request_iterator)
         start = await self._first_message(requests)
-        run = await _read(
+        run = await read_request(
             start is not None and start.HasField("start") and bool(start.start.client_tools),
             start_agent_run, start, self._settings, self._agent.tools,
             self._generation.default_model, deadline_from(context.time_remaining()),
@@ -178,7 +178,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
 _SCHEMA_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentloop-schemas")
 
 
-async def _read(carries_schemas: bool, read: Callable[..., T], *args: Any) -> T:
+async def read_request(carries_schemas: bool, read: Callable[..., T], *args: Any) -> T:
     """Read a request into its domain form. Checking a caller's JSON Schemas can take a
     while within the limits (the meta-schema, every subschema), so a request carrying them
     is read on the schema reader's thread: the event loop, health checks included, keeps

@@ -1,0 +1,392 @@
+"""OpenAI request bodies -> the gRPC API's request messages -> the domain, by one set of rules.
+
+The door validates nothing the gRPC servicer does not: it reads the JSON into the protobuf
+request the gRPC API takes (checking only what JSON leaves open: types, and the OpenAI
+fields that have no counterpart), then the rpc layer's own reading
+(`rpc.requests.generation_request`, `rpc.embedding_requests.embedding_request`) applies
+every rule and every limit; its field names come back in OpenAI's terms
+(`options.temperature` -> `temperature`), so a 400 names the `param` the caller sent.
+
+What the gRPC API cannot do is refused, never ignored: a request that asks for it would
+get another answer than it asked for. Tools (`tools`, `tool_choice`, tool turns) come with
+function calling in Generate (issue 33, item 1): `refuse_tools` is where they will map.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from agentloop.config import Settings
+from agentloop.errors import InvalidArgument
+from agentloop.rpc.requests import MAX_STOP_SEQUENCES
+from agentloop.v1 import agentloop_pb2 as pb
+
+Json = dict[str, Any]
+Violations = list[tuple[str, str]]
+#: Turns a field path of the gRPC request into the OpenAI parameter the caller sent.
+Rename = Callable[[str], str]
+
+#: Function calling's fields: refused until Generate takes tools (issue 33, item 1).
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
+#: Fields that change nothing about the answer: who the end user is, what to store.
+INERT_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+#: The gRPC API's options, by their OpenAI names (top_k, repeat_penalty and num_ctx are
+#: llama.cpp's and vLLM's extras, as extra_body in the SDKs).
+_SAMPLING = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop", "top_k",
+                       "repeat_penalty", "num_ctx"})
+#: OpenAI fields with no counterpart here: accepted at the value that changes nothing.
+_NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False,
+            "top_logprobs": 0, "logit_bias": {}, "echo": False, "best_of": 1, "suffix": "",
+            "modalities": ["text"]}
+CHAT_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "response_format",
+                         "max_completion_tokens", "n", "presence_penalty", "frequency_penalty",
+                         "logprobs", "top_logprobs", "logit_bias", "modalities", *_SAMPLING,
+                         *INERT_FIELDS, *TOOL_FIELDS})
+COMPLETION_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "n",
+                               "presence_penalty", "frequency_penalty", "logprobs",
+                               "logit_bias", "echo", "best_of", "suffix", *_SAMPLING,
+                               *INERT_FIELDS})
+EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions",
+                              *INERT_FIELDS})
+ENCODING_FORMATS = ("float", "base64")
+
+_ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_SYSTEM, "user": pb.ROLE_USER,
+          "assistant": pb.ROLE_ASSISTANT}
+_FORMAT_TYPES = {"text": pb.ResponseFormat.TYPE_TEXT,
+                 "json_object": pb.ResponseFormat.TYPE_JSON,
+                 "json_schema": pb.ResponseFormat.TYPE_JSON_SCHEMA}
+_INT32 = (-2**31, 2**31 - 1)
+_INT64 = (-2**63, 2**63 - 1)
+_DATA_URL_BASE64 = ";base64,"
+#: Most parts of one message's content read: a message is text and a few images.
+MAX_CONTENT_PARTS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationCall:
+    """A chat or text completion, as the gRPC API's request and how to answer it."""
+
+    message: pb.GenerateRequest
+    stream: bool
+    include_usage: bool
+    rename: Rename
+
+    @property
+    def carries_schema(self) -> bool:
+        return bool(self.message.format.json_schema)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingCall:
+    message: pb.EmbedRequest
+    base64: bool
+
+
+class _Body:
+    """One JSON body's fields, read by type; every problem is a violation naming it."""
+
+    def __init__(self, body: Any, known: frozenset[str]) -> None:
+        self.violations: Violations = []
+        if not isinstance(body, dict):
+            self.violations.append(("body", "must be a JSON object"))
+            body = {}
+        self.fields: Json = body
+        for name in sorted(set(body) - known)[:5]:
+            self.violations.append((name, "not a parameter this API takes"))
+
+    def bad(self, name: str, why: str) -> None:
+        self.violations.append((name, why))
+
+    def text(self, name: str) -> str | None:
+        return self._typed(name, str, "a string")
+
+    def flag(self, name: str) -> bool:
+        return bool(self._typed(name, bool, "true or false"))
+
+    def number(self, name: str) -> float | None:
+        value = self.fields.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.bad(name, "must be a number")
+            return None
+        return float(value)
+
+    def integer(self, name: str, bounds: tuple[int, int] = _INT32) -> int | None:
+        value = self._typed(name, int, "an integer")
+        if value is None:
+            return None
+        if not bounds[0] <= value <= bounds[1]:
+            self.bad(name, "out of range")
+            return None
+        return int(value)
+
+    def _typed(self, name: str, kind: type, what: str) -> Any:
+        value = self.fields.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.bad(name, f"must be {what}")
+            return None
+        return value
+
+    def neutral_only(self, names: Iterable[str]) -> None:
+        """OpenAI parameters with no counterpart: only their neutral value is accepted."""
+        for name in names:
+            value = self.fields.get(name)
+            if value is None or value == _NEUTRAL[name] or (not value and not _NEUTRAL[name]):
+                continue
+            self.bad(name, f"not supported by this gateway (only {json.dumps(_NEUTRAL[name])})")
+
+    def raise_if_bad(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+
+def refuse_tools(body: _Body) -> None:
+    """Where function calling will map (issue 33, item 1): tools and tool_choice onto
+    Generate's tools, assistant tool_calls and tool turns onto its messages. Until then a
+    request that offers tools, or asks for a tool call, is refused: answering it without
+    them would be a lie. A choice that asks for no tool call (`none`, or `auto` with no
+    tools) and `parallel_tool_calls` change nothing without tools."""
+    for name in ("tools", "functions"):
+        if body.fields.get(name) not in (None, []):
+            body.bad(name, "function calling is not supported by this gateway yet")
+    for name in ("tool_choice", "function_call"):
+        if body.fields.get(name) not in (None, "none", "auto"):
+            body.bad(name, "function calling is not supported by this gateway yet")
+    if not isinstance(body.fields.get("parallel_tool_calls", False), bool):
+        body.bad("parallel_tool_calls", "must be true or false")
+
+
+def chat_call(data: Any, settings: Settings) -> GenerationCall:
+    """A /v1/chat/completions body as a GenerateRequest (InvalidArgument naming params)."""
+    body = _Body(data, CHAT_FIELDS)
+    refuse_tools(body)
+    body.neutral_only(("n", "presence_penalty", "frequency_penalty", "logprobs",
+                       "top_logprobs", "logit_bias", "modalities"))
+    message = pb.GenerateRequest(model=body.text("model") or "")
+    _messages(body, settings, message.messages)
+    names = _options(body, message.options, ("max_tokens", "max_completion_tokens"))
+    _response_format(body, message.format)
+    stream, include_usage = _streaming(body)
+    body.raise_if_bad()
+    return GenerationCall(message, stream, include_usage, renamer(names, prompt="messages"))
+
+
+def completion_call(data: Any) -> GenerationCall:
+    """A /v1/completions body as a GenerateRequest with a prompt."""
+    body = _Body(data, COMPLETION_FIELDS)
+    body.neutral_only(("n", "presence_penalty", "frequency_penalty", "logprobs", "logit_bias",
+                       "echo", "best_of", "suffix"))
+    message = pb.GenerateRequest(model=body.text("model") or "")
+    prompt = body.fields.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        message.prompt = prompt
+    elif prompt is not None:
+        body.bad("prompt", "must be one string (token arrays and batches are not taken)")
+    names = _options(body, message.options, ("max_tokens",))
+    stream, include_usage = _streaming(body)
+    body.raise_if_bad()
+    return GenerationCall(message, stream, include_usage, renamer(names, prompt="prompt"))
+
+
+def embedding_call(data: Any, settings: Settings) -> EmbeddingCall:
+    """A /v1/embeddings body as an EmbedRequest (vectors normalized, as OpenAI's are)."""
+    body = _Body(data, EMBEDDING_FIELDS)
+    message = pb.EmbedRequest(model=body.text("model") or "")
+    texts = body.fields.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list):
+        body.bad("input", "must be a string or a list of strings")
+    elif len(texts) > settings.max_texts:  # counted before each is read, as Embed does
+        body.bad("input", f"{len(texts)} texts; the limit is {settings.max_texts}")
+    elif not all(isinstance(text, str) for text in texts):
+        body.bad("input", "must be a string or a list of strings (token arrays are not taken)")
+    else:
+        message.texts.extend(texts)
+    encoding = body.text("encoding_format") or "float"
+    if encoding not in ENCODING_FORMATS:
+        body.bad("encoding_format", f"must be one of {', '.join(ENCODING_FORMATS)}")
+    dimensions = body.integer("dimensions")
+    if dimensions is not None:
+        if dimensions < 1:
+            body.bad("dimensions", "must be at least 1")
+        else:
+            message.dimensions = dimensions
+    body.raise_if_bad()
+    return EmbeddingCall(message, encoding == "base64")
+
+
+def _streaming(body: _Body) -> tuple[bool, bool]:
+    stream = body.flag("stream")
+    options = body.fields.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        body.bad("stream_options", "only with stream: true")
+    if not isinstance(options, dict) or set(options) - {"include_usage"} \
+            or not isinstance(options.get("include_usage", False), bool):
+        body.bad("stream_options", "takes include_usage (true or false) only")
+        return stream, False
+    return stream, bool(options.get("include_usage"))
+
+
+def _options(body: _Body, options: pb.GenerationOptions,
+             max_tokens_names: tuple[str, ...]) -> dict[str, str]:
+    """The sampling options into `options`; the OpenAI name of each, where it differs."""
+    names: dict[str, str] = {}
+    for name in ("temperature", "top_p", "repeat_penalty"):
+        value = body.number(name)
+        if value is not None:
+            setattr(options, name, value)
+    for name in ("top_k", "num_ctx"):
+        value = body.integer(name)
+        if value is not None:
+            setattr(options, name, value)
+    seed = body.integer("seed", _INT64)
+    if seed is not None:
+        options.seed = seed
+    sent = {name: body.integer(name) for name in max_tokens_names
+            if body.fields.get(name) is not None}
+    if len(set(sent.values())) > 1:
+        body.bad(max_tokens_names[-1], f"differs from {max_tokens_names[0]}: send one of them")
+    for name, value in sent.items():
+        if value is not None:
+            options.max_tokens = value
+            names["max_tokens"] = name
+    stop = body.fields.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None:
+        pass
+    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        body.bad("stop", "must be a string or a list of strings")
+    elif len(stop) > MAX_STOP_SEQUENCES:  # counted before they are copied
+        body.bad("stop", f"at most {MAX_STOP_SEQUENCES} stop strings")
+    else:
+        options.stop.extend(stop)
+    return names
+
+
+def _messages(body: _Body, settings: Settings, into: Any) -> None:
+    messages = body.fields.get("messages")
+    if not isinstance(messages, list) or not messages:
+        body.bad("messages", "must be a non-empty list of messages")
+        return
+    if len(messages) > settings.max_messages:  # counted before each is read
+        body.bad("messages", f"{len(messages)} messages; the limit is {settings.max_messages}")
+        return
+    images = 0
+    for index, turn in enumerate(messages):
+        path = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            body.bad(path, "must be an object with role and content")
+            continue
+        role = turn.get("role")
+        if role in ("tool", "function") or turn.get("tool_calls"):
+            body.bad(f"{path}.tool_calls" if turn.get("tool_calls") else f"{path}.role",
+                     "tool turns come with function calling, not supported by this gateway yet")
+            continue
+        if role not in _ROLES:
+            body.bad(f"{path}.role", f"must be one of {', '.join(_ROLES)}")
+            continue
+        content, pictures = _content(body, turn.get("content"), f"{path}.content",
+                                     settings.max_images - images)
+        images += len(pictures)
+        into.add(role=_ROLES[role], content=content, images=pictures)
+
+
+def _content(body: _Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
+    """A message's text and images: a string, or parts of type text and image_url."""
+    if content is None or isinstance(content, str):
+        return content or "", []
+    if not isinstance(content, list) or len(content) > MAX_CONTENT_PARTS:
+        body.bad(path, f"must be a string or a list of at most {MAX_CONTENT_PARTS} parts")
+        return "", []
+    texts: list[str] = []
+    images: list[bytes] = []
+    for index, part in enumerate(content):
+        where = f"{path}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            if len(images) >= images_left:
+                body.bad(where, "too many images (max_images)")
+                break
+            image = _data_url(part.get("image_url"))
+            if image is None:
+                body.bad(f"{where}.image_url", "must be a data: URL with base64 content "
+                                               "(the gateway fetches nothing)")
+            else:
+                images.append(image)
+        else:
+            body.bad(where, "parts are {type: text, text} or {type: image_url, image_url}")
+    return "\n".join(texts), images
+
+
+def _data_url(image_url: Any) -> bytes | None:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url.startswith("data:"):
+        return None
+    _, sep, data = url.partition(_DATA_URL_BASE64)
+    if not sep:
+        return None
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error:
+        return None
+
+
+def _response_format(body: _Body, fmt: pb.ResponseFormat) -> None:
+    value = body.fields.get("response_format")
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in _FORMAT_TYPES:
+        body.bad("response_format.type", f"must be one of {', '.join(_FORMAT_TYPES)}")
+        return
+    fmt.type = _FORMAT_TYPES[kind]
+    if kind != "json_schema":
+        return
+    spec = value.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        body.bad("response_format.json_schema.schema", "must be a JSON Schema object")
+        return
+    # As text: the rpc layer reads it within the schema limits, as it reads gRPC's.
+    fmt.json_schema = json.dumps(schema)
+
+
+def renamer(names: dict[str, str], prompt: str) -> Rename:
+    """The OpenAI parameter for a field of the gRPC request (`options.top_p` -> `top_p`)."""
+
+    def rename(field: str) -> str:
+        head, dot, rest = field.partition(".")
+        if head == "options" and dot:
+            option, _, tail = rest.partition("[")
+            return names.get(option, option) + (f"[{tail}" if tail else "")
+        if field.startswith("format.json_schema"):
+            return "response_format.json_schema.schema"
+        if head == "format":
+            return "response_format" + field[len(head):]
+        if field == "prompt":
+            return prompt
+        if field.startswith("texts"):
+            return "input" + field[len("texts"):]
+        return field
+
+    return rename
+
+
+def renamed(error: InvalidArgument, rename: Rename) -> InvalidArgument:
+    """The same violations, named as the caller's parameters."""
+    return InvalidArgument((rename(name), why) for name, why in error.violations)
