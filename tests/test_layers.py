@@ -17,7 +17,7 @@ CLIENT = ROOT / "clients/python"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("agentloop.domain", "agentloop.errors", "agentloop.config", "agentloop.schema_limits",
      "agentloop.ranges", "agentloop.tenants", "agentloop.upstreams.spec",
-     "agentloop.upstreams.config"),
+     "agentloop.upstreams.config", "agentloop.tool_calls"),
     ("agentloop.backends",),
     # The routing layer: routes and pools above the backends, below the services.
     ("agentloop.upstreams",),
