@@ -143,3 +143,17 @@ async def test_a_required_call_through_the_http_door_validates(gateway: RunningS
     [call] = choice.message.tool_calls
     assert call.function.name in SCHEMAS and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+async def test_a_keyword_the_grammar_cannot_hold_names_the_doors_param(
+        gateway: RunningServer) -> None:
+    bounded = {"type": "function", "function": {"name": "wait", "parameters": {
+        "type": "object", "properties": {"seconds": {"type": "integer", "maximum": 9}}}}}
+    async with openai.AsyncOpenAI(base_url=f"http://{gateway.http_address}/v1",
+                                  api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model=gateway.backend.default_model, tools=[bounded], max_tokens=8,
+                messages=[{"role": "user", "content": PROMPTS[0]}])
+    assert caught.value.param == "tools[0].function.parameters"
+    assert "maximum" in caught.value.message

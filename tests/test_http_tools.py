@@ -155,6 +155,14 @@ async def test_ollama_cannot_be_made_to_call_and_none_sends_no_tools(ollama, oll
     assert "tools" not in ollama.generation_requests[-1]
 
 
+async def test_a_call_of_a_tool_not_offered_is_the_upstreams_fault(ollama, ollama_door):
+    ollama.enqueue(OllamaScript(tokens=[], tool_calls=[{"name": "rm_rf", "arguments": {}}]))
+    async with sdk(ollama_door) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER])
+    assert caught.value.status_code == 503
+
+
 # --- streamed pieces and tool choices, on the fake OpenAI upstream ----------------------
 
 

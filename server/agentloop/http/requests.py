@@ -207,8 +207,7 @@ def _tool(body: _Body, tool: Any, path: str, into: Any) -> None:
     if strict is not None and not isinstance(strict, bool):
         body.bad(f"{path}.function.strict", "must be true or false")
     # The schema as text: the rpc layer reads it within the schema limits, as Generate's.
-    into.add(name=name if isinstance(name, str) else "",
-             description=description if isinstance(description, str) else "",
+    into.add(name=_text(name), description=_text(description),
              parameters_json_schema=json.dumps(parameters)
              if isinstance(parameters, dict) else "")
 
@@ -396,14 +395,18 @@ def _tool_calls(body: _Body, calls: Any, path: str, into: Any) -> None:
             body.bad(where, 'must be {"id", "type": "function", '
                             '"function": {"name", "arguments"}}')
             continue
-        fields = {"id": call.get("id"), "function.name": function.get("name"),
-                  "function.arguments": function.get("arguments")}
-        for name, value in fields.items():
+        call_id, name = call.get("id"), function.get("name")
+        arguments = function.get("arguments")
+        for field, value in (("id", call_id), ("function.name", name),
+                             ("function.arguments", arguments)):
             if not isinstance(value, str):
-                body.bad(f"{where}.{name}", "must be a string")
-        into.add(**{key: value for key, value in zip(
-            ("id", "name", "arguments_json"), fields.values(), strict=True)
-            if isinstance(value, str)})
+                body.bad(f"{where}.{field}", "must be a string")
+        into.add(id=_text(call_id), name=_text(name), arguments_json=_text(arguments))
+
+
+def _text(value: Any) -> str:
+    """A string field as sent, or "" where it was not one (already a violation)."""
+    return value if isinstance(value, str) else ""
 
 
 def _content(body: _Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
