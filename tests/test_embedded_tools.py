@@ -128,7 +128,8 @@ async def test_a_schema_keyword_the_grammar_cannot_hold_is_refused_naming_the_to
 
 
 async def test_a_required_call_through_the_http_door_validates(gateway: RunningServer) -> None:
-    """The official SDK's stream helper assembles the door's `delta.tool_calls` pieces."""
+    """The official SDK's stream helper assembles the door's `delta.tool_calls` pieces.
+    max_tokens as in the gRPC tests above: a call of these tools fits in it."""
     tools = [{"type": "function", "function": {"name": name, "description": f"The {name} "
               "tool.", "parameters": schema}} for name, schema in SCHEMAS.items()]
     async with openai.AsyncOpenAI(base_url=f"http://{gateway.http_address}/v1",
@@ -136,7 +137,7 @@ async def test_a_required_call_through_the_http_door_validates(gateway: RunningS
             client.chat.completions.stream(
                 model=gateway.backend.default_model, tools=tools,
                 messages=[{"role": "user", "content": PROMPTS[1]}],
-                tool_choice="required", max_tokens=64, temperature=0.8, seed=2) as stream:
+                tool_choice="required", max_tokens=96, temperature=0.8, seed=2) as stream:
         final = await stream.get_final_completion()
     [choice] = final.choices
     assert choice.finish_reason == "tool_calls", choice.message.content
