@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import jsonschema
+import openai
 import pytest
 import pytest_asyncio
 from test_tools import assembled
@@ -45,7 +46,8 @@ REQUIRED = pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED)
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def gateway() -> AsyncIterator[RunningServer]:
-    settings = gateway_settings(backend="embedded", num_ctx=2048, read_timeout=120.0)
+    settings = gateway_settings(backend="embedded", num_ctx=2048, read_timeout=120.0,
+                                http_listen="127.0.0.1:0")
     async with running_gateway(settings, backend=EmbeddedBackend(settings)) as running:
         yield running
 
@@ -123,3 +125,36 @@ async def test_a_schema_keyword_the_grammar_cannot_hold_is_refused_naming_the_to
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == {"tools[2].parameters_json_schema"}
     assert "maximum" in caught.value.details()
+
+
+async def test_a_required_call_through_the_http_door_validates(gateway: RunningServer) -> None:
+    """The official SDK's stream helper assembles the door's `delta.tool_calls` pieces.
+    max_tokens as in the gRPC tests above: a call of these tools fits in it."""
+    tools = [{"type": "function", "function": {"name": name, "description": f"The {name} "
+              "tool.", "parameters": schema}} for name, schema in SCHEMAS.items()]
+    async with openai.AsyncOpenAI(base_url=f"http://{gateway.http_address}/v1",
+                                  api_key="unused", max_retries=0) as client, \
+            client.chat.completions.stream(
+                model=gateway.backend.default_model, tools=tools,
+                messages=[{"role": "user", "content": PROMPTS[1]}],
+                tool_choice="required", max_tokens=96, temperature=0.8, seed=2) as stream:
+        final = await stream.get_final_completion()
+    [choice] = final.choices
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name in SCHEMAS and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+async def test_a_keyword_the_grammar_cannot_hold_names_the_doors_param(
+        gateway: RunningServer) -> None:
+    bounded = {"type": "function", "function": {"name": "wait", "parameters": {
+        "type": "object", "properties": {"seconds": {"type": "integer", "maximum": 9}}}}}
+    async with openai.AsyncOpenAI(base_url=f"http://{gateway.http_address}/v1",
+                                  api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model=gateway.backend.default_model, tools=[bounded], max_tokens=8,
+                messages=[{"role": "user", "content": PROMPTS[0]}])
+    assert caught.value.param == "tools[0].function.parameters"
+    assert "maximum" in caught.value.message

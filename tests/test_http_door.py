@@ -204,13 +204,13 @@ async def test_a_bad_option_is_a_400_naming_the_param(door):
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}}]}]},
      "messages[0].content[0].image_url"),
-    # Function calling is issue 33's item 1: refused, never silently dropped.
+    # Function calling maps (test_http_tools.py): by Generate's rules, or refused.
     ({"messages": [{"role": "user", "content": "Hi"}],
-      "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+      "functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"},
      "tool_choice"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
-     "messages[0].role"),
+     "messages[0].tool_call_id"),
 ])
 async def test_what_the_door_refuses_names_its_param(door, body, param):
     async with httpx.AsyncClient() as raw:

@@ -344,7 +344,7 @@ class HttpDoor:
                     async for item in items:
                         if first:
                             await response.prepare(request)
-                        if isinstance(item, str):
+                        if not isinstance(item, GenerationEnd):  # text, or a call's piece
                             await self._send(response, answer.chunk(item, with_usage=usage,
                                                                     first=first))
                             first = False

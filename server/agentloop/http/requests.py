@@ -7,22 +7,27 @@ fields that have no counterpart), then the rpc layer's own reading
 every rule and every limit; its field names come back in OpenAI's terms
 (`options.temperature` -> `temperature`), so a 400 names the `param` the caller sent.
 
+Function calling maps onto Generate's own: `tools` onto its tool definitions (each
+schema as text, read within the schema limits there), `tool_choice` onto its tool choice,
+assistant `tool_calls` and `tool` turns onto its messages; the rules (names, schemas, which
+call a tool turn answers) are the rpc layer's, named back as OpenAI's parameters.
+
 What the gRPC API cannot do is refused, never ignored: a request that asks for it would
-get another answer than it asked for. Tools (`tools`, `tool_choice`, tool turns) come with
-function calling in Generate (issue 33, item 1): `refuse_tools` is where they will map.
+get another answer than it asked for (legacy `functions`, `parallel_tool_calls: false`).
 """
 
 from __future__ import annotations
 
 import binascii
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from agentloop.config import Settings
 from agentloop.errors import InvalidArgument
-from agentloop.rpc.requests import MAX_STOP_SEQUENCES
+from agentloop.rpc.requests import MAX_STOP_SEQUENCES, MAX_TOOL_CALLS_PER_TURN, MAX_TOOLS
 from agentloop.v1 import agentloop_pb2 as pb
 
 Json = dict[str, Any]
@@ -30,7 +35,7 @@ Violations = list[tuple[str, str]]
 #: Turns a field path of the gRPC request into the OpenAI parameter the caller sent.
 Rename = Callable[[str], str]
 
-#: Function calling's fields: refused until Generate takes tools (issue 33, item 1).
+#: Function calling's fields; `functions` and `function_call` are the legacy ones (refused).
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 #: Fields that change nothing about the answer: who the end user is, what to store.
 INERT_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
@@ -55,7 +60,13 @@ EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions",
 ENCODING_FORMATS = ("float", "base64")
 
 _ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_SYSTEM, "user": pb.ROLE_USER,
-          "assistant": pb.ROLE_ASSISTANT}
+          "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
+_TOOL_CHOICE_MODES = {"none": pb.ToolChoice.MODE_NONE, "auto": pb.ToolChoice.MODE_AUTO,
+                      "required": pb.ToolChoice.MODE_REQUIRED}
+#: A tool's `function` object: `strict` is accepted as response_format's is (the embedded
+#: engine always holds a call to its schema; an upstream gets the schema as it is).
+_FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
+_LEGACY_FUNCTIONS = "legacy function calling is not taken: send tools (and tool_choice)"
 _FORMAT_TYPES = {"text": pb.ResponseFormat.TYPE_TEXT,
                  "json_object": pb.ResponseFormat.TYPE_JSON,
                  "json_schema": pb.ResponseFormat.TYPE_JSON_SCHEMA}
@@ -77,7 +88,8 @@ class GenerationCall:
 
     @property
     def carries_schema(self) -> bool:
-        return bool(self.message.format.json_schema)
+        """Schemas to check (a format's, tools'): read off the loop, as Generate reads."""
+        return bool(self.message.format.json_schema) or bool(self.message.tools)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,30 +159,83 @@ class _Body:
             raise InvalidArgument(self.violations)
 
 
-def refuse_tools(body: _Body) -> None:
-    """Where function calling will map (issue 33, item 1): tools and tool_choice onto
-    Generate's tools, assistant tool_calls and tool turns onto its messages. Until then a
-    request that offers tools, or asks for a tool call, is refused: answering it without
-    them would be a lie. A choice that asks for no tool call (`none`, or `auto` with no
-    tools) and `parallel_tool_calls` change nothing without tools."""
-    for name in ("tools", "functions"):
-        if body.fields.get(name) not in (None, []):
-            body.bad(name, "function calling is not supported by this gateway yet")
-    for name in ("tool_choice", "function_call"):
-        if body.fields.get(name) not in (None, "none", "auto"):
-            body.bad(name, "function calling is not supported by this gateway yet")
-    if not isinstance(body.fields.get("parallel_tool_calls", False), bool):
+def _tools(body: _Body, message: pb.GenerateRequest) -> None:
+    """`tools` and `tool_choice` onto Generate's; legacy `functions` and a
+    `function_call` that asks for a call refused (their answers have another shape:
+    `function_call`, turns by name with no call id)."""
+    if body.fields.get("functions") not in (None, []):
+        body.bad("functions", _LEGACY_FUNCTIONS)
+    if body.fields.get("function_call") not in (None, "none", "auto"):
+        body.bad("function_call", _LEGACY_FUNCTIONS)
+    tools = body.fields.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        body.bad("tools", "must be a list of tools")
+    elif tools and len(tools) > MAX_TOOLS:  # counted before each is read, as Generate does
+        body.bad("tools", f"{len(tools)} tools; the limit is {MAX_TOOLS}")
+    elif tools:
+        for index, tool in enumerate(tools):
+            _tool(body, tool, f"tools[{index}]", message.tools)
+    _tool_choice(body, message.tool_choice)
+    parallel = body.fields.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
         body.bad("parallel_tool_calls", "must be true or false")
+    elif parallel is False and tools and message.tool_choice.mode != pb.ToolChoice.MODE_NONE:
+        # Ollama has no such switch: an answer could hold several calls all the same.
+        body.bad("parallel_tool_calls", "false is not taken: not every engine can be held "
+                                        "to one call per answer (leave it out)")
+
+
+def _tool(body: _Body, tool: Any, path: str, into: Any) -> None:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) - {
+            "type", "function"}:
+        body.bad(path, 'must be {"type": "function", "function": {...}}')
+        return
+    if not isinstance(function, dict):
+        body.bad(f"{path}.function", "must be an object with name, description, parameters")
+        return
+    for key in sorted(set(function) - _FUNCTION_KEYS)[:3]:
+        body.bad(f"{path}.function.{key}", "not a field of a function")
+    name, description = function.get("name"), function.get("description")
+    parameters, strict = function.get("parameters"), function.get("strict")
+    if not isinstance(name, str):
+        body.bad(f"{path}.function.name", "must be a string")
+    if description is not None and not isinstance(description, str):
+        body.bad(f"{path}.function.description", "must be a string")
+    if parameters is not None and not isinstance(parameters, dict):
+        body.bad(f"{path}.function.parameters", "must be a JSON Schema object")
+    if strict is not None and not isinstance(strict, bool):
+        body.bad(f"{path}.function.strict", "must be true or false")
+    # The schema as text: the rpc layer reads it within the schema limits, as Generate's.
+    into.add(name=_text(name), description=_text(description),
+             parameters_json_schema=json.dumps(parameters)
+             if isinstance(parameters, dict) else "")
+
+
+def _tool_choice(body: _Body, choice: pb.ToolChoice) -> None:
+    value = body.fields.get("tool_choice")
+    if value is None:
+        return
+    function = value.get("function") if isinstance(value, dict) else None
+    if isinstance(value, str) and value in _TOOL_CHOICE_MODES:
+        choice.mode = _TOOL_CHOICE_MODES[value]
+    elif isinstance(value, dict) and value.get("type") == "function" \
+            and isinstance(function, dict) and isinstance(function.get("name"), str):
+        choice.mode = pb.ToolChoice.MODE_TOOL
+        choice.name = function["name"]
+    else:
+        body.bad("tool_choice", 'must be "none", "auto", "required" or '
+                                '{"type": "function", "function": {"name": ...}}')
 
 
 def chat_call(data: Any, settings: Settings) -> GenerationCall:
     """A /v1/chat/completions body as a GenerateRequest (InvalidArgument naming params)."""
     body = _Body(data, CHAT_FIELDS)
-    refuse_tools(body)
     body.neutral_only(("n", "presence_penalty", "frequency_penalty", "logprobs",
                        "top_logprobs", "logit_bias", "modalities"))
     message = pb.GenerateRequest(model=body.text("model") or "")
     _messages(body, settings, message.messages)
+    _tools(body, message)
     names = _options(body, message.options, ("max_tokens", "max_completion_tokens"))
     _response_format(body, message.format)
     stream, include_usage = _streaming(body)
@@ -291,9 +356,9 @@ def _messages(body: _Body, settings: Settings, into: Any) -> None:
             body.bad(path, "must be an object with role and content")
             continue
         role = turn.get("role")
-        if role in ("tool", "function") or turn.get("tool_calls"):
-            body.bad(f"{path}.tool_calls" if turn.get("tool_calls") else f"{path}.role",
-                     "tool turns come with function calling, not supported by this gateway yet")
+        if role == "function" or turn.get("function_call") is not None:
+            body.bad(f"{path}.function_call" if role != "function" else f"{path}.role",
+                     f"{_LEGACY_FUNCTIONS} turns (tool_calls, and tool turns by tool_call_id)")
             continue
         if role not in _ROLES:
             body.bad(f"{path}.role", f"must be one of {', '.join(_ROLES)}")
@@ -301,7 +366,47 @@ def _messages(body: _Body, settings: Settings, into: Any) -> None:
         content, pictures = _content(body, turn.get("content"), f"{path}.content",
                                      settings.max_images - images)
         images += len(pictures)
-        into.add(role=_ROLES[role], content=content, images=pictures)
+        message = into.add(role=_ROLES[role], content=content, images=pictures)
+        # Which roles may carry calls or answer one is Generate's rule (rpc.requests).
+        calls = turn.get("tool_calls")
+        if calls is not None:
+            _tool_calls(body, calls, f"{path}.tool_calls", message.tool_calls)
+        call_id = turn.get("tool_call_id")
+        if isinstance(call_id, str):
+            message.tool_call_id = call_id
+        elif call_id is not None:
+            body.bad(f"{path}.tool_call_id", "must be a string")
+
+
+def _tool_calls(body: _Body, calls: Any, path: str, into: Any) -> None:
+    """An assistant turn's `tool_calls` as OpenAI sends them back: id, type function,
+    function {name, arguments as JSON text}."""
+    if not isinstance(calls, list):
+        body.bad(path, "must be a list of tool calls")
+        return
+    if len(calls) > MAX_TOOL_CALLS_PER_TURN:  # counted before each is read
+        body.bad(path, f"{len(calls)} calls; the limit is {MAX_TOOL_CALLS_PER_TURN}")
+        return
+    for index, call in enumerate(calls):
+        where = f"{path}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function, dict):
+            body.bad(where, 'must be {"id", "type": "function", '
+                            '"function": {"name", "arguments"}}')
+            continue
+        call_id, name = call.get("id"), function.get("name")
+        arguments = function.get("arguments")
+        for field, value in (("id", call_id), ("function.name", name),
+                             ("function.arguments", arguments)):
+            if not isinstance(value, str):
+                body.bad(f"{where}.{field}", "must be a string")
+        into.add(id=_text(call_id), name=_text(name), arguments_json=_text(arguments))
+
+
+def _text(value: Any) -> str:
+    """A string field as sent, or "" where it was not one (already a violation)."""
+    return value if isinstance(value, str) else ""
 
 
 def _content(body: _Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
@@ -366,8 +471,17 @@ def _response_format(body: _Body, fmt: pb.ResponseFormat) -> None:
     fmt.json_schema = json.dumps(schema)
 
 
+#: Generate's names of a tool's and a call's fields -> OpenAI's (under `function`).
+_TOOL_FIELDS_OPENAI = {"name": ".function.name", "parameters_json_schema": ".function.parameters",
+                       "arguments_json": ".function.arguments"}
+_TOOL_FIELD = re.compile(r"(?<!\.function)\.(name|parameters_json_schema|arguments_json)$")
+_TOOL_CHOICE_FIELDS = {"tool_choice.mode": "tool_choice",
+                       "tool_choice.name": "tool_choice.function.name"}
+
+
 def renamer(names: dict[str, str], prompt: str) -> Rename:
-    """The OpenAI parameter for a field of the gRPC request (`options.top_p` -> `top_p`)."""
+    """The OpenAI parameter for a field of the gRPC request (`options.top_p` -> `top_p`);
+    a name already in OpenAI's terms stays as it is."""
 
     def rename(field: str) -> str:
         head, dot, rest = field.partition(".")
@@ -382,6 +496,10 @@ def renamer(names: dict[str, str], prompt: str) -> Rename:
             return prompt
         if field.startswith("texts"):
             return "input" + field[len("texts"):]
+        if field in _TOOL_CHOICE_FIELDS:
+            return _TOOL_CHOICE_FIELDS[field]
+        if head.startswith("tools[") or ".tool_calls[" in field:
+            return _TOOL_FIELD.sub(lambda found: _TOOL_FIELDS_OPENAI[found[1]], field)
         return field
 
     return rename

@@ -1,7 +1,8 @@
 """Domain results -> OpenAI's JSON: completions, their stream chunks, embeddings, models.
 
-When tools come (issue 33, item 1) a generation's tool calls become `message.tool_calls`
-and the chunks' `delta.tool_calls`, and FINISH_REASONS gains `tool_calls`.
+A generation's tool calls become `message.tool_calls` (finish_reason `tool_calls`); a
+stream's ToolCallDeltas become the chunks' `delta.tool_calls` pieces, by index: the
+first piece of a call carries its id, type and name, the next ones argument fragments.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from agentloop.domain import (
     GenerationEnd,
     GenerationResult,
     ModelInfo,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
 Json = dict[str, Any]
 
 FINISH_REASONS = {FinishReason.UNSPECIFIED: "stop", FinishReason.STOP: "stop",
-                  FinishReason.LENGTH: "length"}
+                  FinishReason.LENGTH: "length", FinishReason.TOOL_CALLS: "tool_calls"}
 OWNER = "agentloop"
 
 
@@ -48,22 +51,26 @@ class Answer:
         end = result.end
         reason = FINISH_REASONS[end.finish_reason]
         choice: Json = (
-            {"index": 0, "message": {"role": "assistant", "content": result.text,
-                                     "refusal": None},
-             "logprobs": None, "finish_reason": reason}
+            {"index": 0, "message": _message(result), "logprobs": None, "finish_reason": reason}
             if self.chat else
             {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": end.model or self.model,
                 "choices": [choice], "usage": usage_json(end.usage)}
 
-    def chunk(self, text: str | None, reason: str | None = None,
+    def chunk(self, text: str | ToolCallDelta | None, reason: str | None = None,
               with_usage: bool = False, first: bool = False) -> Json:
-        """One streamed chunk: a text delta, or the end (`reason`). With include_usage,
-        every chunk carries `usage: null`, as OpenAI's do, and `usage_chunk` the counts."""
+        """One streamed chunk: a text or tool-call delta, or the end (`reason`). With
+        include_usage, every chunk carries `usage: null`, as OpenAI's do, and
+        `usage_chunk` the counts."""
         if self.chat:
-            delta: Json = {"role": "assistant", "content": text or ""} if first else (
-                {"content": text} if text is not None else {})
+            if isinstance(text, ToolCallDelta):
+                delta: Json = {"tool_calls": [_call_piece(text)]}
+                if first:  # the answer opens with a call: the role comes with it
+                    delta = {"role": "assistant", "content": None, **delta}
+            else:
+                delta = {"role": "assistant", "content": text or ""} if first else (
+                    {"content": text} if text is not None else {})
             choice: Json = {"index": 0, "delta": delta, "logprobs": None,
                             "finish_reason": reason}
         else:
@@ -82,6 +89,28 @@ class Answer:
     def usage_chunk(self, end: GenerationEnd) -> Json:
         return {"id": self.id, "object": self.chunk_object, "created": self.created,
                 "model": self.model, "choices": [], "usage": usage_json(end.usage)}
+
+
+def _message(result: GenerationResult) -> Json:
+    calls = result.end.tool_calls
+    message: Json = {"role": "assistant", "content": result.text or (None if calls else ""),
+                     "refusal": None}
+    if calls:
+        message["tool_calls"] = [tool_call_json(call) for call in calls]
+    return message
+
+
+def tool_call_json(call: ToolCall) -> Json:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments_json}}
+
+
+def _call_piece(delta: ToolCallDelta) -> Json:
+    """One piece of a streamed call: its first (the one with the id) names it."""
+    if delta.id:
+        return {"index": delta.index, "id": delta.id, "type": "function",
+                "function": {"name": delta.name, "arguments": delta.arguments_json}}
+    return {"index": delta.index, "function": {"arguments": delta.arguments_json}}
 
 
 def usage_json(usage: Usage) -> Json:
