@@ -34,7 +34,6 @@ import json
 import math
 import random
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -43,13 +42,11 @@ from typing import Any
 
 import grpc
 
-from agentloop.config import load_settings
 from agentloop.domain import CallContext, ChatMessage, GenerationRequest, Role, SamplingOptions
-from agentloop.server import RunningServer, start_server
 from agentloop.upstreams.config import PrefixRouting
 from agentloop.upstreams.prefix_index import PrefixPicks, prefix_of
 from agentloop.v1 import agentloop_pb2 as pb
-from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from bench.bench_pools import gateway
 from bench.fleet_sizing import BLOCK_TOKENS, index_blocks_for
 from bench.prefix_workload import Call, Workload
 from bench.processes import TESTS
@@ -87,23 +84,6 @@ async def caching_endpoints(args: argparse.Namespace, workload: Workload
     finally:
         for fake in fakes:
             await fake.stop()
-
-
-@contextlib.asynccontextmanager
-async def gateway(document: dict[str, Any]) -> AsyncIterator[tuple[RunningServer, Any]]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
-        json.dump(document, handle)
-        handle.flush()
-        settings = load_settings(environ={}, listen="127.0.0.1:0", upstreams=handle.name,
-                                 model=DEFAULT_MODEL, metrics_listen="", health_interval=0.5,
-                                 warm_up=False, drain_delay=0.0, queue_timeout=120.0,
-                                 max_queue=10_000, cache_entries=0, retry_attempts=2)
-        running = await start_server(settings)
-        try:
-            async with grpc.aio.insecure_channel(running.address) as channel:
-                yield running, pb_grpc.AgentLoopServiceStub(channel)
-        finally:
-            await running.shutdown(grace=1.0, drain_delay=0.0)
 
 
 def cache_blocks(workload: Workload) -> int:
@@ -145,7 +125,8 @@ async def one_call(stub: Any, workload: Workload, call: Call) -> dict[str, Any]:
 async def run_policy(args: argparse.Namespace, workload: Workload, calls: list[Call],
                      enabled: bool, restart_at: int | None) -> dict[str, Any]:
     async with caching_endpoints(args, workload) as fakes, \
-            gateway(pool_document(fakes, args, workload, enabled)) as (running, stub):
+            gateway(pool_document(fakes, args, workload, enabled), model=DEFAULT_MODEL,
+                    retry_attempts=2) as (running, stub):
         done: list[dict[str, Any]] = []
         pending = iter(range(len(calls)))
         restarted = asyncio.Event()

@@ -476,19 +476,9 @@ class _ObservedRequest:
         otel_context.detach(self._context_token)  # the handler's task: its own context
 
     def _write_log(self, status: int, duration: float, tenant: str) -> None:
-        fields: dict[str, Any] = {"method": f"{self.method} {self.route}", "status": status,
-                                  "duration_ms": round(duration * 1e3, 3), "tenant": tenant,
-                                  "door": HTTP_DOOR}
-        entry = self._log
-        if entry.model:
-            fields.update(model=entry.model, input_tokens=entry.input_tokens,
-                          output_tokens=entry.output_tokens)
-        if self.session:
-            fields["session"] = self.session
-        span_context = self.span.get_span_context()
-        if span_context.is_valid:
-            fields["trace_id"] = trace.format_trace_id(span_context.trace_id)
-            fields["span_id"] = trace.format_span_id(span_context.span_id)
+        fields = logs.request_fields(f"{self.method} {self.route}", status, duration, tenant,
+                                     self._log, self.session, self.span)
+        fields["door"] = HTTP_DOOR
         request_log.info("%s %s %d %.1fms", self.method, self.route, status, duration * 1e3,
                          extra={"fields": fields})
 

@@ -155,20 +155,8 @@ class _ObservedRpc:
         _detach(self._context_token)
 
     def _write_log(self, code: grpc.StatusCode, duration: float, tenant: str) -> None:
-        fields: dict[str, Any] = {
-            "method": self.method, "status": code.name, "duration_ms": round(duration * 1e3, 3),
-            "tenant": tenant,
-        }
-        entry = self._log
-        if entry.model:
-            fields.update(model=entry.model, input_tokens=entry.input_tokens,
-                          output_tokens=entry.output_tokens)
-        if self.session:
-            fields["session"] = self.session
-        span_context = self.span.get_span_context()
-        if span_context.is_valid:
-            fields["trace_id"] = trace.format_trace_id(span_context.trace_id)
-            fields["span_id"] = trace.format_span_id(span_context.span_id)
+        fields = logs.request_fields(self.method, code.name, duration, tenant, self._log,
+                                     self.session, self.span)
         request_log.info("%s %s %.1fms", self.method, code.name, duration * 1e3,
                          extra={"fields": fields})
 
