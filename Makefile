@@ -34,6 +34,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF $(if $(filter avx_vnni,$(CPU_FLAGS)),-DGGM
 	$(if $(AVX512),-DGGML_AVX512=ON $(if $(filter avx512vbmi,$(CPU_FLAGS)),-DGGML_AVX512_VBMI=ON) \
 	$(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
 	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON))
+LLAMA_WHEEL_LINK = --find-links $(LLAMA_WHEELS)
 LLAMA_WHEELS := $(HOME)/.cache/agentloop/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(strip $(LLAMA_CMAKE_ARGS))' | md5sum | cut -c1-10)
 
 # The venv, with the client and the server (each its own distribution; the server's CLI
@@ -51,8 +52,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -n "$$(ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl 2>/dev/null)" || \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-deps --no-cache-dir \
 		--progress-bar on -w $(LLAMA_WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
-	$(PY) -m pip install --progress-bar on --find-links $(LLAMA_WHEELS) -e clients/python \
-		-e '.[dev,embedded]'
+	$(PY) -m pip install --progress-bar on $(LLAMA_WHEEL_LINK) -e clients/python -e '.[dev,embedded]'
 	touch $@
 
 # Envoy's protos for tests/test_mesh.py, in a folder of their own that only the subprocess

@@ -13,6 +13,10 @@ route beside an idle one, arrival order, capacity that follows DNS, and the path
 - DNS: a `dns:` pool that resolves to nothing, then to three addresses (three fake Ollamas on
   127.0.0.1-3): its slots before and after one refresh, and whether 6 calls then all stream
   at once.
+- a hostile upstream: `agentloop serve` before an OpenAI-compatible upstream that streams
+  `--overrun` deltas whatever `max_tokens` asks; `--hostile-calls` unary Generates of
+  max_tokens 20 at once: the longest answer and the gateway's peak memory growth (goal
+  < +50 MB).
 - the path's cost: one generation through the generation service and the engine's routing
   (admission + routing + retries layer) over an in-process engine that answers at once,
   microseconds per call (tenants off and on), in this tree and in the tree of `--before`
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -36,16 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from agentloop.config import load_settings
-from agentloop.server import start_server
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
+from bench.bench_pools import gateway
 from bench.bench_tenants import TENANTS, p95, serve, under_flood
 from bench.processes import TESTS, fake_ollama, free_port, stop
 
@@ -139,21 +140,6 @@ async def route_probe(stub: pb_grpc.AgentLoopServiceStub, args: argparse.Namespa
 
 # --- arrival order and DNS, in process -------------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def gateway(folder: Path, document: dict[str, Any], **extra: Any
-                  ) -> AsyncIterator[Any]:
-    settings = load_settings(environ={}, listen="127.0.0.1:0",
-                             upstreams=pools_file(folder, document), metrics_listen="",
-                             health_interval=0.5, warm_up=False, drain_delay=0.0,
-                             queue_timeout=120.0, cache_entries=0, **extra)
-    running = await start_server(settings)
-    try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            yield running, pb_grpc.AgentLoopServiceStub(channel)
-    finally:
-        await running.shutdown(grace=1.0, drain_delay=0.0)
-
-
 async def until(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -162,7 +148,7 @@ async def until(predicate: Any, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def arrival_order(folder: Path) -> dict[str, Any]:
+async def arrival_order() -> dict[str, Any]:
     small, big = FakeOllama(), FakeOllama(models=["other:latest"])
     for fake in (small, big):
         await fake.start("127.0.0.1", 0)
@@ -174,7 +160,7 @@ async def arrival_order(folder: Path) -> dict[str, Any]:
                                           "max_in_flight": 8}},
                     "routes": [{"models": [DEFAULT_MODEL], "pools": ["small"]},
                                {"models": ["other"], "pools": ["big"]}]}
-        async with gateway(folder, document, fair_queuing=False) as (running, stub):
+        async with gateway(document, fair_queuing=False) as (running, stub):
             holder = stub.StreamGenerate(pb.StreamGenerateRequest(prompt="hold"), timeout=60)
             await holder.read()
             waiters = []
@@ -191,7 +177,7 @@ async def arrival_order(folder: Path) -> dict[str, Any]:
     return {"served": order, "in_arrival_order": order == [f"w{i}" for i in range(10)]}
 
 
-async def dns_capacity(folder: Path) -> dict[str, Any]:
+async def dns_capacity() -> dict[str, Any]:
     port = free_port()
     fakes = [FakeOllama(default_script=Script(tokens=["t"] * 20, token_delay=0.05))
              for _ in range(3)]
@@ -203,7 +189,7 @@ async def dns_capacity(folder: Path) -> dict[str, Any]:
         document = {"upstreams": {"local": {"kind": "ollama", "dns": f"models.invalid:{port}",
                                             "max_in_flight": 2, "dns_refresh": 3600}},
                     "routes": [{"models": [DEFAULT_MODEL], "pools": ["local"]}]}
-        async with gateway(folder, document) as (running, stub):
+        async with gateway(document) as (running, stub):
             pool = running.backend.pools["local"]
 
             async def resolver(_host: str, _port: int) -> list[str]:
@@ -225,6 +211,54 @@ async def dns_capacity(folder: Path) -> dict[str, Any]:
             await fake.stop()
     return {"slots_before": before, "slots_after_one_refresh": after,
             "six_calls_at_once": all_at_once}
+
+
+# --- a hostile upstream: memory stays bounded ------------------------------------------------
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+async def hostile_upstream(folder: Path, calls: int, overrun: int) -> dict[str, Any]:
+    """`agentloop serve` (its own process, so its memory is its own) before an
+    OpenAI-compatible upstream that streams `overrun` deltas whatever `max_tokens` says:
+    what unary Generates of max_tokens 20 get, and the gateway's peak memory before and
+    after."""
+    from fake_openai import DEFAULT_MODEL as OPENAI_MODEL
+    from fake_openai import FakeOpenAI
+    from fake_openai import Script as OpenAIScript
+
+    fake = FakeOpenAI(default_script=OpenAIScript(tokens=["x"] * overrun, overrun=True))
+    await fake.start()
+    try:
+        document = {"upstreams": {"hostile": {"kind": "openai", "endpoints": [fake.url],
+                                              "remote": False, "max_in_flight": 4}},
+                    "routes": [{"models": [OPENAI_MODEL], "pools": ["hostile"]}]}
+        # On a thread: the fake upstream answers the gateway's checks from this loop.
+        proc, address = await asyncio.to_thread(
+            serve, "--upstreams", pools_file(folder, document), "--model", OPENAI_MODEL,
+            "--warm-up", "false")
+        try:
+            before = peak_rss_mb(proc.pid)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.AgentLoopServiceStub(channel)
+                replies = await asyncio.gather(*(stub.Generate(pb.GenerateRequest(
+                    prompt="hi", options=pb.GenerationOptions(max_tokens=20)), timeout=120)
+                    for _ in range(calls)))
+            after = peak_rss_mb(proc.pid)
+        finally:
+            stop(proc)
+    finally:
+        await fake.stop()
+    return {"calls": calls, "deltas_offered_per_call": overrun,
+            "longest_answer_chars": max(len(r.text) for r in replies),
+            "all_cut_at_length": all(r.finish_reason == pb.FINISH_REASON_LENGTH
+                                     for r in replies),
+            "peak_rss_before_mb": before, "peak_rss_after_mb": after,
+            "growth_mb": after - before}
 
 
 # --- the path's own cost ---------------------------------------------------------------------
@@ -334,6 +368,12 @@ def table(results: dict[str, Any]) -> str:
     if order:
         rows.append(f"| ten waiters on cap 1 served in arrival order | "
                     f"{order['in_arrival_order']} | True |")
+    hostile = results.get("hostile_upstream")
+    if hostile:
+        rows.append(f"| {hostile['calls']} unary calls of max_tokens 20 before an upstream "
+                    f"streaming {hostile['deltas_offered_per_call']:,} deltas: longest answer, "
+                    f"gateway's peak memory growth | {hostile['longest_answer_chars']} chars, "
+                    f"+{hostile['growth_mb']:.0f} MB | 20 tokens, < +50 MB |")
     dns = results.get("dns")
     if dns:
         rows.append(f"| dns pool slots: nothing resolved -> one refresh after 3 addresses | "
@@ -352,11 +392,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"args": vars(args), "machine": {
         "cpus": os.cpu_count(), "python": platform.python_version()}}
     results["path_cost"] = path_costs(args.before, args.path_calls)
+    results["arrival_order"] = await arrival_order()
+    results["dns"] = await dns_capacity()
     with tempfile.TemporaryDirectory() as folder:
-        results["arrival_order"] = await arrival_order(Path(folder))
-        results["dns"] = await dns_capacity(Path(folder))
         results["fairness"] = await fairness(args, Path(folder))
         results["two_routes"] = await two_routes(args, Path(folder))
+        results["hostile_upstream"] = await hostile_upstream(Path(folder), args.hostile_calls,
+                                                             args.overrun)
     return results
 
 
@@ -368,6 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-delay", type=float, default=0.01,
                         help="the fake Ollama's seconds per token")
     parser.add_argument("--path-calls", type=int, default=20_000)
+    parser.add_argument("--hostile-calls", type=int, default=8)
+    parser.add_argument("--overrun", type=int, default=200_000,
+                        help="deltas the hostile upstream streams per call")
     parser.add_argument("--before", default="bc5df12",
                         help="the revision whose path cost is measured beside this tree's")
     return parser.parse_args(argv)

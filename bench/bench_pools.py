@@ -64,14 +64,17 @@ async def endpoints(count: int, capacity: int, token_delay: float
 
 
 @contextlib.asynccontextmanager
-async def gateway(document: dict[str, Any]) -> AsyncIterator[tuple[RunningServer, Any]]:
+async def gateway(document: dict[str, Any], **extra: Any
+                  ) -> AsyncIterator[tuple[RunningServer, Any]]:
+    """A gateway in this process on the pools file `document` (`extra`: other settings)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
         json.dump(document, handle)
         handle.flush()
-        settings = load_settings(environ={}, listen="127.0.0.1:0", upstreams=handle.name,
-                                 metrics_listen="", health_interval=0.5, warm_up=False,
-                                 drain_delay=0.0, queue_timeout=120.0, max_queue=10_000,
-                                 cache_entries=0)
+        values: dict[str, Any] = {
+            "listen": "127.0.0.1:0", "upstreams": handle.name, "metrics_listen": "",
+            "health_interval": 0.5, "warm_up": False, "drain_delay": 0.0,
+            "queue_timeout": 120.0, "max_queue": 10_000, "cache_entries": 0, **extra}
+        settings = load_settings(environ={}, **values)
         running = await start_server(settings)
         try:
             async with grpc.aio.insecure_channel(running.address) as channel:

@@ -309,7 +309,8 @@ async def memory_phase(quick: bool) -> dict[str, Any]:
 
 def other_benchmarks(quick: bool) -> dict[str, Any]:
     """The other bench_*.py modules (embedded engine, telemetry, workers, affinity, tenants,
-    workloads, pools, OpenAI backend, embeddings, transport) when present: their own JSON."""
+    workloads, pools, OpenAI backend, embeddings, transport, the one path, cache-aware picks,
+    the HTTP door, tool calls) when present: their own JSON."""
     found: dict[str, Any] = {}
     # Small settings: `make bench` must stay within 10 minutes on 2 cores (the embedded
     # engine's own workload: about 4 minutes on a quiet machine).
@@ -334,10 +335,20 @@ def other_benchmarks(quick: bool) -> dict[str, Any]:
         # Background runs: callers that leave, resume, the store's cost, webhooks, a queue.
         "runs": ["--runs", "20", "--tokens", "200", "--queued", "200", "--events", "500"]
         if quick else [],
+        # One path for every engine: fairness where the pools are, capacity, the path's cost.
+        "one_path": ["--flood", "100", "--probes", "10", "--path-calls", "5000"]
+        if quick else [],
+        # Cache-aware picks on the caching fake.
+        "prefix_routing": ["--calls", "200", "--warmup", "40"] if quick else [],
+        # The HTTP door beside the gRPC door.
+        "http_door": ["--concurrency", "20", "--seconds", "3", "--rounds", "1"]
+        if quick else [],
+        # Tool calls on the embedded engine: validity and the grammar's decode speed.
+        "tools": ["--prompts", "10", "--rounds", "2", "--max-tokens", "48"] if quick else [],
     }
     # bench_affinity starts three embedded engines and runs 144 generations.
     timeouts = {"affinity": 900, "embedded": 1800, "tenants": 900, "workloads": 2400,
-                "embeddings": 900, "transport": 900}
+                "embeddings": 900, "transport": 900, "one_path": 900, "tools": 900}
     for name, argv in runs.items():
         if not (ROOT / "bench" / f"bench_{name}.py").exists():
             continue

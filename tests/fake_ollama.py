@@ -115,6 +115,10 @@ class Script:
     before_final: bytes = b""  # raw bytes written before the final chunk
     after_done: bytes = b""  # raw bytes written after the final chunk
     hang_after_done: bool = False  # then keep the response open until the client goes away
+    # Function calling (/api/chat): after the tokens, one chunk whose message carries these
+    # calls, each {"name": ..., "arguments": {...}} (Ollama gives no ids); the request must
+    # declare `tools` (else 400, as a model without tool support answers).
+    tool_calls: list[dict[str, Any]] | None = None
 
     def token_list(self) -> list[str]:
         """The tokens this script streams (before num_predict is applied)."""
@@ -650,6 +654,8 @@ class FakeOllama:
             model, ["completion"]
         ):
             return _error(400, f"{name} does not support tools")
+        if kind == "chat" and not _tools_valid(body):
+            return _error(400, "invalid tools or tool messages")
         try:
             keep_alive = parse_keep_alive(body.get("keep_alive"))
         except ValueError as exc:
@@ -772,6 +778,11 @@ class FakeOllama:
                 return resp
             if script.before_final:
                 await resp.write(script.before_final)
+            if script.tool_calls and kind == "chat":
+                await resp.write(_dumps({
+                    "model": name, "created_at": _rfc3339(), "done": False,
+                    "message": {"role": "assistant", "content": "",
+                                "tool_calls": _ollama_calls(script.tool_calls)}}) + b"\n")
             final = self._final(kind, name, body, "", len(sent), reason, started, loaded_at,
                                 first_at)
             final.update(script.final_fields or {})
@@ -861,6 +872,8 @@ class FakeOllama:
             raise ClientGone
         final = self._final(kind, name, body, text, len(tokens), reason, started, loaded_at,
                             first_at)
+        if script.tool_calls and kind == "chat":
+            final["message"]["tool_calls"] = _ollama_calls(script.tool_calls)
         self.completed += 1
         return _json_response(final)
 
@@ -900,6 +913,37 @@ class FakeOllama:
         if kind == "generate":
             final["context"] = list(range(1, prompt_count + eval_count + 1))
         return final
+
+
+def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scripted calls as Ollama's message.tool_calls."""
+    return [{"function": {"index": index, "name": call["name"],
+                          "arguments": call.get("arguments", {})}}
+            for index, call in enumerate(calls)]
+
+
+def _tools_valid(body: Mapping[str, Any]) -> bool:
+    """Ollama's shapes: tools [{"type": "function", "function": {"name", "parameters"}}],
+    assistant tool_calls [{"function": {"name", "arguments": {...}}}] (an object, not text),
+    tool turns with content (and tool_name)."""
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+            and isinstance(t["function"].get("parameters", {}), dict) for t in tools)):
+        return False
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            return False
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                    or not isinstance(function.get("arguments"), dict):
+                return False
+        if "tool_name" in message and not isinstance(message["tool_name"], str):
+            return False
+    return True
 
 
 @lru_cache(maxsize=4096)

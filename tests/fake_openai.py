@@ -30,7 +30,7 @@ import ssl
 import struct
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,15 +51,17 @@ from fake_ollama import (
     raw_answers,
 )
 
-__all__ = ["DEFAULT_MODEL", "FakeOpenAI", "Script", "main"]
+__all__ = ["DEFAULT_MODEL", "FakeOpenAI", "KVCache", "Script", "main"]
 
 DEFAULT_MODEL = "gemma-3-270m"
 #: Keys every generation may carry (OpenAI's own); anything else must be allowed in `extras`.
 CHAT_KEYS = frozenset({
     "model", "messages", "stream", "stream_options", "temperature", "top_p", "max_tokens",
-    "max_completion_tokens", "seed", "stop", "response_format", "n", "user",
+    "max_completion_tokens", "seed", "stop", "response_format", "n", "user", "tools",
+    "tool_choice",
 })
-COMPLETION_KEYS = (CHAT_KEYS - {"messages", "response_format"}) | {"prompt"}
+COMPLETION_KEYS = (CHAT_KEYS - {"messages", "response_format", "tools", "tool_choice"}) | {
+    "prompt"}
 EMBEDDING_KEYS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
 MID_STREAM_ERROR = {"message": "the engine failed", "type": "server_error", "code": 500}
 MALFORMED_EVENT = b'data: {"choices": this is not JSON\n\n'
@@ -93,6 +95,11 @@ class Script:
     before_finish: bytes = b""  # raw bytes written before the finish chunk
     after_done: bytes = b""  # raw bytes written after `data: [DONE]`
     hang_after_done: bool = False  # then keep the response open until the client goes away
+    # Function calling: after the tokens, these calls ({"name", "arguments": JSON text,
+    # "id"?}), streamed as `delta.tool_calls` pieces (the id and name, then the arguments in
+    # `argument_pieces` pieces); finish_reason "tool_calls".
+    tool_calls: list[dict[str, Any]] | None = None
+    argument_pieces: int = 3
 
     def token_list(self) -> list[str]:
         return list(DEFAULT_TOKENS if self.tokens is None else self.tokens)
@@ -111,6 +118,11 @@ def _json(obj: Any) -> web.Response:
 
 def _prompt_tokens(body: Mapping[str, Any]) -> int:
     """A deterministic prompt token count: whitespace words of the text the model reads."""
+    return max(1, len(_prompt_words(body)))
+
+
+def _prompt_words(body: Mapping[str, Any]) -> list[str]:
+    """The prompt's tokens, as the fake counts them: its words, in order."""
     texts: list[str] = [body["prompt"]] if isinstance(body.get("prompt"), str) else []
     for message in body.get("messages") or ():
         content = message.get("content") if isinstance(message, Mapping) else None
@@ -118,7 +130,57 @@ def _prompt_tokens(body: Mapping[str, Any]) -> int:
             texts.append(content)
         elif isinstance(content, list):
             texts += [part.get("text", "") for part in content if isinstance(part, Mapping)]
-    return max(1, sum(len(text.split()) for text in texts))
+    return [word for text in texts for word in text.split()]
+
+
+class KVCache:
+    """An engine's prefix cache, modelled: an LRU of `capacity` blocks of `block_tokens`
+    prompt tokens (words), each block's hash chained on the blocks before it and seeded
+    with the model and the request's `cache_salt` (vLLM's scheme). A prompt's cached part
+    is its longest run of leading blocks held; its prefill takes `prefill_per_token`
+    seconds per token not cached before the first token. Observed: `prompt_tokens` and
+    `cached_tokens` served, `hits` (calls with any cached token)."""
+
+    def __init__(self, capacity: int, block_tokens: int = 16,
+                 prefill_per_token: float = 0.0) -> None:
+        self.capacity = capacity
+        self.block_tokens = block_tokens
+        self.prefill_per_token = prefill_per_token
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.hits = 0
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def clear(self) -> None:
+        """The engine restarted: nothing cached."""
+        self._blocks.clear()
+
+    def serve(self, body: Mapping[str, Any]) -> tuple[int, int]:
+        """The prompt's (tokens, cached tokens); its blocks are cached from now on."""
+        words = _prompt_words(body)
+        seed = f"{body.get('model')}\0{body.get('cache_salt', '')}".encode()
+        digest = hashlib.blake2b(seed, digest_size=16).digest()
+        hashes = []
+        for start in range(0, len(words) - self.block_tokens + 1, self.block_tokens):
+            block = " ".join(words[start:start + self.block_tokens]).encode()
+            digest = hashlib.blake2b(block, digest_size=16, key=digest).digest()
+            hashes.append(digest)
+        held = 0
+        while held < len(hashes) and hashes[held] in self._blocks:
+            held += 1
+        for digest in reversed(hashes):  # the head most recent: a prefix loses its tail first
+            self._blocks[digest] = None
+            self._blocks.move_to_end(digest)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+        tokens, cached = max(1, len(words)), held * self.block_tokens
+        self.prompt_tokens += tokens
+        self.cached_tokens += cached
+        self.hits += cached > 0
+        return tokens, cached
 
 
 def embedding_of(text: str, dimensions: int) -> list[float]:
@@ -138,7 +200,9 @@ class FakeOpenAI:
     `per_token` (embeddings as one vector per word, as a model without pooling gives),
     `stop_limit` (the most stop strings taken, 4 as at OpenAI; 0: no limit), `tool_pairing`
     (a `tool` turn must name, in `tool_call_id`, a call of an earlier assistant turn's
-    `tool_calls`, as OpenAI requires; off: any `tool_call_id` will do, as llama-cpp-python).
+    `tool_calls`, as OpenAI requires; off: any `tool_call_id` will do, as llama-cpp-python),
+    `kv_cache` (a `KVCache`: prompts' prefixes cached, their prefill timed and their cached
+    tokens reported in usage; `restart` empties it).
 
     A hostile upstream: `answers` {path: RawAnswer} answers those paths (e.g. "/v1/models")
     with raw bytes and the status `raw_status`.
@@ -167,6 +231,7 @@ class FakeOpenAI:
         self.tokens_sent = 0
         self.stop_limit = 4
         self.tool_pairing = True
+        self.kv_cache: KVCache | None = None
         self.requests: list[tuple[str, Any]] = []
         self.generation_requests: list[dict[str, Any]] = []
         self.generation_headers: list[dict[str, str]] = []
@@ -225,8 +290,11 @@ class FakeOpenAI:
         await runner.cleanup()
 
     async def restart(self) -> None:
-        """Stop, then listen again on the same port: an endpoint that went away and is back."""
+        """Stop, then listen again on the same port: an endpoint that went away and is back
+        (its prefix cache empty)."""
         await self.stop()
+        if self.kv_cache is not None:
+            self.kv_cache.clear()
         await self.start(self._host, self._port, self._tls)
 
     async def __aenter__(self) -> FakeOpenAI:
@@ -354,7 +422,8 @@ class FakeOpenAI:
         if error is None:
             error = self._stop_error(body)
         if error is None and chat:
-            error = self._format_error(body) or self._tool_turn_error(body)
+            error = self._format_error(body) or self._tool_turn_error(body) \
+                or _tools_error(body)
         if error is not None:
             return error
         self.generation_requests.append(body)
@@ -386,12 +455,20 @@ class FakeOpenAI:
         if script.status is not None:
             headers = {"Retry-After": script.retry_after} if script.retry_after else None
             return _error(script.status, script.error, "server_error", headers)
-        if await _sleep_until(request, loop.time() + script.first_token_delay):
+        prefill, cached = 0.0, script.cached_tokens
+        if self.kv_cache is not None:
+            tokens_in, held = self.kv_cache.serve(body)
+            prefill = (tokens_in - held) * self.kv_cache.prefill_per_token
+            cached = held if cached is None else cached
+        if await _sleep_until(request, loop.time() + script.first_token_delay + prefill):
             raise ClientGone
         tokens, reason = script.token_list(), "stop"
         limit = body.get("max_tokens")
         if isinstance(limit, int) and 0 < limit <= len(tokens) and not script.overrun:
             tokens, reason = tokens[:limit], "length"
+        calls = script.tool_calls if chat else None
+        if calls:
+            reason = "tool_calls"
         reason = script.finish_reason or reason
         fault, cut = None, len(tokens)
         for name in ("reset_after", "hang_after", "error_after", "malformed_after"):
@@ -401,12 +478,12 @@ class FakeOpenAI:
         sent = tokens[:cut]
         usage = {"prompt_tokens": _prompt_tokens(body), "completion_tokens": len(sent),
                  "total_tokens": _prompt_tokens(body) + len(sent)}
-        if script.cached_tokens is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": script.cached_tokens}
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if script.usage is not None:
             usage = script.usage
         if body.get("stream") is not True:
-            return self._whole(body, "".join(sent), reason, usage, chat)
+            return self._whole(body, "".join(sent), reason, usage, chat, calls)
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
@@ -432,6 +509,13 @@ class FakeOpenAI:
             return resp
         if script.before_finish:
             await resp.write(script.before_finish)
+        for index, call in enumerate(calls or ()):
+            for piece in _call_pieces(index, call, script.argument_pieces):
+                await resp.write(b"data: " + _dumps({
+                    "id": "cmpl-fake", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": None,
+                                 "delta": {"tool_calls": [piece]}}]}) + end)
         last = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat else
                 "text_completion", "created": int(time.time()), "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": reason,
@@ -478,17 +562,65 @@ class FakeOpenAI:
             self.tokens_sent += 1
 
     def _whole(self, body: Mapping[str, Any], text: str, reason: str, usage: dict[str, Any],
-               chat: bool) -> web.Response:
+               chat: bool, calls: list[dict[str, Any]] | None = None) -> web.Response:
         """`"stream": false`: one JSON object."""
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if calls:
+                choice["message"]["tool_calls"] = [
+                    {"id": call.get("id", f"call_{index}"), "type": "function",
+                     "function": {"name": call["name"], "arguments": call["arguments"]}}
+                    for index, call in enumerate(calls)]
         else:
             choice["text"] = text
         self.completed += 1
         return _json({"id": "cmpl-fake", "object": "chat.completion" if chat else
                       "text_completion", "created": int(time.time()), "model": body["model"],
                       "choices": [choice], "usage": usage})
+
+
+def _call_pieces(index: int, call: Mapping[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """One scripted call as OpenAI streams it: the id and name first, then the arguments'
+    text in `pieces` parts, each `{"index", ...}`."""
+    arguments: str = call["arguments"]
+    size = max(1, -(-len(arguments) // max(1, pieces)))
+    first = {"index": index, "id": call.get("id", f"call_{index}"), "type": "function",
+             "function": {"name": call["name"], "arguments": ""}}
+    return [first, *({"index": index, "function": {"arguments": arguments[at:at + size]}}
+                     for at in range(0, len(arguments), size))]
+
+
+def _tools_error(body: Mapping[str, Any]) -> web.Response | None:
+    """Refuse tools and a tool_choice out of OpenAI's shapes: tools [{"type": "function",
+    "function": {"name", "description"?, "parameters"?}}]; tool_choice "auto", "none",
+    "required" or {"type": "function", "function": {"name": a declared tool}}; assistant
+    tool_calls with string arguments."""
+    tools = body.get("tools")
+    names: set[str] = set()
+    if tools is not None:
+        if not isinstance(tools, list) or not tools:
+            return _error(400, "Invalid parameter: tools")
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if tool.get("type") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str) \
+                    or not isinstance(function.get("parameters", {}), dict):
+                return _error(400, "Invalid parameter: tools")
+            names.add(function["name"])
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if tools is None:
+            return _error(400, "'tool_choice' is only allowed when 'tools' are specified")
+        named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if choice not in ("auto", "none", "required") and named not in names:
+            return _error(400, "Invalid parameter: tool_choice")
+    for message in body.get("messages") or ():
+        for call in (message.get("tool_calls") or ()) if isinstance(message, dict) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+                return _error(400, "Invalid parameter: messages.tool_calls")
+    return None
 
 
 # --------------------------------------------------------------------- command line
@@ -503,6 +635,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--first-token-delay", type=float, default=0.0)
     parser.add_argument("--model", action="append", default=None)
+    parser.add_argument("--kv-cache-blocks", type=int, default=0,
+                        help="model a prefix cache of this many blocks (0: none)")
+    parser.add_argument("--block-tokens", type=int, default=16)
+    parser.add_argument("--prefill-per-token", type=float, default=0.0,
+                        help="seconds of prefill per prompt token not cached")
     return parser.parse_args(argv)
 
 
@@ -511,6 +648,8 @@ async def _serve(args: argparse.Namespace) -> None:
         DEFAULT_TOKENS[i % len(DEFAULT_TOKENS)] for i in range(max(0, args.tokens))]
     fake = FakeOpenAI(models=args.model or [DEFAULT_MODEL], default_script=Script(
         tokens=tokens, token_delay=args.token_delay, first_token_delay=args.first_token_delay))
+    if args.kv_cache_blocks:
+        fake.kv_cache = KVCache(args.kv_cache_blocks, args.block_tokens, args.prefill_per_token)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -232,3 +232,26 @@ def test_the_key_is_canonical():
     assert cache_key(request("a")) == cache_key(request("a"))
     assert cache_key(request("a")) != cache_key(request("b"))
     assert len(cache_key(request("a"))) == 64
+
+
+async def test_answers_with_tools_offered_are_never_shared_and_tool_turns_are_in_the_key(
+        stub, fake_ollama):
+    """Each answer that may carry tool calls has ids of its own: never replayed. A chat's
+    earlier calls and tool results shape the answer: in the key."""
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
+    ask = pb.Message(role=pb.ROLE_USER, content="weather?")
+    tool = pb.ToolDefinition(name="get_weather")
+    for _ in range(2):
+        await stub.Generate(pb.GenerateRequest(messages=[ask], tools=[tool], options=GREEDY),
+                            timeout=5)
+    assert len(fake_ollama.generation_requests) == 2
+
+    def answered(result: str) -> pb.GenerateRequest:
+        call = pb.ToolCall(id="c1", name="get_weather", arguments_json="{}")
+        return pb.GenerateRequest(options=GREEDY, messages=[
+            ask, pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="c1", content=result)])
+
+    for request in (answered("sunny"), answered("rain"), answered("sunny")):
+        await stub.Generate(request, timeout=5)
+    assert len(fake_ollama.generation_requests) == 4

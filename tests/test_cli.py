@@ -76,6 +76,26 @@ async def test_generate_with_a_json_schema_from_a_file(gateway, fake_ollama, tmp
     assert fake_ollama.generation_requests[-1]["format"] == schema
 
 
+async def test_generate_with_tools_prints_the_calls(gateway, fake_ollama, tmp_path):
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
+    fake_ollama.enqueue(Script(tokens=[], tool_calls=[
+        {"name": "get_weather", "arguments": {"city": "Paris"}}]))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    (tmp_path / "weather.json").write_text(json.dumps(schema))
+    code, out, err = await cli("generate", "Weather in Paris?", "--address", gateway.address,
+                               "--tool", f"get_weather=@{tmp_path / 'weather.json'}",
+                               "--tool", "get_time")
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if line]
+    assert line.startswith("tool call call_") and line.endswith(' get_weather {"city":"Paris"}')
+    body = fake_ollama.generation_requests[-1]
+    assert body["messages"] == [{"role": "user", "content": "Weather in Paris?"}]
+    assert [t["function"]["parameters"] for t in body["tools"]] == [schema, {"type": "object"}]
+    code, _, err = await cli("generate", "hi", "--address", gateway.address, "--tool", "a",
+                             "--tool-choice", "b")
+    assert code == 1 and err.startswith("agentloop: INVALID_ARGUMENT: tool_choice.name")
+
+
 async def test_bad_input_is_one_line_naming_the_field(gateway):
     code, out, err = await cli("generate", "hi", "--address", gateway.address, "--top-p", "3")
     assert code == 1 and out == ""
@@ -224,3 +244,10 @@ async def test_embed_and_tokens_failures_are_one_line(gateway):
 async def test_health_reads_the_address_from_the_environment(gateway):
     code, out, _ = await cli("health", env={"AGENTLOOP_ADDRESS": gateway.address})
     assert (code, out) == (0, "SERVING\n")
+
+
+async def test_an_unknown_health_service_names_the_ones_there_are(gateway):
+    code, out, err = await cli("health", "--service", "bogus", "--address", gateway.address)
+    assert (code, out) == (1, "")
+    assert err == ("agentloop: NOT_FOUND: no health service named 'bogus'; this server has '' "
+                   "(the whole server), agentloop.v1.AgentLoopService, liveness, readiness\n")

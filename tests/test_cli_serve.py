@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 
 from fake_ollama import FakeOllama, Script
@@ -159,6 +160,25 @@ async def test_sighup_reloads_the_keys_file(fake_ollama: FakeOllama, tmp_path: P
                 if await accepted("new-key"):
                     break
             assert await accepted("new-key") and not await accepted("old-key")
+    finally:
+        code = await stop(proc)
+    assert code == 0
+
+
+async def test_one_flag_opens_the_http_door(fake_ollama: FakeOllama):
+    fake_ollama.default_script = Script(tokens=["Hi", " there"])
+    proc, _ = await start_serve("--backend", "ollama", "--ollama-url", fake_ollama.url,
+                                "--drain-delay", "0", "--http-listen", "127.0.0.1:0")
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 10)  # the banner's grpcurl line
+        line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        assert line.strip().startswith("OpenAI-compatible API: http://127.0.0.1:"), line
+        async with openai.AsyncOpenAI(base_url=line.split()[-1], api_key="unused",
+                                      max_retries=0) as client:
+            reply = await client.chat.completions.create(
+                model="gemma3n:e2b", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "Hi there"
     finally:
         code = await stop(proc)
     assert code == 0

@@ -31,6 +31,7 @@ from agentloop_client import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    tool_calls_of,
 )
 from fake_ollama import FakeOllama, Script, wait_until
 from helpers import TOKENS, gateway_settings, markdown_section, running_gateway
@@ -146,6 +147,42 @@ async def test_async_client_embeds_and_counts_with_typed_errors(gateway, fake_ol
     assert len(reply.embeddings) == 2 and reply.usage.input_tokens == 4
     assert set(bad.value.field_violations) == {"texts[1]"}
     assert set(chat_and_texts.value.field_violations) == {"texts"}
+
+
+async def test_clients_pass_tools_and_return_tool_calls(gateway, fake_ollama):
+    """Tools as plain dicts (OpenAI's shape too), tool calls back on the answer and, from a
+    stream, joined from their deltas; the result goes back as a tool turn by the call's id."""
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
+    paris = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    fake_ollama.enqueue(Script(tokens=[], tool_calls=[paris]),
+                        Script(tokens=[], tool_calls=[paris]), Script(tokens=["Sunny."]))
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def sync_calls() -> pb.GenerateResponse:
+        with AgentLoopClient(gateway.address) as client:
+            return client.generate(messages=ask, tools=[weather], tool_choice="auto")
+
+    reply = await asyncio.to_thread(sync_calls)
+    assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert [(c.name, json.loads(c.arguments_json)) for c in reply.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    async with AsyncAgentLoopClient(gateway.address) as client:
+        replies = [r async for r in client.stream_generate(messages=ask, tools=[weather])]
+        [call] = tool_calls_of(replies)
+        assert [call] == list(replies[-1].tool_calls)
+        answer = await client.generate(messages=[
+            *ask, {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}],
+            tools=[weather], tool_choice="none")
+    assert (answer.text, answer.finish_reason) == ("Sunny.", pb.FINISH_REASON_STOP)
+    sent = fake_ollama.generation_requests
+    assert sent[0]["tools"][0]["function"]["name"] == "get_weather"
+    assert "tools" not in sent[2]
+    assert sent[2]["messages"][-1] == {"role": "tool", "content": "sunny",
+                                       "tool_name": "get_weather"}
 
 
 async def test_async_client_streams_and_runs_the_agent(gateway, fake_ollama):
@@ -343,9 +380,13 @@ NODE = shutil.which("node")
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
 async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, fake_ollama):
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
     fake_ollama.enqueue(
         Script(tokens=TOKENS),  # Generate
         Script(tokens=TOKENS),  # StreamGenerate
+        # Function calling: a call of the JavaScript function, then the answer.
+        Script(tokens=[], tool_calls=[{"name": "reverse_text", "arguments": {"text": "gRPC"}}]),
+        Script(tokens=["Done", ":", " CPRg"]),
         action(thought="Reverse it.", tool="reverse_text", arguments={"text": "agentloop"}),
         action(thought="Got it.", final_answer="pooltnega"),
         action(tool="calculator", arguments={"expression": "17*23"}),  # the background run
@@ -371,6 +412,11 @@ async def test_node_example_calls_every_rpc_and_runs_a_javascript_tool(gateway, 
                for line in lines)
     assert fake_ollama.embed_requests[0]["input"] == ["a cat sat on the mat",
                                                       "a kitten sat on the rug"]
+    assert 'functions: call reverse_text {"text":"gRPC"}' in lines
+    assert "functions: answer Done: CPRg [FINISH_REASON_STOP]" in lines
+    # The function's result went back as a tool turn naming its call.
+    assert fake_ollama.generation_requests[3]["messages"][-1] == {
+        "role": "tool", "content": "CPRg", "tool_name": "reverse_text"}
     assert 'agent: call reverse_text {"text": "agentloop"} (client tool)' in lines
     assert "agent: result: pooltnega" in lines
     assert "agent: AGENT_STOP_REASON_FINAL_ANSWER pooltnega" in lines

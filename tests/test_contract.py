@@ -109,6 +109,12 @@ def test_the_settings_page_documents_every_setting() -> None:
     ({"AGENTLOOP_LOG_LEVEL": "loud"},
      "--log-level / AGENTLOOP_LOG_LEVEL: must be one of debug, info, warning, error, got 'loud'"),
     ({"AGENTLOOP_MODEL": ""}, "--model / AGENTLOOP_MODEL: must not be empty"),
+    ({"AGENTLOOP_REFLECTION": "maybe"},
+     "--reflection / AGENTLOOP_REFLECTION: expected true or false, got 'maybe'"),
+    ({"AGENTLOOP_WORKERS": "two"}, "--workers / AGENTLOOP_WORKERS: expected a whole number, "
+                                   "got 'two'"),
+    ({"AGENTLOOP_DRAIN_DELAY": "soon"},
+     "--drain-delay / AGENTLOOP_DRAIN_DELAY: expected a number, got 'soon'"),
     ({"AGENTLOOP_METRICS_LISTEN": "nowhere"},
      "--metrics-listen / AGENTLOOP_METRICS_LISTEN: expected HOST:PORT, got 'nowhere'"),
     ({"AGENTLOOP_WORKERS": "2", "AGENTLOOP_LISTEN": "127.0.0.1:0"},

@@ -91,8 +91,14 @@ async def test_generate_returns_text_with_real_token_counts(gateway: RunningServ
     assert reply.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     if reply.finish_reason == pb.FINISH_REASON_LENGTH:
         assert reply.usage.output_tokens == 16
-    assert reply.timings.eval_duration.ToNanoseconds() > 0
-    assert reply.timings.prompt_eval_duration.ToNanoseconds() > 0
+    timings = reply.timings
+    assert timings.eval_duration.ToNanoseconds() > 0
+    assert timings.prompt_eval_duration.ToNanoseconds() > 0
+    # The model loaded before the call (this module's first): no load inside it, and the
+    # parts add up to no more than the total.
+    assert timings.load_duration.ToNanoseconds() == 0
+    assert (timings.prompt_eval_duration.ToNanoseconds() + timings.eval_duration.ToNanoseconds()
+            <= timings.total_duration.ToNanoseconds())
     await engine_idle(engine_of(gateway))
 
 
@@ -256,10 +262,32 @@ async def test_an_unknown_model_is_not_found(gateway: RunningServer):
     async with client_stub(gateway.address) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(pb.GenerateRequest(
-                model="gemma3n:e2b", prompt=PROMPT, options=options(4)), timeout=30)
+                model="llama3:8b", prompt=PROMPT, options=options(4)), timeout=30)
 
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert rich_details(caught.value)["ErrorInfo"].reason == "MODEL_NOT_FOUND"
+    assert caught.value.details() == ("model 'llama3:8b' not found; the embedded engine serves "
+                                      "'gemma-3-270m-q4_k_m' (also as 'gemma3n:e2b')")
+
+
+async def test_the_production_model_name_is_served_by_the_gguf(gateway: RunningServer):
+    """A caller written against production (`gemma3n:e2b`, the --model default) runs
+    unchanged; every reply names the model that served."""
+    served = "gemma-3-270m-q4_k_m"
+    async with client_stub(gateway.address) as stub:
+        reply = await stub.Generate(pb.GenerateRequest(
+            model="gemma3n:e2b", prompt=PROMPT, options=options(2)), timeout=60)
+        last = [message async for message in stub.StreamGenerate(pb.StreamGenerateRequest(
+            model="gemma3n:e2b", prompt=PROMPT, options=options(2)), timeout=60)][-1]
+        counted = await stub.CountTokens(pb.CountTokensRequest(
+            model="gemma3n:e2b", texts=[PROMPT]), timeout=60)
+        embedded = await stub.Embed(pb.EmbedRequest(model="gemma3n:e2b", texts=[PROMPT]),
+                                    timeout=60)
+
+    assert reply.text and reply.usage.output_tokens >= 1
+    assert (reply.model, last.model, counted.model, embedded.model) == (served,) * 4
+    assert counted.total_tokens > 0 and embedded.dimensions > 0
+    await engine_idle(engine_of(gateway))
 
 
 async def test_list_models_reports_the_gguf(gateway: RunningServer):
@@ -271,8 +299,12 @@ async def test_list_models_reports_the_gguf(gateway: RunningServer):
 
     assert listed.backend == "embedded"
     assert listed.default_model == "gemma-3-270m-q4_k_m"
-    [model] = listed.models
+    # The GGUF, then --model's name for it, with the same facts.
+    model, alias = listed.models
     assert model.name == listed.default_model
+    assert alias.name == "gemma3n:e2b"
+    alias.name = model.name
+    assert alias == model
     assert model.size_bytes == backend.model_path.stat().st_size > 200_000_000
     assert model.loaded
     assert model.family == "gemma3"

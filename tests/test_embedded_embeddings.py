@@ -121,8 +121,9 @@ async def test_shorter_vectors_are_refused_for_a_model_without_them(stub):
 
 
 async def test_list_models_says_the_model_embeds_640_dimensions(stub):
-    [model] = (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models
-    assert model.embeds and model.embedding_dimensions == DIMENSIONS
+    models = (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models
+    assert [m.name for m in models] == ["gemma-3-270m-q4_k_m", "gemma3n:e2b"]  # --model: alias
+    assert all(m.embeds and m.embedding_dimensions == DIMENSIONS for m in models)
 
 
 async def test_counts_are_what_generate_reports_as_input_tokens(stub):

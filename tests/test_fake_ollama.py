@@ -92,6 +92,43 @@ async def test_ollama_client_parses_a_streamed_chat(
     assert path == "/api/chat" and body["messages"] == messages
 
 
+async def test_ollama_client_sends_tools_and_parses_tool_calls(
+    fake_ollama: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    """The official client's own tool types go out as the fake takes them, and the calls the
+    fake scripts come back parsed, streamed and whole; a model without tool support is 400."""
+    def get_weather(city: str) -> str:
+        """The weather in a city.
+
+        Args:
+          city: the city
+        """
+        return "sunny"
+
+    paris = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    with pytest.raises(ollama.ResponseError) as raised:
+        await client.chat(model=MODEL, messages=messages, tools=[get_weather])
+    assert raised.value.status_code == 400 and "does not support tools" in raised.value.error
+    fake_ollama.capabilities[MODEL] = ["completion", "tools"]
+    call_script = Script(tokens=[], tool_calls=[paris])
+    fake_ollama.enqueue(call_script, call_script, Script(tokens=["Sunny."]))
+    chunks = [c async for c in await client.chat(model=MODEL, messages=messages,
+                                                 tools=[get_weather], stream=True)]
+    calls = [call for chunk in chunks for call in chunk.message.tool_calls or ()]
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    whole = await client.chat(model=MODEL, messages=messages, tools=[get_weather])
+    [call] = whole.message.tool_calls or ()
+    assert call.function.name == "get_weather"
+    answer = await client.chat(model=MODEL, tools=[get_weather], messages=[
+        *messages, whole.message, {"role": "tool", "content": "sunny", "tool_name": "get_weather"}])
+    assert answer.message.content == "Sunny."
+    sent = fake_ollama.generation_requests[-1]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert sent["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
 async def test_ollama_client_parses_non_streamed_answers(
     fake_ollama: FakeOllama, client: ollama.AsyncClient
 ) -> None:

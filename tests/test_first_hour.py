@@ -1,7 +1,7 @@
 """What a newcomer and an operator meet first: long calls survive connection age and
 keepalive, agent runs are never repeated by client retries, per-engine defaults, a quiet
 log and a banner that waits for readiness, and the command line's first contact (port in
-use, --version, flag suggestions, `make run`'s progress)."""
+use, --version, flag suggestions, `make run`'s progress), and timings that add up."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ import pytest
 
 from agentloop.cli import _describe_error as describe_error
 from agentloop.config import Settings, load_settings
+from agentloop.domain import Timings
+from agentloop.rpc.responses import within_total
 from agentloop.server import server_options, with_engine_defaults
 from agentloop.v1 import agentloop_pb2 as pb
 from agentloop.v1 import agentloop_pb2_grpc as pb_grpc
 from agentloop_client import AsyncAgentLoopClient, Unavailable
 from agentloop_client.channel import DEFAULT_KEEPALIVE
 from fake_ollama import FakeOllama, Script
-from helpers import TOKENS, gateway_settings, running_gateway
+from helpers import TOKENS, client_stub, gateway_settings, running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTLOOP = str(Path(sys.executable).parent / "agentloop")
@@ -196,13 +198,22 @@ async def _agentloop(*args: str) -> subprocess.CompletedProcess[str]:
                                    text=True, timeout=60)
 
 
+def _path_without_the_venv() -> str:
+    """PATH without this venv's commands: `make run` calls .venv/bin/agentloop by path."""
+    venv = Path(AGENTLOOP).parent.resolve()
+    return os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if entry and Path(entry).resolve() != venv)
+
+
 async def test_banner_waits_for_readiness_and_the_log_stays_quiet(fake_ollama: FakeOllama):
     fake_ollama.models = ["other:1b"]  # the default model is missing: NOT_SERVING
+    fake_ollama.default_script = Script(tokens=TOKENS)
     address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PATH": _path_without_the_venv()}  # as `make run` serves
     proc = await asyncio.create_subprocess_exec(
         AGENTLOOP, "serve", "--listen", address, "--ollama-url", fake_ollama.url,
         "--model", "absent:1b", "--health-interval", "0.05", "--drain-delay", "0",
-        "--metrics-listen", "", "--warm-up", "false",
+        "--metrics-listen", "", "--warm-up", "false", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -217,6 +228,14 @@ async def test_banner_waits_for_readiness_and_the_log_stays_quiet(fake_ollama: F
         fake_ollama.models.append("absent:1b")
         line = (await asyncio.wait_for(banner, 30)).decode()
         assert line.startswith(f"agentloop serving on {address} "), line
+        # The banner's command runs as printed in a shell like the server's.
+        command = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        assert command.startswith("try: "), command
+        tried = await asyncio.to_thread(
+            subprocess.run, ["bash", "-c", command.removeprefix("try: ")], env=env,
+            capture_output=True, text=True, timeout=60)
+        assert tried.returncode == 0, f"{command}\n{tried.stderr}"
+        assert '"text": "Hello"' in tried.stdout, tried.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -245,13 +264,31 @@ async def test_a_port_in_use_is_one_line_before_loading_anything(tmp_path: Path)
 async def test_version_and_suggestions_for_typos():
     version = await _agentloop("--version")
     assert version.returncode == 0 and version.stdout.startswith("agentloop 0."), version
+    # The suggestion first, then one short usage line (the whole usage is --help's).
     flag = await _agentloop("generate", "hi", "--temprature", "0")
     assert flag.returncode == 2
-    assert "unrecognized arguments: --temprature 0 (did you mean: --temprature -> " \
-           "--temperature?)" in flag.stderr
-    assert flag.stderr.startswith("usage: agentloop generate"), flag.stderr
+    assert flag.stderr.splitlines() == [
+        "agentloop generate: error: unrecognized arguments: --temprature 0 (did you mean "
+        "--temperature?)",
+        "usage: agentloop generate [options] prompt (agentloop generate --help lists them)"]
+    flags = await _agentloop("serve", "--listn", "x", "--reflecton", "true")
+    assert flags.returncode == 2 and len(flags.stderr.splitlines()) == 2, flags.stderr
+    assert flags.stderr.startswith(
+        "agentloop serve: error: unrecognized arguments: --listn x --reflecton true (did you "
+        "mean --listen for --listn, --reflection for --reflecton?)\n"), flags.stderr
     command = await _agentloop("generat", "hi")
     assert command.returncode == 2 and "did you mean 'generate'?" in command.stderr
+    assert len(command.stderr.splitlines()) == 2, command.stderr
+
+
+async def test_a_bad_value_names_the_flag_and_the_variable():
+    for args, env in ((["--reflection", "maybe"], {}), ([], {"AGENTLOOP_REFLECTION": "maybe"})):
+        result = await asyncio.to_thread(
+            subprocess.run, [AGENTLOOP, "serve", *args], capture_output=True, text=True,
+            timeout=60, env={**os.environ, **env})
+        assert result.returncode == 2
+        assert result.stderr == ("agentloop: invalid setting: --reflection / "
+                                 "AGENTLOOP_REFLECTION: expected true or false, got 'maybe'\n")
 
 
 def test_make_run_shows_the_first_build(tmp_path: Path):
@@ -264,3 +301,40 @@ def test_make_run_shows_the_first_build(tmp_path: Path):
     assert install and "--quiet" not in install[0] and "-q " not in install[0]
     assert "llama-cpp-python from source" in result.stdout
     assert os.path.basename(install[0].split()[0]) == "python"
+
+
+# --- 6. the timings of one call add up ------------------------------------------------------
+
+def _parts_within_total(timings: pb.Timings) -> bool:
+    total = timings.total_duration.ToNanoseconds()
+    parts = (timings.load_duration, timings.prompt_eval_duration, timings.eval_duration)
+    return (sum(part.ToNanoseconds() for part in parts) <= total
+            and timings.time_to_first_token.ToNanoseconds() <= total)
+
+
+async def test_the_parts_of_a_calls_timings_never_exceed_its_total(fake_ollama: FakeOllama):
+    # A cached answer replays at once, with the engine's timings of the call that made it.
+    fake_ollama.default_script = Script(tokens=TOKENS, first_token_delay=0.2, token_delay=0.1)
+    settings = gateway_settings(ollama_url=fake_ollama.url, cache_entries=8)
+    request = pb.GenerateRequest(prompt="hi", options=pb.GenerationOptions(temperature=0))
+    async with running_gateway(settings) as gateway, client_stub(gateway.address) as stub:
+        first = await stub.Generate(request, timeout=30)
+        replayed = await stub.Generate(request, timeout=30)
+        streamed = [reply async for reply in stub.StreamGenerate(pb.StreamGenerateRequest(
+            prompt="hi", options=pb.GenerationOptions(temperature=0)), timeout=30)]
+    assert len(fake_ollama.generation_requests) == 1, "the others came from the cache"
+    assert first.timings.eval_duration.ToNanoseconds() > 0
+    for timings in (first.timings, replayed.timings, streamed[-1].timings):
+        assert _parts_within_total(timings), timings
+
+
+def test_timings_are_cut_to_the_total_in_the_order_they_happen():
+    cut = within_total(Timings(total=1.0, load=0.25, prompt_eval=0.5, eval=0.5,
+                               time_to_first_token=2.0))
+    assert cut == Timings(total=1.0, load=0.25, prompt_eval=0.5, eval=0.25,
+                          time_to_first_token=1.0)
+    assert within_total(Timings(total=0.5, load=3.0, eval=1.0)) == Timings(
+        total=0.5, load=0.5, eval=0.0)
+    kept = Timings(total=2.0, load=0.0, prompt_eval=0.5, eval=1.0, time_to_first_token=0.6)
+    assert within_total(kept) == kept
+    assert within_total(Timings(eval=3.0)) == Timings(eval=3.0)  # no total: nothing to cut by

@@ -17,14 +17,15 @@ CLIENT = ROOT / "clients/python"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("agentloop.domain", "agentloop.errors", "agentloop.config", "agentloop.schema_limits",
      "agentloop.ranges", "agentloop.tenants", "agentloop.upstreams.spec",
-     "agentloop.upstreams.config"),
+     "agentloop.upstreams.config", "agentloop.tool_calls"),
     ("agentloop.backends",),
     # The routing layer: routes and pools above the backends, below the services.
     ("agentloop.upstreams",),
     # The run store: below the services that drive runs.
     ("agentloop.runs",),
     ("agentloop.services", "agentloop.health"),
-    ("agentloop.rpc", "agentloop.v1"),
+    # The doors: the gRPC servicer and the OpenAI-compatible HTTP API.
+    ("agentloop.rpc", "agentloop.v1", "agentloop.http"),
     ("agentloop.server", "agentloop.workers", "agentloop.cli", "agentloop.__main__",
      "agentloop.settings_doc"),
 )

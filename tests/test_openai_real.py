@@ -47,7 +47,8 @@ LLAMA_CPP_PYTHON = OpenAIDialect(schema_style=SchemaStyle.JSON_OBJECT, stream_us
                                  completions=True, sampling_extras=True,
                                  repeat_penalty_field="repeat_penalty",
                                  completions_format=CompletionsFormat.GRAMMAR,
-                                 strict_schema=False, stop_limit=0)
+                                 strict_schema=False, stop_limit=0,
+                                 tool_choice_required=False)
 START_TIMEOUT = 120.0
 #: Runs llama-cpp-python's server with llama.cpp's weight repacking off: on CPUs with AMX
 #: (Sapphire Rapids and later) the repacked Q4_K weights crash the first decode
@@ -191,6 +192,29 @@ async def test_a_raw_prompt_keeps_to_its_schema_through_a_grammar(stub):
                                  json_schema=json.dumps(BADGE_SCHEMA))), timeout=60)
     assert reply.finish_reason == pb.FINISH_REASON_STOP, reply.text
     jsonschema.validate(json.loads(reply.text), BADGE_SCHEMA)
+
+
+#: A tool whose arguments only the server's grammar makes the model write.
+LOOKUP_SCHEMA = {"type": "object", "properties": {"code": {"const": "zx-41"},
+                                                   "count": {"type": "integer"}},
+                 "required": ["code", "count"]}
+
+
+async def test_a_required_tool_call_streams_and_validates(stub):
+    """Its chat handler holds a call only to a named function: a call required of one tool
+    goes by name; the call streams as `delta.tool_calls`, assembled into the same call."""
+    tool = pb.ToolDefinition(name="lookup", description="Looks a code up.",
+                             parameters_json_schema=json.dumps(LOOKUP_SCHEMA))
+    replies = [r async for r in stub.StreamGenerate(pb.StreamGenerateRequest(
+        messages=user("Look the code up."), options=options(64), tools=[tool],
+        tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED)), timeout=60)]
+    last = replies[-1]
+    assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    [call] = last.tool_calls
+    assert call.name == "lookup" and call.id
+    jsonschema.validate(json.loads(call.arguments_json), LOOKUP_SCHEMA)
+    assert "".join(d.arguments_json for r in replies for d in r.tool_call_deltas) \
+        == call.arguments_json
 
 
 async def test_an_agent_run_keeps_to_the_action_schema(stub):

@@ -194,6 +194,31 @@ async def test_generate_continues_the_callers_trace_down_to_ollama(stub, collect
     assert {"service.name": "agentloop-under-test"}.items() <= collector.traces.resources[0].items()
 
 
+@pytest.mark.parametrize("settings_overrides", [{"http_listen": "127.0.0.1:0"}])
+async def test_spans_say_which_door_a_call_came_through(gateway, stub, collector):
+    await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=5)
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"http://{gateway.http_address}/v1/chat/completions",
+            headers=dict(TRACEPARENT),
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200
+    [grpc_server] = await collector.spans(f"{SERVICE}/Generate")
+    [http_server] = await collector.spans("POST /v1/chat/completions")
+    [client] = await collector.spans(f"chat {MODEL}")
+
+    assert attributes_of(grpc_server.attributes)["agentloop.door"] == "grpc"
+    assert http_server.kind == Span.SPAN_KIND_SERVER
+    assert http_server.trace_id.hex() == TRACE_ID
+    assert http_server.parent_span_id.hex() == CALLER_SPAN_ID
+    assert attributes_of(http_server.attributes).items() >= {
+        "agentloop.door": "http", "http.request.method": "POST",
+        "http.route": "/v1/chat/completions", "http.response.status_code": 200,
+        "agentloop.tenant": "_default"}.items()
+    assert client.trace_id == http_server.trace_id
+    assert client.parent_span_id == http_server.span_id
+
+
 async def test_spans_carry_the_callers_tenant(monkeypatch, collector, fake_ollama, tmp_path):
     otel_environment(monkeypatch, collector.endpoint)
     fake_ollama.default_script = Script(tokens=TOKENS)
@@ -230,6 +255,17 @@ async def test_a_stream_is_one_chat_span_covering_the_whole_stream(stub, collect
     assert attributes["gen_ai.operation.name"] == "chat"
     assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
     assert attributes["gen_ai.usage.output_tokens"] == replies[-1].usage.output_tokens == 4
+
+
+async def test_a_tool_call_answer_is_named_in_the_span(stub, collector, fake_ollama):
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
+    fake_ollama.enqueue(Script(tokens=[], tool_calls=[{"name": "lookup", "arguments": {}}]))
+    reply = await stub.Generate(pb.GenerateRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, content="hi")],
+        tools=[pb.ToolDefinition(name="lookup")]), timeout=5)
+    assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    [client] = await collector.spans(f"chat {MODEL}")
+    assert attributes_of(client.attributes)["gen_ai.response.finish_reasons"] == ["tool_calls"]
 
 
 async def test_a_backend_failure_mid_stream_sets_error_type(stub, collector, fake_ollama):

@@ -689,3 +689,67 @@ async def test_embeddings_and_counts_have_slots_of_their_own(tmp_path):
             embedding.cancel()
             await second
             holder.cancel()
+
+
+async def test_models_are_listed_by_the_callers_names_with_the_upstreams_facts(tmp_path):
+    async with fakes(1) as (fake,):
+        document = {"upstreams": {"local": ollama_upstream(fake, models={"small": DEFAULT_MODEL})},
+                    "routes": [{"models": ["small", DEFAULT_MODEL], "pools": ["local"]}]}
+        async with pooled_gateway(tmp_path, document) as (_running, stub):
+            listed = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        async with running_gateway(gateway_settings(ollama_url=fake.url)) as one, \
+                client_stub(one.address) as alone:
+            direct = await alone.ListModels(pb.ListModelsRequest(), timeout=10)
+    [engine] = [m for m in direct.models if m.name.startswith(DEFAULT_MODEL)]
+    small, default = listed.models
+    assert (small.name, default.name) == ("small", DEFAULT_MODEL)
+    for model in (small, default):  # one engine's facts, under the route's names
+        assert model.size_bytes == engine.size_bytes > 0
+        assert (model.family, model.embeds, model.embedding_dimensions) == (
+            engine.family, engine.embeds, engine.embedding_dimensions)
+
+
+async def test_an_endpoint_is_judged_by_the_models_of_the_routes_that_use_it(tmp_path):
+    """A pool that only another route's model uses is checked against that model, not the
+    default one; when none of its models is there, its callers hear why."""
+    async with fakes(2) as (local, cloud):
+        cloud.models[:] = ["big:latest"]
+        document = {
+            "upstreams": {"local": ollama_upstream(local),
+                          "cloud": ollama_upstream(cloud, remote=True)},
+            "routes": [{"models": [DEFAULT_MODEL], "pools": ["local", "cloud"],
+                        "allow_remote": True},
+                       {"models": ["big"], "pools": ["cloud"], "allow_remote": True}]}
+        async with pooled_gateway(tmp_path, document) as (running, stub):
+            cloud_pool = running.backend.pools["cloud"]
+            await wait_until(lambda: cloud_pool.endpoints[0].health.reason != "not checked yet")
+            assert cloud_pool.any_available(), cloud_pool.endpoints[0].health
+            reply = await stub.Generate(pb.GenerateRequest(prompt="hi", model="big"), timeout=10)
+            assert reply.upstream == "cloud"
+            cloud.models.clear()
+            await wait_until(lambda: not cloud_pool.any_available())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(pb.GenerateRequest(prompt="hi", model="big"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = refused.value.details()
+    assert "upstream 'cloud'" in details and "is not pulled" in details, details
+    assert cloud.url not in details and "127.0.0.1" not in details
+
+
+async def test_an_openai_upstream_without_a_cap_serves_the_default_at_once(tmp_path):
+    """Left out, `max_in_flight` is 4 per endpoint for every HTTP kind (it was 1 for
+    `openai`: a vLLM pool served one call at a time)."""
+    openai = FakeOpenAI(default_script=OpenAIScript(tokens=TOKENS, token_delay=0.5))
+    await openai.start()
+    try:
+        document = {"upstreams": {"openai": {"kind": "openai", "endpoints": [openai.url],
+                                             "remote": False}},
+                    "routes": [{"models": [OPENAI_MODEL], "pools": ["openai"]}]}
+        async with pooled_gateway(tmp_path, document, model=OPENAI_MODEL) as (running, stub):
+            assert running.admission.max_in_flight == 4
+            calls = [asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt="hi"),
+                                                         timeout=30)) for _ in range(5)]
+            await wait_until(lambda: openai.active_streams == 4 and running.admission.queued == 1)
+            await asyncio.gather(*calls)
+    finally:
+        await openai.stop()

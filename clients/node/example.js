@@ -2,9 +2,10 @@
 // Calling agentloop from Node with @grpc/grpc-js and @grpc/proto-loader: the protos are
 // loaded at run time from protos/ (no generated code), the health proto from the
 // grpc-health-check package. It checks health, lists the server tools, calls Generate,
-// reads StreamGenerate, embeds two texts with Embed, runs StreamRunAgent with a tool
-// written in JavaScript that the agent may call, and runs a background run (start, watch
-// with resume, get, cancel).
+// reads StreamGenerate, embeds two texts with Embed, calls a JavaScript function the model asks
+// for through Generate (function calling: the model's tool call, this process's result as a
+// tool turn, the model's answer), runs StreamRunAgent with a tool written in JavaScript that
+// the agent may call, and runs a background run (start, watch with resume, get, cancel).
 //
 //   node clients/node/example.js --address 127.0.0.1:50051 [--api-key KEY] [--timeout 300]
 //                                [--session CONVERSATION_ID]
@@ -168,6 +169,27 @@ async function backgroundRun(client, goal, metadata, deadline) {
   return done;
 }
 
+// Function calling through Generate: the model answers with tool calls, this process runs
+// them and sends each result back as a ROLE_TOOL turn carrying the call's id, until the
+// model answers with text (at most `rounds` times).
+async function callFunctions(client, prompt, metadata, deadline, rounds = 3) {
+  const tools = Object.entries(CLIENT_TOOLS).map(([name, tool]) => ({
+    name, description: tool.description, parameters_json_schema: JSON.stringify(tool.parameters),
+  }));
+  const messages = [{ role: 'ROLE_USER', content: prompt }];
+  for (let round = 0; round < rounds; round += 1) {
+    const reply = await unary(client, 'Generate', { messages, tools }, metadata, deadline());
+    if (reply.finish_reason !== 'FINISH_REASON_TOOL_CALLS') return reply;
+    messages.push({ role: 'ROLE_ASSISTANT', content: reply.text, tool_calls: reply.tool_calls });
+    for (const call of reply.tool_calls) {
+      console.log(`functions: call ${call.name} ${call.arguments_json}`);
+      const result = runClientTool({ call_id: call.id, tool: call.name, arguments_json: call.arguments_json });
+      messages.push({ role: 'ROLE_TOOL', tool_call_id: call.id, content: result.output ?? result.error });
+    }
+  }
+  throw new Error('the model kept calling functions');
+}
+
 function runClientTool(call) {
   const tool = CLIENT_TOOLS[call.tool];
   try {
@@ -215,6 +237,10 @@ async function main() {
     const cosine = cat.reduce((sum, value, index) => sum + value * kitten[index], 0);
     console.log(`embed: ${embedded.embeddings.length} vectors of ${embedded.dimensions} dimensions, `
       + `${embedded.usage.input_tokens} tokens, cosine ${cosine.toFixed(2)}`);
+
+    const answer = await callFunctions(service, 'Reverse the text "gRPC" with reverse_text.', metadata,
+      deadline);
+    console.log(`functions: answer ${answer.text} [${answer.finish_reason}]`);
 
     const clientTools = Object.entries(CLIENT_TOOLS).map(([name, tool]) => ({
       name, description: tool.description, parameters_json_schema: JSON.stringify(tool.parameters),

@@ -489,6 +489,20 @@ def panel_rows(p: Params) -> list[tuple[str, list[Panel]]]:
                     "{{agentloop_upstream}} queued"),
                    (f"min by (agentloop_upstream) (agentloop_upstream_endpoints_available"
                     f"{sel})", "{{agentloop_upstream}} endpoints")), "short"),
+            Panel("Prompt cache by upstream", "How much of each pool's prompt tokens the "
+                  "engines served from their prefix caches (where they say: vLLM, SGLang, "
+                  "llama.cpp's servers; Ollama never does).",
+                  ((f"sum by (agentloop_upstream) (rate("
+                    f"agentloop_upstream_prompt_tokens_cached_total{sel}[{RATE}]))\n/\n"
+                    f"sum by (agentloop_upstream) (rate(agentloop_upstream_prompt_tokens_total"
+                    f"{sel}[{RATE}]))", "{{agentloop_upstream}}"),), "percentunit"),
+            Panel("Cache-aware picks", "How each pool placed generations: picks sent where "
+                  "the prompt's prefix was cached, and picks where the load bound overrode "
+                  "the cache.",
+                  ((f"sum by (agentloop_upstream) (rate(agentloop_upstream_picks_cache_total"
+                    f"{sel}[{RATE}]))", "{{agentloop_upstream}} for cache"),
+                   (f"sum by (agentloop_upstream) (rate(agentloop_upstream_picks_load_total"
+                    f"{sel}[{RATE}]))", "{{agentloop_upstream}} for load")), "reqps"),
             Panel("Tokens by tenant", "What each tenant spends, input and output (callers "
                   "without a key are `_default`).",
                   ((f"sum by (agentloop_tenant, gen_ai_token_type) (rate({tokens}[{RATE}]))",

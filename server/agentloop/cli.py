@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that suggests the command meant by a mistyped one."""
+    """argparse whose errors come first, with a suggestion, and one short usage line after
+    (the full usage, some 70 lines for `serve`, only on --help)."""
 
     def error(self, message: str) -> NoReturn:
         invalid = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -73,18 +74,31 @@ class _Parser(argparse.ArgumentParser):
             matches = difflib.get_close_matches(invalid.group(1), choices, n=1)
             if matches:
                 message += f"; did you mean {matches[0]!r}?"
-        super().error(message)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n{_short_usage(self)}\n")
+
+
+def _short_usage(parser: argparse.ArgumentParser) -> str:
+    """`usage: agentloop generate [options] prompt (--help lists them)`: the positionals only."""
+    formatter = parser.formatter_class(prog=parser.prog, width=10_000)
+    formatter.add_usage(None, [a for a in parser._actions if not a.option_strings], [])
+    positionals = formatter.format_help().strip().removeprefix(f"usage: {parser.prog}")
+    return f"usage: {parser.prog} [options]{positionals} ({parser.prog} --help lists them)"
 
 
 def _did_you_mean(unknown: Sequence[str], parser: argparse.ArgumentParser) -> str:
-    """` (did you mean: --x -> --y?)` for the mistyped flags among `unknown`, else ''."""
+    """` (did you mean --y?)` for the mistyped flags among `unknown`, else ''."""
     flags = [option for action in parser._actions for option in action.option_strings]
     hints = []
     for word in unknown:
         if word.startswith("-"):
-            matches = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1)
-            hints += [f"{word.split('=', 1)[0]} -> {matches[0]}"] if matches else []
-    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+            typed = word.split("=", 1)[0]
+            matches = difflib.get_close_matches(typed, flags, n=1)
+            hints += [(typed, matches[0])] if matches else []
+    if len(hints) == 1:
+        return f" (did you mean {hints[0][1]}?)"
+    if hints:
+        return f" (did you mean {', '.join(f'{meant} for {typed}' for typed, meant in hints)}?)"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +352,15 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
     _add_generation_arguments(parser)
     parser.add_argument("--format", default=None,
                         help="text, json, or a JSON Schema (inline, or @FILE)")
+    parser.add_argument("--tool", action="append", default=[], dest="tools",
+                        metavar="NAME[=SCHEMA]",
+                        help="a function the model may call, with the JSON Schema of its "
+                             "arguments (inline, or @FILE; none: any object); repeatable. "
+                             "The prompt goes as a user message; calls print as lines "
+                             "`tool call ID NAME ARGUMENTS`")
+    parser.add_argument("--tool-choice", default=None, metavar="auto|none|required|NAME",
+                        help="whether the model may, must or must not call the tools, or "
+                             "which one it must call (default: auto)")
     _add_client_arguments(parser, timeout=DEFAULT_TIMEOUT)
 
 
@@ -350,16 +373,37 @@ def _response_format(value: str | None) -> str | None:
     return value
 
 
+def _tools(values: list[str]) -> list[pb.ToolDefinition]:
+    """`--tool NAME[=SCHEMA]` values as tool definitions (the server checks them)."""
+    tools = []
+    for value in values:
+        name, _, schema = value.partition("=")
+        tools.append(pb.ToolDefinition(name=name,
+                                       parameters_json_schema=_response_format(schema) or ""))
+    return tools
+
+
+def _tool_choice(value: str | None) -> str | dict[str, str] | None:
+    if value is None or value in ("auto", "none", "required"):
+        return value
+    return {"name": value}
+
+
 @_client_command
 def _run_generate(args: argparse.Namespace) -> int:
     """Stream the completion to stdout as the tokens arrive."""
     prompt = _text_argument(args.prompt)
     progress = _Progress(sys.stderr)
     last: pb.StreamGenerateResponse | None = None
+    tools = _tools(args.tools)
     with _client(args) as client:
+        # Tools need a chat: the prompt goes as its one user message.
+        chat = {"messages": [{"role": "user", "content": prompt}]} if tools else {
+            "prompt": prompt}
         responses = client.stream_generate(
-            prompt, system=args.system, model=args.model, options=_options(args),
-            format=_response_format(args.format))
+            **chat, system=args.system, model=args.model, options=_options(args),
+            format=_response_format(args.format), tools=tools,
+            tool_choice=_tool_choice(args.tool_choice))
         progress.show("waiting for the first token")
         try:
             for last in responses:
@@ -370,6 +414,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             progress.clear()
     if not args.json:
         sys.stdout.write("\n")
+        for call in last.tool_calls if last is not None else ():
+            print(f"tool call {call.id} {call.name} {call.arguments_json}")
         if last is not None and sys.stderr.isatty():
             print(f"[{pb.FinishReason.Name(last.finish_reason).removeprefix('FINISH_REASON_')}"
                   f", {last.usage.output_tokens} tokens in "

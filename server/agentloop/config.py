@@ -108,6 +108,20 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT); port 0 means any free port."""
     host, sep, port = text.rpartition(":")
@@ -190,13 +204,20 @@ class Settings:
         "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 = any free port)",
         required=True, check=parse_host_port,
     )
+    http_listen: str = _setting(
+        "", "listen address HOST:PORT of the OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/embeddings, /v1/models) on the same services, keys, TLS and "
+        "limits as the gRPC port (port 0 = any free port); empty = off",
+        check=parse_host_port,
+    )
     backend: str = _setting(
         "auto",
         "engine: ollama, embedded, or auto (Ollama if it answers at start, else embedded)",
         choices=BACKEND_CHOICES,
     )
     model: str = _setting(
-        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama)",
+        "gemma3n:e2b", "default model when a request leaves `model` empty (Ollama); the "
+        "embedded engine answers to it as another name of its GGUF",
         required=True,
     )
     workers: int = _setting(
@@ -348,19 +369,21 @@ class Settings:
     # --- admission control ---
     max_in_flight: int = _setting(
         0,
-        "generations run at once per replica (0 = the backend's parallelism: 4 for Ollama, "
-        "--embedded-slots for embedded); match OLLAMA_NUM_PARALLEL",
+        "generations the single engine runs at once (0 = its parallelism: 4 for Ollama, "
+        "--embedded-slots for embedded; match OLLAMA_NUM_PARALLEL); with --upstreams each "
+        "upstream's max_in_flight says it per endpoint",
         group="admission", minimum=0,
     )
     max_embed_in_flight: int = _setting(
         0,
-        "Embed batches run at once per replica, in slots of their own so that embeddings "
-        "and generations never wait for each other (0 = the backend's parallelism); they "
-        "queue under --max-queue and --queue-timeout like generations",
+        "Embed batches run at once per engine endpoint, in slots of their own so that "
+        "embeddings and generations never wait for each other (0 = the backend's "
+        "parallelism); they queue under --max-queue and --queue-timeout like generations",
         group="admission", minimum=0,
     )
     max_queue: int = _setting(
-        64, "generations that may wait for a slot; beyond it RESOURCE_EXHAUSTED", group="admission",
+        64, "calls that may wait for a slot, in all the replica's queues together; beyond it "
+        "RESOURCE_EXHAUSTED", group="admission",
         minimum=0,
     )
     queue_timeout: float = _setting(
@@ -369,8 +392,8 @@ class Settings:
     )
     critical_reserve: int = _setting(
         0,
-        "admission slots only critical calls may take (kept free under a flood of other "
-        "calls, so a critical call starts at once); at most max_in_flight - 1",
+        "slots of each pool only critical calls may take (kept free under a flood of other "
+        "calls, so a critical call starts at once); at most the pool's slots - 1",
         group="admission", minimum=0,
     )
     fair_queuing: bool = _setting(
@@ -449,6 +472,23 @@ class Settings:
         "control), then the call ends with RESOURCE_EXHAUSTED (SEND_STALLED); the "
         "generation itself never waits for the client",
         group="transport", above=0,
+    )
+    http_idle_timeout: float = _setting(
+        30.0,
+        "seconds an HTTP API connection may go without a request, the request line and "
+        "headers included, before it is closed (slow or silent clients hold nothing)",
+        group="transport", above=0,
+    )
+    http_body_timeout: float = _setting(
+        30.0,
+        "seconds an HTTP API request body may take to arrive once its headers did, then 408",
+        group="transport", above=0,
+    )
+    http_connections_per_peer: int = _setting(
+        64,
+        "most HTTP API connections one peer address may hold open at once; more are "
+        "answered 429 and closed",
+        group="transport", minimum=1,
     )
     max_request_bytes_in_flight: int = _setting(
         128 * 1024 * 1024,
@@ -724,7 +764,8 @@ class Settings:
         group="security", minimum=1,
     )
     tls_cert: str = _setting(
-        "", "PEM certificate chain for TLS on the gRPC port; empty = plaintext", group="security",
+        "", "PEM certificate chain for TLS on the gRPC port and the HTTP API port; empty = "
+        "plaintext", group="security",
         check=check_readable_file,
     )
     tls_key: str = _setting(
@@ -765,6 +806,9 @@ def _cross_field_problems(s: Settings) -> list[tuple[str, str]]:
     problems = []
     if s.workers > 1 and s.listen.endswith(":0"):
         problems.append(("workers", "several workers need a fixed port in --listen, not port 0"))
+    if s.workers > 1 and s.http_listen.endswith(":0"):
+        problems.append(("workers", "several workers need a fixed port in --http-listen, "
+                                    "not port 0"))
     if s.workers > 1 and s.backend == "embedded":
         problems.append(("workers", EMBEDDED_WORKERS_PROBLEM))
     if s.embedded_batch_tokens < s.embedded_slots:
@@ -799,9 +843,10 @@ def flag_name(field_name: str) -> str:
 
 
 def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
-    types: dict[str, type] = {"bool": bool, "int": int, "float": float}
-    kind = f.type if isinstance(f.type, type) else types.get(str(f.type), str)
-    return parse_bool if kind is bool else kind
+    parsers: dict[str, Callable[[str], Any]] = {
+        "bool": parse_bool, "int": parse_int, "float": parse_float}
+    kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+    return parsers.get(kind, str)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -831,18 +876,18 @@ def load_settings(
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         convert = _converter(f)
-        raw, source = None, ""
+        raw = None
         if f.name in overrides:
             values[f.name] = overrides[f.name]
             continue
         if cli_values.get(f.name) is not None:
-            raw, source = cli_values[f.name], flag_name(f.name)
+            raw = cli_values[f.name]
         elif env_name(f.name) in environ:
-            raw, source = environ[env_name(f.name)], env_name(f.name)
+            raw = environ[env_name(f.name)]
         if raw is None:
             continue
         try:
             values[f.name] = convert(raw) if isinstance(raw, str) else raw
-        except ValueError as exc:
-            raise SettingsError(f"{source}: {exc}") from None
+        except ValueError as exc:  # named as every bad value is: the flag and the variable
+            raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)}: {exc}") from None
     return Settings(**values)

@@ -23,6 +23,8 @@ class FinishReason(enum.Enum):
     UNSPECIFIED = 0
     STOP = 1
     LENGTH = 2
+    #: The model called tools (GenerationEnd.tool_calls says which).
+    TOOL_CALLS = 3
 
 
 class OutputFormat(enum.Enum):
@@ -32,10 +34,61 @@ class OutputFormat(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call of a declared tool by the model (function calling)."""
+
+    #: Identifies the call within the chat; a tool turn answers it by this id.
+    id: str
+    name: str
+    #: The arguments: a JSON object, as text.
+    arguments_json: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role
     content: str
     images: tuple[bytes, ...] = ()
+    #: The calls the model made in this turn (assistant turns only).
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: The id of the call this turn answers (tool turns only).
+    tool_call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDefinition:
+    """A function the caller declares and runs: the model may call it."""
+
+    name: str
+    description: str = ""
+    #: JSON Schema of the arguments (an object schema), parsed within the schema limits.
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+
+
+class ToolChoiceMode(enum.Enum):
+    AUTO = "auto"
+    NONE = "none"
+    REQUIRED = "required"
+    #: The one tool named by ToolChoice.name.
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    #: The tool the model must call (mode TOOL only).
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call as the model writes it: the pieces of one `index` make one
+    call; the first carries its id and name, the `arguments_json` pieces join up."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments_json: str = ""
 
 
 class Priority(enum.IntEnum):
@@ -63,6 +116,8 @@ class CallContext:
     #: Whom admission's fair queue tells apart: the named tenant, else the caller's address
     #: (the peer, or a trusted proxy's header). Never a metric label: not bounded.
     caller: str = ""
+    #: The door the call came through: "grpc", or "http" (the OpenAI-compatible API).
+    door: str = "grpc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +164,9 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     system: str = ""
     format: ResponseFormat = field(default_factory=ResponseFormat)
+    #: Tools the model may call, and whether it may, must or must not.
+    tools: tuple[ToolDefinition, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
     # time.monotonic() value after which the caller no longer wants an answer.
     deadline: float | None = None
     context: CallContext = CallContext()
@@ -116,6 +174,16 @@ class GenerationRequest:
     @property
     def is_chat(self) -> bool:
         return self.prompt is None
+
+    @property
+    def offers_tools(self) -> bool:
+        """The model may (or must) call tools: there are some and the choice is not none."""
+        return bool(self.tools) and self.tool_choice.mode is not ToolChoiceMode.NONE
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.offers_tools and self.tool_choice.mode in (
+            ToolChoiceMode.REQUIRED, ToolChoiceMode.TOOL)
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (None when the caller set none)."""
@@ -158,10 +226,17 @@ class GenerationEnd:
     model: str
     #: The operator's name of the upstream that served the call ("" for a single engine).
     upstream: str = ""
+    #: The tools the model called, whole and in order (finish_reason TOOL_CALLS).
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: Prompt tokens the engine said it served from its cache where the caller is not told
+    #: (`usage.cached_input_tokens` is 0 then): the pool's prefix index learns from it;
+    #: nothing shows it to a caller.
+    engine_cached_tokens: int = 0
 
 
-#: What a generation stream yields: text deltas, then exactly one GenerationEnd.
-StreamItem: TypeAlias = str | GenerationEnd
+#: What a generation stream yields: text deltas and tool-call deltas, then exactly one
+#: GenerationEnd (which repeats the tool calls whole).
+StreamItem: TypeAlias = str | ToolCallDelta | GenerationEnd
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from grpc_status import rpc_status
 ERROR_DOMAIN = "agentloop.v1"
 #: The request field of a JSON Schema for the output (Generate, StreamGenerate).
 FORMAT_SCHEMA_FIELD = "format.json_schema"
+#: The field named when an engine cannot enforce the tools' schemas (function calling).
+TOOLS_FIELD = "tools"
 
 
 class AgentLoopError(Exception):

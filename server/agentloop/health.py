@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -31,6 +32,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def known_services(names: Iterable[str]) -> str:
+    """The health service names, for a person: `'' (the whole server), liveness, ...`."""
+    return ", ".join(f"{name!r} (the whole server)" if not name else name
+                     for name in sorted(names))
+
+
 class HealthServicer(health.aio.HealthServicer):
     """grpcio's asyncio health servicer, with Watch fixed for several watchers of one name.
 
@@ -41,6 +48,16 @@ class HealthServicer(health.aio.HealthServicer):
     def __init__(self) -> None:
         super().__init__()
         self._watchers: collections.Counter[str] = collections.Counter()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        """As grpcio's, but an unknown name's NOT_FOUND names the services there are."""
+        status = self._server_status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no health service named {request.service!r}; this server "
+                                f"has {known_services(self._server_status)}")
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> None:

@@ -207,6 +207,11 @@ _SCHEMA_MAPS = frozenset({
 })
 
 
+def keywords(schema: Mapping[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """(path, keyword, value) for every keyword of every subschema of a checked schema."""
+    return _keywords(schema)
+
+
 def _keywords(schema: Any, path: str = "",
               shallow: bool = False) -> Iterator[tuple[str, str, Any]]:
     """(path, keyword, value) for every keyword of every subschema (of this one only when

@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shlex
+import shutil
 import signal
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -27,8 +31,10 @@ from agentloop.config import (
     MAX_MESSAGE_BYTES,
     Settings,
     SettingsError,
+    parse_host_port,
 )
 from agentloop.health import SERVICE_NAME, HealthReporter
+from agentloop.http.door import HttpDoor
 from agentloop.rpc.auth import ApiKeys
 from agentloop.rpc.edge import Edge
 from agentloop.rpc.interceptors import (
@@ -89,6 +95,8 @@ class RunningServer:
     #: The AgentLoopService calls running (the shutdown ends the late ones).
     calls: CallsInFlight = field(default_factory=CallsInFlight)
     runs: RunManager | None = None
+    #: The OpenAI-compatible HTTP door, when --http-listen is set.
+    http: HttpDoor | None = None
 
     async def reload_keys(self) -> bool:
         """Read the keys file again (SIGHUP) on a thread, never on the event loop: new keys,
@@ -99,6 +107,14 @@ class RunningServer:
     def address(self) -> str:
         host, _ = self.settings.listen_address
         return f"{host}:{self.port}"
+
+    @property
+    def http_address(self) -> str | None:
+        """HOST:PORT of the HTTP door (its bound port); None when it is off."""
+        if self.http is None:
+            return None
+        host, _ = parse_host_port(self.settings.http_listen)
+        return f"[{host}]:{self.http.port}" if ":" in host else f"{host}:{self.http.port}"
 
     @property
     def metrics_port(self) -> int | None:
@@ -130,7 +146,10 @@ class RunningServer:
     async def _stop(self, grace: float) -> None:
         """`server.stop(grace)`, but the calls still running when the grace ends are ended
         with SHUTTING_DOWN (gRPC's own cut, a moment later, carries no details)."""
-        stopping = asyncio.create_task(self.server.stop(grace + SHUTDOWN_CUT_MARGIN))
+        doors = [self.server.stop(grace + SHUTDOWN_CUT_MARGIN)]
+        if self.http is not None:
+            doors.append(self.http.stop(grace))
+        stopping = asyncio.ensure_future(asyncio.gather(*doors))
         await asyncio.wait({stopping}, timeout=grace)
         if not stopping.done() and self.calls.running:
             log.info("grace over: ending %d calls still running", self.calls.running)
@@ -290,6 +309,16 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                  health, settings)
     port = add_port(server, settings)
     await server.start()
+    http = None
+    if settings.http_listen:
+        http = HttpDoor(settings, edge, generation, embeddings, telemetry,
+                        lambda: drain_gate.draining)
+        try:
+            await http.start()
+        except BaseException:  # the port is taken, say: nothing stays up half-started
+            await server.stop(None)
+            await backend.close()
+            raise
     await health.start()
     if mcp is not None:
         mcp.start()  # connects in the background: a server that is down delays nothing
@@ -297,10 +326,13 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
                                 name="keys-watch") \
         if settings.api_keys_file and settings.api_keys_reload_interval > 0 else None
     running = RunningServer(settings, server, port, backend, health, drain_gate, admission, cache,
-                            telemetry, mcp, keys, watch, embed_admission, calls, runs)
+                            telemetry, mcp, keys, watch, embed_admission, calls, runs, http)
     log.info("listening for %s on %s with the %s backend, model %s; readiness %s",
              SERVICE_NAME, running.address, backend.name, backend.default_model,
              "SERVING" if health.ready else f"NOT_SERVING ({health.last.reason})")
+    if running.http_address is not None:
+        log.info("the OpenAI-compatible HTTP API on %s://%s/v1",
+                 "https" if settings.tls_cert else "http", running.http_address)
     return running
 
 
@@ -346,10 +378,24 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
 
 
 def ready_banner(running: RunningServer) -> str:
-    return (
+    banner = (
         f"agentloop serving on {running.address} (backend {running.backend.name}, "
         f"model {running.backend.default_model})\n"
-        f"  try: grpcurl -plaintext -d '{{\"prompt\":\"The capital of France is\","
-        f"\"options\":{{\"max_tokens\":16}}}}' {running.address} "
+        f"  try: {runnable('grpcurl')} -plaintext -d '{{\"prompt\":\"The capital of France "
+        f"is\",\"options\":{{\"max_tokens\":16}}}}' {running.address} "
         f"{SERVICE_NAME}/StreamGenerate"
     )
+    if running.http_address is not None:
+        scheme = "https" if running.settings.tls_cert else "http"
+        banner += f"\n  OpenAI-compatible API: {scheme}://{running.http_address}/v1"
+    return banner
+
+
+def runnable(command: str) -> str:
+    """A command of this server's environment as a shell runs it: its name when PATH finds
+    one, else its full path (`make run` serves from a venv the newcomer's shell has not
+    activated)."""
+    installed = Path(sys.executable).parent / command
+    if installed.exists() and not shutil.which(command):
+        return shlex.quote(str(installed))
+    return command

@@ -22,7 +22,7 @@ from agentloop_client.errors import (
     Unavailable,
     Unimplemented,
 )
-from agentloop_client.requests import ClientTool
+from agentloop_client.requests import ClientTool, tool_calls_of
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -41,4 +41,5 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "pb",
+    "tool_calls_of",
 ]

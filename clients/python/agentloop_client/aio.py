@@ -33,6 +33,8 @@ from agentloop_client.requests import (
     FormatLike,
     MessageLike,
     OptionsLike,
+    ToolChoiceLike,
+    ToolLike,
     agent_fields,
     background_run_request,
     count_tokens_request,
@@ -72,11 +74,14 @@ class AsyncAgentLoopClient:
         model: str = "",
         options: OptionsLike | None = None,
         format: FormatLike = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike = None,
         timeout: float | None = None,
         session: str | None = None,
     ) -> pb.GenerateResponse:
         request = pb.GenerateRequest(
-            **generation_fields(prompt, messages, system, model, options, format))
+            **generation_fields(prompt, messages, system, model, options, format, tools,
+                              tool_choice))
         try:
             return await self.stub.Generate(
                 request, timeout=timeout, metadata=session_metadata(session))
@@ -92,11 +97,14 @@ class AsyncAgentLoopClient:
         model: str = "",
         options: OptionsLike | None = None,
         format: FormatLike = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike = None,
         timeout: float | None = None,
         session: str | None = None,
     ) -> AsyncGenerator[pb.StreamGenerateResponse, None]:
         request = pb.StreamGenerateRequest(
-            **generation_fields(prompt, messages, system, model, options, format))
+            **generation_fields(prompt, messages, system, model, options, format, tools,
+                              tool_choice))
         call = self.stub.StreamGenerate(
             request, timeout=timeout, metadata=session_metadata(session))
         try:

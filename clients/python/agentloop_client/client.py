@@ -33,6 +33,8 @@ from agentloop_client.requests import (
     FormatLike,
     MessageLike,
     OptionsLike,
+    ToolChoiceLike,
+    ToolLike,
     agent_fields,
     count_tokens_request,
     embed_request,
@@ -71,11 +73,14 @@ class AgentLoopClient:
         model: str = "",
         options: OptionsLike | None = None,
         format: FormatLike = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike = None,
         timeout: float | None = None,
         session: str | None = None,
     ) -> pb.GenerateResponse:
         request = pb.GenerateRequest(
-            **generation_fields(prompt, messages, system, model, options, format))
+            **generation_fields(prompt, messages, system, model, options, format, tools,
+                              tool_choice))
         try:
             return self.stub.Generate(request, timeout=timeout, metadata=session_metadata(session))
         except grpc.RpcError as exc:
@@ -90,12 +95,15 @@ class AgentLoopClient:
         model: str = "",
         options: OptionsLike | None = None,
         format: FormatLike = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike = None,
         timeout: float | None = None,
         session: str | None = None,
     ) -> Generator[pb.StreamGenerateResponse, None, None]:
         """The stream's messages; leaving the loop early cancels the call."""
         request = pb.StreamGenerateRequest(
-            **generation_fields(prompt, messages, system, model, options, format))
+            **generation_fields(prompt, messages, system, model, options, format, tools,
+                              tool_choice))
         call = self.stub.StreamGenerate(
             request, timeout=timeout, metadata=session_metadata(session))
         try:

@@ -18,6 +18,22 @@ MessageLike: TypeAlias = pb.Message | Mapping[str, Any]
 OptionsLike: TypeAlias = pb.GenerationOptions | Mapping[str, Any]
 #: Output format: None or "text", "json", a JSON Schema (dict or JSON string), or the proto.
 FormatLike: TypeAlias = pb.ResponseFormat | str | Mapping[str, Any] | None
+#: A tool the model may call (function calling): the proto, {"name", "description",
+#: "parameters": JSON Schema (dict or JSON string)}, or OpenAI's {"type": "function",
+#: "function": {...}} of the same.
+ToolLike: TypeAlias = pb.ToolDefinition | Mapping[str, Any]
+#: Whether the model may call tools: None (auto), "auto", "none", "required", the proto, or
+#: one tool by name as {"name": ...} (or OpenAI's {"type": "function", "function": {...}}).
+ToolChoiceLike: TypeAlias = pb.ToolChoice | str | Mapping[str, Any] | None
+#: A tool call in an assistant message: the proto, or {"id", "name", "arguments"} with the
+#: arguments as a dict or JSON text.
+ToolCallLike: TypeAlias = pb.ToolCall | Mapping[str, Any]
+
+_TOOL_CHOICES = {
+    "auto": pb.ToolChoice.MODE_AUTO,
+    "none": pb.ToolChoice.MODE_NONE,
+    "required": pb.ToolChoice.MODE_REQUIRED,
+}
 
 _ROLES = {
     "system": pb.ROLE_SYSTEM,
@@ -55,9 +71,54 @@ def message(value: MessageLike) -> pb.Message:
     role = value.get("role", "user")
     return pb.Message(
         role=_ROLES[role] if isinstance(role, str) else role,
-        content=value.get("content", ""),
+        content=value.get("content") or "",
         images=list(value.get("images", ())),
+        tool_calls=[tool_call(call) for call in value.get("tool_calls") or ()],
+        tool_call_id=value.get("tool_call_id", ""),
     )
+
+
+def tool_call(value: ToolCallLike) -> pb.ToolCall:
+    if isinstance(value, pb.ToolCall):
+        return value
+    function = value.get("function", value)  # OpenAI's {"id", "function": {...}} too
+    arguments = function.get("arguments", {})
+    return pb.ToolCall(id=value.get("id", ""), name=function.get("name", ""),
+                       arguments_json=arguments if isinstance(arguments, str)
+                       else json.dumps(arguments))
+
+
+def tool_definition(value: ToolLike) -> pb.ToolDefinition:
+    if isinstance(value, pb.ToolDefinition):
+        return value
+    function = value.get("function", value)
+    parameters = function.get("parameters")
+    return pb.ToolDefinition(
+        name=function.get("name", ""), description=function.get("description", ""),
+        parameters_json_schema=parameters if isinstance(parameters, str)
+        else json.dumps(parameters) if parameters else "")
+
+
+def tool_choice(value: ToolChoiceLike) -> pb.ToolChoice | None:
+    if value is None or isinstance(value, pb.ToolChoice):
+        return value
+    if isinstance(value, str):
+        return pb.ToolChoice(mode=_TOOL_CHOICES[value])
+    name = value.get("function", value).get("name", "")
+    return pb.ToolChoice(mode=pb.ToolChoice.MODE_TOOL, name=name)
+
+
+def tool_calls_of(responses: Sequence[pb.StreamGenerateResponse]) -> list[pb.ToolCall]:
+    """The tool calls a stream's `tool_call_deltas` make, joined by index (the last message
+    carries the same calls whole in `tool_calls`)."""
+    calls: dict[int, pb.ToolCall] = {}
+    for response in responses:
+        for delta in response.tool_call_deltas:
+            call = calls.setdefault(delta.index, pb.ToolCall())
+            call.id = call.id or delta.id
+            call.name = call.name or delta.name
+            call.arguments_json += delta.arguments_json
+    return [calls[index] for index in sorted(calls)]
 
 
 def generation_options(value: OptionsLike | None) -> pb.GenerationOptions | None:
@@ -84,6 +145,8 @@ def generation_fields(
     model: str,
     options: OptionsLike | None,
     format: FormatLike,
+    tools: Sequence[ToolLike] = (),
+    choice: ToolChoiceLike = None,
 ) -> dict[str, Any]:
     """The fields GenerateRequest and StreamGenerateRequest share."""
     return {
@@ -93,6 +156,8 @@ def generation_fields(
         "model": model,
         "options": generation_options(options),
         "format": response_format(format),
+        "tools": [tool_definition(t) for t in tools],
+        "tool_choice": tool_choice(choice),
     }
 
 

@@ -10,7 +10,10 @@ extra).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from agentloop.schema_limits import keywords
 
 # The schema converter lets a JSON string hold raw control characters, which JSON forbids
 # (a model then writes raw newlines and never closes the string): the JSON grammar's rule.
@@ -39,6 +42,27 @@ def split_on_stops(pending: str, stops: Sequence[str]) -> tuple[int, bool]:
     return len(pending) - hold, False
 
 
+#: The keywords llama-cpp-python's converter holds the output to, and those that only annotate.
+#: Any other (minimum, multipleOf, uniqueItems, oneOf's "exactly one", ...) would leave the
+#: grammar looser than the schema.
+GRAMMAR_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "minItems", "maxItems", "enum", "const", "anyOf", "allOf", "$ref", "pattern", "minLength",
+    "maxLength", "format",
+    "title", "description", "default", "examples", "$schema", "$id", "$defs", "definitions",
+    "$comment", "deprecated", "readOnly", "writeOnly",
+})
+
+
+def unenforced_keyword(schema: Mapping[str, Any]) -> str | None:
+    """The first keyword (as `path/keyword`) of a schema that the grammar would not hold the
+    output to, or None when the grammar holds all of it."""
+    for path, key, _ in keywords(schema):
+        if key not in GRAMMAR_KEYWORDS:
+            return f"{path}/{key}" if path else key
+    return None
+
+
 def grammar_for_schema(schema: str) -> str:
     """GBNF for a JSON schema (llama-cpp-python's converter), strings as strict as JSON's."""
     from llama_cpp import llama_grammar
@@ -52,3 +76,20 @@ def json_grammar() -> str:
     from llama_cpp import llama_grammar
 
     return llama_grammar.JSON_GBNF
+
+
+#: Text the model may write instead of a call (tool choice auto): anything that does not
+#: open like a call (`{`) or with blank space, so the first character tells them apart.
+_FREE_TEXT_RULES = 'root ::= tool-call | free-text\nfree-text ::= [^{ \\t\\r\\n] [^\\x00]*\n'
+
+
+def grammar_for_tool_calls(schema: str, forced: bool) -> str:
+    """GBNF for an answer under tools: one call per `schema` (tool_calls.calls_schema, as
+    JSON text), or, unless a call is `forced`, plain text instead."""
+    text = grammar_for_schema(schema)
+    if forced:
+        return text
+    lines = text.splitlines()
+    renamed = ["tool-call ::=" + line[len("root ::="):] if line.startswith("root ::=") else line
+               for line in lines]
+    return _FREE_TEXT_RULES + "\n".join(renamed) + "\n"

@@ -58,8 +58,10 @@ from agentloop.errors import (
 if importlib.util.find_spec("llama_cpp") is None:  # the engine's child needs the extra
     raise ImportError("No module named 'llama_cpp'")
 
+from agentloop.backends.constraints import unenforced_keyword
 from agentloop.backends.engine_types import EngineConfig, EngineStats
 from agentloop.backends.llama_engine import model_name_for
+from agentloop.tool_calls import read_calls
 
 log = logging.getLogger(__name__)
 raw_output = logging.getLogger(engine_child.RAW_OUTPUT_LOGGER)
@@ -339,6 +341,9 @@ class EmbeddedBackend:
         else:
             self._path = cache_dir(settings) / packaged_model_file()
         self._model = model_name_for(self._path)
+        #: The configured model name (`--model`, production's `gemma3n:e2b` by default) is
+        #: an alias of the GGUF: a caller written against production runs unchanged here.
+        self._alias = settings.model if settings.model != self._model else ""
         #: Generations the engine decodes at once: its slots; admission control follows.
         self.parallelism = settings.embedded_slots
         self._stall_timeout = settings.embedded_stall_timeout
@@ -364,8 +369,17 @@ class EmbeddedBackend:
         return self._model
 
     @property
+    def alias(self) -> str:
+        """The other name the engine answers to ("" when --model names the GGUF itself)."""
+        return self._alias
+
+    @property
     def address(self) -> None:
         return None
+
+    def serves(self, model: str) -> bool:
+        """A request naming `model` is served here: the GGUF's own name or its alias."""
+        return model in (self._model, self._alias) and bool(model)
 
     @property
     def model_path(self) -> Path:
@@ -595,12 +609,18 @@ class EmbeddedBackend:
                                  else "the embedded engine is loading its model")
         if time.monotonic() - child.heard_at > self._stall_timeout:
             return BackendHealth(False, "the embedded engine does not answer")
-        if model != self._model:
+        if not self.serves(model):
             return BackendHealth(False, f"model {model!r} is not the loaded GGUF")
-        return BackendHealth(True)
+        return BackendHealth(True, served=self._names())
 
     async def list_models(self) -> list[ModelInfo]:
-        return [dataclasses.replace(self._info, loaded=self._child is not None)]
+        """The GGUF, then its alias as a model of its own with the same facts (both are
+        names a request's `model` may take)."""
+        info = dataclasses.replace(self._info, loaded=self._child is not None)
+        return [dataclasses.replace(info, name=name) for name in self._names()]
+
+    def _names(self) -> tuple[str, ...]:
+        return (self._model, self._alias) if self._alias else (self._model,)
 
     # --- embeddings and token counts (llama_embedder in the child) ------------------------
 
@@ -640,9 +660,10 @@ class EmbeddedBackend:
 
     def _child_for(self, model: str) -> _EngineProcess:
         """The serving child, for a request naming `model`; raises what a caller sees."""
-        if model and model != self._model:
+        if model and not self.serves(model):
+            also = f" (also as {self._alias!r})" if self._alias else ""
             raise ModelNotFound(
-                f"model {model!r} not found; the embedded engine serves {self._model!r}",
+                f"model {model!r} not found; the embedded engine serves {self._model!r}{also}",
                 metadata={"model": model},
             )
         child = self._child
@@ -654,7 +675,20 @@ class EmbeddedBackend:
 
     # --- generation ----------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """The engine's answer; where tools may be called, the engine writes under the
+        call grammar and the answer is read into text or a tool call (tool_calls)."""
+        if not request.offers_tools:
+            return self._engine_stream(request)
+        for index, tool in enumerate(request.tools):
+            if (keyword := unenforced_keyword(tool.parameters)) is not None:
+                raise BackendRejected(
+                    f"the embedded engine cannot hold a tool's arguments to `{keyword}` (its "
+                    "grammar would be looser than the schema): leave it out, or use an "
+                    "upstream that takes tools", field=f"tools[{index}].parameters_json_schema")
+        return read_calls(self._engine_stream(request), request)
+
+    async def _engine_stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         child = self._child_for(request.model)
         if (refused := self._crashes.refused_for(request)) > 0:
             raise BackendRejected(

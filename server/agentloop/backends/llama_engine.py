@@ -36,7 +36,11 @@ import numpy as np
 from llama_cpp import _internals, llama_chat_format, llama_grammar
 from llama_cpp._logger import set_verbose
 
-from agentloop.backends.constraints import grammar_for_schema, split_on_stops
+from agentloop.backends.constraints import (
+    grammar_for_schema,
+    grammar_for_tool_calls,
+    split_on_stops,
+)
 from agentloop.backends.engine_types import EngineConfig, EngineStats
 from agentloop.config import SettingsError
 from agentloop.domain import (
@@ -45,7 +49,6 @@ from agentloop.domain import (
     GenerationRequest,
     ModelInfo,
     OutputFormat,
-    ResponseFormat,
     Role,
     SamplingOptions,
     Timings,
@@ -53,6 +56,7 @@ from agentloop.domain import (
 )
 from agentloop.errors import (
     FORMAT_SCHEMA_FIELD,
+    TOOLS_FIELD,
     AgentLoopError,
     BackendProtocolError,
     BackendRejected,
@@ -62,6 +66,13 @@ from agentloop.errors import (
     ShuttingDown,
 )
 from agentloop.ranges import TOP_K_MAX
+from agentloop.tool_calls import (
+    call_names,
+    call_text,
+    calls_schema,
+    offered_tools,
+    tools_instructions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +191,6 @@ class _Slot:
     decoder: codecs.IncrementalDecoder | None = None
     admitted_at: float = 0.0
     first_at: float | None = None
-    load: float = 0.0
 
     @property
     def prefilling(self) -> bool:
@@ -256,7 +266,6 @@ class Engine:
         self._steps = 0
         self._building: dict[str, float] = {}  # grammar key -> when its build began
         self._load_seconds = 0.0
-        self._load_reported = False
         self._piece = ctypes.create_string_buffer(256)
         self._candidates: np.ndarray | None = None
         self._token_ids: np.ndarray | None = None
@@ -517,7 +526,7 @@ class Engine:
         assert self._tokenizers is not None
         for job in new:
             try:
-                job.grammar = self._grammar(job.request.format)
+                job.grammar = self._grammar(job.request)
             except AgentLoopError as exc:
                 self._end(job, exc)
                 continue
@@ -643,8 +652,6 @@ class Engine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.admitted_at = time.perf_counter()
         slot.first_at = None
-        slot.load = 0.0 if self._load_reported else self._load_seconds
-        self._load_reported = True
 
     def _truncate(self, slot: _Slot, keep: int) -> None:
         """Drop the slot's cached tokens from `keep` on (all of them if that cannot be)."""
@@ -824,7 +831,8 @@ class Engine:
             finish_reason=reason,
             usage=Usage(input_tokens=len(slot.prompt), output_tokens=slot.produced,
                         cached_input_tokens=slot.reused),
-            timings=Timings(load=slot.load, prompt_eval=first_at - slot.admitted_at,
+            # No call waits for a load: the model loads before the engine takes any job.
+            timings=Timings(load=0.0, prompt_eval=first_at - slot.admitted_at,
                             eval=ended - first_at),
             model=self._model_name,
         ))
@@ -886,19 +894,28 @@ class Engine:
         extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
         return _Prompt(tokens, stops + tuple(s for s in extra if s))
 
-    def _grammar(self, fmt: ResponseFormat) -> Future[int] | None:
-        """The compiled grammar for the format: cached per schema, built off this thread."""
-        if fmt.kind is OutputFormat.TEXT:
+    def _grammar(self, request: GenerationRequest) -> Future[int] | None:
+        """The compiled grammar for the format, or for the tool calls the request allows:
+        cached per schema, built off this thread."""
+        fmt = request.format
+        tools = offered_tools(request)
+        if tools:
+            # A call of one of the tools, or (tool choice auto) text instead.
+            forced = request.forces_tool_call
+            key = ("tools-forced:" if forced else "tools:") + json.dumps(calls_schema(tools))
+        elif fmt.kind is OutputFormat.TEXT:
             return None
-        # The schema as given, keys unsorted: the grammar writes properties in the schema's
-        # order (an agent's thought before its action), so key order makes another grammar.
-        key = "json" if fmt.kind is OutputFormat.JSON else json.dumps(fmt.json_schema)
+        else:
+            # The schema as given, keys unsorted: the grammar writes properties in the
+            # schema's order (an agent's thought before its action), so key order makes
+            # another grammar.
+            key = "json" if fmt.kind is OutputFormat.JSON else json.dumps(fmt.json_schema)
         built = self._grammars.get(key)
         if built is not None:
             self._grammars.move_to_end(key)
             return built
         assert self._builders is not None
-        built = self._builders.submit(self._build_grammar, fmt.kind, key)
+        built = self._builders.submit(self._build_grammar, key)
         built.add_done_callback(self._prepared)
         self._grammars[key] = built
         if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
@@ -917,32 +934,35 @@ class Engine:
         with self._lock:
             self._wake()
 
-    def _build_grammar(self, kind: OutputFormat, key: str) -> int:
+    def _build_grammar(self, key: str) -> int:
         """A grammar sampler (the prototype each job clones); on a builder thread."""
         self._building[key] = time.monotonic()
         try:
-            return self._make_grammar(kind, key)
+            return self._make_grammar(key)
         finally:
             self._building.pop(key, None)
 
-    def _make_grammar(self, kind: OutputFormat, key: str) -> int:
-        if kind is OutputFormat.JSON:
+    def _make_grammar(self, key: str) -> int:
+        kind, _, schema = key.partition(":")
+        what, field = ("the tools' schemas", TOOLS_FIELD) if kind.startswith("tools") else (
+            "this JSON schema", FORMAT_SCHEMA_FIELD)
+        if key == "json":
             text = llama_grammar.JSON_GBNF
         else:
             try:
-                text = grammar_for_schema(key)
+                text = (grammar_for_tool_calls(schema, forced=kind == "tools-forced")
+                        if kind.startswith("tools") else grammar_for_schema(key))
             except RecursionError:
                 raise BackendRejected(
-                    "the embedded engine cannot enforce this JSON schema: it has too many "
-                    "parts for the grammar converter", field=FORMAT_SCHEMA_FIELD) from None
+                    f"the embedded engine cannot enforce {what}: they have too many "
+                    "parts for the grammar converter", field=field) from None
             except Exception as exc:  # the converter raises plain Exceptions
                 raise BackendRejected(
-                    f"the embedded engine cannot enforce this JSON schema: {_clean(exc)}",
-                    field=FORMAT_SCHEMA_FIELD) from None
+                    f"the embedded engine cannot enforce {what}: {_clean(exc)}",
+                    field=field) from None
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
         if not sampler:  # llama.cpp could not parse it
-            raise BackendRejected("the embedded engine cannot enforce this JSON schema",
-                                  field=FORMAT_SCHEMA_FIELD)
+            raise BackendRejected(f"the embedded engine cannot enforce {what}", field=field)
         return sampler
 
 
@@ -1053,17 +1073,30 @@ def open_llama(path: Path, n_ctx: int, threads: int) -> llama_cpp.Llama:
 
 
 def _chat_messages(request: GenerationRequest) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": request.system}] if request.system else []
+    """The chat as the template takes it. Gemma 3's template has no tool format: the tools
+    are described in the system text, earlier calls written as the grammar has the model
+    write them, and tool results told as user turns."""
+    system = request.system
+    if tools := offered_tools(request):
+        instructions = tools_instructions(tools, request.forces_tool_call)
+        system = f"{system}\n\n{instructions}" if system else instructions
+    messages = [{"role": "system", "content": system}] if system else []
+    names = call_names(request.messages)
     for message in request.messages:
         if message.images:
             raise BackendRejected("the embedded engine's model does not read images")
+        content = message.content
         if message.role is Role.SYSTEM:
             role = "system"
         elif message.role is Role.ASSISTANT:
             role = "assistant"
+            content = "\n".join([content, *map(call_text, message.tool_calls)]).strip()
         else:  # user turns and tool results: both are what the model is told
             role = "user"
-        messages.append({"role": role, "content": message.content})
+            if message.role is Role.TOOL and message.tool_call_id:
+                name = names.get(message.tool_call_id, "")
+                content = f"Result of the {name} call {message.tool_call_id}:\n{content}"
+        messages.append({"role": role, "content": content})
     return messages
 
 

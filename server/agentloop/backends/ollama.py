@@ -53,6 +53,8 @@ from agentloop.domain import (
     Timings,
     TokenCount,
     TokenCountRequest,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from agentloop.errors import (
@@ -66,6 +68,16 @@ from agentloop.errors import (
     ResourceExhausted,
     Unimplemented,
     UpstreamProtocolError,
+)
+from agentloop.tool_calls import (
+    MAX_CALL_ID_CHARS,
+    MAX_CALLS,
+    arguments_text,
+    call_names,
+    check_calls,
+    new_call_id,
+    offered_tools,
+    tool_definitions_json,
 )
 
 log = logging.getLogger(__name__)
@@ -317,12 +329,24 @@ def build_request_body(request: GenerationRequest, keep_alive: str | int) -> tup
         body["format"] = request.format.json_schema
     if request.is_chat:
         messages = [] if not request.system else [{"role": "system", "content": request.system}]
+        names = call_names(request.messages)
         for message in request.messages:
             item: dict[str, Any] = {"role": str(message.role), "content": message.content}
             if message.images:
                 item["images"] = [base64.b64encode(image).decode() for image in message.images]
+            if message.tool_calls:
+                item["tool_calls"] = [{"function": {
+                    "name": call.name, "arguments": json.loads(call.arguments_json)}}
+                    for call in message.tool_calls]
+            if message.tool_call_id in names:  # Ollama matches a result to its call by name
+                item["tool_name"] = names[message.tool_call_id]
             messages.append(item)
         body["messages"] = messages
+        if request.forces_tool_call:  # Ollama's chat has no tool_choice: it cannot be held
+            raise InvalidArgument([("tool_choice.mode", "Ollama cannot be made to call a "
+                                                        "tool: use MODE_AUTO or MODE_NONE")])
+        if tools := offered_tools(request):
+            body["tools"] = tool_definitions_json(tools)
         return "/api/chat", body
     body["prompt"] = request.prompt
     if request.system:
@@ -345,6 +369,7 @@ async def parse_stream(
     max_tokens = request.options.max_tokens
     deltas_left, chars_left = max_tokens, bounds.answer_chars(max_tokens)
     lines_left = max_tokens + EVENT_SLACK
+    calls: list[ToolCall] = []
     async for line in lines:
         lines_left -= 1
         if lines_left < 0:
@@ -378,15 +403,45 @@ async def parse_stream(
                 return
             chars_left -= len(text)
             yield text
+        if isinstance(piece, dict) and piece.get("tool_calls") is not None:
+            for call in _tool_calls(piece["tool_calls"], len(calls), request):
+                chars_left -= len(call.arguments_json)
+                if chars_left < 0:
+                    raise UpstreamProtocolError("the backend sent tool calls beyond any size")
+                # Ollama sends each call whole: one delta per call.
+                yield ToolCallDelta(len(calls), call.id, call.name, call.arguments_json)
+                calls.append(call)
         if chunk.get("done"):
             # Read the body's end first: a response read to its end returns its connection
             # to the pool, one closed early costs a new connection on the next request.
             await read_trailer(lines)
-            yield _end_of(chunk, request, time.monotonic() - started)
+            end = _end_of(chunk, request, time.monotonic() - started)
+            if calls:
+                end = dataclasses.replace(end, finish_reason=FinishReason.TOOL_CALLS,
+                                          tool_calls=tuple(calls))
+            yield end
             return
     raise BackendStreamFailed(
         "the backend closed the stream before its final chunk", metadata={"model": request.model}
     )
+
+
+def _tool_calls(raw: object, made: int, request: GenerationRequest) -> tuple[ToolCall, ...]:
+    """A chunk's `message.tool_calls` ([{"id"?, "function": {"name", "arguments"}}]),
+    checked against the tools the request offered; ids made up where Ollama gives none."""
+    if not isinstance(raw, list) or made + len(raw) > MAX_CALLS:
+        raise UpstreamProtocolError("the backend sent malformed tool calls")
+    calls = []
+    for item in raw:
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UpstreamProtocolError("the backend sent malformed tool calls")
+        call_id = item.get("id")
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_CALL_ID_CHARS:
+            call_id = new_call_id()
+        calls.append(ToolCall(call_id, function["name"],
+                              arguments_text(function.get("arguments", {}))))
+    return check_calls(calls, request)
 
 
 def _end_of(chunk: Mapping[str, Any], request: GenerationRequest,

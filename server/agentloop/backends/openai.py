@@ -69,6 +69,9 @@ from agentloop.domain import (
     Timings,
     TokenCount,
     TokenCountRequest,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoiceMode,
     Usage,
 )
 from agentloop.errors import (
@@ -86,6 +89,14 @@ from agentloop.errors import (
     UpstreamProtocolError,
 )
 from agentloop.schema_limits import load_json
+from agentloop.tool_calls import (
+    MAX_CALL_ID_CHARS,
+    MAX_CALLS,
+    check_calls,
+    new_call_id,
+    offered_tools,
+    tool_definitions_json,
+)
 from agentloop.upstreams.spec import (
     CompletionsFormat,
     EndpointSpec,
@@ -266,11 +277,14 @@ class OpenAIBackend:
 
 
 def without_cached_tokens(item: StreamItem) -> StreamItem:
-    """The item, its end's `cached_input_tokens` reported as 0."""
-    if isinstance(item, str) or not item.usage.cached_input_tokens:
+    """The item, its end's `cached_input_tokens` reported as 0 (kept for the pool's prefix
+    index alone, in `engine_cached_tokens`)."""
+    if not isinstance(item, GenerationEnd) or not item.usage.cached_input_tokens:
         return item
+    cached = item.usage.cached_input_tokens
     return dataclasses.replace(item, usage=dataclasses.replace(item.usage,
-                                                               cached_input_tokens=0))
+                                                               cached_input_tokens=0),
+                               engine_cached_tokens=cached)
 
 
 def tls_context(tls: TlsSpec) -> ssl.SSLContext:
@@ -310,6 +324,8 @@ def build_request_body(request: GenerationRequest, dialect: OpenAIDialect, setti
         return "/completions", body
     if request.format.kind is not OutputFormat.TEXT:
         body["response_format"] = response_format(request.format, dialect)
+    if request.tools:
+        body.update(tool_fields(request, dialect))
     # A chat, or a prompt the upstream only takes as one user turn (Completions has no
     # system either).
     turns = request.messages if request.is_chat else (
@@ -318,6 +334,28 @@ def build_request_body(request: GenerationRequest, dialect: OpenAIDialect, setti
     messages += chat_messages(turns)
     body["messages"] = messages
     return "/chat/completions", body
+
+
+def tool_fields(request: GenerationRequest, dialect: OpenAIDialect) -> dict[str, Any]:
+    """`tools` and `tool_choice` as the upstream takes them; with tool choice none the
+    tools are not sent (nothing to call, and a prompt the shorter)."""
+    tools = offered_tools(request)
+    if not tools:
+        return {}
+    mode = request.tool_choice.mode
+    named = request.tool_choice.name if mode is ToolChoiceMode.TOOL else ""
+    if mode is ToolChoiceMode.REQUIRED and not dialect.tool_choice_required:
+        if len(tools) > 1:
+            raise InvalidArgument([("tool_choice.mode", "this model's upstream cannot be made "
+                                                        "to call one of several tools: name "
+                                                        "one (MODE_TOOL), or use MODE_AUTO")])
+        named = tools[0].name
+    if named:
+        choice: object = {"type": "function", "function": {"name": named}}
+    else:
+        choice = "required" if mode is ToolChoiceMode.REQUIRED else "auto"
+    # Every declared tool goes (a named choice picks among them), as OpenAI takes it.
+    return {"tools": tool_definitions_json(request.tools), "tool_choice": choice}
 
 
 def sampling_fields(request: GenerationRequest, dialect: OpenAIDialect,
@@ -456,7 +494,12 @@ def chat_messages(turns: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for index, turn in enumerate(turns):
         message = chat_message(turn)
-        if turn.role is Role.TOOL:
+        if turn.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.name, "arguments": call.arguments_json}} for call in turn.tool_calls]
+        if turn.tool_call_id:  # function calling: the caller's own id
+            message["tool_call_id"] = turn.tool_call_id
+        elif turn.role is Role.TOOL:
             call_id = f"call_{index}"
             earlier = turns[index - 1] if index else None
             call = tool_call(earlier.content) if earlier is not None \
@@ -598,6 +641,12 @@ async def parse_stream(events: AsyncIterator[bytes], request: GenerationRequest,
             yield end.report(request, upstream)
             return
         text = end.take(data, chat, failed, request.model, upstream)
+        for delta in end.deltas:
+            chars_left -= len(delta.arguments_json) + len(delta.name) + len(delta.id)
+            if chars_left < 0:
+                raise UpstreamProtocolError("the upstream sent tool calls beyond any size")
+            yield delta
+        end.deltas.clear()
         if text:
             deltas_left -= 1
             if deltas_left < 0:
@@ -620,10 +669,16 @@ class _EndReport:
     """What a stream's chunks said about its end: the finish reason, usage, timings (each
     bounded by what the request can have cost)."""
 
-    __slots__ = ("reason", "request", "started", "timings", "usage")
+    __slots__ = ("calls", "deltas", "offered", "reason", "request", "started", "timings",
+                 "usage")
 
     def __init__(self, request: GenerationRequest, started: float) -> None:
         self.reason: str | None = None
+        #: The tool calls so far, by index: [id, name, arguments] (`delta.tool_calls`).
+        self.calls: dict[int, list[str]] = {}
+        #: The tool-call deltas of the last chunk taken, for the stream to send.
+        self.deltas: list[ToolCallDelta] = []
+        self.offered = {tool.name for tool in offered_tools(request)}
         self.request = request
         self.started = started
         self.usage = Usage()
@@ -647,8 +702,11 @@ class _EndReport:
                 choice = choices[0]
                 text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                 reason = choice.get("finish_reason")
+                calls = (choice.get("delta") or {}).get("tool_calls") if chat else None
             except (TypeError, AttributeError, KeyError, IndexError):
                 raise UpstreamProtocolError("the upstream sent a malformed stream") from None
+            if calls:
+                self._take_calls(calls)
             if reason:
                 self.reason = str(reason)
             if text and not isinstance(text, str):
@@ -661,13 +719,53 @@ class _EndReport:
             self.timings = timings_of(timings, time.monotonic() - self.started)
         return text or ""
 
+    def _take_calls(self, calls: object) -> None:
+        """`delta.tool_calls`: pieces of calls by index (the first of a call has its id
+        and name, the rest pieces of its arguments), kept and passed on as deltas."""
+        if not isinstance(calls, list):
+            raise UpstreamProtocolError("the upstream sent malformed tool calls")
+        for piece in calls:
+            index = piece.get("index", 0) if isinstance(piece, dict) else None
+            function = piece.get("function") or {} if isinstance(piece, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index \
+                    < MAX_CALLS or not isinstance(function, dict):
+                raise UpstreamProtocolError("the upstream sent malformed tool calls")
+            call_id, name = piece.get("id") or "", function.get("name") or ""
+            arguments = function.get("arguments") or ""
+            if not all(isinstance(part, str) for part in (call_id, name, arguments)):
+                raise UpstreamProtocolError("the upstream sent malformed tool calls")
+            known = self.calls.get(index)
+            if known is None:  # a call's first piece: its id (made up where none came, or
+                # one too long for a tool turn to send back)
+                if not 0 < len(call_id) <= MAX_CALL_ID_CHARS:
+                    call_id = new_call_id()
+                known = self.calls[index] = [call_id, "", ""]
+                call_id = known[0]
+            else:
+                call_id = ""  # an id or a name said once counts
+            name = name if not known[1] else ""
+            if name and name not in self.offered:  # before any piece of it reaches a caller
+                raise UpstreamProtocolError(
+                    f"the upstream called a tool the request did not offer ({name[:64]!r})")
+            known[1] = known[1] or name
+            known[2] += arguments
+            if call_id or name or arguments:
+                self.deltas.append(ToolCallDelta(index, call_id, name, arguments))
+
     def report(self, request: GenerationRequest, upstream: str,
                cut: bool = False) -> GenerationEnd:
-        """The end; `cut`: the gateway ended the answer at its length bound."""
+        """The end; `cut`: the gateway ended the answer at its length bound. Tool calls
+        assembled from the stream are checked (the tools offered, object arguments)."""
         reason = FinishReason.LENGTH if cut else FinishReason.STOP if self.reason is None \
             else _FINISH_REASONS.get(self.reason, FinishReason.UNSPECIFIED)
+        calls: tuple[ToolCall, ...] = ()
+        if self.calls and not cut:
+            calls = check_calls([ToolCall(call_id, name, arguments or "{}")
+                                 for _, (call_id, name, arguments) in sorted(self.calls.items())],
+                                request)
+            reason = FinishReason.TOOL_CALLS
         return GenerationEnd(finish_reason=reason, usage=self.usage, timings=self.timings,
-                             model=request.model, upstream=upstream)
+                             model=request.model, upstream=upstream, tool_calls=calls)
 
 
 async def cut_at_stops(items: AsyncGenerator[StreamItem], stops: Sequence[str],
@@ -679,6 +777,9 @@ async def cut_at_stops(items: AsyncGenerator[StreamItem], stops: Sequence[str],
     pending = ""
     async with aclosing(items):
         async for item in items:
+            if isinstance(item, ToolCallDelta):
+                yield item
+                continue
             if not isinstance(item, str):
                 if pending:
                     yield pending

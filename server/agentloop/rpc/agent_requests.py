@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from agentloop.config import Settings
 from agentloop.errors import AgentLoopError, InvalidArgument
@@ -20,12 +20,12 @@ from agentloop.rpc.requests import (
     Violations,
     chat_messages,
     check_model,
+    parameters_schema,
     requested_options,
-    schema_field,
 )
 from agentloop.services.agent import AgentRun, ClientToolCalls, ClientToolResult, WrongCallId
 from agentloop.services.generation import resolve_options
-from agentloop.services.tools import ANY_OBJECT, TOOL_NAME, ClientTool, ToolRegistry
+from agentloop.services.tools import TOOL_NAME, ClientTool, ToolRegistry
 from agentloop.services.webhooks import url_problem as webhook_url_problem
 from agentloop.v1 import agentloop_pb2 as pb
 
@@ -206,21 +206,10 @@ def _client_tools(
         elif tool.name in seen:
             violations.append((f"{path}.name", f"{tool.name!r} is declared twice"))
         seen.add(tool.name)
-        schema = _parameters_schema(tool.parameters_json_schema, f"{path}.parameters_json_schema",
-                                    violations)
+        schema = parameters_schema(tool.parameters_json_schema, f"{path}.parameters_json_schema",
+                                   violations)
         tools.append(ClientTool(tool.name, tool.description, schema))
     return tuple(tools)
-
-
-def _parameters_schema(text: str, path: str, violations: Violations) -> dict[str, Any]:
-    if not text:
-        return dict(ANY_OBJECT)
-    schema = schema_field(text, path, violations)
-    if schema is None:
-        return dict(ANY_OBJECT)
-    if schema.get("type", "object") != "object":
-        violations.append((path, 'must describe an object ("type": "object")'))
-    return schema
 
 
 class ToolResultReader:

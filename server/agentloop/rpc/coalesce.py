@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import aclosing
 from typing import Generic, TypeVar
 
+from agentloop.domain import ToolCallDelta
+
 End = TypeVar("End")
 T = TypeVar("T")
 
@@ -71,6 +73,9 @@ async def coalesced(
                     while backlog and isinstance(backlog[0], str):
                         texts.append(backlog.popleft())  # type: ignore[arg-type]
                     item = "".join(texts)
+                elif isinstance(item, ToolCallDelta) and len(backlog) + 1 >= min_backlog:
+                    while backlog and _continues(item, backlog[0]):
+                        item = _joined(item, backlog.popleft())  # type: ignore[arg-type]
                 yield item
             if reader.done():
                 reader.result()  # the reader's error, after the deltas that preceded it
@@ -81,8 +86,20 @@ async def coalesced(
         await asyncio.gather(reader, return_exceptions=True)
 
 
+def _continues(delta: ToolCallDelta, item: object) -> bool:
+    """`item` is a later piece of the same tool call's arguments (no id or name of its own)."""
+    return isinstance(item, ToolCallDelta) and item.index == delta.index \
+        and not item.id and not item.name
+
+
+def _joined(delta: ToolCallDelta, more: ToolCallDelta) -> ToolCallDelta:
+    return ToolCallDelta(delta.index, delta.id, delta.name,
+                         delta.arguments_json + more.arguments_json)
+
+
 def _join_texts(backlog: deque[str | End]) -> None:
-    """Join each run of consecutive deltas in `backlog` into one, in place."""
+    """Join each run of consecutive deltas in `backlog` into one (text deltas, and pieces of
+    one tool call's arguments), in place."""
     joined: list[str | End] = []
     texts: list[str] = []
     for item in backlog:
@@ -92,6 +109,9 @@ def _join_texts(backlog: deque[str | End]) -> None:
         if texts:
             joined.append("".join(texts))
             texts = []
+        if joined and isinstance(joined[-1], ToolCallDelta) and _continues(joined[-1], item):
+            joined[-1] = _joined(joined[-1], item)  # type: ignore[arg-type]
+            continue
         joined.append(item)
     if texts:
         joined.append("".join(texts))

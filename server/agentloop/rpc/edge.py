@@ -85,28 +85,41 @@ class Edge(grpc.aio.ServerInterceptor):
         service_call = is_service_method(method)
         checks_key = self._keys is not None and service_of(method) not in self._exempt
         key = bearer_token(handler_call_details.invocation_metadata)
-        tenant = self._keys.tenant_of(key) if checks_key and key is not None \
-            and self._keys is not None else None
+        tenant = self.tenant_of(key) if checks_key else None
 
         def refusal(context: grpc.aio.ServicerContext) -> AgentLoopError | None:
-            return self._refusal(context, method, checks_key, key, tenant, service_call)
+            return self.refusal(peer_address(context), context.peer(), method, key, tenant,
+                                checks_key=checks_key, service_call=service_call)
 
         return admitted(handler, refusal, tenant, self.budget if service_call else None)
 
-    def _refusal(self, context: grpc.aio.ServicerContext, method: str, checks_key: bool,
-                 key: str | None, tenant: Tenant | None,
-                 service_call: bool) -> AgentLoopError | None:
+    def tenant_of(self, key: str | None) -> Tenant | None:
+        """The tenant of a key when keys are on and it is accepted, else None."""
+        return self._keys.tenant_of(key) if self._keys is not None and key is not None \
+            else None
+
+    @property
+    def checks_keys(self) -> bool:
+        return self._keys is not None
+
+    def refusal(self, address: str, peer: str, method: str, key: str | None,
+                tenant: Tenant | None, *, checks_key: bool,
+                service_call: bool = True) -> AgentLoopError | None:
+        """Whether a call is refused, decided from its key and its peer alone (every door
+        asks this, so a peer's refusals and buckets are one whichever door it uses):
+        `address` is the peer without its port (`ipv4:10.0.0.5`), `peer` as logged, and
+        `tenant` is `tenant_of(key)`."""
         if checks_key:
             if tenant is None:
-                return self._unauthenticated(context, method, key)
+                return self._unauthenticated(address, peer, method, key)
             if self._refusals is not None:
-                wait = self._refusals.wait(peer_address(context))
+                wait = self._refusals.wait(address)
                 if wait:
                     return too_many_refusals(wait)
         if service_call and self._rate is not None:
             # A valid key's bucket, else the address's: an invented key earns no bucket.
             client = ("key:" + digest(key).hex() if tenant is not None and key is not None
-                      else "peer:" + peer_address(context))
+                      else "peer:" + address)
             wait = self._rate.take(client)
             if wait:
                 return ResourceExhausted(
@@ -114,14 +127,14 @@ class Edge(grpc.aio.ServerInterceptor):
                     retry_after=wait, metadata={"limit": "rate"})
         return None
 
-    def _unauthenticated(self, context: grpc.aio.ServicerContext, method: str,
+    def _unauthenticated(self, address: str, peer: str, method: str,
                          key: str | None) -> AgentLoopError:
         if self._refusals is not None:
-            wait = self._refusals.take(peer_address(context))
+            wait = self._refusals.take(address)
             if wait:
                 return too_many_refusals(wait)
         why = "missing" if key is None else "invalid"
-        self._refusal_log.warn(method, context.peer(), why)
+        self._refusal_log.warn(method, peer, why)
         return Unauthenticated(f"{why} API key: send the metadata 'authorization: Bearer <key>'")
 
 

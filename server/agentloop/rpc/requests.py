@@ -21,12 +21,24 @@ from agentloop.domain import (
     RequestedOptions,
     ResponseFormat,
     Role,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolDefinition,
 )
 from agentloop.errors import InvalidArgument
 from agentloop.ranges import OPTION_RANGES
-from agentloop.schema_limits import SchemaRefused, parse_schema
+from agentloop.schema_limits import (
+    MAX_SCHEMA_BYTES,
+    SchemaRefused,
+    check_schema,
+    load_json,
+    parse_schema,
+)
 from agentloop.services.generation import resolve_options
+from agentloop.services.tools import ANY_OBJECT, TOOL_NAME
 from agentloop.tenants import resolved_tenant
+from agentloop.tool_calls import MAX_CALL_ID_CHARS, calls_schema
 from agentloop.v1 import agentloop_pb2 as pb
 
 MAX_STOP_SEQUENCES = 16
@@ -46,6 +58,22 @@ _FORMATS = {
     pb.ResponseFormat.TYPE_JSON_SCHEMA: OutputFormat.JSON_SCHEMA,
 }
 
+_TOOL_CHOICES = {
+    pb.ToolChoice.MODE_UNSPECIFIED: ToolChoiceMode.AUTO,
+    pb.ToolChoice.MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.ToolChoice.MODE_NONE: ToolChoiceMode.NONE,
+    pb.ToolChoice.MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.ToolChoice.MODE_TOOL: ToolChoiceMode.TOOL,
+}
+#: Tools one Generate may declare (as many as an agent run's client tools).
+MAX_TOOLS = 64
+#: The schemas of all of a request's tools together: they become one grammar.
+MAX_TOOLS_SCHEMA_BYTES = 2 * MAX_SCHEMA_BYTES
+#: Longest tool-call id kept (OpenAI's are about 30 characters).
+MAX_TOOL_CALL_ID_CHARS = MAX_CALL_ID_CHARS
+#: Tool calls one assistant turn may carry.
+MAX_TOOL_CALLS_PER_TURN = 64
+
 Violations = list[tuple[str, str]]
 
 
@@ -58,6 +86,8 @@ class GenerationFields(Protocol):
     system: str
     options: pb.GenerationOptions
     format: pb.ResponseFormat
+    tools: list[pb.ToolDefinition]
+    tool_choice: pb.ToolChoice
 
     def HasField(self, name: str) -> bool: ...
 
@@ -88,7 +118,8 @@ _LOCAL_ONLY_VALUES = {"true": True, "1": True, "false": False, "0": False}
 _ONCE_HEADERS = (SESSION_HEADER, LOCAL_ONLY_HEADER, PRIORITY_HEADER, CACHE_KEY_HEADER)
 
 
-def call_context(metadata: Any, peer: str = "", settings: Settings | None = None) -> CallContext:
+def call_context(metadata: Any, peer: str = "", settings: Settings | None = None,
+                 door: str = "grpc") -> CallContext:
     """Who is calling and how the call may be served: the call's metadata, its peer and the
     tenant the edge resolved (agentloop.tenants.RESOLVED_TENANT). A header the gateway
     reads that is repeated or holds a value outside its documented set is INVALID_ARGUMENT
@@ -128,7 +159,7 @@ def call_context(metadata: Any, peer: str = "", settings: Settings | None = None
         tenant=tenant.name, session=session,
         local_only=local_only or not tenant.allow_remote,
         priority=min(priority, tenant.max_priority),
-        cache_scope=cache_scope(scope_base, cache_key), caller=caller)
+        cache_scope=cache_scope(scope_base, cache_key), caller=caller, door=door)
 
 
 _TWICE = "sent more than once: send it once"
@@ -186,9 +217,13 @@ def generation_request(
         violations.append(("prompt", "set either prompt or messages, not both"))
     elif not message.messages and not prompt.strip():
         violations.append(("prompt", "must not be empty (or set messages instead)"))
+    tools = tool_definitions(message.tools, violations)
+    tool_choice = tool_choice_of(message.tool_choice, tools, violations)
+    check_tool_turns(messages, violations)
     text_bytes = len(prompt.encode()) + len(message.system.encode()) + sum(
-        len(m.content.encode()) for m in messages  # () when there were too many
-    )
+        len(m.content.encode()) + sum(len(c.arguments_json.encode()) for c in m.tool_calls)
+        for m in messages  # () when there were too many
+    ) + sum(len(t.description.encode()) for t in tools)
     if text_bytes > settings.max_prompt_bytes:
         violations.append((
             "messages" if message.messages else "prompt",
@@ -197,6 +232,12 @@ def generation_request(
     check_model(message.model, violations)
     options = requested_options(message.options, settings, violations, "options")
     response_format = response_format_of(message.format, violations, "format")
+    if tools and tool_choice.mode is not ToolChoiceMode.NONE:
+        if not message.messages:
+            violations.append(("tools", "tools need a chat: set messages, not prompt"))
+        if response_format.kind is not OutputFormat.TEXT:
+            violations.append(("format", "a JSON format and tools the model may call do not "
+                                         "go together: set one of them"))
     if violations:
         raise InvalidArgument(violations)
     return GenerationRequest(
@@ -206,6 +247,8 @@ def generation_request(
         messages=messages,
         system=message.system,
         format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
         deadline=deadline,
     )
 
@@ -232,12 +275,17 @@ def chat_messages(
         if role is None:
             violations.append((f"{path}[{index}].role", "must be set to a known role"))
             continue
-        if not message.content and not message.images:
-            violations.append((f"{path}[{index}].content", "must not be empty"))
         if any(not image for image in message.images):
             violations.append((f"{path}[{index}].images", "images must not be empty"))
         image_bytes += sum(len(image) for image in message.images)
-        converted.append(ChatMessage(role, message.content, tuple(message.images)))
+        calls = _tool_calls(message, role, f"{path}[{index}]", violations)
+        if message.tool_call_id and role is not Role.TOOL:
+            violations.append((f"{path}[{index}].tool_call_id", "only a ROLE_TOOL message "
+                                                                "answers a tool call"))
+        if not message.content and not message.images and not calls:
+            violations.append((f"{path}[{index}].content", "must not be empty"))
+        converted.append(ChatMessage(role, message.content, tuple(message.images), calls,
+                                     message.tool_call_id[:MAX_TOOL_CALL_ID_CHARS + 1]))
     if image_bytes > settings.max_image_bytes:
         violations.append((
             f"{path}.images",
@@ -308,3 +356,127 @@ def schema_field(text: str, path: str, violations: Violations) -> dict[str, Any]
     except SchemaRefused as exc:
         violations.append((path, str(exc)))
         return None
+
+
+def _tool_calls(message: pb.Message, role: Role, path: str,
+                violations: Violations) -> tuple[ToolCall, ...]:
+    """An assistant turn's tool calls: ids and names well-formed, arguments a JSON object."""
+    if not message.tool_calls:
+        return ()
+    if role is not Role.ASSISTANT:
+        violations.append((f"{path}.tool_calls", "only a ROLE_ASSISTANT message carries "
+                                                 "tool calls"))
+        return ()
+    if len(message.tool_calls) > MAX_TOOL_CALLS_PER_TURN:
+        violations.append((f"{path}.tool_calls", f"{len(message.tool_calls)} calls; the limit "
+                                                 f"is {MAX_TOOL_CALLS_PER_TURN}"))
+        return ()
+    calls = []
+    for index, call in enumerate(message.tool_calls):
+        where = f"{path}.tool_calls[{index}]"
+        if not call.id or len(call.id) > MAX_TOOL_CALL_ID_CHARS:
+            violations.append((f"{where}.id", f"must be 1 to {MAX_TOOL_CALL_ID_CHARS} "
+                                              "characters"))
+        if not TOOL_NAME.match(call.name):
+            violations.append((f"{where}.name", "must match [A-Za-z0-9_-]{1,64}"))
+        try:
+            arguments = load_json(call.arguments_json)
+        except ValueError as exc:
+            violations.append((f"{where}.arguments_json", f"not valid JSON ({exc})"))
+        else:
+            if not isinstance(arguments, dict):
+                violations.append((f"{where}.arguments_json", "must be a JSON object"))
+        calls.append(ToolCall(call.id, call.name, call.arguments_json))
+    return tuple(calls)
+
+
+def check_tool_turns(messages: tuple[ChatMessage, ...], violations: Violations) -> None:
+    """Every tool turn answers a call an earlier assistant turn made (by its id), once; a
+    chat with tool calls names the call in each of its tool turns."""
+    made: set[str] = set()
+    answered: set[str] = set()
+    for index, message in enumerate(messages):
+        for call in message.tool_calls:
+            if call.id in made:
+                violations.append((f"messages[{index}].tool_calls",
+                                   f"the call id {call.id[:64]!r} is used twice in the chat"))
+            made.add(call.id)
+        if message.role is not Role.TOOL:
+            continue
+        call_id = message.tool_call_id
+        if not call_id:
+            if made:
+                violations.append((f"messages[{index}].tool_call_id",
+                                   "must name the tool call this message answers"))
+        elif call_id not in made:
+            violations.append((f"messages[{index}].tool_call_id",
+                               f"{call_id[:64]!r} answers no tool call of an earlier "
+                               "assistant message"))
+        elif call_id in answered:
+            violations.append((f"messages[{index}].tool_call_id",
+                               f"the call {call_id[:64]!r} is answered twice"))
+        answered.add(call_id)
+
+
+def tool_definitions(declared: list[pb.ToolDefinition],
+                     violations: Violations) -> tuple[ToolDefinition, ...]:
+    """The request's tools: good unique names, object schemas within the schema limits,
+    and all of them together small enough to become one grammar."""
+    if len(declared) > MAX_TOOLS:  # and none of them is read: each may cost work
+        violations.append(("tools", f"{len(declared)} tools; the limit is {MAX_TOOLS}"))
+        return ()
+    schema_bytes = sum(len(tool.parameters_json_schema.encode()) for tool in declared)
+    if schema_bytes > MAX_TOOLS_SCHEMA_BYTES:
+        violations.append(("tools", f"the tools' schemas are {schema_bytes} bytes; the limit "
+                                    f"is {MAX_TOOLS_SCHEMA_BYTES}"))
+        return ()
+    tools: list[ToolDefinition] = []
+    seen: set[str] = set()
+    problems = len(violations)
+    for index, tool in enumerate(declared):
+        path = f"tools[{index}]"
+        if not TOOL_NAME.match(tool.name):
+            violations.append((f"{path}.name", "must match [A-Za-z0-9_-]{1,64}"))
+        elif tool.name in seen:
+            violations.append((f"{path}.name", f"{tool.name!r} is declared twice"))
+        seen.add(tool.name)
+        schema = parameters_schema(tool.parameters_json_schema,
+                                   f"{path}.parameters_json_schema", violations)
+        tools.append(ToolDefinition(tool.name, tool.description, schema))
+    if tools and len(violations) == problems:
+        try:  # the union the engines constrain a call by: bounded as one schema
+            check_schema(calls_schema(tools))
+        except SchemaRefused as exc:
+            violations.append(("tools", f"the tools together are too large a schema: {exc}"))
+    return tuple(tools)
+
+
+def parameters_schema(text: str, path: str, violations: Violations) -> dict[str, Any]:
+    """A tool's arguments schema: an object schema within the schema limits ("" = any)."""
+    if not text:
+        return dict(ANY_OBJECT)
+    schema = schema_field(text, path, violations)
+    if schema is None:
+        return dict(ANY_OBJECT)
+    if schema.get("type", "object") != "object":
+        violations.append((path, 'must describe an object ("type": "object")'))
+    return schema
+
+
+def tool_choice_of(choice: pb.ToolChoice, tools: tuple[ToolDefinition, ...],
+                   violations: Violations) -> ToolChoice:
+    mode = _TOOL_CHOICES.get(choice.mode)
+    if mode is None:
+        violations.append(("tool_choice.mode", "unknown tool choice mode"))
+        return ToolChoice()
+    if mode is ToolChoiceMode.TOOL:
+        names = {tool.name for tool in tools}
+        if choice.name not in names:
+            known = ", ".join(sorted(names)) or "none"
+            violations.append(("tool_choice.name", f"{choice.name[:64]!r} is not one of the "
+                                                   f"request's tools ({known[:300]})"))
+    elif choice.name:
+        violations.append(("tool_choice.name", "only allowed with MODE_TOOL"))
+    if mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.TOOL) and not tools:
+        violations.append(("tool_choice.mode", "the model cannot call a tool: set tools"))
+    return ToolChoice(mode, choice.name if mode is ToolChoiceMode.TOOL else "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from agentloop.domain import (
@@ -12,6 +14,8 @@ from agentloop.domain import (
     ModelInfo,
     Timings,
     TokenCount,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from agentloop.v1 import agentloop_pb2 as pb
@@ -23,6 +27,7 @@ _FINISH_REASONS = {
     FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -47,7 +52,29 @@ def usage_pb(usage: Usage) -> pb.Usage:
                     cached_input_tokens=usage.cached_input_tokens)
 
 
+def within_total(timings: Timings) -> Timings:
+    """The engine's parts cut to fit the gateway's total, in the order they happen (load,
+    prompt evaluation, evaluation): an engine's own clock, a generation joined midway or a
+    cached answer replayed in a millisecond would otherwise report parts longer than the
+    call."""
+    if timings.total is None:
+        return timings
+    total = left = max(0.0, timings.total)
+    parts: dict[str, float] = {}
+    for name in ("load", "prompt_eval", "eval"):
+        value = getattr(timings, name)
+        if value is not None:
+            parts[name] = min(max(0.0, value), left)
+            left -= parts[name]
+    first = timings.time_to_first_token
+    if first is not None:
+        parts["time_to_first_token"] = min(max(0.0, first), total)
+    return dataclasses.replace(timings, total=total, **parts)
+
+
 def timings_pb(timings: Timings) -> pb.Timings:
+    """The timings of one call, whose parts never add up to more than its total."""
+    timings = within_total(timings)
     return pb.Timings(
         total_duration=duration(timings.total),
         load_duration=duration(timings.load),
@@ -66,7 +93,17 @@ def generate_response(result: GenerationResult) -> pb.GenerateResponse:
         usage=usage_pb(end.usage),
         timings=timings_pb(end.timings),
         upstream=end.upstream,
+        tool_calls=tool_calls_pb(end.tool_calls),
     )
+
+
+def tool_calls_pb(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls]
+
+
+def stream_tool_call_delta(delta: ToolCallDelta) -> pb.StreamGenerateResponse:
+    return pb.StreamGenerateResponse(tool_call_deltas=[pb.ToolCallDelta(
+        index=delta.index, id=delta.id, name=delta.name, arguments_json=delta.arguments_json)])
 
 
 def stream_delta(text: str) -> pb.StreamGenerateResponse:
@@ -80,6 +117,7 @@ def stream_end(end: GenerationEnd) -> pb.StreamGenerateResponse:
         usage=usage_pb(end.usage),
         timings=timings_pb(end.timings),
         upstream=end.upstream,
+        tool_calls=tool_calls_pb(end.tool_calls),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agentloop.config import Settings
-from agentloop.domain import CallContext
+from agentloop.domain import CallContext, ToolCallDelta
 from agentloop.errors import (
     AgentLoopError,
     FailedPrecondition,
@@ -44,6 +44,7 @@ from agentloop.rpc.responses import (
     model_pb,
     stream_delta,
     stream_end,
+    stream_tool_call_delta,
     upstream_metadata,
 )
 from agentloop.rpc.run_responses import (
@@ -91,8 +92,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        generation = await _read(
-            bool(request.format.json_schema), generation_request,
+        generation = await read_request(
+            bool(request.format.json_schema) or bool(request.tools), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
@@ -105,8 +106,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
-        generation = await _read(
-            bool(request.format.json_schema), generation_request,
+        generation = await read_request(
+            bool(request.format.json_schema) or bool(request.tools), generation_request,
             request, self._settings, self._generation.default_model,
             deadline_from(context.time_remaining()),
         )
@@ -116,6 +117,8 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
             async for item in items:
                 if isinstance(item, str):
                     yield stream_delta(item)
+                elif isinstance(item, ToolCallDelta):
+                    yield stream_tool_call_delta(item)
                 else:
                     context.set_trailing_metadata(upstream_metadata(item))
                     yield stream_end(item)
@@ -137,7 +140,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     ) -> AsyncIterator[pb.StreamRunAgentResponse]:
         requests = aiter(request_iterator)
         start = await self._first_message(requests)
-        run = await _read(
+        run = await read_request(
             start is not None and start.HasField("start") and bool(start.start.client_tools),
             start_agent_run, start, self._settings, self._agent.tools,
             self._generation.default_model, deadline_from(context.time_remaining()),
@@ -203,7 +206,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
     async def StartAgentRun(
         self, request: pb.StartAgentRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartAgentRunResponse:
-        started = await _read(
+        started = await read_request(
             bool(request.run.client_tools), start_background_run, request, self._settings,
             self._agent.tools, self._generation.default_model)
         caller = self._context(context)
@@ -305,7 +308,7 @@ class AgentLoopServicer(pb_grpc.AgentLoopServiceServicer):
 _SCHEMA_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentloop-schemas")
 
 
-async def _read(carries_schemas: bool, read: Callable[..., T], *args: Any) -> T:
+async def read_request(carries_schemas: bool, read: Callable[..., T], *args: Any) -> T:
     """Read a request into its domain form. Checking a caller's JSON Schemas can take a
     while within the limits (the meta-schema, every subschema), so a request carrying them
     is read on the schema reader's thread: the event loop, health checks included, keeps

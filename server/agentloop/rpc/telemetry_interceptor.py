@@ -26,10 +26,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from agentloop.rpc.interceptors import Continuation, is_service_method, wrap_handler
 from agentloop.telemetry import logs
+from agentloop.telemetry.metrics import DOOR
 from agentloop.tenants import resolved_tenant, tenant_label
 from agentloop_client.channel import SESSION_HEADER
 
 request_log = logging.getLogger(logs.REQUEST_LOGGER)
+GRPC_DOOR = "grpc"
 # A session id is the caller's text: kept this long in the span and the log line, no longer.
 MAX_SESSION_CHARS = 128
 
@@ -102,7 +104,8 @@ class _ObservedRpc:
         self.code: grpc.StatusCode | None = None
         metadata = dict(context.invocation_metadata() or ())
         parent = propagate.extract(metadata)
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                      DOOR: GRPC_DOOR}
         # The conversation affinity key (balancers hash it): which replica served which
         # session shows in traces and logs. Never a metric label: the caller chooses it.
         session = metadata.get(SESSION_HEADER)
@@ -144,7 +147,7 @@ class _ObservedRpc:
         span.end()
         self._duration.record(duration, {
             "rpc.system": "grpc", "rpc.service": self.service, "rpc.method": self.method,
-            "rpc.grpc.status_code": status, "agentloop.tenant": tenant,
+            "rpc.grpc.status_code": status, "agentloop.tenant": tenant, DOOR: GRPC_DOOR,
         })
         if request_log.isEnabledFor(logging.INFO):
             self._write_log(code, duration, tenant)
@@ -152,20 +155,8 @@ class _ObservedRpc:
         _detach(self._context_token)
 
     def _write_log(self, code: grpc.StatusCode, duration: float, tenant: str) -> None:
-        fields: dict[str, Any] = {
-            "method": self.method, "status": code.name, "duration_ms": round(duration * 1e3, 3),
-            "tenant": tenant,
-        }
-        entry = self._log
-        if entry.model:
-            fields.update(model=entry.model, input_tokens=entry.input_tokens,
-                          output_tokens=entry.output_tokens)
-        if self.session:
-            fields["session"] = self.session
-        span_context = self.span.get_span_context()
-        if span_context.is_valid:
-            fields["trace_id"] = trace.format_trace_id(span_context.trace_id)
-            fields["span_id"] = trace.format_span_id(span_context.span_id)
+        fields = logs.request_fields(self.method, code.name, duration, tenant, self._log,
+                                     self.session, self.span)
         request_log.info("%s %s %.1fms", self.method, code.name, duration * 1e3,
                          extra={"fields": fields})
 

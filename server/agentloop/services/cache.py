@@ -28,6 +28,10 @@ Producer = Callable[[GenerationRequest], AsyncIterator[StreamItem]]
 
 
 def is_deterministic(request: GenerationRequest) -> bool:
+    """Whether an identical request may share the answer. Not when tools may be called:
+    each answer's tool calls carry ids of their own, which a replay would repeat."""
+    if request.offers_tools:
+        return False
     return request.options.temperature == 0 or request.options.seed is not None
 
 
@@ -41,7 +45,8 @@ def cache_key(request: GenerationRequest) -> str:
         "prompt": request.prompt,
         "system": request.system,
         "messages": [
-            [m.role.value, m.content, [hashlib.sha256(image).hexdigest() for image in m.images]]
+            [m.role.value, m.content, [hashlib.sha256(image).hexdigest() for image in m.images],
+             [[c.id, c.name, c.arguments_json] for c in m.tool_calls], m.tool_call_id]
             for m in request.messages
         ],
         "options": dataclasses.asdict(request.options),

@@ -22,6 +22,7 @@ from agentloop.domain import (
     RequestedOptions,
     SamplingOptions,
     StreamItem,
+    ToolCallDelta,
 )
 from agentloop.errors import BackendProtocolError
 from agentloop.services.cache import ResponseCache, is_deterministic
@@ -59,7 +60,7 @@ class GenerationService:
             source = self._from_backend(request)
         async with aclosing(source) as items:
             async for item in items:
-                if isinstance(item, str):
+                if isinstance(item, str | ToolCallDelta):
                     if first_token_at is None:
                         first_token_at = time.monotonic()
                     yield item
@@ -90,6 +91,8 @@ class GenerationService:
                             meter.add_output(1)  # about one token per delta
                             if call.output is not None:  # trace_content: answer into the span
                                 call.output.append(item)
+                        elif isinstance(item, ToolCallDelta):
+                            meter.add_output(1)
                         else:
                             call.finish(item)
                             meter.settle(item.usage)  # the end report's counts
@@ -102,7 +105,7 @@ class GenerationService:
             async for item in items:
                 if isinstance(item, str):
                     pieces.append(item)
-                else:
+                elif not isinstance(item, ToolCallDelta):  # the end repeats the calls whole
                     return GenerationResult(text="".join(pieces), end=item)
         raise BackendProtocolError("the backend ended without a final report")
 

@@ -43,6 +43,7 @@ from agentloop.domain import (
 )
 from agentloop.telemetry import logs, tracing
 from agentloop.telemetry.metrics import (
+    DOOR,
     PRIORITY,
     REFUSAL_REASON,
     RUN_STATUS,
@@ -239,7 +240,8 @@ class Telemetry:
         return {tracing.OPERATION: tracing.operation_name(request),
                 tracing.PROVIDER: self.provider,
                 tracing.REQUEST_MODEL: self.model_label(request.model),
-                TENANT: tenant_label(request.context.tenant)}
+                TENANT: tenant_label(request.context.tenant),
+                DOOR: request.context.door}
 
     # --- what admission reports (an admission.AdmissionObserver) ------------------------
 

@@ -154,6 +154,24 @@ def end_request(token: contextvars.Token[RequestLog | None]) -> None:
         pass
 
 
+def request_fields(method: str, status: int | str, duration: float, tenant: str,
+                   entry: RequestLog, session: str, span: trace.Span) -> dict[str, Any]:
+    """The fields of one request's log line, whichever door it came through: its method and
+    status, duration, tenant, its generations' model and tokens, session and trace ids."""
+    fields: dict[str, Any] = {"method": method, "status": status,
+                              "duration_ms": round(duration * 1e3, 3), "tenant": tenant}
+    if entry.model:
+        fields.update(model=entry.model, input_tokens=entry.input_tokens,
+                      output_tokens=entry.output_tokens)
+    if session:
+        fields["session"] = session
+    span_context = span.get_span_context()
+    if span_context.is_valid:
+        fields["trace_id"] = trace.format_trace_id(span_context.trace_id)
+        fields["span_id"] = trace.format_span_id(span_context.span_id)
+    return fields
+
+
 def current_request() -> RequestLog | None:
     """The RequestLog of the RPC this code runs for, if any."""
     return _current_request.get()

@@ -43,6 +43,8 @@ CACHE_RESULTS = ("hits", "misses", "coalesced")
 #: The operator's tenant name (callers without one: tenants.DEFAULT_TENANT_LABEL).
 TENANT = "agentloop.tenant"
 PRIORITY = "agentloop.priority"
+#: The way a call came in: "grpc" (AgentLoopService) or "http" (the OpenAI-compatible door).
+DOOR = "agentloop.door"
 REFUSAL_REASON = "agentloop.refusal.reason"
 
 # Bucket boundaries the GenAI semantic conventions advise.
@@ -117,6 +119,12 @@ class Instruments:
             "rpc.server.call.duration", unit="s",
             description="Duration of AgentLoopService RPCs, by method and status code "
                         "(its count is the number of RPCs).",
+            explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
+        self.http_duration = meter.create_histogram(
+            "http.server.request.duration", unit="s",
+            description="Duration of the HTTP door's requests (agentloop.door http), by "
+                        "http.route and http.response.status_code (its count is the "
+                        "requests).",
             explicit_bucket_boundaries_advisory=_RPC_DURATION_BUCKETS)
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}",
@@ -242,19 +250,20 @@ def observe_server_state(meter: Meter, admission: AdmissionState, health: Health
                     "generation in flight).")
     meter.create_observable_gauge(
         "agentloop.requests.in_flight", [in_flight], unit="{request}",
-        description="Generations holding an admission slot.")
+        description="Generations holding a slot of their pool (every pool's together).")
     meter.create_observable_gauge(
         "agentloop.requests.queued", [queued], unit="{request}",
-        description="Generations waiting for an admission slot.")
+        description="Generations waiting for a slot, in every pool's queue.")
     # The limits beside the gauges, so a rule or a panel reads "near the cap" without
     # knowing this replica's settings.
     meter.create_observable_gauge(
         "agentloop.requests.in_flight.limit", [in_flight_limit], unit="{request}",
-        description="Generations that may hold an admission slot at once (max_in_flight).")
+        description="Generations that may hold a slot at once: the available endpoints' "
+                    "slots of every pool.")
     meter.create_observable_gauge(
         "agentloop.requests.queued.limit", [queue_limit], unit="{request}",
-        description="Generations that may wait for a slot (max_queue); beyond it "
-                    "RESOURCE_EXHAUSTED.")
+        description="Calls that may wait in all the replica's queues together (max_queue); "
+                    "beyond it RESOURCE_EXHAUSTED.")
     meter.create_observable_gauge(
         "agentloop.backend.circuit.open", [circuit_open],
         description="1 while the circuit breaker fails calls fast (open or half-open), "
@@ -344,8 +353,9 @@ def observe_engine_load(meter: Meter, backend: object, provider: str) -> None:
 
 def observe_upstreams(meter: Meter, backend: object) -> None:
     """Per upstream pool (the router's `pools`, when there is a pools file): calls in flight
-    and queued, endpoints available, and calls that spilled to the next pool. Labels are
-    the operator's upstream names."""
+    and queued, endpoints available, calls that spilled to the next pool, prompt tokens and
+    those served from the engines' caches, and the cache-aware picks (upstreams/
+    prefix_index.py). Labels are the operator's upstream names."""
     pools: Any = getattr(backend, "pools", None)
     if not isinstance(pools, dict):
         return
@@ -370,6 +380,23 @@ def observe_upstreams(meter: Meter, backend: object) -> None:
         "agentloop.upstream.overflows", [reader(lambda p: p.overflowed)], unit="{request}",
         description="Calls that spilled from an upstream pool to the next pool of their route "
                     "(its queue past the overflow limits).")
+    meter.create_observable_counter(
+        "agentloop.upstream.prompt_tokens", [reader(lambda p: p.prefixes.prompt_tokens)],
+        unit="{token}", description="Prompt tokens of the generations an upstream pool's "
+                                    "endpoints served.")
+    meter.create_observable_counter(
+        "agentloop.upstream.prompt_tokens.cached",
+        [reader(lambda p: p.prefixes.cached_tokens)], unit="{token}",
+        description="Of those, the tokens the engines said they served from their prefix "
+                    "caches (engines that say: vLLM, SGLang, llama.cpp's servers).")
+    meter.create_observable_counter(
+        "agentloop.upstream.picks.cache", [reader(lambda p: p.prefixes.for_cache)],
+        unit="{request}", description="Picks that sent a call to the endpoint expected to "
+                                      "hold the longest prefix of its prompt.")
+    meter.create_observable_counter(
+        "agentloop.upstream.picks.load", [reader(lambda p: p.prefixes.for_load)],
+        unit="{request}", description="Picks where the load bound overrode an endpoint "
+                                      "holding more of the prompt's prefix.")
 
 
 class PrometheusEndpoint:

@@ -55,7 +55,8 @@ EMBEDDING_DIMENSIONS = "gen_ai.embeddings.dimension.count"
 DEFAULT_SAMPLER = sampling.ParentBased(sampling.TraceIdRatioBased(0.1))
 #: gen_ai.provider.name per backend (Backend.name), where the two differ.
 PROVIDER_NAMES = {"embedded": "llama.cpp"}
-_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+                   FinishReason.TOOL_CALLS: "tool_calls"}
 
 
 def tracer_provider(resource: Resource) -> TracerProvider:

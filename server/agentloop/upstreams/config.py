@@ -29,12 +29,15 @@ UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _UPSTREAM_KEYS = {
     "kind", "endpoints", "dns", "scheme", "path", "remote", "api_key_env", "api_key_file",
     "tls", "connect_timeout", "read_timeout", "first_token_timeout", "max_in_flight",
-    "overflow", "dialect", "models", "dns_refresh", "propagate_trace",
+    "overflow", "dialect", "models", "dns_refresh", "propagate_trace", "prefix_routing",
 }
 _ROUTE_KEYS = {"models", "pattern", "pools", "allow_remote"}
 _TLS_KEYS = {f.name for f in dataclasses.fields(TlsSpec)}
 _DIALECT_KEYS = {f.name for f in dataclasses.fields(OpenAIDialect)}
 _OVERFLOW_KEYS = {"max_queue", "max_wait"}
+#: An endpoint's index stays under about 120 MB (120 bytes a block) whatever the file says.
+MAX_INDEX_BLOCKS = 1_000_000
+_PREFIX_ROUTING_KEYS = {"enabled", "load_bound", "index_blocks", "max_age"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,24 @@ class Overflow:
 
     max_queue: int | None = None
     max_wait: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRouting:
+    """How a pool of several endpoints weighs where a prompt's prefix is cached
+    (upstreams/prefix_index.py; docs/upstreams.md says how to choose the numbers)."""
+
+    enabled: bool = True
+    #: How much busier (calls in flight over its slots) the endpoint holding the prefix may
+    #: be than the least-loaded one and still be picked for it: past it, the load wins.
+    #: Half its slots: a tighter bound copies hot prefixes to more engines, and the copies
+    #: evict other prefixes (bench/fleet_sizing.py --cache shows the trade).
+    load_bound: float = 0.5
+    #: Prefix blocks (256 bytes of prompt each) remembered per endpoint, least recently
+    #: used forgotten first: 16,384 is about 4 MB of prompt text, about a million tokens.
+    index_blocks: int = 16384
+    #: Seconds after which a block not used again is taken as gone from the engine's cache.
+    max_age: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +95,7 @@ class UpstreamConfig:
     dialect: OpenAIDialect = dataclasses.field(default_factory=OpenAIDialect)
     #: The caller's model name -> this upstream's name for it (absent: sent as is).
     models: dict[str, str] = dataclasses.field(default_factory=dict)
+    prefix_routing: PrefixRouting = PrefixRouting()
 
     def upstream_model(self, model: str) -> str:
         return self.models.get(model, model)
@@ -187,6 +209,7 @@ def _upstream(name: Any, entry: Any, where: str) -> UpstreamConfig:
         overflow=_overflow(entry.get("overflow", {}), bad),
         dialect=_dialect(entry.get("dialect", {}), kind, bad),
         models=dict(models),
+        prefix_routing=_prefix_routing(entry.get("prefix_routing", {}), bad),
     )
 
 
@@ -294,6 +317,28 @@ def _overflow(entry: Any, bad: Any) -> Overflow:
                                   or max_queue < 0):
         raise bad("`overflow.max_queue` must be a whole number >= 0")
     return Overflow(max_queue, _seconds(entry, "max_wait", None, bad))
+
+
+def _prefix_routing(entry: Any, bad: Any) -> PrefixRouting:
+    if not isinstance(entry, dict):
+        raise bad("`prefix_routing` must be a mapping")
+    _known_keys(entry, _PREFIX_ROUTING_KEYS, bad)
+    enabled = entry.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise bad("`prefix_routing.enabled` must be true or false")
+    defaults = PrefixRouting()
+    load_bound = entry.get("load_bound", defaults.load_bound)
+    if isinstance(load_bound, bool) or not isinstance(load_bound, int | float) \
+            or not 0 <= load_bound <= 1:
+        raise bad("`prefix_routing.load_bound` must be a number from 0 to 1 (a share of an "
+                  "endpoint's slots)")
+    index_blocks = entry.get("index_blocks", defaults.index_blocks)
+    if isinstance(index_blocks, bool) or not isinstance(index_blocks, int) \
+            or not 1 <= index_blocks <= MAX_INDEX_BLOCKS:
+        raise bad(f"`prefix_routing.index_blocks` must be a whole number from 1 to "
+                  f"{MAX_INDEX_BLOCKS}")
+    max_age = _seconds(entry, "max_age", defaults.max_age, bad)
+    return PrefixRouting(enabled, float(load_bound), index_blocks, max_age or defaults.max_age)
 
 
 def _dialect(entry: Any, kind: str, bad: Any) -> OpenAIDialect:

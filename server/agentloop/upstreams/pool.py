@@ -7,8 +7,10 @@ in that kind's fair queue (`admission.Admission`: tenants' weights, priorities, 
 reserve, shedding, anticipation), which the pool resizes whenever an endpoint joins, leaves,
 fails or comes back. A call holds one slot of the pool for all its attempts; each attempt
 picks an endpoint with room: the session's endpoint (rendezvous hashing: a session moves
-only when its endpoint leaves), else the one with the fewest calls in flight. When the pool
-has no available endpoint left, its waiters learn it at once.
+only when its endpoint leaves), else for a generation the one whose engine is expected to
+hold the longest prefix of its prompt unless the load says otherwise (prefix_index.py),
+else the one with the fewest calls in flight. When the pool has no available endpoint
+left, its waiters learn it at once.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from agentloop.backends.base import Backend
-from agentloop.domain import BackendHealth, CallContext
+from agentloop.domain import BackendHealth, CallContext, GenerationEnd, GenerationRequest
 from agentloop.errors import AgentLoopError, BackendUnavailable, ResourceExhausted
 from agentloop.upstreams.admission import Admission, QueueTimeout, Work
 from agentloop.upstreams.config import UpstreamConfig
+from agentloop.upstreams.prefix_index import Prefix, PrefixPicks, prefix_of
 from agentloop.upstreams.resilience import CircuitBreaker, CircuitState
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,8 @@ class Pool:
         #: The addresses a name has now (the system's resolver; a test may name its own).
         self.resolver: Callable[[str, int], Awaitable[list[str]]] = _addresses
         self._random = random.Random()
+        #: Where each prompt's prefix is cached, per endpoint, and what the picks did.
+        self.prefixes = PrefixPicks(config.prefix_routing)
         #: Calls that spilled from this pool to the next one of their route.
         self.overflowed = 0
         self.refresh()
@@ -119,10 +124,16 @@ class Pool:
         return any(e.available for e in self.endpoints)
 
     def refresh(self) -> None:
-        """Capacity follows the endpoints: resize every queue; with none available, every
-        waiter hears it now (and moves on to the next pool or fails)."""
+        """Capacity follows the endpoints: resize every queue; an endpoint out of the pick
+        forgets where prefixes are cached; with none available, every waiter hears it now
+        (and moves on to the next pool or fails)."""
         for work, queue in self.queues.items():
             queue.resize(self.capacity(work))
+        for endpoint in self.endpoints:
+            # Out of the pick (down, circuit open): when it comes back its engine has most
+            # likely restarted, its cache empty, and its prefixes went elsewhere meanwhile.
+            if not endpoint.available:
+                self.prefixes.forget(endpoint.key)
         if not self.any_available():
             for queue in self.queues.values():
                 queue.fail_waiters(self.unavailable)
@@ -179,10 +190,24 @@ class Pool:
     def leave(self, work: Work, ticket: object) -> None:
         self.queues[work].release(ticket)  # type: ignore[arg-type]
 
-    def pick(self, work: Work, session: str, tried: Iterable[Endpoint] = ()) -> Endpoint | None:
+    def prefix_of(self, work: Work, request: GenerationRequest) -> Prefix | None:
+        """A generation's prompt blocks where the pick weighs them (several endpoints,
+        `prefix_routing` on), else None."""
+        if work is not Work.GENERATE or len(self.endpoints) < 2 \
+                or not self.config.prefix_routing.enabled:
+            return None
+        return prefix_of(request)
+
+    def learn(self, endpoint: Endpoint, prefix: Prefix | None, end: GenerationEnd) -> None:
+        """What the engine said of a generation it served: the cached share, and the index
+        corrected where it had less of the prompt than expected."""
+        self.prefixes.learn(endpoint.key, prefix, end)
+
+    def pick(self, work: Work, session: str, tried: Iterable[Endpoint] = (),
+             prefix: Prefix | None = None) -> Endpoint | None:
         """An available endpoint with room for `work`, or None. Endpoints this call already
         tried come last; a session takes its own endpoint while it is available and has
-        room."""
+        room; a prompt with a `prefix` goes where it is cached, within the load bound."""
         if len(self.endpoints) == 1:  # a pool of one (the single engine): nothing to weigh
             [only] = self.endpoints
             return only if only.available and only.has_room(work) else None
@@ -195,14 +220,20 @@ class Pool:
             home = max((e for e in self.endpoints if e.available),
                        key=lambda e: _rendezvous(session, e.key))
             if home in fresh:
+                if prefix is not None:  # its engine holds the prompt too
+                    self.prefixes.placed(home.key, prefix)
                 return home
+        if prefix is not None:  # even with one left: the index learns where it went
+            loads = [e.busy[work] / max(1, e.caps[work]) for e in fresh]
+            return self.prefixes.choose(fresh, loads, prefix)
         fewest = min(e.busy[work] for e in fresh)
         return self._random.choice([e for e in fresh if e.busy[work] == fewest])
 
-    def take(self, work: Work, session: str, tried: Iterable[Endpoint]) -> Endpoint:
+    def take(self, work: Work, session: str, tried: Iterable[Endpoint],
+             prefix: Prefix | None = None) -> Endpoint:
         """An endpoint for one attempt of a call holding a slot (give it back with
         `give_back`); BackendUnavailable when the endpoints went away meanwhile."""
-        endpoint = self.pick(work, session, tried)
+        endpoint = self.pick(work, session, tried, prefix)
         if endpoint is None:
             raise self.unavailable()
         endpoint.busy[work] += 1
@@ -293,6 +324,7 @@ class Pool:
                 if endpoint.in_flight == 0:
                     await endpoint.backend.close()
         self.endpoints = [e for e in self.endpoints if not e.retired or e.in_flight]
+        self.prefixes.drop({e.key for e in self.endpoints})
         self.refresh()
         return joined
 

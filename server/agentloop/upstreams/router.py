@@ -33,11 +33,13 @@ from agentloop.domain import (
     BackendHealth,
     EmbeddingRequest,
     EmbeddingResult,
+    GenerationEnd,
     GenerationRequest,
     ModelInfo,
     StreamItem,
     TokenCount,
     TokenCountRequest,
+    ToolCallDelta,
 )
 from agentloop.errors import (
     AgentLoopError,
@@ -300,17 +302,35 @@ class Router:
         return tuple(probes) or (self.upstream_model(pool, self.default_model),)
 
     async def list_models(self) -> list[ModelInfo]:
-        """The models the routes name, each once, as the callers name them; loaded when an
-        available endpoint of its route says so. One engine lists its own."""
+        """The models the routes name, each once, as the callers name them, with what the
+        upstream that serves each says of it (size, loaded, embeddings and their length),
+        from the first pool of its route that lists it. One engine lists its own."""
         if self._engine is not None:
             return await self._engine.list_models()
-        names = dict.fromkeys(m for route in self.routes for m in route.models)
-        loaded = {m.name for pool in self.pools.values() for e in pool.endpoints
-                  if e.available for m in e.health.loaded}
-        return [ModelInfo(name=name, loaded=name in loaded or any(
-            self.upstream_model(self.pools[p], name) in loaded
-            for p in (self.route_for(name) or self._default_route).pools))
-            for name in names]
+        used = list(dict.fromkeys(name for route in self.routes for name in route.pools))
+        listed = dict(zip(used, await asyncio.gather(*(self._listed(self.pools[name])
+                                                       for name in used)), strict=True))
+        models = []
+        for name in dict.fromkeys(m for route in self.routes for m in route.models):
+            route = self.route_for(name) or self._default_route
+            found = next((info for pool in route.pools
+                          if (info := _find_model(listed[pool],
+                                                  self.upstream_model(self.pools[pool], name)))),
+                         None)
+            models.append(dataclasses.replace(found, name=name) if found else ModelInfo(name))
+        return models
+
+    async def _listed(self, pool: Pool) -> dict[str, ModelInfo]:
+        """What one available endpoint of `pool` lists (nothing when none answers in time)."""
+        for endpoint in pool.live():
+            if not endpoint.available:
+                continue
+            try:
+                async with asyncio.timeout(self._settings.health_timeout * 2):
+                    return {m.name: m for m in await endpoint.backend.list_models()}
+            except (AgentLoopError, TimeoutError):
+                continue
+        return {}
 
     # --- routing ------------------------------------------------------------------------
 
@@ -393,9 +413,10 @@ class Router:
         try:
             tried: list[Endpoint] = []  # a call counts once towards each one's breaker
             attempt = 0
+            prefix = pool.prefix_of(work, upstream_request)
             while True:
                 try:
-                    endpoint = pool.take(work, request.context.session, tried)
+                    endpoint = pool.take(work, request.context.session, tried, prefix)
                 except BackendUnavailable as exc:
                     raise _move_on(exc, more) from None
                 if self._engine is None:
@@ -408,8 +429,11 @@ class Router:
                         items = _first_within(items, first_item_timeout, pool.name)
                     async with aclosing(items):
                         async for item in items:
-                            if not isinstance(item, str):  # the call's end: it succeeded
+                            # Anything but a delta is the call's end: it succeeded.
+                            if not isinstance(item, str | ToolCallDelta):
                                 endpoint.breaker.record_success()
+                                if isinstance(item, GenerationEnd):
+                                    pool.learn(endpoint, prefix, item)
                                 item = self._served(pool, request, item)
                             delivered = True
                             yield item
@@ -514,6 +538,11 @@ async def _warm_up(endpoint: Endpoint) -> None:
         if state is CircuitState.HALF_OPEN and is_backend_failure(exc):
             endpoint.breaker.record_failure()
         raise
+
+
+def _find_model(listed: dict[str, ModelInfo], name: str) -> ModelInfo | None:
+    """`name` among an upstream's models; Ollama's names carry a tag (`:latest` unsaid)."""
+    return listed.get(name) or (listed.get(f"{name}:latest") if ":" not in name else None)
 
 
 def _move_on(exc: AgentLoopError, more: bool) -> Exception:

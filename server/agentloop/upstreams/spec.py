@@ -65,6 +65,10 @@ class OpenAIDialect:
     repeat_penalty_field: str = "repetition_penalty"
     #: vLLM's `cache_salt`: the prefix cache is shared only within one salt.
     cache_salt: bool = False
+    #: `tool_choice: "required"` is honoured. llama-cpp-python's server honours only a named
+    #: function: there a call required of one tool goes as that tool by name, a call
+    #: required of one of several is refused (it would not be held).
+    tool_choice_required: bool = True
 
 
 @dataclass(frozen=True, slots=True)
