@@ -312,7 +312,7 @@ async def start_server(settings: Settings, backend: Backend | None = None) -> Ru
     http = None
     if settings.http_listen:
         http = HttpDoor(settings, edge, generation, embeddings, telemetry,
-                        lambda: drain_gate.draining)
+                        lambda: drain_gate.draining, agent=agent, runs=runs)
         try:
             await http.start()
         except BaseException:  # the port is taken, say: nothing stays up half-started

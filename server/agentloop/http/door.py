@@ -1,6 +1,6 @@
 """The HTTP door: the OpenAI-compatible API on its own port, served by the same services.
 
-`HttpDoor` is an aiohttp low-level server (four routes need no router) that, for each
+`HttpDoor` is an aiohttp low-level server (seven routes need no router) that, for each
 request, in this order:
 
 1. refuses it while the server drains (503, Retry-After);
@@ -9,19 +9,24 @@ request, in this order:
    the call's RESOLVED_TENANT. A peer's refusals and buckets are one for both doors;
 3. reads the body within bounds before parsing it: its declared and its actual size
    (`body_cap`), the request byte budget all calls share with gRPC (held until the call
-   ends), `http_body_timeout` for it to arrive, and a depth limit on the JSON;
+   ends, or until its agent run is stored), `http_body_timeout` for it to arrive, and a
+   depth limit on the JSON;
 4. reads the caller's headers as the gRPC metadata (`rpc.requests.call_context`: session,
    priority, local-only, cache key, trusted proxy address), with the door named `http`;
 5. translates (`http.requests`), calls GenerationService / EmbeddingService / the router,
    translates back (`http.responses`). Errors come from the one table (`http.errors`).
+   `/v1/responses` starts the run gRPC's StartAgentRun starts (`http.agent_requests`, then
+   `rpc.agent_requests.start_background_run`) on the RunManager, and answers, streams,
+   gets and cancels it as OpenAI Response objects and events (`http.agent_responses`); a
+   request that is not `background` waits on its run and cancels it if its client leaves.
 
 Connections are bounded too: `http_connections_per_peer` at once per address (more are
 answered 429 and closed), `http_idle_timeout` for a connection without a request (its
 head included: a slow head is an idle connection). A stream's next event may wait
 `send_stall_timeout` for the client to read, then the connection is dropped; the
 generation never waits for the client (`rpc.coalesce`), so a client that never reads holds
-only its own text until then. A client that goes away cancels its handler, and with it
-the engine call.
+only its own text until then (a run's events wait in the run store, not in the door). A
+client that goes away cancels its handler, and with it the engine call.
 """
 
 from __future__ import annotations
@@ -54,8 +59,11 @@ from agentloop.errors import (
     ResourceExhausted,
     SendStalled,
     ShuttingDown,
+    Unimplemented,
     internal_error,
 )
+from agentloop.http.agent_requests import response_call
+from agentloop.http.agent_responses import ResponseEvents, ResponseHead, view_json
 from agentloop.http.errors import HTTP_STATUS, error_body, error_headers, http_status
 from agentloop.http.requests import (
     GenerationCall,
@@ -67,6 +75,7 @@ from agentloop.http.requests import (
     renamer,
 )
 from agentloop.http.responses import Answer, embeddings_json, models_json
+from agentloop.rpc.agent_requests import start_background_run
 from agentloop.rpc.auth import bearer_token
 from agentloop.rpc.coalesce import coalesced
 from agentloop.rpc.edge import Edge
@@ -76,8 +85,11 @@ from agentloop.rpc.responses import UPSTREAM_HEADER
 from agentloop.rpc.servicer import read_request
 from agentloop.rpc.transport import RequestBytes, over_budget, request_message_cap
 from agentloop.schema_limits import MAX_DEPTH, load_json
+from agentloop.services.agent import AgentService
 from agentloop.services.embeddings import EmbeddingService
 from agentloop.services.generation import GenerationService
+from agentloop.services.runs import RunManager, RunView
+from agentloop.services.tools import ToolRegistry
 from agentloop.telemetry import Telemetry, logs
 from agentloop.telemetry.metrics import DOOR, TENANT
 from agentloop.tenants import RESOLVED_TENANT, resolved_tenant, tenant_label
@@ -92,9 +104,12 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 MODELS = "/v1/models"
-#: Method and path -> the route's name; anything else is 404 (405 for a known path).
-ROUTES = {("POST", CHAT): CHAT, ("POST", COMPLETIONS): COMPLETIONS,
-          ("POST", EMBEDDINGS): EMBEDDINGS, ("GET", MODELS): MODELS}
+RESPONSES = "/v1/responses"
+RESPONSE = "/v1/responses/{response_id}"
+CANCEL_RESPONSE = "/v1/responses/{response_id}/cancel"
+#: Each route's method; any other path is 404, another method 405.
+ROUTES = {CHAT: "POST", COMPLETIONS: "POST", EMBEDDINGS: "POST", MODELS: "GET",
+          RESPONSES: "POST", RESPONSE: "GET", CANCEL_RESPONSE: "POST"}
 #: JSON adds to what the gRPC request holds: base64 images (4/3), escapes, field names.
 _JSON_GROWTH = 4 / 3
 _JSON_OVERHEAD = 64 * 1024
@@ -171,8 +186,13 @@ class HttpDoor:
 
     def __init__(self, settings: Settings, edge: Edge, generation: GenerationService,
                  embeddings: EmbeddingService, telemetry: Telemetry,
-                 draining: Callable[[], bool]) -> None:
+                 draining: Callable[[], bool], agent: AgentService | None = None,
+                 runs: RunManager | None = None) -> None:
         self._settings = settings
+        self._agent = agent
+        self._runs = runs
+        #: Cancels of foreground runs whose client left, under way.
+        self._cancels: set[asyncio.Task[None]] = set()
         self._edge = edge
         self._generation = generation
         self._embeddings = embeddings
@@ -211,17 +231,20 @@ class HttpDoor:
         """Close the listener, give the requests in flight `grace` seconds, then end them."""
         self._runner._shutdown_timeout = grace  # aiohttp reads it only from here
         await self._runner.cleanup()
+        if self._cancels:  # the foreground runs of the requests just ended
+            await asyncio.wait(set(self._cancels), timeout=grace)
 
     # --- one request ------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        route = ROUTES.get((request.method, request.path))
-        observed = _ObservedRequest(self._telemetry, request, route)
+        route, response_id = route_of(request.path)
+        served = route is not None and ROUTES[route] == request.method
+        observed = _ObservedRequest(self._telemetry, request, route if served else None)
         call = _Call()
         try:
-            if route is None:
-                raise _no_route(request)
-            response = await self._serve(request, route, call)
+            if route is None or not served:
+                raise _no_route(request, route)
+            response = await self._serve(request, route, response_id, call)
         except asyncio.CancelledError:
             call.status = CLIENT_CLOSED
             raise
@@ -241,7 +264,7 @@ class HttpDoor:
             observed.end(call.status)
         return response
 
-    async def _serve(self, request: web.BaseRequest, route: str,
+    async def _serve(self, request: web.BaseRequest, route: str, response_id: str,
                      call: _Call) -> web.StreamResponse:
         if self._draining():
             raise ShuttingDown("the server is shutting down; retry on another replica",
@@ -249,9 +272,17 @@ class HttpDoor:
         self._admit(request, route)
         if route == MODELS:
             return web.json_response(models_json(await self._generation.backend.list_models()))
-        data = await self._body(request, call)
-        context = call_context(_metadata(request), _peer(request)[1], self._settings,
-                               door=HTTP_DOOR)
+        if route == RESPONSE:  # a GET: no body
+            return await self._get_response(request, response_id, self._context(request), call)
+        data = await self._body(request, call, empty_ok=route == CANCEL_RESPONSE)
+        context = self._context(request)
+        if route == RESPONSES:
+            return await self._create_response(request, data, context, call)
+        if route == CANCEL_RESPONSE:
+            if data not in (None, {}):
+                raise InvalidArgument([("body", "a cancel takes no parameters")])
+            head, view = await self._run_view(context, response_id, cancel=True)
+            return web.json_response(view_json(head, view))
         if route == EMBEDDINGS:
             return await self._embed(data, context, call)
         generation = chat_call(data, self._settings) if route == CHAT else completion_call(data)
@@ -275,8 +306,14 @@ class HttpDoor:
         if tenant is not None:
             RESOLVED_TENANT.set(tenant)
 
-    async def _body(self, request: web.BaseRequest, call: _Call) -> Any:
-        """The JSON body, bounded before it is parsed; its bytes held in the budget."""
+    def _context(self, request: web.BaseRequest) -> CallContext:
+        """The caller's headers as the gRPC metadata (session, priority, ...), its tenant."""
+        return call_context(_metadata(request), _peer(request)[1], self._settings,
+                            door=HTTP_DOOR)
+
+    async def _body(self, request: web.BaseRequest, call: _Call, empty_ok: bool = False) -> Any:
+        """The JSON body, bounded before it is parsed; its bytes held in the budget (None
+        for an empty one where `empty_ok`)."""
         cap = self._body_cap
         if request.content_length is not None and request.content_length > cap:
             raise BodyTooLarge(cap)
@@ -299,6 +336,8 @@ class HttpDoor:
             raise BodyTimeout(f"the request body did not arrive within {timeout:g}s "
                               "(http_body_timeout)") from None
         data = b"".join(pieces)
+        if empty_ok and not data.strip():
+            return None
         try:
             if len(data) > _PARSE_ON_THREAD_BYTES:
                 return await asyncio.to_thread(load_json, data, MAX_BODY_DEPTH)
@@ -328,6 +367,152 @@ class HttpDoor:
         result = await self._embeddings.embed(dataclasses.replace(domain, context=context))
         headers = {UPSTREAM_HEADER: result.upstream} if result.upstream else None
         return web.json_response(embeddings_json(result, embedding.base64), headers=headers)
+
+    # --- /v1/responses: agent runs, backed by the background runs ---------------------
+
+    @property
+    def _run_manager(self) -> RunManager:
+        if self._runs is None or self._agent is None:
+            raise Unimplemented("this server keeps no agent runs")
+        return self._runs
+
+    async def _create_response(self, request: web.BaseRequest, data: Any,
+                               context: CallContext, call: _Call) -> web.StreamResponse:
+        """Start the run StartAgentRun would start. In the background: answer it at once
+        (or stream it: the run goes on when the stream drops). Else the request waits on
+        it, and a client that leaves before its end cancels it."""
+        runs = self._run_manager
+        tools = self._run_tools
+        creation = response_call(data, self._settings, tools)
+        call.rename = creation.rename
+        try:
+            started = start_background_run(creation.message, self._settings, tools,
+                                           self._generation.default_model)
+            run = dataclasses.replace(started.run, context=context)
+            if creation.no_tools:
+                run = dataclasses.replace(run, tools=())
+            run_id = await runs.start_run(run, timeout=started.timeout,
+                                          previous_run_id=started.previous_run_id,
+                                          trim_conversation=started.trim_conversation)
+        except InvalidArgument as exc:
+            raise renamed(exc, creation.rename) from None
+        # The request is in the store: its bytes go back now, however long the run takes.
+        self._edge.budget.give_back(call.held)
+        call.held = 0
+        if creation.background and not creation.stream:
+            head, view = await self._run_view(context, run_id)
+            return web.json_response(view_json(head, view, background=True))
+        head, _ = await self._run_view(context, run_id, details=False)
+        events = ResponseEvents(head, background=creation.background)
+        try:
+            if creation.stream:
+                return await self._stream_run(request, events, context, call)
+            return web.json_response(await self._await_run(events, context))
+        finally:
+            if not creation.background and events.final is None:
+                self._cancel_soon(context.tenant, run_id)  # its client left: nobody waits
+
+    async def _get_response(self, request: web.BaseRequest, response_id: str,
+                            context: CallContext, call: _Call) -> web.StreamResponse:
+        """A run as a Response; with stream=true its events from the first (or after
+        starting_after) until it ends."""
+        query = request.query
+        violations = [(name, "not a parameter this API takes") for name in sorted(
+            set(query) - {"stream", "starting_after", "include", "include[]",
+                          "include_obfuscation"})[:5]]
+        stream = _query_flag(query, "stream", violations)
+        after = _query_count(query, "starting_after", violations)
+        if any(query.getall(name, []) for name in ("include", "include[]")):
+            violations.append(("include", "nothing more can be included (leave it out)"))
+        if _query_flag(query, "include_obfuscation", violations):
+            violations.append(("include_obfuscation", "not taken (leave it out)"))
+        if after is not None and not stream:
+            violations.append(("starting_after", "only with stream=true"))
+        if violations:
+            raise InvalidArgument(violations)
+        head, view = await self._run_view(context, response_id, details=not stream)
+        if not stream:
+            return web.json_response(view_json(head, view))
+        events = ResponseEvents(head, starting_after=-1 if after is None else after)
+        return await self._stream_run(request, events, context, call)
+
+    async def _run_view(self, context: CallContext, run_id: str, cancel: bool = False,
+                        details: bool = True) -> tuple[ResponseHead, RunView]:
+        """The caller's tenant's run (another tenant's is not found), cancelled first when
+        asked."""
+        runs = self._run_manager
+        if cancel:
+            view = await runs.cancel(context.tenant, run_id)
+        else:
+            view = await runs.get(context.tenant, run_id, details=details)
+        return ResponseHead.of(view.record, self._run_tools), view
+
+    @property
+    def _run_tools(self) -> ToolRegistry:
+        assert self._agent is not None
+        return self._agent.tools
+
+    async def _await_run(self, events: ResponseEvents, context: CallContext) -> Any:
+        """The Response once the run ended (its events read as a stream would send them)."""
+        watched = self._run_manager.watch(context.tenant, events.head.id)
+        async with aclosing(watched):
+            async for event in watched:
+                events.add(event)
+                if events.final is not None:
+                    return events.final
+        # Its end was recorded by a replica that took it over, past the events read.
+        head, view = await self._run_view(context, events.head.id)
+        return view_json(head, view, background=events.background)
+
+    async def _stream_run(self, request: web.BaseRequest, events: ResponseEvents,
+                          context: CallContext, call: _Call) -> web.StreamResponse:
+        """The run's streaming events as server-sent events, each named by its type."""
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        try:
+            await response.prepare(request)
+            for item in events.opening():
+                await self._send_event(response, item)
+            watched = self._run_manager.watch(context.tenant, events.head.id)
+            try:
+                async with aclosing(watched):
+                    async for event in watched:
+                        for item in events.add(event):
+                            await self._send_event(response, item)
+                        if events.final is not None:
+                            break
+            except (_Stalled, _ClientGone):
+                raise
+            except Exception as exc:  # the stream ends; the run goes on (resume it)
+                error = _domain_error(exc, request.path)
+                call.status = _status_of(error)
+                for item in events.error(error.reason.lower(), error.message):
+                    await self._send_event(response, item)
+        except _Stalled:
+            call.status = HTTP_STATUS[SendStalled.code]
+            _drop(request)
+            return response
+        except (_ClientGone, ConnectionError):
+            call.status = CLIENT_CLOSED
+            _drop(request)
+            return response
+        await response.write_eof()
+        return response
+
+    async def _send_event(self, response: web.StreamResponse, event: dict[str, Any]) -> None:
+        await self._write(response, b"event: " + event["type"].encode() + b"\ndata: "
+                          + _dumps(event) + b"\n\n")
+
+    def _cancel_soon(self, tenant: str, run_id: str) -> None:
+        """Cancel a run in a task of its own (the request's task may be being cancelled)."""
+        task = asyncio.create_task(self._cancel_run(tenant, run_id), name=f"cancel-{run_id}")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel_run(self, tenant: str, run_id: str) -> None:
+        try:
+            await self._run_manager.cancel(tenant, run_id)
+        except AgentLoopError as exc:  # the store is down: the run ends at its deadline
+            log.warning("could not cancel run %s its client left: %s", run_id, exc.message)
 
     async def _stream(self, request: web.BaseRequest, generation: GenerationCall,
                       domain: GenerationRequest, call: _Call) -> web.StreamResponse:
@@ -496,12 +681,43 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _no_route(request: web.BaseRequest) -> AgentLoopError:
-    allowed = [method for method, path in ROUTES if path == request.path]
-    if allowed:
-        return WrongMethod(request.method, ", ".join(allowed))
-    return UnknownRoute(f"no route {request.method} {request.path} (this door serves "
-                        f"{', '.join(sorted(set(ROUTES.values())))})")
+def route_of(path: str) -> tuple[str | None, str]:
+    """The route a path names (None: none), and the response id in it ("" where none)."""
+    if path in ROUTES:
+        return path, ""
+    if path.startswith(RESPONSES + "/"):
+        parts = path[len(RESPONSES) + 1:].split("/")
+        if len(parts) == 1 and parts[0]:
+            return RESPONSE, parts[0]
+        if len(parts) == 2 and parts[0] and parts[1] == "cancel":
+            return CANCEL_RESPONSE, parts[0]
+    return None, ""
+
+
+def _no_route(request: web.BaseRequest, route: str | None) -> AgentLoopError:
+    if route is not None:
+        return WrongMethod(request.method, ROUTES[route])
+    return UnknownRoute(f"no route {request.method} {request.path[:200]} (this door serves "
+                        f"{', '.join(sorted(ROUTES))})")
+
+
+def _query_flag(query: Any, name: str, violations: list[tuple[str, str]]) -> bool:
+    value = query.get(name)
+    if value is None or value == "false":
+        return False
+    if value != "true":
+        violations.append((name, "must be true or false"))
+    return value == "true"
+
+
+def _query_count(query: Any, name: str, violations: list[tuple[str, str]]) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 18:
+        violations.append((name, "must be a sequence number (an integer >= 0)"))
+        return None
+    return int(value)
 
 
 def _drop(request: web.BaseRequest) -> None:

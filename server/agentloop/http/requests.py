@@ -98,7 +98,7 @@ class EmbeddingCall:
     base64: bool
 
 
-class _Body:
+class Body:
     """One JSON body's fields, read by type; every problem is a violation naming it."""
 
     def __init__(self, body: Any, known: frozenset[str]) -> None:
@@ -159,7 +159,7 @@ class _Body:
             raise InvalidArgument(self.violations)
 
 
-def _tools(body: _Body, message: pb.GenerateRequest) -> None:
+def _tools(body: Body, message: pb.GenerateRequest) -> None:
     """`tools` and `tool_choice` onto Generate's; legacy `functions` and a
     `function_call` that asks for a call refused (their answers have another shape:
     `function_call`, turns by name with no call id)."""
@@ -185,7 +185,7 @@ def _tools(body: _Body, message: pb.GenerateRequest) -> None:
                                         "to one call per answer (leave it out)")
 
 
-def _tool(body: _Body, tool: Any, path: str, into: Any) -> None:
+def _tool(body: Body, tool: Any, path: str, into: Any) -> None:
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) - {
             "type", "function"}:
@@ -212,7 +212,7 @@ def _tool(body: _Body, tool: Any, path: str, into: Any) -> None:
              if isinstance(parameters, dict) else "")
 
 
-def _tool_choice(body: _Body, choice: pb.ToolChoice) -> None:
+def _tool_choice(body: Body, choice: pb.ToolChoice) -> None:
     value = body.fields.get("tool_choice")
     if value is None:
         return
@@ -230,13 +230,13 @@ def _tool_choice(body: _Body, choice: pb.ToolChoice) -> None:
 
 def chat_call(data: Any, settings: Settings) -> GenerationCall:
     """A /v1/chat/completions body as a GenerateRequest (InvalidArgument naming params)."""
-    body = _Body(data, CHAT_FIELDS)
+    body = Body(data, CHAT_FIELDS)
     body.neutral_only(("n", "presence_penalty", "frequency_penalty", "logprobs",
                        "top_logprobs", "logit_bias", "modalities"))
     message = pb.GenerateRequest(model=body.text("model") or "")
     _messages(body, settings, message.messages)
     _tools(body, message)
-    names = _options(body, message.options, ("max_tokens", "max_completion_tokens"))
+    names = sampling_options(body, message.options, ("max_tokens", "max_completion_tokens"))
     _response_format(body, message.format)
     stream, include_usage = _streaming(body)
     body.raise_if_bad()
@@ -245,7 +245,7 @@ def chat_call(data: Any, settings: Settings) -> GenerationCall:
 
 def completion_call(data: Any) -> GenerationCall:
     """A /v1/completions body as a GenerateRequest with a prompt."""
-    body = _Body(data, COMPLETION_FIELDS)
+    body = Body(data, COMPLETION_FIELDS)
     body.neutral_only(("n", "presence_penalty", "frequency_penalty", "logprobs", "logit_bias",
                        "echo", "best_of", "suffix"))
     message = pb.GenerateRequest(model=body.text("model") or "")
@@ -256,7 +256,7 @@ def completion_call(data: Any) -> GenerationCall:
         message.prompt = prompt
     elif prompt is not None:
         body.bad("prompt", "must be one string (token arrays and batches are not taken)")
-    names = _options(body, message.options, ("max_tokens",))
+    names = sampling_options(body, message.options, ("max_tokens",))
     stream, include_usage = _streaming(body)
     body.raise_if_bad()
     return GenerationCall(message, stream, include_usage, renamer(names, prompt="prompt"))
@@ -264,7 +264,7 @@ def completion_call(data: Any) -> GenerationCall:
 
 def embedding_call(data: Any, settings: Settings) -> EmbeddingCall:
     """A /v1/embeddings body as an EmbedRequest (vectors normalized, as OpenAI's are)."""
-    body = _Body(data, EMBEDDING_FIELDS)
+    body = Body(data, EMBEDDING_FIELDS)
     message = pb.EmbedRequest(model=body.text("model") or "")
     texts = body.fields.get("input")
     if isinstance(texts, str):
@@ -290,7 +290,7 @@ def embedding_call(data: Any, settings: Settings) -> EmbeddingCall:
     return EmbeddingCall(message, encoding == "base64")
 
 
-def _streaming(body: _Body) -> tuple[bool, bool]:
+def _streaming(body: Body) -> tuple[bool, bool]:
     stream = body.flag("stream")
     options = body.fields.get("stream_options")
     if options is None:
@@ -304,7 +304,7 @@ def _streaming(body: _Body) -> tuple[bool, bool]:
     return stream, bool(options.get("include_usage"))
 
 
-def _options(body: _Body, options: pb.GenerationOptions,
+def sampling_options(body: Body, options: pb.GenerationOptions,
              max_tokens_names: tuple[str, ...]) -> dict[str, str]:
     """The sampling options into `options`; the OpenAI name of each, where it differs."""
     names: dict[str, str] = {}
@@ -341,7 +341,7 @@ def _options(body: _Body, options: pb.GenerationOptions,
     return names
 
 
-def _messages(body: _Body, settings: Settings, into: Any) -> None:
+def _messages(body: Body, settings: Settings, into: Any) -> None:
     messages = body.fields.get("messages")
     if not isinstance(messages, list) or not messages:
         body.bad("messages", "must be a non-empty list of messages")
@@ -378,7 +378,7 @@ def _messages(body: _Body, settings: Settings, into: Any) -> None:
             body.bad(f"{path}.tool_call_id", "must be a string")
 
 
-def _tool_calls(body: _Body, calls: Any, path: str, into: Any) -> None:
+def _tool_calls(body: Body, calls: Any, path: str, into: Any) -> None:
     """An assistant turn's `tool_calls` as OpenAI sends them back: id, type function,
     function {name, arguments as JSON text}."""
     if not isinstance(calls, list):
@@ -409,7 +409,7 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _content(body: _Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
+def _content(body: Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
     """A message's text and images: a string, or parts of type text and image_url."""
     if content is None or isinstance(content, str):
         return content or "", []
@@ -427,7 +427,7 @@ def _content(body: _Body, content: Any, path: str, images_left: int) -> tuple[st
             if len(images) >= images_left:
                 body.bad(where, "too many images (max_images)")
                 break
-            image = _data_url(part.get("image_url"))
+            image = data_url(part.get("image_url"))
             if image is None:
                 body.bad(f"{where}.image_url", "must be a data: URL with base64 content "
                                                "(the gateway fetches nothing)")
@@ -438,7 +438,7 @@ def _content(body: _Body, content: Any, path: str, images_left: int) -> tuple[st
     return "\n".join(texts), images
 
 
-def _data_url(image_url: Any) -> bytes | None:
+def data_url(image_url: Any) -> bytes | None:
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str) or not url.startswith("data:"):
         return None
@@ -451,7 +451,7 @@ def _data_url(image_url: Any) -> bytes | None:
         return None
 
 
-def _response_format(body: _Body, fmt: pb.ResponseFormat) -> None:
+def _response_format(body: Body, fmt: pb.ResponseFormat) -> None:
     value = body.fields.get("response_format")
     if value is None:
         return
