@@ -361,7 +361,7 @@ async def test_a_tenants_quota_is_one_whichever_door(fake_ollama, tmp_path):
 
 async def test_unknown_routes_and_methods(door):
     async with httpx.AsyncClient(base_url=f"http://{door.http_address}") as raw:
-        unknown = await raw.post("/v1/responses", json={})
+        unknown = await raw.post("/v1/audio/speech", json={})
         wrong_method = await raw.get("/v1/chat/completions")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"

@@ -105,7 +105,10 @@ async def test_a_response_runs_the_agent_with_a_server_tool(door, fake_ollama):
 
 
 async def test_a_streamed_response_sends_the_responses_events(door, fake_ollama):
-    fake_ollama.enqueue(CALCULATE, ANSWER)
+    # Tokens apart by more than run_event_flush_interval: the answer's deltas are not all
+    # joined into one event.
+    fake_ollama.enqueue(CALCULATE, action(0.06, final_answer="The product is 391.",
+                                          thought="done"))
     async with sdk(door) as client:
         async with client.responses.stream(model=MODEL, input=GOAL,
                                            tools=[CALCULATOR]) as stream:
@@ -270,7 +273,8 @@ async def test_another_tenants_response_is_not_found(fake_ollama, tmp_path):
      "input[0].type"),
     ({"input": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      "input[1].role"),
-    ({"input": GOAL, "temperature": 9}, "temperature"),
+    ({"input": GOAL, "temperature": -1}, "temperature"),
+    ({"input": GOAL, "top_p": 2}, "top_p"),
     ({"input": GOAL, "max_output_tokens": -1}, "max_output_tokens"),
     ({"input": GOAL, "max_tool_calls": -1}, "max_tool_calls"),
     ({"input": GOAL, "tool_choice": "required"}, "tool_choice"),

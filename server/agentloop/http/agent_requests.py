@@ -85,7 +85,7 @@ def response_call(data: Any, settings: Settings, tools: ToolRegistry) -> Respons
     if previous:
         message.previous_run_id = previous
     truncation = body.fields.get("truncation")
-    if truncation is not None and not isinstance(truncation, str) \
+    if (truncation is not None and not isinstance(truncation, str)) \
             or truncation not in _TRUNCATION:
         body.bad("truncation", 'must be "auto" or "disabled"')
     else:

@@ -342,13 +342,18 @@ class _LocalRun:
             del self.events[:drop]
 
     def after(self, seq: int) -> list[RunEvent] | None:
-        """The events after `seq` from memory, or None when memory no longer has them all."""
+        """The events after `seq` from memory, or None when memory no longer has them all.
+        The run's end is held back until it is recorded (`ended`): a watcher that heard it
+        finds the run final in the store (and may go on with its conversation at once)."""
         if self.events and seq + 1 < self.events[0].seq:
             return None
         if not self.events and seq < self.written_seq:
             return None
         start = bisect.bisect_right(self.events, seq, key=lambda e: e.seq)
-        return self.events[start:]
+        events = self.events[start:]
+        if events and not self.ended and isinstance(events[-1].body, RunEnded):
+            return events[:-1]
+        return events
 
 
 @dataclass(frozen=True, slots=True)
