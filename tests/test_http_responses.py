@@ -369,3 +369,20 @@ async def test_the_node_sdk_runs_responses(door, fake_ollama):
         "background: true, resumed at 2, completed The product is 391.",
         "cancel: cancelled",
     ]
+
+
+async def test_a_withdrawn_answer_ends_its_message_incomplete(door, fake_ollama):
+    # A reply that begins an answer and breaks off (not JSON): the agent withdraws it and
+    # asks again.
+    fake_ollama.enqueue(Script(tokens=['{"final_answer": ', '"Three hundred', ' and']),
+                        action(0.06, final_answer="391", thought="done"))
+    async with sdk(door) as client:
+        async with client.responses.stream(model=MODEL, input=GOAL, tools=[]) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(item.type, item.status) for item in done] == [("message", "incomplete"),
+                                                           ("message", "completed")]
+    assert done[0].content[0].text.startswith("Three hundred")
+    assert done[0].id != done[1].id
+    assert item_types(final) == ["message"] and final.output_text == "391"

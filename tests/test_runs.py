@@ -17,6 +17,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from agentloop.runs.store import RunStatus
+from agentloop.services.runs import RunEnded
 from agentloop.v1 import agentloop_pb2 as pb
 from fake_ollama import FakeOllama, Script, wait_until
 from helpers import client_stub, gateway_settings, rich_details, running_gateway
@@ -592,3 +594,16 @@ async def test_a_run_queued_past_its_deadline_expires(stub, fake_ollama):
     assert run.status == pb.AGENT_RUN_STATUS_EXPIRED and "queued" in run.error
     assert (await watch(stub, queued))[-1].run_ended.status == pb.AGENT_RUN_STATUS_EXPIRED
     await stub.CancelAgentRun(pb.CancelAgentRunRequest(run_id=first), timeout=5)
+
+
+
+async def test_a_watcher_that_heard_the_end_finds_the_run_final(gateway, stub, fake_ollama):
+    """The end reaches watchers once it is recorded: one that goes on at once (GetAgentRun,
+    a continued conversation, the HTTP door's answer) never finds the run still running."""
+    for _ in range(3):
+        fake_ollama.enqueue(ANSWER)
+        run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+        events = [event async for event in gateway.runs.watch("", run_id)]  # in-process
+        view = await gateway.runs.get("", run_id)
+        assert isinstance(events[-1].body, RunEnded)
+        assert view.status is RunStatus.COMPLETED
