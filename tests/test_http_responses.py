@@ -240,6 +240,20 @@ async def test_a_background_stream_that_drops_leaves_its_run_going(door, fake_ol
     assert done.status == "completed" and done.output_text == "The product is 391."
 
 
+
+async def test_a_run_started_over_grpc_reads_as_a_response(door, fake_ollama):
+    fake_ollama.enqueue(CALCULATE, ANSWER)
+    async with client_stub(door.address) as stub:
+        started = (await stub.StartAgentRun(pb.StartAgentRunRequest(
+            run=pb.StartAgentRun(goal=GOAL, tools=["calculator"])), timeout=5)).run
+    async with sdk(door) as client:
+        done = await ended(client, started.id)
+        events = [e async for e in await client.responses.retrieve(started.id, stream=True)]
+    assert done.id == started.id and done.status == "completed"
+    assert item_types(done) == ["function_call", "function_call_output", "message"]
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == done.output_text == "The product is 391."
+
 # --- tenants, errors ----------------------------------------------------------------------
 
 
