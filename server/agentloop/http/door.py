@@ -462,7 +462,8 @@ class HttpDoor:
                     return events.final
         # Its end was recorded by a replica that took it over, past the events read.
         head, view = await self._run_view(context, events.head.id)
-        return view_json(head, view, background=events.background)
+        events.final = view_json(head, view, background=events.background)
+        return events.final
 
     async def _stream_run(self, request: web.BaseRequest, events: ResponseEvents,
                           context: CallContext, call: _Call) -> web.StreamResponse:
