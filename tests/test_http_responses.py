@@ -179,6 +179,21 @@ async def test_a_dropped_foreground_stream_cancels_its_run(door, fake_ollama):
     assert created.type == "response.created" and fetched.status == "cancelled"
 
 
+
+async def test_a_waiting_request_holds_no_request_bytes(door, fake_ollama):
+    """The body is in the run store once the run starts: a request waiting on a long run
+    gives its bytes back to the budget both doors share."""
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with httpx.AsyncClient() as raw:
+        waiting = asyncio.create_task(raw.post(
+            f"http://{door.http_address}/v1/responses", timeout=30,
+            json={"model": MODEL, "input": GOAL, "instructions": "x" * 50_000}))
+        await wait_until(lambda: fake_ollama.generation_requests, timeout=10)
+        assert door.http.budget.in_flight == 0
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
 # --- the background: retrieve, resume, cancel -------------------------------------------
 
 
