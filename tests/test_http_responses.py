@@ -129,6 +129,19 @@ async def test_a_streamed_response_sends_the_responses_events(door, fake_ollama)
     assert [item.id for item in fetched.output] == [item.id for item in final.output]
 
 
+
+async def test_a_failed_run_is_a_failed_response(door, fake_ollama):
+    broken = Script(tokens=["no JSON here"])
+    fake_ollama.enqueue(broken, broken, broken, broken)  # a reply and its repair, twice
+    async with sdk(door) as client:
+        response = await client.responses.create(model=MODEL, input=GOAL, tools=[])
+        stream = await client.responses.create(model=MODEL, input=GOAL, tools=[], stream=True)
+        events = [event async for event in stream]
+    assert response.status == "failed" and response.error.code == "model_error"
+    assert "no valid action" in response.error.message and response.output == []
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.error.code == "model_error"
+
 async def test_no_tools_or_tool_choice_none_leave_the_agent_only_its_answer(door, fake_ollama):
     fake_ollama.enqueue(ANSWER, ANSWER)
     async with sdk(door) as client:
