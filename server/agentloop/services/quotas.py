@@ -113,11 +113,12 @@ class Quotas:
         self.clock = clock
         self._book: dict[str, _Quota] = {}
 
-    def admit(self, context: CallContext, input_tokens: int = 0, *,
+    def admit(self, context: CallContext, input_tokens: int | Callable[[], int] = 0, *,
               tokens: bool = True) -> _Admitted:
         """Count one call against its tenant's limits for the body of `async with` (which
-        gives its TokenMeter), its input paid on entry (QuotaExceeded past a limit);
-        `tokens=False` for a call that costs no tokens (a count)."""
+        gives its TokenMeter), its input paid on entry (QuotaExceeded past a limit; a
+        callable is asked only where a tenant counts tokens); `tokens=False` for a call that
+        costs no tokens (a count)."""
         return _Admitted(self, context, input_tokens, tokens)
 
     def _check(self, tenant: Tenant, input_tokens: int) -> _Quota:
@@ -156,13 +157,28 @@ class Quotas:
             f"{retry_after:.2f}s", retry_after=retry_after)
 
 
+class _Uncounted(TokenMeter):
+    """The meter of a call whose tenant counts no tokens: nothing to keep."""
+
+    __slots__ = ()
+
+    def add_output(self, tokens: int = 1) -> None:
+        pass
+
+    def settle(self, usage: Usage) -> None:
+        pass
+
+
+UNCOUNTED = _Uncounted(None, None, 0)  # type: ignore[arg-type]
+
+
 class _Admitted:
     """One call's place in its tenant's limits, from `async with` entry to exit."""
 
     __slots__ = ("_context", "_input", "_quota", "_quotas", "_tokens")
 
-    def __init__(self, quotas: Quotas, context: CallContext, input_tokens: int,
-                 tokens: bool) -> None:
+    def __init__(self, quotas: Quotas, context: CallContext,
+                 input_tokens: int | Callable[[], int], tokens: bool) -> None:
         self._quotas = quotas
         self._context = context
         self._input = input_tokens
@@ -171,13 +187,16 @@ class _Admitted:
 
     async def __aenter__(self) -> TokenMeter:
         quotas, context = self._quotas, self._context
-        tenant = quotas.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
+        if not context.tenant:
+            return UNCOUNTED
+        tenant = quotas.tenants(context.tenant)
         if not tenant.has_quota:
-            return TokenMeter(quotas, None, self._input)
-        quota = self._quota = quotas._check(tenant, self._input if self._tokens else 0)
+            return UNCOUNTED
+        input_tokens = self._input() if callable(self._input) else self._input
+        quota = self._quota = quotas._check(tenant, input_tokens if self._tokens else 0)
         quota.active += 1
-        meter = TokenMeter(quotas, quota if self._tokens else None, self._input)
-        meter._spend(self._input)
+        meter = TokenMeter(quotas, quota if self._tokens else None, input_tokens)
+        meter._spend(input_tokens)
         return meter
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -400,9 +400,12 @@ class Router:
                              more: bool) -> AsyncIterator[Any]:
         """The call within one slot of `pool`, on one endpoint, retried on others before its
         first item; raises _MoveOn when the pool refused it and `more` pools may take it."""
-        model = self.upstream_model(pool, request.model)
-        upstream_request = request if model == request.model else dataclasses.replace(
-            request, model=model)
+        if self._engine is None:
+            model = self.upstream_model(pool, request.model)
+            upstream_request = request if model == request.model else dataclasses.replace(
+                request, model=model)
+        else:  # the single engine takes every name as it is
+            upstream_request = request
         first_item_timeout = pool.config.first_token_timeout if work is Work.GENERATE else None
         ticket = pool.try_enter(work, request.context)  # a free slot: no wait, no task
         if ticket is None:
