@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from postgres_server import fresh_database
+from run_takeover import TOOL, takeover
 
 from agentloop.domain import CallContext, RequestedOptions
 from agentloop.runs.store import EventRecord, RunRecord, RunStatus, SqliteRunStore
@@ -308,3 +309,21 @@ async def test_a_store_down_mid_run_loses_no_run_accepted(fake_ollama):
         assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "391"
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
         assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
+
+
+async def test_runs_of_a_killed_replica_finish_on_another_each_tool_call_run_once(
+        fake_ollama, pg_server):
+    """Several runs on replica A (its own process), each calling a tool that counts its
+    executions at the tool (an MCP server on loopback); A SIGKILLed mid-run: every run
+    finishes on B (its own process too), picked up within the lease (plus B's check every
+    third of it), each recorded tool call executed exactly once, none unrecorded."""
+    lease = 2.0
+    found = await takeover(fake_ollama, await fresh_database(pg_server), runs=3, steps=3,
+                           lease=lease, token_delay=0.03)
+    assert found["completed"] == 3, found["per_run"]
+    for run in found["per_run"]:
+        assert run["steps"] == [TOOL, TOOL, TOOL, ""]
+        assert run["pickup_s"] is not None and run["pickup_s"] < 2 * lease, run
+    assert found["tool_calls_recorded"] == 9 and found["tool_executions"] == 9
+    assert not found["executed_twice"] and not found["executed_not_recorded"]
+    assert not found["recorded_not_executed"]
