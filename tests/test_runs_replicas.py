@@ -87,6 +87,68 @@ async def test_a_run_on_one_replica_is_watched_listed_and_cancelled_through_anot
         assert run.status == pb.AGENT_RUN_STATUS_CANCELLED and not run.cancel_requested
 
 
+async def test_a_cancel_through_another_replica_stops_the_run_at_once(fake_ollama, pg_server):
+    """With PostgreSQL the replica running a run hears a cancel made through another replica
+    at once (LISTEN/NOTIFY), not when it next renews its lease (every third of it)."""
+    url = await fresh_database(pg_server)
+    lease = 30.0
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url, run_lease=lease)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with running_gateway(settings) as a, running_gateway(settings) as b, \
+            client_stub(a.address) as on_a, client_stub(b.address) as on_b:
+        run_id = (await on_a.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_until(lambda: fake_ollama.active_streams == 1, timeout=10)
+        await on_b.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)
+        # Well before the lease keeper's first look (lease / 3): the engine call is closed
+        # and the run ended by A.
+        run = await until_status(on_b, run_id, FINAL, timeout=lease / 6)
+        assert fake_ollama.disconnects == 1
+    assert run.status == pb.AGENT_RUN_STATUS_CANCELLED
+    assert run.error == "cancelled by CancelAgentRun"
+
+
+async def listeners(url: str) -> list[int]:
+    """The backends LISTENing for cancels on the database (their pids)."""
+    import asyncpg
+
+    db = await asyncpg.connect(url)
+    try:
+        return [row["pid"] for row in await db.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+            "query LIKE 'LISTEN %'")]
+    finally:
+        await db.close()
+
+
+async def test_a_lost_cancel_listener_falls_back_to_the_lease_and_listens_again(
+        fake_ollama, pg_server):
+    url = await fresh_database(pg_server)
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url, run_lease=0.6)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with running_gateway(settings) as a, running_gateway(settings) as b, \
+            client_stub(a.address) as on_a, client_stub(b.address) as on_b:
+        pids = await listeners(url)
+        assert len(pids) == 2
+        import asyncpg
+
+        db = await asyncpg.connect(url)
+        try:
+            for pid in pids:  # both replicas' listening connections are lost
+                await db.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await db.close()
+        run_id = (await on_a.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_until(lambda: fake_ollama.active_streams == 1, timeout=10)
+        await on_b.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)
+        run = await until_status(on_b, run_id, FINAL)  # read with the lease meanwhile
+        assert run.status == pb.AGENT_RUN_STATUS_CANCELLED
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while len(again := await listeners(url)) < 2 or set(again) & set(pids):
+            assert loop.time() < end, again
+            await asyncio.sleep(0.05)
+
+
 async def test_a_replica_killed_mid_run_is_taken_over_after_its_last_step(fake_ollama,
                                                                           pg_server):
     """Three gateways on one PostgreSQL: A (its own process) runs the run, C watches it

@@ -17,7 +17,8 @@ written among them), so a watcher on this replica never waits for the store.
 
 A replica holds a lease on each run it runs, renewed every third of run_lease; a run
 whose lease lapsed (its replica stopped) is an orphan: a queued one is run here, a started
-one fails with a reason saying it was interrupted.
+one goes on after its last recorded step. A cancel made through another replica is heard
+at once where the store announces it (PostgreSQL's NOTIFY), else read with the lease.
 """
 
 from __future__ import annotations
@@ -401,6 +402,14 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
 # --- the manager -----------------------------------------------------------------------------
 
 
+def _stop(local: _LocalRun) -> None:
+    """Cancel a local run's task, once (a second cancel would outlive the one it handles)."""
+    if local.task is None or local.ended or local.cancel_requested:
+        return
+    local.cancel_requested = True
+    local.task.cancel()
+
+
 def new_run_id() -> str:
     """An unguessable id (144 random bits)."""
     return "run_" + secrets.token_urlsafe(18)
@@ -471,6 +480,7 @@ class RunManager:
         start the sweep and the lease keeper."""
         with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
             await self._ensure_open()
+            await self.store.listen_cancels(self._cancelled_elsewhere)
             if self.webhooks is not None:
                 await self.webhooks.resume()
         self._background = [
@@ -599,16 +609,15 @@ class RunManager:
         return [await self._view(r, details=False) for r in records], token
 
     async def cancel(self, tenant: str, run_id: str) -> RunView:
-        """Cancel a run (idempotent): a local run stops at once; another replica's stops when
-        that replica next renews its lease."""
+        """Cancel a run (idempotent): a local run stops at once; another replica's when that
+        replica hears of it (at once with PostgreSQL, else when it next renews its lease)."""
         view = await self.get(tenant, run_id, details=False)
         if view.status in FINAL:
             return await self.get(tenant, run_id)
         local = self._local.get(run_id)
         await self.store.request_cancel(run_id)
         if local is not None and local.task is not None:
-            local.cancel_requested = True
-            local.task.cancel()
+            _stop(local)  # (unless the store's notice of this cancel came first)
             await asyncio.wait({local.task}, timeout=CANCEL_WAIT)
         return await self.get(tenant, run_id)
 
@@ -869,6 +878,8 @@ class RunManager:
             await asyncio.sleep(interval)
             with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
                 await self._ensure_open()  # a store that was down at the start, back now
+                # Listening again after a lost connection (the leases read cancels meanwhile).
+                await self.store.listen_cancels(self._cancelled_elsewhere)
                 await self._renew()
                 await self._adopt_orphans()
                 if self.webhooks is not None:
@@ -888,9 +899,14 @@ class RunManager:
                 self._local.pop(run_id, None)
                 local.lost = True
                 local.task.cancel()
-            elif ours[run_id] and not local.cancel_requested:
-                local.cancel_requested = True
-                local.task.cancel()
+            elif ours[run_id]:
+                self._cancelled_elsewhere(run_id)
+
+    def _cancelled_elsewhere(self, run_id: str) -> None:
+        """A cancel requested through another replica: the run stops here if it runs here."""
+        local = self._local.get(run_id)
+        if local is not None:
+            _stop(local)
 
     async def _adopt_orphans(self) -> None:
         """Take over runs whose replica stopped: a queued one starts here, a started one goes
