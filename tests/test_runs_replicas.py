@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from postgres_server import fresh_database
-from run_takeover import TOOL, takeover
+from run_takeover import OUTPUT_TOKENS, PROMPT_TOKENS, TOOL, takeover
 
 from agentloop.domain import CallContext, RequestedOptions
 from agentloop.runs.store import EventRecord, RunRecord, RunStatus, SqliteRunStore
@@ -378,7 +378,8 @@ async def test_runs_of_a_killed_replica_finish_on_another_each_tool_call_run_onc
     """Several runs on replica A (its own process), each calling a tool that counts its
     executions at the tool (an MCP server on loopback); A SIGKILLed mid-run: every run
     finishes on B (its own process too), picked up within the lease (plus B's check every
-    third of it), each recorded tool call executed exactly once, none unrecorded."""
+    third of it), each recorded tool call executed exactly once, none unrecorded, and each
+    run's usage counting the model calls of A and B."""
     lease = 2.0
     found = await takeover(fake_ollama, await fresh_database(pg_server), runs=3, steps=3,
                            lease=lease, token_delay=0.03)
@@ -389,3 +390,7 @@ async def test_runs_of_a_killed_replica_finish_on_another_each_tool_call_run_onc
     assert found["tool_calls_recorded"] == 9 and found["tool_executions"] == 9
     assert not found["executed_twice"] and not found["executed_not_recorded"]
     assert not found["recorded_not_executed"]
+    # Each run's usage: the model calls of its steps, A's and B's (PROMPT_TOKENS each).
+    assert found["usage_counts_every_replica"], found["per_run"]
+    assert all(run["usage"] == [4 * PROMPT_TOKENS, 4 * OUTPUT_TOKENS]
+               for run in found["per_run"]), found["per_run"]

@@ -152,9 +152,10 @@ class RunEvent:
 def encode_event(body: RunEventBody, limit: int) -> tuple[str, bytes]:
     """(kind, payload JSON) of an event, its longest texts cut until it fits in `limit`."""
     data = {f.name: getattr(body, f.name) for f in dataclasses.fields(body)}  # type: ignore[arg-type]
+    if isinstance(body, RunSummary | ThoughtFormed):
+        data["usage"] = dataclasses.asdict(body.usage)
     if isinstance(body, RunSummary):
         data["stop_reason"] = body.stop_reason.name
-        data["usage"] = dataclasses.asdict(body.usage)
     elif isinstance(body, RunEnded):
         data["status"] = body.status.value
     payload = json.dumps(data, ensure_ascii=False).encode()
@@ -173,9 +174,10 @@ def encode_event(body: RunEventBody, limit: int) -> tuple[str, bytes]:
 def decode_event(record: EventRecord) -> RunEvent:
     data = json.loads(record.payload)
     kind_type = _TYPES[record.kind]
+    if "usage" in data:  # (a thought recorded before steps had their usage has none)
+        data["usage"] = Usage(**data["usage"])
     if kind_type is RunSummary:
         data["stop_reason"] = StopReason[data["stop_reason"]]
-        data["usage"] = Usage(**data["usage"])
     elif kind_type is RunEnded:
         data["status"] = RunStatus(data["status"])
     return RunEvent(record.seq, kind_type(**data))
@@ -364,6 +366,8 @@ class Progress:
     answer_chars: int = 0
     #: How the run ended, if its end was recorded.
     ended: RunEnded | None = None
+    #: The tokens of the model calls whose steps were recorded (on any replica).
+    usage: Usage = dataclasses.field(default_factory=Usage)
 
 
 def replay_events(events: Iterable[RunEvent]) -> Progress:
@@ -372,6 +376,7 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
     step: StepStarted | None = None
     thought, call, chars = "", None, 0
     ended: RunEnded | None = None
+    usage = Usage()
     for event in events:
         body = event.body
         if isinstance(body, RunSummary):
@@ -387,6 +392,7 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
             chars = 0
         elif isinstance(body, ThoughtFormed):
             thought = body.thought
+            usage += body.usage
         elif isinstance(body, ToolCalled):
             call = body
         elif isinstance(body, ToolReturned) and step is not None and call is not None:
@@ -396,7 +402,7 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
                 observation_truncated=body.observation_truncated,
                 error=body.observation if body.is_error else ""))
             step, call = None, None
-    return Progress(tuple(steps), step is not None, thought, call, chars, ended)
+    return Progress(tuple(steps), step is not None, thought, call, chars, ended, usage)
 
 
 # --- the manager -----------------------------------------------------------------------------
@@ -943,7 +949,7 @@ class RunManager:
                     f"INTERRUPTED: the replica running it stopped while {call.tool} "
                     f"({call.call_id}) ran; its result was not recorded, and {call.tool} is "
                     "not declared idempotent, so it is not run a second time"))
-        return Resume(progress.steps, step_started=progress.step_started,
+        return Resume(progress.steps, usage=progress.usage, step_started=progress.step_started,
                       answer_chars=progress.answer_chars, pending_call=call,
                       pending_thought=progress.thought)
 
