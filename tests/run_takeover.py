@@ -41,10 +41,12 @@ FINAL = {pb.AGENT_RUN_STATUS_COMPLETED, pb.AGENT_RUN_STATUS_FAILED,
 
 
 @contextlib.asynccontextmanager
-async def counting_tool_server() -> AsyncIterator[str]:
-    """tests/mcp_tool_server.py over Streamable HTTP on a free loopback port; its URL."""
+async def counting_tool_server(quiet: bool = False) -> AsyncIterator[str]:
+    """tests/mcp_tool_server.py over Streamable HTTP on a free loopback port (its log
+    dropped when `quiet`); its URL."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, MCP_SERVER, "http", stdout=asyncio.subprocess.PIPE)
+        sys.executable, MCP_SERVER, "http", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL if quiet else None)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
@@ -119,12 +121,13 @@ async def takeover(fake: FakeOllama, store_url: str, *, runs: int, steps: int, l
     calls: dict[str, list[float]] = {}
     fake.script_for = stepping_script(steps, token_delay, calls)
     with tempfile.TemporaryDirectory() as work:
-        async with counting_tool_server() as mcp_url:
+        async with counting_tool_server(quiet) as mcp_url:
             servers = Path(work) / "mcp.json"
             servers.write_text(json.dumps({"servers": {"counter": {"url": mcp_url,
                                                                    "refresh": 0.5}}}))
             common = ("--backend", "ollama", "--ollama-url", fake.url, "--run-store", store_url,
                       "--run-lease", str(lease), "--run-max-running", str(runs),
+                      "--max-in-flight", str(runs),  # every run's model call at once
                       "--mcp-servers", str(servers))
             async with serving(*common, quiet=quiet) as (a, on_a_address), \
                     serving(*common, quiet=quiet) as (_, on_b_address), \

@@ -102,7 +102,7 @@ async def test_a_cancel_through_another_replica_stops_the_run_at_once(fake_ollam
         # Well before the lease keeper's first look (lease / 3): the engine call is closed
         # and the run ended by A.
         run = await until_status(on_b, run_id, FINAL, timeout=lease / 6)
-        assert fake_ollama.disconnects == 1
+        await wait_until(lambda: fake_ollama.disconnects == 1, timeout=lease / 6)
     assert run.status == pb.AGENT_RUN_STATUS_CANCELLED
     assert run.error == "cancelled by CancelAgentRun"
 
