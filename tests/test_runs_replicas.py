@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from postgres_server import fresh_database
@@ -109,8 +110,6 @@ async def test_a_cancel_through_another_replica_stops_the_run_at_once(fake_ollam
 
 async def listeners(url: str) -> list[int]:
     """The backends LISTENing for cancels on the database (their pids)."""
-    import asyncpg
-
     db = await asyncpg.connect(url)
     try:
         return [row["pid"] for row in await db.fetch(
@@ -129,8 +128,6 @@ async def test_a_lost_cancel_listener_falls_back_to_the_lease_and_listens_again(
             client_stub(a.address) as on_a, client_stub(b.address) as on_b:
         pids = await listeners(url)
         assert len(pids) == 2
-        import asyncpg
-
         db = await asyncpg.connect(url)
         try:
             for pid in pids:  # both replicas' listening connections are lost

@@ -884,9 +884,10 @@ class RunManager:
             await asyncio.sleep(interval)
             with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
                 await self._ensure_open()  # a store that was down at the start, back now
-                # Listening again after a lost connection (the leases read cancels meanwhile).
-                await self.store.listen_cancels(self._cancelled_elsewhere)
                 await self._renew()
+                # Listening again after a lost connection (the leases read cancels meanwhile),
+                # once the leases are renewed: a slow connect must not let them lapse.
+                await self.store.listen_cancels(self._cancelled_elsewhere)
                 await self._adopt_orphans()
                 if self.webhooks is not None:
                     await self.webhooks.resume()
@@ -909,9 +910,10 @@ class RunManager:
                 self._cancelled_elsewhere(run_id)
 
     def _cancelled_elsewhere(self, run_id: str) -> None:
-        """A cancel requested through another replica: the run stops here if it runs here."""
+        """A cancel requested through another replica: the run stops here if it runs here
+        (not while this replica stops: the run goes on elsewhere, where the cancel is read)."""
         local = self._local.get(run_id)
-        if local is not None:
+        if local is not None and not self._closing:
             _stop(local)
 
     async def _adopt_orphans(self) -> None:
