@@ -107,13 +107,10 @@ class TokenMeter:
         quotas = self._quotas
         input_tokens = self._input() if callable(self._input) else self._input
         counted = input_tokens if self._count_tokens else 0
-        quota = quotas._check(self._tenant, counted)
+        quota = quotas._check(self._tenant, counted)  # the input paid there
         quota.active += 1
         self._quota = quota
-        if self._count_tokens:
-            self._charged_input = input_tokens
-            if input_tokens:
-                quota.spend(input_tokens)  # `_check` refilled the bucket just now
+        self._charged_input = counted
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -182,7 +179,8 @@ class Quotas:
         return TokenMeter(self, tenant, input_tokens, tokens)
 
     def _check(self, tenant: Tenant, input_tokens: int) -> _Quota:
-        """Refuse a named tenant past a limit, most immediate first; count the request."""
+        """Refuse a named tenant past a limit, most immediate first; count the request and
+        take its input from the token bucket."""
         now = self.clock()
         quota = self._book.get(tenant.name)
         if quota is None:
@@ -206,6 +204,8 @@ class Quotas:
                        f"{tpm} tokens per minute")
         if rpm:
             quota.requests -= 1.0
+        if tpm and input_tokens:
+            quota.tokens = max(-float(tpm), quota.tokens - input_tokens)
         return quota
 
     def _over(self, tenant: Tenant, limit: str, retry_after: float, what: str) -> None:
