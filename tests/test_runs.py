@@ -535,6 +535,30 @@ async def test_a_run_continues_a_stored_conversation(gateway, stub, fake_ollama)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_conversation_past_the_models_context_is_refused_or_trimmed(stub, fake_ollama):
+    """The byte limit is far away; the model's context is not: 2,048 tokens less a 512-token
+    answer hold about 6 KB of conversation."""
+    fake_ollama.enqueue(ANSWER)
+    options = pb.GenerationOptions(num_ctx=2048, max_tokens=512)
+    first = (await stub.StartAgentRun(pb.StartAgentRunRequest(run=pb.StartAgentRun(
+        goal="x" * 4000, options=options)), timeout=5)).run.id
+    await wait_for_status(stub, first, FINAL)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.StartAgentRun(pb.StartAgentRunRequest(
+            run=pb.StartAgentRun(goal="y" * 4000, options=options), previous_run_id=first),
+            timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context of 2048 tokens" in raised.value.details()
+    assert rich_details(raised.value)["BadRequest"].field_violations[0].field == \
+        "previous_run_id"
+    fake_ollama.enqueue(ANSWER)
+    trimmed = (await stub.StartAgentRun(pb.StartAgentRunRequest(
+        run=pb.StartAgentRun(goal="y" * 4000, options=options), previous_run_id=first,
+        trim_conversation=True), timeout=5)).run.id
+    await wait_for_status(stub, trimmed, FINAL)
+    assert ("user", "x" * 4000) not in said(fake_ollama)
+
+
 def test_every_replica_s_spans_of_a_run_are_one_trace_linked_to_its_caller():
     from opentelemetry.metrics import NoOpMeter
     from opentelemetry.sdk.trace import TracerProvider

@@ -89,6 +89,7 @@ from agentloop.services.agent import (
     ToolReturned,
     WrongCallId,
 )
+from agentloop.services.quotas import BYTES_PER_TOKEN
 from agentloop.services.tools import ClientTool, is_idempotent
 from agentloop.services.webhooks import WebhookSender, delivery_for
 
@@ -572,14 +573,20 @@ class RunManager:
         def size(turns: list[ChatMessage]) -> int:
             return own + sum(len(m.content.encode()) for m in turns)
 
-        limit, most = self.settings.max_prompt_bytes, self.settings.max_messages
+        # The model's context holds the conversation and the answer: a conversation past
+        # it (estimated at BYTES_PER_TOKEN) is refused here, not by the engine mid-run.
+        window = max(0, run.options.num_ctx - run.options.max_tokens) * BYTES_PER_TOKEN
+        limit = min(self.settings.max_prompt_bytes, window)
+        most = self.settings.max_messages
         while (size(messages) > limit or len(messages) > most) and trim \
                 and len(messages) > len(run.messages):
             messages = messages[1:]  # the oldest turn first
         if size(messages) > limit or len(messages) > most:
             raise InvalidArgument([("previous_run_id", (
                 f"the conversation would be {size(messages)} bytes in {len(messages)} "
-                f"messages; the limits are {limit} bytes (max_prompt_bytes) and {most} "
+                f"messages; the limits are {limit} bytes (max_prompt_bytes, and the model's "
+                f"context of {run.options.num_ctx} tokens less the answer's "
+                f"{run.options.max_tokens}, at {BYTES_PER_TOKEN} bytes a token) and {most} "
                 "messages (max_messages): set trim_conversation to drop its oldest turns"))])
         context = run.context
         if not context.session:
