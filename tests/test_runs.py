@@ -95,6 +95,29 @@ async def test_a_run_started_and_left_completes_with_its_steps(gateway, fake_oll
     assert run.last_sequence > 0 and not run.error
 
 
+async def test_a_watcher_that_sees_the_end_reads_the_answer(gateway, stub, fake_ollama):
+    """The end event goes out once the record says so: a store slow to take the end (a busy
+    disk) never lets a watcher read a finished run without its answer."""
+    store = gateway.runs.store
+    recorded = store.update
+    taking = asyncio.Event()
+
+    async def slow_update(run_id: str, **changes: Any) -> Any:
+        if changes.get("status") is not None and "answer" in changes:
+            taking.set()
+            await asyncio.sleep(0.3)  # the fault: the end's write takes a while
+        return await recorded(run_id, **changes)
+
+    store.update = slow_update
+    fake_ollama.enqueue(ANSWER)
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    events = [e async for e in stub.WatchAgentRun(pb.WatchAgentRunRequest(run_id=run_id),
+                                                   timeout=10)]
+    assert taking.is_set() and events[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
+    run = (await stub.GetAgentRun(pb.GetAgentRunRequest(run_id=run_id), timeout=5)).run
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "391"
+
+
 async def test_ids_are_unguessable_and_unknown_ids_are_not_found(stub, fake_ollama):
     fake_ollama.enqueue(ANSWER, ANSWER)
     first = (await stub.StartAgentRun(start_request(), timeout=5)).run.id

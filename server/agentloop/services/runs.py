@@ -305,8 +305,10 @@ class _LocalRun:
         self.events.append(RunEvent(self.next_seq, body))
         self.next_seq += 1
 
-    def add(self, body: RunEventBody) -> bool:
-        """Take an event of the loop; True when the run must write before it goes on."""
+    def add(self, body: RunEventBody, announce: bool = True) -> bool:
+        """Take an event of the loop; True when the run must write before it goes on.
+        `announce=False` keeps it from watchers until `notify` (the end: after the record
+        says so, so a watcher that sees the end reads the run's answer)."""
         now = time.monotonic()
         if isinstance(body, AnswerDelta):
             if self.next_seq > self._delta_room:
@@ -322,7 +324,8 @@ class _LocalRun:
             return False
         self._release_delta()
         self._append(body)
-        self.notify()
+        if announce:
+            self.notify()
         durable = isinstance(body, ToolCalled | ToolReturned | RunSummary | RunEnded)
         return durable or now - self._last_write >= self._flush_interval
 
@@ -697,12 +700,16 @@ class RunManager:
             if batch is None:
                 batch = [decode_event(e) for e in
                          await self.store.events(run_id, cursor, WATCH_BATCH)]
+            held = False
             for event in batch:
+                if isinstance(event.body, RunEnded) and local is not None and not local.ended:
+                    held = True  # its record is being written: the end goes out after it
+                    break
                 yield event
                 cursor = event.seq
                 if isinstance(event.body, RunEnded):
                     return
-            if batch:
+            if batch and not held:
                 continue
             if changed is not None:
                 await changed.wait()
@@ -839,7 +846,7 @@ class RunManager:
                    summary: RunSummary | None, steps: tuple[AgentStep, ...]) -> None:
         """Record the run's end (retried until the store takes it: an accepted run is never
         lost) and let its watchers finish."""
-        local.add(RunEnded(status, error))
+        local.add(RunEnded(status, error), announce=False)
         changes: dict[str, Any] = {"status": status, "error": error, "finished": time.time(),
                                    "waiting_call": "", "lease_owner": "", "lease_expires": None}
         if summary is not None:
