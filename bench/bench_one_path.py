@@ -17,10 +17,12 @@ route beside an idle one, arrival order, capacity that follows DNS, and the path
   `--overrun` deltas whatever `max_tokens` asks; `--hostile-calls` unary Generates of
   max_tokens 20 at once: the longest answer and the gateway's peak memory growth (goal
   < +50 MB).
-- the path's cost: one generation through the generation service and the engine's routing
-  (admission + routing + retries layer) over an in-process engine that answers at once,
-  microseconds per call (tenants off and on), in this tree and in the tree of `--before`
-  (a git revision, run in a subprocess from a temporary worktree).
+- the path's cost: one generation admitted and routed (before: the replica's admission and
+  the resilience wrapper; after: the tenant's quotas and the router's pool of one with its
+  queue) over an in-process engine that answers at once, microseconds per call, tenants off
+  and on; and, as context, the whole generation service around it (telemetry and the other
+  features of each tree included); in this tree and in the tree of `--before` (a git
+  revision, run in a subprocess from a temporary worktree).
 
     .venv/bin/python -m bench.bench_one_path [--flood 400] [--probes 20] [--before bc5df12]
 
@@ -265,6 +267,7 @@ async def hostile_upstream(folder: Path, calls: int, overrun: int) -> dict[str, 
 
 PATH_COST = r'''
 import asyncio, json, sys, time
+from contextlib import aclosing
 from agentloop.config import load_settings
 from agentloop.domain import (BackendHealth, CallContext, FinishReason, GenerationEnd,
     GenerationRequest, SamplingOptions, Timings, Usage)
@@ -283,40 +286,83 @@ class Engine:
     async def check_health(self, model): return BackendHealth(True)
     async def list_models(self): return []
 
+settings = load_settings(environ={}, listen="127.0.0.1:0", model="m")
+limits = Tenant("team", weight=2.0, max_concurrency=1000, tokens_per_minute=10**11,
+                requests_per_minute=10**11)
+tenants = lambda _name: limits
+
+try:  # the one path: the tenant's quotas, then the router over the engine's pool of one
+    from agentloop.services.quotas import Quotas
+    from agentloop.upstreams.router import Router
+
+    def build(named):
+        router = Router.for_engine(Engine(), settings)
+        if named:
+            router.tenants = tenants
+        return router, Quotas(tenants if named else None)
+
+    async def admitted_and_routed(parts, request):
+        router, quotas = parts
+        async with quotas.admit(request.context, lambda: 3) as meter:
+            async with aclosing(router.stream(request)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        meter.add_output(1)
+                    else:
+                        meter.settle(item.usage)
+
+    def service(parts):
+        return GenerationService(*parts)
+except ImportError:  # before: the replica's admission, then the resilience wrapper
+    from agentloop.admission import Admission
+    from agentloop.backends.resilient import ResilientBackend
+
+    def build(named):
+        return (ResilientBackend(Engine(), settings),
+                Admission(4, 64, 30, tenants=tenants if named else None))
+
+    async def admitted_and_routed(parts, request):
+        backend, admission = parts
+        context, streamed = request.context, 0
+        async with admission.slot(request.deadline, context=context):
+            async with aclosing(backend.stream(request)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        streamed += 1
+                        admission.count_tokens(context, 1)
+                    else:
+                        admission.count_tokens(context, item.usage.input_tokens
+                                               + item.usage.output_tokens - streamed)
+
+    def service(parts):
+        return GenerationService(*parts)
+
+async def best_of(rounds, calls, one):
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(calls):
+            await one()
+        best = min(best, (time.perf_counter() - started) / calls * 1e6)
+    return best
+
 async def main(calls):
-    settings = load_settings(environ={}, listen="127.0.0.1:0", model="m")
-    limits = Tenant("team", weight=2.0, max_concurrency=1000, tokens_per_minute=10**11,
-                    requests_per_minute=10**11)
-    tenants = lambda _name: limits
-    try:  # the one path: the router over the engine's pool of one, the tenants' quotas
-        from agentloop.services.quotas import Quotas
-        from agentloop.upstreams.router import Router
-        def service(named):
-            router = Router.for_engine(Engine(), settings)
-            if named:
-                router.tenants = tenants
-            return GenerationService(router, Quotas(tenants if named else None))
-    except ImportError:  # before: the resilience wrapper and the replica's admission
-        from agentloop.admission import Admission
-        from agentloop.backends.resilient import ResilientBackend
-        def service(named):
-            return GenerationService(ResilientBackend(Engine(), settings),
-                                     Admission(4, 64, 30, tenants=tenants if named else None))
     options = SamplingOptions(0.7, 0.9, 40, 16, 1.1, 2048)
     results = {}
     for named in (False, True):
-        generation = service(named)
         context = CallContext(tenant="team", caller="team") if named else CallContext()
         request = GenerationRequest(model="m", options=options, prompt="hello there",
                                     context=context)
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            for _ in range(calls):
-                async for _item in generation.stream(request):
-                    pass
-            best = min(best, (time.perf_counter() - started) / calls * 1e6)
-        results["tenants_on_us" if named else "tenants_off_us"] = best
+        parts = build(named)
+        generation = service(parts)
+        key = "tenants_on_us" if named else "tenants_off_us"
+
+        async def whole():
+            async for _item in generation.stream(request):
+                pass
+
+        results[key] = await best_of(3, calls, lambda: admitted_and_routed(parts, request))
+        results["service_" + key] = await best_of(3, calls, whole)
     print(json.dumps(results))
 
 asyncio.run(main(int(sys.argv[1])))
@@ -381,10 +427,14 @@ def table(results: dict[str, Any]) -> str:
                     f"(6 calls at once: {dns['six_calls_at_once']}) | 0 -> 6 |")
     cost = results.get("path_cost")
     if cost:
-        for key in ("tenants_off_us", "tenants_on_us"):
-            rows.append(f"| the path per call, {key.split('_')[0]} {key.split('_')[1]} "
-                        f"(µs, before -> after) | {cost['before'][key]:.1f} -> "
-                        f"{cost['after'][key]:.1f} | no more than before |")
+        for key, what, goal in (
+                ("tenants_off_us", "admission + routing, no tenant", "no more than before"),
+                ("tenants_on_us", "admission + routing, a named tenant with quotas",
+                 "no more than before"),
+                ("service_tenants_off_us", "the whole generation service, no tenant", ""),
+                ("service_tenants_on_us", "the whole generation service, a named tenant", "")):
+            rows.append(f"| {what} (µs per call, before -> after) | {cost['before'][key]:.1f} "
+                        f"-> {cost['after'][key]:.1f} | {goal} |")
     return "\n".join(rows)
 
 

@@ -12,13 +12,20 @@
   whether the webhook-id was the same on each.
 - queued: `--queued` runs waiting behind one hanging run: the gateway's memory per queued
   run, and how many are still queued after the gateway restarts on its file.
+- takeover: `--takeover-runs` runs of `--takeover-steps` tool steps each on replica A, A
+  SIGKILLed mid-run, B finishing them (two `agentloop serve` processes on the PostgreSQL
+  started here, lease `--lease`): the time from the kill to B's pickup and to each run's
+  end, the tool's executions counted at the tool (an MCP server on loopback) beside the
+  tool calls recorded, and each run's usage beside its model calls' on A and B
+  (tests/run_takeover.py).
 
-Everything runs in this process on loopback (the gateway, the fake Ollama, the receiver).
+Everything but the takeover's replicas and tool server runs in this process on loopback
+(the gateway, the fake Ollama, the receiver).
 
     .venv/bin/python -m bench.bench_runs [--runs 100] [--tokens 1000] [--queued 1000]
 
 Writes bench/results/runs.json and prints a Markdown table. A smoke run:
-`--runs 10 --tokens 100 --queued 50 --events 200`.
+`--runs 10 --tokens 100 --queued 50 --events 200 --takeover-runs 3`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the fakes live with the tests
+
+from run_takeover import takeover  # noqa: E402
 
 from agentloop.runs.store import EventRecord, RunRecord, RunStatus, SqliteRunStore  # noqa: E402
 from agentloop.v1 import agentloop_pb2 as pb  # noqa: E402
@@ -260,8 +269,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             with postgres_server() as server:
                 url = await fresh_database(server)
                 results["store_postgres"] = await store_cost(PostgresRunStore(url), args.events)
+                async with FakeOllama() as fake:
+                    results["takeover"] = await takeover(
+                        fake, await fresh_database(server), runs=args.takeover_runs,
+                        steps=args.takeover_steps, lease=args.lease, token_delay=0.05,
+                        quiet=True)
         else:
-            results["store_postgres"] = {"skipped": why_no_server()}
+            results["store_postgres"] = results["takeover"] = {"skipped": why_no_server()}
     return results
 
 
@@ -289,6 +303,19 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"| {name}: per event, one per commit | p50 {cost['p50_us']:.0f} us, "
                          f"p99 {cost['p99_us']:.0f} us; batched "
                          f"{cost['batched_us_per_event']:.1f} us |")
+    t = results["takeover"]
+    if "skipped" in t:
+        lines.append(f"| takeover | skipped ({t['skipped']}) |")
+    else:
+        lines += [
+            f"| takeover: {t['runs']} runs of {t['steps']} tool steps, A SIGKILLed | "
+            f"{t['completed']} of {t['runs']} completed on B; lease {t['lease_s']:g} s; picked "
+            f"up {t['pickup_s_max']:.2f} s after the kill at most; ended p50 "
+            f"{t['end_s_p50']:.2f} s, max {t['end_s_max']:.2f} s after it |",
+            f"| takeover: tool executions (at the tool) vs tool calls recorded | "
+            f"{t['tool_executions']} vs {t['tool_calls_recorded']}; executed twice: "
+            f"{len(t['executed_twice'])}; usage counts A's and B's model calls: "
+            f"{t['usage_counts_every_replica']} |"]
     return "\n".join(lines)
 
 
@@ -299,6 +326,9 @@ if __name__ == "__main__":
     parser.add_argument("--queued", type=int, default=1000)
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--webhook-runs", type=int, default=10)
+    parser.add_argument("--takeover-runs", type=int, default=10)
+    parser.add_argument("--takeover-steps", type=int, default=3)
+    parser.add_argument("--lease", type=float, default=3.0)
     arguments = parser.parse_args()
     found = asyncio.run(main(arguments))
     found["command"] = "python -m bench.bench_runs " + " ".join(sys.argv[1:])

@@ -287,7 +287,9 @@ class FakeOllama:
 
     Settable: `models` (known model names; pulls add to it), `default_script` (used when
     the queue is empty), `model_scripts` (a script for every request naming that model,
-    before the queue: a model that always fails, say), `capabilities` (per model, default
+    before the queue: a model that always fails, say), `script_for` (a function of the
+    request's body giving its script, or None for the usual choice: answers that depend on
+    the conversation, for runs that interleave), `capabilities` (per model, default
     ["completion"]; a chat with `tools` on a model without "tools" gets 400 like gemma3n),
     `version`.
 
@@ -317,6 +319,7 @@ class FakeOllama:
         self.models: list[str] = list(models) if models is not None else [DEFAULT_MODEL]
         self.default_script: Script = default_script or Script()
         self.model_scripts: dict[str, Script] = {}
+        self.script_for: Callable[[dict[str, Any]], Script | None] | None = None
         self.capabilities: dict[str, list[str]] = {}
         self.version: str = FAKE_VERSION
         self.requests: list[tuple[str, Any]] = []
@@ -664,7 +667,8 @@ class FakeOllama:
         if empty:
             return self._load_or_unload(kind, name, model, keep_alive)
 
-        script = self.model_scripts.get(name) or (
+        chosen = self.script_for(body) if self.script_for is not None else None
+        script = chosen or self.model_scripts.get(name) or (
             self._queue.popleft() if self._queue else self.default_script)
         task = asyncio.current_task()
         if task is not None:

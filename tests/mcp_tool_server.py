@@ -3,6 +3,10 @@
     python tests/mcp_tool_server.py stdio        serves on standard input and output
     python tests/mcp_tool_server.py http [PORT]  serves Streamable HTTP on 127.0.0.1 (PORT, or
                                                  a free one), prints "mcp listening on URL"
+
+Its `tally` tool counts its executions per label, at the tool: over HTTP, GET /tallies
+answers them as JSON ({label: executions}), so a test counts what ran whatever the gateway
+recorded.
 """
 
 from __future__ import annotations
@@ -10,13 +14,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections import Counter
 from typing import Annotated
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 server = MCPServer("test-tools")
+#: Executions of `tally` per label.
+tallies: Counter[str] = Counter()
 
 
 @server.tool(description="Adds two integers.")
@@ -44,6 +53,17 @@ async def sleep(seconds: float) -> str:
                          "an engine would expand into a grammar that crashes llama.cpp.")
 def hostile(text: Annotated[str, Field(max_length=100_000)]) -> str:
     return text
+
+
+@server.tool(description="Counts a call under `label` (a side effect: not idempotent).")
+def tally(label: str) -> str:
+    tallies[label] += 1
+    return f"{label}: execution {tallies[label]}"
+
+
+@server.custom_route("/tallies", methods=["GET"])
+async def read_tallies(request: Request) -> JSONResponse:
+    return JSONResponse(dict(tallies))
 
 
 async def serve_http(port: int) -> None:

@@ -225,10 +225,16 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
     """The header arrives from both clients; the request log names it, bounded."""
     node = shutil.which("node")
     assert node is not None, "node is needed for the Node example"
+    # What the example asks for, in order (tests/test_clients.py runs it the same way).
+    fake_ollama.capabilities[fake_ollama.models[0]] = ["completion", "tools"]
     fake_ollama.enqueue(
         Script(tokens=TOKENS), Script(tokens=TOKENS),
+        Script(tokens=[], tool_calls=[{"name": "reverse_text", "arguments": {"text": "gRPC"}}]),
+        Script(tokens=["Done", ":", " CPRg"]),
         action(thought="Reverse it.", tool="reverse_text", arguments={"text": "agentloop"}),
         action(thought="Got it.", final_answer="pooltnega"),
+        action(tool="calculator", arguments={"expression": "17*23"}),  # the background run
+        action(final_answer="391"),
     )
     with caplog.at_level(logging.INFO, logger="agentloop.requests"):
         proc = await asyncio.create_subprocess_exec(
@@ -250,8 +256,11 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
                 if r.name == "agentloop.requests" and hasattr(r, "fields")]
     assert sessions == [
         ("ListTools", "node-conv"), ("Generate", "node-conv"),
-        ("StreamGenerate", "node-conv"), ("Embed", "node-conv"), ("StreamRunAgent", "node-conv"),
-        ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
+        ("StreamGenerate", "node-conv"), ("Embed", "node-conv"),
+        ("Generate", "node-conv"), ("Generate", "node-conv"),  # a function call's round trip
+        ("StreamRunAgent", "node-conv"), ("StartAgentRun", "node-conv"),
+        ("WatchAgentRun", "node-conv"), ("GetAgentRun", "node-conv"),
+        ("CancelAgentRun", "node-conv"), ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
         ("Generate", "whole-client"), ("Generate", "one-call"),
     ]
 

@@ -5,6 +5,7 @@ RUN_STORE_FULL."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -205,3 +206,23 @@ async def test_tool_results_are_left_once_and_taken_once(store):
     await store.put_tool_result("run_a", "call_1", b"second")  # the first one stays
     assert await store.take_tool_results(["run_a", "run_b"]) == [("run_a", "call_1", b"first")]
     assert await store.take_tool_results(["run_a"]) == []
+
+
+async def test_a_cancel_is_announced_to_every_listener_on_postgresql(pg_server, sqlite_store):
+    """A cancel requested through one store is heard on another's listening connection
+    when it commits; SQLite announces nothing (its replicas read the flag with the lease)."""
+    url = await fresh_database(pg_server)
+    requester, running = PostgresRunStore(url), PostgresRunStore(url)
+    await requester.open()
+    await running.open()
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        assert await running.listen_cancels(heard.put_nowait)
+        await requester.create(record("run_1"), max_active_per_tenant=10)
+        await requester.request_cancel("run_1")
+        assert await asyncio.wait_for(heard.get(), 10) == "run_1"
+        assert (await running.get("run_1")).cancel_requested
+    finally:
+        await requester.close()
+        await running.close()
+    assert not await sqlite_store.listen_cancels(heard.put_nowait)

@@ -97,6 +97,29 @@ async def test_a_run_started_and_left_completes_with_its_steps(gateway, fake_oll
     assert run.last_sequence > 0 and not run.error
 
 
+async def test_a_watcher_that_sees_the_end_reads_the_answer(gateway, stub, fake_ollama):
+    """The end event goes out once the record says so: a store slow to take the end (a busy
+    disk) never lets a watcher read a finished run without its answer."""
+    store = gateway.runs.store
+    recorded = store.update
+    taking = asyncio.Event()
+
+    async def slow_update(run_id: str, **changes: Any) -> Any:
+        if changes.get("status") is not None and "answer" in changes:
+            taking.set()
+            await asyncio.sleep(0.3)  # the fault: the end's write takes a while
+        return await recorded(run_id, **changes)
+
+    store.update = slow_update
+    fake_ollama.enqueue(ANSWER)
+    run_id = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
+    events = [e async for e in stub.WatchAgentRun(pb.WatchAgentRunRequest(run_id=run_id),
+                                                   timeout=10)]
+    assert taking.is_set() and events[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
+    run = (await stub.GetAgentRun(pb.GetAgentRunRequest(run_id=run_id), timeout=5)).run
+    assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "391"
+
+
 async def test_ids_are_unguessable_and_unknown_ids_are_not_found(stub, fake_ollama):
     fake_ollama.enqueue(ANSWER, ANSWER)
     first = (await stub.StartAgentRun(start_request(), timeout=5)).run.id
@@ -535,6 +558,30 @@ async def test_a_run_continues_a_stored_conversation(gateway, stub, fake_ollama)
             await stub.StartAgentRun(pb.StartAgentRunRequest(
                 run=pb.StartAgentRun(goal="hi"), previous_run_id=missing), timeout=5)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_conversation_past_the_models_context_is_refused_or_trimmed(stub, fake_ollama):
+    """The byte limit is far away; the model's context is not: 2,048 tokens less a 512-token
+    answer hold about 6 KB of conversation."""
+    fake_ollama.enqueue(ANSWER)
+    options = pb.GenerationOptions(num_ctx=2048, max_tokens=512)
+    first = (await stub.StartAgentRun(pb.StartAgentRunRequest(run=pb.StartAgentRun(
+        goal="x" * 4000, options=options)), timeout=5)).run.id
+    await wait_for_status(stub, first, FINAL)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.StartAgentRun(pb.StartAgentRunRequest(
+            run=pb.StartAgentRun(goal="y" * 4000, options=options), previous_run_id=first),
+            timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context of 2048 tokens" in raised.value.details()
+    assert rich_details(raised.value)["BadRequest"].field_violations[0].field == \
+        "previous_run_id"
+    fake_ollama.enqueue(ANSWER)
+    trimmed = (await stub.StartAgentRun(pb.StartAgentRunRequest(
+        run=pb.StartAgentRun(goal="y" * 4000, options=options), previous_run_id=first,
+        trim_conversation=True), timeout=5)).run.id
+    await wait_for_status(stub, trimmed, FINAL)
+    assert ("user", "x" * 4000) not in said(fake_ollama)
 
 
 def test_every_replica_s_spans_of_a_run_are_one_trace_linked_to_its_caller():

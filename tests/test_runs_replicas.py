@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from postgres_server import fresh_database
+from run_takeover import OUTPUT_TOKENS, PROMPT_TOKENS, TOOL, takeover
 
 from agentloop.domain import CallContext, RequestedOptions
 from agentloop.runs.store import EventRecord, RunRecord, RunStatus, SqliteRunStore
@@ -84,6 +86,64 @@ async def test_a_run_on_one_replica_is_watched_listed_and_cancelled_through_anot
         assert {"tool_call", "tool_result"} <= {e.WhichOneof("event") for e in rest}
         run = await status_of(on_a, run_id)
         assert run.status == pb.AGENT_RUN_STATUS_CANCELLED and not run.cancel_requested
+
+
+async def test_a_cancel_through_another_replica_stops_the_run_at_once(fake_ollama, pg_server):
+    """With PostgreSQL the replica running a run hears a cancel made through another replica
+    at once (LISTEN/NOTIFY), not when it next renews its lease (every third of it)."""
+    url = await fresh_database(pg_server)
+    lease = 30.0
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url, run_lease=lease)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with running_gateway(settings) as a, running_gateway(settings) as b, \
+            client_stub(a.address) as on_a, client_stub(b.address) as on_b:
+        run_id = (await on_a.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_until(lambda: fake_ollama.active_streams == 1, timeout=10)
+        await on_b.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)
+        # Well before the lease keeper's first look (lease / 3): the engine call is closed
+        # and the run ended by A.
+        run = await until_status(on_b, run_id, FINAL, timeout=lease / 6)
+        await wait_until(lambda: fake_ollama.disconnects == 1, timeout=lease / 6)
+    assert run.status == pb.AGENT_RUN_STATUS_CANCELLED
+    assert run.error == "cancelled by CancelAgentRun"
+
+
+async def listeners(url: str) -> list[int]:
+    """The backends LISTENing for cancels on the database (their pids)."""
+    db = await asyncpg.connect(url)
+    try:
+        return [row["pid"] for row in await db.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+            "query LIKE 'LISTEN %'")]
+    finally:
+        await db.close()
+
+
+async def test_a_lost_cancel_listener_falls_back_to_the_lease_and_listens_again(
+        fake_ollama, pg_server):
+    url = await fresh_database(pg_server)
+    settings = gateway_settings(ollama_url=fake_ollama.url, run_store=url, run_lease=0.6)
+    fake_ollama.enqueue(Script(hang_before_headers=True))
+    async with running_gateway(settings) as a, running_gateway(settings) as b, \
+            client_stub(a.address) as on_a, client_stub(b.address) as on_b:
+        pids = await listeners(url)
+        assert len(pids) == 2
+        db = await asyncpg.connect(url)
+        try:
+            for pid in pids:  # both replicas' listening connections are lost
+                await db.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await db.close()
+        run_id = (await on_a.StartAgentRun(start_request(), timeout=5)).run.id
+        await wait_until(lambda: fake_ollama.active_streams == 1, timeout=10)
+        await on_b.CancelAgentRun(pb.CancelAgentRunRequest(run_id=run_id), timeout=5)
+        run = await until_status(on_b, run_id, FINAL)  # read with the lease meanwhile
+        assert run.status == pb.AGENT_RUN_STATUS_CANCELLED
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while len(again := await listeners(url)) < 2 or set(again) & set(pids):
+            assert loop.time() < end, again
+            await asyncio.sleep(0.05)
 
 
 async def test_a_replica_killed_mid_run_is_taken_over_after_its_last_step(fake_ollama,
@@ -308,3 +368,26 @@ async def test_a_store_down_mid_run_loses_no_run_accepted(fake_ollama):
         assert run.status == pb.AGENT_RUN_STATUS_COMPLETED and run.final_answer == "391"
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
         assert events[-1].run_ended.status == pb.AGENT_RUN_STATUS_COMPLETED
+
+
+async def test_runs_of_a_killed_replica_finish_on_another_each_tool_call_run_once(
+        fake_ollama, pg_server):
+    """Several runs on replica A (its own process), each calling a tool that counts its
+    executions at the tool (an MCP server on loopback); A SIGKILLed mid-run: every run
+    finishes on B (its own process too), picked up within the lease (plus B's check every
+    third of it), each recorded tool call executed exactly once, none unrecorded, and each
+    run's usage counting the model calls of A and B."""
+    lease = 2.0
+    found = await takeover(fake_ollama, await fresh_database(pg_server), runs=3, steps=3,
+                           lease=lease, token_delay=0.03)
+    assert found["completed"] == 3, found["per_run"]
+    for run in found["per_run"]:
+        assert run["steps"] == [TOOL, TOOL, TOOL, ""]
+        assert run["pickup_s"] is not None and run["pickup_s"] < 2 * lease, run
+    assert found["tool_calls_recorded"] == 9 and found["tool_executions"] == 9
+    assert not found["executed_twice"] and not found["executed_not_recorded"]
+    assert not found["recorded_not_executed"]
+    # Each run's usage: the model calls of its steps, A's and B's (PROMPT_TOKENS each).
+    assert found["usage_counts_every_replica"], found["per_run"]
+    assert all(run["usage"] == [4 * PROMPT_TOKENS, 4 * OUTPUT_TOKENS]
+               for run in found["per_run"]), found["per_run"]

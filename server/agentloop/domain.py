@@ -215,6 +215,11 @@ class Timings:
     eval: float | None = None
     time_to_first_token: float | None = None
 
+    def as_measured(self, total: float, time_to_first_token: float) -> Timings:
+        """These timings with the gateway's own total and time to first token (every call
+        has them: a plain constructor, not `dataclasses.replace`)."""
+        return Timings(total, self.load, self.prompt_eval, self.eval, time_to_first_token)
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationEnd:

@@ -5,10 +5,15 @@ together: the schema is created under an advisory lock, and a tenant's active ru
 counted and a new one inserted under a per-tenant advisory lock, so no two replicas let a
 tenant past its limit at once. A server that does not answer is RUN_STORE_UNAVAILABLE, a
 full disk (SQLSTATE class 53) RUN_STORE_FULL.
+
+A cancel is announced on a channel (NOTIFY, sent when the cancel commits) that every
+replica listens to on a connection of its own (`listen_cancels`): the replica running the
+run stops it at once. The flag in the table stays the fallback that the lease keeper reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import time
@@ -94,8 +99,10 @@ _SCHEMA_LOCK = 0x6167_6C70  # "aglp"
 _RUN_COLUMNS = tuple(f.name for f in dataclasses.fields(RunRecord))
 _DELIVERY_COLUMNS = tuple(f.name for f in dataclasses.fields(DeliveryRecord))
 _ACTIVE_VALUES = sorted(status.value for status in ACTIVE)
-#: Connections per replica.
+#: Connections per replica (the cancel listener's besides).
 POOL_SIZE = 8
+#: The channel on which a cancel is announced (its payload: the run's id).
+CANCEL_CHANNEL = "agentloop_run_cancel"
 
 
 def _value(value: Any) -> Any:
@@ -129,6 +136,7 @@ class PostgresRunStore:
         self._url = url
         self._timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
 
     async def _call(self, operation: str,
@@ -156,9 +164,31 @@ class PostgresRunStore:
         self._pool = pool
 
     async def close(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                                     TimeoutError):
+                await listener.close(timeout=self._timeout)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    async def listen_cancels(self, on_cancel: Callable[[str], None]) -> bool:
+        """Call `on_cancel(run id)` for every cancel any replica requests, as it commits;
+        True while listening (a lost connection is opened again at the next call), False
+        when the server cannot be reached (cancels are then only read with the leases)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+        if self._pool is None:
+            return False
+        try:
+            listener = await asyncpg.connect(self._url, timeout=self._timeout)
+            await listener.add_listener(
+                CANCEL_CHANNEL, lambda _db, _pid, _channel, run_id: on_cancel(run_id))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            return False
+        self._listener = listener
+        return True
 
     async def create(self, run: RunRecord, max_active_per_tenant: int) -> None:
         values = [_value(v) for v in dataclasses.astuple(run)]
@@ -225,6 +255,7 @@ class PostgresRunStore:
         async def cancel(db: asyncpg.Connection) -> None:
             await db.execute("UPDATE agentloop_runs SET cancel_requested = TRUE WHERE id = $1",
                              run_id)
+            await db.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, run_id)
 
         await self._call("cancel", cancel)
 

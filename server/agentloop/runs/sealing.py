@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -168,6 +168,9 @@ class SealedStore:
 
     async def request_cancel(self, run_id: str) -> None:
         await self.inner.request_cancel(run_id)
+
+    async def listen_cancels(self, on_cancel: Callable[[str], None]) -> bool:
+        return await self.inner.listen_cancels(on_cancel)  # run ids are in clear
 
     async def append_events(self, run_id: str, events: Sequence[EventRecord]) -> None:
         await self.inner.append_events(run_id, [dataclasses.replace(

@@ -178,6 +178,10 @@ class RunStore(Protocol):
 
     async def request_cancel(self, run_id: str) -> None: ...
 
+    async def listen_cancels(self, on_cancel: Callable[[str], None]) -> bool:
+        """Have `on_cancel(run id)` called at once for cancels requested through any
+        replica; False when the store cannot (the manager then reads them with the leases)."""
+
     async def append_events(self, run_id: str, events: Sequence[EventRecord]) -> None:
         """Store events (one transaction) and move the run's last_seq to the last of them."""
 
@@ -455,6 +459,9 @@ class SqliteRunStore:
             db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
 
         await self._call("cancel", cancel)
+
+    async def listen_cancels(self, on_cancel: Callable[[str], None]) -> bool:
+        return False  # no notifications in SQLite: cancels are read with the leases
 
     async def append_events(self, run_id: str, events: Sequence[EventRecord]) -> None:
         if not events:

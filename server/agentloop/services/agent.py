@@ -121,6 +121,9 @@ class StepStarted:
 class ThoughtFormed:
     step: int
     thought: str
+    #: The tokens of the step's model calls (its repair turns too): a run's record sums
+    #: them, so a run taken over counts the calls of every replica that ran it.
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +449,13 @@ def _replay(state: _RunState, resume: Resume) -> int:
     return len(resume.steps) + 1
 
 
+def _spent(before: Usage, after: Usage) -> Usage:
+    """The usage added between two totals."""
+    return Usage(after.input_tokens - before.input_tokens,
+                 after.output_tokens - before.output_tokens,
+                 after.cached_input_tokens - before.cached_input_tokens)
+
+
 def cap_observation(text: str, limit: int) -> tuple[str, bool]:
     """Cut an observation to `limit` UTF-8 bytes, saying so in the text; (text, truncated)."""
     data = text.encode()
@@ -585,6 +595,7 @@ class AgentService:
             if resumed is not None and resumed.answer_chars:
                 yield AnswerWithdrawn(index, resumed.answer_chars)
             step_started = time.monotonic()
+            usage_before = state.usage
             # The last step, and the one after a repeated call, may only answer: the
             # engine constrains the reply to the final-answer form.
             answer_only = state.answer_next or index == run.max_steps
@@ -610,7 +621,7 @@ class AgentService:
                         AgentStep(index, time.monotonic() - step_started, error=str(failure)))
                     stop = failure.stop_reason
                     break
-                yield ThoughtFormed(index, action.thought)
+                yield ThoughtFormed(index, action.thought, _spent(usage_before, state.usage))
             if action.final_answer is not None:
                 state.steps.append(
                     AgentStep(index, time.monotonic() - step_started, thought=action.thought))

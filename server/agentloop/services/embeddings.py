@@ -36,7 +36,8 @@ class EmbeddingService:
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """One vector per text, in order; one observed call. A tenant's tokens per minute
         count embedded tokens too."""
-        async with self.quotas.admit(request.context, estimate_tokens(*request.texts)) as meter:
+        async with self.quotas.admit(request.context,
+                                     lambda: estimate_tokens(*request.texts)) as meter:
             with self.telemetry.embeddings_call(request) as call:
                 result = await self.backend.embed(request)
                 check_result(request, result)

@@ -66,14 +66,8 @@ class GenerationService:
                     yield item
                     continue
                 now = time.monotonic()
-                end = dataclasses.replace(
-                    item,
-                    timings=dataclasses.replace(
-                        item.timings,
-                        total=now - started,
-                        time_to_first_token=(first_token_at or now) - started,
-                    ),
-                )
+                end = dataclasses.replace(item, timings=item.timings.as_measured(
+                    now - started, (first_token_at or now) - started))
                 self.telemetry.generation_done(request, end)
                 yield end
                 return
@@ -81,8 +75,10 @@ class GenerationService:
 
     async def _from_backend(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         """The backend's items, within the tenant's limits; one observed call."""
-        estimate = estimate_tokens(request.system, request.prompt or "",
+        def estimate() -> int:  # only where the tenant counts tokens
+            return estimate_tokens(request.system, request.prompt or "",
                                    messages=request.messages)
+
         async with self.quotas.admit(request.context, estimate) as meter:
             with self.telemetry.backend_call(request) as call:
                 async with aclosing(self.backend.stream(request)) as items:

@@ -54,10 +54,21 @@ class _Quota:
         if rpm:
             self.requests = min(float(rpm), self.requests + elapsed * rpm / 60.0)
 
-    def spend(self, tokens: float) -> None:
+    def spend(self, tokens: float, now: float | None = None) -> None:
+        """Take `tokens` (a refund when negative), the bucket refilled to `now` first when
+        given; the debt never passes a minute's worth."""
         tpm = self.limits.tokens_per_minute
-        if tpm:
-            self.tokens = min(float(tpm), max(-float(tpm), self.tokens - tokens))
+        if not tpm:
+            return
+        level = self.tokens
+        if now is not None:  # refill inline: this runs per streamed token
+            level = min(float(tpm), level + max(0.0, now - self.stamp) * tpm / 60.0)
+            rpm = self.limits.requests_per_minute
+            if rpm:
+                self.requests = min(float(rpm), self.requests
+                                    + max(0.0, now - self.stamp) * rpm / 60.0)
+            self.stamp = now
+        self.tokens = min(float(tpm), max(-float(tpm), level - tokens))
 
     def resize(self, limits: Tenant) -> None:
         """New limits from a reloaded keys file: what was spent stays spent."""
@@ -73,33 +84,76 @@ def _carried(level: float, old_cap: int, new_cap: int) -> float:
 
 
 class TokenMeter:
-    """One admitted call's tokens: its input paid at admission, its output as it streams,
-    settled against the end report."""
+    """One call's place in its tenant's limits, from `async with` entry (its limits checked,
+    its input paid) to exit, and its tokens: the output as it streams, settled against the
+    end report."""
 
-    __slots__ = ("_charged_input", "_quota", "_quotas", "output")
+    __slots__ = ("_charged_input", "_count_tokens", "_input", "_quota", "_quotas", "_tenant",
+                 "output")
 
-    def __init__(self, quotas: Quotas, quota: _Quota | None, input_tokens: int) -> None:
+    def __init__(self, quotas: Quotas, tenant: Tenant,
+                 input_tokens: int | Callable[[], int], count_tokens: bool) -> None:
         self._quotas = quotas
-        self._quota = quota
-        self._charged_input = input_tokens
+        self._tenant = tenant
+        self._input = input_tokens
+        self._count_tokens = count_tokens
+        #: The tenant's bucket where this call's tokens count (set on entry).
+        self._quota: _Quota | None = None
+        self._charged_input = 0
         #: Output tokens counted so far (about one per streamed delta).
         self.output = 0
 
+    async def __aenter__(self) -> TokenMeter:
+        quotas = self._quotas
+        input_tokens = self._input() if callable(self._input) else self._input
+        counted = input_tokens if self._count_tokens else 0
+        quota = quotas._check(self._tenant, counted)  # the input paid there
+        quota.active += 1
+        self._quota = quota
+        self._charged_input = counted
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._quota is not None:
+            self._quota.active -= 1
+
     def add_output(self, tokens: int = 1) -> None:
         self.output += tokens
-        self._spend(tokens)
+        if self._count_tokens and self._quota is not None:
+            self._quota.spend(tokens, self._quotas.clock())
 
     def settle(self, usage: Usage) -> None:
         """The end report's counts replace the estimates (where it reports any)."""
+        if not self._count_tokens or self._quota is None:
+            return
         input_tokens = usage.input_tokens or self._charged_input
         output = usage.output_tokens or self.output
-        self._spend(input_tokens - self._charged_input + output - self.output)
+        tokens = input_tokens - self._charged_input + output - self.output
+        if tokens:
+            self._quota.spend(tokens, self._quotas.clock())
         self._charged_input, self.output = input_tokens, output
 
-    def _spend(self, tokens: float) -> None:
-        if self._quota is not None and tokens:
-            self._quota.refill(self._quotas.clock())
-            self._quota.spend(tokens)
+
+class _Uncounted:
+    """The place of a call whose tenant has no limits: nothing to check, keep or count (one
+    shared object: such calls allocate nothing here)."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> _Uncounted:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+    def add_output(self, tokens: int = 1) -> None:
+        pass
+
+    def settle(self, usage: Usage) -> None:
+        pass
+
+
+UNCOUNTED = _Uncounted()
 
 
 class Quotas:
@@ -113,15 +167,20 @@ class Quotas:
         self.clock = clock
         self._book: dict[str, _Quota] = {}
 
-    def admit(self, context: CallContext, input_tokens: int = 0, *,
-              tokens: bool = True) -> _Admitted:
+    def admit(self, context: CallContext, input_tokens: int | Callable[[], int] = 0, *,
+              tokens: bool = True) -> TokenMeter | _Uncounted:
         """Count one call against its tenant's limits for the body of `async with` (which
-        gives its TokenMeter), its input paid on entry (QuotaExceeded past a limit);
-        `tokens=False` for a call that costs no tokens (a count)."""
-        return _Admitted(self, context, input_tokens, tokens)
+        gives its meter), its input paid on entry (QuotaExceeded past a limit; a callable is
+        asked only where a tenant counts tokens); `tokens=False` for a call that costs no
+        tokens (a count)."""
+        tenant = self.tenants(context.tenant) if context.tenant else None
+        if tenant is None or not tenant.has_quota:
+            return UNCOUNTED
+        return TokenMeter(self, tenant, input_tokens, tokens)
 
     def _check(self, tenant: Tenant, input_tokens: int) -> _Quota:
-        """Refuse a named tenant past a limit, most immediate first; count the request."""
+        """Refuse a named tenant past a limit, most immediate first; count the request and
+        take its input from the token bucket."""
         now = self.clock()
         quota = self._book.get(tenant.name)
         if quota is None:
@@ -145,6 +204,8 @@ class Quotas:
                        f"{tpm} tokens per minute")
         if rpm:
             quota.requests -= 1.0
+        if tpm and input_tokens:
+            quota.tokens = max(-float(tpm), quota.tokens - input_tokens)
         return quota
 
     def _over(self, tenant: Tenant, limit: str, retry_after: float, what: str) -> None:
@@ -154,35 +215,6 @@ class Quotas:
             tenant.name, limit,
             f"tenant {tenant.name} is past its limit of {what} ({limit}); retry in "
             f"{retry_after:.2f}s", retry_after=retry_after)
-
-
-class _Admitted:
-    """One call's place in its tenant's limits, from `async with` entry to exit."""
-
-    __slots__ = ("_context", "_input", "_quota", "_quotas", "_tokens")
-
-    def __init__(self, quotas: Quotas, context: CallContext, input_tokens: int,
-                 tokens: bool) -> None:
-        self._quotas = quotas
-        self._context = context
-        self._input = input_tokens
-        self._tokens = tokens
-        self._quota: _Quota | None = None
-
-    async def __aenter__(self) -> TokenMeter:
-        quotas, context = self._quotas, self._context
-        tenant = quotas.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
-        if not tenant.has_quota:
-            return TokenMeter(quotas, None, self._input)
-        quota = self._quota = quotas._check(tenant, self._input if self._tokens else 0)
-        quota.active += 1
-        meter = TokenMeter(quotas, quota if self._tokens else None, self._input)
-        meter._spend(self._input)
-        return meter
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._quota is not None:
-            self._quota.active -= 1
 
 
 def estimate_tokens(*texts: str, messages: Iterable[ChatMessage] = ()) -> int:

@@ -17,7 +17,8 @@ written among them), so a watcher on this replica never waits for the store.
 
 A replica holds a lease on each run it runs, renewed every third of run_lease; a run
 whose lease lapsed (its replica stopped) is an orphan: a queued one is run here, a started
-one fails with a reason saying it was interrupted.
+one goes on after its last recorded step. A cancel made through another replica is heard
+at once where the store announces it (PostgreSQL's NOTIFY), else read with the lease.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ from agentloop.services.agent import (
     ToolReturned,
     WrongCallId,
 )
+from agentloop.services.quotas import BYTES_PER_TOKEN
 from agentloop.services.tools import ClientTool, is_idempotent
 from agentloop.services.webhooks import WebhookSender, delivery_for
 
@@ -151,9 +153,10 @@ class RunEvent:
 def encode_event(body: RunEventBody, limit: int) -> tuple[str, bytes]:
     """(kind, payload JSON) of an event, its longest texts cut until it fits in `limit`."""
     data = {f.name: getattr(body, f.name) for f in dataclasses.fields(body)}  # type: ignore[arg-type]
+    if isinstance(body, RunSummary | ThoughtFormed):
+        data["usage"] = dataclasses.asdict(body.usage)
     if isinstance(body, RunSummary):
         data["stop_reason"] = body.stop_reason.name
-        data["usage"] = dataclasses.asdict(body.usage)
     elif isinstance(body, RunEnded):
         data["status"] = body.status.value
     payload = json.dumps(data, ensure_ascii=False).encode()
@@ -172,9 +175,10 @@ def encode_event(body: RunEventBody, limit: int) -> tuple[str, bytes]:
 def decode_event(record: EventRecord) -> RunEvent:
     data = json.loads(record.payload)
     kind_type = _TYPES[record.kind]
+    if "usage" in data:  # (a thought recorded before steps had their usage has none)
+        data["usage"] = Usage(**data["usage"])
     if kind_type is RunSummary:
         data["stop_reason"] = StopReason[data["stop_reason"]]
-        data["usage"] = Usage(**data["usage"])
     elif kind_type is RunEnded:
         data["status"] = RunStatus(data["status"])
     return RunEvent(record.seq, kind_type(**data))
@@ -301,8 +305,10 @@ class _LocalRun:
         self.events.append(RunEvent(self.next_seq, body))
         self.next_seq += 1
 
-    def add(self, body: RunEventBody) -> bool:
-        """Take an event of the loop; True when the run must write before it goes on."""
+    def add(self, body: RunEventBody, announce: bool = True) -> bool:
+        """Take an event of the loop; True when the run must write before it goes on.
+        `announce=False` keeps it from watchers until `notify` (the end: after the record
+        says so, so a watcher that sees the end reads the run's answer)."""
         now = time.monotonic()
         if isinstance(body, AnswerDelta):
             if self.next_seq > self._delta_room:
@@ -318,7 +324,8 @@ class _LocalRun:
             return False
         self._release_delta()
         self._append(body)
-        self.notify()
+        if announce:
+            self.notify()
         durable = isinstance(body, ToolCalled | ToolReturned | RunSummary | RunEnded)
         return durable or now - self._last_write >= self._flush_interval
 
@@ -368,6 +375,8 @@ class Progress:
     answer_chars: int = 0
     #: How the run ended, if its end was recorded.
     ended: RunEnded | None = None
+    #: The tokens of the model calls whose steps were recorded (on any replica).
+    usage: Usage = dataclasses.field(default_factory=Usage)
 
 
 def replay_events(events: Iterable[RunEvent]) -> Progress:
@@ -376,6 +385,7 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
     step: StepStarted | None = None
     thought, call, chars = "", None, 0
     ended: RunEnded | None = None
+    usage = Usage()
     for event in events:
         body = event.body
         if isinstance(body, RunSummary):
@@ -391,6 +401,7 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
             chars = 0
         elif isinstance(body, ThoughtFormed):
             thought = body.thought
+            usage += body.usage
         elif isinstance(body, ToolCalled):
             call = body
         elif isinstance(body, ToolReturned) and step is not None and call is not None:
@@ -400,10 +411,18 @@ def replay_events(events: Iterable[RunEvent]) -> Progress:
                 observation_truncated=body.observation_truncated,
                 error=body.observation if body.is_error else ""))
             step, call = None, None
-    return Progress(tuple(steps), step is not None, thought, call, chars, ended)
+    return Progress(tuple(steps), step is not None, thought, call, chars, ended, usage)
 
 
 # --- the manager -----------------------------------------------------------------------------
+
+
+def _stop(local: _LocalRun) -> None:
+    """Cancel a local run's task, once (a second cancel would outlive the one it handles)."""
+    if local.task is None or local.ended or local.cancel_requested:
+        return
+    local.cancel_requested = True
+    local.task.cancel()
 
 
 def new_run_id() -> str:
@@ -476,6 +495,7 @@ class RunManager:
         start the sweep and the lease keeper."""
         with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
             await self._ensure_open()
+            await self.store.listen_cancels(self._cancelled_elsewhere)
             if self.webhooks is not None:
                 await self.webhooks.resume()
         self._background = [
@@ -561,14 +581,20 @@ class RunManager:
         def size(turns: list[ChatMessage]) -> int:
             return own + sum(len(m.content.encode()) for m in turns)
 
-        limit, most = self.settings.max_prompt_bytes, self.settings.max_messages
+        # The model's context holds the conversation and the answer: a conversation past
+        # it (estimated at BYTES_PER_TOKEN) is refused here, not by the engine mid-run.
+        window = max(0, run.options.num_ctx - run.options.max_tokens) * BYTES_PER_TOKEN
+        limit = min(self.settings.max_prompt_bytes, window)
+        most = self.settings.max_messages
         while (size(messages) > limit or len(messages) > most) and trim \
                 and len(messages) > len(run.messages):
             messages = messages[1:]  # the oldest turn first
         if size(messages) > limit or len(messages) > most:
             raise InvalidArgument([("previous_run_id", (
                 f"the conversation would be {size(messages)} bytes in {len(messages)} "
-                f"messages; the limits are {limit} bytes (max_prompt_bytes) and {most} "
+                f"messages; the limits are {limit} bytes (max_prompt_bytes, and the model's "
+                f"context of {run.options.num_ctx} tokens less the answer's "
+                f"{run.options.max_tokens}, at {BYTES_PER_TOKEN} bytes a token) and {most} "
                 "messages (max_messages): set trim_conversation to drop its oldest turns"))])
         context = run.context
         if not context.session:
@@ -604,16 +630,15 @@ class RunManager:
         return [await self._view(r, details=False) for r in records], token
 
     async def cancel(self, tenant: str, run_id: str) -> RunView:
-        """Cancel a run (idempotent): a local run stops at once; another replica's stops when
-        that replica next renews its lease."""
+        """Cancel a run (idempotent): a local run stops at once; another replica's when that
+        replica hears of it (at once with PostgreSQL, else when it next renews its lease)."""
         view = await self.get(tenant, run_id, details=False)
         if view.status in FINAL:
             return await self.get(tenant, run_id)
         local = self._local.get(run_id)
         await self.store.request_cancel(run_id)
         if local is not None and local.task is not None:
-            local.cancel_requested = True
-            local.task.cancel()
+            _stop(local)  # (unless the store's notice of this cancel came first)
             await asyncio.wait({local.task}, timeout=CANCEL_WAIT)
         return await self.get(tenant, run_id)
 
@@ -680,12 +705,16 @@ class RunManager:
             if batch is None:
                 batch = [decode_event(e) for e in
                          await self.store.events(run_id, cursor, WATCH_BATCH)]
+            held = False
             for event in batch:
+                if isinstance(event.body, RunEnded) and local is not None and not local.ended:
+                    held = True  # its record is being written: the end goes out after it
+                    break
                 yield event
                 cursor = event.seq
                 if isinstance(event.body, RunEnded):
                     return
-            if batch:
+            if batch and not held:
                 continue
             if changed is not None:
                 await changed.wait()
@@ -822,7 +851,7 @@ class RunManager:
                    summary: RunSummary | None, steps: tuple[AgentStep, ...]) -> None:
         """Record the run's end (retried until the store takes it: an accepted run is never
         lost) and let its watchers finish."""
-        local.add(RunEnded(status, error))
+        local.add(RunEnded(status, error), announce=False)
         changes: dict[str, Any] = {"status": status, "error": error, "finished": time.time(),
                                    "waiting_call": "", "lease_owner": "", "lease_expires": None}
         if summary is not None:
@@ -875,6 +904,9 @@ class RunManager:
             with contextlib.suppress(RunStoreUnavailable, RunStoreFull):
                 await self._ensure_open()  # a store that was down at the start, back now
                 await self._renew()
+                # Listening again after a lost connection (the leases read cancels meanwhile),
+                # once the leases are renewed: a slow connect must not let them lapse.
+                await self.store.listen_cancels(self._cancelled_elsewhere)
                 await self._adopt_orphans()
                 if self.webhooks is not None:
                     await self.webhooks.resume()
@@ -893,9 +925,15 @@ class RunManager:
                 self._local.pop(run_id, None)
                 local.lost = True
                 local.task.cancel()
-            elif ours[run_id] and not local.cancel_requested:
-                local.cancel_requested = True
-                local.task.cancel()
+            elif ours[run_id]:
+                self._cancelled_elsewhere(run_id)
+
+    def _cancelled_elsewhere(self, run_id: str) -> None:
+        """A cancel requested through another replica: the run stops here if it runs here
+        (not while this replica stops: the run goes on elsewhere, where the cancel is read)."""
+        local = self._local.get(run_id)
+        if local is not None and not self._closing:
+            _stop(local)
 
     async def _adopt_orphans(self) -> None:
         """Take over runs whose replica stopped: a queued one starts here, a started one goes
@@ -932,7 +970,7 @@ class RunManager:
                     f"INTERRUPTED: the replica running it stopped while {call.tool} "
                     f"({call.call_id}) ran; its result was not recorded, and {call.tool} is "
                     "not declared idempotent, so it is not run a second time"))
-        return Resume(progress.steps, step_started=progress.step_started,
+        return Resume(progress.steps, usage=progress.usage, step_started=progress.step_started,
                       answer_chars=progress.answer_chars, pending_call=call,
                       pending_thought=progress.thought)
 

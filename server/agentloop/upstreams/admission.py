@@ -48,7 +48,7 @@ from typing import Protocol
 
 from agentloop.domain import CallContext, Priority
 from agentloop.errors import AgentLoopError, DeadlineExceeded, ResourceExhausted, Shed
-from agentloop.tenants import DEFAULT_TENANT, Tenant
+from agentloop.tenants import DEFAULT_TENANT, Tenant, tenant_label
 
 _NO_CONTEXT = CallContext()
 #: Dispatch order: every critical waiter before any standard one, standard before sheddable.
@@ -201,20 +201,15 @@ class Admission:
         out for a more important call, ResourceExhausted when the queue is full,
         DeadlineExceeded at the caller's deadline) if none comes in time. `max_wait` shortens
         the queue timeout (a pool's overflow)."""
-        tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
-        caller = self._taken(tenant, context)
+        caller = self.try_acquire(context)
         if caller is None:
             caller = self._callers.setdefault(context.caller, _Caller(context.caller))
-            await self._wait(deadline, context, tenant, caller, max_wait)
+            await self._wait(deadline, context, self._tenant(context), caller, max_wait)
         return caller
 
     def try_acquire(self, context: CallContext = _NO_CONTEXT) -> _Caller | None:
         """A slot without waiting (the caller's kept one, or a free one nobody waits for),
         else None."""
-        tenant = self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
-        return self._taken(tenant, context)
-
-    def _taken(self, tenant: Tenant, context: CallContext) -> _Caller | None:
         caller = self._callers.get(context.caller)
         if caller is None:
             caller = self._callers[context.caller] = _Caller(context.caller)
@@ -226,21 +221,26 @@ class Admission:
         if held is not None:  # its slot, kept since its last call ended
             held.cancel()
             start = max(self._virtual, caller.finish)
-            self._virtual, caller.finish = start, start + 1.0 / tenant.weight
+            self._virtual = start
+            caller.finish = start + 1.0 / self._tenant(context).weight
             caller.in_flight += 1
-            self._waited(tenant, context, 0.0)
+            self._waited(context, 0.0)
             return caller
         if self._free_for(context.priority):
             self._in_flight += 1
             caller.in_flight += 1
-            self._waited(tenant, context, 0.0)
+            self._waited(context, 0.0)
             return caller
         self._forget_if_idle(caller)
         return None
 
-    def _waited(self, tenant: Tenant, context: CallContext, seconds: float) -> None:
-        if self.observer is not None:
-            self.observer.waited(tenant.label, context.priority, seconds)
+    def _tenant(self, context: CallContext) -> Tenant:
+        """The caller's tenant's current limits (its weight here)."""
+        return self.tenants(context.tenant) if context.tenant else DEFAULT_TENANT
+
+    def _waited(self, context: CallContext, seconds: float) -> None:
+        if self.observer is not None:  # the label is the tenant's name: no look-up
+            self.observer.waited(tenant_label(context.tenant), context.priority, seconds)
 
     def _free_for(self, priority: Priority) -> bool:
         """A slot is free for a call of this priority and nobody it must not pass waits."""
@@ -299,7 +299,7 @@ class Admission:
                     retry_after=1.0,
                 ) from None
             raise
-        self._waited(tenant, context, time.perf_counter() - queued_at)
+        self._waited(context, time.perf_counter() - queued_at)
 
     def _make_room(self, newcomer: _Waiter) -> bool:
         """The queue is full: put out the least important, most served waiter of this queue

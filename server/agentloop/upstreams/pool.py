@@ -121,6 +121,8 @@ class Pool:
         return [e for e in self.endpoints if not e.retired]
 
     def any_available(self) -> bool:
+        if len(self.endpoints) == 1:  # a pool of one: every call asks
+            return self.endpoints[0].available
         return any(e.available for e in self.endpoints)
 
     def refresh(self) -> None:

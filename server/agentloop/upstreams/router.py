@@ -106,6 +106,7 @@ class Router:
         self.routes = config.routes
         self.retries = 0
         self._on_change: Callable[[], None] | None = None
+        self._engine_pools = list(self.pools.values()) if engine is not None else []
         default = self.route_for(settings.model)
         if default is None:
             raise ValueError(f"no route serves the default model {settings.model!r}")
@@ -378,7 +379,8 @@ class Router:
         """The call on its route's pools in order: the next pool only when one refused it
         before anything reached the caller. (No route, or none for a local-only call,
         raises here.)"""
-        pools = self.pools_for(request.model, request.context.local_only)
+        # The single engine takes every name and is local: its pool, without a look-up.
+        pools = self._engine_pools or self.pools_for(request.model, request.context.local_only)
         if len(pools) == 1:
             return self._serve_in_pool(pools[0], work, request, call, more=False)
         return self._fall_back(pools, work, request, call)
@@ -400,9 +402,12 @@ class Router:
                              more: bool) -> AsyncIterator[Any]:
         """The call within one slot of `pool`, on one endpoint, retried on others before its
         first item; raises _MoveOn when the pool refused it and `more` pools may take it."""
-        model = self.upstream_model(pool, request.model)
-        upstream_request = request if model == request.model else dataclasses.replace(
-            request, model=model)
+        if self._engine is None:
+            model = self.upstream_model(pool, request.model)
+            upstream_request = request if model == request.model else dataclasses.replace(
+                request, model=model)
+        else:  # the single engine takes every name as it is
+            upstream_request = request
         first_item_timeout = pool.config.first_token_timeout if work is Work.GENERATE else None
         ticket = pool.try_enter(work, request.context)  # a free slot: no wait, no task
         if ticket is None:
@@ -413,7 +418,8 @@ class Router:
         try:
             tried: list[Endpoint] = []  # a call counts once towards each one's breaker
             attempt = 0
-            prefix = pool.prefix_of(work, upstream_request)
+            prefix = pool.prefix_of(work, upstream_request) if len(pool.endpoints) > 1 \
+                else None
             while True:
                 try:
                     endpoint = pool.take(work, request.context.session, tried, prefix)
@@ -434,7 +440,8 @@ class Router:
                                 endpoint.breaker.record_success()
                                 if isinstance(item, GenerationEnd):
                                     pool.learn(endpoint, prefix, item)
-                                item = self._served(pool, request, item)
+                                if self._engine is None:
+                                    item = self._served(pool, request, item)
                             delivered = True
                             yield item
                     return
@@ -454,11 +461,10 @@ class Router:
             pool.leave(work, ticket)
 
     def _served(self, pool: Pool, request: Any, result: Any) -> Any:
-        """The end of a call as the caller sees it: the upstream that served it (none for
-        one engine) and the model by the caller's name for it, unless an engine stood in
-        for it under an alias (an `embedded` upstream, the single engine): then its own."""
-        if self._engine is not None:
-            return result
+        """The end of a call as the caller sees it (with a pools file: the single engine's
+        is its own): the upstream that served it and the model by the caller's name for it,
+        unless an engine stood in for it under an alias (an `embedded` upstream): then its
+        own."""
         model = result.model if pool.config.kind == "embedded" else request.model
         return dataclasses.replace(result, upstream=pool.name, model=model)
 
