@@ -350,17 +350,14 @@ class _LocalRun:
 
     def after(self, seq: int) -> list[RunEvent] | None:
         """The events after `seq` from memory, or None when memory no longer has them all.
-        The run's end is held back until it is recorded (`ended`): a watcher that heard it
-        finds the run final in the store (and may go on with its conversation at once)."""
+        (The run's end is among them before it is recorded: `watch` holds it back until
+        `ended`.)"""
         if self.events and seq + 1 < self.events[0].seq:
             return None
         if not self.events and seq < self.written_seq:
             return None
         start = bisect.bisect_right(self.events, seq, key=lambda e: e.seq)
-        events = self.events[start:]
-        if events and not self.ended and isinstance(events[-1].body, RunEnded):
-            return events[:-1]
-        return events
+        return self.events[start:]
 
 
 @dataclass(frozen=True, slots=True)
