@@ -260,7 +260,8 @@ async def test_the_gateway_traces_and_logs_the_session_of_python_and_node_caller
         ("Generate", "node-conv"), ("Generate", "node-conv"),  # a function call's round trip
         ("StreamRunAgent", "node-conv"), ("StartAgentRun", "node-conv"),
         ("WatchAgentRun", "node-conv"), ("GetAgentRun", "node-conv"),
-        ("CancelAgentRun", "node-conv"), ("Generate", "py-conv"), ("Generate", "x" * 128), ("Generate", None),
+        ("CancelAgentRun", "node-conv"), ("Generate", "py-conv"), ("Generate", "x" * 128),
+        ("Generate", None),
         ("Generate", "whole-client"), ("Generate", "one-call"),
     ]
 
