@@ -56,19 +56,26 @@ class _Quota:
 
     def spend(self, tokens: float, now: float | None = None) -> None:
         """Take `tokens` (a refund when negative), the bucket refilled to `now` first when
-        given; the debt never passes a minute's worth."""
+        given; the debt never passes a minute's worth. (Plain comparisons, not min/max: this
+        runs per streamed token.)"""
         tpm = self.limits.tokens_per_minute
         if not tpm:
             return
+        cap = float(tpm)
         level = self.tokens
-        if now is not None:  # refill inline: this runs per streamed token
-            level = min(float(tpm), level + max(0.0, now - self.stamp) * tpm / 60.0)
-            rpm = self.limits.requests_per_minute
-            if rpm:
-                self.requests = min(float(rpm), self.requests
-                                    + max(0.0, now - self.stamp) * rpm / 60.0)
-            self.stamp = now
-        self.tokens = min(float(tpm), max(-float(tpm), level - tokens))
+        if now is not None:
+            elapsed = now - self.stamp
+            if elapsed > 0.0:
+                level += elapsed * tpm / 60.0
+                rpm = self.limits.requests_per_minute
+                if rpm:
+                    requests = self.requests + elapsed * rpm / 60.0
+                    self.requests = requests if requests < rpm else float(rpm)
+                self.stamp = now
+            if level > cap:
+                level = cap
+        level -= tokens
+        self.tokens = cap if level > cap else (-cap if level < -cap else level)
 
     def resize(self, limits: Tenant) -> None:
         """New limits from a reloaded keys file: what was spent stays spent."""
@@ -219,6 +226,13 @@ class Quotas:
 
 def estimate_tokens(*texts: str, messages: Iterable[ChatMessage] = ()) -> int:
     """A call's input in tokens before the engine counts it: its text at BYTES_PER_TOKEN."""
-    size = sum(len(text.encode()) for text in texts)
-    size += sum(len(message.content.encode()) for message in messages)
+    size = 0
+    for text in texts:
+        size += _utf8_size(text)
+    for message in messages:
+        size += _utf8_size(message.content)
     return math.ceil(size / BYTES_PER_TOKEN)
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())

@@ -415,6 +415,7 @@ class Router:
                 ticket = await pool.enter(work, request.context, request.deadline, more)
             except (BackendUnavailable, ResourceExhausted) as exc:
                 raise _move_on(exc, more) from None
+        end: Any = None
         try:
             tried: list[Endpoint] = []  # a call counts once towards each one's breaker
             attempt = 0
@@ -435,17 +436,21 @@ class Router:
                         items = _first_within(items, first_item_timeout, pool.name)
                     async with aclosing(items):
                         async for item in items:
-                            # Anything but a delta is the call's end: it succeeded.
-                            if not isinstance(item, str | ToolCallDelta):
+                            if isinstance(item, str | ToolCallDelta):
+                                if end is None:
+                                    delivered = True
+                                    yield item
+                                continue
+                            if end is None:  # the call's end: it succeeded
                                 endpoint.breaker.record_success()
                                 if isinstance(item, GenerationEnd):
                                     pool.learn(endpoint, prefix, item)
-                                if self._engine is None:
-                                    item = self._served(pool, request, item)
-                            delivered = True
-                            yield item
-                    return
+                                end = item if self._engine is not None \
+                                    else self._served(pool, request, item)
+                    break
                 except AgentLoopError as exc:
+                    if end is not None:
+                        break  # it failed after its end: the call itself succeeded
                     delay = self._verdict(pool, endpoint, exc, probe, attempt, request,
                                           delivered, tried, more)
                 except BaseException:  # cancelled or closed by the caller: no verdict
@@ -459,6 +464,10 @@ class Router:
                 await asyncio.sleep(delay)
         finally:
             pool.leave(work, ticket)
+        # The end goes out once the slot and the endpoint are given back: the next waiter
+        # starts at once, and a caller that stops reading here leaves nothing to unwind.
+        if end is not None:
+            yield end
 
     def _served(self, pool: Pool, request: Any, result: Any) -> Any:
         """The end of a call as the caller sees it (with a pools file: the single engine's
