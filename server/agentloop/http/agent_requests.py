@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentloop.config import Settings
-from agentloop.http.requests import INERT_FIELDS, Body, Rename, data_url, renamer, sampling_options
+from agentloop.http.requests import (
+    INERT_FIELDS,
+    Body,
+    PartKinds,
+    Rename,
+    content_of,
+    renamer,
+    sampling_options,
+)
 from agentloop.rpc.agent_requests import MAX_TOOL_NAMES
 from agentloop.services.mcp_tools import tool_name
 from agentloop.services.tools import BUILTIN, ToolRegistry
@@ -39,7 +47,10 @@ RESPONSE_FIELDS = frozenset({
     "prompt_cache_key", *INERT_FIELDS})
 _ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "system": pb.ROLE_SYSTEM,
           "developer": pb.ROLE_SYSTEM}
-_TEXT_PARTS = frozenset({"input_text", "output_text"})
+#: The Responses API's parts.
+_RESPONSE_PARTS = PartKinds(frozenset({"input_text", "output_text"}), "input_image",
+                            "parts are {type: input_text, text} or {type: input_image, "
+                            "image_url}")
 _CLIENT_FUNCTIONS = ("functions the client runs are not taken: the door's tools are the "
                      "server's (name them in tools), and their calls run on the server")
 _MCP_BY_URL = ("the gateway calls only the MCP servers its operator listed: name one by "
@@ -170,39 +181,11 @@ def _message(body: Body, item: Any, path: str,
     if not isinstance(role, str) or role not in _ROLES:
         body.bad(f"{path}.role", f"must be one of {', '.join(_ROLES)}")
         return None, "", []
-    text, images = _content(body, item.get("content"), f"{path}.content", images_left)
+    text, images = content_of(body, item.get("content"), f"{path}.content", images_left,
+                              _RESPONSE_PARTS)
     return _ROLES[role], text, images
 
 
-def _content(body: Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
-    """A message's text and images: a string, or parts input_text / output_text /
-    input_image (a data: URL: the gateway fetches nothing)."""
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list) or len(content) > 64:
-        body.bad(path, "must be a string or a list of at most 64 parts")
-        return "", []
-    texts: list[str] = []
-    images: list[bytes] = []
-    for index, part in enumerate(content):
-        where = f"{path}[{index}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if isinstance(kind, str) and kind in _TEXT_PARTS and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "input_image":
-            if len(images) >= images_left:
-                body.bad(where, "too many images (max_images)")
-                break
-            image = data_url(part.get("image_url"))
-            if image is None:
-                body.bad(f"{where}.image_url", "must be a data: URL with base64 content "
-                                               "(the gateway fetches nothing)")
-            else:
-                images.append(image)
-        else:
-            body.bad(where, "parts are {type: input_text, text} or {type: input_image, "
-                            "image_url}")
-    return "\n".join(texts), images
 
 
 def _tools(body: Body, registry: ToolRegistry, into: Any) -> list[str]:

@@ -363,7 +363,7 @@ def _messages(body: Body, settings: Settings, into: Any) -> None:
         if role not in _ROLES:
             body.bad(f"{path}.role", f"must be one of {', '.join(_ROLES)}")
             continue
-        content, pictures = _content(body, turn.get("content"), f"{path}.content",
+        content, pictures = content_of(body, turn.get("content"), f"{path}.content",
                                      settings.max_images - images)
         images += len(pictures)
         message = into.add(role=_ROLES[role], content=content, images=pictures)
@@ -409,8 +409,24 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _content(body: Body, content: Any, path: str, images_left: int) -> tuple[str, list[bytes]]:
-    """A message's text and images: a string, or parts of type text and image_url."""
+@dataclass(frozen=True, slots=True)
+class PartKinds:
+    """What an API calls the parts of a message's content."""
+
+    text: frozenset[str]
+    image: str
+    shape: str  # how the parts look, for the refusal
+
+
+#: Chat Completions' parts.
+CHAT_PARTS = PartKinds(frozenset({"text"}), "image_url",
+                       "parts are {type: text, text} or {type: image_url, image_url}")
+
+
+def content_of(body: Body, content: Any, path: str, images_left: int,
+               kinds: PartKinds = CHAT_PARTS) -> tuple[str, list[bytes]]:
+    """A message's text and images: a string, or parts of `kinds` (an image as a data: URL:
+    the gateway fetches nothing)."""
     if content is None or isinstance(content, str):
         return content or "", []
     if not isinstance(content, list) or len(content) > MAX_CONTENT_PARTS:
@@ -421,9 +437,9 @@ def _content(body: Body, content: Any, path: str, images_left: int) -> tuple[str
     for index, part in enumerate(content):
         where = f"{path}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if isinstance(kind, str) and kind in kinds.text and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
+        elif kind == kinds.image:
             if len(images) >= images_left:
                 body.bad(where, "too many images (max_images)")
                 break
@@ -434,7 +450,7 @@ def _content(body: Body, content: Any, path: str, images_left: int) -> tuple[str
             else:
                 images.append(image)
         else:
-            body.bad(where, "parts are {type: text, text} or {type: image_url, image_url}")
+            body.bad(where, kinds.shape)
     return "\n".join(texts), images
 
 
