@@ -46,36 +46,29 @@ class _Quota:
         self.requests = float(self.limits.requests_per_minute)
 
     def refill(self, now: float) -> None:
-        elapsed = max(0.0, now - self.stamp)
+        """Each bucket gains what the time since the last refill gives, up to its cap.
+        (Plain comparisons, not min/max: this runs per streamed token.)"""
+        elapsed = now - self.stamp
+        if elapsed <= 0.0:
+            return
         self.stamp = now
         tpm, rpm = self.limits.tokens_per_minute, self.limits.requests_per_minute
         if tpm:
-            self.tokens = min(float(tpm), self.tokens + elapsed * tpm / 60.0)
+            tokens = self.tokens + elapsed * tpm / 60.0
+            self.tokens = tokens if tokens < tpm else float(tpm)
         if rpm:
-            self.requests = min(float(rpm), self.requests + elapsed * rpm / 60.0)
+            requests = self.requests + elapsed * rpm / 60.0
+            self.requests = requests if requests < rpm else float(rpm)
 
-    def spend(self, tokens: float, now: float | None = None) -> None:
-        """Take `tokens` (a refund when negative), the bucket refilled to `now` first when
-        given; the debt never passes a minute's worth. (Plain comparisons, not min/max: this
-        runs per streamed token.)"""
+    def spend(self, tokens: float, now: float) -> None:
+        """Take `tokens` (a refund when negative) from the bucket refilled to `now`; the
+        debt never passes a minute's worth."""
         tpm = self.limits.tokens_per_minute
-        if not tpm:
-            return
-        cap = float(tpm)
-        level = self.tokens
-        if now is not None:
-            elapsed = now - self.stamp
-            if elapsed > 0.0:
-                level += elapsed * tpm / 60.0
-                rpm = self.limits.requests_per_minute
-                if rpm:
-                    requests = self.requests + elapsed * rpm / 60.0
-                    self.requests = requests if requests < rpm else float(rpm)
-                self.stamp = now
-            if level > cap:
-                level = cap
-        level -= tokens
-        self.tokens = cap if level > cap else (-cap if level < -cap else level)
+        if tpm:
+            self.refill(now)
+            cap = float(tpm)
+            level = self.tokens - tokens
+            self.tokens = cap if level > cap else (-cap if level < -cap else level)
 
     def resize(self, limits: Tenant) -> None:
         """New limits from a reloaded keys file: what was spent stays spent."""
